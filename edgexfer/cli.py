@@ -1,0 +1,286 @@
+"""The `edgexfer` command: thin click commands over the library's stage functions.
+
+    edgexfer run                       # the offline default: few-shot Fashion-MNIST -> runs/demo
+    edgexfer run --data DIR --name mine --backbone mobilenet_v3_small
+    edgexfer finetune|export|quantize|evaluate|bench RUN_DIR
+    edgexfer predict MODEL IMAGE...    edgexfer serve MODEL|RUN_DIR
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from edgexfer import __version__
+from edgexfer.errors import EdgexferError
+
+log = logging.getLogger("edgexfer")
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that are the user's to fix: printed as one line, exit 1, no traceback."""
+    from edgexfer.exporters.errors import ExportError
+    from edgexfer.runtime.errors import ImageError, MetadataError, RuntimeInputError
+
+    return (EdgexferError, ExportError, MetadataError, ImageError, RuntimeInputError, FileNotFoundError)
+
+
+# -- shared options --------------------------------------------------------------------------------
+
+def data_options(f):
+    opts = [
+        click.option("--data", type=click.Path(file_okay=False, path_type=str), default=None,
+                     help="ImageFolder tree (one folder per class, or train/ val/ test/ subfolders). "
+                          "Default: offline Fashion-MNIST."),
+        click.option("--shots", type=click.IntRange(min=1), default=100, show_default=True,
+                     help="Labelled images per class (validation included)."),
+        click.option("--all-labels", is_flag=True, help="Use every labelled image (ignore --shots)."),
+        click.option("--test-size", type=click.IntRange(min=10), default=2000, show_default=True,
+                     help="Fashion-MNIST only: held-out test images."),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--strict", is_flag=True, help="Refuse corrupt images instead of skipping them."),
+        click.option("--backbone", default="efficientnet_lite0", show_default=True,
+                     help="Backbone name (see `edgexfer backbones`)."),
+        click.option("--weights", default="imagenet", show_default=True,
+                     help="imagenet | none | path to a local checkpoint."),
+        click.option("--image-size", type=click.IntRange(min=32), default=96, show_default=True),
+        click.option("--strategy", type=click.Choice(["lpft", "finetune", "linear"]), default="lpft",
+                     show_default=True, help="lpft: linear probe then full fine-tune; linear: head only."),
+        click.option("--epochs", type=click.IntRange(min=1), default=8, show_default=True),
+        click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True),
+        click.option("--lr", type=float, default=1e-3, show_default=True),
+        click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True,
+                     help="Threads for evaluation and benchmarks."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def build_config(*, data, shots, all_labels, test_size, seed, strict, backbone, weights, image_size, strategy,
+                 epochs, batch_size, lr, threads, calibration_samples=200, max_accuracy_drop=0.01):
+    from edgexfer.backbones import get_backbone_info
+    from edgexfer.exporters.quantize import Int8Recipe
+    from edgexfer.finetune import TrainConfig
+    from edgexfer.pipeline import BenchConfig, DataConfig, ModelConfig, RunConfig
+
+    get_backbone_info(backbone)  # unknown names fail here, before any data is read
+    if weights not in ("imagenet", "none") and not Path(weights).is_file():
+        raise EdgexferError(f"weights file not found: {weights}")
+    if data is not None and not Path(data).is_dir():
+        raise EdgexferError(f"data folder not found: {data}")
+    return RunConfig(
+        data=DataConfig(source=str(Path(data).resolve()) if data else None, shots=None if all_labels else shots,
+                        test_size=test_size, seed=seed, strict=strict),
+        model=ModelConfig(backbone=backbone, weights=str(Path(weights).resolve()) if weights not in ("imagenet", "none") else weights,
+                          image_size=image_size),
+        train=TrainConfig(strategy=strategy, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed),
+        quantize=Int8Recipe(calibration_samples=calibration_samples),
+        bench=BenchConfig(threads=threads),
+        max_accuracy_drop=max_accuracy_drop,
+    )
+
+
+def run_dir_arg(f):
+    return click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))(f)
+
+
+# -- commands ----------------------------------------------------------------------------------------
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="edgexfer")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def cli(verbose: bool):
+    """Few labelled images in; a compact, fast, self-describing ONNX model for a CPU or a board out."""
+    # Our own progress at INFO; third-party chatter (onnxruntime.quantization logs every scale it
+    # touches through the root logger) only at WARNING, or everything with --verbose.
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s", stream=sys.stderr)
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+@cli.command()
+@data_options
+@click.option("--name", default="demo", show_default=True, help="Run folder name under --runs.")
+@click.option("--runs", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"), show_default=True)
+@click.option("--calibration-samples", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option("--max-accuracy-drop", type=click.FloatRange(0, 1), default=0.01, show_default=True)
+@click.option("--bench-iters", type=click.IntRange(min=1), default=200, show_default=True,
+              help="Interleaved batch-1 runs per model in the bench stage.")
+@click.option("--force", is_flag=True, help="Replace an existing run folder made with another configuration.")
+def run(name, runs, force, bench_iters, **kw):
+    """The whole pipeline: finetune, export, quantize, evaluate, bench -> runs/NAME.
+
+    With no options: ImageNet-pretrained EfficientNet-Lite0 on 100 labelled Fashion-MNIST images per
+    class (offline). An interrupted run resumes where it stopped.
+    """
+    from edgexfer import pipeline
+
+    cfg = build_config(**kw)
+    cfg.bench.iters = bench_iters
+    out = runs / name
+
+    def on_stage(stage, what):
+        if what == "start":
+            click.secho(f"==> {stage}", fg="cyan", err=True)
+        elif what != "end":
+            click.secho(f"==> {stage}: {what}", fg="cyan", err=True)
+
+    rep = pipeline.run(out, cfg, force=force, on_stage=on_stage)
+    print_headline(out, rep)
+
+
+def print_headline(out: Path, rep: dict) -> None:
+    models = rep.get("models", {})
+    click.echo("")
+    click.secho(f"Results in {out}/  (report.md, report.json, model_card.md, model.onnx, model.int8.onnx)", bold=True)
+    for k, m in models.items():
+        lat = m.get("latency_ms", {})
+        click.echo(f"  {k:5s} {m['file']:17s} {m['size_bytes'] / 1e6:6.2f} MB  test accuracy {m.get('accuracy', float('nan')):.4f}"
+                   f"  p50 {lat.get('p50', float('nan')):.2f} ms")
+    ref = rep.get("reference", {}).get("pytorch_eager")
+    if ref:
+        click.echo(f"  PyTorch eager reference: p50 {ref['latency_ms']['p50']:.2f} ms")
+    for c in rep.get("checks", []):
+        mark = click.style("ok", fg="green") if c["ok"] else click.style("NO", fg="red", bold=True)
+        click.echo(f"  [{mark}] {c['name']}: {c['value']} ({c['bound']})")
+
+
+@cli.command()
+@data_options
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run folder to write.")
+def finetune(out, **kw):
+    """Fine-tune a pretrained backbone; write OUT/checkpoint.pt (resumes after a kill)."""
+    from edgexfer import pipeline
+
+    res = pipeline.finetune(out, build_config(**kw))
+    click.echo(f"{out}/checkpoint.pt: validation accuracy {res['val_accuracy']:.4f} (strategy {res['strategy']})")
+
+
+@cli.command()
+@run_dir_arg
+@click.option("--atol", type=float, default=1e-3, show_default=True, help="Max abs difference allowed vs PyTorch.")
+def export(run_dir, atol):
+    """RUN_DIR/checkpoint.pt -> RUN_DIR/model.onnx, validated against PyTorch, metadata inside."""
+    from edgexfer import pipeline
+
+    v = pipeline.export(run_dir, atol=atol)
+    click.echo(f"{run_dir}/model.onnx: max abs diff {v['max_abs_diff']:.2e}, top-1 agreement {v['top1_agreement']:.4f}")
+
+
+@cli.command()
+@run_dir_arg
+def quantize(run_dir):
+    """RUN_DIR/model.onnx -> RUN_DIR/model.int8.onnx (static INT8 QDQ, U8S8, per-channel, reduce_range)."""
+    from edgexfer import pipeline
+
+    pipeline.quantize(run_dir)
+    click.echo(f"{run_dir}/model.int8.onnx written")
+
+
+@cli.command()
+@run_dir_arg
+def evaluate(run_dir):
+    """Test accuracy of every ONNX file in RUN_DIR with ONNX Runtime; per-class metrics in report.json."""
+    from edgexfer import pipeline
+    from edgexfer.report import finalize
+
+    out = pipeline.evaluate(run_dir)
+    run = pipeline.RunFolder(run_dir)
+    finalize(run, run.config())
+    for k, m in out["models"].items():
+        click.echo(f"{k}: accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f} on {m['n']} test images")
+
+
+@cli.command()
+@click.argument("targets", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--iters", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), help="Also write the results as JSON.")
+def bench(targets, threads, iters, json_out):
+    """Latency (batch 1) and throughput of a run folder's files, or of ONNX files, interleaved."""
+    from edgexfer import pipeline
+    from edgexfer.runtime.bench import latency_and_throughput, onnx_candidate
+    from edgexfer.runtime.machine import machine_info
+
+    if len(targets) == 1 and targets[0].is_dir():
+        run = pipeline.RunFolder(targets[0])
+        cfg = run.config()
+        cfg.bench.threads, cfg.bench.iters = threads, iters
+        res = pipeline.bench(run.path, cfg)
+        from edgexfer.report import finalize
+        finalize(run, cfg)
+        rows = {**res["models"], **res.get("reference", {})}
+    else:
+        from edgexfer.runtime import EdgeModel
+
+        shapes = {EdgeModel(p).input_shape for p in targets}
+        if len(shapes) != 1:
+            raise EdgexferError(f"models take different input shapes {shapes}; bench them separately")
+        cands = [onnx_candidate(str(p), p, threads) for p in targets]
+        rows = latency_and_throughput(cands, shapes.pop(), iters=iters)
+        res = {"models": rows, "machine": machine_info(), "threads": threads}
+    for k, r in rows.items():
+        lat = r["latency_ms"]
+        click.echo(f"{k:24s} p50 {lat['p50']:7.2f} ms  p90 {lat['p90']:7.2f}  p99 {lat['p99']:7.2f}  "
+                   f"{r['throughput']['images_per_s']:8.1f} img/s (batch {r['throughput']['batch']})")
+    if json_out:
+        from edgexfer.runtime import atomic
+        atomic.write_json(json_out, res)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--top-k", type=click.IntRange(min=1), default=3, show_default=True)
+def predict(model, images, top_k):
+    """Classify IMAGES with an edgexfer ONNX MODEL (runtime only); one JSON line per image."""
+    from edgexfer.runtime import EdgeModel
+
+    m = EdgeModel(model)
+    for img in images:
+        click.echo(json.dumps({"image": str(img), "predictions": m.predict(img, top_k=top_k)}))
+
+
+@cli.command()
+@click.argument("models", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, envvar="EDGEXFER_HOST")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, envvar="EDGEXFER_PORT")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime threads per model.")
+def serve(models, host, port, threads):
+    """Serve run folders or ONNX files over HTTP (Open Inference Protocol v2 JSON, plus an image endpoint)."""
+    from edgexfer.runtime.server import resolve_models, serve as serve_forever
+
+    serve_forever(resolve_models(models), host=host, port=port, threads=threads)
+
+
+@cli.command()
+def backbones():
+    """List the registered backbones and whether ImageNet weights are available offline."""
+    from edgexfer.backbones import get_backbone_info, list_backbones
+
+    click.echo(f"{'name':22s} {'features':>8s}  imagenet weights offline")
+    for n in list_backbones():
+        info = get_backbone_info(n)
+        click.echo(f"{n:22s} {info.feature_dim:8d}  {'yes' if info.offline() else 'no (needs download or a local path)'}")
+
+
+def main(argv=None) -> None:
+    try:
+        cli.main(args=argv, prog_name="edgexfer", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except _user_errors() as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        click.secho(f"error: {msg}", fg="red", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

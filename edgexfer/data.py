@@ -1,0 +1,249 @@
+"""Labelled image sets: the offline Fashion-MNIST default and your own ImageFolder trees.
+
+A `Dataset` holds its splits as lists of image sources (paths or uint8 arrays) with integer labels;
+images become tensors only through the runtime's preprocessing (`edgexfer.runtime.preprocess`), so
+training, calibration and the device all see the same pixels.
+"""
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from edgexfer.errors import DataError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+SPLIT_NAMES = ("train", "val", "test")
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+
+
+@dataclass
+class Split:
+    images: list[Any]          # paths (str) or uint8 arrays (H, W[, C])
+    labels: np.ndarray         # int64 (N,)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def subset(self, idx) -> "Split":
+        idx = np.asarray(idx, dtype=np.int64)
+        return Split([self.images[i] for i in idx], self.labels[idx])
+
+
+@dataclass
+class Dataset:
+    source: str
+    classes: list[str]
+    train: Split
+    val: Split
+    test: Split
+    skipped: list[str] = field(default_factory=list)  # corrupt images that were left out
+
+    def summary(self) -> dict:
+        def per_class(s: Split) -> dict:
+            counts = np.bincount(s.labels, minlength=len(self.classes))
+            return {c: int(n) for c, n in zip(self.classes, counts)}
+
+        train_counts = np.bincount(self.train.labels, minlength=len(self.classes))
+        nonzero = train_counts[train_counts > 0]
+        return {
+            "source": self.source,
+            "classes": list(self.classes),
+            "train": len(self.train), "val": len(self.val), "test": len(self.test),
+            "train_per_class": per_class(self.train),
+            "test_per_class": per_class(self.test),
+            "imbalance_ratio": float(nonzero.max() / nonzero.min()) if nonzero.size else None,
+            "skipped_corrupt": list(self.skipped),
+        }
+
+
+# -- splitting -------------------------------------------------------------------------------------
+
+def stratified_take(labels: np.ndarray, per_class: int | None, rng: np.random.Generator,
+                    exclude: np.ndarray | None = None) -> np.ndarray:
+    """Indices of up to `per_class` random items of each class (all of them if None)."""
+    mask = np.ones(len(labels), bool)
+    if exclude is not None and len(exclude):
+        mask[exclude] = False
+    out = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero((labels == c) & mask)
+        rng.shuffle(idx)
+        out.append(idx if per_class is None else idx[:per_class])
+    return np.sort(np.concatenate(out)) if out else np.zeros(0, np.int64)
+
+
+def stratified_split(labels: np.ndarray, fractions: tuple[float, ...], rng: np.random.Generator) -> list[np.ndarray]:
+    """Split indices by class into parts of the given fractions (the last part takes the rest)."""
+    parts: list[list[int]] = [[] for _ in fractions]
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        rng.shuffle(idx)
+        n = len(idx)
+        start = 0
+        for k, f in enumerate(fractions):
+            take = n - start if k == len(fractions) - 1 else max(1 if n >= len(fractions) else 0, int(round(f * n)))
+            parts[k].extend(idx[start:start + take])
+            start += take
+    return [np.sort(np.asarray(p, np.int64)) for p in parts]
+
+
+def split_labelled(labels: np.ndarray, shots: int | None, val_fraction: float,
+                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Take `shots` labelled items per class, then carve a validation part out of them.
+
+    The validation images count against the label budget: `shots` is every label the model saw.
+    """
+    pool = stratified_take(labels, shots, rng)
+    if val_fraction <= 0:
+        return pool, np.zeros(0, np.int64)
+    tr, va = stratified_split(labels[pool], (1 - val_fraction, val_fraction), rng)
+    return pool[tr], pool[va]
+
+
+# -- Fashion-MNIST (Debian package dataset-fashion-mnist) ------------------------------------------
+
+def _read_idx(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    magic, = struct.unpack(">I", data[:4])
+    ndim = magic & 0xFF
+    dims = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
+    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def fashion_mnist_dir() -> Path:
+    return Path(os.environ.get("EDGEXFER_FASHION_MNIST", FASHION_MNIST_DIR))
+
+
+def load_fashion_mnist(*, shots: int | None = 100, val_fraction: float = 0.2, test_size: int | None = 2000,
+                       seed: int = 0) -> Dataset:
+    """Real Fashion-MNIST: a few-shot labelled subset of its training set, a stratified test sample.
+
+    `shots` labels per class in all (train + val); `test_size` images from the official test set
+    (stratified; None for all 10,000).
+    """
+    root = fashion_mnist_dir()
+    files = {k: root / f"{k}-ubyte.gz" for k in
+             ("train-images-idx3", "train-labels-idx1", "t10k-images-idx3", "t10k-labels-idx1")}
+    missing = [str(p) for p in files.values() if not p.is_file()]
+    if missing:
+        raise DataError(f"Fashion-MNIST not found at {root} (missing {missing[0]}); "
+                        "install it with `apt-get install dataset-fashion-mnist` or set EDGEXFER_FASHION_MNIST")
+    rng = np.random.default_rng(seed)
+    x_tr, y_tr = _read_idx(files["train-images-idx3"]), _read_idx(files["train-labels-idx1"]).astype(np.int64)
+    x_te, y_te = _read_idx(files["t10k-images-idx3"]), _read_idx(files["t10k-labels-idx1"]).astype(np.int64)
+    tr, va = split_labelled(y_tr, shots, val_fraction, rng)
+    te = np.arange(len(y_te)) if test_size is None else stratified_take(y_te, max(1, test_size // 10), rng)
+    as_split = lambda x, y, idx: Split([x[i] for i in idx], y[idx])  # noqa: E731
+    return Dataset(
+        source=f"fashion-mnist:{root}",
+        classes=list(FASHION_MNIST_CLASSES),
+        train=as_split(x_tr, y_tr, tr), val=as_split(x_tr, y_tr, va), test=as_split(x_te, y_te, te),
+    )
+
+
+# -- ImageFolder trees -----------------------------------------------------------------------------
+
+def _is_image(p: Path) -> bool:
+    return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+
+
+def _check_image(p: Path) -> bool:
+    try:
+        with Image.open(p) as im:
+            im.verify()
+        return True
+    except Exception:  # any decoder failure means the file is unusable
+        return False
+
+
+def scan_image_folder(root: Path, *, strict: bool = False, classes: list[str] | None = None
+                      ) -> tuple[list[str], list[str], np.ndarray, list[str]]:
+    """(classes, paths, labels, skipped) of a folder with one sub-folder per class."""
+    if not root.is_dir():
+        raise DataError(f"data folder not found: {root}")
+    found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if classes is None:
+        classes = found
+        if len(classes) < 2:
+            raise DataError(f"{root} needs at least two class folders (one folder per class); found {len(classes)}")
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise DataError(f"{root} has class folders not in the training classes: {unknown}")
+    paths, labels, skipped = [], [], []
+    for k, c in enumerate(classes):
+        files = sorted(p for p in (root / c).rglob("*") if _is_image(p)) if (root / c).is_dir() else []
+        good = []
+        for p in files:
+            if _check_image(p):
+                good.append(p)
+            elif strict:
+                raise DataError(f"corrupt image: {p} (remove it, or drop --strict to skip corrupt images)")
+            else:
+                skipped.append(str(p))
+        if not good and (root / c).is_dir():
+            raise DataError(f"class folder {root / c} holds no readable images")
+        paths += [str(p) for p in good]
+        labels += [k] * len(good)
+    for p in skipped:
+        log.warning("skipping corrupt image %s", p)
+    return classes, paths, np.asarray(labels, np.int64), skipped
+
+
+def load_image_folder(root: str | os.PathLike, *, shots: int | None = None, val_fraction: float = 0.15,
+                      test_fraction: float = 0.2, seed: int = 0, strict: bool = False) -> Dataset:
+    """An ImageFolder tree: `root/<class>/*.jpg`, or ready-made `root/{train,val,test}/<class>/...`.
+
+    Ready-made splits are honoured as given (`shots` then limits the train split only); otherwise
+    the images are split by class with `seed`, then `shots` limits the labelled train+val pool.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data folder not found: {root}")
+    rng = np.random.default_rng(seed)
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        classes, p_tr, y_tr, sk = scan_image_folder(root / "train", strict=strict)
+        if (root / "val").is_dir():
+            _, p_va, y_va, sk2 = scan_image_folder(root / "val", strict=strict, classes=classes)
+            tr = stratified_take(y_tr, shots, rng)
+            train, val = Split([p_tr[i] for i in tr], y_tr[tr]), Split(p_va, y_va)
+        else:
+            sk2 = []
+            tr, va = split_labelled(y_tr, shots, val_fraction, rng)
+            train, val = Split([p_tr[i] for i in tr], y_tr[tr]), Split([p_tr[i] for i in va], y_tr[va])
+        _, p_te, y_te, sk3 = scan_image_folder(root / "test", strict=strict, classes=classes)
+        return Dataset(f"imagefolder:{root}", classes, train, val, Split(p_te, y_te), sk + sk2 + sk3)
+
+    classes, paths, labels, skipped = scan_image_folder(root, strict=strict)
+    counts = np.bincount(labels, minlength=len(classes))
+    if counts.min() < 3:
+        raise DataError(f"class '{classes[int(counts.argmin())]}' has {counts.min()} images; "
+                        "each class needs at least 3 (train, val and test)")
+    rest, te = stratified_split(labels, (1 - test_fraction, test_fraction), rng)
+    tr, va = split_labelled(labels[rest], shots, val_fraction, rng)
+    tr, va = rest[tr], rest[va]
+    sub = lambda idx: Split([paths[i] for i in idx], labels[idx])  # noqa: E731
+    return Dataset(f"imagefolder:{root}", classes, sub(tr), sub(va), sub(te), skipped)
+
+
+def load_dataset(data: str | None, **kw) -> Dataset:
+    """`None` or "fashion-mnist" -> the offline default; anything else is an ImageFolder path."""
+    if data in (None, "", "fashion-mnist"):
+        kw.pop("strict", None)
+        kw.pop("test_fraction", None)
+        return load_fashion_mnist(**kw)
+    kw.pop("test_size", None)
+    return load_image_folder(data, **kw)

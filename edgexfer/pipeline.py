@@ -1,0 +1,468 @@
+"""The stages and the run folder.
+
+Each stage is `stage(run_dir, config, ws=None) -> dict`: it reads the previous stage's artifacts from
+the run folder, writes its own atomically, and records its numbers in `report.json`. `run` chains
+them; a run folder whose stages finished is resumed, not redone.
+
+    runs/<name>/checkpoint.pt  model.onnx  model.int8.onnx  report.json  report.md  model_card.md  config.json
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from edgexfer import __version__
+from edgexfer.errors import RunFolderError
+from edgexfer.runtime import atomic
+
+log = logging.getLogger(__name__)
+
+REPORT_SCHEMA = "edgexfer.report/1"
+STAGES = ("finetune", "export", "quantize", "evaluate", "bench")
+FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
+
+
+# -- configuration -------------------------------------------------------------------------------
+
+@dataclass
+class DataConfig:
+    source: str | None = None     # None: the offline Fashion-MNIST default; else an ImageFolder path
+    shots: int | None = 100       # labelled images per class, validation included (None: all)
+    val_fraction: float = 0.2
+    test_size: int | None = 2000  # Fashion-MNIST: test images (stratified); None: all 10,000
+    test_fraction: float = 0.2    # ImageFolder without ready-made splits
+    seed: int = 0
+    strict: bool = False          # refuse corrupt images instead of skipping them
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "efficientnet_lite0"
+    weights: str = "imagenet"     # imagenet | none | path to a checkpoint
+    image_size: int = 96
+    dropout: float = 0.2
+
+
+@dataclass
+class BenchConfig:
+    threads: int = 2
+    iters: int = 200
+    warmup: int = 20
+    batch: int = 32
+    pytorch_reference: bool = True
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: Any = None             # finetune.TrainConfig (imported lazily: torch)
+    quantize: Any = None          # exporters.quantize.Int8Recipe
+    bench: BenchConfig = field(default_factory=BenchConfig)
+    max_accuracy_drop: float = 0.01
+
+    def __post_init__(self):
+        if self.train is None:
+            from edgexfer.finetune import TrainConfig
+            self.train = TrainConfig()
+        if self.quantize is None:
+            from edgexfer.exporters.quantize import Int8Recipe
+            self.quantize = Int8Recipe()
+
+    def to_dict(self) -> dict:
+        return {"edgexfer": __version__, "data": asdict(self.data), "model": asdict(self.model),
+                "train": asdict(self.train), "quantize": asdict(self.quantize), "bench": asdict(self.bench),
+                "max_accuracy_drop": self.max_accuracy_drop}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        from edgexfer.exporters.quantize import Int8Recipe
+        from edgexfer.finetune import TrainConfig
+
+        return cls(DataConfig(**d["data"]), ModelConfig(**d["model"]), TrainConfig(**d["train"]),
+                   Int8Recipe(**d["quantize"]), BenchConfig(**d["bench"]), d.get("max_accuracy_drop", 0.01))
+
+    def training_key(self) -> dict:
+        """What determines the checkpoint: a run folder may be resumed only under the same key."""
+        d = self.to_dict()
+        return {k: d[k] for k in ("data", "model", "train")}
+
+
+# -- the run folder ------------------------------------------------------------------------------
+
+class RunFolder:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / "checkpoint.pt"
+
+    def read_json(self, name: str) -> dict:
+        p = self.file(name)
+        return json.loads(p.read_text()) if p.is_file() else {}
+
+    def config(self) -> RunConfig:
+        d = self.read_json("config.json")
+        if not d:
+            raise RunFolderError(f"{self.path} is not a run folder (no config.json); run `edgexfer finetune` first")
+        return RunConfig.from_dict(d)
+
+    def write_config(self, cfg: RunConfig) -> None:
+        atomic.write_json(self.file("config.json"), cfg.to_dict())
+
+    def report(self) -> dict:
+        return self.read_json("report.json") or {"schema": REPORT_SCHEMA}
+
+    def update_report(self, **sections) -> dict:
+        rep = self.report()
+        for k, v in sections.items():
+            if isinstance(v, dict) and isinstance(rep.get(k), dict):
+                rep[k] = _deep_merge(rep[k], v)
+            else:
+                rep[k] = v
+        rep["schema"] = REPORT_SCHEMA
+        rep["edgexfer_version"] = __version__
+        rep["updated"] = _now()
+        atomic.write_json(self.file("report.json"), rep)
+        return rep
+
+    def mark_done(self, stage: str, seconds: float) -> None:
+        self.update_report(stages={stage: {"done": True, "seconds": round(seconds, 2), "at": _now()}})
+
+    def done(self, stage: str) -> bool:
+        return bool(self.report().get("stages", {}).get(stage, {}).get("done"))
+
+    def require(self, name: str, stage: str) -> Path:
+        p = self.file(name)
+        if not p.is_file():
+            raise RunFolderError(f"{p} not found; run `edgexfer {stage} {self.path}` first")
+        return p
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# -- shared state of one process: the data set and its preprocessed tensors, loaded once ----------
+
+class Workspace:
+    def __init__(self, run: RunFolder, cfg: RunConfig):
+        self.run, self.cfg = run, cfg
+
+    @cached_property
+    def dataset(self):
+        from edgexfer.data import load_dataset
+
+        d = self.cfg.data
+        return load_dataset(d.source, shots=d.shots, val_fraction=d.val_fraction, test_size=d.test_size,
+                            test_fraction=d.test_fraction, seed=d.seed, strict=d.strict)
+
+    @cached_property
+    def preprocessing(self):
+        from edgexfer.model import model_config, preprocessing_of
+
+        m = self.cfg.model
+        return preprocessing_of(model_config(backbone=m.backbone, weights=m.weights, image_size=m.image_size,
+                                             tasks={"label": ["_"]}))
+
+    def tensors(self, split: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        key = f"_t_{split}"
+        if key not in self.__dict__:
+            from edgexfer.finetune import tensorize
+
+            x, y = tensorize(getattr(self.dataset, split), self.preprocessing, f"preprocess {split}")
+            self.__dict__[key] = (x.numpy(), y.numpy())
+        x, y = self.__dict__[key]
+        return (x, y) if limit is None else (x[:limit], y[:limit])
+
+
+# -- the stages ----------------------------------------------------------------------------------
+
+def finetune(run_dir: str | Path, cfg: RunConfig, ws: Workspace | None = None) -> dict:
+    """Fine-tune the backbone on the data set; write checkpoint.pt."""
+    from edgexfer.backbones import get_backbone_info
+    from edgexfer.finetune import train
+    from edgexfer.model import build_model, model_config, save_checkpoint
+
+    run = RunFolder(run_dir)
+    ws = ws or Workspace(run, cfg)
+    t0 = time.perf_counter()
+    ds = ws.dataset
+    info = get_backbone_info(cfg.model.backbone)
+    mcfg = model_config(backbone=cfg.model.backbone, weights=cfg.model.weights, image_size=cfg.model.image_size,
+                        tasks={"label": ds.classes}, dropout=cfg.model.dropout)
+    model = build_model(mcfg)
+    run.path.mkdir(parents=True, exist_ok=True)
+    run.write_config(cfg)
+    atomic.write_json(run.file("report.json"), {"schema": REPORT_SCHEMA, "stages": {}})  # a new model: start over
+    result = train(model, ds, ws.preprocessing, cfg.train, run.path)
+    sha = save_checkpoint(run.checkpoint, model, mcfg, extra={"train_result": asdict(result)})
+    state = run.file("train_state.pt")
+    if state.exists():
+        state.unlink()  # the finished checkpoint supersedes the per-epoch resume state
+    if len(ds.skipped):
+        log.warning("skipped %d corrupt images (listed in report.json data.skipped_corrupt)", len(ds.skipped))
+    run.update_report(
+        data=ds.summary(),
+        backbone={"name": cfg.model.backbone, "weights": cfg.model.weights, "strategy": result.strategy,
+                  "pretrained_on": info.pretrained_on if cfg.model.weights == "imagenet" else cfg.model.weights,
+                  "image_size": cfg.model.image_size, "feature_dim": info.feature_dim},
+        training={**asdict(result), "checkpoint_sha256": sha, "config": asdict(cfg.train)},
+    )
+    run.mark_done("finetune", time.perf_counter() - t0)
+    _learning_curve_plot(run, result.history)
+    return asdict(result)
+
+
+def build_meta(cfg: dict, sha: str, metrics: dict | None = None):
+    """The runtime's metadata contract for a model built from checkpoint config `cfg`."""
+    from edgexfer.backbones import get_backbone_info
+    from edgexfer.model import preprocessing_of
+    from edgexfer.runtime.metadata import InputSpec, ModelMeta, Task
+
+    tasks = [Task(name, "logits" if len(cfg["tasks"]) == 1 else f"logits_{name}", labels)
+             for name, labels in cfg["tasks"].items()]
+    s = cfg["image_size"]
+    return ModelMeta(
+        tasks=tasks,
+        input=InputSpec("input", s, s, 3),
+        preprocessing=preprocessing_of(cfg),
+        provenance={"backbone": cfg["backbone"], "weights": cfg["weights"],
+                    "pretrained_on": get_backbone_info(cfg["backbone"]).pretrained_on,
+                    "edgexfer_version": __version__, "checkpoint_sha256": sha, "created": _now()},
+        metrics=metrics or {},
+    )
+
+
+def export(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | None = None,
+           atol: float = 1e-3) -> dict:
+    """checkpoint.pt -> model.onnx (dynamic batch, metadata inside), validated against PyTorch."""
+    from edgexfer.exporters.onnx_export import export_onnx
+    from edgexfer.model import load_checkpoint
+
+    run = RunFolder(run_dir)
+    cfg = cfg or run.config()
+    ws = ws or Workspace(run, cfg)
+    t0 = time.perf_counter()
+    model, mcfg, _ = load_checkpoint(run.require("checkpoint.pt", "finetune"))
+    split = "val" if len(ws.dataset.val) else "train"
+    sample, _ = ws.tensors(split, limit=64)
+    meta = build_meta(mcfg, atomic.sha256_file(run.checkpoint))
+    val = export_onnx(model, meta, run.file(FILES["fp32"]), sample, atol=atol)
+    val["validated_on"] = f"{len(sample)} {split} images"
+    run.update_report(export=val)
+    run.mark_done("export", time.perf_counter() - t0)
+    return val
+
+
+def quantize(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | None = None) -> dict:
+    """model.onnx -> model.int8.onnx: static INT8 QDQ calibrated on training images."""
+    from edgexfer.exporters.quantize import quantize_int8
+
+    run = RunFolder(run_dir)
+    cfg = cfg or run.config()
+    ws = ws or Workspace(run, cfg)
+    t0 = time.perf_counter()
+    fp32 = run.require(FILES["fp32"], "export")
+    calib, _ = ws.tensors("train", limit=cfg.quantize.calibration_samples)
+    rec = quantize_int8(fp32, run.file(FILES["int8"]), calib, cfg.quantize)
+    rec["calibrated_on"] = f"{len(calib)} train images"
+    run.update_report(quantize=rec)
+    run.mark_done("quantize", time.perf_counter() - t0)
+    return rec
+
+
+def evaluate(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | None = None) -> dict:
+    """Accuracy of each ONNX file with ONNX Runtime on the held-out test split; metrics into the files."""
+    from edgexfer.evaluate import evaluate_file, per_class_delta
+    from edgexfer.exporters.metadata_io import read_meta, write_meta
+
+    run = RunFolder(run_dir)
+    cfg = cfg or run.config()
+    ws = ws or Workspace(run, cfg)
+    t0 = time.perf_counter()
+    x, y = ws.tensors("test")
+    classes = ws.dataset.classes
+    files = {k: run.file(f) for k, f in FILES.items() if run.file(f).is_file()}
+    if not files:
+        raise RunFolderError(f"no ONNX file in {run.path}; run `edgexfer export {run.path}` first")
+    models: dict[str, dict] = {}
+    preds = {}
+    for key, path in files.items():
+        m = evaluate_file(path, x, y, classes, threads=cfg.bench.threads)
+        preds[key] = m.pop("predictions")
+        meta = read_meta(path)
+        meta.metrics = {"split": "test", "n": m["n"], "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
+                        "per_class_recall": {c: v["recall"] for c, v in m["per_class"].items()}}
+        write_meta(path, meta)
+        models[key] = {"file": path.name, "size_bytes": path.stat().st_size, **m}
+    out: dict = {"models": models}
+    if "fp32" in models and "int8" in models:
+        drop = models["fp32"]["accuracy"] - models["int8"]["accuracy"]
+        out["quantization_impact"] = {
+            "accuracy_drop": drop,
+            "within_bound": drop <= cfg.max_accuracy_drop,
+            "max_accuracy_drop": cfg.max_accuracy_drop,
+            "top1_agreement_int8_vs_fp32": float(np.mean(preds["fp32"] == preds["int8"])),
+            "size_ratio": models["int8"]["size_bytes"] / models["fp32"]["size_bytes"],
+            **per_class_delta(models["fp32"], models["int8"]),
+        }
+    run.update_report(**out)
+    run.mark_done("evaluate", time.perf_counter() - t0)
+    _confusion_plot(run, models, classes)
+    return out
+
+
+def bench(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | None = None) -> dict:
+    """Batch-1 latency and batch throughput of every ONNX file, and PyTorch eager, interleaved."""
+    from edgexfer.runtime.bench import latency_and_throughput, onnx_candidate
+    from edgexfer.runtime.machine import machine_info
+
+    run = RunFolder(run_dir)
+    cfg = cfg or run.config()
+    b = cfg.bench
+    t0 = time.perf_counter()
+    files = {k: run.file(f) for k, f in FILES.items() if run.file(f).is_file()}
+    if not files:
+        raise RunFolderError(f"no ONNX file in {run.path}; run `edgexfer export {run.path}` first")
+    cands = [onnx_candidate(k, p, b.threads) for k, p in files.items()]
+    if b.pytorch_reference and run.checkpoint.is_file():
+        cands.append(pytorch_candidate(run.checkpoint, b.threads))
+    s = cfg.model.image_size
+    res = latency_and_throughput(cands, (3, s, s), batch=b.batch, warmup=b.warmup, iters=b.iters)
+    models = {k: {"file": p.name, "size_bytes": p.stat().st_size, "threads": b.threads, "batch": 1,
+                  "latency_ms": res[k]["latency_ms"], "throughput": res[k]["throughput"]}
+              for k, p in files.items()}
+    out: dict = {"models": models, "machine": machine_info(),
+                 "bench": {"interleaved": True, "iters": b.iters, "warmup": b.warmup, "threads": b.threads}}
+    if "pytorch_eager" in res:
+        out["reference"] = {"pytorch_eager": {**res["pytorch_eager"], "threads": b.threads, "batch": 1}}
+    run.update_report(**out)
+    run.mark_done("bench", time.perf_counter() - t0)
+    return out
+
+
+def pytorch_candidate(checkpoint: Path, threads: int):
+    import torch
+
+    from edgexfer.model import load_checkpoint
+    from edgexfer.runtime.bench import Candidate
+
+    torch.set_num_threads(threads)
+    model, _, _ = load_checkpoint(checkpoint)
+
+    def fn(x: np.ndarray):
+        with torch.inference_mode():
+            return model(torch.from_numpy(x))
+
+    return Candidate("pytorch_eager", fn)
+
+
+# -- the whole pipeline --------------------------------------------------------------------------
+
+STAGE_FUNCS: dict[str, Callable] = {"finetune": finetune, "export": export, "quantize": quantize,
+                                    "evaluate": evaluate, "bench": bench}
+
+
+def run(run_dir: str | Path, cfg: RunConfig, *, force: bool = False,
+        on_stage: Callable[[str, str], None] | None = None) -> dict:
+    """All stages in order into `run_dir`. An unfinished run with the same config resumes where it stopped."""
+    import shutil
+
+    from edgexfer.report import finalize
+
+    run = RunFolder(run_dir)
+    old = run.read_json("config.json")
+    if old and force:
+        shutil.rmtree(run.path)
+    elif old and old.get("data") is not None and RunConfig.from_dict(old).training_key() != cfg.training_key():
+        raise RunFolderError(f"{run.path} holds a run made with another configuration; "
+                             "pass --force to replace it, or choose another --name")
+    run.path.mkdir(parents=True, exist_ok=True)
+    run.write_config(cfg)
+    ws = Workspace(run, cfg)
+    for stage in STAGES:
+        if run.done(stage):
+            if on_stage:
+                on_stage(stage, "done already (resumed)")
+            continue
+        if on_stage:
+            on_stage(stage, "start")
+        STAGE_FUNCS[stage](run.path, cfg, ws)
+        if on_stage:
+            on_stage(stage, "end")
+    return finalize(run, cfg)
+
+
+def _plot(path: Path, draw: Callable) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig = draw(plt)
+    with atomic.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _learning_curve_plot(run: RunFolder, history: list[dict]) -> None:
+    pts = [(h["epoch"], h["val_accuracy"]) for h in history]
+    if not pts:
+        return
+
+    def draw(plt):
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        ax.plot(*zip(*pts), marker="o")
+        ax.set_xlabel("epoch (0 = linear probe)")
+        ax.set_ylabel("validation accuracy")
+        ax.set_title("learning curve")
+        ax.grid(alpha=0.3)
+        return fig
+
+    _plot(run.file("learning_curve.png"), draw)
+
+
+def _confusion_plot(run: RunFolder, models: dict, classes: list[str]) -> None:
+    key = "int8" if "int8" in models else next(iter(models))
+    cm = np.asarray(models[key]["confusion_matrix"])
+
+    def draw(plt):
+        fig, ax = plt.subplots(figsize=(6.5, 5.5))
+        im = ax.imshow(cm, cmap="Blues")
+        ax.set_xticks(range(len(classes)), classes, rotation=60, ha="right", fontsize=8)
+        ax.set_yticks(range(len(classes)), classes, fontsize=8)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(f"confusion matrix ({models[key]['file']}, test split)")
+        for i in range(cm.shape[0]):
+            for j in range(cm.shape[1]):
+                ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if cm[i, j] > cm.max() / 2 else "black")
+        fig.colorbar(im, ax=ax)
+        return fig
+
+    _plot(run.file("confusion_matrix.png"), draw)
+
+

@@ -1,0 +1,160 @@
+"""report.json -> report.md and model_card.md, and the headline checks printed at the end of a run."""
+from __future__ import annotations
+
+from typing import Any
+
+from edgexfer.runtime import atomic
+
+
+def checks(rep: dict, max_drop: float) -> list[dict]:
+    """The numbers a user relies on, each against its bound."""
+    out = []
+    models = rep.get("models", {})
+    fp, q = models.get("fp32", {}), models.get("int8", {})
+    if "accuracy" in fp and "accuracy" in q:
+        drop = fp["accuracy"] - q["accuracy"]
+        out.append({"name": "INT8 accuracy drop vs FP32", "value": round(drop, 4), "bound": f"<= {max_drop}",
+                    "ok": drop <= max_drop})
+    if "size_bytes" in fp and "size_bytes" in q:
+        r = q["size_bytes"] / fp["size_bytes"]
+        out.append({"name": "INT8 file size / FP32", "value": round(r, 3), "bound": "<= 0.35", "ok": r <= 0.35})
+    eager = rep.get("reference", {}).get("pytorch_eager", {}).get("latency_ms", {}).get("p50")
+    if eager and "latency_ms" in fp:
+        r = fp["latency_ms"]["p50"] / eager
+        out.append({"name": "ONNX FP32 p50 latency / PyTorch eager", "value": round(r, 3), "bound": "<= 0.5",
+                    "ok": r <= 0.5})
+    if "latency_ms" in fp and "latency_ms" in q:
+        r = fp["latency_ms"]["p50"] / q["latency_ms"]["p50"]
+        out.append({"name": "INT8 speed-up over FP32 (p50, batch 1)", "value": round(r, 2), "bound": "> 1.0",
+                    "ok": r > 1.0})
+    impact = rep.get("quantization_impact", {})
+    losing = impact.get("classes_losing_more_than", {}).get("classes")
+    if losing is not None:
+        out.append({"name": "classes losing > 3 points to INT8", "value": losing or "none", "bound": "none",
+                    "ok": not losing})
+    return out
+
+
+def _f(x: Any, nd: int = 4) -> str:
+    return f"{x:.{nd}f}" if isinstance(x, float) else str(x)
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def report_md(rep: dict) -> str:
+    d, b, models = rep.get("data", {}), rep.get("backbone", {}), rep.get("models", {})
+    lines = [f"# edgexfer run report", "",
+             f"Data: `{d.get('source')}` — {len(d.get('classes', []))} classes; train {d.get('train')}, "
+             f"val {d.get('val')}, test {d.get('test')}.",
+             f"Backbone: `{b.get('name')}` ({b.get('weights')} weights), strategy `{b.get('strategy')}`, "
+             f"input {b.get('image_size')}×{b.get('image_size')}.", ""]
+    t = rep.get("training", {})
+    if t:
+        lines += [f"Training: validation accuracy {_f(t.get('val_accuracy'))} (best epoch {t.get('best_epoch')}), "
+                  f"{t.get('train_seconds', 0):.0f} s; linear probe alone {_f(t.get('probe_val_accuracy'))}.", ""]
+    lines += ["## Models", "", "| model | file | size (MB) | test accuracy | macro-F1 | p50 ms | p90 ms | p99 ms | img/s (batch) |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    rows = list(models.items())
+    ref = rep.get("reference", {}).get("pytorch_eager")
+    for k, m in rows:
+        lat, thr = m.get("latency_ms", {}), m.get("throughput", {})
+        lines.append(f"| {k} | {m.get('file')} | {m.get('size_bytes', 0) / 1e6:.2f} | {_f(m.get('accuracy'))} | "
+                     f"{_f(m.get('macro_f1'))} | {_f(lat.get('p50'), 2)} | {_f(lat.get('p90'), 2)} | "
+                     f"{_f(lat.get('p99'), 2)} | {_f(thr.get('images_per_s'), 0)} ({thr.get('batch', '')}) |")
+    if ref:
+        lat, thr = ref["latency_ms"], ref.get("throughput", {})
+        lines.append(f"| PyTorch eager (reference) | checkpoint.pt | | | | {lat['p50']:.2f} | {lat['p90']:.2f} | "
+                     f"{lat['p99']:.2f} | {_f(thr.get('images_per_s'), 0)} ({thr.get('batch', '')}) |")
+    bench = rep.get("bench", {})
+    if bench:
+        lines += ["", f"Latency: batch 1, {bench.get('threads')} threads, {bench.get('iters')} interleaved runs "
+                      f"after {bench.get('warmup')} warm-up runs."]
+    mach = rep.get("machine")
+    if mach:
+        lines += [f"Machine: {mach.get('cpu')} ({mach.get('arch')}, {mach.get('cores')} cores, flags "
+                  f"{', '.join(mach.get('flags', [])) or 'none'}), onnxruntime {mach.get('onnxruntime')}."]
+    ex = rep.get("export")
+    if ex:
+        lines += ["", f"Export validation ({ex.get('validated_on')}): max abs difference {ex['max_abs_diff']:.2e} "
+                      f"(atol {ex['atol']}), top-1 agreement {_pct(ex['top1_agreement'])}; opset {ex.get('opset')}."]
+    q = rep.get("quantize")
+    if q:
+        lines += [f"Quantization: static INT8 {q.get('format')}, activations {q.get('activation_type')}, weights "
+                  f"{q.get('weight_type')}, per-channel {q.get('per_channel')}, reduce_range {q.get('reduce_range')}, "
+                  f"{q.get('calibration_method')} calibration on {q.get('calibrated_on')}."]
+    lines += ["", "## Checks", "", "| check | value | bound | ok |", "|---|---|---|---|"]
+    for c in rep.get("checks", []):
+        lines.append(f"| {c['name']} | {c['value']} | {c['bound']} | {'yes' if c['ok'] else '**NO**'} |")
+    lines += ["", per_class_table(rep), "", "![confusion matrix](confusion_matrix.png)",
+              "![learning curve](learning_curve.png)", ""]
+    return "\n".join(lines)
+
+
+def per_class_table(rep: dict) -> str:
+    models = rep.get("models", {})
+    fp, q = models.get("fp32", {}), models.get("int8", {})
+    if "per_class" not in fp:
+        return ""
+    delta = rep.get("quantization_impact", {}).get("recall_delta_points", {})
+    lines = ["## Per class (test split)", "",
+             "| class | support | FP32 precision | FP32 recall | INT8 recall | INT8 − FP32 (points) |",
+             "|---|---|---|---|---|---|"]
+    for c, v in fp["per_class"].items():
+        qr = q.get("per_class", {}).get(c, {}).get("recall")
+        lines.append(f"| {c} | {v['support']} | {v['precision']:.3f} | {v['recall']:.3f} | "
+                     f"{'' if qr is None else f'{qr:.3f}'} | {delta.get(c, '')} |")
+    return "\n".join(lines)
+
+
+def model_card(rep: dict) -> str:
+    d, b, models = rep.get("data", {}), rep.get("backbone", {}), rep.get("models", {})
+    fp = models.get("fp32", {})
+    worst = sorted(fp.get("per_class", {}).items(), key=lambda kv: kv[1]["recall"])[:3]
+    impact = rep.get("quantization_impact", {})
+    lines = [
+        "# Model card", "",
+        "## Model", "",
+        f"An image classifier over {len(d.get('classes', []))} classes: {', '.join(d.get('classes', []))}. "
+        f"Backbone `{b.get('name')}` initialised from {b.get('pretrained_on')}, adapted with strategy "
+        f"`{b.get('strategy')}`. Files: " + ", ".join(f"`{m['file']}`" for m in models.values()) + ".", "",
+        "## Data", "",
+        f"Source `{d.get('source')}`; train {d.get('train')}, validation {d.get('val')}, held-out test {d.get('test')} "
+        f"images. Training images per class: {d.get('train_per_class')}. Imbalance (max/min): "
+        f"{_f(d.get('imbalance_ratio'), 2)}.", "",
+        "## Metrics (held-out test split, ONNX Runtime)", "",
+        "| model | accuracy | macro-F1 |", "|---|---|---|",
+        *[f"| {k} | {_f(m.get('accuracy'))} | {_f(m.get('macro_f1'))} |" for k, m in models.items()], "",
+        per_class_table(rep), "",
+        "## Quantization impact", "",
+    ]
+    if impact:
+        losing = impact["classes_losing_more_than"]["classes"]
+        lines += [f"INT8 changed accuracy by {-100 * impact['accuracy_drop']:+.2f} points overall; "
+                  f"top-1 agreement with FP32 {_pct(impact['top1_agreement_int8_vs_fp32'])}. The class that lost most "
+                  f"is {impact['worst_class']} ({impact['worst_delta_points']:+.2f} points). "
+                  + (f"**Warning:** {', '.join(losing)} lost more than 3 points."
+                     if losing else "No class lost more than 3 points."), ""]
+    else:
+        lines += ["No quantized file in this run.", ""]
+    lines += [
+        "## Limitations", "",
+        "- Served worst: " + ", ".join(f"{c} (recall {v['recall']:.2f})" for c, v in worst) + ".",
+        f"- The backbone's pretrained weights come from {b.get('pretrained_on')}; biases of that data set "
+        "(what it over- and under-represents) can be inherited by this model.",
+        f"- Measured on {d.get('test')} test images from the same source as the training data; accuracy on images "
+        "from another camera, lighting or domain can be lower.",
+        "", "## Provenance", "",
+        f"edgexfer {rep.get('edgexfer_version')}; checkpoint sha256 `{rep.get('training', {}).get('checkpoint_sha256')}`; "
+        f"report updated {rep.get('updated')}.", "",
+    ]
+    return "\n".join(lines)
+
+
+def finalize(run, cfg) -> dict:
+    rep = run.report()
+    rep = run.update_report(checks=checks(rep, cfg.max_accuracy_drop))
+    atomic.write_text(run.file("report.md"), report_md(rep))
+    atomic.write_text(run.file("model_card.md"), model_card(rep))
+    return rep

@@ -1,0 +1,142 @@
+"""`EdgeModel`: an edgexfer ONNX file, ready to predict. Needs numpy, onnxruntime and Pillow only."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from edgexfer.runtime.errors import MetadataError, RuntimeInputError
+from edgexfer.runtime.metadata import ModelMeta
+from edgexfer.runtime.preprocess import preprocess
+
+log = logging.getLogger(__name__)
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def session_options(threads: int | None = None, graph_optimization: str = "all") -> ort.SessionOptions:
+    levels = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }
+    so = ort.SessionOptions()
+    so.graph_optimization_level = levels[graph_optimization]
+    if threads:
+        so.intra_op_num_threads = int(threads)
+        so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return so
+
+
+class EdgeModel:
+    """Load an edgexfer ONNX file (path or bytes) and predict from images.
+
+    >>> m = EdgeModel("runs/demo/model.int8.onnx", threads=2)
+    >>> m.predict("cat.jpg", top_k=3)      # one image -> list of {label, index, score}
+    >>> m.predict(["a.png", "b.png"])      # several -> one such list per image
+    >>> m.run(x)                            # preprocessed float32 (N,C,H,W) -> {task: logits}
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike | bytes,
+        *,
+        threads: int | None = None,
+        providers: Sequence[str] | None = None,
+        graph_optimization: str = "all",
+    ):
+        source = "<bytes>" if isinstance(model, (bytes, bytearray)) else str(model)
+        if not isinstance(model, (bytes, bytearray)) and not Path(model).is_file():
+            raise FileNotFoundError(f"model file not found: {model}")
+        self.path = None if source == "<bytes>" else Path(model)
+        available = ort.get_available_providers()
+        wanted = list(providers) if providers else ["CPUExecutionProvider"]
+        chosen = [p for p in wanted if p in available]
+        if len(chosen) < len(wanted):
+            log.warning("execution providers %s not available here (have %s); falling back",
+                        [p for p in wanted if p not in available], available)
+        if "CPUExecutionProvider" not in chosen:
+            chosen.append("CPUExecutionProvider")
+        try:
+            self.session = ort.InferenceSession(
+                bytes(model) if source == "<bytes>" else str(model),
+                sess_options=session_options(threads, graph_optimization),
+                providers=chosen,
+            )
+        except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf types
+            raise MetadataError(f"cannot load {source} as an ONNX model: {e}") from None
+        props = self.session.get_modelmeta().custom_metadata_map
+        self.meta = ModelMeta.from_props(props, source)
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_names = [t.output for t in self.meta.tasks]
+        self.threads = threads
+
+    # -- properties ----------------------------------------------------------------------------
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.meta.labels
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        i = self.meta.input
+        return (i.channels, i.height, i.width)
+
+    @property
+    def providers(self) -> list[str]:
+        return self.session.get_providers()
+
+    # -- inference -----------------------------------------------------------------------------
+    def preprocess(self, images: Any | Sequence[Any]) -> np.ndarray:
+        """Image(s) -> float32 (N, C, H, W) exactly as training preprocessed them."""
+        items = images if _is_batch(images) else [images]
+        return np.stack([preprocess(im, self.meta.preprocessing) for im in items])
+
+    def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """Preprocessed float32 (N, C, H, W) -> raw logits per task name."""
+        if not isinstance(x, np.ndarray) or x.dtype != np.float32:
+            raise RuntimeInputError(f"run() takes a float32 numpy array; got {getattr(x, 'dtype', type(x).__name__)}")
+        if x.ndim != 4 or x.shape[1:] != self.input_shape:
+            raise RuntimeInputError(f"expected shape (N, {', '.join(map(str, self.input_shape))}); got {x.shape}")
+        outs = self.session.run(self.output_names, {self.input_name: x})
+        return {t.name: o for t, o in zip(self.meta.tasks, outs)}
+
+    def predict(self, images: Any | Sequence[Any], top_k: int = 5):
+        """Top-k labels with probabilities for one image or a batch.
+
+        Single-task models return a list of {label, index, score} per image; multi-task models
+        return a dict task -> that list.
+        """
+        batch = _is_batch(images)
+        logits = self.run(self.preprocess(images))
+        results = [dict() for _ in range(next(iter(logits.values())).shape[0])]
+        for task in self.meta.tasks:
+            probs = softmax(logits[task.name].astype(np.float32))
+            k = max(1, min(top_k, probs.shape[1]))
+            for i, p in enumerate(probs):
+                idx = np.argsort(-p)[:k]
+                results[i][task.name] = [
+                    {"label": task.labels[j], "index": int(j), "score": float(p[j])} for j in idx
+                ]
+        if len(self.meta.tasks) == 1:
+            results = [r[self.meta.tasks[0].name] for r in results]
+        return results if batch else results[0]
+
+    def __repr__(self) -> str:
+        return f"EdgeModel({self.path or '<bytes>'}, tasks={[t.name for t in self.meta.tasks]}, providers={self.providers})"
+
+
+def _is_batch(images: Any) -> bool:
+    if isinstance(images, (list, tuple)):
+        return True
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        return True
+    return False

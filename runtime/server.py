@@ -1,0 +1,212 @@
+"""A small HTTP server over `EdgeModel`, speaking the Open Inference Protocol (KServe v2) in JSON.
+
+Standard library only, so it runs on the board with the runtime install. Endpoints:
+
+    GET  /v2/health/live   /v2/health/ready   /v2   /v2/models/{m}   /v2/models/{m}/ready
+    POST /v2/models/{m}/infer      {"inputs": [{"name", "shape", "datatype": "FP32", "data"}]}
+    POST /v2/models/{m}/classify   raw image bytes -> {"model", "predictions": [{label, index, score}]}
+
+    curl --data-binary @cat.jpg http://127.0.0.1:8000/v2/models/demo/classify
+
+Bound to 127.0.0.1 unless told otherwise.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+
+from edgexfer.runtime.errors import ImageError, RuntimeInputError
+from edgexfer.runtime.model import EdgeModel
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 16 * 1024 * 1024
+_ROUTE = re.compile(r"^/v2/models/(?P<model>[^/]+)(?:/versions/[^/]+)?(?P<rest>/ready|/infer|/classify)?$")
+PREFERRED_FILES = ("model.int8.onnx", "model.onnx", "model.fp16.onnx")
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def resolve_models(paths) -> dict[str, Path]:
+    """Run folders (their INT8 file if present, else FP32) or ONNX files -> {name: path}."""
+    out: dict[str, Path] = {}
+    for p in map(Path, paths):
+        if p.is_dir():
+            f = next((p / n for n in PREFERRED_FILES if (p / n).is_file()), None)
+            if f is None:
+                raise FileNotFoundError(f"no model file ({', '.join(PREFERRED_FILES)}) in {p}")
+            name = p.name
+        else:
+            f, name = p, p.name.split(".")[0]
+        if name in out:
+            raise ValueError(f"two models named {name!r}")
+        out[name] = f
+    return out
+
+
+class ModelServer:
+    def __init__(self, models: dict[str, Path], threads: int | None = None):
+        self.models = {name: EdgeModel(path, threads=threads) for name, path in models.items()}
+
+    def model(self, name: str) -> EdgeModel:
+        try:
+            return self.models[name]
+        except KeyError:
+            raise HTTPError(404, f"unknown model {name!r}; serving {sorted(self.models)}") from None
+
+    def metadata(self, name: str) -> dict:
+        m = self.model(name)
+        return {
+            "name": name, "versions": ["1"], "platform": "onnxruntime_onnx",
+            "inputs": [{"name": m.input_name, "datatype": "FP32", "shape": [-1, *m.input_shape]}],
+            "outputs": [{"name": t.output, "datatype": "FP32", "shape": [-1, len(t.labels)]} for t in m.meta.tasks],
+            "parameters": {"edgexfer": m.meta.to_dict()},
+        }
+
+    def infer(self, name: str, body: dict) -> dict:
+        m = self.model(name)
+        inputs = body.get("inputs") if isinstance(body, dict) else None
+        if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
+            raise HTTPError(400, "expected {'inputs': [one tensor]}")
+        t = inputs[0]
+        if t.get("datatype") != "FP32":
+            raise HTTPError(400, f"datatype must be FP32, got {t.get('datatype')!r}")
+        try:
+            shape = [int(s) for s in t["shape"]]
+            x = np.asarray(t["data"], dtype=np.float32).reshape(shape)
+        except (KeyError, TypeError, ValueError) as e:
+            raise HTTPError(400, f"bad tensor: {e}") from None
+        try:
+            outs = m.run(x)
+        except RuntimeInputError as e:
+            raise HTTPError(400, str(e)) from None
+        return {
+            "model_name": name, "model_version": "1", "id": body.get("id", ""),
+            "outputs": [{"name": task.output, "datatype": "FP32", "shape": list(outs[task.name].shape),
+                         "data": outs[task.name].ravel().tolist()} for task in m.meta.tasks],
+        }
+
+    def classify(self, name: str, data: bytes, top_k: int = 5) -> dict:
+        m = self.model(name)
+        try:
+            return {"model": name, "predictions": m.predict(data, top_k=top_k)}
+        except (ImageError, RuntimeInputError) as e:
+            raise HTTPError(400, str(e)) from None
+
+    def handler(self):
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, fmt, *args):
+                log.info("%s %s", self.address_string(), fmt % args)
+
+            def _send(self, status: int, obj) -> None:
+                data = json.dumps(obj).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _dispatch(self, method: str) -> None:
+                try:
+                    self._send(200, self._route(method))
+                except HTTPError as e:
+                    self._send(e.status, {"error": str(e)})
+                except Exception as e:  # never let one request take the server down
+                    log.exception("internal error")
+                    self._send(500, {"error": f"internal error: {type(e).__name__}"})
+
+            def _body(self) -> bytes:
+                n = int(self.headers.get("Content-Length") or 0)
+                if n > MAX_BODY:
+                    raise HTTPError(413, f"body of {n} bytes exceeds {MAX_BODY}")
+                return self.rfile.read(n)
+
+            def _route(self, method: str):
+                path = self.path.split("?")[0].rstrip("/")
+                if method == "GET" and path in ("/v2/health/live", "/v2/health/ready"):
+                    return {"live": True} if path.endswith("live") else {"ready": True}
+                if method == "GET" and path == "/v2":
+                    from edgexfer import __version__
+                    return {"name": "edgexfer", "version": __version__, "extensions": []}
+                r = _ROUTE.match(path)
+                if not r:
+                    raise HTTPError(404, f"no route {method} {path}")
+                name, rest = r["model"], r["rest"]
+                if method == "GET" and rest is None:
+                    return server.metadata(name)
+                if method == "GET" and rest == "/ready":
+                    server.model(name)
+                    return {"name": name, "ready": True}
+                if method == "POST" and rest == "/infer":
+                    try:
+                        body = json.loads(self._body() or b"{}")
+                    except json.JSONDecodeError as e:
+                        raise HTTPError(400, f"malformed JSON: {e}") from None
+                    return server.infer(name, body)
+                if method == "POST" and rest == "/classify":
+                    return server.classify(name, self._body())
+                raise HTTPError(405 if rest else 404, f"no route {method} {path}")
+
+            def do_GET(self):
+                self._dispatch("GET")
+
+            def do_POST(self):
+                self._dispatch("POST")
+
+        return Handler
+
+
+def make_server(models: dict[str, Path], host: str = "127.0.0.1", port: int = 8000,
+                threads: int | None = None) -> ThreadingHTTPServer:
+    ms = ModelServer(models, threads)
+    httpd = ThreadingHTTPServer((host, port), ms.handler())
+    httpd.daemon_threads = True
+    return httpd
+
+
+def serve(models: dict[str, Path], host: str = "127.0.0.1", port: int = 8000, threads: int | None = None) -> None:
+    httpd = make_server(models, host, port, threads)
+    log.info("serving %s on http://%s:%d/v2", ", ".join(models), host, httpd.server_address[1])
+    try:
+        httpd.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        httpd.server_close()
+
+
+def main(argv=None) -> None:
+    """`python -m edgexfer.runtime.server MODEL_OR_RUN_DIR... [--host H] [--port P]` (runtime install only)."""
+    import argparse
+    import os
+
+    ap = argparse.ArgumentParser(prog="python -m edgexfer.runtime.server", description=main.__doc__)
+    ap.add_argument("models", nargs="+", help="run folders or edgexfer ONNX files")
+    ap.add_argument("--host", default=os.environ.get("EDGEXFER_HOST", "127.0.0.1"))
+    ap.add_argument("--port", type=int, default=int(os.environ.get("EDGEXFER_PORT", "8000")))
+    ap.add_argument("--threads", type=int, default=None)
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        models = resolve_models(a.models)
+        serve(models, host=a.host, port=a.port, threads=a.threads)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

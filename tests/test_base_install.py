@@ -1,0 +1,36 @@
+"""`pip install .` with no extras is the runtime: numpy, onnxruntime, Pillow — and it predicts.
+
+Builds a fresh virtual environment (package registries only), so it takes a minute; set
+EDGEXFER_SKIP_VENV_TEST=1 to skip it locally.
+"""
+import json
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(os.environ.get("EDGEXFER_SKIP_VENV_TEST") == "1", reason="EDGEXFER_SKIP_VENV_TEST=1")
+def test_base_install_predicts_without_torch(tmp_path, tiny_run, image_folder):
+    env_dir = tmp_path / "venv"
+    venv.EnvBuilder(with_pip=True).create(env_dir)
+    py = env_dir / "bin" / "python"
+    subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", str(ROOT)],
+                   check=True, capture_output=True, text=True, timeout=900)
+    freeze = subprocess.run([str(py), "-m", "pip", "list", "--format=json"], check=True, capture_output=True,
+                            text=True).stdout
+    names = {p["name"].lower() for p in json.loads(freeze)}
+    assert "torch" not in names and "onnx" not in names and "click" not in names
+    assert {"numpy", "onnxruntime", "pillow", "edgexfer"} <= names
+    code = ("import sys, json; from edgexfer.runtime import EdgeModel; m = EdgeModel(sys.argv[1]); "
+            "p = m.predict(sys.argv[2]); print(json.dumps({'top': p[0]['label'], 'torch': 'torch' in sys.modules}))")
+    img = next(image_folder.rglob("*.png"))
+    out = subprocess.run([str(py), "-c", code, str(tiny_run / "model.int8.onnx"), str(img)], check=True,
+                         capture_output=True, text=True, cwd=tmp_path).stdout
+    res = json.loads(out)
+    assert res["torch"] is False and res["top"]

@@ -1,0 +1,54 @@
+"""Export validation fails loudly, with a typed error, when the graph does not reproduce PyTorch."""
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from edgexfer.exporters import AgreementError, AtolError, OutputNamesError, ShapeError
+from edgexfer.exporters.onnx_export import validate
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_run):
+    from edgexfer.model import load_checkpoint
+
+    model, _, _ = load_checkpoint(tiny_run / "checkpoint.pt")
+    x = np.random.default_rng(0).standard_normal((16, 3, 64, 64)).astype(np.float32)
+    with torch.no_grad():
+        ref = [o.numpy() for o in model(torch.from_numpy(x))]
+    return x, ref
+
+
+def test_exported_file_validates(tiny_run, reference):
+    x, ref = reference
+    rep = validate(ref, tiny_run / "model.onnx", x, ["logits"], atol=1e-3, min_agreement=0.99)
+    assert rep["max_abs_diff"] < 1e-3 and rep["top1_agreement"] == 1.0
+
+
+def test_corrupted_weights_raise(tiny_run, reference, tmp_path):
+    x, ref = reference
+    m = onnx.load(str(tiny_run / "model.onnx"))
+    init = max(m.graph.initializer, key=lambda t: int(np.prod(t.dims)))  # the biggest weight tensor
+    w = numpy_helper.to_array(init).copy()
+    w *= -1.0
+    init.CopyFrom(numpy_helper.from_array(w, init.name))
+    onnx.save(m, str(tmp_path / "bad.onnx"))
+    with pytest.raises(AtolError):
+        validate(ref, tmp_path / "bad.onnx", x, ["logits"], atol=1e-3, min_agreement=0.99)
+
+
+def test_wrong_names_shapes_agreement(tiny_run, reference):
+    x, ref = reference
+    with pytest.raises(OutputNamesError):
+        validate(ref, tiny_run / "model.onnx", x, ["scores"], atol=1e-3, min_agreement=0.99)
+    with pytest.raises(ShapeError):
+        validate([ref[0][:, :2]], tiny_run / "model.onnx", x, ["logits"], atol=1e-3, min_agreement=0.99)
+    swapped = ref[0][:, ::-1].copy()  # same values, different argmax
+    with pytest.raises((AgreementError, AtolError)):
+        validate([swapped], tiny_run / "model.onnx", x, ["logits"], atol=1e9, min_agreement=0.99)
+
+
+def test_export_errors_are_value_errors():
+    assert issubclass(AtolError, ValueError) and issubclass(ShapeError, ValueError)

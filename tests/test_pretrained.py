@@ -1,0 +1,40 @@
+"""The default backbone's ImageNet weights really loaded: scikit-image's photos get their classes."""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+skdata = pytest.importorskip("skimage.data")
+
+from edgexfer.backbones import LITE_MEAN, LITE_STD, build_backbone  # noqa: E402
+from edgexfer.runtime.metadata import Preprocessing  # noqa: E402
+from edgexfer.runtime.preprocess import preprocess  # noqa: E402
+
+CATS = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+ESPRESSO = 967
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    feats = build_backbone("efficientnet_lite0", weights="imagenet", image_size=224).eval()
+    return feats
+
+
+def imagenet_top5(lite0, photo) -> list[int]:
+    pp = Preprocessing(resize=256, crop=224, mean=LITE_MEAN, std=LITE_STD)
+    x = torch.from_numpy(preprocess(photo, pp)[None])
+    with torch.no_grad():
+        logits = lite0.classifier()(lite0(x))
+    return logits[0].topk(5).indices.tolist()
+
+
+def test_chelsea_is_a_cat(lite0):
+    assert imagenet_top5(lite0, skdata.chelsea())[0] in CATS
+
+
+def test_coffee_is_espresso(lite0):
+    assert imagenet_top5(lite0, skdata.coffee())[0] == ESPRESSO
+
+
+def test_random_init_is_not(lite0):
+    rnd = build_backbone("efficientnet_lite0", weights="none", image_size=224).eval()
+    assert imagenet_top5(rnd, skdata.coffee())[0] != ESPRESSO or imagenet_top5(rnd, skdata.chelsea())[0] not in CATS

@@ -1,0 +1,82 @@
+"""The HTTP server over the runtime: v2 health/metadata/infer in JSON, the image endpoint, errors."""
+import json
+import threading
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+from edgexfer.runtime import EdgeModel
+from edgexfer.runtime.server import make_server, resolve_models
+
+
+@pytest.fixture(scope="module")
+def server(tiny_run):
+    httpd = make_server(resolve_models([tiny_run]), port=0, threads=1)
+    t = threading.Thread(target=httpd.serve_forever, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def call(url, data=None, method=None):
+    req = urllib.request.Request(url, data=data, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_binds_loopback_by_default(tiny_run):
+    httpd = make_server(resolve_models([tiny_run]), port=0)
+    try:
+        assert httpd.server_address[0] == "127.0.0.1"
+    finally:
+        httpd.server_close()
+
+
+def test_health_and_metadata(server):
+    assert call(f"{server}/v2/health/live")[0] == 200
+    assert call(f"{server}/v2/health/ready")[0] == 200
+    assert call(f"{server}/v2")[1]["name"] == "edgexfer"
+    st, meta = call(f"{server}/v2/models/tiny")
+    assert st == 200 and meta["inputs"][0]["shape"] == [-1, 3, 64, 64]
+    assert meta["outputs"][0]["name"] == "logits"
+    assert call(f"{server}/v2/models/tiny/ready")[1]["ready"] is True
+
+
+def test_infer_json_matches_runtime(server, tiny_run):
+    m = EdgeModel(tiny_run / "model.int8.onnx")
+    x = np.random.default_rng(0).standard_normal((2, 3, 64, 64)).astype(np.float32)
+    body = {"id": "r1", "inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                                    "data": x.ravel().tolist()}]}
+    st, out = call(f"{server}/v2/models/tiny/infer", json.dumps(body).encode())
+    assert st == 200 and out["id"] == "r1"
+    got = np.asarray(out["outputs"][0]["data"], np.float32).reshape(out["outputs"][0]["shape"])
+    np.testing.assert_allclose(got, m.run(x)["label"], atol=1e-5)
+
+
+def test_classify_image_bytes(server, image_folder, tiny_run):
+    img = next(image_folder.rglob("*.png"))
+    st, out = call(f"{server}/v2/models/tiny/classify", img.read_bytes())
+    assert st == 200
+    assert out["predictions"][0] == EdgeModel(tiny_run / "model.int8.onnx").predict(img)[0]
+
+
+@pytest.mark.parametrize("path, data, status", [
+    ("/v2/models/nope", None, 404),
+    ("/v2/models/nope/infer", b"{}", 404),
+    ("/v2/models/tiny/infer", b"{not json", 400),
+    ("/v2/models/tiny/infer", json.dumps({"inputs": [{"name": "input", "shape": [1, 3, 8, 8], "datatype": "FP32",
+                                                      "data": [0.0] * 192}]}).encode(), 400),
+    ("/v2/models/tiny/infer", json.dumps({"inputs": [{"name": "input", "shape": [1], "datatype": "INT8",
+                                                      "data": [0]}]}).encode(), 400),
+    ("/v2/models/tiny/classify", b"not an image", 400),
+])
+def test_bad_requests(server, path, data, status):
+    st, out = call(server + path, data)
+    assert st == status and out["error"]
+    assert call(f"{server}/v2/health/ready")[0] == 200  # still up
