@@ -51,7 +51,7 @@ def data_options(f):
                      show_default=True, help="lpft: linear probe then full fine-tune; linear: head only."),
         click.option("--epochs", type=click.IntRange(min=1), default=8, show_default=True),
         click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True),
-        click.option("--lr", type=float, default=1e-3, show_default=True),
+        click.option("--lr", type=float, default=3e-4, show_default=True, help="Peak learning rate (AdamW)."),
         click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True,
                      help="Threads for evaluation and benchmarks."),
     ]

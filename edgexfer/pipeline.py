@@ -275,8 +275,13 @@ def export(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | No
 
 
 def quantize(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | None = None) -> dict:
-    """model.onnx -> model.int8.onnx: static INT8 QDQ calibrated on training images."""
-    from edgexfer.exporters.quantize import quantize_int8
+    """model.onnx -> model.int8.onnx: static INT8 QDQ calibrated on training images, under the accuracy guard.
+
+    The guard scores candidates on the validation split (never the test split, which reports) and
+    keeps early layers in FP32 until the INT8 drop is within `max_accuracy_drop`.
+    """
+    from edgexfer.evaluate import onnx_logits
+    from edgexfer.exporters.quantize import guarded_quantize, quantize_int8
 
     run = RunFolder(run_dir)
     cfg = cfg or run.config()
@@ -284,7 +289,22 @@ def quantize(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | 
     t0 = time.perf_counter()
     fp32 = run.require(FILES["fp32"], "export")
     calib, _ = ws.tensors("train", limit=cfg.quantize.calibration_samples)
-    rec = quantize_int8(fp32, run.file(FILES["int8"]), calib, cfg.quantize)
+    xv, yv = ws.tensors("val")
+    if len(yv):
+        def accuracy(path) -> float:
+            return float(np.mean(onnx_logits(path, xv, threads=cfg.bench.threads)[0].argmax(1) == yv))
+
+        rec = guarded_quantize(fp32, run.file(FILES["int8"]), calib, cfg.quantize, accuracy=accuracy,
+                               fp32_accuracy=accuracy(fp32), max_drop=cfg.max_accuracy_drop)
+        rec["guard"]["guard_set"] = f"{len(yv)} validation images"
+        g = rec["guard"]
+        log.info("accuracy guard: %d of %d weighted layers kept in FP32; validation drop %.4f (bound %.3f)",
+                 g["chosen_fp32_layers"], g["quantizable_layers"],
+                 g["fp32_accuracy"] - next(c["guard_accuracy"] for c in g["candidates"]
+                                           if c["fp32_layers"] == g["chosen_fp32_layers"]), g["max_accuracy_drop"])
+    else:
+        log.warning("no validation split: quantizing without the accuracy guard")
+        rec = quantize_int8(fp32, run.file(FILES["int8"]), calib, cfg.quantize)
     rec["calibrated_on"] = f"{len(calib)} train images"
     run.update_report(quantize=rec)
     run.mark_done("quantize", time.perf_counter() - t0)

@@ -84,6 +84,16 @@ def report_md(rep: dict) -> str:
         lines += [f"Quantization: static INT8 {q.get('format')}, activations {q.get('activation_type')}, weights "
                   f"{q.get('weight_type')}, per-channel {q.get('per_channel')}, reduce_range {q.get('reduce_range')}, "
                   f"{q.get('calibration_method')} calibration on {q.get('calibrated_on')}."]
+        g = q.get("guard")
+        if g:
+            lines += ["", f"Accuracy guard (on {g.get('guard_set')}, bound {g['max_accuracy_drop']}): "
+                          f"{g['chosen_fp32_layers']} of {g['quantizable_layers']} weighted layers kept in FP32"
+                          + ("" if g["within_bound"] else " — **no candidate met the bound**") + ".", "",
+                      "| layers kept FP32 | guard accuracy | drop | within bound |", "|---|---|---|---|"]
+            lines += [f"| {c['fp32_layers']} | {c['guard_accuracy']:.4f} | {c['drop']:+.4f} | {c['within_bound']} |"
+                      for c in g["candidates"]]
+            if g["layers_kept_fp32"]:
+                lines += ["", "Kept in FP32: " + ", ".join(f"`{n}`" for n in g["layers_kept_fp32"]) + "."]
     lines += ["", "## Checks", "", "| check | value | bound | ok |", "|---|---|---|---|"]
     for c in rep.get("checks", []):
         lines.append(f"| {c['name']} | {c['value']} | {c['bound']} | {'yes' if c['ok'] else '**NO**'} |")

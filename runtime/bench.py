@@ -53,12 +53,14 @@ def interleaved(candidates: list[Candidate], x: np.ndarray, *, warmup: int = 10,
     return {name: summarize(t) for name, t in times.items()}
 
 
-def onnx_candidate(name: str, path, threads: int) -> Candidate:
+def onnx_candidate(name: str, path, threads: int, spinning: bool = False) -> Candidate:
+    """An ONNX Runtime session on the CPU. Spinning is off by default: interleaved with other
+    candidates, ONNX Runtime's busy-waiting threads would steal the cores the next one runs on."""
     import onnxruntime as ort
 
     from edgexfer.runtime.model import session_options
 
-    sess = ort.InferenceSession(str(path), sess_options=session_options(threads), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(path), sess_options=session_options(threads, spinning=spinning), providers=["CPUExecutionProvider"])
     inp = sess.get_inputs()[0].name
     return Candidate(name, lambda x: sess.run(None, {inp: x}))
 

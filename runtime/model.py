@@ -21,7 +21,10 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def session_options(threads: int | None = None, graph_optimization: str = "all") -> ort.SessionOptions:
+def session_options(threads: int | None = None, graph_optimization: str = "all",
+                    spinning: bool = True) -> ort.SessionOptions:
+    """ONNX Runtime options. `spinning=False` stops idle worker threads from busy-waiting, which
+    benchmarks need so that one model's spinning threads do not slow the next model measured."""
     levels = {
         "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
         "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -34,6 +37,9 @@ def session_options(threads: int | None = None, graph_optimization: str = "all")
         so.intra_op_num_threads = int(threads)
         so.inter_op_num_threads = 1
     so.log_severity_level = 3
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     return so
 
 
