@@ -33,7 +33,9 @@ test: install data
 	$(PY) -m pytest -q
 
 bench: install data
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[openvino]"
 	$(PY) benchmarks/bench_demo.py
+	$(PY) benchmarks/bench_runtime.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -21,7 +21,7 @@ OUT = ROOT / "benchmarks" / "results" / "demo.json"
 
 def main() -> int:
     t0 = time.perf_counter()
-    cmd = [sys.executable, "-m", "edgexfer.cli", "run", "--name", "bench-demo", "--force"]
+    cmd = [sys.executable, "-m", "edgexfer", "run", "--name", "bench-demo", "--force"]
     subprocess.run(cmd, cwd=ROOT, check=True)
     wall = time.perf_counter() - t0
     rep = json.loads((ROOT / "runs" / "bench-demo" / "report.json").read_text())

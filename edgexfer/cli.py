@@ -194,66 +194,29 @@ def evaluate(run_dir):
         click.echo(f"{k}: accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f} on {m['n']} test images")
 
 
-@cli.command()
-@click.argument("targets", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
-@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True)
-@click.option("--iters", type=click.IntRange(min=1), default=200, show_default=True)
-@click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), help="Also write the results as JSON.")
-def bench(targets, threads, iters, json_out):
-    """Latency (batch 1) and throughput of a run folder's files, or of ONNX files, interleaved."""
-    from edgexfer import pipeline
-    from edgexfer.runtime.bench import latency_and_throughput, onnx_candidate
-    from edgexfer.runtime.machine import machine_info
+def _forward_to_runtime(name: str, help_text: str):
+    """`bench`, `predict` and `serve` are the runtime's own commands (argparse, so that they work with
+    the runtime install alone); the training CLI lists them and hands their arguments over unchanged."""
 
-    if len(targets) == 1 and targets[0].is_dir():
-        run = pipeline.RunFolder(targets[0])
-        cfg = run.config()
-        cfg.bench.threads, cfg.bench.iters = threads, iters
-        res = pipeline.bench(run.path, cfg)
-        from edgexfer.report import finalize
-        finalize(run, cfg)
-        rows = {**res["models"], **res.get("reference", {})}
-    else:
-        from edgexfer.runtime import EdgeModel
+    @cli.command(name, help=help_text, add_help_option=False,
+                 context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
+    def forward(args):
+        from edgexfer.pipeline import pytorch_reference
+        from edgexfer.runtime.cli import main as runtime_main
 
-        shapes = {EdgeModel(p).input_shape for p in targets}
-        if len(shapes) != 1:
-            raise EdgexferError(f"models take different input shapes {shapes}; bench them separately")
-        cands = [onnx_candidate(str(p), p, threads) for p in targets]
-        rows = latency_and_throughput(cands, shapes.pop(), iters=iters)
-        res = {"models": rows, "machine": machine_info(), "threads": threads}
-    for k, r in rows.items():
-        lat = r["latency_ms"]
-        click.echo(f"{k:24s} p50 {lat['p50']:7.2f} ms  p90 {lat['p90']:7.2f}  p99 {lat['p99']:7.2f}  "
-                   f"{r['throughput']['images_per_s']:8.1f} img/s (batch {r['throughput']['batch']})")
-    if json_out:
-        from edgexfer.runtime import atomic
-        atomic.write_json(json_out, res)
+        runtime_main([name, *args], references=[pytorch_reference])
+
+    return forward
 
 
-@cli.command()
-@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--top-k", type=click.IntRange(min=1), default=3, show_default=True)
-def predict(model, images, top_k):
-    """Classify IMAGES with an edgexfer ONNX MODEL (runtime only); one JSON line per image."""
-    from edgexfer.runtime import EdgeModel
-
-    m = EdgeModel(model)
-    for img in images:
-        click.echo(json.dumps({"image": str(img), "predictions": m.predict(img, top_k=top_k)}))
-
-
-@cli.command()
-@click.argument("models", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
-@click.option("--host", default="127.0.0.1", show_default=True, envvar="EDGEXFER_HOST")
-@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, envvar="EDGEXFER_PORT")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime threads per model.")
-def serve(models, host, port, threads):
-    """Serve run folders or ONNX files over HTTP (Open Inference Protocol v2 JSON, plus an image endpoint)."""
-    from edgexfer.runtime.server import resolve_models, serve as serve_forever
-
-    serve_forever(resolve_models(models), host=host, port=port, threads=threads)
+_forward_to_runtime("bench", "Latency, throughput, cold start and memory of ONNX files or run folders, side by side "
+                             "(PyTorch eager and OpenVINO beside when installed). `edgexfer bench -h` for options.")
+_forward_to_runtime("predict", "Classify images with an edgexfer ONNX file; one JSON line per image.")
+_forward_to_runtime("bundle", "What to copy to a board: RUN_DIR's chosen model, pinned runtime requirements, the "
+                              "runtime itself and an example program, in OUT.")
+_forward_to_runtime("serve", "Serve run folders or ONNX files over HTTP (Open Inference Protocol v2, JSON, "
+                             "plus an image endpoint), bound to 127.0.0.1 unless --host says otherwise.")
 
 
 @cli.command()
@@ -268,8 +231,9 @@ def backbones():
 
 
 def main(argv=None) -> None:
+    args = sys.argv[1:] if argv is None else list(argv)
     try:
-        cli.main(args=argv, prog_name="edgexfer", standalone_mode=False)
+        cli.main(args=args, prog_name="edgexfer", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)

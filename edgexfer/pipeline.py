@@ -210,6 +210,9 @@ def finetune(run_dir: str | Path, cfg: RunConfig, ws: Workspace | None = None) -
     info = get_backbone_info(cfg.model.backbone)
     mcfg = model_config(backbone=cfg.model.backbone, weights=cfg.model.weights, image_size=cfg.model.image_size,
                         tasks={"label": ds.classes}, dropout=cfg.model.dropout)
+    import torch
+
+    torch.manual_seed(cfg.train.seed)  # the head's initialisation, too, follows the seed
     model = build_model(mcfg)
     run.path.mkdir(parents=True, exist_ok=True)
     run.write_config(cfg)
@@ -354,8 +357,7 @@ def evaluate(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | 
 
 def bench(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | None = None) -> dict:
     """Batch-1 latency and batch throughput of every ONNX file, and PyTorch eager, interleaved."""
-    from edgexfer.runtime.bench import latency_and_throughput, onnx_candidate
-    from edgexfer.runtime.machine import machine_info
+    from edgexfer.runtime.bench import BenchConfig as RuntimeBench, run_benchmark
 
     run = RunFolder(run_dir)
     cfg = cfg or run.config()
@@ -364,37 +366,47 @@ def bench(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | Non
     files = {k: run.file(f) for k, f in FILES.items() if run.file(f).is_file()}
     if not files:
         raise RunFolderError(f"no ONNX file in {run.path}; run `edgexfer export {run.path}` first")
-    cands = [onnx_candidate(k, p, b.threads) for k, p in files.items()]
-    if b.pytorch_reference and run.checkpoint.is_file():
-        cands.append(pytorch_candidate(run.checkpoint, b.threads))
-    s = cfg.model.image_size
-    res = latency_and_throughput(cands, (3, s, s), batch=b.batch, warmup=b.warmup, iters=b.iters)
-    models = {k: {"file": p.name, "size_bytes": p.stat().st_size, "threads": b.threads, "batch": 1,
-                  "latency_ms": res[k]["latency_ms"], "throughput": res[k]["throughput"]}
-              for k, p in files.items()}
-    out: dict = {"models": models, "machine": machine_info(),
-                 "bench": {"interleaved": True, "iters": b.iters, "warmup": b.warmup, "threads": b.threads}}
-    if "pytorch_eager" in res:
-        out["reference"] = {"pytorch_eager": {**res["pytorch_eager"], "threads": b.threads, "batch": 1}}
+    res = run_benchmark(list(files.values()),
+                        RuntimeBench(threads=b.threads, warmup=b.warmup, iters=b.iters, batches=(1, b.batch),
+                                     cold_start=False, openvino=False),
+                        references=[pytorch_reference] if b.pytorch_reference else [], run_dir=run.path)
+    rows = res["models"]
+
+    def entry(r: dict) -> dict:
+        return {"threads": b.threads, "batch": 1, "latency_ms": r["latency_ms"],
+                "throughput": {"batch": b.batch, "images_per_s": r["throughput_img_s"][str(b.batch)]}}
+
+    models = {k: {"file": p.name, "size_bytes": p.stat().st_size, **entry(rows[p.name])} for k, p in files.items()}
+    out: dict = {"models": models, "machine": res["machine"],
+                 "bench": {"interleaved": True, "iters": b.iters, "warmup": b.warmup, "threads": b.threads,
+                           "onnxruntime_spinning": False}}
+    if "pytorch_eager" in rows:
+        out["reference"] = {"pytorch_eager": entry(rows["pytorch_eager"])}
     run.update_report(**out)
     run.mark_done("bench", time.perf_counter() - t0)
     return out
 
 
-def pytorch_candidate(checkpoint: Path, threads: int):
-    import torch
-
+def pytorch_reference(run_dir: Path, threads: int):
+    """PyTorch eager from a run folder's checkpoint, as a reference backend for the runtime's bench."""
+    ckpt = Path(run_dir) / "checkpoint.pt"
+    if not ckpt.is_file():
+        return None
+    try:
+        import torch
+    except ImportError:
+        return None
     from edgexfer.model import load_checkpoint
     from edgexfer.runtime.bench import Candidate
 
     torch.set_num_threads(threads)
-    model, _, _ = load_checkpoint(checkpoint)
+    model, _, _ = load_checkpoint(ckpt)
 
     def fn(x: np.ndarray):
         with torch.inference_mode():
             return model(torch.from_numpy(x))
 
-    return Candidate("pytorch_eager", fn)
+    return Candidate("pytorch_eager", fn, f"pytorch {torch.__version__} eager", str(ckpt))
 
 
 # -- the whole pipeline --------------------------------------------------------------------------

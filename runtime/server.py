@@ -49,7 +49,7 @@ def resolve_models(paths) -> dict[str, Path]:
         else:
             f, name = p, p.name.split(".")[0]
         if name in out:
-            raise ValueError(f"two models named {name!r}")
+            raise RuntimeInputError(f"two models named {name!r}; rename one file")
         out[name] = f
     return out
 
@@ -189,24 +189,8 @@ def serve(models: dict[str, Path], host: str = "127.0.0.1", port: int = 8000, th
         httpd.server_close()
 
 
-def main(argv=None) -> None:
-    """`python -m edgexfer.runtime.server MODEL_OR_RUN_DIR... [--host H] [--port P]` (runtime install only)."""
-    import argparse
-    import os
 
-    ap = argparse.ArgumentParser(prog="python -m edgexfer.runtime.server", description=main.__doc__)
-    ap.add_argument("models", nargs="+", help="run folders or edgexfer ONNX files")
-    ap.add_argument("--host", default=os.environ.get("EDGEXFER_HOST", "127.0.0.1"))
-    ap.add_argument("--port", type=int, default=int(os.environ.get("EDGEXFER_PORT", "8000")))
-    ap.add_argument("--threads", type=int, default=None)
-    a = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        models = resolve_models(a.models)
-        serve(models, host=a.host, port=a.port, threads=a.threads)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
+if __name__ == "__main__":  # python -m edgexfer.runtime.server MODEL... == edgexfer serve MODEL...
+    from edgexfer.runtime.cli import main
 
-
-if __name__ == "__main__":
-    main()
+    main(["serve", *__import__("sys").argv[1:]])

@@ -42,7 +42,7 @@ def make_image_folder(root: Path, per_class: int = 24, seed: int = 0) -> Path:
 def run_cli(*args, check=False, env=None, timeout=600) -> subprocess.CompletedProcess:
     """Run `edgexfer ...` as a user would, in a subprocess (real exit codes, real stderr)."""
     e = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    p = subprocess.run([sys.executable, "-m", "edgexfer.cli", *map(str, args)], capture_output=True, text=True,
+    p = subprocess.run([sys.executable, "-m", "edgexfer", *map(str, args)], capture_output=True, text=True,
                        env=e, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"edgexfer {' '.join(map(str, args))} failed ({p.returncode}):\n{p.stderr[-3000:]}")

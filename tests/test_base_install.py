@@ -34,3 +34,12 @@ def test_base_install_predicts_without_torch(tmp_path, tiny_run, image_folder):
                          capture_output=True, text=True, cwd=tmp_path).stdout
     res = json.loads(out)
     assert res["torch"] is False and res["top"]
+
+    # the console script works without the training toolchain: runtime commands run, others explain
+    exe = str(env_dir / "bin" / "edgexfer")
+    b = subprocess.run([exe, "bench", str(tiny_run / "model.int8.onnx"), "--iters", "3", "--batches", "1",
+                        "--no-cold-start", "--json", str(tmp_path / "b.json")], capture_output=True, text=True, cwd=tmp_path)
+    assert b.returncode == 0, b.stderr
+    assert json.loads((tmp_path / "b.json").read_text())["models"]["model.int8.onnx"]["latency_ms"]["p50"] > 0
+    r = subprocess.run([exe, "run"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 1 and "edgexfer[train]" in r.stderr and "Traceback" not in r.stderr

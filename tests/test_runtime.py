@@ -57,3 +57,17 @@ def test_uint8_array_and_batch(tiny_run):
     imgs = np.random.default_rng(1).integers(0, 255, (4, 48, 64, 3), dtype=np.uint8)
     out = m.predict(imgs, top_k=1)
     assert len(out) == 4 and all(o[0]["label"] in m.labels for o in out)
+
+
+def test_provider_fallback_is_logged(tiny_run, caplog):
+    with caplog.at_level("WARNING", logger="edgexfer.runtime.model"):
+        m = EdgeModel(tiny_run / "model.onnx", providers=["NoSuchExecutionProvider"])
+    assert m.providers == ["CPUExecutionProvider"]
+    assert "NoSuchExecutionProvider" in caplog.text
+
+
+def test_threads_and_graph_optimisation(tiny_run):
+    x = np.random.default_rng(3).standard_normal((1, 3, 64, 64)).astype(np.float32)
+    a = EdgeModel(tiny_run / "model.onnx", threads=1, graph_optimization="disable").run(x)["label"]
+    b = EdgeModel(tiny_run / "model.onnx", threads=2, graph_optimization="all").run(x)["label"]
+    np.testing.assert_allclose(a, b, atol=1e-4)

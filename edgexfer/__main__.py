@@ -1,0 +1,3 @@
+from edgexfer.entry import main
+
+main()

@@ -1,0 +1,3 @@
+from edgexfer.runtime.cli import main
+
+main()

@@ -1,0 +1,104 @@
+"""`edgexfer bundle RUN_DIR OUT`: what to copy to a board.
+
+    OUT/
+      model.int8.onnx      the chosen model (INT8 when it kept accuracy within the run's bound, else FP32)
+      requirements.txt     numpy, onnxruntime, Pillow pinned to the versions this was tested with
+      edgexfer/            the runtime package itself (pure Python), so nothing else needs installing
+      example.py           an application embedding it (classify images, or watch a folder)
+      README.md            how to install and run it
+
+Standard library only; written to a temporary folder beside OUT, then renamed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+from edgexfer.runtime.errors import RuntimeInputError
+
+RUNTIME_REQUIREMENTS = ("numpy", "onnxruntime", "Pillow")
+
+
+def choose_model(run_dir: Path) -> tuple[Path, str]:
+    """The file to ship from a run folder, and why."""
+    fp32, int8 = run_dir / "model.onnx", run_dir / "model.int8.onnx"
+    rep_path = run_dir / "report.json"
+    rep = json.loads(rep_path.read_text()) if rep_path.is_file() else {}
+    impact = rep.get("quantization_impact", {})
+    if int8.is_file() and impact.get("within_bound", True):
+        why = ("INT8: accuracy within the run's bound "
+               f"(drop {impact['accuracy_drop']:+.4f}, bound {impact['max_accuracy_drop']})" if impact
+               else "INT8 (no evaluation in report.json)")
+        return int8, why
+    if fp32.is_file():
+        return fp32, ("FP32: the INT8 file lost more accuracy than the run allows" if int8.is_file() else "FP32")
+    raise FileNotFoundError(f"no model.onnx or model.int8.onnx in {run_dir}")
+
+
+def pinned_requirements() -> list[str]:
+    out = []
+    for name in RUNTIME_REQUIREMENTS:
+        try:
+            out.append(f"{name}=={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            out.append(name)
+    return out
+
+
+def bundle(source: str | os.PathLike, out: str | os.PathLike, *, force: bool = False) -> dict:
+    """Write the bundle for a run folder (or a single ONNX file) to `out`."""
+    source, out = Path(source), Path(out)
+    if source.is_dir():
+        model, why = choose_model(source)
+    elif source.is_file():
+        model, why = source, "the file given"
+    else:
+        raise FileNotFoundError(f"run folder or model not found: {source}")
+    from edgexfer.runtime.model import EdgeModel
+
+    EdgeModel(model)  # refuses a file without edgexfer metadata before anything is written
+    if out.exists() and not force:
+        raise RuntimeInputError(f"{out} exists; pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    runtime_dir = Path(__file__).resolve().parent
+    import edgexfer
+
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as td:
+        tmp = Path(td) / "bundle"
+        tmp.mkdir()
+        shutil.copy2(model, tmp / model.name)
+        pkg = tmp / "edgexfer"
+        shutil.copytree(runtime_dir, pkg / "runtime", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        (pkg / "__init__.py").write_text(f'"""edgexfer runtime, bundled."""\n__version__ = "{edgexfer.__version__}"\n')
+        shutil.copy2(runtime_dir / "app.py", tmp / "example.py")
+        reqs = pinned_requirements()
+        (tmp / "requirements.txt").write_text("\n".join(reqs) + "\n")
+        (tmp / "README.md").write_text(_readme(model.name, why, reqs))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    return {"out": str(out), "model": model.name, "why": why, "requirements": reqs}
+
+
+def _readme(model: str, why: str, reqs: list[str]) -> str:
+    return f"""# edgexfer bundle: {model}
+
+Chosen: {why}.
+
+    python3 -m venv .venv && .venv/bin/pip install -r requirements.txt
+    .venv/bin/python example.py {model} photo.jpg          # one JSON line per image
+    .venv/bin/python example.py {model} --watch incoming/  # classify images as they arrive
+
+In your own program (with this folder on `sys.path`, or `edgexfer` installed):
+
+    from edgexfer.runtime import EdgeModel
+    model = EdgeModel("{model}", threads=4)
+    model.predict("photo.jpg", top_k=3)
+
+Measure it on the board: `python -m edgexfer.runtime bench {model}` (with this folder as the working
+directory). Requirements: {', '.join(reqs)} — nothing else; no PyTorch.
+"""

@@ -1,0 +1,145 @@
+"""The runtime's commands — `bench`, `predict`, `serve`, `bundle` — with the standard library's argparse, so they
+work on a board with the runtime install alone (numpy, onnxruntime, Pillow).
+
+`edgexfer bench|predict|serve ...` lands here (the training CLI forwards these three), and so does
+`python -m edgexfer.runtime ...`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from edgexfer.runtime.errors import ImageError, MetadataError, RuntimeInputError
+
+COMMANDS = ("bench", "predict", "serve", "bundle")
+log = logging.getLogger("edgexfer")
+
+
+def _ints(s: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(v) for v in s.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+    if not vals or min(vals) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {s!r}")
+    return vals
+
+
+def _pos_int(s: str) -> int:
+    v = int(s)
+    if v < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
+    return v
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="edgexfer", description="edgexfer runtime commands")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("bench", help="latency, throughput, cold start and memory of models, side by side",
+                       description="Benchmark ONNX files (or every ONNX file of run folders), interleaved, with "
+                                   "ratios to the first model. PyTorch eager (from a run folder's checkpoint, when "
+                                   "torch is installed) and OpenVINO (when installed) are measured beside.")
+    b.add_argument("models", nargs="+", help="edgexfer ONNX files or run folders")
+    b.add_argument("--threads", type=_pos_int, default=2, help="intra-op threads (default 2)")
+    b.add_argument("--warmup", type=_pos_int, default=20, help="warm-up calls per model (default 20)")
+    b.add_argument("--iters", type=_pos_int, default=200, help="single-stream rounds (default 200)")
+    b.add_argument("--duration", type=float, default=0.0, help="single-stream seconds instead of --iters")
+    b.add_argument("--batches", type=_ints, default=(1, 8, 32), help="offline throughput batch sizes (default 1,8,32)")
+    b.add_argument("--sweep", type=_ints, default=None, nargs="?", const=(),
+                   help="thread sweep, e.g. --sweep 1,2,4 (bare --sweep: 1..cores)")
+    b.add_argument("--no-cold-start", action="store_true", help="skip the fresh-process cold-start measurement")
+    b.add_argument("--no-reference", action="store_true", help="skip PyTorch and OpenVINO references")
+    b.add_argument("--json", type=Path, help="write the result document (schema edgexfer.bench/1)")
+    b.add_argument("--markdown", type=Path, help="write the table as markdown")
+    b.add_argument("--plot", type=Path, help="write a PNG plot (needs matplotlib)")
+
+    p = sub.add_parser("predict", help="classify images; one JSON line per image")
+    p.add_argument("model", type=Path)
+    p.add_argument("images", nargs="+", type=Path)
+    p.add_argument("--top-k", type=_pos_int, default=3)
+    p.add_argument("--threads", type=_pos_int, default=None)
+    p.add_argument("--provider", action="append", default=None,
+                   help="execution provider to prefer, e.g. CUDAExecutionProvider (repeatable; CPU is the fallback)")
+
+    s = sub.add_parser("serve", help="serve models over HTTP (Open Inference Protocol v2)")
+    s.add_argument("models", nargs="+", type=Path, help="run folders or edgexfer ONNX files")
+    s.add_argument("--host", default=os.environ.get("EDGEXFER_HOST", "127.0.0.1"))
+    s.add_argument("--port", type=int, default=int(os.environ.get("EDGEXFER_PORT", "8000")))
+    s.add_argument("--threads", type=_pos_int, default=None)
+    u = sub.add_parser("bundle", help="what to copy to a board: model, pinned requirements, runtime, example")
+    u.add_argument("source", type=Path, help="run folder (its INT8 file when within the accuracy bound) or ONNX file")
+    u.add_argument("out", type=Path)
+    u.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    return ap
+
+
+def bundle_cmd(a) -> None:
+    from edgexfer.runtime.bundle import bundle
+
+    r = bundle(a.source, a.out, force=a.force)
+    print(f"{r['out']}: {r['model']} ({r['why']}); requirements {', '.join(r['requirements'])}")
+
+
+def bench_cmd(a, references) -> None:
+    from edgexfer.runtime import atomic
+    from edgexfer.runtime.bench import BenchConfig, plot, run_benchmark, to_markdown
+
+    sweep = () if a.sweep is None else (a.sweep or tuple(sorted({1, 2, 4, os.cpu_count() or 1} & set(range(1, (os.cpu_count() or 1) + 1)))))
+    cfg = BenchConfig(threads=a.threads, warmup=a.warmup, iters=a.iters, duration=a.duration, batches=a.batches,
+                      sweep=sweep, cold_start=not a.no_cold_start, openvino=not a.no_reference)
+    res = run_benchmark(a.models, cfg, references=() if a.no_reference else references,
+                        log=lambda s: print(f"==> {s}", file=sys.stderr))
+    md = to_markdown(res)
+    print(md)
+    if a.json:
+        atomic.write_json(a.json, res)
+    if a.markdown:
+        atomic.write_text(a.markdown, md)
+    if a.plot and not plot(res, a.plot):
+        print("note: --plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
+
+
+def predict_cmd(a) -> None:
+    from edgexfer.runtime.model import EdgeModel
+
+    m = EdgeModel(a.model, threads=a.threads, providers=a.provider)
+    for img in a.images:
+        print(json.dumps({"image": str(img), "predictions": m.predict(img, top_k=a.top_k)}))
+
+
+def serve_cmd(a) -> None:
+    from edgexfer.runtime.server import resolve_models, serve
+
+    serve(resolve_models(a.models), host=a.host, port=a.port, threads=a.threads)
+
+
+def main(argv: Sequence[str] | None = None, references=()) -> None:
+    """Run a runtime command; user mistakes print one line and exit 1."""
+    a = parser().parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+        log.setLevel(logging.INFO)
+    try:
+        if a.command == "bench":
+            bench_cmd(a, references)
+        elif a.command == "predict":
+            predict_cmd(a)
+        elif a.command == "bundle":
+            bundle_cmd(a)
+        else:
+            serve_cmd(a)
+    except (FileNotFoundError, MetadataError, ImageError, RuntimeInputError) as e:
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""`edgexfer bundle`: a folder that installs into a fresh venv with the pinned runtime requirements only,
+and whose example program classifies an image."""
+import json
+import os
+import subprocess
+import venv
+
+import pytest
+
+from tests.conftest import run_cli
+
+
+def test_bundle_contents(tiny_run, tmp_path):
+    out = tmp_path / "bundle"
+    run_cli("bundle", tiny_run, out, check=True)
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "edgexfer", "example.py", "model.int8.onnx",
+                                                    "requirements.txt"]
+    reqs = (out / "requirements.txt").read_text().split()
+    assert [r.split("==")[0] for r in reqs] == ["numpy", "onnxruntime", "Pillow"] and all("==" in r for r in reqs)
+    again = run_cli("bundle", tiny_run, out)
+    assert again.returncode == 1 and "exists" in again.stderr
+    run_cli("bundle", tiny_run, out, "--force", check=True)
+
+
+@pytest.mark.skipif(os.environ.get("EDGEXFER_SKIP_VENV_TEST") == "1", reason="EDGEXFER_SKIP_VENV_TEST=1")
+def test_bundle_runs_in_fresh_venv(tiny_run, image_folder, tmp_path):
+    out = tmp_path / "bundle"
+    run_cli("bundle", tiny_run, out, check=True)
+    env_dir = tmp_path / "venv"
+    venv.EnvBuilder(with_pip=True).create(env_dir)
+    py = str(env_dir / "bin" / "python")
+    subprocess.run([py, "-m", "pip", "install", "-q", "--disable-pip-version-check", "-r", str(out / "requirements.txt")],
+                   check=True, capture_output=True, text=True, timeout=900)
+    img = next(image_folder.rglob("*.png"))
+    p = subprocess.run([py, "example.py", "model.int8.onnx", str(img), "--top-k", "2"], cwd=out,
+                       capture_output=True, text=True, check=True)
+    line = json.loads(p.stdout.strip().splitlines()[-1])
+    assert len(line["predictions"]) == 2 and line["predictions"][0]["label"]
+    # the camera-loop shape: watch a folder for a bounded time
+    watch = tmp_path / "incoming"
+    watch.mkdir()
+    (watch / "a.png").write_bytes(img.read_bytes())
+    p = subprocess.run([py, "example.py", "model.int8.onnx", "--watch", str(watch), "--max-seconds", "1"], cwd=out,
+                       capture_output=True, text=True, check=True)
+    assert json.loads(p.stdout.strip().splitlines()[0])["image"].endswith("a.png")
+    # nothing but the runtime requirements was installed
+    freeze = subprocess.run([py, "-m", "pip", "list", "--format=json"], capture_output=True, text=True, check=True)
+    assert "torch" not in {d["name"].lower() for d in json.loads(freeze.stdout)}
