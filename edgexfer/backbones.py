@@ -33,6 +33,7 @@ class BackboneInfo:
     pretrained_on: str = "ImageNet-1k (1.28M photos, 1,000 classes)"
     offline: Callable[[], bool] = field(default=lambda: False)  # are imagenet weights available offline?
     block_attr: str = ""  # attribute holding the ordered blocks, for partial unfreezing
+    export_atol: float = 1e-3  # max abs logit difference allowed between PyTorch and the exported ONNX
 
 
 _REGISTRY: dict[str, BackboneInfo] = {}

@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -60,8 +61,36 @@ def data_options(f):
     return f
 
 
+def quant_options(f):
+    opts = [
+        click.option("--target", type=click.Choice(["host", "avx2", "avx512", "avx512_vnni", "arm64"]), default="host",
+                     show_default=True, help="CPU the INT8 recipe is for (optimum's presets); host: this CPU."),
+        click.option("--calibration-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
+                     show_default=True),
+        click.option("--calibration-samples", type=click.IntRange(min=1), default=200, show_default=True),
+        click.option("--max-accuracy-drop", type=click.FloatRange(0, 1), default=0.01, show_default=True,
+                     help="Accuracy guard: INT8 may lose at most this much (fraction) against FP32."),
+        click.option("--fp16", is_flag=True, help="Also write model.fp16.onnx (half the file; ONNX Runtime's CPU "
+                                                   "provider computes it in FP32, so no faster on CPUs)."),
+        click.option("--dynamic", is_flag=True, help="Also write model.int8-dynamic.onnx (dynamic INT8: no "
+                                                      "calibration, but slow for CNNs)."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def apply_quant_options(cfg, *, target, calibration_method, calibration_samples, max_accuracy_drop, fp16, dynamic):
+    cfg.target = target
+    cfg.quantize = dataclasses.replace(cfg.quantize, calibration_method=calibration_method,
+                                       calibration_samples=calibration_samples)
+    cfg.max_accuracy_drop = max_accuracy_drop
+    cfg.extra_formats = tuple(f for f, on in (("fp16", fp16), ("int8_dynamic", dynamic)) if on)
+    return cfg
+
+
 def build_config(*, data, shots, all_labels, test_size, seed, strict, backbone, weights, image_size, strategy,
-                 epochs, batch_size, lr, threads, calibration_samples=200, max_accuracy_drop=0.01):
+                 epochs, batch_size, lr, threads):
     from edgexfer.backbones import get_backbone_info
     from edgexfer.exporters.quantize import Int8Recipe
     from edgexfer.finetune import TrainConfig
@@ -78,9 +107,8 @@ def build_config(*, data, shots, all_labels, test_size, seed, strict, backbone, 
         model=ModelConfig(backbone=backbone, weights=str(Path(weights).resolve()) if weights not in ("imagenet", "none") else weights,
                           image_size=image_size),
         train=TrainConfig(strategy=strategy, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed),
-        quantize=Int8Recipe(calibration_samples=calibration_samples),
+        quantize=Int8Recipe(),
         bench=BenchConfig(threads=threads),
-        max_accuracy_drop=max_accuracy_drop,
     )
 
 
@@ -105,12 +133,12 @@ def cli(verbose: bool):
 @data_options
 @click.option("--name", default="demo", show_default=True, help="Run folder name under --runs.")
 @click.option("--runs", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"), show_default=True)
-@click.option("--calibration-samples", type=click.IntRange(min=1), default=200, show_default=True)
-@click.option("--max-accuracy-drop", type=click.FloatRange(0, 1), default=0.01, show_default=True)
+@quant_options
 @click.option("--bench-iters", type=click.IntRange(min=1), default=200, show_default=True,
               help="Interleaved batch-1 runs per model in the bench stage.")
 @click.option("--force", is_flag=True, help="Replace an existing run folder made with another configuration.")
-def run(name, runs, force, bench_iters, **kw):
+def run(name, runs, force, bench_iters, target, calibration_method, calibration_samples, max_accuracy_drop, fp16,
+        dynamic, **kw):
     """The whole pipeline: finetune, export, quantize, evaluate, bench -> runs/NAME.
 
     With no options: ImageNet-pretrained EfficientNet-Lite0 on 100 labelled Fashion-MNIST images per
@@ -118,7 +146,9 @@ def run(name, runs, force, bench_iters, **kw):
     """
     from edgexfer import pipeline
 
-    cfg = build_config(**kw)
+    cfg = apply_quant_options(build_config(**kw), target=target, calibration_method=calibration_method,
+                              calibration_samples=calibration_samples, max_accuracy_drop=max_accuracy_drop,
+                              fp16=fp16, dynamic=dynamic)
     cfg.bench.iters = bench_iters
     out = runs / name
 
@@ -144,8 +174,14 @@ def print_headline(out: Path, rep: dict) -> None:
     if ref:
         click.echo(f"  PyTorch eager reference: p50 {ref['latency_ms']['p50']:.2f} ms")
     for c in rep.get("checks", []):
-        mark = click.style("ok", fg="green") if c["ok"] else click.style("NO", fg="red", bold=True)
+        mark = (click.style("--", fg="yellow") if c["ok"] is None else
+                click.style("ok", fg="green") if c["ok"] else click.style("NO", fg="red", bold=True))
         click.echo(f"  [{mark}] {c['name']}: {c['value']} ({c['bound']})")
+    r = rep.get("recommendation")
+    if r:
+        click.secho(f"  Recommended here: {r['file']} ({r['why']})", bold=True)
+        if r.get("note"):
+            click.secho(f"  {r['note']}", fg="yellow")
 
 
 @cli.command()
@@ -161,23 +197,43 @@ def finetune(out, **kw):
 
 @cli.command()
 @run_dir_arg
-@click.option("--atol", type=float, default=1e-3, show_default=True, help="Max abs difference allowed vs PyTorch.")
-def export(run_dir, atol):
-    """RUN_DIR/checkpoint.pt -> RUN_DIR/model.onnx, validated against PyTorch, metadata inside."""
+@click.option("--atol", type=float, default=None, help="Max abs difference allowed vs PyTorch (default: the backbone's).")
+@click.option("--triton-repo", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also write a Triton/KServe model repository here (config.pbtxt + 1/model.onnx).")
+@click.option("--triton-model", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
+              help="Which file of the run folder goes into the repository.")
+@click.option("--max-batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+def export(run_dir, atol, triton_repo, triton_model, max_batch_size):
+    """RUN_DIR/checkpoint.pt -> RUN_DIR/model.onnx (opset 17, dynamic batch), validated against PyTorch,
+    cleaned up with onnxslim when that is smaller or faster, metadata inside."""
     from edgexfer import pipeline
 
     v = pipeline.export(run_dir, atol=atol)
-    click.echo(f"{run_dir}/model.onnx: max abs diff {v['max_abs_diff']:.2e}, top-1 agreement {v['top1_agreement']:.4f}")
+    click.echo(f"{run_dir}/model.onnx: max abs diff {v['max_abs_diff']:.2e} (atol {v['atol']:g}), "
+               f"top-1 agreement {v['top1_agreement']:.4f}")
+    if triton_repo:
+        from edgexfer.exporters.triton import write_triton_repo
+
+        src = pipeline.RunFolder(run_dir).require(pipeline.FILES[triton_model], "quantize")
+        dest = write_triton_repo(src, triton_repo, run_dir.resolve().name, max_batch_size=max_batch_size)
+        click.echo(f"{dest}: Triton model repository entry ({src.name}, max_batch_size {max_batch_size})")
 
 
 @cli.command()
 @run_dir_arg
-def quantize(run_dir):
-    """RUN_DIR/model.onnx -> RUN_DIR/model.int8.onnx (static INT8 QDQ, U8S8, per-channel, reduce_range)."""
+@quant_options
+def quantize(run_dir, **kw):
+    """RUN_DIR/model.onnx -> RUN_DIR/model.int8.onnx: static INT8 QDQ for --target, calibrated on training
+    images, under the accuracy guard (early layers kept in FP32 until the validation drop fits)."""
     from edgexfer import pipeline
 
-    pipeline.quantize(run_dir)
-    click.echo(f"{run_dir}/model.int8.onnx written")
+    run = pipeline.RunFolder(run_dir)
+    cfg = apply_quant_options(run.config(), **kw)
+    rec = pipeline.quantize(run_dir, cfg)
+    run.write_config(cfg)
+    g = rec.get("guard", {})
+    click.echo(f"{run_dir}/model.int8.onnx: target {rec['target']['target']}, "
+               f"{g.get('chosen_fp32_layers', 0)} layers kept in FP32")
 
 
 @cli.command()
@@ -217,6 +273,20 @@ _forward_to_runtime("bundle", "What to copy to a board: RUN_DIR's chosen model, 
                               "runtime itself and an example program, in OUT.")
 _forward_to_runtime("serve", "Serve run folders or ONNX files over HTTP (Open Inference Protocol v2, JSON, "
                              "plus an image endpoint), bound to 127.0.0.1 unless --host says otherwise.")
+
+
+@cli.command()
+@click.argument("models", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def inspect(models, as_json):
+    """Metadata, opset, inputs and outputs, size and operator counts (quantized vs float) of ONNX files."""
+    from edgexfer.exporters.inspect_model import format_text, inspect as inspect_file
+
+    infos = [inspect_file(m) for m in models]
+    if as_json:
+        click.echo(json.dumps(infos if len(infos) > 1 else infos[0], indent=2))
+    else:
+        click.echo("\n\n".join(format_text(i) for i in infos))
 
 
 @cli.command()

@@ -197,7 +197,10 @@ def train(model: EdgeNet, data: Dataset, pp: Preprocessing, cfg: TrainConfig, wo
 
     state_path = work_dir / "train_state.pt"
     cfg_key = json.dumps(asdict(cfg), sort_keys=True)
+    # best_* pick the weights to keep (the probe's included); ft_best and bad drive early stopping, which
+    # compares fine-tuning epochs with each other only: the first epochs often dip below the probe.
     start_epoch, best_acc, best_epoch, best_state, bad = 1, probe_acc if probe_acc is not None else -1.0, 0, None, 0
+    ft_best = -float("inf")
     if probe_acc is not None:
         best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if state_path.is_file():
@@ -207,6 +210,7 @@ def train(model: EdgeNet, data: Dataset, pp: Preprocessing, cfg: TrainConfig, wo
             opt.load_state_dict(st["optimizer"])
             sched.load_state_dict(st["scheduler"])
             start_epoch, best_acc, best_epoch, bad = st["epoch"] + 1, st["best_acc"], st["best_epoch"], st["bad"]
+            ft_best = st.get("ft_best", ft_best)
             best_state = st["best_state"]
             history = json.loads(st["history"])
             log.info("resuming fine-tuning after epoch %d (best val %.4f at epoch %d)", st["epoch"], best_acc, best_epoch)
@@ -246,15 +250,19 @@ def train(model: EdgeNet, data: Dataset, pp: Preprocessing, cfg: TrainConfig, wo
         history.append(rec)
         log.info("epoch %d/%d: loss %.4f, val accuracy %.4f (%.0f s)", epoch, cfg.epochs, rec["train_loss"],
                  val_acc, rec["seconds"])
-        if val_acc > best_acc:
-            best_acc, best_epoch, bad = val_acc, epoch, 0
+        if val_acc >= best_acc:  # ties go to the later, fine-tuned weights
+            best_acc, best_epoch = val_acc, epoch
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if val_acc > ft_best:
+            ft_best, bad = val_acc, 0
         else:
             bad += 1
+            if bad >= cfg.patience:
+                log.info("early stop: no better validation accuracy in %d epochs", bad)
         with atomic.atomic_path(state_path) as tmp:
             torch.save({"cfg_key": cfg_key, "epoch": epoch, "model": model.state_dict(),
                         "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "best_acc": best_acc,
-                        "best_epoch": best_epoch, "bad": bad, "best_state": best_state,
+                        "best_epoch": best_epoch, "bad": bad, "ft_best": ft_best, "best_state": best_state,
                         "history": json.dumps(history)}, tmp)
 
     if best_state is not None:

@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 
 REPORT_SCHEMA = "edgexfer.report/1"
 STAGES = ("finetune", "export", "quantize", "evaluate", "bench")
-FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
+FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.onnx",
+         "int8_dynamic": "model.int8-dynamic.onnx"}
 
 
 # -- configuration -------------------------------------------------------------------------------
@@ -68,6 +69,8 @@ class RunConfig:
     quantize: Any = None          # exporters.quantize.Int8Recipe
     bench: BenchConfig = field(default_factory=BenchConfig)
     max_accuracy_drop: float = 0.01
+    target: str = "host"            # host | avx2 | avx512 | avx512_vnni | arm64 (the INT8 recipe)
+    extra_formats: tuple = ()       # also write "fp16" and/or "int8_dynamic"
 
     def __post_init__(self):
         if self.train is None:
@@ -79,16 +82,21 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return {"edgexfer": __version__, "data": asdict(self.data), "model": asdict(self.model),
-                "train": asdict(self.train), "quantize": asdict(self.quantize), "bench": asdict(self.bench),
-                "max_accuracy_drop": self.max_accuracy_drop}
+                "train": asdict(self.train), "quantize": self.quantize.to_dict(), "bench": asdict(self.bench),
+                "max_accuracy_drop": self.max_accuracy_drop, "target": self.target,
+                "extra_formats": list(self.extra_formats)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
         from edgexfer.exporters.quantize import Int8Recipe
         from edgexfer.finetune import TrainConfig
 
+        q = dict(d["quantize"])
+        q["nodes_to_exclude"] = tuple(q.get("nodes_to_exclude", ()))
+        q["extra_options"] = tuple(q.get("extra_options", {}).items())
         return cls(DataConfig(**d["data"]), ModelConfig(**d["model"]), TrainConfig(**d["train"]),
-                   Int8Recipe(**d["quantize"]), BenchConfig(**d["bench"]), d.get("max_accuracy_drop", 0.01))
+                   Int8Recipe(**q), BenchConfig(**d["bench"]), d.get("max_accuracy_drop", 0.01),
+                   d.get("target", "host"), tuple(d.get("extra_formats", ())))
 
     def training_key(self) -> dict:
         """What determines the checkpoint: a run folder may be resumed only under the same key."""
@@ -257,7 +265,7 @@ def build_meta(cfg: dict, sha: str, metrics: dict | None = None):
 
 
 def export(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | None = None,
-           atol: float = 1e-3) -> dict:
+           atol: float | None = None) -> dict:
     """checkpoint.pt -> model.onnx (dynamic batch, metadata inside), validated against PyTorch."""
     from edgexfer.exporters.onnx_export import export_onnx
     from edgexfer.model import load_checkpoint
@@ -270,6 +278,10 @@ def export(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | No
     split = "val" if len(ws.dataset.val) else "train"
     sample, _ = ws.tensors(split, limit=64)
     meta = build_meta(mcfg, atomic.sha256_file(run.checkpoint))
+    if atol is None:
+        from edgexfer.backbones import get_backbone_info
+
+        atol = get_backbone_info(mcfg["backbone"]).export_atol
     val = export_onnx(model, meta, run.file(FILES["fp32"]), sample, atol=atol)
     val["validated_on"] = f"{len(sample)} {split} images"
     run.update_report(export=val)
@@ -284,32 +296,43 @@ def quantize(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | 
     keeps early layers in FP32 until the INT8 drop is within `max_accuracy_drop`.
     """
     from edgexfer.evaluate import onnx_logits
-    from edgexfer.exporters.quantize import guarded_quantize, quantize_int8
+    from edgexfer.exporters.quantize import (convert_fp16, guarded_quantize, quantize_dynamic_int8, quantize_int8,
+                                             recipe_for)
 
     run = RunFolder(run_dir)
     cfg = cfg or run.config()
     ws = ws or Workspace(run, cfg)
     t0 = time.perf_counter()
     fp32 = run.require(FILES["fp32"], "export")
-    calib, _ = ws.tensors("train", limit=cfg.quantize.calibration_samples)
+    recipe, target = recipe_for(cfg.target, cfg.quantize)
+    if target.get("warning"):
+        log.warning("target %s: %s", target["target"], target["warning"])
+    calib, _ = ws.tensors("train", limit=recipe.calibration_samples)
     xv, yv = ws.tensors("val")
     if len(yv):
         def accuracy(path) -> float:
             return float(np.mean(onnx_logits(path, xv, threads=cfg.bench.threads)[0].argmax(1) == yv))
 
-        rec = guarded_quantize(fp32, run.file(FILES["int8"]), calib, cfg.quantize, accuracy=accuracy,
+        rec = guarded_quantize(fp32, run.file(FILES["int8"]), calib, recipe, accuracy=accuracy,
                                fp32_accuracy=accuracy(fp32), max_drop=cfg.max_accuracy_drop)
-        rec["guard"]["guard_set"] = f"{len(yv)} validation images"
         g = rec["guard"]
+        g["guard_set"] = f"{len(yv)} validation images"
+        g["host_measures_faithfully"] = target["host_measures_faithfully"]
         log.info("accuracy guard: %d of %d weighted layers kept in FP32; validation drop %.4f (bound %.3f)",
                  g["chosen_fp32_layers"], g["quantizable_layers"],
                  g["fp32_accuracy"] - next(c["guard_accuracy"] for c in g["candidates"]
                                            if c["fp32_layers"] == g["chosen_fp32_layers"]), g["max_accuracy_drop"])
     else:
         log.warning("no validation split: quantizing without the accuracy guard")
-        rec = quantize_int8(fp32, run.file(FILES["int8"]), calib, cfg.quantize)
+        rec = quantize_int8(fp32, run.file(FILES["int8"]), calib, recipe)
     rec["calibrated_on"] = f"{len(calib)} train images"
-    run.update_report(quantize=rec)
+    rec["target"] = target
+    out = {"quantize": rec}
+    if "fp16" in cfg.extra_formats:
+        out["quantize_fp16"] = convert_fp16(fp32, run.file(FILES["fp16"]))
+    if "int8_dynamic" in cfg.extra_formats:
+        out["quantize_dynamic"] = quantize_dynamic_int8(fp32, run.file(FILES["int8_dynamic"]))
+    run.update_report(**out)
     run.mark_done("quantize", time.perf_counter() - t0)
     return rec
 

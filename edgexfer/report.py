@@ -11,10 +11,16 @@ def checks(rep: dict, max_drop: float) -> list[dict]:
     out = []
     models = rep.get("models", {})
     fp, q = models.get("fp32", {}), models.get("int8", {})
+    target = rep.get("quantize", {}).get("target", {})
     if "accuracy" in fp and "accuracy" in q:
         drop = fp["accuracy"] - q["accuracy"]
-        out.append({"name": "INT8 accuracy drop vs FP32", "value": round(drop, 4), "bound": f"<= {max_drop}",
-                    "ok": drop <= max_drop})
+        if target.get("host_measures_faithfully", True):
+            out.append({"name": "INT8 accuracy drop vs FP32", "value": round(drop, 4), "bound": f"<= {max_drop}",
+                        "ok": drop <= max_drop})
+        else:
+            out.append({"name": "INT8 accuracy drop vs FP32", "value": f"{drop:.4f} on this host, not the target's",
+                        "bound": f"<= {max_drop} on a {target.get('target')} device", "ok": None,
+                        "note": target.get("warning")})
     if "size_bytes" in fp and "size_bytes" in q:
         r = q["size_bytes"] / fp["size_bytes"]
         out.append({"name": "INT8 file size / FP32", "value": round(r, 3), "bound": "<= 0.35", "ok": r <= 0.35})
@@ -32,6 +38,34 @@ def checks(rep: dict, max_drop: float) -> list[dict]:
     if losing is not None:
         out.append({"name": "classes losing > 3 points to INT8", "value": losing or "none", "bound": "none",
                     "ok": not losing})
+    return out
+
+
+def recommend(rep: dict, max_drop: float) -> dict | None:
+    """The file to ship on this host: fastest p50 among those within the accuracy bound, then smallest."""
+    models = rep.get("models", {})
+    fp = models.get("fp32", {})
+    if "accuracy" not in fp or "latency_ms" not in fp:
+        return None
+    faithful = rep.get("quantize", {}).get("target", {}).get("host_measures_faithfully", True)
+    ok = {k: m for k, m in models.items() if "latency_ms" in m and "accuracy" in m
+          and (k == "fp32" or (faithful and fp["accuracy"] - m["accuracy"] <= max_drop))}
+    best = min(ok, key=lambda k: (round(ok[k]["latency_ms"]["p50"], 2), ok[k]["size_bytes"]))
+    m = ok[best]
+    out = {"model": best, "file": m["file"], "p50_ms": m["latency_ms"]["p50"], "accuracy": m["accuracy"],
+           "size_bytes": m["size_bytes"],
+           "why": f"fastest at batch 1 on this host among files within {max_drop} of FP32 accuracy"}
+    q = models.get("int8", {})
+    if "latency_ms" in q:
+        speedup = fp["latency_ms"]["p50"] / q["latency_ms"]["p50"]
+        out["int8_speedup"] = speedup
+        if speedup <= 1.0:
+            out["note"] = (f"INT8 is not faster than FP32 on this CPU ({speedup:.2f}x at batch 1): ship FP32 here, "
+                           "or benchmark INT8 on the target device (VNNI and ARM dot-product cores gain more)")
+    rejected = sorted(k for k, m in models.items() if "accuracy" in m and k not in ok
+                      and fp["accuracy"] - m["accuracy"] > max_drop)
+    if rejected:
+        out["outside_bound"] = rejected
     return out
 
 
@@ -96,7 +130,16 @@ def report_md(rep: dict) -> str:
                 lines += ["", "Kept in FP32: " + ", ".join(f"`{n}`" for n in g["layers_kept_fp32"]) + "."]
     lines += ["", "## Checks", "", "| check | value | bound | ok |", "|---|---|---|---|"]
     for c in rep.get("checks", []):
-        lines.append(f"| {c['name']} | {c['value']} | {c['bound']} | {'yes' if c['ok'] else '**NO**'} |")
+        ok = "not measurable here" if c["ok"] is None else ("yes" if c["ok"] else "**NO**")
+        lines.append(f"| {c['name']} | {c['value']} | {c['bound']} | {ok} |")
+    r = rep.get("recommendation")
+    if r:
+        lines += ["", f"**Recommended for this host:** `{r['file']}` — {r['why']} (p50 {r['p50_ms']:.2f} ms, accuracy "
+                      f"{r['accuracy']:.4f}, {r['size_bytes'] / 1e6:.2f} MB)." + (f" {r['note']}." if r.get("note") else "")]
+    t = rep.get("quantize", {}).get("target")
+    if t:
+        lines += ["", f"INT8 target: {t['target']} (host: {t['host']}). {t['why']}"
+                  + (f" **Warning:** {t['warning']}." if t.get("warning") else "")]
     lines += ["", per_class_table(rep), "", "![confusion matrix](confusion_matrix.png)",
               "![learning curve](learning_curve.png)", ""]
     return "\n".join(lines)
@@ -164,7 +207,8 @@ def model_card(rep: dict) -> str:
 
 def finalize(run, cfg) -> dict:
     rep = run.report()
-    rep = run.update_report(checks=checks(rep, cfg.max_accuracy_drop))
+    rep = run.update_report(checks=checks(rep, cfg.max_accuracy_drop),
+                            recommendation=recommend(rep, cfg.max_accuracy_drop))
     atomic.write_text(run.file("report.md"), report_md(rep))
     atomic.write_text(run.file("model_card.md"), model_card(rep))
     return rep

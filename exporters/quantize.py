@@ -109,7 +109,8 @@ def quantizable_nodes(fp32_path: str | Path) -> list[str]:
 
 def guarded_quantize(fp32_path: str | Path, out_path: str | Path, calib: np.ndarray, recipe: Int8Recipe, *,
                      accuracy: Callable[[Path], float], fp32_accuracy: float, max_drop: float,
-                     steps: tuple[int, ...] = (0, 1, 2, 4, 8, 12, 16, 24, 32, 48)) -> dict:
+                     steps: tuple[int, ...] = (0, 1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64, 96, 10**6)
+                     ) -> dict:
     """Static INT8 under an accuracy bound: keep the first k weighted layers in FP32 until it holds.
 
     Early layers see raw pixels and are, in CNNs, the most sensitive to 8-bit activations (measured
@@ -141,3 +142,97 @@ def guarded_quantize(fp32_path: str | Path, out_path: str | Path, calib: np.ndar
         "fp32_accuracy": fp32_accuracy, "max_accuracy_drop": max_drop, "candidates": tried,
         "chosen_fp32_layers": row["fp32_layers"], "layers_kept_fp32": list(cand.nodes_to_exclude),
         "within_bound": row["within_bound"], "quantizable_layers": len(nodes)}}
+
+
+# -- targets -------------------------------------------------------------------------------------------
+# The recipes of optimum's AutoQuantizationConfig presets, for static CNN quantization (QDQ):
+# avx2/avx512 with reduce_range (7-bit weights, against VPMADDUBSW saturation on CPUs without VNNI),
+# avx512_vnni and arm64 without it (VPDPBUSD / SDOT do not saturate).
+TARGETS = {
+    "avx2": dict(activation_type="uint8", weight_type="int8", per_channel=True, reduce_range=True),
+    "avx512": dict(activation_type="uint8", weight_type="int8", per_channel=True, reduce_range=True),
+    "avx512_vnni": dict(activation_type="uint8", weight_type="int8", per_channel=True, reduce_range=False),
+    "arm64": dict(activation_type="uint8", weight_type="int8", per_channel=True, reduce_range=False),
+}
+WHY = {
+    "avx2": "U8S8 per-channel with reduce_range: AVX2 without VNNI saturates 8-bit products (VPMADDUBSW); "
+            "7-bit weights avoid it. S8S8 measured slower than FP32 here.",
+    "avx512": "U8S8 per-channel with reduce_range: AVX-512 without VNNI saturates like AVX2.",
+    "avx512_vnni": "U8S8 per-channel, full 8-bit range: VNNI (VPDPBUSD) accumulates without saturation.",
+    "arm64": "U8S8 per-channel, full 8-bit range: ARM dot-product kernels do not saturate.",
+}
+
+
+def host_target(flags: set[str] | None = None, arch: str | None = None) -> str:
+    """The target that describes this machine's CPU."""
+    import platform
+
+    from edgexfer.runtime.machine import cpu_info
+
+    flags = set(cpu_info()["flags"]) if flags is None else flags
+    arch = arch or platform.machine()
+    if arch in ("aarch64", "arm64"):
+        return "arm64"
+    if flags & {"avx512_vnni", "avx_vnni", "amx_int8"}:
+        return "avx512_vnni"
+    if "avx512f" in flags:
+        return "avx512"
+    return "avx2"
+
+
+def recipe_for(target: str, base: Int8Recipe = Int8Recipe()) -> tuple[Int8Recipe, dict]:
+    """The INT8 recipe for `target` (host|avx2|avx512|avx512_vnni|arm64), and whether this host can
+    measure its accuracy faithfully."""
+    host = host_target()
+    resolved = host if target == "host" else target
+    if resolved not in TARGETS:
+        raise ValueError(f"unknown target {target!r}; choose host, {', '.join(TARGETS)}")
+    recipe = dataclasses.replace(base, **TARGETS[resolved])
+    faithful = recipe.reduce_range or host in ("avx512_vnni", "arm64")
+    note = {"target": resolved, "requested": target, "host": host, "why": WHY[resolved],
+            "host_measures_faithfully": faithful}
+    if not faithful:
+        note["warning"] = (f"this {host} host has no VNNI: U8S8 without reduce_range can saturate here, so the "
+                           f"accuracy measured on this host understates what a {resolved} device gets; "
+                           f"measure it on the device (edgexfer bench / evaluate there)")
+    return recipe, note
+
+
+# -- FP16 and dynamic INT8 ----------------------------------------------------------------------------
+
+def convert_fp16(fp32_path: str | Path, out_path: str | Path) -> dict:
+    """FP16 weights and activations with FP32 inputs and outputs. Halves the file; ONNX Runtime's CPU
+    provider computes it in FP32 (casting back), so it is no faster on CPUs — use it for GPU providers."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    t0 = time.perf_counter()
+    meta = read_meta(fp32_path)
+    m16 = convert_float_to_float16(onnx.load(str(fp32_path)), keep_io_types=True)
+    meta = dataclasses.replace(meta, quantization={
+        "format": "fp16", "keep_io_types": True, "source_sha256": atomic.sha256_file(fp32_path),
+        "note": "ONNX Runtime's CPU provider computes FP16 models in FP32: smaller file, same speed on CPU"})
+    save_model(set_props(m16, meta), out_path)
+    return {**meta.quantization, "seconds": time.perf_counter() - t0}
+
+
+def quantize_dynamic_int8(fp32_path: str | Path, out_path: str | Path) -> dict:
+    """Dynamic INT8 (weights int8, activations quantized at run time). No calibration, but slow for CNNs:
+    ONNX Runtime computes each activation's range on every call and quantizes Conv through ConvInteger."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    t0 = time.perf_counter()
+    meta = read_meta(fp32_path)
+    out_path = Path(out_path)
+    with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".dynamic-") as td:
+        pre, q = Path(td) / "pre.onnx", Path(td) / "q.onnx"
+        quant_pre_process(str(fp32_path), str(pre))
+        quantize_dynamic(str(pre), str(q), weight_type=QuantType.QInt8, per_channel=True)
+        meta = dataclasses.replace(meta, quantization={
+            "format": "dynamic", "weight_type": "int8", "per_channel": True,
+            "source_sha256": atomic.sha256_file(fp32_path),
+            "note": "activations quantized at run time: slow for CNNs; prefer static INT8"})
+        save_model(set_props(onnx.load(str(q)), meta), out_path)
+    return {**meta.quantization, "seconds": time.perf_counter() - t0}

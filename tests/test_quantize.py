@@ -1,0 +1,143 @@
+"""Quantization recipes and targets, the accuracy guard, FP16/dynamic files, inspect and the Triton repo."""
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from edgexfer.exporters.quantize import (Int8Recipe, convert_fp16, guarded_quantize, host_target,
+                                         quantize_dynamic_int8, recipe_for)
+from edgexfer.runtime import EdgeModel
+from tests.conftest import run_cli
+
+
+def test_targets_follow_optimum_presets():
+    assert recipe_for("avx2")[0].reduce_range is True
+    assert recipe_for("avx512_vnni")[0].reduce_range is False
+    r, note = recipe_for("arm64")
+    assert (r.activation_type, r.weight_type, r.per_channel, r.reduce_range) == ("uint8", "int8", True, False)
+    assert note["target"] == "arm64" and note["why"]
+    with pytest.raises(ValueError):
+        recipe_for("riscv")
+
+
+def test_host_detection():
+    assert host_target({"avx2", "fma"}, "x86_64") == "avx2"
+    assert host_target({"avx2", "avx512f"}, "x86_64") == "avx512"
+    assert host_target({"avx512f", "avx512_vnni"}, "x86_64") == "avx512_vnni"
+    assert host_target(set(), "aarch64") == "arm64"
+
+
+def test_unfaithful_target_is_said(monkeypatch):
+    import edgexfer.exporters.quantize as q
+
+    monkeypatch.setattr(q, "host_target", lambda *a, **k: "avx2")
+    _, note = recipe_for("avx512_vnni")
+    assert note["host_measures_faithfully"] is False and "VNNI" in note["warning"]
+    from edgexfer.report import checks
+
+    rep = {"models": {"fp32": {"accuracy": 0.9, "size_bytes": 10}, "int8": {"accuracy": 0.8, "size_bytes": 3}},
+           "quantize": {"target": note}}
+    c = next(c for c in checks(rep, 0.01) if c["name"].startswith("INT8 accuracy"))
+    assert c["ok"] is None and "not the target" in c["value"]
+
+
+def test_guard_keeps_layers_in_fp32_until_the_bound_holds(tiny_run, tmp_path):
+    """A real, strict metric — the share of 64 inputs whose logits stay within `tol` of FP32 — with `tol`
+    set between the error of plain INT8 and that of INT8 with every weighted layer in FP32: plain INT8
+    breaks the bound, so the guard must keep layers in FP32, say which, and meet the bound."""
+    from edgexfer.exporters.quantize import quantizable_nodes, quantize_int8
+
+    fp32 = tiny_run / "model.onnx"
+    x = np.random.default_rng(0).standard_normal((64, 3, 64, 64)).astype(np.float32)
+    ref = EdgeModel(fp32).run(x)["label"]
+    calib = np.random.default_rng(1).standard_normal((16, 3, 64, 64)).astype(np.float32)
+    recipe = Int8Recipe(calibration_samples=16)
+
+    def err(path):
+        return float(np.abs(EdgeModel(path).run(x)["label"] - ref).max())
+
+    quantize_int8(fp32, tmp_path / "plain.onnx", calib, recipe)
+    quantize_int8(fp32, tmp_path / "all.onnx", calib,
+                  Int8Recipe(calibration_samples=16, nodes_to_exclude=tuple(quantizable_nodes(fp32))))
+    e_plain, e_all = err(tmp_path / "plain.onnx"), err(tmp_path / "all.onnx")
+    assert e_all < e_plain
+    tol = (e_plain * e_all) ** 0.5 if e_all > 0 else e_plain / 2
+
+    def within_tol(path):
+        return float(np.mean(np.abs(EdgeModel(path).run(x)["label"] - ref).max(1) <= tol))
+
+    out = tmp_path / "g.int8.onnx"
+    rec = guarded_quantize(fp32, out, calib, recipe, accuracy=within_tol, fp32_accuracy=1.0, max_drop=0.0)
+    g = rec["guard"]
+    assert g["candidates"][0]["fp32_layers"] == 0 and g["candidates"][0]["within_bound"] is False
+    assert g["within_bound"] is True and g["chosen_fp32_layers"] > 0
+    assert len(g["layers_kept_fp32"]) == g["chosen_fp32_layers"]
+    assert EdgeModel(out).meta.quantization["nodes_to_exclude"] == g["layers_kept_fp32"]
+    assert within_tol(out) == 1.0
+
+
+def test_fp16_and_dynamic_files(tiny_run, tmp_path):
+    fp32 = tiny_run / "model.onnx"
+    x = np.random.default_rng(2).standard_normal((4, 3, 64, 64)).astype(np.float32)
+    ref = EdgeModel(fp32).run(x)["label"]
+    convert_fp16(fp32, tmp_path / "m.fp16.onnx")
+    quantize_dynamic_int8(fp32, tmp_path / "m.dyn.onnx")
+    h, d = EdgeModel(tmp_path / "m.fp16.onnx"), EdgeModel(tmp_path / "m.dyn.onnx")
+    assert h.meta.quantization["format"] == "fp16" and d.meta.quantization["format"] == "dynamic"
+    assert (tmp_path / "m.fp16.onnx").stat().st_size < 0.55 * fp32.stat().st_size
+    np.testing.assert_allclose(h.run(x)["label"], ref, atol=0.05)
+    assert d.run(x)["label"].shape == ref.shape
+
+
+def test_inspect(tiny_run):
+    p = run_cli("inspect", tiny_run / "model.onnx", tiny_run / "model.int8.onnx", check=True)
+    assert "opset {'ai.onnx': 17" in p.stdout and "labels: blue_ring, green_bar, red_disc" in p.stdout
+    p = run_cli("inspect", "--json", tiny_run / "model.int8.onnx", check=True)
+    info = json.loads(p.stdout)
+    assert info["weighted_ops"]["quantized"] > 0 and info["quant_nodes"] > 0
+    assert info["metadata"]["quantization"]["format"] == "QDQ"
+    assert info["inputs"][0]["shape"] == ["batch", 3, 64, 64]
+    f = json.loads(run_cli("inspect", "--json", tiny_run / "model.onnx", check=True).stdout)
+    assert f["weighted_ops"]["quantized"] == 0 and f["weighted_ops"]["float"] > 0
+
+
+def test_export_cleanup_recorded(tiny_run):
+    rep = json.loads((tiny_run / "report.json").read_text())
+    c = rep["export"]["cleanup"]
+    assert c["tool"].startswith("onnxslim")
+    if c["kept"]:
+        assert c["nodes_after"] <= c["nodes_before"] and c["max_abs_diff"] <= rep["export"]["atol"]
+        assert len(onnx.load(str(tiny_run / "model.onnx")).graph.node) == c["nodes_after"]
+
+
+def test_triton_repository_parses_back(tiny_run, tmp_path):
+    model_config_pb2 = _model_config_pb2()
+    from google.protobuf import text_format
+
+    run_cli("export", tiny_run, "--triton-repo", tmp_path / "repo", "--triton-model", "int8", "--max-batch-size", "16",
+            check=True)
+    entry = tmp_path / "repo" / "tiny"
+    cfg = text_format.Parse((entry / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert cfg.name == "tiny" and cfg.platform == "onnxruntime_onnx" and cfg.max_batch_size == 16
+    assert list(cfg.input[0].dims) == [3, 64, 64] and cfg.input[0].name == "input"
+    assert list(cfg.output[0].dims) == [3] and cfg.output[0].name == "logits"
+    assert cfg.HasField("dynamic_batching")
+    assert (entry / "1" / "model.onnx").read_bytes() == (tiny_run / "model.int8.onnx").read_bytes()
+    assert (entry / cfg.output[0].label_filename).read_text().split() == list(EdgeModel(tiny_run / "model.onnx").labels)
+
+
+def _model_config_pb2():
+    """Triton's own ModelConfig schema, shipped in tritonclient (loaded by file: its grpc package wants grpcio)."""
+    import importlib.util
+
+    tc = pytest.importorskip("tritonclient")
+    from pathlib import Path
+
+    path = Path(tc.__path__[0]) / "grpc" / "model_config_pb2.py"
+    if not path.is_file():
+        pytest.skip("tritonclient without model_config_pb2")
+    spec = importlib.util.spec_from_file_location("triton_model_config_pb2", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
