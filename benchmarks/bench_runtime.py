@@ -97,6 +97,7 @@ def main() -> int:
         return 2
     from edgexfer.runtime.machine import machine_info
 
+    OUT.mkdir(parents=True, exist_ok=True)
     res = {"command": "python benchmarks/bench_runtime.py", "machine": machine_info(),
            "wrapper_overhead": wrapper_overhead(RUN / "model.int8.onnx"),
            "import_cost": import_cost(),

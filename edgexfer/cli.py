@@ -70,6 +70,9 @@ def quant_options(f):
         click.option("--calibration-samples", type=click.IntRange(min=1), default=200, show_default=True),
         click.option("--max-accuracy-drop", type=click.FloatRange(0, 1), default=0.01, show_default=True,
                      help="Accuracy guard: INT8 may lose at most this much (fraction) against FP32."),
+        click.option("--tuner", type=click.Choice(["auto", "inc", "builtin"]), default="auto", show_default=True,
+                     help="Who finds an INT8 file within the bound: Intel Neural Compressor (when `make inc` built "
+                          "it), else the built-in search that keeps early layers in FP32."),
         click.option("--fp16", is_flag=True, help="Also write model.fp16.onnx (half the file; ONNX Runtime's CPU "
                                                    "provider computes it in FP32, so no faster on CPUs)."),
         click.option("--dynamic", is_flag=True, help="Also write model.int8-dynamic.onnx (dynamic INT8: no "
@@ -80,8 +83,9 @@ def quant_options(f):
     return f
 
 
-def apply_quant_options(cfg, *, target, calibration_method, calibration_samples, max_accuracy_drop, fp16, dynamic):
-    cfg.target = target
+def apply_quant_options(cfg, *, target, calibration_method, calibration_samples, max_accuracy_drop, tuner, fp16,
+                        dynamic):
+    cfg.target, cfg.tuner = target, tuner
     cfg.quantize = dataclasses.replace(cfg.quantize, calibration_method=calibration_method,
                                        calibration_samples=calibration_samples)
     cfg.max_accuracy_drop = max_accuracy_drop
@@ -137,8 +141,8 @@ def cli(verbose: bool):
 @click.option("--bench-iters", type=click.IntRange(min=1), default=200, show_default=True,
               help="Interleaved batch-1 runs per model in the bench stage.")
 @click.option("--force", is_flag=True, help="Replace an existing run folder made with another configuration.")
-def run(name, runs, force, bench_iters, target, calibration_method, calibration_samples, max_accuracy_drop, fp16,
-        dynamic, **kw):
+def run(name, runs, force, bench_iters, target, calibration_method, calibration_samples, max_accuracy_drop, tuner,
+        fp16, dynamic, **kw):
     """The whole pipeline: finetune, export, quantize, evaluate, bench -> runs/NAME.
 
     With no options: ImageNet-pretrained EfficientNet-Lite0 on 100 labelled Fashion-MNIST images per
@@ -148,7 +152,7 @@ def run(name, runs, force, bench_iters, target, calibration_method, calibration_
 
     cfg = apply_quant_options(build_config(**kw), target=target, calibration_method=calibration_method,
                               calibration_samples=calibration_samples, max_accuracy_drop=max_accuracy_drop,
-                              fp16=fp16, dynamic=dynamic)
+                              tuner=tuner, fp16=fp16, dynamic=dynamic)
     cfg.bench.iters = bench_iters
     out = runs / name
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
@@ -70,6 +71,7 @@ class RunConfig:
     bench: BenchConfig = field(default_factory=BenchConfig)
     max_accuracy_drop: float = 0.01
     target: str = "host"            # host | avx2 | avx512 | avx512_vnni | arm64 (the INT8 recipe)
+    tuner: str = "auto"             # auto | inc | builtin: who searches for an INT8 file within the bound
     extra_formats: tuple = ()       # also write "fp16" and/or "int8_dynamic"
 
     def __post_init__(self):
@@ -83,7 +85,7 @@ class RunConfig:
     def to_dict(self) -> dict:
         return {"edgexfer": __version__, "data": asdict(self.data), "model": asdict(self.model),
                 "train": asdict(self.train), "quantize": self.quantize.to_dict(), "bench": asdict(self.bench),
-                "max_accuracy_drop": self.max_accuracy_drop, "target": self.target,
+                "max_accuracy_drop": self.max_accuracy_drop, "target": self.target, "tuner": self.tuner,
                 "extra_formats": list(self.extra_formats)}
 
     @classmethod
@@ -96,7 +98,7 @@ class RunConfig:
         q["extra_options"] = tuple(q.get("extra_options", {}).items())
         return cls(DataConfig(**d["data"]), ModelConfig(**d["model"]), TrainConfig(**d["train"]),
                    Int8Recipe(**q), BenchConfig(**d["bench"]), d.get("max_accuracy_drop", 0.01),
-                   d.get("target", "host"), tuple(d.get("extra_formats", ())))
+                   d.get("target", "host"), d.get("tuner", "auto"), tuple(d.get("extra_formats", ())))
 
     def training_key(self) -> dict:
         """What determines the checkpoint: a run folder may be resumed only under the same key."""
@@ -313,15 +315,21 @@ def quantize(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | 
         def accuracy(path) -> float:
             return float(np.mean(onnx_logits(path, xv, threads=cfg.bench.threads)[0].argmax(1) == yv))
 
-        rec = guarded_quantize(fp32, run.file(FILES["int8"]), calib, recipe, accuracy=accuracy,
-                               fp32_accuracy=accuracy(fp32), max_drop=cfg.max_accuracy_drop)
+        fp32_acc = accuracy(fp32)
+        rec = _inc_quantize(run, cfg, fp32, recipe, calib, xv, yv, fp32_acc, accuracy) if cfg.tuner != "builtin" else None
+        if rec is None or not rec["guard"]["within_bound"]:
+            inc = rec["guard"].get("inc") if rec else None
+            rec = guarded_quantize(fp32, run.file(FILES["int8"]), calib, recipe, accuracy=accuracy,
+                                   fp32_accuracy=fp32_acc, max_drop=cfg.max_accuracy_drop)
+            rec["guard"]["tuner"] = "built-in: early layers kept in FP32"
+            if inc:
+                rec["guard"]["inc"] = inc
         g = rec["guard"]
         g["guard_set"] = f"{len(yv)} validation images"
         g["host_measures_faithfully"] = target["host_measures_faithfully"]
-        log.info("accuracy guard: %d of %d weighted layers kept in FP32; validation drop %.4f (bound %.3f)",
-                 g["chosen_fp32_layers"], g["quantizable_layers"],
-                 g["fp32_accuracy"] - next(c["guard_accuracy"] for c in g["candidates"]
-                                           if c["fp32_layers"] == g["chosen_fp32_layers"]), g["max_accuracy_drop"])
+        log.info("accuracy guard (%s): %d of %d weighted layers kept in FP32; validation accuracy %.4f vs FP32 %.4f "
+                 "(bound %.3f)", g["tuner"], g["chosen_fp32_layers"], g["quantizable_layers"],
+                 g["shipped_accuracy"], g["fp32_accuracy"], g["max_accuracy_drop"])
     else:
         log.warning("no validation split: quantizing without the accuracy guard")
         rec = quantize_int8(fp32, run.file(FILES["int8"]), calib, recipe)
@@ -335,6 +343,50 @@ def quantize(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | 
     run.update_report(**out)
     run.mark_done("quantize", time.perf_counter() - t0)
     return rec
+
+
+def _inc_quantize(run, cfg, fp32, recipe, calib, xv, yv, fp32_acc, accuracy) -> dict | None:
+    """Intel Neural Compressor's accuracy-driven tuning (isolated interpreter), re-measured here with
+    ONNX Runtime; None when INC is not available."""
+    import tempfile
+
+    from edgexfer.exporters.inc import inc_python, inc_tune
+    from edgexfer.exporters.quantize import finish_tuned, quantizable_nodes
+
+    if inc_python() is None:
+        if cfg.tuner == "inc":
+            log.warning("--tuner inc: onnx-neural-compressor is not available (make inc); using the built-in search")
+        return None
+    log.info("accuracy guard: tuning with Intel Neural Compressor")
+    with tempfile.TemporaryDirectory(dir=run.path, prefix=".inc-") as td:
+        tuned = Path(td) / "tuned.onnx"
+        res = inc_tune(fp32, tuned, calib, xv, yv, input_name="input", recipe=recipe, fp32_accuracy=fp32_acc,
+                       max_drop=cfg.max_accuracy_drop)
+        guard = {"tuner": "Intel Neural Compressor (onnx-neural-compressor autotune)", "inc": res,
+                 "fp32_accuracy": fp32_acc, "max_accuracy_drop": cfg.max_accuracy_drop, "within_bound": False,
+                 "candidates": [{"inc_trial": i, "guard_accuracy": a, "drop": fp32_acc - a,
+                                 "within_bound": fp32_acc - a <= cfg.max_accuracy_drop + 1e-9}
+                                for i, a in enumerate(res.get("trial_accuracies", [])[1:])]}
+        if not res["tuned"]:
+            log.info("INC: %s", res.get("reason"))
+            return {"guard": guard}
+        final = Path(td) / "final.onnx"
+        finish_tuned(tuned, fp32, final, recipe, res)
+        acc = accuracy(final)  # the accuracy that counts: ONNX Runtime, here, on the file that ships
+        nodes = quantizable_nodes(fp32)
+        from edgexfer.exporters.inspect_model import inspect
+
+        info = inspect(final)
+        guard.update(shipped_accuracy=acc, within_bound=fp32_acc - acc <= cfg.max_accuracy_drop + 1e-9,
+                     quantizable_layers=len(nodes), chosen_fp32_layers=info["weighted_ops"]["float"],
+                     layers_kept_fp32=info["weighted_ops"]["float_names"])
+        if guard["within_bound"]:
+            os.replace(final, run.file(FILES["int8"]))
+        else:
+            log.info("INC's pick scored %.4f here against FP32 %.4f: over the bound", acc, fp32_acc)
+        from edgexfer.exporters.metadata_io import read_meta
+
+        return {**(read_meta(run.file(FILES["int8"])).quantization if guard["within_bound"] else {}), "guard": guard}
 
 
 def evaluate(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | None = None) -> dict:
@@ -366,7 +418,7 @@ def evaluate(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | 
         drop = models["fp32"]["accuracy"] - models["int8"]["accuracy"]
         out["quantization_impact"] = {
             "accuracy_drop": drop,
-            "within_bound": drop <= cfg.max_accuracy_drop,
+            "within_bound": drop <= cfg.max_accuracy_drop + 1e-9,
             "max_accuracy_drop": cfg.max_accuracy_drop,
             "top1_agreement_int8_vs_fp32": float(np.mean(preds["fp32"] == preds["int8"])),
             "size_ratio": models["int8"]["size_bytes"] / models["fp32"]["size_bytes"],

@@ -16,7 +16,7 @@ def checks(rep: dict, max_drop: float) -> list[dict]:
         drop = fp["accuracy"] - q["accuracy"]
         if target.get("host_measures_faithfully", True):
             out.append({"name": "INT8 accuracy drop vs FP32", "value": round(drop, 4), "bound": f"<= {max_drop}",
-                        "ok": drop <= max_drop})
+                        "ok": drop <= max_drop + 1e-9})
         else:
             out.append({"name": "INT8 accuracy drop vs FP32", "value": f"{drop:.4f} on this host, not the target's",
                         "bound": f"<= {max_drop} on a {target.get('target')} device", "ok": None,
@@ -49,7 +49,7 @@ def recommend(rep: dict, max_drop: float) -> dict | None:
         return None
     faithful = rep.get("quantize", {}).get("target", {}).get("host_measures_faithfully", True)
     ok = {k: m for k, m in models.items() if "latency_ms" in m and "accuracy" in m
-          and (k == "fp32" or (faithful and fp["accuracy"] - m["accuracy"] <= max_drop))}
+          and (k == "fp32" or (faithful and fp["accuracy"] - m["accuracy"] <= max_drop + 1e-9))}
     best = min(ok, key=lambda k: (round(ok[k]["latency_ms"]["p50"], 2), ok[k]["size_bytes"]))
     m = ok[best]
     out = {"model": best, "file": m["file"], "p50_ms": m["latency_ms"]["p50"], "accuracy": m["accuracy"],
@@ -63,7 +63,7 @@ def recommend(rep: dict, max_drop: float) -> dict | None:
             out["note"] = (f"INT8 is not faster than FP32 on this CPU ({speedup:.2f}x at batch 1): ship FP32 here, "
                            "or benchmark INT8 on the target device (VNNI and ARM dot-product cores gain more)")
     rejected = sorted(k for k, m in models.items() if "accuracy" in m and k not in ok
-                      and fp["accuracy"] - m["accuracy"] > max_drop)
+                      and fp["accuracy"] - m["accuracy"] > max_drop + 1e-9)
     if rejected:
         out["outside_bound"] = rejected
     return out
@@ -120,12 +120,16 @@ def report_md(rep: dict) -> str:
                   f"{q.get('calibration_method')} calibration on {q.get('calibrated_on')}."]
         g = q.get("guard")
         if g:
-            lines += ["", f"Accuracy guard (on {g.get('guard_set')}, bound {g['max_accuracy_drop']}): "
-                          f"{g['chosen_fp32_layers']} of {g['quantizable_layers']} weighted layers kept in FP32"
-                          + ("" if g["within_bound"] else " — **no candidate met the bound**") + ".", "",
-                      "| layers kept FP32 | guard accuracy | drop | within bound |", "|---|---|---|---|"]
-            lines += [f"| {c['fp32_layers']} | {c['guard_accuracy']:.4f} | {c['drop']:+.4f} | {c['within_bound']} |"
-                      for c in g["candidates"]]
+            lines += ["", f"Accuracy guard ({g.get('tuner', 'built-in')}; on {g.get('guard_set')}, bound "
+                          f"{g['max_accuracy_drop']}): {g['chosen_fp32_layers']} of {g['quantizable_layers']} weighted "
+                          "layers kept in FP32" + ("" if g["within_bound"] else " — **no candidate met the bound**")
+                      + ".", "", "| candidate | guard accuracy | drop | within bound |", "|---|---|---|---|"]
+            inc = g.get("inc") or {}
+            lines += [f"| INC trial {i + 1} | {a:.4f} | {g['fp32_accuracy'] - a:+.4f} | "
+                      f"{g['fp32_accuracy'] - a <= g['max_accuracy_drop'] + 1e-9} |"
+                      for i, a in enumerate(inc.get("trial_accuracies", [])[1:])]
+            lines += [f"| {c['fp32_layers']} layers FP32 | {c['guard_accuracy']:.4f} | {c['drop']:+.4f} | "
+                      f"{c['within_bound']} |" for c in g["candidates"] if "fp32_layers" in c]
             if g["layers_kept_fp32"]:
                 lines += ["", "Kept in FP32: " + ", ".join(f"`{n}`" for n in g["layers_kept_fp32"]) + "."]
     lines += ["", "## Checks", "", "| check | value | bound | ok |", "|---|---|---|---|"]

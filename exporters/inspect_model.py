@@ -46,7 +46,8 @@ def inspect(path: str | Path) -> dict:
         weights[onnx.TensorProto.DataType.Name(t.data_type).lower()] += n
     return {
         "file": str(path), "size_bytes": path.stat().st_size,
-        "opset": {(o.domain or "ai.onnx"): o.version for o in m.opset_import},
+        "opset": {(o.domain or "ai.onnx"): o.version for o in m.opset_import
+                  if not o.domain or o.domain in {n.domain for n in m.graph.node}},  # the domains in use
         "ir_version": m.ir_version, "producer": f"{m.producer_name} {m.producer_version}".strip(),
         "inputs": [{"name": t.name, "shape": _dims(t), "dtype": onnx.TensorProto.DataType.Name(t.type.tensor_type.elem_type)}
                    for t in m.graph.input if t.name not in {i.name for i in m.graph.initializer}],

@@ -81,7 +81,9 @@ def export_onnx(model, meta: ModelMeta, out_path: str | Path, sample: np.ndarray
         export_s = time.perf_counter() - t0
         proto = onnx.load(str(raw))
         onnx.checker.check_model(proto)
-        proto.producer_name = "edgexfer"
+        from edgexfer import __version__
+
+        proto.producer_name, proto.producer_version = "edgexfer", __version__
         set_props(proto, meta)
         onnx.save_model(proto, str(checked))
         with torch.no_grad():

@@ -129,7 +129,8 @@ def guarded_quantize(fp32_path: str | Path, out_path: str | Path, calib: np.ndar
             info = quantize_int8(fp32_path, path, calib, cand)
             acc = accuracy(path)
             row = {"fp32_layers": k, "guard_accuracy": acc, "drop": fp32_accuracy - acc,
-                   "within_bound": fp32_accuracy - acc <= max_drop, "seconds": info["seconds"]}
+                   "within_bound": fp32_accuracy - acc <= max_drop + 1e-9,  # one image at the bound is in
+                   "seconds": info["seconds"]}
             tried.append(row)
             if best is None or acc > best[0]["guard_accuracy"]:
                 best = (row, path, cand)
@@ -141,6 +142,7 @@ def guarded_quantize(fp32_path: str | Path, out_path: str | Path, calib: np.ndar
     return {**read_meta(out_path).quantization, "guard": {
         "fp32_accuracy": fp32_accuracy, "max_accuracy_drop": max_drop, "candidates": tried,
         "chosen_fp32_layers": row["fp32_layers"], "layers_kept_fp32": list(cand.nodes_to_exclude),
+        "shipped_accuracy": row["guard_accuracy"],
         "within_bound": row["within_bound"], "quantizable_layers": len(nodes)}}
 
 
@@ -236,3 +238,14 @@ def quantize_dynamic_int8(fp32_path: str | Path, out_path: str | Path) -> dict:
             "note": "activations quantized at run time: slow for CNNs; prefer static INT8"})
         save_model(set_props(onnx.load(str(q)), meta), out_path)
     return {**meta.quantization, "seconds": time.perf_counter() - t0}
+
+
+def finish_tuned(tuned_path: str | Path, fp32_path: str | Path, out_path: str | Path, recipe: Int8Recipe,
+                 tuner: dict) -> None:
+    """Give a file quantized by another tool (INC) the FP32 file's metadata plus the recipe and tuner."""
+    import onnx
+
+    meta = read_meta(fp32_path)
+    meta = dataclasses.replace(meta, quantization={**recipe.to_dict(), "tuner": tuner.get("tuner"),
+                                                    "source_sha256": atomic.sha256_file(fp32_path)})
+    save_model(set_props(onnx.load(str(tuned_path)), meta), out_path)

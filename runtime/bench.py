@@ -261,8 +261,8 @@ def to_markdown(res: dict) -> str:
         thr = " | ".join(f"{r['throughput_img_s'][str(b)]:.0f}" for b in res["config"]["batches"])
         lines.append(f"| {name} | {r['backend']} | {size} | {lat['p50']:.2f} | {lat['p90']:.2f} | {lat['p99']:.2f} | "
                      f"{lat['max']:.2f} | {r['p50_ratio_to_first']:.2f} | {thr} | "
-                     f"{cs.get('session_ready_s', float('nan')):.2f} | {cs.get('first_result_s', float('nan')):.2f} | "
-                     f"{cs.get('peak_rss_mb', float('nan')):.0f} |")
+                     f"{_opt(cs.get('session_ready_s'), 2)} | {_opt(cs.get('first_result_s'), 2)} | "
+                     f"{_opt(cs.get('peak_rss_mb'), 0)} |")
     sweeps = {n: r["thread_sweep_p50_ms"] for n, r in res["models"].items() if "thread_sweep_p50_ms" in r}
     if sweeps:
         ts = list(next(iter(sweeps.values())))
@@ -270,6 +270,10 @@ def to_markdown(res: dict) -> str:
                   "|---|" + "---|" * len(ts)]
         lines += [f"| {n} | " + " | ".join(f"{s[t]:.2f}" for t in ts) + " |" for n, s in sweeps.items()]
     return "\n".join(lines) + "\n"
+
+
+def _opt(v, nd: int) -> str:
+    return "" if v is None else f"{v:.{nd}f}"
 
 
 def plot(res: dict, path) -> bool:

@@ -141,3 +141,28 @@ def _model_config_pb2():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def test_inc_tuning_or_fallback(tiny_run, tmp_path):
+    """With onnx-neural-compressor available (`make inc`), INC's autotune searches first; the file that
+    ships is re-measured with ONNX Runtime and must be within the bound, whoever found it."""
+    import shutil
+
+    from edgexfer.exporters.inc import inc_python
+
+    if inc_python() is None:
+        pytest.skip("onnx-neural-compressor not available (make inc)")
+    run = tmp_path / "tiny"
+    shutil.copytree(tiny_run, run)
+    run_cli("quantize", run, "--tuner", "inc", "--calibration-samples", "16", check=True)
+    rep = json.loads((run / "report.json").read_text())
+    g = rep["quantize"]["guard"]
+    assert g["inc"]["tuner"].startswith("onnx-neural-compressor") and g["inc"]["returncode"] == 0
+    assert len(g["inc"]["trial_accuracies"]) >= 2  # INC's FP32 baseline and at least one candidate
+    assert g["within_bound"] and g["fp32_accuracy"] - g["shipped_accuracy"] <= g["max_accuracy_drop"] + 1e-9
+    if g["inc"]["tuned"]:
+        assert "Neural Compressor" in g["tuner"]
+    q = EdgeModel(run / "model.int8.onnx").meta.quantization
+    assert q["format"] == "QDQ"
+    info = json.loads(run_cli("inspect", "--json", run / "model.int8.onnx", check=True).stdout)
+    assert info["weighted_ops"]["quantized"] > 0

@@ -71,3 +71,13 @@ def test_threads_and_graph_optimisation(tiny_run):
     a = EdgeModel(tiny_run / "model.onnx", threads=1, graph_optimization="disable").run(x)["label"]
     b = EdgeModel(tiny_run / "model.onnx", threads=2, graph_optimization="all").run(x)["label"]
     np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_embedding_example_runs(tiny_run, image_folder):
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "embed.py"
+    img = next(image_folder.rglob("*.png"))
+    p = subprocess.run([sys.executable, str(example), str(tiny_run / "model.int8.onnx"), str(img)],
+                       capture_output=True, text=True, check=True)
+    assert "classes: blue_ring, green_bar, red_disc" in p.stdout and "{'label': (4, 3)}" in p.stdout
