@@ -64,6 +64,7 @@ class TrainResult:
     train_seconds: float
     probe_seconds: float | None
     history: list[dict] = field(default_factory=list)
+    resumed_after_epoch: int | None = None
 
 
 def tensorize(split: Split, pp: Preprocessing, desc: str = "preprocess") -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,6 +202,7 @@ def train(model: EdgeNet, data: Dataset, pp: Preprocessing, cfg: TrainConfig, wo
     # compares fine-tuning epochs with each other only: the first epochs often dip below the probe.
     start_epoch, best_acc, best_epoch, best_state, bad = 1, probe_acc if probe_acc is not None else -1.0, 0, None, 0
     ft_best = -float("inf")
+    resumed = None
     if probe_acc is not None:
         best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if state_path.is_file():
@@ -213,6 +215,7 @@ def train(model: EdgeNet, data: Dataset, pp: Preprocessing, cfg: TrainConfig, wo
             ft_best = st.get("ft_best", ft_best)
             best_state = st["best_state"]
             history = json.loads(st["history"])
+            resumed = st["epoch"]
             log.info("resuming fine-tuning after epoch %d (best val %.4f at epoch %d)", st["epoch"], best_acc, best_epoch)
         else:
             log.info("ignoring %s: made with another training config", state_path)
@@ -268,4 +271,5 @@ def train(model: EdgeNet, data: Dataset, pp: Preprocessing, cfg: TrainConfig, wo
     if best_state is not None:
         model.load_state_dict(best_state)
     model.to("cpu").eval()
-    return TrainResult(cfg.strategy, best_epoch, best_acc, probe_acc, time.perf_counter() - t_start, probe_s, history)
+    return TrainResult(cfg.strategy, best_epoch, best_acc, probe_acc, time.perf_counter() - t_start, probe_s, history,
+                       resumed)

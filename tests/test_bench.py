@@ -10,7 +10,8 @@ def test_runtime_bench_document(tiny_run, tmp_path):
     out = tmp_path / "b.json"
     p = subprocess.run([sys.executable, "-m", "edgexfer.runtime", "bench", str(tiny_run / "model.onnx"),
                         str(tiny_run / "model.int8.onnx"), "--iters", "5", "--warmup", "2", "--batches", "1,4",
-                        "--sweep", "1,2", "--no-reference", "--json", str(out), "--markdown", str(tmp_path / "b.md")],
+                        "--sweep", "1,2", "--no-reference", "--json", str(out), "--markdown", str(tmp_path / "b.md"),
+                        "--plot", str(tmp_path / "b.png")],
                        capture_output=True, text=True, check=True)
     res = json.loads(out.read_text())
     assert res["schema"] == "edgexfer.bench/1"
@@ -28,6 +29,7 @@ def test_runtime_bench_document(tiny_run, tmp_path):
     assert first["p50_ratio_to_first"] == 1.0
     assert second["quantization"]["format"] == "QDQ"
     assert "| model.int8.onnx |" in (tmp_path / "b.md").read_text() and "| model.int8.onnx |" in p.stdout
+    assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_bench_run_folder_adds_pytorch_reference(tiny_run, tmp_path):

@@ -166,3 +166,14 @@ def test_inc_tuning_or_fallback(tiny_run, tmp_path):
     assert q["format"] == "QDQ"
     info = json.loads(run_cli("inspect", "--json", run / "model.int8.onnx", check=True).stdout)
     assert info["weighted_ops"]["quantized"] > 0
+
+
+@pytest.mark.parametrize("method", ["entropy", "percentile"])
+def test_histogram_calibration_methods(tiny_run, tmp_path, method):
+    from edgexfer.exporters.quantize import quantize_int8
+
+    calib = np.random.default_rng(4).standard_normal((8, 3, 64, 64)).astype(np.float32)
+    rec = quantize_int8(tiny_run / "model.onnx", tmp_path / "q.onnx", calib,
+                        Int8Recipe(calibration_method=method, calibration_samples=8))
+    assert rec["calibration_method"] == method and rec["calibration_samples"] == 8
+    assert EdgeModel(tmp_path / "q.onnx").run(calib[:2])["label"].shape == (2, 3)
