@@ -55,6 +55,9 @@ def data_options(f):
         click.option("--lr", type=float, default=3e-4, show_default=True, help="Peak learning rate (AdamW)."),
         click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True,
                      help="Threads for evaluation and benchmarks."),
+        click.option("--compare-scratch", is_flag=True,
+                     help="Also train the same network from random init with the same budget; the report says "
+                          "how much the pretrained start beat it, and flags negative transfer."),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -94,7 +97,7 @@ def apply_quant_options(cfg, *, target, calibration_method, calibration_samples,
 
 
 def build_config(*, data, shots, all_labels, test_size, seed, strict, backbone, weights, image_size, strategy,
-                 epochs, batch_size, lr, threads):
+                 epochs, batch_size, lr, threads, compare_scratch=False):
     from edgexfer.backbones import get_backbone_info
     from edgexfer.exporters.quantize import Int8Recipe
     from edgexfer.finetune import TrainConfig
@@ -110,7 +113,8 @@ def build_config(*, data, shots, all_labels, test_size, seed, strict, backbone, 
                         test_size=test_size, seed=seed, strict=strict),
         model=ModelConfig(backbone=backbone, weights=str(Path(weights).resolve()) if weights not in ("imagenet", "none") else weights,
                           image_size=image_size),
-        train=TrainConfig(strategy=strategy, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed),
+        train=TrainConfig(strategy=strategy, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                          scratch_baseline=compare_scratch),
         quantize=Int8Recipe(),
         bench=BenchConfig(threads=threads),
     )

@@ -49,6 +49,7 @@ class TrainConfig:
     augment: bool = True
     patience: int = 4               # early stopping on validation accuracy
     seed: int = 0
+    scratch_baseline: bool = False  # also train the same network from random init, same budget
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:

@@ -33,6 +33,10 @@ def checks(rep: dict, max_drop: float) -> list[dict]:
         r = fp["latency_ms"]["p50"] / q["latency_ms"]["p50"]
         out.append({"name": "INT8 speed-up over FP32 (p50, batch 1)", "value": round(r, 2), "bound": "> 1.0",
                     "ok": r > 1.0})
+    tr = rep.get("transfer")
+    if tr:
+        out.append({"name": "pretrained beats scratch (test, points)", "value": tr["gain_points"], "bound": "> 0",
+                    "ok": not tr["negative_transfer"]})
     impact = rep.get("quantization_impact", {})
     losing = impact.get("classes_losing_more_than", {}).get("classes")
     if losing is not None:
@@ -88,6 +92,12 @@ def report_md(rep: dict) -> str:
     if t:
         lines += [f"Training: validation accuracy {_f(t.get('val_accuracy'))} (best epoch {t.get('best_epoch')}), "
                   f"{t.get('train_seconds', 0):.0f} s; linear probe alone {_f(t.get('probe_val_accuracy'))}.", ""]
+    tr = rep.get("transfer")
+    if tr:
+        lines += [("**NEGATIVE TRANSFER:** " if tr["negative_transfer"] else "") +
+                  f"Pretrained start {tr['pretrained_test_accuracy']:.4f} vs the same network from scratch "
+                  f"{tr['scratch_test_accuracy']:.4f} with the same budget ({tr['gain_points']:+.1f} points, "
+                  f"{tr['measured_with']}).", ""]
     lines += ["## Models", "", "| model | file | size (MB) | test accuracy | macro-F1 | p50 ms | p90 ms | p99 ms | img/s (batch) |",
               "|---|---|---|---|---|---|---|---|---|"]
     rows = list(models.items())
@@ -186,6 +196,13 @@ def model_card(rep: dict) -> str:
         per_class_table(rep), "",
         "## Quantization impact", "",
     ]
+    tr = rep.get("transfer")
+    if tr:
+        lines[lines.index("## Quantization impact"):lines.index("## Quantization impact")] = [
+            "## Transfer", "",
+            ("**Negative transfer:** " if tr["negative_transfer"] else "") +
+            f"the pretrained start scored {tr['pretrained_test_accuracy']:.4f}, the same network trained from scratch "
+            f"with the same budget {tr['scratch_test_accuracy']:.4f} ({tr['gain_points']:+.1f} points).", ""]
     if impact:
         losing = impact["classes_losing_more_than"]["classes"]
         lines += [f"INT8 changed accuracy by {-100 * impact['accuracy_drop']:+.2f} points overall; "

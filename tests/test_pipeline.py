@@ -99,3 +99,15 @@ def test_stage_commands(tiny_run, tmp_path):
                 "--no-reference", "--batches", "1", "--json", tmp_path / "b.json", check=True)
     res = json.loads((tmp_path / "b.json").read_text())
     assert set(res["models"]) == {"model.onnx", "model.int8.onnx"} and "cpu" in res["machine"]
+
+
+def test_scratch_baseline_is_measured(image_folder, tmp_path):
+    p = run_cli("finetune", "--data", image_folder, "--out", tmp_path / "r", "--image-size", "64", "--epochs", "1",
+                "--batch-size", "16", "--shots", "20", "--compare-scratch", check=True)
+    rep = json.loads((tmp_path / "r" / "report.json").read_text())
+    t = rep["transfer"]
+    assert 0 <= t["scratch_test_accuracy"] <= 1 and 0 <= t["pretrained_test_accuracy"] <= 1
+    assert t["gain_points"] == round(100 * (t["pretrained_test_accuracy"] - t["scratch_test_accuracy"]), 2)
+    assert t["negative_transfer"] == (t["gain_points"] <= 0)
+    assert ("NEGATIVE TRANSFER" in p.stderr) == t["negative_transfer"]
+    assert not (tmp_path / "r" / "scratch").exists()
