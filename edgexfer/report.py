@@ -83,7 +83,7 @@ def _pct(x: float) -> str:
 
 def report_md(rep: dict) -> str:
     d, b, models = rep.get("data", {}), rep.get("backbone", {}), rep.get("models", {})
-    lines = [f"# edgexfer run report", "",
+    lines = ["# edgexfer run report", "",
              f"Data: `{d.get('source')}` — {len(d.get('classes', []))} classes; train {d.get('train')}, "
              f"val {d.get('val')}, test {d.get('test')}.",
              f"Backbone: `{b.get('name')}` ({b.get('weights')} weights), strategy `{b.get('strategy')}`, "

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 

@@ -6,7 +6,6 @@ EDGEXFER_SKIP_VENV_TEST=1 to skip it locally.
 import json
 import os
 import subprocess
-import sys
 import venv
 from pathlib import Path
 

@@ -3,7 +3,6 @@ import json
 
 import numpy as np
 import onnx
-import pytest
 
 from edgexfer.runtime import EdgeModel
 from edgexfer.runtime.metadata import META_KEY

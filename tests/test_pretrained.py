@@ -1,5 +1,4 @@
 """The default backbone's ImageNet weights really loaded: scikit-image's photos get their classes."""
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
