@@ -10,8 +10,8 @@ COPY pyproject.toml README.md ./
 COPY edgexfer ./edgexfer
 COPY exporters ./exporters
 COPY runtime ./runtime
-# The base install is the runtime: no torch, no onnx, no training toolchain.
-RUN pip install --disable-pip-version-check . && rm -rf /src
+# The runtime and its HTTP server (starlette + uvicorn): no torch, no onnx, no training toolchain.
+RUN pip install --disable-pip-version-check ".[serve]" && rm -rf /src
 
 RUN useradd --create-home --uid 10001 edge
 USER edge

@@ -72,6 +72,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default=os.environ.get("EDGEXFER_HOST", "127.0.0.1"))
     s.add_argument("--port", type=int, default=int(os.environ.get("EDGEXFER_PORT", "8000")))
     s.add_argument("--threads", type=_pos_int, default=None)
+    s.add_argument("--server", choices=("auto", "uvicorn", "stdlib"), default="auto",
+                   help="uvicorn: starlette + uvicorn with dynamic batching and the binary tensor extension "
+                        "(pip install 'edgexfer[serve]'); stdlib: the standard library's, JSON only; "
+                        "auto: uvicorn when installed")
+    s.add_argument("--max-batch-size", type=_pos_int, default=32, help="dynamic batching (uvicorn server)")
+    s.add_argument("--max-queue-delay-ms", type=float, default=2.0, help="dynamic batching (uvicorn server)")
     u = sub.add_parser("bundle", help="what to copy to a board: model, pinned requirements, runtime, example")
     u.add_argument("source", type=Path, help="run folder (its INT8 file when within the accuracy bound) or ONNX file")
     u.add_argument("out", type=Path)
@@ -116,7 +122,19 @@ def predict_cmd(a) -> None:
 def serve_cmd(a) -> None:
     from edgexfer.runtime.server import resolve_models, serve
 
-    serve(resolve_models(a.models), host=a.host, port=a.port, threads=a.threads)
+    kind = a.server
+    if kind == "auto":
+        import importlib.util
+
+        kind = "uvicorn" if all(importlib.util.find_spec(m) for m in ("starlette", "uvicorn")) else "stdlib"
+    models = resolve_models(a.models)
+    if kind == "uvicorn":
+        from edgexfer.runtime.oip import BatchConfig, serve as serve_oip
+
+        serve_oip(models, host=a.host, port=a.port, threads=a.threads,
+                  batch=BatchConfig(max_batch_size=a.max_batch_size, max_queue_delay_ms=a.max_queue_delay_ms))
+    else:
+        serve(models, host=a.host, port=a.port, threads=a.threads)
 
 
 def main(argv: Sequence[str] | None = None, references=()) -> None:

@@ -1,0 +1,300 @@
+"""Open Inference Protocol (KServe v2 REST) over `EdgeModel`, on starlette + uvicorn, with dynamic batching.
+
+    edgexfer serve runs/demo --server uvicorn        # needs: pip install "edgexfer[serve]"
+
+Speaks JSON tensors and the binary tensor extension (tritonclient's default: an
+`Inference-Header-Content-Length` header, the JSON header, then raw little-endian bytes), so
+tritonclient and KServe tooling work unchanged. Requests for one model are batched up to
+`max_batch_size` or `max_queue_delay_ms` (Triton's meaning of both); inference runs off the event loop
+in one worker thread per model; each request gets exactly its own rows back. A full queue answers 503
+with Retry-After, a body over the limit 413, a malformed request 400, an unknown model 404.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgexfer.runtime.errors import ImageError, RuntimeInputError
+from edgexfer.runtime.model import EdgeModel
+
+log = logging.getLogger(__name__)
+
+HEADER_LEN = "Inference-Header-Content-Length"
+MAX_BODY = 16 * 1024 * 1024
+DTYPES = {"FP32": np.float32}
+
+
+class QueueFull(Exception):
+    pass
+
+
+@dataclass
+class BatchConfig:
+    max_batch_size: int = 32
+    max_queue_delay_ms: float = 2.0
+    max_queue: int = 256           # pending requests per model before 503
+    timeout_s: float = 30.0        # per request
+
+
+class DynamicBatcher:
+    """Collects requests for one model into batches (size or delay bound), runs them off the loop."""
+
+    def __init__(self, model: EdgeModel, cfg: BatchConfig):
+        self.model, self.cfg = model, cfg
+        self.queue: asyncio.Queue | None = None
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgexfer-infer")
+        self.task: asyncio.Task | None = None
+        self.batch_sizes: list[int] = []
+
+    def start(self) -> None:
+        self.queue = asyncio.Queue(maxsize=self.cfg.max_queue)
+        self.task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self.task:
+            while self.queue is not None and not self.queue.empty():  # answer what was accepted
+                await asyncio.sleep(0.01)
+            self.task.cancel()
+        self.pool.shutdown(wait=True)
+
+    async def submit(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        fut = asyncio.get_running_loop().create_future()
+        try:
+            self.queue.put_nowait((x, fut))
+        except asyncio.QueueFull:
+            raise QueueFull from None
+        return await asyncio.wait_for(fut, self.cfg.timeout_s)
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            items = [await self.queue.get()]
+            rows = len(items[0][0])
+            deadline = loop.time() + self.cfg.max_queue_delay_ms / 1e3
+            while rows < self.cfg.max_batch_size:
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                try:
+                    nxt = await asyncio.wait_for(self.queue.get(), left)
+                except asyncio.TimeoutError:
+                    break
+                items.append(nxt)
+                rows += len(nxt[0])
+            live = [(x, f) for x, f in items if not f.done()]
+            if not live:
+                continue
+            xb = np.concatenate([x for x, _ in live])
+            self.batch_sizes.append(len(xb))
+            try:
+                outs = await loop.run_in_executor(self.pool, self.model.run, xb)
+            except Exception as e:  # one bad batch must not stop the loop
+                for _, f in live:
+                    if not f.done():
+                        f.set_exception(e)
+                continue
+            start = 0
+            for x, f in live:
+                n = len(x)
+                if not f.done():
+                    f.set_result({k: v[start:start + n] for k, v in outs.items()})
+                start += n
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.headers = status, headers or {}
+
+
+def parse_infer(body: bytes, header_len: str | None, model: EdgeModel) -> tuple[np.ndarray, dict, bool]:
+    """(input array, request JSON, whether outputs go back as binary) from a v2 infer body."""
+    try:
+        n = int(header_len) if header_len is not None else len(body)
+        req = json.loads(body[:n] or b"{}")
+    except (ValueError, json.JSONDecodeError) as e:
+        raise HTTPError(400, f"malformed JSON: {e}") from None
+    raw = memoryview(body)[n:]
+    inputs = req.get("inputs") if isinstance(req, dict) else None
+    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
+        raise HTTPError(400, "expected {'inputs': [one tensor]}")
+    t = inputs[0]
+    if t.get("name") not in (None, model.input_name):
+        raise HTTPError(400, f"unknown input {t.get('name')!r}; the model's input is {model.input_name!r}")
+    dtype = DTYPES.get(t.get("datatype"))
+    if dtype is None:
+        raise HTTPError(400, f"datatype must be FP32, got {t.get('datatype')!r}")
+    try:
+        shape = [int(s) for s in t["shape"]]
+        size = (t.get("parameters") or {}).get("binary_data_size")
+        if size is not None:
+            if int(size) > len(raw):
+                raise ValueError(f"binary_data_size {size} exceeds the {len(raw)} bytes sent")
+            x = np.frombuffer(raw[:int(size)], dtype="<f4").reshape(shape)
+        else:
+            x = np.asarray(t["data"], dtype=dtype).reshape(shape)
+    except (KeyError, TypeError, ValueError) as e:
+        raise HTTPError(400, f"bad tensor: {e}") from None
+    if x.ndim != 4 or tuple(x.shape[1:]) != model.input_shape:
+        raise HTTPError(400, f"expected shape [N, {', '.join(map(str, model.input_shape))}], got {list(x.shape)}")
+    wanted = req.get("outputs") or []
+    binary = bool((req.get("parameters") or {}).get("binary_data_output")) or any(
+        (o.get("parameters") or {}).get("binary_data") for o in wanted if isinstance(o, dict))
+    return np.ascontiguousarray(x, dtype=np.float32), req, binary
+
+
+def infer_response(name: str, req: dict, model: EdgeModel, outs: dict[str, np.ndarray], binary: bool
+                   ) -> tuple[bytes, dict]:
+    wanted = {o.get("name") for o in (req.get("outputs") or []) if isinstance(o, dict)}
+    tensors, blobs = [], []
+    for task in model.meta.tasks:
+        if wanted and task.output not in wanted:
+            continue
+        a = np.ascontiguousarray(outs[task.name], dtype="<f4")
+        entry = {"name": task.output, "datatype": "FP32", "shape": list(a.shape)}
+        if binary:
+            entry["parameters"] = {"binary_data_size": a.nbytes}
+            blobs.append(a.tobytes())
+        else:
+            entry["data"] = a.ravel().tolist()
+        tensors.append(entry)
+    head = json.dumps({"model_name": name, "model_version": "1", "id": req.get("id", ""), "outputs": tensors}).encode()
+    if not binary:
+        return head, {"content-type": "application/json"}
+    return head + b"".join(blobs), {"content-type": "application/octet-stream", HEADER_LEN: str(len(head))}
+
+
+def create_app(models: dict[str, Path], *, threads: int | None = None, batch: BatchConfig = BatchConfig()):
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Route
+
+    from edgexfer.runtime.server import ModelServer
+
+    ms = ModelServer(models, threads)
+    batchers = {n: DynamicBatcher(m, batch) for n, m in ms.models.items()}
+    stats = {"requests": 0, "errors": 0}
+
+    async def body_of(request: Request) -> bytes:
+        n = int(request.headers.get("content-length") or 0)
+        if n > MAX_BODY:
+            raise HTTPError(413, f"body of {n} bytes exceeds {MAX_BODY}")
+        data = await request.body()
+        if len(data) > MAX_BODY:
+            raise HTTPError(413, f"body exceeds {MAX_BODY} bytes")
+        return data
+
+    def guard(handler):
+        async def wrapped(request: Request):
+            stats["requests"] += 1
+            try:
+                return await handler(request)
+            except HTTPError as e:
+                stats["errors"] += 1
+                return JSONResponse({"error": str(e)}, e.status, headers=e.headers)
+            except QueueFull:
+                stats["errors"] += 1
+                return JSONResponse({"error": "queue full"}, 503, headers={"Retry-After": "1"})
+            except asyncio.TimeoutError:
+                stats["errors"] += 1
+                return JSONResponse({"error": "inference timed out"}, 504)
+            except Exception as e:  # never let one request take the server down
+                stats["errors"] += 1
+                log.exception("internal error")
+                return JSONResponse({"error": f"internal error: {type(e).__name__}"}, 500)
+        return wrapped
+
+    def model_of(request: Request) -> tuple[str, EdgeModel]:
+        name = request.path_params["model"]
+        try:
+            return name, ms.model(name)
+        except Exception:
+            raise HTTPError(404, f"unknown model {name!r}; serving {sorted(ms.models)}") from None
+
+    async def live(request):
+        return JSONResponse({"live": True})
+
+    async def ready(request):
+        return JSONResponse({"ready": True})
+
+    async def server_meta(request):
+        from edgexfer import __version__
+        return JSONResponse({"name": "edgexfer", "version": __version__, "extensions": ["binary_tensor_data"]})
+
+    async def model_meta(request):
+        name, _ = model_of(request)
+        return JSONResponse(ms.metadata(name))
+
+    async def model_ready(request):
+        name, _ = model_of(request)
+        return JSONResponse({"name": name, "ready": True})
+
+    async def infer(request):
+        name, model = model_of(request)
+        x, req, binary = parse_infer(await body_of(request), request.headers.get(HEADER_LEN), model)
+        outs = await batchers[name].submit(x)
+        data, headers = infer_response(name, req, model, outs, binary)
+        return Response(data, 200, headers=headers)
+
+    async def classify(request):
+        name, model = model_of(request)
+        data = await body_of(request)
+        try:
+            x = model.preprocess(data)
+        except (ImageError, RuntimeInputError) as e:
+            raise HTTPError(400, str(e)) from None
+        outs = await batchers[name].submit(x)
+        from edgexfer.runtime.model import softmax
+        preds = {}
+        for t in model.meta.tasks:
+            p = softmax(outs[t.name][0].astype(np.float32))
+            idx = np.argsort(-p)[:5]
+            preds[t.name] = [{"label": t.labels[j], "index": int(j), "score": float(p[j])} for j in idx]
+        return JSONResponse({"model": name, "predictions": preds[model.meta.tasks[0].name]
+                             if len(preds) == 1 else preds})
+
+    async def metrics(request):
+        lines = ["# TYPE edgexfer_requests_total counter", f"edgexfer_requests_total {stats['requests']}",
+                 "# TYPE edgexfer_errors_total counter", f"edgexfer_errors_total {stats['errors']}"]
+        for n, b in batchers.items():
+            lines += [f'edgexfer_queue_depth{{model="{n}"}} {b.queue.qsize() if b.queue else 0}',
+                      f'edgexfer_batches_total{{model="{n}"}} {len(b.batch_sizes)}',
+                      f'edgexfer_batched_rows_total{{model="{n}"}} {sum(b.batch_sizes)}']
+        return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        for b in batchers.values():
+            b.start()
+        yield
+        for b in batchers.values():  # graceful shutdown: answer every accepted request first
+            await b.stop()
+
+    g = guard
+    routes = [
+        Route("/v2/health/live", g(live)), Route("/v2/health/ready", g(ready)), Route("/v2", g(server_meta)),
+        Route("/v2/models/{model}", g(model_meta)), Route("/v2/models/{model}/ready", g(model_ready)),
+        Route("/v2/models/{model}/infer", g(infer), methods=["POST"]),
+        Route("/v2/models/{model}/classify", g(classify), methods=["POST"]),
+        Route("/metrics", g(metrics)),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.batchers = batchers
+    return app
+
+
+def serve(models: dict[str, Path], host: str = "127.0.0.1", port: int = 8000, threads: int | None = None,
+          batch: BatchConfig = BatchConfig()) -> None:
+    import uvicorn
+
+    uvicorn.run(create_app(models, threads=threads, batch=batch), host=host, port=port, log_level="info",
+                timeout_graceful_shutdown=30)
