@@ -122,7 +122,12 @@ class EdgeModel:
         return a dict task -> that list.
         """
         batch = _is_batch(images)
-        logits = self.run(self.preprocess(images))
+        results = self.decode(self.run(self.preprocess(images)), top_k)
+        return results if batch else results[0]
+
+    def decode(self, logits: dict[str, np.ndarray], top_k: int = 5) -> list:
+        """Raw logits per task (as `run` returns them) -> per image, top-k {label, index, score}
+        (single-task) or a dict task -> that list (multi-task)."""
         results = [dict() for _ in range(next(iter(logits.values())).shape[0])]
         for task in self.meta.tasks:
             probs = softmax(logits[task.name].astype(np.float32))
@@ -134,7 +139,7 @@ class EdgeModel:
                 ]
         if len(self.meta.tasks) == 1:
             results = [r[self.meta.tasks[0].name] for r in results]
-        return results if batch else results[0]
+        return results
 
     def __repr__(self) -> str:
         return f"EdgeModel({self.path or '<bytes>'}, tasks={[t.name for t in self.meta.tasks]}, providers={self.providers})"

@@ -253,14 +253,7 @@ def create_app(models: dict[str, Path], *, threads: int | None = None, batch: Ba
         except (ImageError, RuntimeInputError) as e:
             raise HTTPError(400, str(e)) from None
         outs = await batchers[name].submit(x)
-        from edgexfer.runtime.model import softmax
-        preds = {}
-        for t in model.meta.tasks:
-            p = softmax(outs[t.name][0].astype(np.float32))
-            idx = np.argsort(-p)[:5]
-            preds[t.name] = [{"label": t.labels[j], "index": int(j), "score": float(p[j])} for j in idx]
-        return JSONResponse({"model": name, "predictions": preds[model.meta.tasks[0].name]
-                             if len(preds) == 1 else preds})
+        return JSONResponse({"model": name, "predictions": model.decode(outs, top_k=5)[0]})
 
     async def metrics(request):
         lines = ["# TYPE edgexfer_requests_total counter", f"edgexfer_requests_total {stats['requests']}",

@@ -124,3 +124,15 @@ def test_serve_command_starts_and_stops_on_sigterm(tiny_run):
     # uvicorn shuts down gracefully, then re-raises SIGTERM so the exit status tells how it ended
     assert p.returncode in (0, -signal.SIGTERM), out[-2000:]
     assert "Application shutdown complete" in out
+
+
+def test_classify_image(oip, tiny_run, image_folder):
+    import json
+    import urllib.request
+
+    url, _ = oip
+    img = next(image_folder.rglob("*.png"))
+    with urllib.request.urlopen(urllib.request.Request(f"http://{url}/v2/models/tiny/classify",
+                                                       data=img.read_bytes()), timeout=10) as r:
+        out = json.loads(r.read())
+    assert out["predictions"][0] == EdgeModel(tiny_run / "model.int8.onnx").predict(img)[0]
