@@ -74,7 +74,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=_pos_int, default=None)
     s.add_argument("--server", choices=("auto", "uvicorn", "stdlib"), default="auto",
                    help="uvicorn: starlette + uvicorn with dynamic batching and the binary tensor extension "
-                        "(pip install 'edgexfer[serve]'); stdlib: the standard library's, JSON only; "
+                        "(pip install 'edgexfer[serve]'); stdlib: the standard library's, no batching; "
                         "auto: uvicorn when installed")
     s.add_argument("--max-batch-size", type=_pos_int, default=32, help="dynamic batching (uvicorn server)")
     s.add_argument("--max-queue-delay-ms", type=float, default=2.0, help="dynamic batching (uvicorn server)")

@@ -1,6 +1,7 @@
-"""A small HTTP server over `EdgeModel`, speaking the Open Inference Protocol (KServe v2) in JSON.
-
-Standard library only, so it runs on the board with the runtime install. Endpoints:
+"""A small HTTP server over `EdgeModel`, speaking the Open Inference Protocol (KServe v2): JSON tensors
+and the binary tensor extension (`edgexfer.runtime.protocol`), one request at a time per thread, no
+batching. Standard library only, so it runs on the board with the runtime install; `oip.py` is the
+batching server for when starlette and uvicorn are installed. Endpoints:
 
     GET  /v2/health/live   /v2/health/ready   /v2   /v2/models/{m}   /v2/models/{m}/ready
     POST /v2/models/{m}/infer      {"inputs": [{"name", "shape", "datatype": "FP32", "data"}]}
@@ -18,22 +19,15 @@ import re
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import numpy as np
 
 from edgexfer.runtime.errors import ImageError, RuntimeInputError
 from edgexfer.runtime.model import EdgeModel
+from edgexfer.runtime.protocol import HEADER_LEN, MAX_BODY, HTTPError, infer_response, model_metadata, parse_infer
 
 log = logging.getLogger(__name__)
 
-MAX_BODY = 16 * 1024 * 1024
 _ROUTE = re.compile(r"^/v2/models/(?P<model>[^/]+)(?:/versions/[^/]+)?(?P<rest>/ready|/infer|/classify)?$")
 PREFERRED_FILES = ("model.int8.onnx", "model.onnx", "model.fp16.onnx")
-
-
-class HTTPError(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
 
 
 def resolve_models(paths) -> dict[str, Path]:
@@ -64,36 +58,13 @@ class ModelServer:
             raise HTTPError(404, f"unknown model {name!r}; serving {sorted(self.models)}") from None
 
     def metadata(self, name: str) -> dict:
-        m = self.model(name)
-        return {
-            "name": name, "versions": ["1"], "platform": "onnxruntime_onnx",
-            "inputs": [{"name": m.input_name, "datatype": "FP32", "shape": [-1, *m.input_shape]}],
-            "outputs": [{"name": t.output, "datatype": "FP32", "shape": [-1, len(t.labels)]} for t in m.meta.tasks],
-            "parameters": {"edgexfer": m.meta.to_dict()},
-        }
+        return model_metadata(name, self.model(name))
 
-    def infer(self, name: str, body: dict) -> dict:
+    def infer(self, name: str, body: bytes, header_len: str | None) -> tuple[bytes, dict]:
+        """A v2 infer body (JSON, or the binary tensor extension) -> response bytes and headers."""
         m = self.model(name)
-        inputs = body.get("inputs") if isinstance(body, dict) else None
-        if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
-            raise HTTPError(400, "expected {'inputs': [one tensor]}")
-        t = inputs[0]
-        if t.get("datatype") != "FP32":
-            raise HTTPError(400, f"datatype must be FP32, got {t.get('datatype')!r}")
-        try:
-            shape = [int(s) for s in t["shape"]]
-            x = np.asarray(t["data"], dtype=np.float32).reshape(shape)
-        except (KeyError, TypeError, ValueError) as e:
-            raise HTTPError(400, f"bad tensor: {e}") from None
-        try:
-            outs = m.run(x)
-        except RuntimeInputError as e:
-            raise HTTPError(400, str(e)) from None
-        return {
-            "model_name": name, "model_version": "1", "id": body.get("id", ""),
-            "outputs": [{"name": task.output, "datatype": "FP32", "shape": list(outs[task.name].shape),
-                         "data": outs[task.name].ravel().tolist()} for task in m.meta.tasks],
-        }
+        x, req, binary = parse_infer(body, header_len, m)
+        return infer_response(name, req, m, m.run(x), binary)
 
     def classify(self, name: str, data: bytes, top_k: int = 5) -> dict:
         m = self.model(name)
@@ -112,9 +83,12 @@ class ModelServer:
                 log.info("%s %s", self.address_string(), fmt % args)
 
             def _send(self, status: int, obj) -> None:
-                data = json.dumps(obj).encode()
+                """`obj`: a JSON-able value, or (bytes, headers) already encoded."""
+                data, headers = obj if isinstance(obj, tuple) else (json.dumps(obj).encode(),
+                                                                     {"content-type": "application/json"})
                 self.send_response(status)
-                self.send_header("Content-Type", "application/json")
+                for k, v in headers.items():
+                    self.send_header(k, v)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
@@ -140,7 +114,7 @@ class ModelServer:
                     return {"live": True} if path.endswith("live") else {"ready": True}
                 if method == "GET" and path == "/v2":
                     from edgexfer import __version__
-                    return {"name": "edgexfer", "version": __version__, "extensions": []}
+                    return {"name": "edgexfer", "version": __version__, "extensions": ["binary_tensor_data"]}
                 r = _ROUTE.match(path)
                 if not r:
                     raise HTTPError(404, f"no route {method} {path}")
@@ -151,11 +125,7 @@ class ModelServer:
                     server.model(name)
                     return {"name": name, "ready": True}
                 if method == "POST" and rest == "/infer":
-                    try:
-                        body = json.loads(self._body() or b"{}")
-                    except json.JSONDecodeError as e:
-                        raise HTTPError(400, f"malformed JSON: {e}") from None
-                    return server.infer(name, body)
+                    return server.infer(name, self._body(), self.headers.get(HEADER_LEN))
                 if method == "POST" and rest == "/classify":
                     return server.classify(name, self._body())
                 raise HTTPError(405 if rest else 404, f"no route {method} {path}")

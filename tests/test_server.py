@@ -80,3 +80,15 @@ def test_bad_requests(server, path, data, status):
     st, out = call(server + path, data)
     assert st == status and out["error"]
     assert call(f"{server}/v2/health/ready")[0] == 200  # still up
+
+
+def test_tritonclient_binary_against_stdlib_server(server, tiny_run):
+    """The standard-library server shares the protocol code: tritonclient's binary mode works there too."""
+    httpclient = pytest.importorskip("tritonclient.http")
+    m = EdgeModel(tiny_run / "model.int8.onnx")
+    x = np.random.default_rng(5).standard_normal((3, 3, 64, 64)).astype(np.float32)
+    client = httpclient.InferenceServerClient(server.removeprefix("http://"))
+    inp = httpclient.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x, binary_data=True)
+    res = client.infer("tiny", [inp], outputs=[httpclient.InferRequestedOutput("logits", binary_data=True)])
+    np.testing.assert_allclose(res.as_numpy("logits"), m.run(x)["label"], atol=1e-5)
