@@ -42,7 +42,7 @@ def test_bench_run_folder_adds_pytorch_reference(tiny_run, tmp_path):
 
 
 def test_bench_duration_mode(tiny_run, tmp_path):
-    p = subprocess.run([sys.executable, "-m", "edgexfer.runtime", "bench", str(tiny_run / "model.int8.onnx"),
+    subprocess.run([sys.executable, "-m", "edgexfer.runtime", "bench", str(tiny_run / "model.int8.onnx"),
                         "--duration", "0.5", "--batches", "1", "--no-cold-start", "--no-reference",
                         "--json", str(tmp_path / "d.json")], capture_output=True, text=True, check=True)
     res = json.loads((tmp_path / "d.json").read_text())
