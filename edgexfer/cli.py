@@ -266,10 +266,11 @@ def _forward_to_runtime(name: str, help_text: str):
                  context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
     @click.argument("args", nargs=-1, type=click.UNPROCESSED)
     def forward(args):
+        from edgexfer.heldout import test_split
         from edgexfer.pipeline import pytorch_reference
         from edgexfer.runtime.cli import main as runtime_main
 
-        runtime_main([name, *args], references=[pytorch_reference])
+        runtime_main([name, *args], references=[pytorch_reference], held_out=test_split)
 
     return forward
 
@@ -279,6 +280,11 @@ _forward_to_runtime("bench", "Latency, throughput, cold start and memory of ONNX
 _forward_to_runtime("predict", "Classify images with an edgexfer ONNX file; one JSON line per image.")
 _forward_to_runtime("bundle", "What to copy to a board: RUN_DIR's chosen model, pinned runtime requirements, the "
                               "runtime itself and an example program, in OUT.")
+_forward_to_runtime("compare", "`edgexfer bench --json` results from several machines (a laptop, a Pi, a Jetson) in "
+                               "one table and plot, keyed by the machine info each carries.")
+_forward_to_runtime("verify", "Run RUN_DIR's models (or an ONNX file) under emulated arm64 (qemu, needs root) on a "
+                              "sample of held-out images: top-1 agreement with this host, max abs difference, "
+                              "arm64-measured accuracy. `edgexfer verify -h` for options.")
 _forward_to_runtime("serve", "Serve run folders or ONNX files over HTTP (Open Inference Protocol v2, JSON, "
                              "plus an image endpoint), bound to 127.0.0.1 unless --host says otherwise.")
 

@@ -6,6 +6,9 @@
       edgexfer/            the runtime package itself (pure Python), so nothing else needs installing
       example.py           an application embedding it (classify images, or watch a folder)
       README.md            how to install and run it
+      wheels/              with --arch arm64: aarch64 wheels (CPython 3.11, manylinux_2_28: Debian bookworm,
+                           Raspberry Pi OS bookworm) of the requirements and their dependencies, so the
+                           board installs with no network: pip install --no-index --find-links wheels -r requirements.txt
 
 Standard library only; written to a temporary folder beside OUT, then renamed.
 """
@@ -49,8 +52,9 @@ def pinned_requirements() -> list[str]:
     return out
 
 
-def bundle(source: str | os.PathLike, out: str | os.PathLike, *, force: bool = False) -> dict:
-    """Write the bundle for a run folder (or a single ONNX file) to `out`."""
+def bundle(source: str | os.PathLike, out: str | os.PathLike, *, force: bool = False, arch: str = "host") -> dict:
+    """Write the bundle for a run folder (or a single ONNX file) to `out`; `arch="arm64"` adds the
+    aarch64 wheels of the pinned requirements (downloaded with pip from the package index)."""
     source, out = Path(source), Path(out)
     if source.is_dir():
         model, why = choose_model(source)
@@ -77,19 +81,30 @@ def bundle(source: str | os.PathLike, out: str | os.PathLike, *, force: bool = F
         shutil.copy2(runtime_dir / "app.py", tmp / "example.py")
         reqs = pinned_requirements()
         (tmp / "requirements.txt").write_text("\n".join(reqs) + "\n")
-        (tmp / "README.md").write_text(_readme(model.name, why, reqs))
+        wheels = []
+        if arch == "arm64":
+            from edgexfer.runtime.emulate import download_wheels
+
+            wheels = [p.name for p in download_wheels(tmp / "wheels", reqs)]
+        elif arch != "host":
+            raise RuntimeInputError(f"unknown --arch {arch!r}; choose host or arm64")
+        (tmp / "README.md").write_text(_readme(model.name, why, reqs, arch))
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
-    return {"out": str(out), "model": model.name, "why": why, "requirements": reqs}
+    return {"out": str(out), "model": model.name, "why": why, "requirements": reqs, "arch": arch, "wheels": wheels}
 
 
-def _readme(model: str, why: str, reqs: list[str]) -> str:
+def _readme(model: str, why: str, reqs: list[str], arch: str = "host") -> str:
+    install = ("python3 -m venv .venv && .venv/bin/pip install --no-index --find-links wheels -r requirements.txt"
+               if arch == "arm64" else "python3 -m venv .venv && .venv/bin/pip install -r requirements.txt")
+    board = ("\nFor arm64 boards with CPython 3.11 (Debian bookworm, Raspberry Pi OS bookworm): `wheels/` holds every "
+             "package, so the install needs no network.\n" if arch == "arm64" else "")
     return f"""# edgexfer bundle: {model}
 
 Chosen: {why}.
-
-    python3 -m venv .venv && .venv/bin/pip install -r requirements.txt
+{board}
+    {install}
     .venv/bin/python example.py {model} photo.jpg          # one JSON line per image
     .venv/bin/python example.py {model} --watch incoming/  # classify images as they arrive
 

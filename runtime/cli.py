@@ -1,4 +1,4 @@
-"""The runtime's commands — `bench`, `predict`, `serve`, `bundle` — with the standard library's argparse, so they
+"""The runtime's commands — `bench`, `predict`, `serve`, `bundle`, `compare`, `verify` — with the standard library's argparse, so they
 work on a board with the runtime install alone (numpy, onnxruntime, Pillow).
 
 `edgexfer bench|predict|serve ...` lands here (the training CLI forwards these three), and so does
@@ -16,7 +16,7 @@ from typing import Sequence
 
 from edgexfer.runtime.errors import ImageError, MetadataError, RuntimeInputError
 
-COMMANDS = ("bench", "predict", "serve", "bundle")
+COMMANDS = ("bench", "predict", "serve", "bundle", "compare", "verify")
 log = logging.getLogger("edgexfer")
 
 
@@ -82,14 +82,42 @@ def parser() -> argparse.ArgumentParser:
     u.add_argument("source", type=Path, help="run folder (its INT8 file when within the accuracy bound) or ONNX file")
     u.add_argument("out", type=Path)
     u.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    u.add_argument("--arch", choices=("host", "arm64"), default="host",
+                   help="arm64: carry aarch64 wheels (Python 3.11, manylinux_2_28) so it installs with no network")
+
+    c = sub.add_parser("compare", help="`edgexfer bench --json` results of several machines in one table and plot",
+                       description="Merge bench results (schema edgexfer.bench/1) from several machines, keyed by "
+                                   "the machine info each carries.")
+    c.add_argument("results", nargs="+", type=Path, help="JSON files written by `edgexfer bench --json`")
+    c.add_argument("--markdown", type=Path, help="write the table as markdown")
+    c.add_argument("--json", type=Path, help="write the merged document (schema edgexfer.compare/1)")
+    c.add_argument("--plot", type=Path, help="write a PNG plot (needs matplotlib)")
+
+    v = sub.add_parser("verify", help="run a model under emulated arm64 and compare it with this host",
+                       description="Run the runtime install (aarch64 wheels) in an arm64 Debian root filesystem "
+                                   "under qemu user-mode emulation (needs root; cached in ~/.cache/edgexfer/arm64) "
+                                   "on a sample of held-out images: top-1 agreement with this host, max abs "
+                                   "difference of outputs, arm64-measured accuracy. Emulated timing is not latency.")
+    v.add_argument("target", type=Path, help="run folder (its test split; writes RUN_DIR/verify_arm64.json) or ONNX file")
+    v.add_argument("--arch", choices=("arm64",), required=True)
+    v.add_argument("--samples", type=_pos_int, default=200, help="images to run (default 200; emulation is ~250x slower)")
+    v.add_argument("--images", type=Path, help="for an ONNX file: an ImageFolder tree (labelled) or a folder of images")
+    v.add_argument("--seed", type=int, default=0, help="sample seed (default 0)")
+    v.add_argument("--threads", type=_pos_int, default=1, help="intra-op threads on both sides (default 1)")
+    v.add_argument("--min-agreement", type=float, default=0.995, help="exit 1 below this top-1 agreement (default 0.995)")
+    v.add_argument("--json", type=Path, help="where to write the result (default RUN_DIR/verify_arm64.json)")
     return ap
+
 
 
 def bundle_cmd(a) -> None:
     from edgexfer.runtime.bundle import bundle
 
-    r = bundle(a.source, a.out, force=a.force)
+    r = bundle(a.source, a.out, force=a.force, arch=a.arch)
     print(f"{r['out']}: {r['model']} ({r['why']}); requirements {', '.join(r['requirements'])}")
+    if r["wheels"]:
+        print(f"{len(r['wheels'])} {r['arch']} wheels in {r['out']}/wheels: installs with no network")
+
 
 
 def bench_cmd(a, references) -> None:
@@ -109,6 +137,67 @@ def bench_cmd(a, references) -> None:
         atomic.write_text(a.markdown, md)
     if a.plot and not plot(res, a.plot):
         print("note: --plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
+
+
+def compare_cmd(a) -> None:
+    from edgexfer.runtime import atomic
+    from edgexfer.runtime.compare import compare, plot, to_markdown
+
+    doc = compare(a.results)
+    md = to_markdown(doc)
+    print(md)
+    if a.markdown:
+        atomic.write_text(a.markdown, md)
+    if a.json:
+        atomic.write_json(a.json, doc)
+    if a.plot and not plot(doc, a.plot):
+        print("note: --plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
+
+
+def verify_cmd(a, held_out) -> None:
+    import numpy as np
+
+    from edgexfer.runtime import atomic
+    from edgexfer.runtime.model import EdgeModel
+    from edgexfer.runtime.verify import sample, scan_images, to_markdown, verify_arm64
+
+    out = a.json
+    if a.target.is_dir():
+        models = sorted(a.target.glob("model*.onnx"), key=lambda p: (p.name != "model.onnx", p.name))
+        if not models:
+            raise FileNotFoundError(f"no model*.onnx in {a.target}")
+        if a.images:
+            images, labels, source = scan_images(a.images, EdgeModel(models[0]).labels)
+        elif held_out is None:
+            raise RuntimeInputError("reading a run folder's test split needs the edgexfer package's data module; "
+                                    "pass --images FOLDER")
+        else:
+            images, labels, classes, source = held_out(a.target)
+            names = list(EdgeModel(models[0]).labels)
+            if classes != names:  # map the data set's class order onto the model's
+                labels = np.asarray([names.index(classes[k]) for k in labels])
+        out = out or a.target / "verify_arm64.json"
+    elif a.target.is_file():
+        models = [a.target]
+        if a.images:
+            images, labels, source = scan_images(a.images, EdgeModel(a.target).labels)
+        else:
+            raise RuntimeInputError("verifying a bare ONNX file needs --images FOLDER (ImageFolder or plain images)")
+    else:
+        raise FileNotFoundError(f"run folder or model not found: {a.target}")
+    idx = sample(len(images), a.samples, a.seed)
+    images = [images[i] for i in idx]
+    labels = None if labels is None else np.asarray(labels)[idx]
+    res = verify_arm64(models, images, labels, source=f"{source}, {len(idx)} sampled with seed {a.seed}",
+                       threads=a.threads, min_agreement=a.min_agreement, log=lambda s: print(f"==> {s}", file=sys.stderr))
+    print(to_markdown(res))
+    if out:
+        atomic.write_json(out, res)
+        print(f"written: {out}", file=sys.stderr)
+    if not res["passed"]:
+        print(f"error: top-1 agreement below {a.min_agreement} for "
+              f"{', '.join(n for n, r in res['models'].items() if not r['passed'])}", file=sys.stderr)
+        sys.exit(1)
 
 
 def predict_cmd(a) -> None:
@@ -137,8 +226,9 @@ def serve_cmd(a) -> None:
         serve(models, host=a.host, port=a.port, threads=a.threads)
 
 
-def main(argv: Sequence[str] | None = None, references=()) -> None:
-    """Run a runtime command; user mistakes print one line and exit 1."""
+def main(argv: Sequence[str] | None = None, references=(), held_out=None) -> None:
+    """Run a runtime command; user mistakes print one line and exit 1. `held_out(run_dir)` gives a run
+    folder's test split (images, labels, classes, description) to `verify`."""
     a = parser().parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
@@ -150,6 +240,10 @@ def main(argv: Sequence[str] | None = None, references=()) -> None:
             predict_cmd(a)
         elif a.command == "bundle":
             bundle_cmd(a)
+        elif a.command == "compare":
+            compare_cmd(a)
+        elif a.command == "verify":
+            verify_cmd(a, held_out)
         else:
             serve_cmd(a)
     except (FileNotFoundError, MetadataError, ImageError, RuntimeInputError) as e:

@@ -1,0 +1,129 @@
+"""`edgexfer compare RESULT.json...`: `edgexfer bench` results from several machines in one table and plot.
+
+Run `edgexfer bench MODEL --json pi5.json` on each board (the runtime install is enough), bring the
+JSON files back, and compare them. Each result carries its machine info (`edgexfer.runtime.machine`);
+rows are keyed by it, and each model's p50 is also given as a ratio to the fastest machine for it.
+
+    edgexfer compare laptop.json pi5.json jetson.json --markdown fleet.md --plot fleet.png
+
+Standard library + numpy; the plot only when matplotlib is installed.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+from edgexfer.runtime.bench import SCHEMA as BENCH_SCHEMA
+from edgexfer.runtime.errors import RuntimeInputError
+
+SCHEMA = "edgexfer.compare/1"
+
+
+def machine_key(m: dict) -> str:
+    """A short, readable name for a machine from its info: CPU, architecture, cores."""
+    return f"{m.get('cpu') or '?'} ({m.get('arch') or '?'}, {m.get('cores') or '?'} cores)"
+
+
+def load(paths: Sequence[str | os.PathLike]) -> list[tuple[str, dict]]:
+    """(machine name, result) per file; a name shared by two machines gets the file name added."""
+    out = []
+    for p in map(Path, paths):
+        if not p.is_file():
+            raise FileNotFoundError(f"bench result not found: {p}")
+        try:
+            res = json.loads(p.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RuntimeInputError(f"{p} is not JSON: {e}") from None
+        if not isinstance(res, dict) or res.get("schema") != BENCH_SCHEMA:
+            raise RuntimeInputError(f"{p} is not an `edgexfer bench --json` result (schema {BENCH_SCHEMA})")
+        if not isinstance(res.get("machine"), dict) or not isinstance(res.get("models"), dict):
+            raise RuntimeInputError(f"{p} has no machine info or no models")
+        out.append((machine_key(res["machine"]), res, p))
+    counts: dict[str, int] = {}
+    for name, _, _ in out:
+        counts[name] = counts.get(name, 0) + 1
+    return [(f"{n} [{p.name}]" if counts[n] > 1 else n, r) for n, r, p in out]
+
+
+def compare(paths: Sequence[str | os.PathLike]) -> dict:
+    """The merged document: machines, and one row per (model, machine)."""
+    results = load(paths)
+    machines = {name: {**res["machine"], "created": res.get("created"), "threads": res.get("config", {}).get("threads"),
+                       "input_shape": res.get("input_shape")} for name, res in results}
+    rows = []
+    for name, res in results:
+        for model, r in res["models"].items():
+            thr = r.get("throughput_img_s") or {}
+            best_b = max(thr, key=lambda b: int(b)) if thr else None
+            rows.append({"model": Path(model).name if r.get("backend") == "onnxruntime" else model,
+                         "machine": name, "backend": r.get("backend"), "threads": r.get("threads"),
+                         "p50_ms": r["latency_ms"]["p50"], "p90_ms": r["latency_ms"]["p90"],
+                         "p99_ms": r["latency_ms"]["p99"], "accuracy": r.get("accuracy"),
+                         "throughput": {"batch": int(best_b), "img_s": thr[best_b]} if best_b else None,
+                         "first_result_s": (r.get("cold_start") or {}).get("first_result_s"),
+                         "peak_rss_mb": (r.get("cold_start") or {}).get("peak_rss_mb")})
+    for model in {r["model"] for r in rows}:
+        same = [r for r in rows if r["model"] == model]
+        best = min(r["p50_ms"] for r in same)
+        for r in same:
+            r["p50_ratio_to_fastest"] = r["p50_ms"] / best
+    rows.sort(key=lambda r: (r["model"], r["p50_ms"]))
+    return {"schema": SCHEMA, "sources": [str(p) for p in paths], "machines": machines, "rows": rows}
+
+
+def _f(v, fmt: str) -> str:
+    return "" if v is None else format(v, fmt)
+
+
+def to_markdown(doc: dict) -> str:
+    lines = ["| machine | arch | cores | ISA flags | onnxruntime | providers | threads | measured |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, m in doc["machines"].items():
+        prov = ", ".join(p.replace("ExecutionProvider", "") for p in m.get("providers") or [])
+        lines.append(f"| {name} | {m.get('arch', '')} | {m.get('cores', '')} | {', '.join(m.get('flags') or []) or 'none'} | "
+                     f"{m.get('onnxruntime', '')} | {prov} | {_f(m.get('threads'), '')} | {m.get('created') or ''} |")
+    lines += ["", "| model | machine | backend | p50 ms | p90 ms | p99 ms | × fastest (p50) | img/s (batch) | "
+                  "first result s | peak RSS MB | accuracy |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in doc["rows"]:
+        t = r["throughput"]
+        thr = f"{t['img_s']:.0f} ({t['batch']})" if t else ""
+        lines.append(f"| {r['model']} | {r['machine']} | {r['backend']} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | "
+                     f"{r['p99_ms']:.2f} | {r['p50_ratio_to_fastest']:.2f} | "
+                     f"{thr} | {_f(r['first_result_s'], '.2f')} | "
+                     f"{_f(r['peak_rss_mb'], '.0f')} | {_f(r['accuracy'], '.4f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(doc: dict, path) -> bool:
+    """p50 latency per model, one bar per machine (needs matplotlib; returns False without it)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    import numpy as np
+
+    from edgexfer.runtime import atomic
+
+    models = sorted({r["model"] for r in doc["rows"]})
+    machines = list(doc["machines"])
+    width = 0.8 / max(1, len(machines))
+    fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(models) + 2), 3.8))
+    for k, mach in enumerate(machines):
+        vals = [next((r["p50_ms"] for r in doc["rows"] if r["model"] == m and r["machine"] == mach), np.nan)
+                for m in models]
+        ax.bar(np.arange(len(models)) + (k - (len(machines) - 1) / 2) * width, vals, width, label=mach)
+    ax.set_xticks(range(len(models)), models, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("batch-1 p50 latency, ms")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    ax.set_title("edgexfer bench across machines", fontsize=9)
+    with atomic.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return True

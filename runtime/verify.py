@@ -1,0 +1,146 @@
+"""`edgexfer verify --arch arm64 RUN_DIR|MODEL`: does the model predict the same on an arm64 board?
+
+Runs the runtime install (aarch64 wheels, the Docker image's pins) under qemu user-mode emulation
+(`edgexfer.runtime.emulate`) on a sample of held-out images and compares it with this host:
+
+    top-1 agreement      share of images whose arm64 top-1 equals this host's
+    max abs difference   of the raw outputs (logits), over the sample
+    accuracy             measured by the arm64 build (and by this host, beside it) when labels are known
+
+Both sides preprocess the same image files with the runtime's own code. The wall time of the check is
+reported as what it is; emulated timing is never reported as latency (emulation is ~250x slower).
+
+    edgexfer verify --arch arm64 runs/demo --samples 200      # -> runs/demo/verify_arm64.json
+    edgexfer verify --arch arm64 model.int8.onnx --images photos/   # ImageFolder (labelled) or plain folder
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from edgexfer.runtime.errors import RuntimeInputError
+
+SCHEMA = "edgexfer.verify/1"
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
+NOTE = "emulated (qemu user mode): timing is not latency and is not reported as such; measure latency on the board"
+
+
+def sample(n_total: int, n: int | None, seed: int = 0) -> np.ndarray:
+    """`n` indices of `n_total`, drawn without replacement with `seed`, in order (all when n is None)."""
+    if n is None or n >= n_total:
+        return np.arange(n_total)
+    return np.sort(np.random.default_rng(seed).choice(n_total, size=n, replace=False))
+
+
+def scan_images(folder: Path, labels: Sequence[str]) -> tuple[list[Path], np.ndarray | None, str]:
+    """Images of a folder: an ImageFolder tree (sub-folders named after the model's labels -> labelled)
+    or a plain folder of images (unlabelled: agreement only)."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    subdirs = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if subdirs:
+        unknown = [d.name for d in subdirs if d.name not in labels]
+        if unknown:
+            raise RuntimeInputError(f"{folder}: class folders {unknown[:3]} are not labels of the model")
+        paths, ys = [], []
+        for d in subdirs:
+            for p in sorted(d.rglob("*")):
+                if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."):
+                    paths.append(p)
+                    ys.append(list(labels).index(d.name))
+        kind = f"ImageFolder {folder}"
+        y = np.asarray(ys, np.int64)
+    else:
+        paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+        kind, y = f"images in {folder} (no labels: agreement only)", None
+    if not paths:
+        raise RuntimeInputError(f"no images in {folder}")
+    return paths, y, kind
+
+
+def _as_files(images: Sequence, folder: Path) -> list[Path]:
+    """Paths stay; uint8 arrays (Fashion-MNIST) become lossless PNG files, so both sides read the same bytes."""
+    from PIL import Image
+
+    out = []
+    for i, im in enumerate(images):
+        if isinstance(im, (str, Path)):
+            out.append(Path(im))
+        else:
+            p = folder / f"{i:05d}.png"
+            Image.fromarray(np.asarray(im, np.uint8)).save(p)
+            out.append(p)
+    return out
+
+
+def verify_arm64(models: Sequence[Path], images: Sequence, labels: np.ndarray | None, *, source: str,
+                 threads: int = 1, min_agreement: float = 0.995,
+                 log: Callable[[str], None] = lambda s: None) -> dict:
+    """Run `models` on `images` here and under emulated arm64; the comparison as a result document."""
+    from edgexfer.runtime import emulate
+    from edgexfer.runtime.model import EdgeModel
+
+    t0 = time.perf_counter()
+    models = [Path(m) for m in models]
+    host = [EdgeModel(m, threads=threads) for m in models]
+    if labels is not None and len(labels) != len(images):
+        raise RuntimeInputError("labels and images differ in number")
+    with tempfile.TemporaryDirectory(prefix="edgexfer-verify-") as td:
+        files = _as_files(images, Path(td))
+        x = host[0].preprocess(files)  # (N, C, H, W)
+        ref = [m.run(x) for m in host]
+        log(f"running {len(models)} model(s) on {len(files)} images under emulated arm64")
+        arm = emulate.run_models(models, images=files, threads=threads)
+    rows = {}
+    for m, hm, h, a in zip(models, host, ref, arm["outputs"]):
+        task = hm.meta.tasks[0].name
+        ph, pa = h[task].argmax(1), a[task].argmax(1)
+        row = {"file": m.name, "n": int(len(ph)), "top1_agreement": float(np.mean(ph == pa)),
+               "max_abs_diff": float(max(np.max(np.abs(h[t].astype(np.float64) - a[t])) for t in h)),
+               "disagreements": [int(i) for i in np.flatnonzero(ph != pa)]}
+        if labels is not None:
+            row["accuracy_arm64"] = float(np.mean(pa == labels))
+            row["accuracy_host"] = float(np.mean(ph == labels))
+        row["passed"] = row["top1_agreement"] >= min_agreement
+        rows[m.name] = row
+    info = arm["info"]
+    return {
+        "schema": SCHEMA, "arch": "arm64", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "sample": {"n": len(x), "source": source, "labelled": labels is not None},
+        "min_agreement": min_agreement, "passed": all(r["passed"] for r in rows.values()),
+        "input_max_abs_diff": float(np.max(np.abs(x - arm["inputs"]))),  # the runtime's preprocessing, both sides
+        "models": rows,
+        "arm64": {k: info.get(k) for k in ("arch", "python", "onnxruntime", "numpy", "pillow")},
+        "host": {"arch": __import__("platform").machine(), **_host_versions()},
+        "emulation": {"rootfs": str(emulate.rootfs()), "debian": emulate.SUITE, "qemu": "user mode (binfmt_misc)"},
+        "check_seconds": round(time.perf_counter() - t0, 1), "emulated_process_seconds": round(arm["seconds"], 1),
+        "note": NOTE,
+    }
+
+
+def _host_versions() -> dict:
+    import onnxruntime
+    import PIL
+
+    return {"onnxruntime": onnxruntime.__version__, "numpy": np.__version__, "pillow": PIL.__version__}
+
+
+def to_markdown(res: dict) -> str:
+    s = res["sample"]
+    lines = [f"arm64 (emulated) vs {res['host']['arch']} host — {s['n']} images from {s['source']}; "
+             f"check took {res['check_seconds']:.0f} s (not latency)", "",
+             "| model | n | top-1 agreement | max abs diff | accuracy arm64 | accuracy host | ok |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in res["models"].values():
+        acc = lambda k: f"{r[k]:.4f}" if k in r else "—"  # noqa: E731
+        lines.append(f"| {r['file']} | {r['n']} | {r['top1_agreement']:.4f} | {r['max_abs_diff']:.3g} | "
+                     f"{acc('accuracy_arm64')} | {acc('accuracy_host')} | {'yes' if r['passed'] else 'NO'} |")
+    a = res["arm64"]
+    lines += ["", f"arm64: Python {a.get('python')}, onnxruntime {a.get('onnxruntime')}, numpy {a.get('numpy')}, "
+                  f"Pillow {a.get('pillow')}; preprocessing max abs diff {res['input_max_abs_diff']:.3g}; "
+                  f"bound: agreement >= {res['min_agreement']}"]
+    return "\n".join(lines)
