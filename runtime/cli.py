@@ -78,6 +78,13 @@ def parser() -> argparse.ArgumentParser:
                         "auto: uvicorn when installed")
     s.add_argument("--max-batch-size", type=_pos_int, default=32, help="dynamic batching (uvicorn server)")
     s.add_argument("--max-queue-delay-ms", type=float, default=2.0, help="dynamic batching (uvicorn server)")
+    s.add_argument("--timeout", type=float, default=30.0,
+                   help="seconds a request may wait for its answer before 504 (uvicorn server; default 30)")
+    s.add_argument("--token", default=os.environ.get("EDGEXFER_TOKEN") or None,
+                   help="require 'Authorization: Bearer TOKEN' on every endpoint but /v2/health/* "
+                        "(default: $EDGEXFER_TOKEN; none: no token)")
+    s.add_argument("--no-access-log", dest="access_log", action="store_false",
+                   help="no access-log line per request (logger edgexfer.access)")
     u = sub.add_parser("bundle", help="what to copy to a board: model, pinned requirements, runtime, example")
     u.add_argument("source", type=Path, help="run folder (its INT8 file when within the accuracy bound) or ONNX file")
     u.add_argument("out", type=Path)
@@ -215,15 +222,18 @@ def serve_cmd(a) -> None:
     if kind == "auto":
         import importlib.util
 
-        kind = "uvicorn" if all(importlib.util.find_spec(m) for m in ("starlette", "uvicorn")) else "stdlib"
+        kind = "uvicorn" if all(importlib.util.find_spec(m) for m in ("starlette", "uvicorn", "prometheus_client")) else "stdlib"
+    if a.timeout <= 0 or a.max_queue_delay_ms < 0:
+        raise RuntimeInputError("--timeout must be > 0 and --max-queue-delay-ms >= 0")
     models = resolve_models(a.models)
     if kind == "uvicorn":
         from edgexfer.runtime.oip import BatchConfig, serve as serve_oip
 
-        serve_oip(models, host=a.host, port=a.port, threads=a.threads,
-                  batch=BatchConfig(max_batch_size=a.max_batch_size, max_queue_delay_ms=a.max_queue_delay_ms))
+        serve_oip(models, host=a.host, port=a.port, threads=a.threads, token=a.token, access_log=a.access_log,
+                  batch=BatchConfig(max_batch_size=a.max_batch_size, max_queue_delay_ms=a.max_queue_delay_ms,
+                                    timeout_s=a.timeout))
     else:
-        serve(models, host=a.host, port=a.port, threads=a.threads)
+        serve(models, host=a.host, port=a.port, threads=a.threads, token=a.token, access_log=a.access_log)
 
 
 def main(argv: Sequence[str] | None = None, references=(), held_out=None) -> None:

@@ -7,13 +7,23 @@ Speaks JSON tensors and the binary tensor extension (tritonclient's default: an
 tritonclient and KServe tooling work unchanged. Requests for one model are batched up to
 `max_batch_size` or `max_queue_delay_ms` (Triton's meaning of both); inference runs off the event loop
 in one worker thread per model; each request gets exactly its own rows back. A full queue answers 503
-with Retry-After, a body over the limit 413, a malformed request 400, an unknown model 404.
+with Retry-After, a request not answered within `timeout_s` 504, a body over the limit 413, a malformed
+request 400, an unknown model 404, a missing or wrong bearer token (when one is set) 401.
+
+Around every request sits one small ASGI layer (`Edge`): the token check, Prometheus metrics
+(`/metrics`: requests, errors, a latency histogram per model, the batch-size histogram, queue depth,
+requests in flight) and one access-log line (logger `edgexfer.access`). The OpenAPI document of all
+this is served at `/v2/openapi.json` (`openapi.py`).
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
+import json
 import logging
+import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +32,14 @@ import numpy as np
 
 from edgexfer.runtime.errors import ImageError, RuntimeInputError
 from edgexfer.runtime.model import EdgeModel
+from edgexfer.runtime.openapi import OPEN_PATHS, openapi_document
 from edgexfer.runtime.protocol import HEADER_LEN, MAX_BODY, HTTPError, infer_response, parse_infer
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger("edgexfer.access")
 
+LATENCY_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class QueueFull(Exception):
@@ -37,26 +51,31 @@ class BatchConfig:
     max_batch_size: int = 32
     max_queue_delay_ms: float = 2.0
     max_queue: int = 256           # pending requests per model before 503
-    timeout_s: float = 30.0        # per request
+    timeout_s: float = 30.0        # per request, from acceptance to its rows (504 past it)
 
 
 class DynamicBatcher:
     """Collects requests for one model into batches (size or delay bound), runs them off the loop."""
 
-    def __init__(self, model: EdgeModel, cfg: BatchConfig):
+    def __init__(self, model: EdgeModel, cfg: BatchConfig, observe=None):
         self.model, self.cfg = model, cfg
         self.queue: asyncio.Queue | None = None
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgexfer-infer")
         self.task: asyncio.Task | None = None
-        self.batch_sizes: list[int] = []
+        self.waiting = 0  # submitted requests not yet answered
+        self.recent_batches: deque[int] = deque(maxlen=1024)  # rows per batch, newest last (tests, debugging)
+        self.observe = observe or (lambda rows: None)
 
     def start(self) -> None:
         self.queue = asyncio.Queue(maxsize=self.cfg.max_queue)
         self.task = asyncio.get_running_loop().create_task(self._loop())
 
+    def depth(self) -> int:
+        return self.queue.qsize() if self.queue is not None else 0
+
     async def stop(self) -> None:
         if self.task:
-            while self.queue is not None and not self.queue.empty():  # answer what was accepted
+            while self.waiting:  # answer what was accepted (each waits at most timeout_s)
                 await asyncio.sleep(0.01)
             self.task.cancel()
         self.pool.shutdown(wait=True)
@@ -67,29 +86,42 @@ class DynamicBatcher:
             self.queue.put_nowait((x, fut))
         except asyncio.QueueFull:
             raise QueueFull from None
-        return await asyncio.wait_for(fut, self.cfg.timeout_s)
+        self.waiting += 1
+        try:
+            return await asyncio.wait_for(fut, self.cfg.timeout_s)
+        finally:
+            self.waiting -= 1
 
-    async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            items = [await self.queue.get()]
-            rows = len(items[0][0])
-            deadline = loop.time() + self.cfg.max_queue_delay_ms / 1e3
-            while rows < self.cfg.max_batch_size:
+    async def _gather(self, first) -> list:
+        """`first` plus whatever joins it before the batch is full or the queue delay is over."""
+        loop, q = asyncio.get_running_loop(), self.queue
+        items, rows = [first], len(first[0])
+        deadline = loop.time() + self.cfg.max_queue_delay_ms / 1e3
+        while rows < self.cfg.max_batch_size:
+            try:
+                nxt = q.get_nowait()  # what is already waiting costs no timer
+            except asyncio.QueueEmpty:
                 left = deadline - loop.time()
                 if left <= 0:
                     break
                 try:
-                    nxt = await asyncio.wait_for(self.queue.get(), left)
+                    nxt = await asyncio.wait_for(q.get(), left)
                 except asyncio.TimeoutError:
                     break
-                items.append(nxt)
-                rows += len(nxt[0])
-            live = [(x, f) for x, f in items if not f.done()]
+            items.append(nxt)
+            rows += len(nxt[0])
+        return items
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            items = await self._gather(await self.queue.get())
+            live = [(x, f) for x, f in items if not f.done()]  # timed-out requests are dropped
             if not live:
                 continue
-            xb = np.concatenate([x for x, _ in live])
-            self.batch_sizes.append(len(xb))
+            xb = live[0][0] if len(live) == 1 else np.concatenate([x for x, _ in live])
+            self.recent_batches.append(len(xb))
+            self.observe(len(xb))
             try:
                 outs = await loop.run_in_executor(self.pool, self.model.run, xb)
             except Exception as e:  # one bad batch must not stop the loop
@@ -105,45 +137,141 @@ class DynamicBatcher:
                 start += n
 
 
-def create_app(models: dict[str, Path], *, threads: int | None = None, batch: BatchConfig = BatchConfig()):
+class Metrics:
+    """Prometheus metrics of one app, in their own registry (several apps in one process stay apart)."""
+
+    def __init__(self, batchers: dict[str, DynamicBatcher]):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
+        disable_created_metrics()  # no *_created series beside every counter (process-wide)
+
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("edgexfer_requests", "HTTP requests answered, by model and status code",
+                                ["model", "code"], registry=r)
+        self.errors = Counter("edgexfer_errors", "requests answered with a 4xx or 5xx status", ["model"], registry=r)
+        self.duration = Histogram("edgexfer_request_duration_seconds", "time from request to response, by model",
+                                  ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.batch = Histogram("edgexfer_batch_size", "rows per inference batch", ["model"],
+                               buckets=BATCH_BUCKETS, registry=r)
+        self.in_flight = Gauge("edgexfer_requests_in_flight", "requests accepted and not yet answered", registry=r)
+        depth = Gauge("edgexfer_queue_depth", "requests waiting for a batch", ["model"], registry=r)
+        for name, b in batchers.items():
+            depth.labels(name).set_function(b.depth)
+            b.observe = self.batch.labels(name).observe
+            self.duration.labels(name)  # every served model shows from the start
+
+    def text(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+
+class Edge:
+    """ASGI layer around the app: bearer token, metrics, one access-log line per request."""
+
+    def __init__(self, app, *, metrics: Metrics, models, token: str | None, access: bool):
+        self.app, self.metrics, self.models, self.access = app, metrics, models, access
+        self.token = token.encode() if token else None
+        self.state = app.state  # batchers and metrics, for tests and embedding
+
+    def authorized(self, scope) -> bool:
+        for k, v in scope["headers"]:
+            if k == b"authorization":
+                scheme, _, cred = v.partition(b" ")
+                return scheme.lower() == b"bearer" and hmac.compare_digest(cred.strip(), self.token)
+        return False
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        status = 500
+
+        async def send_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        m = self.metrics
+        m.in_flight.inc()
+        try:
+            if self.token and scope["path"] not in OPEN_PATHS and not self.authorized(scope):
+                wrong = any(k == b"authorization" for k, _ in scope["headers"])
+                body = json.dumps({"error": "wrong bearer token" if wrong else "bearer token required"}).encode()
+                await send_status({"type": "http.response.start", "status": 401, "headers": [
+                    (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                    (b"www-authenticate", b'Bearer realm="edgexfer"' + (b', error="invalid_token"' if wrong else b""))]})
+                await send({"type": "http.response.body", "body": body})
+            else:
+                await self.app(scope, receive, send_status)
+        finally:
+            m.in_flight.dec()
+            dt = time.perf_counter() - t0
+            model = (scope.get("path_params") or {}).get("model", "")
+            model = model if model in self.models else ""  # unknown names must not grow the label set
+            m.requests.labels(model, str(status)).inc()
+            if status >= 400:
+                m.errors.labels(model).inc()
+            if model:
+                m.duration.labels(model).observe(dt)
+            if self.access:
+                client = scope.get("client") or ("-", 0)
+                access_log.info('%s "%s %s" %d %.1fms model=%s', client[0], scope["method"], scope["path"],
+                                status, dt * 1e3, model or "-")
+
+
+def create_app(models: dict[str, Path], *, threads: int | None = None, batch: BatchConfig = BatchConfig(),
+               token: str | None = None, access_log: bool = True):
     from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
     from starlette.requests import Request
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
+    from edgexfer import __version__
     from edgexfer.runtime.server import ModelServer
 
     ms = ModelServer(models, threads)
     batchers = {n: DynamicBatcher(m, batch) for n, m in ms.models.items()}
-    stats = {"requests": 0, "errors": 0}
+    metrics = Metrics(batchers)
+    doc = json.dumps(openapi_document(ms.models, version=__version__, token=bool(token),
+                                      timeout_s=batch.timeout_s)).encode()
 
     async def body_of(request: Request) -> bytes:
-        n = int(request.headers.get("content-length") or 0)
+        try:
+            n = int(request.headers.get("content-length") or 0)
+        except ValueError:
+            raise HTTPError(400, "bad Content-Length") from None
         if n > MAX_BODY:
             raise HTTPError(413, f"body of {n} bytes exceeds {MAX_BODY}")
-        data = await request.body()
-        if len(data) > MAX_BODY:
-            raise HTTPError(413, f"body exceeds {MAX_BODY} bytes")
+        chunks, size = [], 0
+        async for chunk in request.stream():  # a chunked body is counted as it comes
+            size += len(chunk)
+            if size > MAX_BODY:
+                raise HTTPError(413, f"body exceeds {MAX_BODY} bytes")
+            chunks.append(chunk)
+        request._body = data = b"".join(chunks)  # request.form() reads it from here
         return data
+
+    def error(status: int, message: str, headers=None) -> JSONResponse:
+        return JSONResponse({"error": message}, status, headers=headers)
 
     def guard(handler):
         async def wrapped(request: Request):
-            stats["requests"] += 1
             try:
                 return await handler(request)
             except HTTPError as e:
-                stats["errors"] += 1
-                return JSONResponse({"error": str(e)}, e.status, headers=e.headers)
+                return error(e.status, str(e), e.headers)
+            except HTTPException as e:  # starlette's own, e.g. a malformed multipart body
+                return error(e.status_code, str(e.detail), e.headers)
             except QueueFull:
-                stats["errors"] += 1
-                return JSONResponse({"error": "queue full"}, 503, headers={"Retry-After": "1"})
+                return error(503, "queue full; retry later", {"Retry-After": "1"})
             except asyncio.TimeoutError:
-                stats["errors"] += 1
-                return JSONResponse({"error": "inference timed out"}, 504)
+                return error(504, f"no answer within {batch.timeout_s:g} s")
             except Exception as e:  # never let one request take the server down
-                stats["errors"] += 1
                 log.exception("internal error")
-                return JSONResponse({"error": f"internal error: {type(e).__name__}"}, 500)
+                return error(500, f"internal error: {type(e).__name__}")
         return wrapped
 
     def model_of(request: Request) -> tuple[str, EdgeModel]:
@@ -157,7 +285,6 @@ def create_app(models: dict[str, Path], *, threads: int | None = None, batch: Ba
         return JSONResponse({"ready": True})
 
     async def server_meta(request):
-        from edgexfer import __version__
         return JSONResponse({"name": "edgexfer", "version": __version__, "extensions": ["binary_tensor_data"]})
 
     async def model_meta(request):
@@ -175,24 +302,45 @@ def create_app(models: dict[str, Path], *, threads: int | None = None, batch: Ba
         data, headers = infer_response(name, req, model, outs, binary)
         return Response(data, 200, headers=headers)
 
+    async def image_bytes(request: Request) -> bytes:
+        data = await body_of(request)
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            return data
+        try:
+            form = await request.form()
+        except AssertionError:  # starlette without python-multipart
+            raise HTTPError(400, "multipart uploads need python-multipart on the server; "
+                                 "send the image bytes as the body instead") from None
+        files = [v for _, v in form.multi_items() if hasattr(v, "read")]
+        f = form.get("image") if hasattr(form.get("image"), "read") else (files[0] if files else None)
+        if f is None:
+            raise HTTPError(400, "multipart upload without a file; send it as -F image=@cat.jpg")
+        return await f.read()
+
     async def classify(request):
         name, model = model_of(request)
-        data = await body_of(request)
+        try:
+            top_k = int(request.query_params.get("top_k", 5))
+        except ValueError:
+            raise HTTPError(400, "top_k must be an integer") from None
+        if top_k < 1:
+            raise HTTPError(400, "top_k must be >= 1")
+        data = await image_bytes(request)
         try:
             x = model.preprocess(data)
         except (ImageError, RuntimeInputError) as e:
             raise HTTPError(400, str(e)) from None
         outs = await batchers[name].submit(x)
-        return JSONResponse({"model": name, "predictions": model.decode(outs, top_k=5)[0]})
+        return JSONResponse({"model": name, "predictions": model.decode(outs, top_k=top_k)[0]})
 
-    async def metrics(request):
-        lines = ["# TYPE edgexfer_requests_total counter", f"edgexfer_requests_total {stats['requests']}",
-                 "# TYPE edgexfer_errors_total counter", f"edgexfer_errors_total {stats['errors']}"]
-        for n, b in batchers.items():
-            lines += [f'edgexfer_queue_depth{{model="{n}"}} {b.queue.qsize() if b.queue else 0}',
-                      f'edgexfer_batches_total{{model="{n}"}} {len(b.batch_sizes)}',
-                      f'edgexfer_batched_rows_total{{model="{n}"}} {sum(b.batch_sizes)}']
-        return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+    async def metrics_text(request):
+        return Response(metrics.text(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def openapi(request):
+        return Response(doc, media_type="application/json")
+
+    async def not_found(request, exc):
+        return error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -208,16 +356,19 @@ def create_app(models: dict[str, Path], *, threads: int | None = None, batch: Ba
         Route("/v2/models/{model}", g(model_meta)), Route("/v2/models/{model}/ready", g(model_ready)),
         Route("/v2/models/{model}/infer", g(infer), methods=["POST"]),
         Route("/v2/models/{model}/classify", g(classify), methods=["POST"]),
-        Route("/metrics", g(metrics)),
+        Route("/metrics", g(metrics_text)),
+        Route("/v2/openapi.json", openapi), Route("/openapi.json", openapi),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan)
-    app.state.batchers = batchers
-    return app
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: not_found})
+    app.state.batchers, app.state.metrics = batchers, metrics
+    return Edge(app, metrics=metrics, models=frozenset(ms.models), token=token, access=access_log)
 
 
 def serve(models: dict[str, Path], host: str = "127.0.0.1", port: int = 8000, threads: int | None = None,
-          batch: BatchConfig = BatchConfig()) -> None:
+          batch: BatchConfig = BatchConfig(), token: str | None = None, access_log: bool = True) -> None:
     import uvicorn
 
-    uvicorn.run(create_app(models, threads=threads, batch=batch), host=host, port=port, log_level="info",
+    app = create_app(models, threads=threads, batch=batch, token=token, access_log=access_log)
+    # uvicorn's own access log is replaced by ours (with the duration and the model)
+    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False, server_header=False,
                 timeout_graceful_shutdown=30)

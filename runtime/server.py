@@ -5,26 +5,33 @@ batching server for when starlette and uvicorn are installed. Endpoints:
 
     GET  /v2/health/live   /v2/health/ready   /v2   /v2/models/{m}   /v2/models/{m}/ready
     POST /v2/models/{m}/infer      {"inputs": [{"name", "shape", "datatype": "FP32", "data"}]}
-    POST /v2/models/{m}/classify   raw image bytes -> {"model", "predictions": [{label, index, score}]}
+    POST /v2/models/{m}/classify   raw image bytes or a multipart upload -> {"model", "predictions": [...]}
 
     curl --data-binary @cat.jpg http://127.0.0.1:8000/v2/models/demo/classify
+    curl -F image=@cat.jpg http://127.0.0.1:8000/v2/models/demo/classify
 
-Bound to 127.0.0.1 unless told otherwise.
+Bound to 127.0.0.1 unless told otherwise. With a token, every endpoint but /v2/health/* wants
+`Authorization: Bearer TOKEN` (401 otherwise), as in `oip.py`.
 """
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import re
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 
 from edgexfer.runtime.errors import ImageError, RuntimeInputError
 from edgexfer.runtime.model import EdgeModel
-from edgexfer.runtime.protocol import HEADER_LEN, MAX_BODY, HTTPError, infer_response, model_metadata, parse_infer
+from edgexfer.runtime.openapi import OPEN_PATHS
+from edgexfer.runtime.protocol import (HEADER_LEN, MAX_BODY, HTTPError, infer_response, model_metadata,
+                                       multipart_file, parse_infer)
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger("edgexfer.access")
 
 _ROUTE = re.compile(r"^/v2/models/(?P<model>[^/]+)(?:/versions/[^/]+)?(?P<rest>/ready|/infer|/classify)?$")
 PREFERRED_FILES = ("model.int8.onnx", "model.onnx", "model.fp16.onnx")
@@ -48,8 +55,10 @@ def resolve_models(paths) -> dict[str, Path]:
 
 
 class ModelServer:
-    def __init__(self, models: dict[str, Path], threads: int | None = None):
+    def __init__(self, models: dict[str, Path], threads: int | None = None, token: str | None = None,
+                 access_log: bool = True):
         self.models = {name: EdgeModel(path, threads=threads) for name, path in models.items()}
+        self.token, self.access_log = token, access_log
 
     def model(self, name: str) -> EdgeModel:
         try:
@@ -80,12 +89,16 @@ class ModelServer:
             protocol_version = "HTTP/1.1"
 
             def log_message(self, fmt, *args):
-                log.info("%s %s", self.address_string(), fmt % args)
+                pass  # one access-log line per request comes from _dispatch, with its duration
+
+            def log_error(self, fmt, *args):
+                log.warning("%s %s", self.address_string(), fmt % args)
 
             def _send(self, status: int, obj) -> None:
-                """`obj`: a JSON-able value, or (bytes, headers) already encoded."""
-                data, headers = obj if isinstance(obj, tuple) else (json.dumps(obj).encode(),
-                                                                     {"content-type": "application/json"})
+                """`obj`: a JSON-able value, (value, extra headers), or (bytes, headers) already encoded."""
+                data, headers = obj if isinstance(obj, tuple) else (obj, {})
+                if not isinstance(data, bytes):
+                    data, headers = json.dumps(data).encode(), {"content-type": "application/json", **headers}
                 self.send_response(status)
                 for k, v in headers.items():
                     self.send_header(k, v)
@@ -94,13 +107,33 @@ class ModelServer:
                 self.wfile.write(data)
 
             def _dispatch(self, method: str) -> None:
+                t0, status = time.perf_counter(), 200
                 try:
+                    self._authorize()
                     self._send(200, self._route(method))
                 except HTTPError as e:
-                    self._send(e.status, {"error": str(e)})
+                    status = e.status
+                    self._send(e.status, ({"error": str(e)}, e.headers))
                 except Exception as e:  # never let one request take the server down
+                    status = 500
                     log.exception("internal error")
                     self._send(500, {"error": f"internal error: {type(e).__name__}"})
+                if server.access_log:
+                    r = _ROUTE.match(self.path.split("?")[0].rstrip("/"))
+                    model = r["model"] if r and r["model"] in server.models else "-"
+                    access_log.info('%s "%s %s" %d %.1fms model=%s', self.client_address[0], method,
+                                    self.path.split("?")[0], status, (time.perf_counter() - t0) * 1e3, model)
+
+            def _authorize(self) -> None:
+                if not server.token or self.path.split("?")[0].rstrip("/") in OPEN_PATHS:
+                    return
+                got = self.headers.get("Authorization")
+                scheme, _, cred = (got or "").partition(" ")
+                if scheme.lower() == "bearer" and hmac.compare_digest(cred.strip().encode(), server.token.encode()):
+                    return
+                self.close_connection = True  # the body stays unread
+                raise HTTPError(401, "wrong bearer token" if got else "bearer token required",
+                                {"WWW-Authenticate": 'Bearer realm="edgexfer"' + (', error="invalid_token"' if got else "")})
 
             def _body(self) -> bytes:
                 n = int(self.headers.get("Content-Length") or 0)
@@ -127,7 +160,8 @@ class ModelServer:
                 if method == "POST" and rest == "/infer":
                     return server.infer(name, self._body(), self.headers.get(HEADER_LEN))
                 if method == "POST" and rest == "/classify":
-                    return server.classify(name, self._body())
+                    data, ct = self._body(), self.headers.get("Content-Type", "")
+                    return server.classify(name, multipart_file(data, ct) if ct.startswith("multipart/form-data") else data)
                 raise HTTPError(405 if rest else 404, f"no route {method} {path}")
 
             def do_GET(self):
@@ -140,15 +174,16 @@ class ModelServer:
 
 
 def make_server(models: dict[str, Path], host: str = "127.0.0.1", port: int = 8000,
-                threads: int | None = None) -> ThreadingHTTPServer:
-    ms = ModelServer(models, threads)
+                threads: int | None = None, token: str | None = None, access_log: bool = True) -> ThreadingHTTPServer:
+    ms = ModelServer(models, threads, token, access_log)
     httpd = ThreadingHTTPServer((host, port), ms.handler())
     httpd.daemon_threads = True
     return httpd
 
 
-def serve(models: dict[str, Path], host: str = "127.0.0.1", port: int = 8000, threads: int | None = None) -> None:
-    httpd = make_server(models, host, port, threads)
+def serve(models: dict[str, Path], host: str = "127.0.0.1", port: int = 8000, threads: int | None = None,
+          token: str | None = None, access_log: bool = True) -> None:
+    httpd = make_server(models, host, port, threads, token, access_log)
     log.info("serving %s on http://%s:%d/v2", ", ".join(models), host, httpd.server_address[1])
     try:
         httpd.serve_forever()

@@ -69,7 +69,7 @@ def test_concurrent_requests_are_batched_and_kept_apart(oip, tiny_run):
         outs = list(pool.map(one, xs))
     for x, o in zip(xs, outs):
         np.testing.assert_allclose(o, m.run(x)["label"], atol=1e-5)
-    sizes = app.state.batchers["tiny"].batch_sizes
+    sizes = app.state.batchers["tiny"].recent_batches
     assert max(sizes) > 1 and max(sizes) <= 8
 
 

@@ -92,3 +92,36 @@ def test_tritonclient_binary_against_stdlib_server(server, tiny_run):
     inp.set_data_from_numpy(x, binary_data=True)
     res = client.infer("tiny", [inp], outputs=[httpclient.InferRequestedOutput("logits", binary_data=True)])
     np.testing.assert_allclose(res.as_numpy("logits"), m.run(x)["label"], atol=1e-5)
+
+
+def test_multipart_upload(server, image_folder, tiny_run):
+    img = sorted(image_folder.rglob("*.png"))[3]
+    b = "----edgexfer"
+    body = (f"--{b}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"x.png\"\r\n"
+            "Content-Type: image/png\r\n\r\n").encode() + img.read_bytes() + f"\r\n--{b}--\r\n".encode()
+    req = urllib.request.Request(f"{server}/v2/models/tiny/classify", data=body,
+                                 headers={"Content-Type": f"multipart/form-data; boundary={b}"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        out = json.loads(r.read())
+    assert out["predictions"][0] == EdgeModel(tiny_run / "model.int8.onnx").predict(img)[0]
+
+
+def test_bearer_token(tiny_run):
+    httpd = make_server(resolve_models([tiny_run]), port=0, threads=1, token="abc")
+    t = threading.Thread(target=httpd.serve_forever, daemon=True)
+    t.start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        assert call(f"{url}/v2/health/ready")[0] == 200  # probes stay open
+        for headers in ({}, {"Authorization": "Bearer nope"}):
+            try:
+                urllib.request.urlopen(urllib.request.Request(f"{url}/v2/models/tiny", headers=headers), timeout=10)
+                raise AssertionError("no 401")
+            except urllib.error.HTTPError as e:
+                assert e.code == 401 and e.headers["WWW-Authenticate"].startswith("Bearer")
+        req = urllib.request.Request(f"{url}/v2/models/tiny", headers={"Authorization": "Bearer abc"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            assert r.status == 200
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
