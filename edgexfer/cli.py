@@ -17,6 +17,7 @@ import click
 
 from edgexfer import __version__
 from edgexfer.errors import EdgexferError
+from edgexfer.runtime import atomic
 
 log = logging.getLogger("edgexfer")
 
@@ -33,8 +34,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def data_options(f):
     opts = [
-        click.option("--data", type=click.Path(file_okay=False, path_type=str), default=None,
-                     help="ImageFolder tree (one folder per class, or train/ val/ test/ subfolders). "
+        click.option("--data", type=click.Path(path_type=str), default=None,
+                     help="ImageFolder tree (one folder per class, or train/ val/ test/ subfolders), or a CSV file "
+                          "(path,label[,label2,...]; several label columns: one head per task). "
                           "Default: offline Fashion-MNIST."),
         click.option("--shots", type=click.IntRange(min=1), default=100, show_default=True,
                      help="Labelled images per class (validation included)."),
@@ -48,8 +50,19 @@ def data_options(f):
         click.option("--weights", default="imagenet", show_default=True,
                      help="imagenet | none | path to a local checkpoint."),
         click.option("--image-size", type=click.IntRange(min=32), default=96, show_default=True),
-        click.option("--strategy", type=click.Choice(["lpft", "finetune", "linear"]), default="lpft",
-                     show_default=True, help="lpft: linear probe then full fine-tune; linear: head only."),
+        click.option("--strategy", type=click.Choice(["auto", "lpft", "finetune", "partial", "linear"]),
+                     default="lpft", show_default=True,
+                     help="lpft: linear probe, then fine-tune every layer; finetune: every layer from the start; "
+                          "partial: probe, then the last --unfreeze-blocks blocks; linear: the head on cached "
+                          "features; auto: chosen by labels per class (the report says why)."),
+        click.option("--unfreeze-blocks", type=click.IntRange(min=1), default=3, show_default=True,
+                     help="partial: how many of the backbone's last blocks train."),
+        click.option("--lr-decay", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
+                     help="Layer-wise learning-rate decay: each earlier block trains at this times the next "
+                          "block's rate (1: one rate for the whole backbone)."),
+        click.option("--adapt-bn", type=click.Path(exists=True, file_okay=False, path_type=str), default=None,
+                     help="Folder of unlabelled images from the target domain: re-estimate BatchNorm statistics "
+                          "on them after training (AdaBN)."),
         click.option("--epochs", type=click.IntRange(min=1), default=8, show_default=True),
         click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True),
         click.option("--lr", type=float, default=3e-4, show_default=True, help="Peak learning rate (AdamW)."),
@@ -97,7 +110,8 @@ def apply_quant_options(cfg, *, target, calibration_method, calibration_samples,
 
 
 def build_config(*, data, shots, all_labels, test_size, seed, strict, backbone, weights, image_size, strategy,
-                 epochs, batch_size, lr, threads, compare_scratch=False):
+                 epochs, batch_size, lr, threads, compare_scratch=False, unfreeze_blocks=3, lr_decay=1.0,
+                 adapt_bn=None):
     from edgexfer.backbones import get_backbone_info
     from edgexfer.exporters.quantize import Int8Recipe
     from edgexfer.finetune import TrainConfig
@@ -107,14 +121,18 @@ def build_config(*, data, shots, all_labels, test_size, seed, strict, backbone, 
     if weights not in ("imagenet", "none") and not Path(weights).is_file():
         raise EdgexferError(f"weights file not found: {weights}")
     if data is not None and not Path(data).is_dir():
-        raise EdgexferError(f"data folder not found: {data}")
+        if not Path(data).is_file():
+            raise EdgexferError(f"data folder or CSV file not found: {data}")
+        if not data.lower().endswith(".csv"):
+            raise EdgexferError(f"--data takes a folder or a .csv file; got {data}")
     return RunConfig(
         data=DataConfig(source=str(Path(data).resolve()) if data else None, shots=None if all_labels else shots,
                         test_size=test_size, seed=seed, strict=strict),
         model=ModelConfig(backbone=backbone, weights=str(Path(weights).resolve()) if weights not in ("imagenet", "none") else weights,
                           image_size=image_size),
         train=TrainConfig(strategy=strategy, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                          scratch_baseline=compare_scratch),
+                          scratch_baseline=compare_scratch, unfreeze_blocks=unfreeze_blocks, lr_decay=lr_decay,
+                          adapt_bn=str(Path(adapt_bn).resolve()) if adapt_bn else None),
         quantize=Int8Recipe(),
         bench=BenchConfig(threads=threads),
     )
@@ -258,6 +276,82 @@ def evaluate(run_dir):
         click.echo(f"{k}: accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f} on {m['n']} test images")
 
 
+@cli.command()
+@click.option("--data", type=click.Path(path_type=str), default=None,
+              help="ImageFolder tree or CSV file (default: offline Fashion-MNIST).")
+@click.option("--shots", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Labelled images per class to score on (validation included).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--strict", is_flag=True, help="Refuse corrupt images instead of skipping them.")
+@click.option("--image-size", type=click.IntRange(min=32), default=96, show_default=True)
+@click.option("--candidates", default=None,
+              help="Comma-separated backbones, each NAME or NAME@WEIGHTS (WEIGHTS: imagenet, none or a checkpoint "
+                   "path). Default: every backbone with offline ImageNet weights, and the first from random init.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the ranking as JSON here.")
+def rank(data, shots, seed, strict, image_size, candidates, out):
+    """Score candidate backbones on your data before any fine-tuning (LogME on frozen features): higher
+    predicts better transfer. Seconds per candidate, no training."""
+    from edgexfer.data import load_dataset
+    from edgexfer.transfer import default_candidates, rank as rank_fn, rank_markdown
+
+    if data is not None and not Path(data).exists():
+        raise EdgexferError(f"data folder or CSV file not found: {data}")
+    specs = [c.strip() for c in candidates.split(",") if c.strip()] if candidates else default_candidates()
+    if not specs:
+        raise EdgexferError("no candidates: pass --candidates (no backbone has ImageNet weights offline)")
+    from edgexfer.backbones import build_backbone, get_backbone_info
+    from edgexfer.transfer import parse_candidate
+
+    for spec in specs:  # unknown names and missing weight files fail before any image is read
+        name, w = parse_candidate(spec)
+        get_backbone_info(name)
+        if w not in ("imagenet", "none") and not Path(w).is_file():
+            raise EdgexferError(f"weights file not found: {w} (candidate {spec})")
+        if w == "imagenet" and not get_backbone_info(name).offline():
+            build_backbone(name, weights="imagenet")  # raises the backbone's own "how to get the weights" error
+    ds = load_dataset(data, shots=shots, val_fraction=0.2, test_size=10, seed=seed, strict=strict)
+    res = rank_fn(ds, specs, image_size=image_size, seed=seed)
+    click.echo(rank_markdown(res))
+    click.echo(f"\n{len(specs)} candidates scored in {res['total_seconds']:.1f} s.")
+    if out:
+        atomic.write_json(out, res)
+
+
+@cli.command()
+@data_options
+@click.option("--labels", "shots_list", default="1,5,10,50,100", show_default=True,
+              help="Comma-separated labelled images per class, one point each.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/curve"),
+              show_default=True, help="Folder for curve.json, curve.md and curve.png.")
+@click.option("--no-scratch", is_flag=True, help="Skip the from-scratch baseline (half the time).")
+@click.pass_context
+def curve(ctx, shots_list, out, no_scratch, **kw):
+    """Accuracy against labels per class, pretrained vs the same network from scratch with the same budget
+    (table, JSON and PNG). --strategy defaults to auto here. A killed curve resumes."""
+    from edgexfer.transfer import curve as curve_fn, curve_markdown
+
+    try:
+        shots = sorted({int(k) for k in shots_list.split(",") if k.strip()})
+    except ValueError:
+        raise EdgexferError(f"--labels takes comma-separated integers; got {shots_list!r}") from None
+    if not shots or shots[0] < 1:
+        raise EdgexferError(f"--labels needs positive integers; got {shots_list!r}")
+    if ctx.get_parameter_source("strategy") == click.core.ParameterSource.DEFAULT:
+        kw["strategy"] = "auto"
+    kw["all_labels"] = False
+    cfg = build_config(**kw)
+
+    def on_point(p):
+        pre, s = p["pretrained"], p.get("scratch")
+        click.echo(f"  {p['labels_per_class']:4d} labels/class: pretrained {pre['test_accuracy']:.4f} ({pre['strategy']})"
+                   + (f", scratch {s['test_accuracy']:.4f}, {p['gain_points']:+.1f} points" if s else ""), err=True)
+
+    res = curve_fn(cfg, shots, out, scratch=not no_scratch, on_point=on_point)
+    click.echo(curve_markdown(res))
+    click.echo(f"{out}/curve.json, curve.md, curve.png")
+
+
 def _forward_to_runtime(name: str, help_text: str):
     """`bench`, `predict` and `serve` are the runtime's own commands (argparse, so that they work with
     the runtime install alone); the training CLI lists them and hands their arguments over unchanged."""
@@ -305,13 +399,17 @@ def inspect(models, as_json):
 
 @cli.command()
 def backbones():
-    """List the registered backbones and whether ImageNet weights are available offline."""
-    from edgexfer.backbones import get_backbone_info, list_backbones
+    """List the registered backbones: parameters, feature size, blocks, and whether ImageNet weights are
+    available offline. timm/<name> works too when timm is installed."""
+    from edgexfer.backbones import get_backbone_info, list_backbones, build_backbone
 
-    click.echo(f"{'name':22s} {'features':>8s}  imagenet weights offline")
+    click.echo(f"{'name':22s} {'params':>8s} {'features':>8s} {'blocks':>6s} {'size':>5s}  imagenet weights offline")
     for n in list_backbones():
         info = get_backbone_info(n)
-        click.echo(f"{n:22s} {info.feature_dim:8d}  {'yes' if info.offline() else 'no (needs download or a local path)'}")
+        bb = build_backbone(n, weights="none")
+        params = sum(p.numel() for b in bb.blocks for p in b.parameters())
+        click.echo(f"{n:22s} {params / 1e6:7.2f}M {info.feature_dim:8d} {len(bb.blocks):6d} {info.default_size:5d}  "
+                   f"{'yes' if info.offline() else 'no (needs download or a local path)'}")
 
 
 def main(argv=None) -> None:

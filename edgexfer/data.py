@@ -1,4 +1,9 @@
-"""Labelled image sets: the offline Fashion-MNIST default and your own ImageFolder trees.
+"""Labelled image sets: the offline Fashion-MNIST default, your own ImageFolder trees, and CSV files.
+
+A CSV file names an image and one label per task: `path,label[,label2,...]` with a header row whose
+column names become the task names (several label columns train one head per task). An empty
+cell leaves that image unlabelled for that task (the first task needs every label); an optional
+`split` column (train/val/test) is honoured as given.
 
 A `Dataset` holds its splits as lists of image sources (paths or uint8 arrays) with integer labels;
 images become tensors only through the runtime's preprocessing (`edgexfer.runtime.preprocess`), so
@@ -32,24 +37,36 @@ FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
 @dataclass
 class Split:
     images: list[Any]          # paths (str) or uint8 arrays (H, W[, C])
-    labels: np.ndarray         # int64 (N,)
+    labels: np.ndarray         # int64 (N,): the first task's labels
+    extra: dict[str, np.ndarray] = field(default_factory=dict)  # the other tasks' labels; -1: unlabelled
 
     def __len__(self) -> int:
         return len(self.images)
 
     def subset(self, idx) -> "Split":
         idx = np.asarray(idx, dtype=np.int64)
-        return Split([self.images[i] for i in idx], self.labels[idx])
+        return Split([self.images[i] for i in idx], self.labels[idx], {k: v[idx] for k, v in self.extra.items()})
+
+    def targets(self) -> np.ndarray:
+        """(N, tasks) int64: the first task's labels, then each other task's (-1 where unlabelled)."""
+        return np.stack([self.labels, *self.extra.values()], axis=1) if self.extra else self.labels[:, None]
 
 
 @dataclass
 class Dataset:
     source: str
-    classes: list[str]
+    classes: list[str]         # the first task's classes
     train: Split
     val: Split
     test: Split
     skipped: list[str] = field(default_factory=list)  # corrupt images that were left out
+    task_names: list[str] = field(default_factory=lambda: ["label"])
+    extra_classes: dict[str, list[str]] = field(default_factory=dict)  # the other tasks' classes
+
+    @property
+    def tasks(self) -> dict[str, list[str]]:
+        """Task name -> classes, the first task first: one head (and one ONNX output) each."""
+        return {self.task_names[0]: list(self.classes), **{k: list(v) for k, v in self.extra_classes.items()}}
 
     def summary(self) -> dict:
         def per_class(s: Split) -> dict:
@@ -66,6 +83,11 @@ class Dataset:
             "test_per_class": per_class(self.test),
             "imbalance_ratio": float(nonzero.max() / nonzero.min()) if nonzero.size else None,
             "skipped_corrupt": list(self.skipped),
+            **({"tasks": {name: {"classes": cls, "train_per_class": {
+                c: int(n) for c, n in zip(cls, np.bincount(self.train.extra[name][self.train.extra[name] >= 0],
+                                                            minlength=len(cls)))},
+                "train_unlabelled": int(np.sum(self.train.extra[name] < 0))}
+                for name, cls in self.extra_classes.items()}} if self.extra_classes else {}),
         }
 
 
@@ -239,11 +261,122 @@ def load_image_folder(root: str | os.PathLike, *, shots: int | None = None, val_
     return Dataset(f"imagefolder:{root}", classes, sub(tr), sub(va), sub(te), skipped)
 
 
+# -- CSV files: path,label[,label2,...] -----------------------------------------------------------
+
+PATH_COLUMNS = ("path", "image", "file", "filename")
+
+
+def load_csv(csv_path: str | os.PathLike, *, shots: int | None = None, val_fraction: float = 0.15,
+             test_fraction: float = 0.2, seed: int = 0, strict: bool = False) -> Dataset:
+    """A CSV file with a header: an image column (path, image, file or filename; relative paths are
+    relative to the CSV's folder), one column per task, and optionally `split` (train/val/test).
+
+    Splits are stratified on the first task with `seed` unless a `split` column gives them;
+    `shots` limits the labelled images per class of the first task.
+    """
+    import csv
+
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise DataError(f"CSV file not found: {csv_path}")
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        raise DataError(f"{csv_path} is empty")
+    header = [h.strip() for h in rows[0]]
+    if not header or header[0].lower() not in PATH_COLUMNS:
+        raise DataError(f"{csv_path}: the first column must be the image path, headed one of {PATH_COLUMNS}; "
+                        f"found {header[0] if header else 'nothing'!r}")
+    split_col = header.index("split") if "split" in header else None
+    task_cols = [i for i in range(1, len(header)) if i != split_col]
+    if not task_cols:
+        raise DataError(f"{csv_path}: no label column (expected path,label[,label2,...])")
+    names = [header[i] for i in task_cols]
+    if len(set(names)) != len(names) or any(not n for n in names):
+        raise DataError(f"{csv_path}: label columns need distinct, non-empty names; found {names}")
+    paths, raw, splits, skipped, missing = [], [], [], [], []
+    for n, row in enumerate(rows[1:], start=2):
+        if not row or all(not c.strip() for c in row):
+            continue
+        if len(row) != len(header):
+            raise DataError(f"{csv_path}:{n}: {len(row)} fields, the header has {len(header)}")
+        p = Path(row[0].strip())
+        p = p if p.is_absolute() else csv_path.parent / p
+        if not p.is_file():
+            missing.append(str(p))
+            continue
+        if not _check_image(p):
+            if strict:
+                raise DataError(f"corrupt image: {p} (remove it, or drop --strict to skip corrupt images)")
+            skipped.append(str(p))
+            continue
+        labels = [row[i].strip() for i in task_cols]
+        if not labels[0]:
+            raise DataError(f"{csv_path}:{n}: no label for the first task {names[0]!r} (every image needs one)")
+        if split_col is not None:
+            sp = row[split_col].strip().lower()
+            if sp not in SPLIT_NAMES:
+                raise DataError(f"{csv_path}:{n}: split {sp!r} is not one of {SPLIT_NAMES}")
+            splits.append(sp)
+        paths.append(str(p))
+        raw.append(labels)
+    if missing:
+        raise DataError(f"{csv_path}: {len(missing)} image(s) not found, e.g. {missing[0]}")
+    for p in skipped:
+        log.warning("skipping corrupt image %s", p)
+    if not paths:
+        raise DataError(f"{csv_path} lists no readable images")
+    classes = [sorted({r[t] for r in raw if r[t]}) for t in range(len(names))]
+    for name, cls in zip(names, classes):
+        if len(cls) < 2:
+            raise DataError(f"{csv_path}: task {name!r} needs at least two classes; found {cls}")
+    y = np.asarray([[classes[t].index(r[t]) if r[t] else -1 for t in range(len(names))] for r in raw], np.int64)
+
+    def sub(idx) -> Split:
+        idx = np.asarray(idx, np.int64)
+        return Split([paths[i] for i in idx], y[idx, 0], {names[t]: y[idx, t] for t in range(1, len(names))})
+
+    rng = np.random.default_rng(seed)
+    labels = y[:, 0]
+    if split_col is not None:
+        sp = np.asarray(splits)
+        tr_all, va, te = (np.flatnonzero(sp == k) for k in SPLIT_NAMES)
+        if not len(tr_all) or not len(te):
+            raise DataError(f"{csv_path}: the split column needs train and test rows")
+        tr = tr_all[stratified_take(labels[tr_all], shots, rng)]
+        if not len(va):
+            t2, v2 = split_labelled(labels[tr], None, val_fraction, rng)
+            tr, va = tr[t2], tr[v2]
+    else:
+        counts = np.bincount(labels, minlength=len(classes[0]))
+        if counts.min() < 3:
+            raise DataError(f"class '{classes[0][int(counts.argmin())]}' of task {names[0]!r} has {counts.min()} "
+                            "images; each class needs at least 3 (train, val and test)")
+        rest, te = stratified_split(labels, (1 - test_fraction, test_fraction), rng)
+        tr, va = split_labelled(labels[rest], shots, val_fraction, rng)
+        tr, va = rest[tr], rest[va]
+    return Dataset(f"csv:{csv_path}", classes[0], sub(tr), sub(va), sub(te), skipped, names,
+                   {names[t]: classes[t] for t in range(1, len(names))})
+
+
 def load_dataset(data: str | None, **kw) -> Dataset:
-    """`None` or "fashion-mnist" -> the offline default; anything else is an ImageFolder path."""
+    """`None` or "fashion-mnist" -> the offline default; a .csv file -> `load_csv`; else an ImageFolder path."""
     if data in (None, "", "fashion-mnist"):
         kw.pop("strict", None)
         kw.pop("test_fraction", None)
         return load_fashion_mnist(**kw)
     kw.pop("test_size", None)
+    if str(data).lower().endswith(".csv"):
+        return load_csv(data, **kw)
     return load_image_folder(data, **kw)
+
+
+def list_images(root: str | os.PathLike) -> list[str]:
+    """Every readable image under `root` (recursively), sorted: unlabelled images, e.g. for --adapt-bn."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"image folder not found: {root}")
+    files = sorted(str(p) for p in root.rglob("*") if _is_image(p) and _check_image(p))
+    if not files:
+        raise DataError(f"{root} holds no readable images")
+    return files

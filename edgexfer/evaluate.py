@@ -41,13 +41,30 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes: list
 
 
 def evaluate_file(path: str | Path, x: np.ndarray, y: np.ndarray, classes: list[str], *,
-                  threads: int | None = None) -> dict:
+                  threads: int | None = None, tasks: dict[str, list[str]] | None = None) -> dict:
+    """Metrics of the first output against `y` (N,) — or, with several `tasks` and `y` (N, tasks), the
+    first task's metrics at the top level plus every task's under "tasks" (images unlabelled for a task,
+    -1, are left out of its metrics)."""
     t0 = time.perf_counter()
-    logits = onnx_logits(path, x, threads=threads, desc=f"evaluate {Path(path).name}")[0]
-    m = classification_metrics(y, logits.argmax(1), classes)
+    logits = onnx_logits(path, x, threads=threads, desc=f"evaluate {Path(path).name}")
+    y2 = y[:, None] if y.ndim == 1 else y
+    m = classification_metrics(y2[:, 0], logits[0].argmax(1), classes)
+    if tasks and len(tasks) > 1:
+        m["tasks"] = {}
+        for t, (name, cls) in enumerate(tasks.items()):
+            keep = y2[:, t] >= 0
+            m["tasks"][name] = classification_metrics(y2[keep, t], logits[t][keep].argmax(1), cls)
+        m["mean_task_accuracy"] = float(np.mean([v["accuracy"] for v in m["tasks"].values()]))
     m["seconds"] = time.perf_counter() - t0
-    m["predictions"] = logits.argmax(1)  # dropped before writing the report; used for agreement
+    m["predictions"] = logits[0].argmax(1)  # dropped before writing the report; used for agreement
     return m
+
+
+def mean_task_accuracy(logits: list[np.ndarray], y: np.ndarray) -> float:
+    """Top-1 accuracy averaged over tasks, each over the images labelled for it (-1: unlabelled)."""
+    y2 = y[:, None] if y.ndim == 1 else y
+    accs = [float(np.mean(lg[y2[:, t] >= 0].argmax(1) == y2[y2[:, t] >= 0, t])) for t, lg in enumerate(logits)]
+    return float(np.mean(accs))
 
 
 def per_class_delta(base: dict, other: dict, *, warn_points: float = 3.0) -> dict:

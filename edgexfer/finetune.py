@@ -30,16 +30,18 @@ from edgexfer.runtime.preprocess import preprocess
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("linear", "finetune", "lpft")
+STRATEGIES = ("auto", "linear", "partial", "finetune", "lpft")
 
 
 @dataclass
 class TrainConfig:
-    strategy: str = "lpft"          # linear | finetune | lpft
+    strategy: str = "lpft"          # auto | linear | partial | finetune | lpft
     epochs: int = 8                 # fine-tuning epochs
     batch_size: int = 32
-    lr: float = 3e-4                # head learning rate; the backbone gets lr * backbone_lr_mult
+    lr: float = 3e-4                # head learning rate; the backbone's last block gets lr * backbone_lr_mult
     backbone_lr_mult: float = 1.0
+    lr_decay: float = 1.0           # layer-wise: each earlier block gets this times the next block's rate
+    unfreeze_blocks: int = 3        # partial: how many of the backbone's last blocks train
     freeze_bn: bool = True          # BatchNorm statistics stay as pretrained (eval mode) while fine-tuning
     weight_decay: float = 0.01
     label_smoothing: float = 0.1
@@ -50,10 +52,38 @@ class TrainConfig:
     patience: int = 4               # early stopping on validation accuracy
     seed: int = 0
     scratch_baseline: bool = False  # also train the same network from random init, same budget
+    adapt_bn: str | None = None     # folder of unlabelled target-domain images: AdaBN after training
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.strategy!r}; choose one of {STRATEGIES}")
+        if not 0 < self.lr_decay <= 1:
+            raise ValueError(f"lr_decay must be in (0, 1]; got {self.lr_decay}")
+        if self.unfreeze_blocks < 1:
+            raise ValueError(f"unfreeze_blocks must be at least 1; got {self.unfreeze_blocks}")
+
+
+# --strategy auto: labelled training images per class (median over classes) -> strategy. The bounds
+# come from benchmarks/bench_transfer.py (strategies compared on Fashion-MNIST, benchmarks/RESULTS.md).
+AUTO_LINEAR_BELOW = 10
+AUTO_PARTIAL_BELOW = 40
+
+
+def choose_strategy(train_labels: np.ndarray, n_classes: int, weights: str) -> tuple[str, str]:
+    """What `--strategy auto` picks for this data, and why (the report quotes the reason)."""
+    counts = np.bincount(train_labels, minlength=n_classes)
+    per_class = float(np.median(counts[counts > 0])) if counts.any() else 0.0
+    if weights == "none":
+        return "finetune", "random-init weights: nothing to probe or to keep frozen, so every layer trains"
+    if per_class < AUTO_LINEAR_BELOW:
+        return "linear", (f"{per_class:g} labelled training images per class (median) < {AUTO_LINEAR_BELOW}: "
+                          "fine-tuning the backbone would over-fit; a linear probe on cached features is as "
+                          "accurate and trains in seconds")
+    if per_class < AUTO_PARTIAL_BELOW:
+        return "partial", (f"{per_class:g} labelled training images per class (median) < {AUTO_PARTIAL_BELOW}: "
+                           "probe, then fine-tune only the last blocks (fewer weights to fit to few images)")
+    return "lpft", (f"{per_class:g} labelled training images per class (median) >= {AUTO_PARTIAL_BELOW}: "
+                    "linear probe, then fine-tune every layer (LP-FT), earlier layers at lower rates")
 
 
 @dataclass
@@ -66,12 +96,18 @@ class TrainResult:
     probe_seconds: float | None
     history: list[dict] = field(default_factory=list)
     resumed_after_epoch: int | None = None
+    strategy_reason: str | None = None
+    trainable_parameters: int | None = None
+    val_accuracy_per_task: dict | None = None
+    device: str = "cpu"
 
 
 def tensorize(split: Split, pp: Preprocessing, desc: str = "preprocess") -> tuple[torch.Tensor, torch.Tensor]:
-    """Images -> (N, C, H, W) float32 through the runtime's preprocessing; labels -> (N,) int64."""
+    """Images -> (N, C, H, W) float32 through the runtime's preprocessing; labels -> (N,) int64 for one
+    task, (N, tasks) int64 for several (-1 where an image is unlabelled for a task)."""
     x = np.stack([preprocess(im, pp) for im in tqdm(split.images, desc=desc, leave=False, disable=True if len(split) < 200 else None)])
-    return torch.from_numpy(x), torch.as_tensor(split.labels, dtype=torch.int64)
+    y = split.targets() if split.extra else split.labels
+    return torch.from_numpy(x), torch.as_tensor(y, dtype=torch.int64)
 
 
 def augment(x: torch.Tensor, g: torch.Generator, pad_frac: float = 0.08) -> torch.Tensor:
@@ -86,21 +122,27 @@ def augment(x: torch.Tensor, g: torch.Generator, pad_frac: float = 0.08) -> torc
     return torch.stack([xp[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(b)])
 
 
+def _bn_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+
 def set_train_mode(model: EdgeNet, freeze_bn: bool) -> None:
     """Training mode, except BatchNorm layers when `freeze_bn`: with a few hundred images, batch
     statistics are noisy and drift from the pretrained ones the probe was fitted on (measured on
     Fashion-MNIST, 100 labels/class: 0.858 test accuracy with frozen BN, 0.815 without)."""
     model.train()
     if freeze_bn:
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.eval()
+        for m in _bn_layers(model):
+            m.eval()
 
 
 @torch.no_grad()
-def predict_logits(model: EdgeNet, x: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
+def predict_logits(model: EdgeNet, x: torch.Tensor, batch_size: int = 128, task: int | None = 0):
+    """Logits of task `task` (default the first), or of every task (a list) when `task` is None."""
     model.eval()
-    return torch.cat([model(x[i:i + batch_size])[0] for i in range(0, len(x), batch_size)])
+    outs = [model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+    per_task = [torch.cat([o[t] for o in outs]) for t in range(len(outs[0]))] if outs else []
+    return per_task if task is None else per_task[task]
 
 
 @torch.no_grad()
@@ -110,46 +152,129 @@ def extract_features(model: EdgeNet, x: torch.Tensor, batch_size: int = 128, des
     return torch.cat([model.features(x[i:i + batch_size]) for i in tqdm(chunks, desc=desc, leave=False, disable=None)])
 
 
+def _cols(y: torch.Tensor) -> torch.Tensor:
+    return y[:, None] if y.ndim == 1 else y
+
+
+def task_accuracies(logits: list[torch.Tensor], y: torch.Tensor) -> list[float]:
+    """Top-1 accuracy per task over the images labelled for it."""
+    y = _cols(y)
+    out = []
+    for t, lg in enumerate(logits):
+        m = y[:, t] >= 0
+        out.append(float((lg[m].argmax(1) == y[m, t]).float().mean()) if m.any() else float("nan"))
+    return out
+
+
 def class_weights(y: torch.Tensor, n: int) -> torch.Tensor | None:
     """Inverse-frequency weights when classes are imbalanced (max/min count > 1.5), else None."""
+    y = y[y >= 0]
     counts = torch.bincount(y, minlength=n).float()
     present = counts[counts > 0]
-    if present.max() / present.min() <= 1.5:
+    if not len(present) or present.max() / present.min() <= 1.5:
         return None
     return torch.where(counts > 0, counts.sum() / (len(present) * counts.clamp(min=1)), torch.zeros_like(counts))
 
 
+def multitask_loss(logits, y: torch.Tensor, weights: list, label_smoothing: float) -> torch.Tensor:
+    """The sum over tasks of cross-entropy on the images labelled for each task (-1: unlabelled)."""
+    y = _cols(y)
+    total = 0.0
+    for t, lg in enumerate(logits):
+        m = y[:, t] >= 0
+        if m.any():
+            w = None if weights[t] is None else weights[t].to(lg.device)
+            total = total + F.cross_entropy(lg[m], y[m, t], weight=w, label_smoothing=label_smoothing)
+    return total
+
+
 def linear_probe(model: EdgeNet, f_tr: torch.Tensor, y_tr: torch.Tensor, f_va: torch.Tensor, y_va: torch.Tensor,
-                 cfg: TrainConfig, weight: torch.Tensor | None) -> float:
-    """Fit the head on cached features (full batch, AdamW); keep the best step by validation accuracy."""
-    head = next(iter(model.heads.values()))
-    opt = torch.optim.AdamW(head.parameters(), lr=cfg.probe_lr, weight_decay=cfg.weight_decay)
-    best, best_state = -1.0, None
-    for step in range(cfg.probe_steps):
-        head.train()
-        loss = F.cross_entropy(head(f_tr), y_tr, weight=weight, label_smoothing=cfg.label_smoothing)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % 10 == 9 or step == cfg.probe_steps - 1:
-            with torch.no_grad():
-                acc = (head(f_va).argmax(1) == y_va).float().mean().item() if len(y_va) else -loss.item()
-            if acc > best:
-                best, best_state = acc, {k: v.clone() for k, v in head.state_dict().items()}
-    head.load_state_dict(best_state)
-    return best
+                 cfg: TrainConfig, weights: list) -> float:
+    """Fit each head on cached features (full batch, AdamW); keep each head's best step by its validation
+    accuracy. Returns the mean validation accuracy over tasks."""
+    y_tr, y_va = _cols(y_tr), _cols(y_va)
+    accs = []
+    for t, head in enumerate(model.heads.values()):
+        mt, mv = y_tr[:, t] >= 0, y_va[:, t] >= 0
+        ft, yt, fv, yv = f_tr[mt], y_tr[mt, t], f_va[mv], y_va[mv, t]
+        opt = torch.optim.AdamW(head.parameters(), lr=cfg.probe_lr, weight_decay=cfg.weight_decay)
+        best, best_state = -float("inf"), None
+        for step in range(cfg.probe_steps):
+            head.train()
+            loss = F.cross_entropy(head(ft), yt, weight=weights[t], label_smoothing=cfg.label_smoothing)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if step % 10 == 9 or step == cfg.probe_steps - 1:
+                with torch.no_grad():
+                    acc = (head(fv).argmax(1) == yv).float().mean().item() if len(yv) else -loss.item()
+                if acc > best:
+                    best, best_state = acc, {k: v.clone() for k, v in head.state_dict().items()}
+        head.load_state_dict(best_state)
+        accs.append(best)
+    return float(np.mean(accs))
+
+
+def block_groups(model: EdgeNet) -> list[list[torch.nn.Parameter]]:
+    """The backbone's parameters by block, input side first; parameters outside every block (if any)
+    join the first group."""
+    blocks = list(getattr(model.backbone, "blocks", []) or [model.backbone])
+    groups = [list(b.parameters()) for b in blocks]
+    seen = {id(p) for g in groups for p in g}
+    rest = [p for p in model.backbone.parameters() if id(p) not in seen]
+    if rest:
+        groups[0] = rest + groups[0]
+    return groups
+
+
+def freeze_for(model: EdgeNet, strategy: str, unfreeze_blocks: int) -> int:
+    """Freeze what `strategy` leaves untrained (partial: all but the last `unfreeze_blocks` blocks);
+    returns the number of trainable parameters."""
+    groups = block_groups(model)
+    keep = len(groups) if strategy != "partial" else min(unfreeze_blocks, len(groups))
+    for i, g in enumerate(groups):
+        for p in g:
+            p.requires_grad_(i >= len(groups) - keep)
+    for p in model.heads.parameters():
+        p.requires_grad_(True)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def _param_groups(model: EdgeNet, cfg: TrainConfig) -> list[dict]:
-    decay, no_decay = [], []
-    for n, p in model.backbone.named_parameters():
-        (no_decay if p.ndim <= 1 else decay).append(p)
-    blr = cfg.lr * cfg.backbone_lr_mult
-    return [
-        {"params": decay, "lr": blr, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "lr": blr, "weight_decay": 0.0},
-        {"params": list(model.heads.parameters()), "lr": cfg.lr, "weight_decay": cfg.weight_decay},
-    ]
+    """AdamW groups: the head at `lr`; backbone block i of n (input side first) at
+    lr * backbone_lr_mult * lr_decay ** (n - 1 - i) (layer-wise learning-rate decay); no weight decay
+    on biases and norms; frozen parameters left out."""
+    groups = block_groups(model)
+    out = []
+    n = len(groups)
+    for i, params in enumerate(groups):
+        lr = cfg.lr * cfg.backbone_lr_mult * cfg.lr_decay ** (n - 1 - i)
+        decay = [p for p in params if p.requires_grad and p.ndim > 1]
+        no_decay = [p for p in params if p.requires_grad and p.ndim <= 1]
+        out += [g for g in ({"params": decay, "lr": lr, "weight_decay": cfg.weight_decay},
+                            {"params": no_decay, "lr": lr, "weight_decay": 0.0}) if g["params"]]
+    out.append({"params": list(model.heads.parameters()), "lr": cfg.lr, "weight_decay": cfg.weight_decay})
+    return out
+
+
+@torch.no_grad()
+def adapt_batchnorm(model: EdgeNet, x: torch.Tensor, batch_size: int = 64) -> int:
+    """AdaBN (Li et al., 2016): replace every BatchNorm layer's running mean and variance with the
+    statistics of `x`, unlabelled images of the target domain; nothing else changes. Returns the
+    number of BatchNorm layers adapted."""
+    bns = _bn_layers(model)
+    saved = [m.momentum for m in bns]
+    model.eval()
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over all batches, not an exponential one
+        m.train()
+    for i in range(0, len(x), batch_size):
+        model.features(x[i:i + batch_size])
+    for m, mom in zip(bns, saved):
+        m.momentum = mom
+    model.eval()
+    return len(bns)
 
 
 def _lr_lambda(total: int, warmup: int):
@@ -162,32 +287,49 @@ def _lr_lambda(total: int, warmup: int):
 
 
 def train(model: EdgeNet, data: Dataset, pp: Preprocessing, cfg: TrainConfig, work_dir: Path,
-          device: str | None = None) -> TrainResult:
+          device: str | None = None, weights: str = "imagenet") -> TrainResult:
     """Train `model` in place on `data`; leaves the best (by validation accuracy) weights loaded.
 
-    `work_dir/train_state.pt` is written after every epoch; if it exists and was made with the same
-    config, training resumes from it.
+    `cfg.strategy` "auto" is resolved here from the data (`choose_strategy`; `weights` is what the
+    backbone started from). `work_dir/train_state.pt` is written after every epoch; if it exists and
+    was made with the same config, training resumes from it.
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)
-    n_cls = len(data.classes)
+    n_cls = [len(c) for c in data.tasks.values()]
+    strategy, reason = cfg.strategy, None
+    if strategy == "auto":
+        strategy, reason = choose_strategy(data.train.labels, n_cls[0], weights)
+        log.info("--strategy auto chose %s: %s", strategy, reason)
     x_tr, y_tr = tensorize(data.train, pp, "preprocess train")
     x_va, y_va = tensorize(data.val, pp, "preprocess val") if len(data.val) else (x_tr[:0], y_tr[:0])
-    weight = class_weights(y_tr, n_cls)
+    cw = [class_weights(_cols(y_tr)[:, t], n) for t, n in enumerate(n_cls)]
     history: list[dict] = []
     t_start = time.perf_counter()
+    trainable = freeze_for(model, strategy, cfg.unfreeze_blocks) if strategy != "linear" else \
+        sum(p.numel() for p in model.heads.parameters())
+
+    def finish(best_epoch, best_acc, probe_acc, probe_s, resumed=None) -> TrainResult:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        per_task = None
+        if len(n_cls) > 1 and len(x_va):
+            accs = task_accuracies(predict_logits(model, x_va, task=None), y_va)
+            per_task = dict(zip(data.tasks, accs))
+        return TrainResult(strategy, best_epoch, best_acc, probe_acc, time.perf_counter() - t_start, probe_s,
+                           history, resumed, reason, trainable, per_task, device)
 
     probe_acc = probe_s = None
-    if cfg.strategy in ("linear", "lpft"):
+    if strategy in ("linear", "lpft", "partial"):
         t0 = time.perf_counter()
         f_tr = extract_features(model, x_tr, desc="features train")
         f_va = extract_features(model, x_va, desc="features val") if len(x_va) else f_tr[:0]
-        probe_acc = linear_probe(model, f_tr, y_tr, f_va, y_va, cfg, weight)
+        probe_acc = linear_probe(model, f_tr, y_tr, f_va, y_va, cfg, cw)
         probe_s = time.perf_counter() - t0
         log.info("linear probe: val accuracy %.4f in %.1f s", probe_acc, probe_s)
         history.append({"epoch": 0, "phase": "probe", "val_accuracy": probe_acc, "seconds": probe_s})
-    if cfg.strategy == "linear":
-        return TrainResult(cfg.strategy, 0, probe_acc, probe_acc, time.perf_counter() - t_start, probe_s, history)
+    if strategy == "linear":
+        return finish(0, probe_acc, probe_acc, probe_s)
 
     model.to(device)
     opt = torch.optim.AdamW(_param_groups(model, cfg))
@@ -197,8 +339,13 @@ def train(model: EdgeNet, data: Dataset, pp: Preprocessing, cfg: TrainConfig, wo
     use_amp = device.startswith("cuda")
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
+    def val_accuracy(losses) -> float:
+        if not len(x_va):
+            return -float(np.mean(losses))
+        return float(np.nanmean(task_accuracies(predict_logits(model, x_va.to(device), task=None), y_va.to(device))))
+
     state_path = work_dir / "train_state.pt"
-    cfg_key = json.dumps(asdict(cfg), sort_keys=True)
+    cfg_key = json.dumps({**asdict(cfg), "resolved_strategy": strategy}, sort_keys=True)
     # best_* pick the weights to keep (the probe's included); ft_best and bad drive early stopping, which
     # compares fine-tuning epochs with each other only: the first epochs often dip below the probe.
     start_epoch, best_acc, best_epoch, best_state, bad = 1, probe_acc if probe_acc is not None else -1.0, 0, None, 0
@@ -238,8 +385,7 @@ def train(model: EdgeNet, data: Dataset, pp: Preprocessing, cfg: TrainConfig, wo
                 xb = augment(xb, g)
             xb, yb = xb.to(device), yb.to(device)
             with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=use_amp):
-                loss = F.cross_entropy(model(xb)[0], yb, weight=None if weight is None else weight.to(device),
-                                       label_smoothing=cfg.label_smoothing)
+                loss = multitask_loss(model(xb), yb, cw, cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
@@ -247,8 +393,7 @@ def train(model: EdgeNet, data: Dataset, pp: Preprocessing, cfg: TrainConfig, wo
             sched.step()
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-        val_acc = ((predict_logits(model, x_va.to(device)).argmax(1).cpu() == y_va).float().mean().item()
-                   if len(x_va) else -float(np.mean(losses)))
+        val_acc = val_accuracy(losses)
         rec = {"epoch": epoch, "phase": "finetune", "train_loss": float(np.mean(losses)),
                "val_accuracy": val_acc, "seconds": time.perf_counter() - t0}
         history.append(rec)
@@ -272,5 +417,4 @@ def train(model: EdgeNet, data: Dataset, pp: Preprocessing, cfg: TrainConfig, wo
     if best_state is not None:
         model.load_state_dict(best_state)
     model.to("cpu").eval()
-    return TrainResult(cfg.strategy, best_epoch, best_acc, probe_acc, time.perf_counter() - t_start, probe_s, history,
-                       resumed)
+    return finish(best_epoch, best_acc, probe_acc, probe_s, resumed)

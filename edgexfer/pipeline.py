@@ -219,7 +219,7 @@ def finetune(run_dir: str | Path, cfg: RunConfig, ws: Workspace | None = None) -
     ds = ws.dataset
     info = get_backbone_info(cfg.model.backbone)
     mcfg = model_config(backbone=cfg.model.backbone, weights=cfg.model.weights, image_size=cfg.model.image_size,
-                        tasks={"label": ds.classes}, dropout=cfg.model.dropout)
+                        tasks=ds.tasks, dropout=cfg.model.dropout)
     import torch
 
     torch.manual_seed(cfg.train.seed)  # the head's initialisation, too, follows the seed
@@ -227,7 +227,8 @@ def finetune(run_dir: str | Path, cfg: RunConfig, ws: Workspace | None = None) -
     run.path.mkdir(parents=True, exist_ok=True)
     run.write_config(cfg)
     atomic.write_json(run.file("report.json"), {"schema": REPORT_SCHEMA, "stages": {}})  # a new model: start over
-    result = train(model, ds, ws.preprocessing, cfg.train, run.path)
+    result = train(model, ds, ws.preprocessing, cfg.train, run.path, weights=cfg.model.weights)
+    adaptation = adapt_bn(model, cfg.train.adapt_bn, ws) if cfg.train.adapt_bn else None
     sha = save_checkpoint(run.checkpoint, model, mcfg, extra={"train_result": asdict(result)})
     state = run.file("train_state.pt")
     if state.exists():
@@ -237,10 +238,13 @@ def finetune(run_dir: str | Path, cfg: RunConfig, ws: Workspace | None = None) -
     run.update_report(
         data=ds.summary(),
         backbone={"name": cfg.model.backbone, "weights": cfg.model.weights, "strategy": result.strategy,
+                  "strategy_requested": cfg.train.strategy, "strategy_reason": result.strategy_reason,
                   "pretrained_on": info.pretrained_on if cfg.model.weights == "imagenet" else cfg.model.weights,
                   "image_size": cfg.model.image_size, "feature_dim": info.feature_dim},
         training={**asdict(result), "checkpoint_sha256": sha, "config": asdict(cfg.train)},
     )
+    if adaptation:
+        run.update_report(adaptation=adaptation)
     if cfg.train.scratch_baseline:
         run.update_report(transfer=scratch_baseline(run, cfg, ws, model, mcfg))
     run.mark_done("finetune", time.perf_counter() - t0)
@@ -263,13 +267,13 @@ def scratch_baseline(run: RunFolder, cfg: RunConfig, ws: Workspace, pretrained, 
     # From scratch there is nothing to probe and no pretrained statistics to keep: full training,
     # BatchNorm in training mode, a learning rate of at least 1e-3.
     scfg = dc.replace(cfg.train, strategy="finetune", freeze_bn=False, lr=max(cfg.train.lr, 1e-3),
-                      scratch_baseline=False)
+                      lr_decay=1.0, scratch_baseline=False, adapt_bn=None)
     log.info("scratch baseline: %s from random init, %d epochs", mcfg["backbone"], scfg.epochs)
     work = run.file("scratch")
     work.mkdir(exist_ok=True)
-    res = train(scratch, ws.dataset, ws.preprocessing, scfg, work)
+    res = train(scratch, ws.dataset, ws.preprocessing, scfg, work, weights="none")
     x, y = ws.tensors("test")
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y if y.ndim == 1 else y[:, 0])  # the first task
     acc_pre = float((predict_logits(pretrained, xt).argmax(1) == yt).float().mean())
     acc_scr = float((predict_logits(scratch, xt).argmax(1) == yt).float().mean())
     import shutil
@@ -279,13 +283,42 @@ def scratch_baseline(run: RunFolder, cfg: RunConfig, ws: Workspace, pretrained, 
     out = {"pretrained_test_accuracy": acc_pre, "scratch_test_accuracy": acc_scr, "gain_points": round(gain, 2),
            "negative_transfer": gain <= 0, "scratch_train_seconds": res.train_seconds,
            "scratch_config": {"strategy": scfg.strategy, "epochs": scfg.epochs, "lr": scfg.lr, "freeze_bn": False},
-           "measured_with": "PyTorch eager, test split"}
+           "measured_with": "PyTorch eager, test split" + (", first task" if y.ndim > 1 else "")}
     if gain <= 0:
         log.warning("NEGATIVE TRANSFER: the pretrained start (%.4f) did no better than training from scratch "
                     "(%.4f) on this data; try another backbone or more labels", acc_pre, acc_scr)
     else:
         log.info("transfer: pretrained %.4f vs scratch %.4f (+%.1f points)", acc_pre, acc_scr, gain)
     return out
+
+
+def adapt_bn(model, folder: str, ws: Workspace) -> dict:
+    """AdaBN on the unlabelled images in `folder` (the target domain); validation accuracy before and
+    after is recorded (on the source domain's validation split, it may drop: that is the trade)."""
+    import torch
+
+    from edgexfer.data import list_images
+    from edgexfer.finetune import adapt_batchnorm, predict_logits, task_accuracies
+    from edgexfer.runtime.preprocess import preprocess
+
+    t0 = time.perf_counter()
+    files = list_images(folder)
+    x = torch.from_numpy(np.stack([preprocess(p, ws.preprocessing) for p in files]))
+    xv, yv = ws.tensors("val")
+
+    def val_acc():
+        if not len(yv):
+            return None
+        return float(np.nanmean(task_accuracies(predict_logits(model, torch.from_numpy(xv), task=None),
+                                                torch.from_numpy(yv))))
+
+    before = val_acc()
+    n_bn = adapt_batchnorm(model, x)
+    after = val_acc()
+    log.info("AdaBN: BatchNorm statistics of %d layers re-estimated on %d images from %s", n_bn, len(files), folder)
+    return {"method": "AdaBN (BatchNorm statistics re-estimated on unlabelled target images)", "folder": str(folder),
+            "images": len(files), "batchnorm_layers": n_bn, "source_val_accuracy_before": before,
+            "source_val_accuracy_after": after, "seconds": round(time.perf_counter() - t0, 2)}
 
 
 def build_meta(cfg: dict, sha: str, metrics: dict | None = None):
@@ -339,7 +372,7 @@ def quantize(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | 
     The guard scores candidates on the validation split (never the test split, which reports) and
     keeps early layers in FP32 until the INT8 drop is within `max_accuracy_drop`.
     """
-    from edgexfer.evaluate import onnx_logits
+    from edgexfer.evaluate import mean_task_accuracy, onnx_logits
     from edgexfer.exporters.quantize import (convert_fp16, guarded_quantize, quantize_dynamic_int8, quantize_int8,
                                              recipe_for)
 
@@ -354,8 +387,8 @@ def quantize(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | 
     calib, _ = ws.tensors("train", limit=recipe.calibration_samples)
     xv, yv = ws.tensors("val")
     if len(yv):
-        def accuracy(path) -> float:
-            return float(np.mean(onnx_logits(path, xv, threads=cfg.bench.threads)[0].argmax(1) == yv))
+        def accuracy(path) -> float:  # averaged over tasks when the model has several
+            return mean_task_accuracy(onnx_logits(path, xv, threads=cfg.bench.threads), yv)
 
         fp32_acc = accuracy(fp32)
         rec = _inc_quantize(run, cfg, fp32, recipe, calib, xv, yv, fp32_acc, accuracy) if cfg.tuner != "builtin" else None
@@ -395,6 +428,9 @@ def _inc_quantize(run, cfg, fp32, recipe, calib, xv, yv, fp32_acc, accuracy) -> 
     from edgexfer.exporters.inc import inc_python, inc_tune
     from edgexfer.exporters.quantize import finish_tuned, quantizable_nodes
 
+    if yv.ndim > 1:
+        log.info("accuracy guard: several tasks; using the built-in search (INC tunes one task's accuracy)")
+        return None
     if inc_python() is None:
         if cfg.tuner == "inc":
             log.warning("--tuner inc: onnx-neural-compressor is not available (make inc); using the built-in search")
@@ -447,12 +483,16 @@ def evaluate(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | 
         raise RunFolderError(f"no ONNX file in {run.path}; run `edgexfer export {run.path}` first")
     models: dict[str, dict] = {}
     preds = {}
+    tasks = ws.dataset.tasks
     for key, path in files.items():
-        m = evaluate_file(path, x, y, classes, threads=cfg.bench.threads)
+        m = evaluate_file(path, x, y, classes, threads=cfg.bench.threads, tasks=tasks)
         preds[key] = m.pop("predictions")
         meta = read_meta(path)
         meta.metrics = {"split": "test", "n": m["n"], "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
                         "per_class_recall": {c: v["recall"] for c, v in m["per_class"].items()}}
+        if "tasks" in m:
+            meta.metrics["tasks"] = {t: {"n": v["n"], "accuracy": v["accuracy"], "macro_f1": v["macro_f1"]}
+                                     for t, v in m["tasks"].items()}
         write_meta(path, meta)
         models[key] = {"file": path.name, "size_bytes": path.stat().st_size, **m}
     out: dict = {"models": models}

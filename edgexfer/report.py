@@ -88,10 +88,21 @@ def report_md(rep: dict) -> str:
              f"val {d.get('val')}, test {d.get('test')}.",
              f"Backbone: `{b.get('name')}` ({b.get('weights')} weights), strategy `{b.get('strategy')}`, "
              f"input {b.get('image_size')}×{b.get('image_size')}.", ""]
+    if b.get("strategy_reason"):
+        lines += [f"Strategy `{b.get('strategy')}` chosen by `--strategy auto`: {b['strategy_reason']}.", ""]
     t = rep.get("training", {})
     if t:
         lines += [f"Training: validation accuracy {_f(t.get('val_accuracy'))} (best epoch {t.get('best_epoch')}), "
-                  f"{t.get('train_seconds', 0):.0f} s; linear probe alone {_f(t.get('probe_val_accuracy'))}.", ""]
+                  f"{t.get('train_seconds', 0):.0f} s on {t.get('device', 'cpu')}; linear probe alone "
+                  f"{_f(t.get('probe_val_accuracy'))}"
+                  + (f" in {t['probe_seconds']:.1f} s" if t.get("probe_seconds") else "")
+                  + (f"; {t['trainable_parameters']:,} trainable parameters" if t.get("trainable_parameters") else "")
+                  + ".", ""]
+    ad = rep.get("adaptation")
+    if ad:
+        lines += [f"Domain adaptation: {ad['method']}, {ad['batchnorm_layers']} layers on {ad['images']} images from "
+                  f"`{ad['folder']}`; source validation accuracy {_f(ad.get('source_val_accuracy_before'))} before, "
+                  f"{_f(ad.get('source_val_accuracy_after'))} after.", ""]
     tr = rep.get("transfer")
     if tr:
         lines += [("**NEGATIVE TRANSFER:** " if tr["negative_transfer"] else "") +
@@ -154,8 +165,25 @@ def report_md(rep: dict) -> str:
     if t:
         lines += ["", f"INT8 target: {t['target']} (host: {t['host']}). {t['why']}"
                   + (f" **Warning:** {t['warning']}." if t.get("warning") else "")]
-    lines += ["", per_class_table(rep), "", "![confusion matrix](confusion_matrix.png)",
+    lines += ["", task_table(rep), "", per_class_table(rep), "", "![confusion matrix](confusion_matrix.png)",
               "![learning curve](learning_curve.png)", ""]
+    return "\n".join(lines)
+
+
+def task_table(rep: dict) -> str:
+    """Per-task accuracy of every file, when the model has several tasks (one output each)."""
+    models = rep.get("models", {})
+    tasks = next((m["tasks"] for m in models.values() if "tasks" in m), None)
+    if not tasks:
+        return ""
+    keys = [k for k in models if "tasks" in models[k]]
+    lines = ["## Per task (test split)", "", "| task | classes | labelled test images | "
+             + " | ".join(f"{k} accuracy | {k} macro-F1" for k in keys) + " |",
+             "|---|---|---|" + "---|---|" * len(keys)]
+    for name, v in tasks.items():
+        cells = " | ".join(f"{models[k]['tasks'][name]['accuracy']:.4f} | {models[k]['tasks'][name]['macro_f1']:.4f}"
+                           for k in keys)
+        lines.append(f"| {name} | {len(v['per_class'])} | {v['n']} | {cells} |")
     return "\n".join(lines)
 
 
@@ -185,7 +213,10 @@ def model_card(rep: dict) -> str:
         "## Model", "",
         f"An image classifier over {len(d.get('classes', []))} classes: {', '.join(d.get('classes', []))}. "
         f"Backbone `{b.get('name')}` initialised from {b.get('pretrained_on')}, adapted with strategy "
-        f"`{b.get('strategy')}`. Files: " + ", ".join(f"`{m['file']}`" for m in models.values()) + ".", "",
+        f"`{b.get('strategy')}`" + (f" (chosen automatically: {b['strategy_reason']})" if b.get("strategy_reason") else "")
+        + (f"; {len(d['tasks']) + 1} tasks share the backbone, one head and one ONNX output each"
+           if d.get("tasks") else "") + ". Training took "
+        f"{rep.get('training', {}).get('train_seconds', 0):.0f} s. Files: " + ", ".join(f"`{m['file']}`" for m in models.values()) + ".", "",
         "## Data", "",
         f"Source `{d.get('source')}`; train {d.get('train')}, validation {d.get('val')}, held-out test {d.get('test')} "
         f"images. Training images per class: {d.get('train_per_class')}. Imbalance (max/min): "
@@ -193,6 +224,7 @@ def model_card(rep: dict) -> str:
         "## Metrics (held-out test split, ONNX Runtime)", "",
         "| model | accuracy | macro-F1 |", "|---|---|---|",
         *[f"| {k} | {_f(m.get('accuracy'))} | {_f(m.get('macro_f1'))} |" for k, m in models.items()], "",
+        task_table(rep), "",
         per_class_table(rep), "",
         "## Quantization impact", "",
     ]
