@@ -10,11 +10,12 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 INC    := .venv-inc/.edgexfer-inc-installed
 
-.PHONY: demo test install data bench inc clean help
+.PHONY: demo test install data bench inc arm64 verify-arm64 clean help
 help:
 	@echo "make demo   - fine-tune, export, quantize, evaluate and benchmark the default -> runs/demo"
 	@echo "make test   - run the test suite"
 	@echo "make bench  - the benchmarks in benchmarks/ (see benchmarks/RESULTS.md)"
+	@echo "make verify-arm64 - the demo's FP32 and INT8 files and an arm64 bundle under emulated arm64 (root)"
 
 install: $(STAMP)
 $(STAMP): pyproject.toml
@@ -36,10 +37,30 @@ $(INC):
 	.venv-inc/bin/pip install -q --disable-pip-version-check "onnx-neural-compressor>=1.0" prettytable scipy
 	touch $@
 
+# An arm64 Debian root filesystem run under qemu user-mode emulation, with the runtime's aarch64 wheels
+# (requirements-runtime.txt, the Docker image's pins), cached in ~/.cache/edgexfer/arm64 (EDGEXFER_ARM64_CACHE):
+# about 7 min the first time (debootstrap + pip under emulation), seconds after. Needs root; without it the
+# arm64 tests skip and say why.
+arm64: install
+ifeq ($(shell id -u),0)
+	@{ command -v debootstrap && [ -e /usr/bin/qemu-aarch64-static ]; } >/dev/null || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user-static debootstrap; }
+	$(PY) -m edgexfer.runtime.emulate setup
+else
+	@echo "make arm64: not root, so no emulated arm64 root filesystem; the arm64 tests will skip"
+endif
+
+# The full arm64 check (benchmarks/RESULTS.md): the demo's FP32 and INT8 files on 200 test images, then an
+# arm64 bundle installed offline in the emulated root filesystem, classifying an image.
+verify-arm64: arm64 data
+	@[ -f runs/demo/model.int8.onnx ] || $(MAKE) demo
+	$(VENV)/bin/edgexfer verify --arch arm64 runs/demo --samples 200
+	EDGEXFER_ARM64_FULL=1 $(PY) -m pytest -q tests/test_arm64.py
+
 demo: install data
 	$(VENV)/bin/edgexfer run
 
-test: install data inc
+test: install data inc arm64
 	$(PY) -m pytest -q
 
 bench: install data

@@ -306,6 +306,35 @@ def run_models(models: Sequence[Path], *, images: Sequence[Path] | None = None, 
     return {"outputs": outputs, "inputs": data["input"], "info": info, "seconds": seconds}
 
 
+def install_bundle(bundle_dir: Path, image: Path, *, timeout: float = 1800) -> dict:
+    """Install an `edgexfer bundle --arch arm64` folder as its README says — a fresh venv, pip with
+    --no-index from its wheels/ — in the root filesystem, and classify `image` with its example.py."""
+    if not ready():
+        raise EmulationUnavailable(missing() or "the arm64 root filesystem is not set up (make arm64)")
+    bundle_dir = Path(bundle_dir)
+    model = next((p.name for p in bundle_dir.glob("*.onnx")), None)
+    if model is None or not (bundle_dir / "wheels").is_dir():
+        raise RuntimeInputError(f"{bundle_dir} is not an arm64 bundle (no .onnx file or no wheels/)")
+    with Job() as job:
+        shutil.copytree(bundle_dir, job.host / "bundle")
+        img = job.put(image, f"bundle/{Path(image).name}")
+        b = f"{job.inside}/bundle"
+        steps = {}
+        for key, cmd in (
+            ("venv", ["python3", "-m", "venv", f"{b}/.venv"]),
+            ("pip_install", [f"{b}/.venv/bin/pip", "install", "-q", "--disable-pip-version-check", "--no-index",
+                             "--find-links", f"{b}/wheels", "-r", f"{b}/requirements.txt"]),
+            ("example", ["/bin/sh", "-c", f"cd {b} && .venv/bin/python example.py {model} {img} --top-k 3"]),
+        ):
+            t0 = time.perf_counter()
+            r = chroot(cmd, timeout=timeout, env={"PIP_NO_INDEX": "1"})
+            steps[key] = round(time.perf_counter() - t0, 1)
+            if r.returncode:
+                tail = (r.stderr or r.stdout).strip().splitlines()[-2:]
+                raise EmulationUnavailable(f"bundle {key} failed under arm64: {' | '.join(tail)}")
+        return {"model": model, "prediction": json.loads(r.stdout.strip().splitlines()[-1]), "seconds": steps}
+
+
 def _worker(job_json: str) -> None:
     """Inside the arm64 root filesystem: run the job's models on its inputs with EdgeModel."""
     import numpy as np
