@@ -1,20 +1,32 @@
-"""A bounded load test of `edgexfer serve` on 127.0.0.1: concurrent clients for a fixed time, with and
-without dynamic batching, against the model's offline throughput at the same threads (the ceiling).
+"""A bounded load test of `edgexfer serve` on 127.0.0.1: 32 keep-alive clients for 20 s per server, with
+and without dynamic batching, against each model's offline throughput at the same threads (the ceiling).
 
-    .venv/bin/python benchmarks/bench_serve.py [RUN_DIR] [--clients 32] [--seconds 20]
+    .venv/bin/python benchmarks/bench_serve.py [RUN_DIR] [--clients 32] [--seconds 20] [--threads 2]
                                                # -> benchmarks/results/serve.json
 
-Clients send preprocessed tensors with tritonclient's binary tensor extension (its default). Each
-client loops until the time is up; the test stops by itself and touches no other address.
+Two models: the run's served file (the demo's INT8 model by default) and a small fast one built here
+(a three-layer CNN on 32x32 inputs, random weights, edgexfer metadata), where the per-request overhead
+dominates. The ceiling is the best offline throughput of ONNX Runtime on the same file with the same
+threads, over batch sizes 8/16/32/64 and with and without ONNX Runtime's thread spinning.
+
+Load comes from `wrk` (one thread, epoll; `apt-get install wrk`) posting a prebuilt request in the binary
+tensor extension, so the load generator costs the shared cores little; without wrk, from several
+processes of http.client keep-alive clients. Every request is checked by status (wrk counts non-2xx
+and socket errors as failures); one request per server is checked for its values before the load.
+The test stops by itself and touches no other address.
 """
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
+import multiprocessing as mp
+import re
+import shutil
 import socket
 import subprocess
 import sys
-import threading
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -22,12 +34,101 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+HEADER = "Inference-Header-Content-Length"
+
+WRK_LUA = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/octet-stream"
+wrk.headers["Inference-Header-Content-Length"] = "{header_len}"
+local f = assert(io.open("{body}", "rb"))
+wrk.body = f:read("*all")
+f:close()
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("WRK_JSON {{\\"requests\\": %d, \\"duration_us\\": %d, \\"connect\\": %d, \\"read\\": %d, " ..
+    "\\"write\\": %d, \\"status\\": %d, \\"timeout\\": %d, \\"p50_us\\": %d, \\"p99_us\\": %d, \\"max_us\\": %d}}\\n",
+    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(99), latency.max))
+end
+"""
 
 
-def start_server(run: Path, port: int, max_batch: int, threads: int) -> subprocess.Popen:
-    p = subprocess.Popen([sys.executable, "-m", "edgexfer.runtime", "serve", str(run), "--port", str(port),
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def loadavg() -> float:
+    return float(Path("/proc/loadavg").read_text().split()[0])
+
+
+def small_model(out: Path) -> Path:
+    """A three-layer CNN on 32x32 RGB (random weights, fixed seed) with edgexfer metadata."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgexfer.exporters.metadata_io import save_model, set_props
+    from edgexfer.runtime.metadata import InputSpec, ModelMeta, Preprocessing, Task
+
+    rng = np.random.default_rng(0)
+
+    def w(name, *shape):
+        return numpy_helper.from_array((rng.standard_normal(shape) * (2 / np.prod(shape[1:])) ** 0.5)
+                                       .astype(np.float32), name)
+
+    inits = [w("w1", 16, 3, 3, 3), w("w2", 32, 16, 3, 3), w("w3", 64, 32, 3, 3), w("fc", 64, 10),
+             numpy_helper.from_array(np.zeros(10, np.float32), "fcb")]
+    conv = dict(kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2])
+    nodes = [helper.make_node("Conv", ["input", "w1"], ["c1"], "conv1", **conv),
+             helper.make_node("Relu", ["c1"], ["r1"], "relu1"),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], "conv2", **conv),
+             helper.make_node("Relu", ["c2"], ["r2"], "relu2"),
+             helper.make_node("Conv", ["r2", "w3"], ["c3"], "conv3", **conv),
+             helper.make_node("Relu", ["c3"], ["r3"], "relu3"),
+             helper.make_node("GlobalAveragePool", ["r3"], ["g"], "gap"),
+             helper.make_node("Flatten", ["g"], ["f"], "flatten"),
+             helper.make_node("Gemm", ["f", "fc", "fcb"], ["logits"], "fc")]
+    graph = helper.make_graph(nodes, "small", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 32, 32])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    meta = ModelMeta(tasks=[Task("label", "logits", tuple(f"class{i}" for i in range(10)))],
+                     input=InputSpec("input", 32, 32), preprocessing=Preprocessing(resize=32, crop=32),
+                     provenance={"backbone": "small-cnn-32 (bench_serve.py, random weights)"})
+    path = out / "small.onnx"
+    save_model(set_props(model, meta), path)
+    return path
+
+
+def offline_ceiling(path: Path, threads: int) -> dict:
+    """Best offline images/s of ONNX Runtime on this file at these threads, over batch sizes and spinning."""
+    from edgexfer.runtime.bench import interleaved, onnx_candidate
+    from edgexfer.runtime.model import EdgeModel
+
+    shape = EdgeModel(path).input_shape
+    cands = [onnx_candidate("spin", path, threads, spinning=True), onnx_candidate("nospin", path, threads)]
+    table = {}
+    for batch in (8, 16, 32, 64):
+        x = np.random.default_rng(0).standard_normal((batch, *shape)).astype(np.float32)
+        res = interleaved(cands, x, warmup=5, duration=3.0)
+        table[str(batch)] = {k: batch / (v["p50"] / 1e3) for k, v in res.items()}
+    best = max((v, b, k) for b, r in table.items() for k, v in r.items())
+    return {"img_s": best[0], "batch": int(best[1]), "spinning": best[2] == "spin", "table": table}
+
+
+def binary_request(x: np.ndarray) -> tuple[bytes, int]:
+    head = json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                                   "parameters": {"binary_data_size": x.nbytes}}],
+                       "outputs": [{"name": "logits", "parameters": {"binary_data": True}}]}).encode()
+    return head + x.astype("<f4").tobytes(), len(head)
+
+
+def start_server(model: Path, port: int, max_batch: int, threads: int, delay_ms: float) -> subprocess.Popen:
+    p = subprocess.Popen([sys.executable, "-m", "edgexfer.runtime", "serve", str(model), "--port", str(port),
                           "--server", "uvicorn", "--threads", str(threads), "--max-batch-size", str(max_batch),
-                          "--max-queue-delay-ms", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                          "--max-queue-delay-ms", str(delay_ms), "--no-access-log"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
     while time.time() < deadline:
         try:
@@ -39,81 +140,155 @@ def start_server(run: Path, port: int, max_batch: int, threads: int) -> subproce
     raise RuntimeError("server did not start")
 
 
-def load(url: str, model: str, shape, clients: int, seconds: float) -> dict:
-    import tritonclient.http as httpclient
+def check_once(port: int, name: str, x: np.ndarray, want: np.ndarray) -> None:
+    body, n = binary_request(x)
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    c.request("POST", f"/v2/models/{name}/infer", body, {HEADER: str(n)})
+    r = c.getresponse()
+    data = r.read()
+    assert r.status == 200, data[:200]
+    k = int(r.headers[HEADER])
+    got = np.frombuffer(data[k:], "<f4").reshape(json.loads(data[:k])["outputs"][0]["shape"])
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    c.close()
 
-    lat, errors, stop = [], [0], time.time() + seconds
-    lock = threading.Lock()
 
-    def worker(i):
-        c = httpclient.InferenceServerClient(url, connection_timeout=30, network_timeout=30)
-        x = np.random.default_rng(i).standard_normal((1, *shape)).astype(np.float32)
-        inp = httpclient.InferInput("input", list(x.shape), "FP32")
-        inp.set_data_from_numpy(x)
-        while time.time() < stop:
+def run_wrk(url: str, body: bytes, header_len: int, clients: int, seconds: float) -> dict:
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "body.bin").write_bytes(body)
+        lua = Path(d) / "post.lua"
+        lua.write_text(WRK_LUA.format(header_len=header_len, body=Path(d) / "body.bin"))
+        out = subprocess.run(["wrk", "-t1", f"-c{clients}", f"-d{seconds:g}s", "--timeout", "30s", "-s", str(lua), url],
+                             capture_output=True, text=True, timeout=seconds + 60).stdout
+    r = json.loads(re.search(r"WRK_JSON (\{.*\})", out).group(1))
+    failed = r["connect"] + r["read"] + r["write"] + r["status"] + r["timeout"]
+    return {"requests": r["requests"], "failed": failed, "throughput_rps": r["requests"] / (r["duration_us"] / 1e6),
+            "p50_ms": r["p50_us"] / 1e3, "p99_ms": r["p99_us"] / 1e3, "max_ms": r["max_us"] / 1e3}
+
+
+def _client_proc(port, path, body, header_len, threads, stop_at, q):
+    import threading
+
+    lat, failed = [], [0]
+
+    def worker():
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        while time.time() < stop_at:
             t0 = time.perf_counter()
             try:
-                c.infer(model, [inp])
-                with lock:
+                c.request("POST", path, body, {HEADER: str(header_len)})
+                r = c.getresponse()
+                r.read()
+                if r.status == 200:
                     lat.append(time.perf_counter() - t0)
-            except Exception:
-                with lock:
-                    errors[0] += 1
+                else:
+                    failed[0] += 1
+            except OSError:
+                failed[0] += 1
+                c.close()
+                c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
 
-    ts = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
-    t0 = time.perf_counter()
+    ts = [threading.Thread(target=worker) for _ in range(threads)]
     for t in ts:
         t.start()
     for t in ts:
         t.join()
+    q.put((lat, failed[0]))
+
+
+def run_python(port: int, path: str, body: bytes, header_len: int, clients: int, seconds: float) -> dict:
+    procs_n = min(4, clients)
+    q = mp.Queue()
+    t0 = time.perf_counter()
+    stop_at = time.time() + seconds
+    procs = [mp.Process(target=_client_proc, args=(port, path, body, header_len, len(range(i, clients, procs_n)),
+                                                   stop_at, q)) for i in range(procs_n)]
+    for p in procs:
+        p.start()
+    parts = [q.get() for _ in procs]
+    for p in procs:
+        p.join()
     wall = time.perf_counter() - t0
-    ms = np.asarray(lat) * 1e3
-    return {"requests": len(lat), "failed": errors[0], "throughput_rps": len(lat) / wall,
-            "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
+    ms = np.concatenate([np.asarray(lat) for lat, _ in parts]) * 1e3
+    return {"requests": len(ms), "failed": sum(f for _, f in parts), "throughput_rps": len(ms) / wall,
+            "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)), "max_ms": float(ms.max())}
 
 
-def offline_ceiling(model_path: Path, threads: int, batch: int = 32) -> float:
-    from edgexfer.runtime.bench import interleaved, onnx_candidate
+def mean_batch(port: int, name: str) -> float | None:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    vals = {k: float(v) for k, v in re.findall(rf'^(edgexfer_batch_size_(?:sum|count))\{{model="{name}"\}} (\S+)$',
+                                                  text, re.M)}
+    return vals["edgexfer_batch_size_sum"] / vals["edgexfer_batch_size_count"] if vals.get("edgexfer_batch_size_count") else None
+
+
+def bench_model(name: str, source: Path, path: Path, a, use_wrk: bool) -> dict:
+    """`source`: what `edgexfer serve` is given (serving it under `name`); `path`: its ONNX file."""
     from edgexfer.runtime.model import EdgeModel
 
-    shape = EdgeModel(model_path).input_shape
-    c = onnx_candidate("m", model_path, threads)
-    x = np.random.default_rng(0).standard_normal((batch, *shape)).astype(np.float32)
-    return batch / (interleaved([c], x, warmup=3, iters=20)["m"]["p50"] / 1e3)
-
-
-def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("run", nargs="?", default=str(ROOT / "runs" / "demo"))
-    ap.add_argument("--clients", type=int, default=32)
-    ap.add_argument("--seconds", type=float, default=20)
-    ap.add_argument("--threads", type=int, default=2)
-    a = ap.parse_args()
-    from edgexfer.runtime.server import resolve_models
-    from edgexfer.runtime.model import EdgeModel
-
-    run = Path(a.run)
-    name, path = next(iter(resolve_models([run]).items()))
-    shape = EdgeModel(path).input_shape
-    res = {"command": "python benchmarks/bench_serve.py " + " ".join(sys.argv[1:]), "model": str(path),
-           "clients": a.clients, "seconds": a.seconds, "threads": a.threads,
-           "offline_ceiling_img_s": offline_ceiling(path, a.threads)}
-    for label, max_batch in (("batching", 32), ("no_batching", 1)):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        p = start_server(run, port, max_batch, a.threads)
+    m = EdgeModel(path)
+    x = np.random.default_rng(1).standard_normal((1, *m.input_shape)).astype(np.float32)
+    want = m.run(x)[m.meta.tasks[0].name]
+    body, header_len = binary_request(x)
+    res = {"file": str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path.name),
+           "input": list(m.input_shape), "request_bytes": len(body), "ceiling": offline_ceiling(path, a.threads)}
+    for label, max_batch in (("batching", a.max_batch_size), ("no_batching", 1)):
+        port = free_port()
+        p = start_server(source, port, max_batch, a.threads, a.max_queue_delay_ms)
         try:
-            res[label] = load(f"127.0.0.1:{port}", name, shape, a.clients, a.seconds)
+            check_once(port, name, x, want)
+            load_before = loadavg()
+            r = (run_wrk(f"http://127.0.0.1:{port}/v2/models/{name}/infer", body, header_len, a.clients, a.seconds)
+                 if use_wrk else run_python(port, f"/v2/models/{name}/infer", body, header_len, a.clients, a.seconds))
+            r["mean_batch"] = mean_batch(port, name)
+            r["loadavg_1m_before"] = load_before
         finally:
             p.terminate()
             p.wait(timeout=60)
-        res[label]["share_of_ceiling"] = res[label]["throughput_rps"] / res["offline_ceiling_img_s"]
-    out = ROOT / "benchmarks" / "results" / "serve.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
+        r["share_of_ceiling"] = r["throughput_rps"] / res["ceiling"]["img_s"]
+        r["server"] = {"max_batch_size": max_batch, "max_queue_delay_ms": a.max_queue_delay_ms, "threads": a.threads}
+        res[label] = r
+        print(f"{name:>10} {label:>11}: {r['throughput_rps']:7.0f} req/s = {r['share_of_ceiling']:.2f} of "
+              f"{res['ceiling']['img_s']:.0f} img/s; p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms; "
+              f"failed {r['failed']}; mean batch {r['mean_batch'] or 0:.1f}", file=sys.stderr)
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("run", nargs="?", default=str(ROOT / "runs" / "demo"), help="run folder or ONNX file")
+    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--seconds", type=float, default=20)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--max-batch-size", type=int, default=32)
+    ap.add_argument("--max-queue-delay-ms", type=float, default=2.0)
+    ap.add_argument("--load", choices=("auto", "wrk", "python"), default="auto")
+    ap.add_argument("--no-small", action="store_true", help="skip the small fast model")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve.json")
+    a = ap.parse_args()
     from edgexfer.runtime.machine import machine_info
+    from edgexfer.runtime.server import resolve_models
+
+    use_wrk = a.load == "wrk" or (a.load == "auto" and shutil.which("wrk") is not None)
+    if a.load == "wrk" and not shutil.which("wrk"):
+        sys.exit("error: wrk not found (apt-get install wrk), or use --load python")
+    name, path = next(iter(resolve_models([Path(a.run)]).items()))
+    wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split("\n")[0] if use_wrk else None
+    res = {"command": "python benchmarks/bench_serve.py " + " ".join(sys.argv[1:]),
+           "load_generator": (f"{wrk_version.strip()}: 1 thread, {a.clients} keep-alive connections"
+                              if use_wrk else f"{min(4, a.clients)} processes of http.client keep-alive threads"),
+           "clients": a.clients, "seconds": a.seconds, "threads": a.threads, "loadavg_1m_start": loadavg(),
+           "models": {}}
+    with tempfile.TemporaryDirectory() as d:
+        models = {name: (Path(a.run), Path(path))}
+        if not a.no_small:
+            small = small_model(Path(d))
+            models["small"] = (small, small)
+        for n, (source, p) in models.items():
+            res["models"][n] = bench_model(n, source, p, a, use_wrk)
+    res["loadavg_1m_end"] = loadavg()
     res["machine"] = machine_info()
-    out.write_text(json.dumps(res, indent=2) + "\n")
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps({k: v for k, v in res.items() if k != "machine"}, indent=2))
     return 0
 

@@ -137,6 +137,43 @@ class DynamicBatcher:
                 start += n
 
 
+def failure(e: BaseException, timeout_s: float) -> tuple[int, str, dict]:
+    """An exception raised while answering a request -> (status, message, headers): one mapping for the
+    starlette routes and the raw infer path."""
+    if isinstance(e, HTTPError):
+        return e.status, str(e), e.headers
+    if isinstance(e, QueueFull):
+        return 503, "queue full; retry later", {"Retry-After": "1"}
+    if isinstance(e, asyncio.TimeoutError):
+        return 504, f"no answer within {timeout_s:g} s", {}
+    status = getattr(e, "status_code", None)  # starlette's HTTPException, e.g. a malformed multipart body
+    if isinstance(status, int) and 400 <= status < 500:
+        return status, str(getattr(e, "detail", e)), dict(getattr(e, "headers", None) or {})
+    log.error("internal error", exc_info=e)  # never let one request take the server down
+    return 500, f"internal error: {type(e).__name__}", {}
+
+
+async def read_body(receive, content_length: bytes | None) -> bytes:
+    """The request body from ASGI `receive`, 413 past MAX_BODY (counted as it comes, for chunked bodies)."""
+    try:
+        if content_length is not None and int(content_length) > MAX_BODY:
+            raise HTTPError(413, f"body of {int(content_length)} bytes exceeds {MAX_BODY}")
+    except ValueError:
+        raise HTTPError(400, "bad Content-Length") from None
+    chunks, size = [], 0
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            raise HTTPError(400, "client disconnected")
+        chunk = msg.get("body", b"")
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise HTTPError(413, f"body exceeds {MAX_BODY} bytes")
+        chunks.append(chunk)
+        if not msg.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
 class Metrics:
     """Prometheus metrics of one app, in their own registry (several apps in one process stay apart)."""
 
@@ -159,6 +196,20 @@ class Metrics:
             depth.labels(name).set_function(b.depth)
             b.observe = self.batch.labels(name).observe
             self.duration.labels(name)  # every served model shows from the start
+        self._children: dict = {}
+
+    def record(self, model: str, status: int, seconds: float) -> None:
+        """One answered request (the label lookups cached: this runs once per request)."""
+        c = self._children.get((model, status))
+        if c is None:
+            c = self._children[(model, status)] = (
+                self.requests.labels(model, str(status)), self.errors.labels(model) if status >= 400 else None,
+                self.duration.labels(model) if model else None)
+        c[0].inc()
+        if c[1] is not None:
+            c[1].inc()
+        if c[2] is not None:
+            c[2].observe(seconds)
 
     def text(self) -> bytes:
         from prometheus_client import generate_latest
@@ -167,10 +218,12 @@ class Metrics:
 
 
 class Edge:
-    """ASGI layer around the app: bearer token, metrics, one access-log line per request."""
+    """ASGI layer around the app: bearer token, metrics, one access-log line per request. `fast` maps the
+    exact path of each model's infer endpoint to a raw ASGI handler for POST (the hot path skips
+    starlette's routing, middleware and Request/Response objects); everything else goes to `app`."""
 
-    def __init__(self, app, *, metrics: Metrics, models, token: str | None, access: bool):
-        self.app, self.metrics, self.models, self.access = app, metrics, models, access
+    def __init__(self, app, *, metrics: Metrics, models, token: str | None, access: bool, fast: dict):
+        self.app, self.metrics, self.models, self.access, self.fast = app, metrics, models, access, fast
         self.token = token.encode() if token else None
         self.state = app.state  # batchers and metrics, for tests and embedding
 
@@ -203,6 +256,10 @@ class Edge:
                     (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                     (b"www-authenticate", b'Bearer realm="edgexfer"' + (b', error="invalid_token"' if wrong else b""))]})
                 await send({"type": "http.response.body", "body": body})
+            elif scope["method"] == "POST" and scope["path"] in self.fast:
+                name, handler = self.fast[scope["path"]]
+                scope["path_params"] = {"model": name}
+                await handler(scope, receive, send_status)
             else:
                 await self.app(scope, receive, send_status)
         finally:
@@ -210,11 +267,7 @@ class Edge:
             dt = time.perf_counter() - t0
             model = (scope.get("path_params") or {}).get("model", "")
             model = model if model in self.models else ""  # unknown names must not grow the label set
-            m.requests.labels(model, str(status)).inc()
-            if status >= 400:
-                m.errors.labels(model).inc()
-            if model:
-                m.duration.labels(model).observe(dt)
+            m.record(model, status, dt)
             if self.access:
                 client = scope.get("client") or ("-", 0)
                 access_log.info('%s "%s %s" %d %.1fms model=%s', client[0], scope["method"], scope["path"],
@@ -224,7 +277,6 @@ class Edge:
 def create_app(models: dict[str, Path], *, threads: int | None = None, batch: BatchConfig = BatchConfig(),
                token: str | None = None, access_log: bool = True):
     from starlette.applications import Starlette
-    from starlette.exceptions import HTTPException
     from starlette.requests import Request
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
@@ -239,20 +291,8 @@ def create_app(models: dict[str, Path], *, threads: int | None = None, batch: Ba
                                       timeout_s=batch.timeout_s)).encode()
 
     async def body_of(request: Request) -> bytes:
-        try:
-            n = int(request.headers.get("content-length") or 0)
-        except ValueError:
-            raise HTTPError(400, "bad Content-Length") from None
-        if n > MAX_BODY:
-            raise HTTPError(413, f"body of {n} bytes exceeds {MAX_BODY}")
-        chunks, size = [], 0
-        async for chunk in request.stream():  # a chunked body is counted as it comes
-            size += len(chunk)
-            if size > MAX_BODY:
-                raise HTTPError(413, f"body exceeds {MAX_BODY} bytes")
-            chunks.append(chunk)
-        request._body = data = b"".join(chunks)  # request.form() reads it from here
-        return data
+        request._body = data = await read_body(request.receive, request.headers.get("content-length"))
+        return data  # request.form() reads it from request._body
 
     def error(status: int, message: str, headers=None) -> JSONResponse:
         return JSONResponse({"error": message}, status, headers=headers)
@@ -261,17 +301,8 @@ def create_app(models: dict[str, Path], *, threads: int | None = None, batch: Ba
         async def wrapped(request: Request):
             try:
                 return await handler(request)
-            except HTTPError as e:
-                return error(e.status, str(e), e.headers)
-            except HTTPException as e:  # starlette's own, e.g. a malformed multipart body
-                return error(e.status_code, str(e.detail), e.headers)
-            except QueueFull:
-                return error(503, "queue full; retry later", {"Retry-After": "1"})
-            except asyncio.TimeoutError:
-                return error(504, f"no answer within {batch.timeout_s:g} s")
-            except Exception as e:  # never let one request take the server down
-                log.exception("internal error")
-                return error(500, f"internal error: {type(e).__name__}")
+            except Exception as e:
+                return error(*failure(e, batch.timeout_s))
         return wrapped
 
     def model_of(request: Request) -> tuple[str, EdgeModel]:
@@ -295,12 +326,36 @@ def create_app(models: dict[str, Path], *, threads: int | None = None, batch: Ba
         name, _ = model_of(request)
         return JSONResponse({"name": name, "ready": True})
 
-    async def infer(request):
+    async def infer(request):  # served models take the raw path below; this answers 404 for the others
         name, model = model_of(request)
         x, req, binary = parse_infer(await body_of(request), request.headers.get(HEADER_LEN), model)
         outs = await batchers[name].submit(x)
         data, headers = infer_response(name, req, model, outs, binary)
         return Response(data, 200, headers=headers)
+
+    def raw_infer(name: str):
+        model, batcher = ms.models[name], batchers[name]
+        header_len_key = HEADER_LEN.lower().encode()
+
+        async def handle(scope, receive, send):
+            header_len = content_length = None
+            for k, v in scope["headers"]:
+                if k == header_len_key:
+                    header_len = v.decode("latin-1")
+                elif k == b"content-length":
+                    content_length = v
+            try:
+                x, req, binary = parse_infer(await read_body(receive, content_length), header_len, model)
+                data, headers = infer_response(name, req, model, await batcher.submit(x), binary)
+                status = 200
+            except Exception as e:
+                status, message, extra = failure(e, batch.timeout_s)
+                data, headers = json.dumps({"error": message}).encode(), {"content-type": "application/json", **extra}
+            await send({"type": "http.response.start", "status": status, "headers": [
+                *((k.lower().encode("latin-1"), str(v).encode("latin-1")) for k, v in headers.items()),
+                (b"content-length", str(len(data)).encode())]})
+            await send({"type": "http.response.body", "body": data})
+        return handle
 
     async def image_bytes(request: Request) -> bytes:
         data = await body_of(request)
@@ -361,7 +416,8 @@ def create_app(models: dict[str, Path], *, threads: int | None = None, batch: Ba
     ]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: not_found})
     app.state.batchers, app.state.metrics = batchers, metrics
-    return Edge(app, metrics=metrics, models=frozenset(ms.models), token=token, access=access_log)
+    fast = {f"/v2/models/{n}/infer": (n, raw_infer(n)) for n in ms.models}
+    return Edge(app, metrics=metrics, models=frozenset(ms.models), token=token, access=access_log, fast=fast)
 
 
 def serve(models: dict[str, Path], host: str = "127.0.0.1", port: int = 8000, threads: int | None = None,
@@ -371,4 +427,4 @@ def serve(models: dict[str, Path], host: str = "127.0.0.1", port: int = 8000, th
     app = create_app(models, threads=threads, batch=batch, token=token, access_log=access_log)
     # uvicorn's own access log is replaced by ours (with the duration and the model)
     uvicorn.run(app, host=host, port=port, log_level="info", access_log=False, server_header=False,
-                timeout_graceful_shutdown=30)
+                proxy_headers=False, timeout_graceful_shutdown=30)

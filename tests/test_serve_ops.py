@@ -6,7 +6,6 @@ import logging
 import re
 import shutil
 import subprocess
-import threading
 import time
 import urllib.error
 import urllib.request
