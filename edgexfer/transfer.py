@@ -161,11 +161,9 @@ def curve(cfg, shots: list[int], out_dir: str | Path, *, scratch: bool = True, o
     """Test accuracy against labels per class, pretrained (the configured strategy) vs the same network
     from random init with the same budget. One data set, one test split, nested label subsets; each
     finished point is saved, so a killed curve resumes."""
-    import torch
-
     from edgexfer.data import load_dataset, split_labelled
-    from edgexfer.finetune import predict_logits, tensorize, train
-    from edgexfer.model import build_model, model_config, preprocessing_of
+    from edgexfer.finetune import tensorize
+    from edgexfer.model import model_config, preprocessing_of
 
     shots = sorted(set(int(k) for k in shots))
     out = Path(out_dir)
@@ -190,17 +188,9 @@ def curve(cfg, shots: list[int], out_dir: str | Path, *, scratch: bool = True, o
     res.update(data=ds.source, classes=len(ds.classes), test_images=len(ds.test), backbone=m.backbone,
                weights=m.weights, image_size=m.image_size, strategy=cfg.train.strategy)
 
-    def fit(sub_ds, weights: str, tcfg, work: Path) -> tuple[float, dict]:
-        mcfg = model_config(backbone=m.backbone, weights=weights, image_size=m.image_size, tasks=sub_ds.tasks,
-                            dropout=m.dropout)
-        torch.manual_seed(tcfg.seed)
-        model = build_model(mcfg)
-        work.mkdir(parents=True, exist_ok=True)
-        r = train(model, sub_ds, pp, tcfg, work, weights=weights)
-        shutil.rmtree(work, ignore_errors=True)
-        acc = float((predict_logits(model, xt).argmax(1) == yt).float().mean())
-        return acc, {"strategy": r.strategy, "train_seconds": round(r.train_seconds, 2),
-                     "val_accuracy": r.val_accuracy, "train_images": len(sub_ds.train), "val_images": len(sub_ds.val)}
+    def fit(sub_ds, weights, tcfg, work):
+        return fit_and_score(sub_ds, pp, (xt, yt), backbone=m.backbone, weights=weights, image_size=m.image_size,
+                             train_cfg=tcfg, work_dir=work, dropout=m.dropout)
 
     for k in shots:
         if str(k) in res["points"]:
@@ -211,11 +201,11 @@ def curve(cfg, shots: list[int], out_dir: str | Path, *, scratch: bool = True, o
         sub_ds = dataclasses.replace(ds, train=sub.subset(tr), val=sub.subset(va))
         point = {"labels_per_class": k, "labels_available_min": int(have.min())}
         acc, info = fit(sub_ds, m.weights, cfg.train, out / f".work-{k}-pretrained")
+        info.pop("model")
         point["pretrained"] = {"test_accuracy": acc, **info}
         if scratch:
-            scfg = dataclasses.replace(cfg.train, strategy="finetune", freeze_bn=False, lr=max(cfg.train.lr, 1e-3),
-                                       lr_decay=1.0, scratch_baseline=False, adapt_bn=None)
-            acc_s, info_s = fit(sub_ds, "none", scfg, out / f".work-{k}-scratch")
+            acc_s, info_s = fit(sub_ds, "none", scratch_config(cfg.train), out / f".work-{k}-scratch")
+            info_s.pop("model")
             point["scratch"] = {"test_accuracy": acc_s, **info_s}
             point["gain_points"] = round(100 * (acc - acc_s), 2)
             point["negative_transfer"] = acc <= acc_s
@@ -228,6 +218,36 @@ def curve(cfg, shots: list[int], out_dir: str | Path, *, scratch: bool = True, o
     atomic.write_text(out / "curve.md", curve_markdown(res))
     _curve_plot(res, out / "curve.png")
     return res
+
+
+def fit_and_score(ds, pp, test, *, backbone: str, weights: str, image_size: int, train_cfg, work_dir: Path,
+                  dropout: float = 0.2) -> tuple[float, dict]:
+    """Train a fresh model on `ds` (its train and val splits) and score it on `test` = (x, y) tensors,
+    the first task, in PyTorch: (test accuracy, what the training did)."""
+    import torch
+
+    from edgexfer.finetune import predict_logits, train
+    from edgexfer.model import build_model, model_config
+
+    xt, yt = test
+    mcfg = model_config(backbone=backbone, weights=weights, image_size=image_size, tasks=ds.tasks, dropout=dropout)
+    torch.manual_seed(train_cfg.seed)
+    model = build_model(mcfg)
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    r = train(model, ds, pp, train_cfg, work_dir, weights=weights)
+    shutil.rmtree(work_dir, ignore_errors=True)
+    acc = float((predict_logits(model, xt).argmax(1) == yt).float().mean())
+    return acc, {"strategy": r.strategy, "train_seconds": round(r.train_seconds, 2), "val_accuracy": r.val_accuracy,
+                 "train_images": len(ds.train), "val_images": len(ds.val), "probe_seconds": r.probe_seconds,
+                 "trainable_parameters": r.trainable_parameters, "model": model}
+
+
+def scratch_config(train_cfg):
+    """The from-scratch baseline's budget: the same epochs and schedule, every layer trained from the
+    start with BatchNorm in training mode, a learning rate of at least 1e-3, nothing to probe."""
+    return dataclasses.replace(train_cfg, strategy="finetune", freeze_bn=False, lr=max(train_cfg.lr, 1e-3),
+                               lr_decay=1.0, scratch_baseline=False, adapt_bn=None)
 
 
 def _concat(a, b):
