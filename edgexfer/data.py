@@ -135,6 +135,18 @@ def split_labelled(labels: np.ndarray, shots: int | None, val_fraction: float,
     return pool[tr], pool[va]
 
 
+def three_way_split(labels: np.ndarray, classes: list[str], shots: int | None, val_fraction: float,
+                    test_fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Stratified test split first, then `shots` labelled images per class carved into train and val."""
+    counts = np.bincount(labels, minlength=len(classes))
+    if counts.min() < 3:
+        raise DataError(f"class '{classes[int(counts.argmin())]}' has {counts.min()} images; "
+                        "each class needs at least 3 (train, val and test)")
+    rest, te = stratified_split(labels, (1 - test_fraction, test_fraction), rng)
+    tr, va = split_labelled(labels[rest], shots, val_fraction, rng)
+    return rest[tr], rest[va], te
+
+
 # -- Fashion-MNIST (Debian package dataset-fashion-mnist) ------------------------------------------
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -250,13 +262,7 @@ def load_image_folder(root: str | os.PathLike, *, shots: int | None = None, val_
         return Dataset(f"imagefolder:{root}", classes, train, val, Split(p_te, y_te), sk + sk2 + sk3)
 
     classes, paths, labels, skipped = scan_image_folder(root, strict=strict)
-    counts = np.bincount(labels, minlength=len(classes))
-    if counts.min() < 3:
-        raise DataError(f"class '{classes[int(counts.argmin())]}' has {counts.min()} images; "
-                        "each class needs at least 3 (train, val and test)")
-    rest, te = stratified_split(labels, (1 - test_fraction, test_fraction), rng)
-    tr, va = split_labelled(labels[rest], shots, val_fraction, rng)
-    tr, va = rest[tr], rest[va]
+    tr, va, te = three_way_split(labels, classes, shots, val_fraction, test_fraction, rng)
     sub = lambda idx: Split([paths[i] for i in idx], labels[idx])  # noqa: E731
     return Dataset(f"imagefolder:{root}", classes, sub(tr), sub(va), sub(te), skipped)
 
@@ -348,13 +354,7 @@ def load_csv(csv_path: str | os.PathLike, *, shots: int | None = None, val_fract
             t2, v2 = split_labelled(labels[tr], None, val_fraction, rng)
             tr, va = tr[t2], tr[v2]
     else:
-        counts = np.bincount(labels, minlength=len(classes[0]))
-        if counts.min() < 3:
-            raise DataError(f"class '{classes[0][int(counts.argmin())]}' of task {names[0]!r} has {counts.min()} "
-                            "images; each class needs at least 3 (train, val and test)")
-        rest, te = stratified_split(labels, (1 - test_fraction, test_fraction), rng)
-        tr, va = split_labelled(labels[rest], shots, val_fraction, rng)
-        tr, va = rest[tr], rest[va]
+        tr, va, te = three_way_split(labels, classes[0], shots, val_fraction, test_fraction, rng)
     return Dataset(f"csv:{csv_path}", classes[0], sub(tr), sub(va), sub(te), skipped, names,
                    {names[t]: classes[t] for t in range(1, len(names))})
 
