@@ -109,7 +109,8 @@ def quantizable_nodes(fp32_path: str | Path) -> list[str]:
 
 def guarded_quantize(fp32_path: str | Path, out_path: str | Path, calib: np.ndarray, recipe: Int8Recipe, *,
                      accuracy: Callable[[Path], float], fp32_accuracy: float, max_drop: float,
-                     steps: tuple[int, ...] = (0, 1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64, 96, 10**6)
+                     steps: tuple[int, ...] = (0, 1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64, 96, 10**6),
+                     also: dict[str, Callable[[Path], float]] | None = None, measured_on: str = "this host"
                      ) -> dict:
     """Static INT8 under an accuracy bound: keep the first k weighted layers in FP32 until it holds.
 
@@ -118,6 +119,9 @@ def guarded_quantize(fp32_path: str | Path, out_path: str | Path, calib: np.ndar
     drop from 1.4 to -0.5 points). `accuracy(path)` scores a candidate file with ONNX Runtime on a
     guard set (the validation split); the first candidate within `max_drop` of `fp32_accuracy` is
     written to `out_path`. If none is, the most accurate one is written and `within_bound` is False.
+
+    `measured_on` says where `accuracy` runs (e.g. "arm64 (emulated)" scoring `emulated_logits`); each
+    function of `also` is recorded beside it for every candidate (e.g. this host's accuracy), never decides.
     """
     nodes = quantizable_nodes(fp32_path)
     out_path = Path(out_path)
@@ -131,6 +135,7 @@ def guarded_quantize(fp32_path: str | Path, out_path: str | Path, calib: np.ndar
             row = {"fp32_layers": k, "guard_accuracy": acc, "drop": fp32_accuracy - acc,
                    "within_bound": fp32_accuracy - acc <= max_drop + 1e-9,  # one image at the bound is in
                    "seconds": info["seconds"]}
+            row.update({k: f(path) for k, f in (also or {}).items()})
             tried.append(row)
             if best is None or acc > best[0]["guard_accuracy"]:
                 best = (row, path, cand)
@@ -142,8 +147,36 @@ def guarded_quantize(fp32_path: str | Path, out_path: str | Path, calib: np.ndar
     return {**read_meta(out_path).quantization, "guard": {
         "fp32_accuracy": fp32_accuracy, "max_accuracy_drop": max_drop, "candidates": tried,
         "chosen_fp32_layers": row["fp32_layers"], "layers_kept_fp32": list(cand.nodes_to_exclude),
-        "shipped_accuracy": row["guard_accuracy"],
+        "shipped_accuracy": row["guard_accuracy"], "measured_on": measured_on,
         "within_bound": row["within_bound"], "quantizable_layers": len(nodes)}}
+
+
+# Emulation runs ~250x slower than the host: the arm64 guard scores a seeded sample of the validation split.
+ARM64_GUARD_SAMPLES = int(os.environ.get("EDGEXFER_ARM64_GUARD_SAMPLES", "100"))
+
+
+def emulated_logits(x: np.ndarray, *, threads: int = 1) -> Callable[[Path], list[np.ndarray]]:
+    """logits(path): every output of the file, in task order, computed by the arm64 runtime (aarch64
+    onnxruntime under qemu, see edgexfer.runtime.emulate) on the preprocessed images `x` (N, C, H, W)."""
+    from edgexfer.runtime import emulate
+
+    def logits(path) -> list[np.ndarray]:
+        out = emulate.run_models([Path(path)], x=x, threads=threads)["outputs"][0]
+        return [out[t.name] for t in read_meta(path).tasks]
+
+    return logits
+
+
+def arm64_emulation_available() -> tuple[bool, str]:
+    """Whether the arm64 accuracy can be measured here (emulated root filesystem set up), and why not."""
+    from edgexfer.runtime import emulate
+
+    if emulate.native():
+        return False, "this host is arm64: its own measurement is faithful"
+    if emulate.ready():
+        return True, "arm64 root filesystem ready"
+    return False, (emulate.missing() or f"the arm64 root filesystem is not set up in {emulate.cache_dir()}") + \
+        "; set it up with `make arm64` (as root) to measure arm64 accuracy under emulation"
 
 
 # -- targets -------------------------------------------------------------------------------------------

@@ -116,7 +116,6 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
-
 def bundle_cmd(a) -> None:
     from edgexfer.runtime.bundle import bundle
 
@@ -124,7 +123,6 @@ def bundle_cmd(a) -> None:
     print(f"{r['out']}: {r['model']} ({r['why']}); requirements {', '.join(r['requirements'])}")
     if r["wheels"]:
         print(f"{len(r['wheels'])} {r['arch']} wheels in {r['out']}/wheels: installs with no network")
-
 
 
 def bench_cmd(a, references) -> None:

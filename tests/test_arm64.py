@@ -125,6 +125,32 @@ def test_verify_flags_disagreement(monkeypatch, tiny_run, image_folder):
     assert r["max_abs_diff"] > 1 and _no_latency(res)
 
 
+def test_guard_decides_on_the_target_figure(tiny_run, tmp_path):
+    """With a target measurement, the guard ships what the target's figure allows and only records the
+    host's (here the host 'saturates' to 0 while the target keeps 1.0: plain INT8 ships)."""
+    from edgexfer.exporters.quantize import Int8Recipe, guarded_quantize
+
+    calib = np.random.default_rng(0).standard_normal((8, 3, 64, 64)).astype(np.float32)
+    rec = guarded_quantize(tiny_run / "model.onnx", tmp_path / "q.onnx", calib, Int8Recipe(reduce_range=False),
+                           accuracy=lambda p: 1.0, fp32_accuracy=1.0, max_drop=0.01,
+                           also={"host_accuracy": lambda p: 0.0}, measured_on="arm64 (emulated)")
+    g = rec["guard"]
+    assert g["chosen_fp32_layers"] == 0 and g["within_bound"] and g["measured_on"] == "arm64 (emulated)"
+    assert g["candidates"] == [dict(g["candidates"][0], host_accuracy=0.0)] and (tmp_path / "q.onnx").is_file()
+
+
+def test_arm64_target_without_emulation_says_why(monkeypatch, tmp_path):
+    from edgexfer.exporters.quantize import recipe_for
+    from edgexfer.pipeline import _arm64_emulation
+
+    monkeypatch.setenv("EDGEXFER_ARM64_CACHE", str(tmp_path / "empty"))
+    recipe, target = recipe_for("arm64")
+    if target["host_measures_faithfully"]:
+        pytest.skip("this host measures arm64 INT8 faithfully (VNNI or arm64)")
+    assert _arm64_emulation(target) is False and target["warning"]
+    assert "make arm64" in target["arm64_emulation"] or "root" in target["arm64_emulation"]
+
+
 # -- under emulation ------------------------------------------------------------------------------------
 
 def test_emulated_venv_has_the_pins():
@@ -155,6 +181,29 @@ def test_verify_bare_model_with_image_folder(tiny_run, image_folder, tmp_path):
             "--json", out, check=True)
     res = json.loads(out.read_text())
     assert list(res["models"]) == ["model.int8.onnx"] and res["sample"]["labelled"] and res["sample"]["n"] == 4
+
+
+def test_quantize_target_arm64_guard_on_emulated_arm64(tiny_run, tmp_path):
+    """`edgexfer quantize --target arm64`: candidates scored by the arm64 runtime, this host's beside them,
+    both in report.json and report.md."""
+    _arm64_or_skip()
+    run = tmp_path / "run"
+    run.mkdir()
+    for f in ("checkpoint.pt", "config.json", "model.onnx", "report.json"):
+        (run / f).write_bytes((tiny_run / f).read_bytes())
+    run_cli("quantize", run, "--target", "arm64", "--tuner", "builtin", "--max-accuracy-drop", "1.0",
+            env={"EDGEXFER_ARM64_GUARD_SAMPLES": "8"}, check=True)
+    rep = json.loads((run / "report.json").read_text())
+    q, g = rep["quantize"], rep["quantize"]["guard"]
+    assert q["reduce_range"] is False and q["target"]["target"] == "arm64" and not q["target"].get("warning")
+    assert g["measured_on"] == "arm64 (emulated)" and g["guard_set"].startswith("8 validation images")
+    assert all(0 <= c["host_accuracy"] <= 1 and 0 <= c["guard_accuracy"] <= 1 for c in g["candidates"])
+    assert 0 <= g["fp32_host_accuracy"] <= 1 and 0 <= g["shipped_host_accuracy"] <= 1
+    from edgexfer.report import checks, report_md
+
+    assert "| accuracy on arm64 (emulated) (decides) | accuracy on this host |" in report_md(rep)
+    check = next(c for c in checks(rep, 1.0) if c["name"] == "INT8 accuracy drop vs FP32 on arm64 (emulated)")
+    assert check["ok"] is True and "this host measured" in check["note"]
 
 
 @pytest.mark.skipif(os.environ.get("EDGEXFER_ARM64_FULL") != "1", reason="about 2 min under emulation: "
