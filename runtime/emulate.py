@@ -214,6 +214,8 @@ def setup(log: Callable[[str], None] = lambda s: None) -> Path:
         shutil.copytree(wheels, inside)
         (root / "opt" / "edgexfer" / "requirements.txt").write_text("\n".join(reqs) + "\n")
         log("installing them offline into the emulated venv (pip under emulation: a minute or two)")
+        for old in stamp.parent.glob(".installed-*"):  # a venv holds one set of pins at a time
+            old.unlink()
         if (root / VENV.lstrip("/")).exists():
             shutil.rmtree(root / VENV.lstrip("/"))
         for cmd, what in (
