@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI does (edgexfer/entry.py): no spinning on shared cores
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 OUT = ROOT / "benchmarks" / "results" / "transfer.json"
@@ -250,7 +251,7 @@ def main() -> None:
 
     res = {} if args.fresh or not OUT.is_file() else json.loads(OUT.read_text())
     res["machine"] = {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
-                      "threads": torch.get_num_threads()}
+                      "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
     res["command"] = "python benchmarks/bench_transfer.py" + "".join(f" --only {s}" for s in args.only or [])
     for name in args.only or SECTIONS:
         if name in res and not args.only:

@@ -393,6 +393,11 @@ def train(model: EdgeNet, data: Dataset, pp: Preprocessing, cfg: TrainConfig, wo
             sched.step()
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+        if not cfg.freeze_bn:
+            # BatchNorm trained: its running averages lag behind weights that moved every step (with a
+            # few dozen steps they are far off, and a from-scratch net then predicts one class in eval
+            # mode). Re-estimate them on the training images before validating ("precise BN").
+            adapt_batchnorm(model, x_tr[:1024].to(device))
         val_acc = val_accuracy(losses)
         rec = {"epoch": epoch, "phase": "finetune", "train_loss": float(np.mean(losses)),
                "val_accuracy": val_acc, "seconds": time.perf_counter() - t0}
