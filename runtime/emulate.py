@@ -256,7 +256,10 @@ class Job:
         self.inside = "/tmp/" + self.host.name
         pkg = self.host / "edgexfer"
         shutil.copytree(RUNTIME_DIR, pkg / "runtime", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        (pkg / "__init__.py").write_text('"""edgexfer runtime (emulated arm64 job)."""\n')
+        import edgexfer
+
+        (pkg / "__init__.py").write_text(f'"""edgexfer runtime (emulated arm64 job)."""\n'
+                                         f'__version__ = "{edgexfer.__version__}"\n')
         return self
 
     def put(self, src: Path, name: str | None = None) -> str:
@@ -268,6 +271,12 @@ class Job:
 
     def python(self, args: Sequence[str], timeout: float | None = None) -> subprocess.CompletedProcess:
         return chroot([f"{VENV}/bin/python", *args], env={"PYTHONPATH": self.inside}, timeout=timeout, root=self.root)
+
+    def popen(self, args: Sequence[str], env: dict | None = None) -> subprocess.Popen:
+        """Start an arm64 process in the background (a server); the caller ends it."""
+        base = {"PATH": f"{VENV}/bin:/usr/bin:/bin", "HOME": "/root", "LANG": "C.UTF-8", "PYTHONPATH": self.inside}
+        return subprocess.Popen([_chroot_bin(), str(self.root), *args], env={**base, **(env or {})},
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def __exit__(self, *exc) -> None:
         shutil.rmtree(self.host, ignore_errors=True)

@@ -206,6 +206,43 @@ def test_quantize_target_arm64_guard_on_emulated_arm64(tiny_run, tmp_path):
     assert check["ok"] is True and "this host measured" in check["note"]
 
 
+def test_image_entrypoint_and_healthcheck_under_arm64(tiny_run):
+    """The Docker image's ENTRYPOINT and HEALTHCHECK, run as written in the Dockerfile, in the emulated
+    install (the same pins): the server comes up and /v2/health/ready answers."""
+    _arm64_or_skip()
+    import socket
+    import subprocess
+    import time
+
+    docker = (ROOT / "Dockerfile").read_text()
+    entry = json.loads(re.search(r"^ENTRYPOINT (\[.*\])$", docker, re.M).group(1))
+    health = re.search(r'CMD python -c "(.*)" \|\| exit 1', docker).group(1)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with emulate.Job() as job:
+        model = job.put(tiny_run / "model.int8.onnx")
+        server = job.popen([f"{emulate.VENV}/bin/{entry[0]}", *entry[1:], model],
+                           env={"EDGEXFER_HOST": "127.0.0.1", "EDGEXFER_PORT": str(port)})
+        try:
+            deadline, ok = time.monotonic() + 240, None
+            while time.monotonic() < deadline and server.poll() is None:
+                r = job.python(["-c", health.replace("8000", str(port))], timeout=120)
+                if r.returncode == 0:
+                    ok = True
+                    break
+                time.sleep(2)
+            assert ok, f"no answer on /v2/health/ready (server exit {server.poll()})"
+        finally:
+            server.terminate()
+            try:
+                out = server.communicate(timeout=60)[0]
+            except subprocess.TimeoutExpired:
+                server.kill()
+                out = server.communicate()[0]
+    assert "Traceback" not in out, out[-2000:]
+
+
 @pytest.mark.skipif(os.environ.get("EDGEXFER_ARM64_FULL") != "1", reason="about 2 min under emulation: "
                     "EDGEXFER_ARM64_FULL=1 (make verify-arm64)")
 def test_arm64_bundle_installs_offline_and_classifies(tiny_run, image_folder, tmp_path):
