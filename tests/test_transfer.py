@@ -236,3 +236,21 @@ def test_timm_names_when_timm_is_installed():
     assert len(net.blocks) >= 3
     with pytest.raises(BackboneError, match="timm has no model"):
         get_backbone_info("timm/definitely_not_a_model")
+
+
+def test_a_useless_pretrained_start_is_flagged_as_negative_transfer(image_folder, tmp_path):
+    """'Pretrained' weights that carry nothing (every convolution zeroed: constant features) against the
+    same network trained from scratch: the report must say negative transfer, loudly."""
+    from edgexfer.backbones import build_backbone
+
+    net = build_backbone("efficientnet_lite0", weights="imagenet", image_size=64).net
+    sd = {k: (torch.zeros_like(v) if k.endswith("weight") and v.ndim == 4 else v) for k, v in net.state_dict().items()}
+    torch.save(sd, tmp_path / "useless.pt")
+    p = run_cli("finetune", "--data", image_folder, "--out", tmp_path / "r", "--image-size", "64", "--epochs", "3",
+                "--batch-size", "16", "--shots", "20", "--strategy", "linear", "--weights", tmp_path / "useless.pt",
+                "--compare-scratch", check=True)
+    rep = json.loads((tmp_path / "r" / "report.json").read_text())
+    t = rep["transfer"]
+    assert t["pretrained_test_accuracy"] == pytest.approx(1 / 3, abs=0.05)  # one class for every image
+    assert t["negative_transfer"] and t["gain_points"] <= 0
+    assert "NEGATIVE TRANSFER" in p.stderr
