@@ -232,13 +232,20 @@ def setup(log: Callable[[str], None] = lambda s: None) -> Path:
 
 
 def installed_versions() -> dict[str, str]:
-    """Distribution versions installed in the emulated venv, as its own pip metadata says."""
+    """Distribution versions installed in the emulated venv (canonical names), as its own metadata says."""
     code = ("import json, importlib.metadata as m; "
-            "print(json.dumps({d.metadata['Name'].lower(): d.version for d in m.distributions()}))")
+            "print(json.dumps({d.metadata['Name']: d.version for d in m.distributions()}))")
     r = chroot([f"{VENV}/bin/python", "-c", code], timeout=300)
     if r.returncode:
         raise EmulationUnavailable(f"arm64 python failed: {r.stderr.strip().splitlines()[-1:]}")
-    return json.loads(r.stdout)
+    return {canonical(k): v for k, v in json.loads(r.stdout).items()}
+
+
+def canonical(name: str) -> str:
+    """A distribution name as the package index compares them (PEP 503): Prometheus_Client -> prometheus-client."""
+    import re
+
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 # -- running the runtime there -----------------------------------------------------------------------------

@@ -45,7 +45,7 @@ def _no_latency(res: dict) -> bool:
 
 def _pins(path: Path) -> dict[str, str]:
     lines = [ln.split("#")[0].strip() for ln in path.read_text().splitlines()]
-    return dict(ln.lower().split("==") for ln in lines if ln)
+    return {emulate.canonical(n): v for n, v in (ln.split("==") for ln in lines if ln)}
 
 
 # -- no emulation needed -----------------------------------------------------------------------------
@@ -54,7 +54,7 @@ def test_image_and_emulated_board_install_the_same_pins():
     req = ROOT / "requirements-runtime.txt"
     pins = _pins(req)
     assert {"numpy", "onnxruntime", "pillow"} <= set(pins) and all(pins.values())
-    assert {k.lower(): v for k, v in (r.split("==") for r in emulate.requirements())} == pins
+    assert {emulate.canonical(k): v for k, v in (r.split("==") for r in emulate.requirements())} == pins
     docker = (ROOT / "Dockerfile").read_text()
     assert re.search(r"^COPY requirements-runtime\.txt ", docker, re.M)
     assert re.search(r"pip install [^\n]*-r requirements-runtime\.txt", docker)
