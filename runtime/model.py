@@ -59,6 +59,7 @@ class EdgeModel:
         threads: int | None = None,
         providers: Sequence[str] | None = None,
         graph_optimization: str = "all",
+        spinning: bool = True,
     ):
         source = "<bytes>" if isinstance(model, (bytes, bytearray)) else str(model)
         if not isinstance(model, (bytes, bytearray)) and not Path(model).is_file():
@@ -75,7 +76,7 @@ class EdgeModel:
         try:
             self.session = ort.InferenceSession(
                 bytes(model) if source == "<bytes>" else str(model),
-                sess_options=session_options(threads, graph_optimization),
+                sess_options=session_options(threads, graph_optimization, spinning=spinning),
                 providers=chosen,
             )
         except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf types

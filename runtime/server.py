@@ -57,7 +57,9 @@ def resolve_models(paths) -> dict[str, Path]:
 class ModelServer:
     def __init__(self, models: dict[str, Path], threads: int | None = None, token: str | None = None,
                  access_log: bool = True):
-        self.models = {name: EdgeModel(path, threads=threads) for name, path in models.items()}
+        # No spinning: the HTTP threads need the cores that idle ONNX Runtime workers would busy-wait on
+        # (with it, the batching server answered about a third fewer requests; benchmarks/RESULTS.md).
+        self.models = {name: EdgeModel(path, threads=threads, spinning=False) for name, path in models.items()}
         self.token, self.access_log = token, access_log
 
     def model(self, name: str) -> EdgeModel:
