@@ -7,7 +7,8 @@ and without dynamic batching, against each model's offline throughput at the sam
 Two models: the run's served file (the demo's INT8 model by default) and a small fast one built here
 (a three-layer CNN on 32x32 inputs, random weights, edgexfer metadata), where the per-request overhead
 dominates. The ceiling is the best offline throughput of ONNX Runtime on the same file with the same
-threads, over batch sizes 8/16/32/64 and with and without ONNX Runtime's thread spinning.
+threads, over batch sizes 8/16/32/64 and with and without ONNX Runtime's thread spinning, measured
+right before each load run (the cores may be shared).
 
 Load comes from `wrk` (one thread, epoll; `apt-get install wrk`) posting a prebuilt request in the binary
 tensor extension, so the load generator costs the shared cores little; without wrk, from several
@@ -111,7 +112,7 @@ def offline_ceiling(path: Path, threads: int) -> dict:
     table = {}
     for batch in (8, 16, 32, 64):
         x = np.random.default_rng(0).standard_normal((batch, *shape)).astype(np.float32)
-        res = interleaved(cands, x, warmup=5, duration=3.0)
+        res = interleaved(cands, x, warmup=5, duration=2.0)
         table[str(batch)] = {k: batch / (v["p50"] / 1e3) for k, v in res.items()}
     best = max((v, b, k) for b, r in table.items() for k, v in r.items())
     return {"img_s": best[0], "batch": int(best[1]), "spinning": best[2] == "spin", "table": table}
@@ -230,8 +231,9 @@ def bench_model(name: str, source: Path, path: Path, a, use_wrk: bool) -> dict:
     want = m.run(x)[m.meta.tasks[0].name]
     body, header_len = binary_request(x)
     res = {"file": str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path.name),
-           "input": list(m.input_shape), "request_bytes": len(body), "ceiling": offline_ceiling(path, a.threads)}
+           "input": list(m.input_shape), "request_bytes": len(body)}
     for label, max_batch in (("batching", a.max_batch_size), ("no_batching", 1)):
+        ceiling = offline_ceiling(path, a.threads)  # right before each load run: the cores are shared
         port = free_port()
         p = start_server(source, port, max_batch, a.threads, a.max_queue_delay_ms)
         try:
@@ -244,12 +246,14 @@ def bench_model(name: str, source: Path, path: Path, a, use_wrk: bool) -> dict:
         finally:
             p.terminate()
             p.wait(timeout=60)
-        r["share_of_ceiling"] = r["throughput_rps"] / res["ceiling"]["img_s"]
+        r["ceiling"] = ceiling
+        r["share_of_ceiling"] = r["throughput_rps"] / ceiling["img_s"]
         r["server"] = {"max_batch_size": max_batch, "max_queue_delay_ms": a.max_queue_delay_ms, "threads": a.threads}
         res[label] = r
         print(f"{name:>10} {label:>11}: {r['throughput_rps']:7.0f} req/s = {r['share_of_ceiling']:.2f} of "
-              f"{res['ceiling']['img_s']:.0f} img/s; p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms; "
-              f"failed {r['failed']}; mean batch {r['mean_batch'] or 0:.1f}", file=sys.stderr)
+              f"{ceiling['img_s']:.0f} img/s (batch {ceiling['batch']}); p50 {r['p50_ms']:.1f} ms, p99 "
+              f"{r['p99_ms']:.1f} ms; failed {r['failed']}; mean batch {r['mean_batch'] or 0:.1f}; "
+              f"load {r['loadavg_1m_before']:.2f}", file=sys.stderr)
     return res
 
 
