@@ -103,7 +103,7 @@ def section_probe() -> dict:
     acc_ft, ft = fit(ds, pp, test, strategy="finetune")
     for d in (lp, ft):
         d.pop("model")
-    ratio = ft["wall_seconds"] / lp["wall_seconds"]
+    ratio = ft["train_seconds"] / lp["train_seconds"]  # time to the accuracy each reaches (scoring the test set excluded)
     return {"labels_per_class": 100, "linear_probe": {"test_accuracy": acc_lp, **lp},
             "full_finetune": {"test_accuracy": acc_ft, **ft},
             "speedup_probe_over_finetune": round(ratio, 1),
@@ -200,10 +200,13 @@ def to_markdown(res: dict) -> str:
     if p:
         lp, ft = p["linear_probe"], p["full_finetune"]
         lines += ["### Linear probe on cached features vs full fine-tuning (100 labels/class, one run)", "",
-                  "| strategy | test accuracy | wall seconds | trainable parameters |", "|---|---|---|---|",
-                  f"| linear probe | {lp['test_accuracy']:.4f} | {lp['wall_seconds']:.1f} | {lp['trainable_parameters']:,} |",
-                  f"| full fine-tuning | {ft['test_accuracy']:.4f} | {ft['wall_seconds']:.1f} | {ft['trainable_parameters']:,} |",
-                  "", f"Probe {p['speedup_probe_over_finetune']}x faster (bound >= 10x: "
+                  "| strategy | test accuracy | training seconds | wall seconds (with set-up and test scoring) | "
+                  "trainable parameters |", "|---|---|---|---|---|",
+                  f"| linear probe (features computed once, then the head) | {lp['test_accuracy']:.4f} | "
+                  f"{lp['train_seconds']:.1f} | {lp['wall_seconds']:.1f} | {lp['trainable_parameters']:,} |",
+                  f"| full fine-tuning | {ft['test_accuracy']:.4f} | {ft['train_seconds']:.1f} | {ft['wall_seconds']:.1f} | "
+                  f"{ft['trainable_parameters']:,} |",
+                  "", f"Probe {p['speedup_probe_over_finetune']}x faster in training time (bound >= 10x: "
                       f"{'met' if p['bound']['ok'] else 'NOT met'}).", ""]
     s = res.get("strategies")
     if s:

@@ -70,7 +70,7 @@ def test_kendall_tau_against_scipy():
 # -- strategies and learning rates -------------------------------------------------------------------
 
 def test_auto_strategy_follows_labels_per_class():
-    few, some, many = np.repeat(np.arange(5), 4), np.repeat(np.arange(5), 20), np.repeat(np.arange(5), 80)
+    few, some, many = np.repeat(np.arange(5), 4), np.repeat(np.arange(5), 12), np.repeat(np.arange(5), 40)
     assert choose_strategy(few, 5, "imagenet")[0] == "linear"
     assert choose_strategy(some, 5, "imagenet")[0] == "partial"
     assert choose_strategy(many, 5, "imagenet")[0] == "lpft"
