@@ -67,6 +67,7 @@ bench: install data
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[openvino]"
 	$(PY) benchmarks/bench_demo.py
 	$(PY) benchmarks/bench_runtime.py
+	$(PY) benchmarks/bench_transfer.py
 
 clean:
 	rm -rf $(VENV) .venv-inc runs build *.egg-info
