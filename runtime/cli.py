@@ -220,7 +220,8 @@ def serve_cmd(a) -> None:
     if kind == "auto":
         import importlib.util
 
-        kind = "uvicorn" if all(importlib.util.find_spec(m) for m in ("starlette", "uvicorn", "prometheus_client")) else "stdlib"
+        needs = ("starlette", "uvicorn", "prometheus_client")
+        kind = "uvicorn" if all(importlib.util.find_spec(m) for m in needs) else "stdlib"
     if a.timeout <= 0 or a.max_queue_delay_ms < 0:
         raise RuntimeInputError("--timeout must be > 0 and --max-queue-delay-ms >= 0")
     models = resolve_models(a.models)
