@@ -294,11 +294,14 @@ def _timm_info(arch: str) -> BackboneInfo:
                 self.net = net
 
             @property
-            def blocks(self):
-                inner = getattr(self.net, "blocks", None) or getattr(self.net, "stages", None)
-                if inner is not None:
-                    return list(inner)
-                return [m for _, m in self.net.named_children()]
+            def blocks(self):  # stem, each block (or stage), head: in definition order
+                out = []
+                for name, child in self.net.named_children():
+                    if name in ("blocks", "stages"):
+                        out.extend(child)
+                    elif any(True for _ in child.parameters()):
+                        out.append(child)
+                return out
 
             def forward(self, x):
                 return torch.flatten(self.net(x), 1)

@@ -218,22 +218,19 @@ def linear_probe(model: EdgeNet, f_tr: torch.Tensor, y_tr: torch.Tensor, f_va: t
 
 
 def block_groups(model: EdgeNet) -> list[list[torch.nn.Parameter]]:
-    """The backbone's parameters by block, input side first; parameters outside every block (if any)
-    join the first group."""
+    """The backbone's parameters by block, input side first (the registry lists each backbone's blocks)."""
     blocks = list(getattr(model.backbone, "blocks", []) or [model.backbone])
-    groups = [list(b.parameters()) for b in blocks]
-    seen = {id(p) for g in groups for p in g}
-    rest = [p for p in model.backbone.parameters() if id(p) not in seen]
-    if rest:
-        groups[0] = rest + groups[0]
-    return groups
+    return [list(b.parameters()) for b in blocks]
 
 
 def freeze_for(model: EdgeNet, strategy: str, unfreeze_blocks: int) -> int:
     """Freeze what `strategy` leaves untrained (partial: all but the last `unfreeze_blocks` blocks);
-    returns the number of trainable parameters."""
+    returns the number of trainable parameters. Parameters outside the backbone's blocks (such as
+    EfficientNet-Lite's ImageNet classifier, which the features never use) stay frozen."""
     groups = block_groups(model)
     keep = len(groups) if strategy != "partial" else min(unfreeze_blocks, len(groups))
+    for p in model.backbone.parameters():
+        p.requires_grad_(False)
     for i, g in enumerate(groups):
         for p in g:
             p.requires_grad_(i >= len(groups) - keep)

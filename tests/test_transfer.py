@@ -234,6 +234,8 @@ def test_timm_names_when_timm_is_installed():
     net = build_backbone("timm/mobilenetv3_small_100", weights="none", image_size=64)
     assert net(torch.zeros(2, 3, 64, 64)).shape == (2, info.feature_dim)
     assert len(net.blocks) >= 3
+    in_blocks = {id(p) for b in net.blocks for p in b.parameters()}
+    assert all(id(p) in in_blocks for p in net.parameters())  # full fine-tuning trains every weight
     with pytest.raises(BackboneError, match="timm has no model"):
         get_backbone_info("timm/definitely_not_a_model")
 
@@ -254,3 +256,16 @@ def test_a_useless_pretrained_start_is_flagged_as_negative_transfer(image_folder
     assert t["pretrained_test_accuracy"] == pytest.approx(1 / 3, abs=0.05)  # one class for every image
     assert t["negative_transfer"] and t["gain_points"] <= 0
     assert "NEGATIVE TRANSFER" in p.stderr
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite2", "mobilenet_v3_small", "mobilenet_v2",
+                                  "resnet18", "shufflenet_v2_x1_0", "efficientnet_b0"])
+def test_every_weight_the_features_use_is_in_a_block(name):
+    """Partial unfreezing and layer-wise rates work on blocks: a weight outside them would never train."""
+    from edgexfer.backbones import build_backbone
+
+    net = build_backbone(name, weights="none", image_size=64).train()
+    net(torch.randn(2, 3, 64, 64)).sum().backward()
+    in_blocks = {id(p) for b in net.blocks for p in b.parameters()}
+    used = [n for n, p in net.named_parameters() if p.grad is not None and id(p) not in in_blocks]
+    assert not used
