@@ -132,7 +132,7 @@ def build_config(*, data, shots, all_labels, test_size, seed, strict, backbone, 
                           image_size=image_size),
         train=TrainConfig(strategy=strategy, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                           scratch_baseline=compare_scratch, unfreeze_blocks=unfreeze_blocks, lr_decay=lr_decay,
-                          adapt_bn=str(Path(adapt_bn).resolve()) if adapt_bn else None),
+                          adapt_bn=str(Path(adapt_bn).resolve()) if adapt_bn else None, source_bn=bool(adapt_bn)),
         quantize=Int8Recipe(),
         bench=BenchConfig(threads=threads),
     )

@@ -247,7 +247,7 @@ def scratch_config(train_cfg):
     """The from-scratch baseline's budget: the same epochs and schedule, every layer trained from the
     start with BatchNorm in training mode, a learning rate of at least 1e-3, nothing to probe."""
     return dataclasses.replace(train_cfg, strategy="finetune", freeze_bn=False, lr=max(train_cfg.lr, 1e-3),
-                               lr_decay=1.0, scratch_baseline=False, adapt_bn=None)
+                               lr_decay=1.0, scratch_baseline=False, adapt_bn=None, source_bn=False)
 
 
 def _concat(a, b):
