@@ -126,7 +126,6 @@ def bundle_cmd(a) -> None:
 
 
 def bench_cmd(a, references) -> None:
-    from edgexfer.runtime import atomic
     from edgexfer.runtime.bench import BenchConfig, plot, run_benchmark, to_markdown
 
     sweep = () if a.sweep is None else (a.sweep or tuple(sorted({1, 2, 4, os.cpu_count() or 1} & set(range(1, (os.cpu_count() or 1) + 1)))))
@@ -134,29 +133,27 @@ def bench_cmd(a, references) -> None:
                       sweep=sweep, cold_start=not a.no_cold_start, openvino=not a.no_reference)
     res = run_benchmark(a.models, cfg, references=() if a.no_reference else references,
                         log=lambda s: print(f"==> {s}", file=sys.stderr))
-    md = to_markdown(res)
+    _emit(a, res, to_markdown(res), plot)
+
+
+def _emit(a, doc: dict, md: str, plot) -> None:
+    """Print the table; write --json, --markdown and --plot where asked (atomically)."""
+    from edgexfer.runtime import atomic
+
     print(md)
     if a.json:
-        atomic.write_json(a.json, res)
+        atomic.write_json(a.json, doc)
     if a.markdown:
         atomic.write_text(a.markdown, md)
-    if a.plot and not plot(res, a.plot):
+    if a.plot and not plot(doc, a.plot):
         print("note: --plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
 
 
 def compare_cmd(a) -> None:
-    from edgexfer.runtime import atomic
     from edgexfer.runtime.compare import compare, plot, to_markdown
 
     doc = compare(a.results)
-    md = to_markdown(doc)
-    print(md)
-    if a.markdown:
-        atomic.write_text(a.markdown, md)
-    if a.json:
-        atomic.write_json(a.json, doc)
-    if a.plot and not plot(doc, a.plot):
-        print("note: --plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
+    _emit(a, doc, to_markdown(doc), plot)
 
 
 def verify_cmd(a, held_out) -> None:

@@ -1,7 +1,6 @@
 """The Open Inference Protocol server (starlette + uvicorn): tritonclient, in binary and JSON mode, gets
 the same answers as EdgeModel; concurrent requests are batched and each gets its own rows."""
 import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,24 +14,14 @@ httpclient = pytest.importorskip("tritonclient.http")
 from edgexfer.runtime import EdgeModel  # noqa: E402
 from edgexfer.runtime.oip import BatchConfig, create_app  # noqa: E402
 from edgexfer.runtime.server import resolve_models  # noqa: E402
+from tests._live import live  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def oip(tiny_run):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     app = create_app(resolve_models([tiny_run]), threads=1, batch=BatchConfig(max_batch_size=8, max_queue_delay_ms=20))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    t = threading.Thread(target=server.run, daemon=True)
-    t.start()
-    deadline = time.time() + 30
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert server.started
-    yield f"127.0.0.1:{port}", app
-    server.should_exit = True
-    t.join(timeout=30)
+    with live(app) as addr:
+        yield addr, app
 
 
 @pytest.mark.parametrize("binary", [True, False])
