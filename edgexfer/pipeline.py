@@ -256,29 +256,28 @@ def scratch_baseline(run: RunFolder, cfg: RunConfig, ws: Workspace, pretrained, 
     """The same network from random initialisation with the same budget (epochs, data, schedule), both
     scored in PyTorch on the held-out test split: how much did the pretrained start buy? A start that
     does no better is negative transfer, and the report says so loudly."""
-    import torch
-
-    from edgexfer.finetune import predict_logits, train
-    from edgexfer.model import build_model
-    from edgexfer.transfer import scratch_config
-
-    torch.manual_seed(cfg.train.seed)
-    scratch = build_model({**mcfg, "weights": "none"})
-    scfg = scratch_config(cfg.train)
-    log.info("scratch baseline: %s from random init, %d epochs", mcfg["backbone"], scfg.epochs)
-    work = run.file("scratch")
-    work.mkdir(exist_ok=True)
-    res = train(scratch, ws.dataset, ws.preprocessing, scfg, work, weights="none")
-    x, y = ws.tensors("test")
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y if y.ndim == 1 else y[:, 0])  # the first task
-    acc_pre = float((predict_logits(pretrained, xt).argmax(1) == yt).float().mean())
-    acc_scr = float((predict_logits(scratch, xt).argmax(1) == yt).float().mean())
     import shutil
 
-    shutil.rmtree(work, ignore_errors=True)
+    import torch
+
+    from edgexfer.finetune import predict_logits
+    from edgexfer.transfer import fit_and_score, scratch_config
+
+    scfg = scratch_config(cfg.train)
+    log.info("scratch baseline: %s from random init, %d epochs", mcfg["backbone"], scfg.epochs)
+    x, y = ws.tensors("test")
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y if y.ndim == 1 else y[:, 0])  # the first task
+    work = run.file("scratch")
+    try:
+        acc_scr, res = fit_and_score(ws.dataset, ws.preprocessing, (xt, yt), backbone=mcfg["backbone"], weights="none",
+                                     image_size=mcfg["image_size"], train_cfg=scfg, work_dir=work,
+                                     dropout=mcfg["dropout"])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    acc_pre = float((predict_logits(pretrained, xt).argmax(1) == yt).float().mean())
     gain = 100 * (acc_pre - acc_scr)
     out = {"pretrained_test_accuracy": acc_pre, "scratch_test_accuracy": acc_scr, "gain_points": round(gain, 2),
-           "negative_transfer": gain <= 0, "scratch_train_seconds": res.train_seconds,
+           "negative_transfer": gain <= 0, "scratch_train_seconds": res["train_seconds"],
            "scratch_config": {"strategy": scfg.strategy, "epochs": scfg.epochs, "lr": scfg.lr, "freeze_bn": False},
            "measured_with": "PyTorch eager, test split" + (", first task" if y.ndim > 1 else "")}
     if gain <= 0:
