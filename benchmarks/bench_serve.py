@@ -1,14 +1,20 @@
 """A bounded load test of `edgexfer serve` on 127.0.0.1: 32 keep-alive clients for 20 s per server, with
 and without dynamic batching, against each model's offline throughput at the same threads (the ceiling).
 
-    .venv/bin/python benchmarks/bench_serve.py [RUN_DIR] [--clients 32] [--seconds 20] [--threads 2]
+    .venv/bin/python benchmarks/bench_serve.py [RUN_DIR] [--configs 1x1,2x1] [--small RUN_DIR]
                                                # -> benchmarks/results/serve.json
 
-Two models: the run's served file (the demo's INT8 model by default) and a small fast one built here
-(a three-layer CNN on 32x32 inputs, random weights, edgexfer metadata), where the per-request overhead
-dominates. The ceiling is the best offline throughput of ONNX Runtime on the same file with the same
-threads, over batch sizes 8/16/32/64 and with and without ONNX Runtime's thread spinning, measured
-right before each load run (the cores may be shared).
+Three models: the run's served file (the demo's INT8 model by default); the small fast one edgexfer
+makes (EfficientNet-Lite0 at 32x32, INT8, built here by a 40 s linear-probe run), where the per-call
+overhead dominates at batch 1; and a three-layer CNN on 32x32 (random weights), far faster than any HTTP
+request, whose figure is the server's request rate.
+
+Each server configuration INSTANCESxTHREADS (model instances computing side by side, ONNX Runtime
+threads each) is measured against the ceiling at the same threads in all: the best offline throughput
+of ONNX Runtime on the same file over batch sizes 8/16/32/64 and over the ways to spend those threads
+(one session with all of them, spinning on or off; the instances side by side), measured right before
+each load run (the cores may be shared). 1x1 leaves the second core of a 2-core host to HTTP and the
+load generator; 2x1 gives both cores to inference, which HTTP and the load generator then share.
 
 Load comes from `wrk` (one thread, epoll; `apt-get install wrk`) posting a prebuilt request in the binary
 tensor extension, so the load generator costs the shared cores little; without wrk, from several
@@ -97,25 +103,63 @@ def small_model(out: Path) -> Path:
     meta = ModelMeta(tasks=[Task("label", "logits", tuple(f"class{i}" for i in range(10)))],
                      input=InputSpec("input", 32, 32), preprocessing=Preprocessing(resize=32, crop=32),
                      provenance={"backbone": "small-cnn-32 (bench_serve.py, random weights)"})
-    path = out / "small.onnx"
+    path = out / "tinycnn.onnx"
     save_model(set_props(model, meta), path)
     return path
 
 
-def offline_ceiling(path: Path, threads: int) -> dict:
-    """Best offline images/s of ONNX Runtime on this file at these threads, over batch sizes and spinning."""
+def free_running(path: Path, sessions: int, threads: int, batch: int, seconds: float) -> float:
+    """Images/s of `sessions` ONNX Runtime sessions (`threads` each, no spinning) computing batches side
+    by side, each in its own thread for `seconds`: the offline form of a server with that many instances."""
+    import threading
+
+    from edgexfer.runtime.model import EdgeModel
+
+    models = [EdgeModel(path, threads=threads, spinning=False) for _ in range(sessions)]
+    x = np.random.default_rng(0).standard_normal((batch, *models[0].input_shape)).astype(np.float32)
+    for m in models:
+        m.run(x)  # warm up
+    done = [0] * sessions
+    start = threading.Barrier(sessions + 1)
+
+    def work(i):
+        start.wait()
+        stop_at = time.perf_counter() + seconds
+        while time.perf_counter() < stop_at:
+            models[i].run(x)
+            done[i] += 1
+
+    ts = [threading.Thread(target=work, args=(i,)) for i in range(sessions)]
+    for t in ts:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for t in ts:
+        t.join()
+    return sum(done) * batch / (time.perf_counter() - t0)
+
+
+def offline_ceiling(path: Path, threads: int, instances: int) -> dict:
+    """Best offline images/s of ONNX Runtime on this file with the server's ONNX Runtime threads in all
+    (`instances` x `threads`), over batch sizes 8/16/32/64 and over the ways to spend those threads: one
+    session with all of them (thread spinning on and off), and, when instances > 1, `instances` sessions
+    side by side as the server runs them."""
     from edgexfer.runtime.bench import interleaved, onnx_candidate
     from edgexfer.runtime.model import EdgeModel
 
     shape = EdgeModel(path).input_shape
-    cands = [onnx_candidate("spin", path, threads, spinning=True), onnx_candidate("nospin", path, threads)]
+    total = threads * instances
+    cands = [onnx_candidate("spin", path, total, spinning=True), onnx_candidate("nospin", path, total)]
     table = {}
     for batch in (8, 16, 32, 64):
         x = np.random.default_rng(0).standard_normal((batch, *shape)).astype(np.float32)
         res = interleaved(cands, x, warmup=5, duration=2.0)
         table[str(batch)] = {k: batch / (v["p50"] / 1e3) for k, v in res.items()}
+        if instances > 1:
+            table[str(batch)][f"{instances}x{threads}"] = free_running(path, instances, threads, batch, 2.0)
     best = max((v, b, k) for b, r in table.items() for k, v in r.items())
-    return {"img_s": best[0], "batch": int(best[1]), "spinning": best[2] == "spin", "table": table}
+    return {"img_s": best[0], "batch": int(best[1]), "how": best[2], "spinning": best[2] == "spin",
+            "threads_in_all": total, "table": table}
 
 
 def binary_request(x: np.ndarray) -> tuple[bytes, int]:
@@ -125,9 +169,11 @@ def binary_request(x: np.ndarray) -> tuple[bytes, int]:
     return head + x.astype("<f4").tobytes(), len(head)
 
 
-def start_server(model: Path, port: int, max_batch: int, threads: int, delay_ms: float) -> subprocess.Popen:
+def start_server(model: Path, port: int, max_batch: int, threads: int, delay_ms: float,
+                 instances: int = 1) -> subprocess.Popen:
     p = subprocess.Popen([sys.executable, "-m", "edgexfer.runtime", "serve", str(model), "--port", str(port),
-                          "--server", "uvicorn", "--threads", str(threads), "--max-batch-size", str(max_batch),
+                          "--server", "uvicorn", "--threads", str(threads), "--instances", str(instances),
+                          "--max-batch-size", str(max_batch),
                           "--max-queue-delay-ms", str(delay_ms), "--no-access-log"],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
@@ -232,29 +278,50 @@ def bench_model(name: str, source: Path, path: Path, a, use_wrk: bool) -> dict:
     body, header_len = binary_request(x)
     res = {"file": str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path.name),
            "input": list(m.input_shape), "request_bytes": len(body)}
-    for label, max_batch in (("batching", a.max_batch_size), ("no_batching", 1)):
-        ceiling = offline_ceiling(path, a.threads)  # right before each load run: the cores are shared
-        port = free_port()
-        p = start_server(source, port, max_batch, a.threads, a.max_queue_delay_ms)
-        try:
-            check_once(port, name, x, want)
-            load_before = loadavg()
-            r = (run_wrk(f"http://127.0.0.1:{port}/v2/models/{name}/infer", body, header_len, a.clients, a.seconds)
-                 if use_wrk else run_python(port, f"/v2/models/{name}/infer", body, header_len, a.clients, a.seconds))
-            r["mean_batch"] = mean_batch(port, name)
-            r["loadavg_1m_before"] = load_before
-        finally:
-            p.terminate()
-            p.wait(timeout=60)
-        r["ceiling"] = ceiling
-        r["share_of_ceiling"] = r["throughput_rps"] / ceiling["img_s"]
-        r["server"] = {"max_batch_size": max_batch, "max_queue_delay_ms": a.max_queue_delay_ms, "threads": a.threads}
-        res[label] = r
-        print(f"{name:>10} {label:>11}: {r['throughput_rps']:7.0f} req/s = {r['share_of_ceiling']:.2f} of "
-              f"{ceiling['img_s']:.0f} img/s (batch {ceiling['batch']}); p50 {r['p50_ms']:.1f} ms, p99 "
-              f"{r['p99_ms']:.1f} ms; failed {r['failed']}; mean batch {r['mean_batch'] or 0:.1f}; "
-              f"load {r['loadavg_1m_before']:.2f}", file=sys.stderr)
+    for instances, threads in a.configs:
+        cfg = res[f"{instances}x{threads}"] = {}
+        for label, max_batch in (("batching", a.max_batch_size), ("no_batching", 1)):
+            ceiling = offline_ceiling(path, threads, instances)  # right before each load run: the cores are shared
+            port = free_port()
+            p = start_server(source, port, max_batch, threads, a.max_queue_delay_ms, instances)
+            try:
+                check_once(port, name, x, want)
+                load_before = loadavg()
+                r = (run_wrk(f"http://127.0.0.1:{port}/v2/models/{name}/infer", body, header_len, a.clients, a.seconds)
+                     if use_wrk else run_python(port, f"/v2/models/{name}/infer", body, header_len, a.clients, a.seconds))
+                r["mean_batch"] = mean_batch(port, name)
+                r["loadavg_1m_before"] = load_before
+            finally:
+                p.terminate()
+                p.wait(timeout=60)
+            r["ceiling"] = ceiling
+            r["share_of_ceiling"] = r["throughput_rps"] / ceiling["img_s"]
+            r["server"] = {"max_batch_size": max_batch, "max_queue_delay_ms": a.max_queue_delay_ms,
+                           "threads": threads, "instances": instances}
+            cfg[label] = r
+            print(f"{name:>9} {instances}x{threads} {label:>11}: {r['throughput_rps']:7.0f} req/s = "
+                  f"{r['share_of_ceiling']:.2f} of {ceiling['img_s']:.0f} img/s (batch {ceiling['batch']}, "
+                  f"{ceiling['how']}); p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms; failed {r['failed']}; "
+                  f"mean batch {r['mean_batch'] or 0:.1f}; load {r['loadavg_1m_before']:.2f}", file=sys.stderr)
     return res
+
+
+def small_run(out: Path) -> Path:
+    """The small fast model edgexfer itself makes: EfficientNet-Lite0 at 32x32 (Fashion-MNIST's own size),
+    a linear probe on the default data (about 40 s), exported and quantized -> its run folder."""
+    subprocess.run([sys.executable, "-m", "edgexfer", "run", "--image-size", "32", "--strategy", "linear",
+                    "--runs", str(out), "--name", "small32", "--bench-iters", "10"],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return out / "small32"
+
+
+def _configs(text: str) -> list[tuple[int, int]]:
+    try:
+        out = [tuple(int(v) for v in c.split("x")) for c in text.split(",")]
+        assert all(len(c) == 2 and min(c) >= 1 for c in out)
+        return out
+    except (ValueError, AssertionError):
+        raise argparse.ArgumentTypeError(f"expected INSTANCESxTHREADS[,...], e.g. 1x1,2x1; got {text!r}") from None
 
 
 def main() -> int:
@@ -262,11 +329,14 @@ def main() -> int:
     ap.add_argument("run", nargs="?", default=str(ROOT / "runs" / "demo"), help="run folder or ONNX file")
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--seconds", type=float, default=20)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--max-batch-size", type=int, default=32)
+    ap.add_argument("--configs", type=_configs, default=_configs("1x1,2x1"),
+                    help="server configurations INSTANCESxTHREADS (ONNX Runtime threads per instance), "
+                         "each against the offline ceiling at the same threads in all")
+    ap.add_argument("--max-batch-size", type=int, default=16)
     ap.add_argument("--max-queue-delay-ms", type=float, default=2.0)
     ap.add_argument("--load", choices=("auto", "wrk", "python"), default="auto")
-    ap.add_argument("--no-small", action="store_true", help="skip the small fast model")
+    ap.add_argument("--small", type=Path, help="the small fast model's run folder (default: made here, ~40 s)")
+    ap.add_argument("--no-small", action="store_true", help="only the given run's model")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve.json")
     a = ap.parse_args()
     from edgexfer.runtime.machine import machine_info
@@ -280,13 +350,16 @@ def main() -> int:
     res = {"command": "python benchmarks/bench_serve.py " + " ".join(sys.argv[1:]),
            "load_generator": (f"{wrk_version.strip()}: 1 thread, {a.clients} keep-alive connections"
                               if use_wrk else f"{min(4, a.clients)} processes of http.client keep-alive threads"),
-           "clients": a.clients, "seconds": a.seconds, "threads": a.threads, "loadavg_1m_start": loadavg(),
-           "models": {}}
+           "clients": a.clients, "seconds": a.seconds, "configs": [f"{i}x{t}" for i, t in a.configs],
+           "loadavg_1m_start": loadavg(), "models": {}}
     with tempfile.TemporaryDirectory() as d:
         models = {name: (Path(a.run), Path(path))}
         if not a.no_small:
-            small = small_model(Path(d))
-            models["small"] = (small, small)
+            small = a.small or small_run(Path(d))
+            sname, spath = next(iter(resolve_models([small]).items()))
+            models[sname] = (small, spath)
+            cnn = small_model(Path(d))  # the server's request rate: a model far faster than any request
+            models["tinycnn"] = (cnn, cnn)
         for n, (source, p) in models.items():
             res["models"][n] = bench_model(n, source, p, a, use_wrk)
     res["loadavg_1m_end"] = loadavg()

@@ -78,6 +78,9 @@ def parser() -> argparse.ArgumentParser:
                         "auto: uvicorn when installed")
     s.add_argument("--max-batch-size", type=_pos_int, default=32, help="dynamic batching (uvicorn server)")
     s.add_argument("--max-queue-delay-ms", type=float, default=2.0, help="dynamic batching (uvicorn server)")
+    s.add_argument("--instances", type=_pos_int, default=1,
+                   help="copies of each model computing batches side by side, each with --threads ONNX Runtime "
+                        "threads (uvicorn server; Triton's instance count; default 1)")
     s.add_argument("--timeout", type=float, default=30.0,
                    help="seconds a request may wait for its answer before 504 (uvicorn server; default 30)")
     s.add_argument("--token", default=os.environ.get("EDGEXFER_TOKEN") or None,
@@ -227,7 +230,7 @@ def serve_cmd(a) -> None:
 
         serve_oip(models, host=a.host, port=a.port, threads=a.threads, token=a.token, access_log=a.access_log,
                   batch=BatchConfig(max_batch_size=a.max_batch_size, max_queue_delay_ms=a.max_queue_delay_ms,
-                                    timeout_s=a.timeout))
+                                    timeout_s=a.timeout, instances=a.instances))
     else:
         serve(models, host=a.host, port=a.port, threads=a.threads, token=a.token, access_log=a.access_log)
 

@@ -22,9 +22,9 @@ import contextlib
 import hmac
 import json
 import logging
+import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +33,14 @@ import numpy as np
 from edgexfer.runtime.errors import ImageError, RuntimeInputError
 from edgexfer.runtime.model import EdgeModel
 from edgexfer.runtime.openapi import OPEN_PATHS, openapi_document
-from edgexfer.runtime.protocol import HEADER_LEN, MAX_BODY, HTTPError, infer_response, parse_infer
+from edgexfer.runtime.protocol import (
+    HEADER_LEN,
+    MAX_BODY,
+    HeaderCache,
+    HTTPError,
+    infer_response,
+    parse_infer,
+)
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("edgexfer.access")
@@ -52,89 +59,139 @@ class BatchConfig:
     max_queue_delay_ms: float = 2.0
     max_queue: int = 256           # pending requests per model before 503
     timeout_s: float = 30.0        # per request, from acceptance to its rows (504 past it)
+    instances: int = 1             # copies of each model running batches side by side (Triton's instance count)
 
 
 class DynamicBatcher:
-    """Collects requests for one model into batches (size or delay bound), runs them off the loop."""
+    """Collects requests for one model into batches (size or delay bound) and computes them off the
+    event loop, on `len(models)` instances side by side. Each instance is a thread with its own ONNX
+    Runtime session that takes the next batch from the shared queue itself as soon as it is free, so a
+    busy event loop never delays a batch, and the loop answers one batch and reads the next requests
+    while another batch computes.
 
-    def __init__(self, model: EdgeModel, cfg: BatchConfig, observe=None):
-        self.model, self.cfg = model, cfg
-        self.queue: asyncio.Queue | None = None
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgexfer-infer")
-        self.task: asyncio.Task | None = None
+    A batch starts when `max_batch_size` rows are waiting, or `max_queue_delay_ms` after its oldest
+    request arrived (Triton's meaning of both). A request larger than `max_batch_size` runs alone."""
+
+    def __init__(self, model: EdgeModel | list[EdgeModel], cfg: BatchConfig, observe=None):
+        self.models = model if isinstance(model, list) else [model]
+        self.model, self.cfg = self.models[0], cfg
+        self.cond = threading.Condition(threading.Lock())  # guards pending, pending_rows, closed
+        self.pending: deque[tuple[np.ndarray, asyncio.Future, float]] = deque()  # (rows, answer, arrival)
+        self.pending_rows = 0
+        self.closed = False
+        self.threads: list[threading.Thread] = []
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.deadlines: deque[tuple[float, asyncio.Future]] = deque()  # in arrival order, so in deadline order
+        self.sweep_s = min(0.05, cfg.timeout_s / 4)  # a late request gets its 504 within this much
+        self._sweeper: asyncio.TimerHandle | None = None
         self.waiting = 0  # submitted requests not yet answered
         self.recent_batches: deque[int] = deque(maxlen=1024)  # rows per batch, newest last (tests, debugging)
         self.observe = observe or (lambda rows: None)
 
     def start(self) -> None:
-        self.queue = asyncio.Queue(maxsize=self.cfg.max_queue)
-        self.task = asyncio.get_running_loop().create_task(self._loop())
+        self.loop = asyncio.get_running_loop()
+        self.closed = False
+        self.threads = [threading.Thread(target=self._instance, args=(m,), name=f"edgexfer-infer-{i}", daemon=True)
+                        for i, m in enumerate(self.models)]
+        for t in self.threads:
+            t.start()
+        self._sweeper = self.loop.call_later(self.sweep_s, self._sweep)
 
     def depth(self) -> int:
-        return self.queue.qsize() if self.queue is not None else 0
+        return len(self.pending)
 
     async def stop(self) -> None:
-        if self.task:
-            while self.waiting:  # answer what was accepted (each waits at most timeout_s)
-                await asyncio.sleep(0.01)
-            self.task.cancel()
-        self.pool.shutdown(wait=True)
+        while self.waiting:  # answer what was accepted (each waits at most timeout_s)
+            await asyncio.sleep(0.01)
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for t in self.threads:
+            await asyncio.get_running_loop().run_in_executor(None, t.join)
+
+    def _sweep(self) -> None:
+        """Answer 504 to the requests past their deadline (one timer per model, not one per request)."""
+        d, now = self.deadlines, self.loop.time()
+        while d and (d[0][1].done() or d[0][0] <= now):
+            _, f = d.popleft()
+            if not f.done():
+                f.set_exception(asyncio.TimeoutError())
+        self._sweeper = self.loop.call_later(self.sweep_s, self._sweep)
 
     async def submit(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        fut = asyncio.get_running_loop().create_future()
-        try:
-            self.queue.put_nowait((x, fut))
-        except asyncio.QueueFull:
-            raise QueueFull from None
+        if len(self.pending) >= self.cfg.max_queue:
+            raise QueueFull
+        fut = self.loop.create_future()
+        with self.cond:
+            was = self.pending_rows
+            self.pending.append((x, fut, time.monotonic()))
+            self.pending_rows += len(x)
+            if was == 0 or (was < self.cfg.max_batch_size <= self.pending_rows):
+                self.cond.notify_all()  # an idle instance starts a batch; a gathering one stops waiting
+        self.deadlines.append((self.loop.time() + self.cfg.timeout_s, fut))
         self.waiting += 1
         try:
-            return await asyncio.wait_for(fut, self.cfg.timeout_s)
+            return await fut
         finally:
             self.waiting -= 1
 
-    async def _gather(self, first) -> list:
-        """`first` plus whatever joins it before the batch is full or the queue delay is over."""
-        loop, q = asyncio.get_running_loop(), self.queue
-        items, rows = [first], len(first[0])
-        deadline = loop.time() + self.cfg.max_queue_delay_ms / 1e3
-        while rows < self.cfg.max_batch_size:
-            try:
-                nxt = q.get_nowait()  # what is already waiting costs no timer
-            except asyncio.QueueEmpty:
-                left = deadline - loop.time()
-                if left <= 0:
+    def _next_batch(self) -> list[tuple[np.ndarray, asyncio.Future]] | None:
+        """Blocks until a batch is due, then takes it: the oldest waiting requests, up to max_batch_size
+        rows (at least one request), dropping those already answered (timed out). None: stopped."""
+        cfg, delay = self.cfg, self.cfg.max_queue_delay_ms / 1e3
+        with self.cond:
+            while True:
+                while not self.pending:
+                    if self.closed:
+                        return None
+                    self.cond.wait()
+                left = delay - (time.monotonic() - self.pending[0][2])
+                if self.pending_rows >= cfg.max_batch_size or left <= 0:
                     break
-                try:
-                    nxt = await asyncio.wait_for(q.get(), left)
-                except asyncio.TimeoutError:
+                self.cond.wait(left)
+            items, rows = [], 0
+            while self.pending:
+                n = len(self.pending[0][0])
+                if items and rows + n > cfg.max_batch_size:
                     break
-            items.append(nxt)
-            rows += len(nxt[0])
-        return items
+                x, f, _ = self.pending.popleft()
+                self.pending_rows -= n
+                if not f.done():
+                    items.append((x, f))
+                    rows += n
+            if self.pending:
+                self.cond.notify()  # what is left over is another instance's
+            return items
 
-    async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
+    def _instance(self, model: EdgeModel) -> None:
         while True:
-            items = await self._gather(await self.queue.get())
-            live = [(x, f) for x, f in items if not f.done()]  # timed-out requests are dropped
-            if not live:
+            items = self._next_batch()
+            if items is None:
+                return
+            if not items:
                 continue
-            xb = live[0][0] if len(live) == 1 else np.concatenate([x for x, _ in live])
+            xb = items[0][0] if len(items) == 1 else np.concatenate([x for x, _ in items])
             self.recent_batches.append(len(xb))
             self.observe(len(xb))
             try:
-                outs = await loop.run_in_executor(self.pool, self.model.run, xb)
-            except Exception as e:  # one bad batch must not stop the loop
-                for _, f in live:
-                    if not f.done():
-                        f.set_exception(e)
-                continue
-            start = 0
-            for x, f in live:
-                n = len(x)
-                if not f.done():
+                outs, err = model.run(xb), None
+            except Exception as e:  # one bad batch must not stop the instance
+                outs, err = None, e
+            self.loop.call_soon_threadsafe(self._answer, items, outs, err)
+
+    @staticmethod
+    def _answer(items, outs, err) -> None:
+        start = 0
+        for x, f in items:
+            n = len(x)
+            if not f.done():
+                if err is not None:
+                    f.set_exception(err)
+                else:
                     f.set_result({k: v[start:start + n] for k, v in outs.items()})
-                start += n
+            start += n
 
 
 def failure(e: BaseException, timeout_s: float) -> tuple[int, str, dict]:
@@ -178,7 +235,13 @@ class Metrics:
     """Prometheus metrics of one app, in their own registry (several apps in one process stay apart)."""
 
     def __init__(self, batchers: dict[str, DynamicBatcher]):
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+        from prometheus_client import (
+            CollectorRegistry,
+            Counter,
+            Gauge,
+            Histogram,
+            disable_created_metrics,
+        )
 
         disable_created_metrics()  # no *_created series beside every counter (process-wide)
 
@@ -190,7 +253,9 @@ class Metrics:
                                   ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.batch = Histogram("edgexfer_batch_size", "rows per inference batch", ["model"],
                                buckets=BATCH_BUCKETS, registry=r)
-        self.in_flight = Gauge("edgexfer_requests_in_flight", "requests accepted and not yet answered", registry=r)
+        self.in_flight = 0  # read at scrape time (a Gauge's inc and dec would take its lock twice a request)
+        Gauge("edgexfer_requests_in_flight", "requests accepted and not yet answered",
+              registry=r).set_function(lambda: self.in_flight)
         depth = Gauge("edgexfer_queue_depth", "requests waiting for a batch", ["model"], registry=r)
         for name, b in batchers.items():
             depth.labels(name).set_function(b.depth)
@@ -247,7 +312,7 @@ class Edge:
             await send(message)
 
         m = self.metrics
-        m.in_flight.inc()
+        m.in_flight += 1
         try:
             if self.token and scope["path"] not in OPEN_PATHS and not self.authorized(scope):
                 wrong = any(k == b"authorization" for k, _ in scope["headers"])
@@ -259,11 +324,11 @@ class Edge:
             elif scope["method"] == "POST" and scope["path"] in self.fast:
                 name, handler = self.fast[scope["path"]]
                 scope["path_params"] = {"model": name}
-                await handler(scope, receive, send_status)
+                status = await handler(scope, receive, send)
             else:
                 await self.app(scope, receive, send_status)
         finally:
-            m.in_flight.dec()
+            m.in_flight -= 1
             dt = time.perf_counter() - t0
             model = (scope.get("path_params") or {}).get("model", "")
             model = model if model in self.models else ""  # unknown names must not grow the label set
@@ -276,16 +341,18 @@ class Edge:
 
 def create_app(models: dict[str, Path], *, threads: int | None = None, batch: BatchConfig = BatchConfig(),
                token: str | None = None, access_log: bool = True):
+    from edgexfer.runtime.server import ModelServer
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
     from edgexfer import __version__
-    from edgexfer.runtime.server import ModelServer
 
     ms = ModelServer(models, threads)
-    batchers = {n: DynamicBatcher(m, batch) for n, m in ms.models.items()}
+    batchers = {n: DynamicBatcher([m] + [EdgeModel(models[n], threads=threads, spinning=False)
+                                         for _ in range(batch.instances - 1)], batch)
+                for n, m in ms.models.items()}
     metrics = Metrics(batchers)
     doc = json.dumps(openapi_document(ms.models, version=__version__, token=bool(token),
                                       timeout_s=batch.timeout_s)).encode()
@@ -328,14 +395,14 @@ def create_app(models: dict[str, Path], *, threads: int | None = None, batch: Ba
 
     async def infer(request):  # served models take the raw path below; this answers 404 for the others
         name, model = model_of(request)
-        x, req, binary = parse_infer(await body_of(request), request.headers.get(HEADER_LEN), model)
-        outs = await batchers[name].submit(x)
-        data, headers = infer_response(name, req, model, outs, binary)
+        x, h = parse_infer(await body_of(request), request.headers.get(HEADER_LEN), model)
+        data, headers = infer_response(name, h, model, await batchers[name].submit(x))
         return Response(data, 200, headers=headers)
 
     def raw_infer(name: str):
         model, batcher = ms.models[name], batchers[name]
         header_len_key = HEADER_LEN.lower().encode()
+        cache = HeaderCache()
 
         async def handle(scope, receive, send):
             header_len = content_length = None
@@ -345,8 +412,8 @@ def create_app(models: dict[str, Path], *, threads: int | None = None, batch: Ba
                 elif k == b"content-length":
                     content_length = v
             try:
-                x, req, binary = parse_infer(await read_body(receive, content_length), header_len, model)
-                data, headers = infer_response(name, req, model, await batcher.submit(x), binary)
+                x, h = parse_infer(await read_body(receive, content_length), header_len, model, cache)
+                data, headers = infer_response(name, h, model, await batcher.submit(x))
                 status = 200
             except Exception as e:
                 status, message, extra = failure(e, batch.timeout_s)
@@ -355,6 +422,7 @@ def create_app(models: dict[str, Path], *, threads: int | None = None, batch: Ba
                 *((k.lower().encode("latin-1"), str(v).encode("latin-1")) for k, v in headers.items()),
                 (b"content-length", str(len(data)).encode())]})
             await send({"type": "http.response.body", "body": data})
+            return status
         return handle
 
     async def image_bytes(request: Request) -> bytes:
@@ -420,11 +488,80 @@ def create_app(models: dict[str, Path], *, threads: int | None = None, batch: Ba
     return Edge(app, metrics=metrics, models=frozenset(ms.models), token=token, access=access_log, fast=fast)
 
 
+class CoalescingTransport:
+    """A transport that holds what is written until the end of the current event-loop step and sends it
+    with one write. uvicorn writes a response's status line and headers, then its body, as two writes:
+    two system calls and two TCP segments for the client to read. Ordering is kept; closing, EOF and a
+    protocol switch flush first; nothing waits past the step that wrote it."""
+
+    __slots__ = ("_held", "_loop", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop):
+        self._transport, self._loop, self._held = transport, loop, []
+
+    def write(self, data) -> None:
+        if not self._held:
+            self._loop.call_soon(self.flush)
+        self._held.append(data)
+
+    def writelines(self, lines) -> None:
+        for data in lines:
+            self.write(data)
+
+    def flush(self) -> None:
+        held = self._held
+        if held:
+            self._held = []
+            self._transport.write(held[0] if len(held) == 1 else b"".join(held))
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size() + sum(map(len, self._held))
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def write_eof(self) -> None:
+        self.flush()
+        self._transport.write_eof()
+
+    def set_protocol(self, protocol) -> None:
+        self.flush()
+        self._transport.set_protocol(protocol)
+
+    def abort(self) -> None:
+        self._held = []
+        self._transport.abort()
+
+    def __getattr__(self, name):  # is_closing, get_extra_info, pause_reading, ...
+        return getattr(self._transport, name)
+
+
+def http_protocol():
+    """uvicorn's HTTP protocol (httptools when installed, else h11) writing through CoalescingTransport."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as base
+    except ImportError:
+        from uvicorn.protocols.http.h11_impl import H11Protocol as base
+
+    class EdgeHTTP(base):
+        def connection_made(self, transport):
+            super().connection_made(CoalescingTransport(transport, self.loop))
+
+    return EdgeHTTP
+
+
 def serve(models: dict[str, Path], host: str = "127.0.0.1", port: int = 8000, threads: int | None = None,
           batch: BatchConfig = BatchConfig(), token: str | None = None, access_log: bool = True) -> None:
+    import sys
+
     import uvicorn
 
+    # The inference threads need the GIL for a moment before and after each batch; with Python's default
+    # 5 ms switch interval a busy event loop keeps them waiting (1 ms: +14% requests/s for a 32x32
+    # model, benchmarks/RESULTS.md)
+    sys.setswitchinterval(min(sys.getswitchinterval(), 0.001))
     app = create_app(models, threads=threads, batch=batch, token=token, access_log=access_log)
     # uvicorn's own access log is replaced by ours (with the duration and the model)
     uvicorn.run(app, host=host, port=port, log_level="info", access_log=False, server_header=False,
-                proxy_headers=False, timeout_graceful_shutdown=30)
+                proxy_headers=False, timeout_graceful_shutdown=30, http=http_protocol())

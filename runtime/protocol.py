@@ -30,16 +30,37 @@ def _obj(v, what: str) -> dict:
     return v
 
 
-def parse_infer(body: bytes, header_len: str | None, model: EdgeModel) -> tuple[np.ndarray, dict, bool]:
-    """(input array, request JSON, whether outputs go back as binary) from a v2 infer body."""
+class InferHeader:
+    """A checked v2 infer request header: the request JSON, the input's shape, the byte size of its
+    binary data (None: the values are in the JSON) and whether outputs go back as binary."""
+
+    __slots__ = ("req", "shape", "size", "binary", "heads")
+
+    def __init__(self, req: dict, shape: list[int], size: int | None, binary: bool):
+        self.req, self.shape, self.size, self.binary = req, shape, size, binary
+        self.heads: dict[int, tuple[bytes, dict]] = {}  # rows -> binary response head (`infer_response`)
+
+
+class HeaderCache(dict):
+    """Checked binary-extension headers by their bytes, for one model. Clients send the same header with
+    every request of one shape (tritonclient does), so it is parsed and checked once. Bounded; only
+    headers without values in them are kept."""
+
+    def __init__(self, size: int = 64):
+        super().__init__()
+        self.size = size
+
+    def put(self, key: bytes, h: InferHeader) -> None:
+        if len(self) >= self.size:
+            del self[next(iter(self))]
+        self[key] = h
+
+
+def parse_header(head: bytes, model: EdgeModel) -> InferHeader:
     try:
-        n = int(header_len) if header_len is not None else len(body)
-        if not 0 <= n <= len(body):
-            raise ValueError(f"{HEADER_LEN} {n} is outside the body's {len(body)} bytes")
-        req = json.loads(body[:n] or b"{}")
+        req = json.loads(head or b"{}")
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
         raise HTTPError(400, f"malformed JSON: {str(e)[:200]}") from None
-    raw = memoryview(body)[n:]
     inputs = req.get("inputs") if isinstance(req, dict) else None
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise HTTPError(400, "expected {'inputs': [one tensor]}")
@@ -51,50 +72,79 @@ def parse_infer(body: bytes, header_len: str | None, model: EdgeModel) -> tuple[
     t = inputs[0]
     if t.get("name") not in (None, model.input_name):
         raise HTTPError(400, f"unknown input {t.get('name')!r}; the model's input is {model.input_name!r}")
-    dtype = DTYPES.get(t.get("datatype"))
-    if dtype is None:
+    if t.get("datatype") not in DTYPES:
         raise HTTPError(400, f"datatype must be FP32, got {t.get('datatype')!r}")
     try:
         shape = [int(s) for s in t["shape"]]
         size = _obj(t.get("parameters"), "parameters").get("binary_data_size")
-        if size is not None:
-            if not 0 <= int(size) <= len(raw):
-                raise ValueError(f"binary_data_size {size} is outside the {len(raw)} bytes sent")
-            x = np.frombuffer(raw[:int(size)], dtype="<f4").reshape(shape)
-        else:
-            x = np.asarray(t["data"], dtype=dtype).reshape(shape)
+        size = None if size is None else int(size)
+        if size is not None and (size < 0 or any(d < 0 for d in shape) or size != 4 * int(np.prod(shape))):
+            raise ValueError(f"binary_data_size {size} does not hold shape {shape} of FP32")
+        if size is None and "data" not in t:
+            raise KeyError("data")
     except (KeyError, TypeError, ValueError, OverflowError) as e:
         raise HTTPError(400, f"bad tensor: {e}") from None
-    if x.ndim != 4 or tuple(x.shape[1:]) != model.input_shape or x.shape[0] < 1:
-        raise HTTPError(400, f"expected shape [N, {', '.join(map(str, model.input_shape))}], got {list(x.shape)}")
+    if len(shape) != 4 or tuple(shape[1:]) != model.input_shape or shape[0] < 1:
+        raise HTTPError(400, f"expected shape [N, {', '.join(map(str, model.input_shape))}], got {shape}")
     known = set(model.output_names)
     for o in wanted:
         if o.get("name") not in known:
             raise HTTPError(400, f"unknown output {o.get('name')!r}; the model's outputs are {sorted(known)}")
     binary = bool(_obj(req.get("parameters"), "parameters").get("binary_data_output")) or any(
         _obj(o.get("parameters"), "parameters").get("binary_data") for o in wanted)
-    return np.ascontiguousarray(x, dtype=np.float32), req, binary
+    return InferHeader(req, shape, size, binary)
 
 
-def infer_response(name: str, req: dict, model: EdgeModel, outs: dict[str, np.ndarray], binary: bool
-                   ) -> tuple[bytes, dict]:
+def parse_infer(body: bytes, header_len: str | None, model: EdgeModel, cache: HeaderCache | None = None
+                ) -> tuple[np.ndarray, InferHeader]:
+    """(input array, its checked header) from a v2 infer body; `cache` keeps checked binary headers."""
+    try:
+        n = int(header_len) if header_len is not None else len(body)
+    except ValueError:
+        raise HTTPError(400, f"malformed JSON: {HEADER_LEN} {header_len!r} is not a number") from None
+    if not 0 <= n <= len(body):
+        raise HTTPError(400, f"malformed JSON: {HEADER_LEN} {n} is outside the body's {len(body)} bytes")
+    head = body[:n]
+    h = cache.get(head) if cache is not None else None
+    if h is None:
+        h = parse_header(head, model)
+        if cache is not None and h.size is not None:
+            cache.put(head, h)
+    if h.size is not None:
+        if h.size > len(body) - n:
+            raise HTTPError(400, f"bad tensor: binary_data_size {h.size} is outside the {len(body) - n} bytes sent")
+        x = np.frombuffer(body, dtype="<f4", count=h.size // 4, offset=n).reshape(h.shape)
+    else:
+        try:
+            x = np.asarray(h.req["inputs"][0]["data"], dtype=np.float32).reshape(h.shape)
+        except (TypeError, ValueError, OverflowError) as e:
+            raise HTTPError(400, f"bad tensor: {e}") from None
+    return np.ascontiguousarray(x, dtype=np.float32), h
+
+
+def infer_response(name: str, h: InferHeader, model: EdgeModel, outs: dict[str, np.ndarray]) -> tuple[bytes, dict]:
+    """The response body and headers; a binary response's JSON head is made once per header and row count."""
+    req, binary = h.req, h.binary
+    arrays = [np.ascontiguousarray(outs[t.name], dtype="<f4") for t in model.meta.tasks]
     wanted = {o.get("name") for o in (req.get("outputs") or [])}
-    tensors, blobs = [], []
-    for task in model.meta.tasks:
-        if wanted and task.output not in wanted:
-            continue
-        a = np.ascontiguousarray(outs[task.name], dtype="<f4")
-        entry = {"name": task.output, "datatype": "FP32", "shape": list(a.shape)}
-        if binary:
-            entry["parameters"] = {"binary_data_size": a.nbytes}
-            blobs.append(a.tobytes())
-        else:
-            entry["data"] = a.ravel().tolist()
-        tensors.append(entry)
+    chosen = [(t, a) for t, a in zip(model.meta.tasks, arrays) if not wanted or t.output in wanted]
+    if binary:
+        rows = len(arrays[0])
+        cached = h.heads.get(rows)
+        if cached is None:
+            tensors = [{"name": t.output, "datatype": "FP32", "shape": list(a.shape),
+                        "parameters": {"binary_data_size": a.nbytes}} for t, a in chosen]
+            head = json.dumps({"model_name": name, "model_version": "1", "id": req.get("id", ""),
+                               "outputs": tensors}).encode()
+            cached = (head, {"content-type": "application/octet-stream", HEADER_LEN: str(len(head))})
+            if len(h.heads) < 64:
+                h.heads[rows] = cached
+        head, headers = cached
+        return b"".join([head, *(a.tobytes() for _, a in chosen)]), headers
+    tensors = [{"name": t.output, "datatype": "FP32", "shape": list(a.shape), "data": a.ravel().tolist()}
+               for t, a in chosen]
     head = json.dumps({"model_name": name, "model_version": "1", "id": req.get("id", ""), "outputs": tensors}).encode()
-    if not binary:
-        return head, {"content-type": "application/json"}
-    return head + b"".join(blobs), {"content-type": "application/octet-stream", HEADER_LEN: str(len(head))}
+    return head, {"content-type": "application/json"}
 
 
 def model_metadata(name: str, m: EdgeModel) -> dict:

@@ -74,8 +74,8 @@ class ModelServer:
     def infer(self, name: str, body: bytes, header_len: str | None) -> tuple[bytes, dict]:
         """A v2 infer body (JSON, or the binary tensor extension) -> response bytes and headers."""
         m = self.model(name)
-        x, req, binary = parse_infer(body, header_len, m)
-        return infer_response(name, req, m, m.run(x), binary)
+        x, h = parse_infer(body, header_len, m)
+        return infer_response(name, h, m, m.run(x))
 
     def classify(self, name: str, data: bytes, top_k: int = 5) -> dict:
         m = self.model(name)

@@ -19,7 +19,10 @@ def live(app):
     import uvicorn
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    from edgexfer.runtime.oip import http_protocol
+
+    # the protocol `edgexfer serve` runs (uvicorn's, with responses written in one piece)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", http=http_protocol()))
     t = threading.Thread(target=server.run, daemon=True)
     t.start()
     deadline = time.time() + 30
