@@ -19,6 +19,8 @@ help:
 
 install: $(STAMP)
 $(STAMP): pyproject.toml
+	@free=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); [ "$$free" -ge 7 ] || { \
+		echo "make: $(VENV) needs about 7 GB free (PyTorch from PyPI is a CUDA build); $$free GB free here"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[train,dev]"
