@@ -84,6 +84,10 @@ def quant_options(f):
         click.option("--calibration-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
                      show_default=True),
         click.option("--calibration-samples", type=click.IntRange(min=1), default=200, show_default=True),
+        click.option("--calibration-data", type=click.Choice(["auto", "train", "adapt-bn"]), default="auto",
+                     show_default=True, help="Images that set the INT8 ranges: train, or adapt-bn (the run's "
+                                             "--adapt-bn folder: the target domain); auto: adapt-bn when the run "
+                                             "has one, else train."),
         click.option("--max-accuracy-drop", type=click.FloatRange(0, 1), default=0.01, show_default=True,
                      help="Accuracy guard: INT8 may lose at most this much (fraction) against FP32."),
         click.option("--tuner", type=click.Choice(["auto", "inc", "builtin"]), default="auto", show_default=True,
@@ -100,8 +104,8 @@ def quant_options(f):
 
 
 def apply_quant_options(cfg, *, target, calibration_method, calibration_samples, max_accuracy_drop, tuner, fp16,
-                        dynamic):
-    cfg.target, cfg.tuner = target, tuner
+                        dynamic, calibration_data="auto"):
+    cfg.target, cfg.tuner, cfg.calibration = target, tuner, calibration_data
     cfg.quantize = dataclasses.replace(cfg.quantize, calibration_method=calibration_method,
                                        calibration_samples=calibration_samples)
     cfg.max_accuracy_drop = max_accuracy_drop
@@ -163,8 +167,8 @@ def cli(verbose: bool):
 @click.option("--bench-iters", type=click.IntRange(min=1), default=200, show_default=True,
               help="Interleaved batch-1 runs per model in the bench stage.")
 @click.option("--force", is_flag=True, help="Replace an existing run folder made with another configuration.")
-def run(name, runs, force, bench_iters, target, calibration_method, calibration_samples, max_accuracy_drop, tuner,
-        fp16, dynamic, **kw):
+def run(name, runs, force, bench_iters, target, calibration_method, calibration_samples, calibration_data,
+        max_accuracy_drop, tuner, fp16, dynamic, **kw):
     """The whole pipeline: finetune, export, quantize, evaluate, bench -> runs/NAME.
 
     With no options: ImageNet-pretrained EfficientNet-Lite0 on 100 labelled Fashion-MNIST images per
@@ -174,7 +178,7 @@ def run(name, runs, force, bench_iters, target, calibration_method, calibration_
 
     cfg = apply_quant_options(build_config(**kw), target=target, calibration_method=calibration_method,
                               calibration_samples=calibration_samples, max_accuracy_drop=max_accuracy_drop,
-                              tuner=tuner, fp16=fp16, dynamic=dynamic)
+                              tuner=tuner, fp16=fp16, dynamic=dynamic, calibration_data=calibration_data)
     cfg.bench.iters = bench_iters
     out = runs / name
 

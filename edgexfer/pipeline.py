@@ -73,6 +73,7 @@ class RunConfig:
     target: str = "host"            # host | avx2 | avx512 | avx512_vnni | arm64 (the INT8 recipe)
     tuner: str = "auto"             # auto | inc | builtin: who searches for an INT8 file within the bound
     extra_formats: tuple = ()       # also write "fp16" and/or "int8_dynamic"
+    calibration: str = "auto"       # auto | train | adapt-bn: which images set the INT8 ranges
 
     def __post_init__(self):
         if self.train is None:
@@ -86,7 +87,7 @@ class RunConfig:
         return {"edgexfer": __version__, "data": asdict(self.data), "model": asdict(self.model),
                 "train": asdict(self.train), "quantize": self.quantize.to_dict(), "bench": asdict(self.bench),
                 "max_accuracy_drop": self.max_accuracy_drop, "target": self.target, "tuner": self.tuner,
-                "extra_formats": list(self.extra_formats)}
+                "extra_formats": list(self.extra_formats), "calibration": self.calibration}
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
@@ -98,7 +99,8 @@ class RunConfig:
         q["extra_options"] = tuple(q.get("extra_options", {}).items())
         return cls(DataConfig(**d["data"]), ModelConfig(**d["model"]), TrainConfig(**d["train"]),
                    Int8Recipe(**q), BenchConfig(**d["bench"]), d.get("max_accuracy_drop", 0.01),
-                   d.get("target", "host"), d.get("tuner", "auto"), tuple(d.get("extra_formats", ())))
+                   d.get("target", "host"), d.get("tuner", "auto"), tuple(d.get("extra_formats", ())),
+                   d.get("calibration", "auto"))
 
     def training_key(self) -> dict:
         """What determines the checkpoint: a run folder may be resumed only under the same key."""
@@ -381,7 +383,7 @@ def quantize(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | 
     emulated = _arm64_emulation(target)
     if target.get("warning"):
         log.warning("target %s: %s", target["target"], target["warning"])
-    calib, _ = ws.tensors("train", limit=recipe.calibration_samples)
+    calib, calibrated_on = calibration_set(cfg, ws, recipe.calibration_samples)
     xv, yv = ws.tensors("val")
     if len(yv) and emulated:  # the target's own figure decides
         rec = _arm64_guard(cfg, fp32, run.file(FILES["int8"]), recipe, calib, xv, yv)
@@ -407,7 +409,9 @@ def quantize(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | 
     else:
         log.warning("no validation split: quantizing without the accuracy guard")
         rec = quantize_int8(fp32, run.file(FILES["int8"]), calib, recipe)
-    rec["calibrated_on"] = f"{len(calib)} train images"
+    rec["calibrated_on"] = calibrated_on
+    if cfg.train.adapt_bn:
+        rec["target_agreement"] = target_agreement(cfg, ws, fp32, run.file(FILES["int8"]))
     rec["target"] = target
     out = {"quantize": rec}
     if "fp16" in cfg.extra_formats:
@@ -431,6 +435,52 @@ def _arm64_emulation(target: dict) -> bool:
         target["warning"] = None
         target["measured_on"] = "arm64 (emulated): the accuracy guard scores candidates with the aarch64 runtime"
     return ok
+
+
+def target_images(cfg: RunConfig, ws: Workspace, limit: int) -> np.ndarray:
+    """Up to `limit` of the run's --adapt-bn images (a seeded choice), preprocessed."""
+    from edgexfer.data import list_images
+    from edgexfer.runtime.preprocess import preprocess
+
+    files = list_images(cfg.train.adapt_bn)
+    pick = np.sort(np.random.default_rng(cfg.data.seed).permutation(len(files))[:limit])
+    return np.stack([preprocess(files[i], ws.preprocessing) for i in pick])
+
+
+def calibration_set(cfg: RunConfig, ws: Workspace, limit: int) -> tuple[np.ndarray, str]:
+    """The images that set the INT8 activation ranges, and what they were. They should be what the model
+    will see: after --adapt-bn that is the target domain (its unlabelled images, whose BatchNorm statistics
+    the model now carries), else the training images. The accuracy guard still scores on validation."""
+    folder = cfg.train.adapt_bn
+    if cfg.calibration == "adapt-bn" or (cfg.calibration == "auto" and folder):
+        if not folder:
+            raise RunFolderError("--calibration-data adapt-bn: this run was made without --adapt-bn DIR")
+        x = target_images(cfg, ws, limit)
+        return x, f"{len(x)} unlabelled target-domain images from {folder} (--adapt-bn)"
+    calib, _ = ws.tensors("train", limit=limit)
+    return calib, f"{len(calib)} train images"
+
+
+TARGET_AGREEMENT_WARN = 0.95
+
+
+def target_agreement(cfg: RunConfig, ws: Workspace, fp32: Path, int8: Path, limit: int = 500) -> dict:
+    """How often INT8 and FP32 give the same top-1 on the unlabelled target-domain images: a label-free
+    check of quantization where the model will run. The accuracy guard scores on the source domain's
+    validation split only, and an adapted model can lose far more to INT8 on the target domain."""
+    from edgexfer.evaluate import onnx_logits
+
+    x = target_images(cfg, ws, limit)
+    a, b = onnx_logits(fp32, x, threads=cfg.bench.threads), onnx_logits(int8, x, threads=cfg.bench.threads)
+    per_task = [float(np.mean(la.argmax(1) == lb.argmax(1))) for la, lb in zip(a, b)]
+    out = {"images": len(x), "top1_agreement": float(np.mean(per_task)), "warn_below": TARGET_AGREEMENT_WARN}
+    if len(per_task) > 1:
+        out["per_task"] = per_task
+    if out["top1_agreement"] < TARGET_AGREEMENT_WARN:
+        log.warning("INT8 gives FP32's top-1 on only %.1f%% of %d target-domain images (%s): the accuracy guard "
+                    "measured the source domain; check INT8 on labelled target images, or ship FP32 there",
+                    100 * out["top1_agreement"], len(x), cfg.train.adapt_bn)
+    return out
 
 
 def _arm64_guard(cfg, fp32: Path, out: Path, recipe, calib, xv, yv) -> dict:

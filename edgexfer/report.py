@@ -263,6 +263,11 @@ def model_card(rep: dict) -> str:
                   f"{ad['method']}: {ad['batchnorm_layers']} BatchNorm layers re-estimated on {ad['images']} unlabelled "
                   f"images from `{ad['folder']}`. The test metrics above are on the source data's test split; "
                   "measure on labelled target-domain images before relying on it there.", ""]
+        ag = (rep.get("quantize") or {}).get("target_agreement")
+        if ag:
+            lines += [("**Warning:** " if ag["top1_agreement"] < ag["warn_below"] else "")
+                      + f"INT8 gives FP32's top-1 on {ag['top1_agreement']:.1%} of {ag['images']} unlabelled "
+                      "target-domain images (no labels needed; the accuracy guard measured the source domain).", ""]
     lines += [
         "## Limitations", "",
         "- Served worst: " + ", ".join(f"{c} (recall {v['recall']:.2f})" for c, v in worst) + ".",

@@ -223,6 +223,15 @@ def test_adapt_bn_records_the_adaptation(image_folder, tmp_path):
     ref = build_backbone("efficientnet_lite0", weights="imagenet", image_size=64).state_dict()
     key = next(k for k in ref if k.endswith("_bn0.running_mean"))
     assert not torch.allclose(payload["state_dict"]["backbone." + key], ref[key])
+    # INT8 ranges come from the target domain the model was adapted to, unless told otherwise
+    run_cli("export", tmp_path / "r", check=True)
+    for choice, want in (("auto", f"12 unlabelled target-domain images from {target}"), ("train", "8 train images")):
+        run_cli("quantize", tmp_path / "r", "--calibration-samples", "8" if choice == "train" else "50",
+                "--tuner", "builtin", "--calibration-data", choice, check=True)
+        q = json.loads((tmp_path / "r" / "report.json").read_text())["quantize"]
+        assert q["calibrated_on"].startswith(want), q["calibrated_on"]
+        ag = q["target_agreement"]  # INT8 vs FP32 top-1 on the target images, label-free
+        assert ag["images"] == 12 and 0.0 <= ag["top1_agreement"] <= 1.0
 
 
 def test_timm_names_when_timm_is_installed():
@@ -269,3 +278,14 @@ def test_every_weight_the_features_use_is_in_a_block(name):
     in_blocks = {id(p) for b in net.blocks for p in b.parameters()}
     used = [n for n, p in net.named_parameters() if p.grad is not None and id(p) not in in_blocks]
     assert not used
+
+
+def test_target_calibration_needs_an_adapt_bn_folder():
+    from edgexfer.errors import RunFolderError
+    from edgexfer.pipeline import RunConfig, calibration_set
+
+    cfg = RunConfig()
+    cfg.calibration = "adapt-bn"
+    with pytest.raises(RunFolderError, match="without --adapt-bn"):
+        calibration_set(cfg, ws=None, limit=8)
+    assert RunConfig.from_dict(cfg.to_dict()).calibration == "adapt-bn"
