@@ -90,6 +90,9 @@ def quant_options(f):
                                              "has one, else train."),
         click.option("--max-accuracy-drop", type=click.FloatRange(0, 1), default=0.01, show_default=True,
                      help="Accuracy guard: INT8 may lose at most this much (fraction) against FP32."),
+        click.option("--min-target-agreement", type=click.FloatRange(0, 1), default=0.90, show_default=True,
+                     help="With --adapt-bn: the guard also wants INT8 to give FP32's top-1 on at least this "
+                          "fraction of the unlabelled target-domain images."),
         click.option("--tuner", type=click.Choice(["auto", "inc", "builtin"]), default="auto", show_default=True,
                      help="Who finds an INT8 file within the bound: Intel Neural Compressor (when `make inc` built "
                           "it), else the built-in search that keeps early layers in FP32."),
@@ -104,8 +107,9 @@ def quant_options(f):
 
 
 def apply_quant_options(cfg, *, target, calibration_method, calibration_samples, max_accuracy_drop, tuner, fp16,
-                        dynamic, calibration_data="auto"):
+                        dynamic, calibration_data="auto", min_target_agreement=0.90):
     cfg.target, cfg.tuner, cfg.calibration = target, tuner, calibration_data
+    cfg.min_target_agreement = min_target_agreement
     cfg.quantize = dataclasses.replace(cfg.quantize, calibration_method=calibration_method,
                                        calibration_samples=calibration_samples)
     cfg.max_accuracy_drop = max_accuracy_drop
@@ -168,7 +172,7 @@ def cli(verbose: bool):
               help="Interleaved batch-1 runs per model in the bench stage.")
 @click.option("--force", is_flag=True, help="Replace an existing run folder made with another configuration.")
 def run(name, runs, force, bench_iters, target, calibration_method, calibration_samples, calibration_data,
-        max_accuracy_drop, tuner, fp16, dynamic, **kw):
+        max_accuracy_drop, min_target_agreement, tuner, fp16, dynamic, **kw):
     """The whole pipeline: finetune, export, quantize, evaluate, bench -> runs/NAME.
 
     With no options: ImageNet-pretrained EfficientNet-Lite0 on 100 labelled Fashion-MNIST images per
@@ -178,7 +182,8 @@ def run(name, runs, force, bench_iters, target, calibration_method, calibration_
 
     cfg = apply_quant_options(build_config(**kw), target=target, calibration_method=calibration_method,
                               calibration_samples=calibration_samples, max_accuracy_drop=max_accuracy_drop,
-                              tuner=tuner, fp16=fp16, dynamic=dynamic, calibration_data=calibration_data)
+                              tuner=tuner, fp16=fp16, dynamic=dynamic, calibration_data=calibration_data,
+                              min_target_agreement=min_target_agreement)
     cfg.bench.iters = bench_iters
     out = runs / name
 

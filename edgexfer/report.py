@@ -267,7 +267,8 @@ def model_card(rep: dict) -> str:
         if ag:
             lines += [("**Warning:** " if ag["top1_agreement"] < ag["warn_below"] else "")
                       + f"INT8 gives FP32's top-1 on {ag['top1_agreement']:.1%} of {ag['images']} unlabelled "
-                      "target-domain images (no labels needed; the accuracy guard measured the source domain).", ""]
+                      "target-domain images (no labels needed; the accuracy guard kept early layers in FP32 "
+                      f"until it reached {ag['warn_below']:.0%}, or the best it could).", ""]
     lines += [
         "## Limitations", "",
         "- Served worst: " + ", ".join(f"{c} (recall {v['recall']:.2f})" for c, v in worst) + ".",

@@ -110,8 +110,8 @@ def quantizable_nodes(fp32_path: str | Path) -> list[str]:
 def guarded_quantize(fp32_path: str | Path, out_path: str | Path, calib: np.ndarray, recipe: Int8Recipe, *,
                      accuracy: Callable[[Path], float], fp32_accuracy: float, max_drop: float,
                      steps: tuple[int, ...] = (0, 1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64, 96, 10**6),
-                     also: dict[str, Callable[[Path], float]] | None = None, measured_on: str = "this host"
-                     ) -> dict:
+                     also: dict[str, Callable[[Path], float]] | None = None, measured_on: str = "this host",
+                     at_least: tuple[str, Callable[[Path], float], float] | None = None) -> dict:
     """Static INT8 under an accuracy bound: keep the first k weighted layers in FP32 until it holds.
 
     Early layers see raw pixels and are, in CNNs, the most sensitive to 8-bit activations (measured
@@ -122,6 +122,8 @@ def guarded_quantize(fp32_path: str | Path, out_path: str | Path, calib: np.ndar
 
     `measured_on` says where `accuracy` runs (e.g. "arm64 (emulated)" scoring `emulated_logits`); each
     function of `also` is recorded beside it for every candidate (e.g. this host's accuracy), never decides.
+    `at_least` = (name, score, minimum) is a second bound a candidate must also meet (e.g. INT8/FP32 top-1
+    agreement on unlabelled target-domain images, where no labels exist to score accuracy).
     """
     nodes = quantizable_nodes(fp32_path)
     out_path = Path(out_path)
@@ -136,6 +138,9 @@ def guarded_quantize(fp32_path: str | Path, out_path: str | Path, calib: np.ndar
                    "within_bound": fp32_accuracy - acc <= max_drop + 1e-9,  # one image at the bound is in
                    "seconds": info["seconds"]}
             row.update({k: f(path) for k, f in (also or {}).items()})
+            if at_least is not None:
+                row[at_least[0]] = at_least[1](path)
+                row["within_bound"] = row["within_bound"] and row[at_least[0]] >= at_least[2] - 1e-9
             tried.append(row)
             if best is None or acc > best[0]["guard_accuracy"]:
                 best = (row, path, cand)
@@ -148,7 +153,8 @@ def guarded_quantize(fp32_path: str | Path, out_path: str | Path, calib: np.ndar
         "fp32_accuracy": fp32_accuracy, "max_accuracy_drop": max_drop, "candidates": tried,
         "chosen_fp32_layers": row["fp32_layers"], "layers_kept_fp32": list(cand.nodes_to_exclude),
         "shipped_accuracy": row["guard_accuracy"], "measured_on": measured_on,
-        "within_bound": row["within_bound"], "quantizable_layers": len(nodes)}}
+        "within_bound": row["within_bound"], "quantizable_layers": len(nodes),
+        **({"at_least": {at_least[0]: at_least[2]}} if at_least else {})}}
 
 
 # Emulation runs ~250x slower than the host: the arm64 guard scores a seeded sample of the validation split.

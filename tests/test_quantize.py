@@ -77,6 +77,34 @@ def test_guard_keeps_layers_in_fp32_until_the_bound_holds(tiny_run, tmp_path):
     assert within_tol(out) == 1.0
 
 
+def test_guard_second_bound_must_hold_too(tiny_run, tmp_path):
+    """`at_least` (the target-domain agreement after --adapt-bn) is a bound of its own: a candidate that
+    meets the accuracy bound but not it is passed over, and the record says what it scored."""
+    from edgexfer.exporters.quantize import quantizable_nodes
+    from edgexfer.pipeline import agreement_with
+
+    fp32 = tiny_run / "model.onnx"
+    x = np.random.default_rng(2).standard_normal((32, 3, 64, 64)).astype(np.float32)
+    calib = np.random.default_rng(1).standard_normal((16, 3, 64, 64)).astype(np.float32)
+    agree = agreement_with(fp32, x)
+    assert agree(fp32) == 1.0
+    nodes = quantizable_nodes(fp32)
+    need = {}  # a fake second score: only candidates keeping 2+ layers in FP32 pass it
+
+    def second(path):
+        k = len(EdgeModel(path).meta.quantization["nodes_to_exclude"])
+        need[k] = agree(path)  # the real agreement, computed for the record
+        return 1.0 if k >= 2 else 0.0
+
+    rec = guarded_quantize(fp32, tmp_path / "g.onnx", calib, Int8Recipe(calibration_samples=16),
+                           accuracy=lambda p: 1.0, fp32_accuracy=1.0, max_drop=0.0,
+                           at_least=("target_agreement", second, 0.5))
+    g = rec["guard"]
+    assert [c["within_bound"] for c in g["candidates"]] == [False, False, True]
+    assert g["chosen_fp32_layers"] == 2 and g["layers_kept_fp32"] == nodes[:2]
+    assert g["at_least"] == {"target_agreement": 0.5} and all(0 <= v <= 1 for v in need.values())
+
+
 def test_fp16_and_dynamic_files(tiny_run, tmp_path):
     fp32 = tiny_run / "model.onnx"
     x = np.random.default_rng(2).standard_normal((4, 3, 64, 64)).astype(np.float32)

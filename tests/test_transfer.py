@@ -232,6 +232,9 @@ def test_adapt_bn_records_the_adaptation(image_folder, tmp_path):
         assert q["calibrated_on"].startswith(want), q["calibrated_on"]
         ag = q["target_agreement"]  # INT8 vs FP32 top-1 on the target images, label-free
         assert ag["images"] == 12 and 0.0 <= ag["top1_agreement"] <= 1.0
+        g = q["guard"]  # ... which the guard also had to meet
+        assert g["at_least"] == {"target_agreement": 0.9} and "target_agreement" in g["candidates"][0]
+        assert g["within_bound"] == (ag["top1_agreement"] >= 0.9 and g["shipped_accuracy"] >= g["fp32_accuracy"] - 0.01 - 1e-9)
 
 
 def test_timm_names_when_timm_is_installed():
