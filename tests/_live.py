@@ -34,3 +34,19 @@ def live(app):
     finally:
         server.should_exit = True
         t.join(timeout=30)
+
+
+def infer_concurrently(url: str, model: str, xs, workers: int) -> list:
+    """Each array of `xs` sent as its own tritonclient request (binary), `workers` at a time -> logits."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import tritonclient.http as httpclient
+
+    def one(x):
+        client = httpclient.InferenceServerClient(url)
+        inp = httpclient.InferInput("input", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        return client.infer(model, [inp]).as_numpy("logits")
+
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(one, xs))

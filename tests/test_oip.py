@@ -2,7 +2,6 @@
 the same answers as EdgeModel; concurrent requests are batched and each gets its own rows."""
 import socket
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ httpclient = pytest.importorskip("tritonclient.http")
 from edgexfer.runtime import EdgeModel  # noqa: E402
 from edgexfer.runtime.oip import BatchConfig, create_app  # noqa: E402
 from edgexfer.runtime.server import resolve_models  # noqa: E402
-from tests._live import live  # noqa: E402
+from tests._live import infer_concurrently, live  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -47,15 +46,7 @@ def test_concurrent_requests_are_batched_and_kept_apart(oip, tiny_run):
     url, app = oip
     m = EdgeModel(tiny_run / "model.int8.onnx")
     xs = [np.random.default_rng(i).standard_normal((1, 3, 64, 64)).astype(np.float32) for i in range(24)]
-
-    def one(x):
-        client = httpclient.InferenceServerClient(url)
-        inp = httpclient.InferInput("input", list(x.shape), "FP32")
-        inp.set_data_from_numpy(x)
-        return client.infer("tiny", [inp]).as_numpy("logits")
-
-    with ThreadPoolExecutor(8) as pool:
-        outs = list(pool.map(one, xs))
+    outs = infer_concurrently(url, "tiny", xs, workers=8)
     for x, o in zip(xs, outs):
         np.testing.assert_allclose(o, m.run(x)["label"], atol=1e-5)
     sizes = app.state.batchers["tiny"].recent_batches

@@ -2,7 +2,6 @@
 request headers kept per model, and the timeout sweep."""
 import asyncio
 import json
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ from edgexfer.runtime import EdgeModel  # noqa: E402
 from edgexfer.runtime.oip import BatchConfig, CoalescingTransport, DynamicBatcher, create_app  # noqa: E402
 from edgexfer.runtime.protocol import HEADER_LEN, HeaderCache, HTTPError, infer_response, parse_infer  # noqa: E402
 from edgexfer.runtime.server import resolve_models  # noqa: E402
-from tests._live import live  # noqa: E402
+from tests._live import infer_concurrently, live  # noqa: E402
 
 
 class FakeTransport:
@@ -108,14 +107,7 @@ def test_instances_share_the_queue_and_keep_requests_apart(tiny_run):
     m = EdgeModel(tiny_run / "model.int8.onnx")
     xs = [np.random.default_rng(i).standard_normal((1 + i % 2, *m.input_shape)).astype(np.float32) for i in range(40)]
     with live(app) as url:
-        def one(x):
-            client = httpclient.InferenceServerClient(url)
-            inp = httpclient.InferInput("input", list(x.shape), "FP32")
-            inp.set_data_from_numpy(x)
-            return client.infer("tiny", [inp]).as_numpy("logits")
-
-        with ThreadPoolExecutor(12) as pool:
-            outs = list(pool.map(one, xs))
+        outs = infer_concurrently(url, "tiny", xs, workers=12)
     for x, o in zip(xs, outs):
         np.testing.assert_allclose(o, m.run(x)["label"], atol=1e-5)
     assert sum(b.recent_batches) == sum(len(x) for x in xs) and max(b.recent_batches) <= 4
