@@ -387,6 +387,9 @@ def quantize(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | 
         log.warning("target %s: %s", target["target"], target["warning"])
     calib, calibrated_on = calibration_set(cfg, ws, recipe.calibration_samples)
     xv, yv = ws.tensors("val")
+    # with --adapt-bn the model is for the target domain, which has no labels: how often INT8 gives FP32's
+    # top-1 on its unlabelled images is checked (by the guard, then for the record)
+    agree = agreement_with(fp32, target_images(cfg, ws), cfg.bench.threads) if cfg.train.adapt_bn else None
     if len(yv) and emulated:  # the target's own figure decides
         rec = _arm64_guard(cfg, fp32, run.file(FILES["int8"]), recipe, calib, xv, yv)
     elif len(yv):
@@ -394,10 +397,8 @@ def quantize(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | 
             return mean_task_accuracy(onnx_logits(path, xv, threads=cfg.bench.threads), yv)
 
         fp32_acc = accuracy(fp32)
-        # with --adapt-bn the model is for the target domain, which has no labels: INT8 must also give FP32's
-        # top-1 on enough of its unlabelled images (INC tunes one accuracy only, so it sits this out)
-        at_least = (("target_agreement", agreement_with(fp32, target_images(cfg, ws, 500), cfg.bench.threads),
-                     cfg.min_target_agreement) if cfg.train.adapt_bn else None)
+        # INC tunes one accuracy only, so with a second bound it sits this out
+        at_least = ("target_agreement", agree, cfg.min_target_agreement) if agree else None
         rec = (_inc_quantize(run, cfg, fp32, recipe, calib, xv, yv, fp32_acc, accuracy)
                if cfg.tuner != "builtin" and at_least is None else None)
         if rec is None or not rec["guard"]["within_bound"]:
@@ -417,8 +418,8 @@ def quantize(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | 
         log.warning("no validation split: quantizing without the accuracy guard")
         rec = quantize_int8(fp32, run.file(FILES["int8"]), calib, recipe)
     rec["calibrated_on"] = calibrated_on
-    if cfg.train.adapt_bn:
-        rec["target_agreement"] = target_agreement(cfg, ws, fp32, run.file(FILES["int8"]))
+    if agree:
+        rec["target_agreement"] = target_agreement(cfg, agree, len(target_images(cfg, ws)), run.file(FILES["int8"]))
     rec["target"] = target
     out = {"quantize": rec}
     if "fp16" in cfg.extra_formats:
@@ -444,14 +445,21 @@ def _arm64_emulation(target: dict) -> bool:
     return ok
 
 
-def target_images(cfg: RunConfig, ws: Workspace, limit: int) -> np.ndarray:
-    """Up to `limit` of the run's --adapt-bn images (a seeded choice), preprocessed."""
+TARGET_IMAGES = 500  # of the --adapt-bn folder, for the agreement check
+
+
+def target_images(cfg: RunConfig, ws: Workspace, limit: int = TARGET_IMAGES) -> np.ndarray:
+    """Up to `limit` of the run's --adapt-bn images in a seeded random order, preprocessed (once per run)."""
     from edgexfer.data import list_images
     from edgexfer.runtime.preprocess import preprocess
 
-    files = list_images(cfg.train.adapt_bn)
-    pick = np.sort(np.random.default_rng(cfg.data.seed).permutation(len(files))[:limit])
-    return np.stack([preprocess(files[i], ws.preprocessing) for i in pick])
+    have, every = ws.__dict__.get("_target_images", (None, False))
+    if have is None or (len(have) < limit and not every):
+        files = list_images(cfg.train.adapt_bn)
+        order = np.random.default_rng(cfg.data.seed).permutation(len(files))[:max(limit, TARGET_IMAGES)]
+        have = np.stack([preprocess(files[i], ws.preprocessing) for i in order])
+        ws.__dict__["_target_images"] = (have, len(order) == len(files))
+    return have[:limit]
 
 
 def calibration_set(cfg: RunConfig, ws: Workspace, limit: int) -> tuple[np.ndarray, str]:
@@ -477,16 +485,14 @@ def agreement_with(reference: Path, x: np.ndarray, threads: int | None = None) -
                                        for lg, r in zip(onnx_logits(path, x, threads=threads), ref)]))
 
 
-def target_agreement(cfg: RunConfig, ws: Workspace, fp32: Path, int8: Path, limit: int = 500) -> dict:
-    """How often INT8 and FP32 give the same top-1 on the unlabelled target-domain images: a label-free
-    check of quantization where the model will run. The accuracy guard scores on the source domain's
-    validation split, and an adapted model can lose far more to INT8 on the target domain."""
-    x = target_images(cfg, ws, limit)
-    out = {"images": len(x), "top1_agreement": agreement_with(fp32, x, cfg.bench.threads)(int8),
-           "warn_below": cfg.min_target_agreement}
+def target_agreement(cfg: RunConfig, agree: Callable[[Path], float], images: int, int8: Path) -> dict:
+    """How often INT8 and FP32 give the same top-1 on the unlabelled target-domain images (`agree`): a
+    label-free check of quantization where the model will run. The accuracy guard scores on the source
+    domain's validation split, and an adapted model can lose far more to INT8 on the target domain."""
+    out = {"images": images, "top1_agreement": agree(int8), "warn_below": cfg.min_target_agreement}
     if out["top1_agreement"] < cfg.min_target_agreement:
         log.warning("INT8 gives FP32's top-1 on only %.1f%% of %d target-domain images (%s): check INT8 on "
-                    "labelled target images, or ship FP32 there", 100 * out["top1_agreement"], len(x),
+                    "labelled target images, or ship FP32 there", 100 * out["top1_agreement"], images,
                     cfg.train.adapt_bn)
     return out
 
