@@ -170,21 +170,25 @@ def binary_request(x: np.ndarray) -> tuple[bytes, int]:
 
 
 def start_server(model: Path, port: int, max_batch: int, threads: int, delay_ms: float,
-                 instances: int = 1) -> subprocess.Popen:
+                 instances: int = 1, switch_interval_us: float | None = None) -> subprocess.Popen:
+    extra = [] if switch_interval_us is None else ["--switch-interval-us", f"{switch_interval_us:g}"]
+    log = tempfile.TemporaryFile()  # the server's log, shown if it does not start
     p = subprocess.Popen([sys.executable, "-m", "edgexfer.runtime", "serve", str(model), "--port", str(port),
                           "--server", "uvicorn", "--threads", str(threads), "--instances", str(instances),
                           "--max-batch-size", str(max_batch),
-                          "--max-queue-delay-ms", str(delay_ms), "--no-access-log"],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                          "--max-queue-delay-ms", str(delay_ms), "--no-access-log", *extra],
+                         stdout=subprocess.DEVNULL, stderr=log)
     deadline = time.time() + 60
-    while time.time() < deadline:
+    while time.time() < deadline and p.poll() is None:
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1)
             return p
         except OSError:
             time.sleep(0.2)
     p.kill()
-    raise RuntimeError("server did not start")
+    p.wait()
+    log.seek(0)
+    raise RuntimeError("server did not start: " + log.read().decode(errors="replace")[-500:])
 
 
 def check_once(port: int, name: str, x: np.ndarray, want: np.ndarray) -> None:
@@ -268,6 +272,36 @@ def mean_batch(port: int, name: str) -> float | None:
     return vals["edgexfer_batch_size_sum"] / vals["edgexfer_batch_size_count"] if vals.get("edgexfer_batch_size_count") else None
 
 
+def load_run(name: str, source: Path, x: np.ndarray, want: np.ndarray, a, use_wrk: bool, *, threads: int,
+             instances: int, max_batch: int, switch_interval_us: float | None) -> dict:
+    """One server, checked once for its values, then under load for `a.seconds`."""
+    body, header_len = binary_request(x)
+    port = free_port()
+    p = start_server(source, port, max_batch, threads, a.max_queue_delay_ms, instances, switch_interval_us)
+    try:
+        check_once(port, name, x, want)
+        load_before = loadavg()
+        r = (run_wrk(f"http://127.0.0.1:{port}/v2/models/{name}/infer", body, header_len, a.clients, a.seconds)
+             if use_wrk else run_python(port, f"/v2/models/{name}/infer", body, header_len, a.clients, a.seconds))
+        r["mean_batch"] = mean_batch(port, name)
+        r["loadavg_1m_before"] = load_before
+    finally:
+        p.terminate()
+        p.wait(timeout=60)
+    r["server"] = {"max_batch_size": max_batch, "max_queue_delay_ms": a.max_queue_delay_ms, "threads": threads,
+                   "instances": instances, "switch_interval_us": switch_interval_us or "default"}
+    return r
+
+
+def against(r: dict, before: dict, after: dict) -> dict:
+    """The share of the ceiling, the ceiling taken as the mean of the one measured right before the load run
+    and the one right after (the cores are shared: a ceiling minutes away can be 20% off)."""
+    r["ceiling"] = {**before, "img_s": (before["img_s"] + after["img_s"]) / 2,
+                    "before_img_s": before["img_s"], "after_img_s": after["img_s"]}
+    r["share_of_ceiling"] = r["throughput_rps"] / r["ceiling"]["img_s"]
+    return r
+
+
 def bench_model(name: str, source: Path, path: Path, a, use_wrk: bool) -> dict:
     """`source`: what `edgexfer serve` is given (serving it under `name`); `path`: its ONNX file."""
     from edgexfer.runtime.model import EdgeModel
@@ -275,34 +309,51 @@ def bench_model(name: str, source: Path, path: Path, a, use_wrk: bool) -> dict:
     m = EdgeModel(path)
     x = np.random.default_rng(1).standard_normal((1, *m.input_shape)).astype(np.float32)
     want = m.run(x)[m.meta.tasks[0].name]
-    body, header_len = binary_request(x)
     res = {"file": str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path.name),
-           "input": list(m.input_shape), "request_bytes": len(body)}
+           "input": list(m.input_shape), "request_bytes": len(binary_request(x)[0])}
     for instances, threads in a.configs:
         cfg = res[f"{instances}x{threads}"] = {}
+        ceiling = offline_ceiling(path, threads, instances)
         for label, max_batch in (("batching", a.max_batch_size), ("no_batching", 1)):
-            ceiling = offline_ceiling(path, threads, instances)  # right before each load run: the cores are shared
-            port = free_port()
-            p = start_server(source, port, max_batch, threads, a.max_queue_delay_ms, instances)
-            try:
-                check_once(port, name, x, want)
-                load_before = loadavg()
-                r = (run_wrk(f"http://127.0.0.1:{port}/v2/models/{name}/infer", body, header_len, a.clients, a.seconds)
-                     if use_wrk else run_python(port, f"/v2/models/{name}/infer", body, header_len, a.clients, a.seconds))
-                r["mean_batch"] = mean_batch(port, name)
-                r["loadavg_1m_before"] = load_before
-            finally:
-                p.terminate()
-                p.wait(timeout=60)
-            r["ceiling"] = ceiling
-            r["share_of_ceiling"] = r["throughput_rps"] / ceiling["img_s"]
-            r["server"] = {"max_batch_size": max_batch, "max_queue_delay_ms": a.max_queue_delay_ms,
-                           "threads": threads, "instances": instances}
-            cfg[label] = r
+            r = load_run(name, source, x, want, a, use_wrk, threads=threads, instances=instances,
+                         max_batch=max_batch, switch_interval_us=a.switch_interval_us)
+            after = offline_ceiling(path, threads, instances)
+            cfg[label] = r = against(r, ceiling, after)
+            ceiling = after
             print(f"{name:>9} {instances}x{threads} {label:>11}: {r['throughput_rps']:7.0f} req/s = "
-                  f"{r['share_of_ceiling']:.2f} of {ceiling['img_s']:.0f} img/s (batch {ceiling['batch']}, "
-                  f"{ceiling['how']}); p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms; failed {r['failed']}; "
+                  f"{r['share_of_ceiling']:.2f} of {r['ceiling']['img_s']:.0f} img/s (before {r['ceiling']['before_img_s']:.0f}, "
+                  f"after {r['ceiling']['after_img_s']:.0f}; batch {r['ceiling']['batch']}, {r['ceiling']['how']}); "
+                  f"p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms; failed {r['failed']}; "
                   f"mean batch {r['mean_batch'] or 0:.1f}; load {r['loadavg_1m_before']:.2f}", file=sys.stderr)
+    return res
+
+
+def switch_ab(name: str, source: Path, path: Path, a, use_wrk: bool, intervals: list[float]) -> dict:
+    """The server's GIL switch interval, A/B: for each configuration, the server with batching at each
+    interval in turn, `a.rounds` rounds, a ceiling between every two load runs."""
+    from edgexfer.runtime.model import EdgeModel
+
+    m = EdgeModel(path)
+    x = np.random.default_rng(1).standard_normal((1, *m.input_shape)).astype(np.float32)
+    want = m.run(x)[m.meta.tasks[0].name]
+    res = {}
+    for instances, threads in a.configs:
+        runs: dict[str, list] = {f"{us:g}": [] for us in intervals}
+        ceiling = offline_ceiling(path, threads, instances)
+        for rnd in range(a.rounds):
+            for us in intervals:
+                r = load_run(name, source, x, want, a, use_wrk, threads=threads, instances=instances,
+                             max_batch=a.max_batch_size, switch_interval_us=us)
+                after = offline_ceiling(path, threads, instances)
+                runs[f"{us:g}"].append(r := against(r, ceiling, after))
+                ceiling = after
+                print(f"{name:>9} {instances}x{threads} round {rnd + 1} switch interval {us:g} us: "
+                      f"{r['throughput_rps']:7.0f} req/s = {r['share_of_ceiling']:.2f} of {r['ceiling']['img_s']:.0f} "
+                      f"img/s; p99 {r['p99_ms']:.1f} ms; failed {r['failed']}", file=sys.stderr)
+        res[f"{instances}x{threads}"] = {
+            "runs": runs,
+            "median_share": {k: float(np.median([r["share_of_ceiling"] for r in v])) for k, v in runs.items()},
+            "median_rps": {k: float(np.median([r["throughput_rps"] for r in v])) for k, v in runs.items()}}
     return res
 
 
@@ -337,6 +388,11 @@ def main() -> int:
     ap.add_argument("--load", choices=("auto", "wrk", "python"), default="auto")
     ap.add_argument("--small", type=Path, help="the small fast model's run folder (default: made here, ~40 s)")
     ap.add_argument("--no-small", action="store_true", help="only the given run's model")
+    ap.add_argument("--switch-interval-us", type=float, help="the server's GIL switch interval (default: the server's)")
+    ap.add_argument("--switch-ab", type=lambda t: [float(v) for v in t.split(",")],
+                    help="instead of the load test: the small fast model and the 3-layer CNN, with batching, at each "
+                         "of these switch intervals (us, comma-separated) in turn, --rounds times -> serve_switch_ab.json")
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve.json")
     a = ap.parse_args()
     from edgexfer.runtime.machine import machine_info
@@ -352,6 +408,18 @@ def main() -> int:
                               if use_wrk else f"{min(4, a.clients)} processes of http.client keep-alive threads"),
            "clients": a.clients, "seconds": a.seconds, "configs": [f"{i}x{t}" for i, t in a.configs],
            "loadavg_1m_start": loadavg(), "models": {}}
+    if a.switch_ab:
+        with tempfile.TemporaryDirectory() as d:
+            small = a.small or small_run(Path(d))
+            sname, spath = next(iter(resolve_models([small]).items()))
+            cnn = small_model(Path(d))
+            res["switch_ab"] = {sname: switch_ab(sname, small, Path(spath), a, use_wrk, a.switch_ab),
+                                "tinycnn": switch_ab("tinycnn", cnn, cnn, a, use_wrk, a.switch_ab)}
+        res["machine"] = machine_info()
+        out = a.out.with_name("serve_switch_ab.json") if a.out.name == "serve.json" else a.out
+        out.write_text(json.dumps(res, indent=2) + "\n")
+        print(json.dumps({m: {c: v["median_rps"] for c, v in r.items()} for m, r in res["switch_ab"].items()}))
+        return 0
     with tempfile.TemporaryDirectory() as d:
         models = {name: (Path(a.run), Path(path))}
         if not a.no_small:

@@ -86,6 +86,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--token", default=os.environ.get("EDGEXFER_TOKEN") or None,
                    help="require 'Authorization: Bearer TOKEN' on every endpoint but /v2/health/* "
                         "(default: $EDGEXFER_TOKEN; none: no token)")
+    s.add_argument("--switch-interval-us", type=float, default=None,
+                   help="the server process's GIL switch interval: how long an inference thread waits for "
+                        "the event loop after each batch (uvicorn server; default 20)")
     s.add_argument("--no-access-log", dest="access_log", action="store_false",
                    help="no access-log line per request (logger edgexfer.access)")
     u = sub.add_parser("bundle", help="what to copy to a board: model, pinned requirements, runtime, example")
@@ -224,13 +227,16 @@ def serve_cmd(a) -> None:
         kind = "uvicorn" if all(importlib.util.find_spec(m) for m in needs) else "stdlib"
     if a.timeout <= 0 or a.max_queue_delay_ms < 0:
         raise RuntimeInputError("--timeout must be > 0 and --max-queue-delay-ms >= 0")
+    if a.switch_interval_us is not None and not 1 <= a.switch_interval_us <= 1e6:
+        raise RuntimeInputError(f"--switch-interval-us must be between 1 and 1000000, got {a.switch_interval_us:g}")
     models = resolve_models(a.models)
     if kind == "uvicorn":
         from edgexfer.runtime.oip import BatchConfig, serve as serve_oip
 
         serve_oip(models, host=a.host, port=a.port, threads=a.threads, token=a.token, access_log=a.access_log,
                   batch=BatchConfig(max_batch_size=a.max_batch_size, max_queue_delay_ms=a.max_queue_delay_ms,
-                                    timeout_s=a.timeout, instances=a.instances))
+                                    timeout_s=a.timeout, instances=a.instances),
+                  **({} if a.switch_interval_us is None else {"switch_interval_us": a.switch_interval_us}))
     else:
         serve(models, host=a.host, port=a.port, threads=a.threads, token=a.token, access_log=a.access_log)
 

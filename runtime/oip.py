@@ -47,6 +47,7 @@ access_log = logging.getLogger("edgexfer.access")
 
 LATENCY_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+SWITCH_INTERVAL_US = 20.0  # the server process's GIL switch interval (see serve)
 
 
 class QueueFull(Exception):
@@ -552,15 +553,17 @@ def http_protocol():
 
 
 def serve(models: dict[str, Path], host: str = "127.0.0.1", port: int = 8000, threads: int | None = None,
-          batch: BatchConfig = BatchConfig(), token: str | None = None, access_log: bool = True) -> None:
+          batch: BatchConfig = BatchConfig(), token: str | None = None, access_log: bool = True,
+          switch_interval_us: float = SWITCH_INTERVAL_US) -> None:
     import sys
 
     import uvicorn
 
-    # The inference threads need the GIL for a moment before and after each batch; with Python's default
-    # 5 ms switch interval a busy event loop keeps them waiting (1 ms: +14% requests/s for a 32x32
-    # model, benchmarks/RESULTS.md)
-    sys.setswitchinterval(min(sys.getswitchinterval(), 0.001))
+    # An inference thread needs the GIL for a moment after each batch (ONNX Runtime's outputs, the answers,
+    # the next batch). While the event loop runs Python it waits out a whole switch interval for it, each
+    # time (Python's default: 5 ms). With a model computing 16 images in 4 ms that wait cost a third of its
+    # throughput at 1 ms; at 20 us the server keeps ~0.8 of the offline rate (benchmarks/RESULTS.md).
+    sys.setswitchinterval(switch_interval_us / 1e6)
     app = create_app(models, threads=threads, batch=batch, token=token, access_log=access_log)
     # uvicorn's own access log is replaced by ours (with the duration and the model)
     uvicorn.run(app, host=host, port=port, log_level="info", access_log=False, server_header=False,

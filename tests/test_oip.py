@@ -116,3 +116,13 @@ def test_classify_image(oip, tiny_run, image_folder):
                                                        data=img.read_bytes()), timeout=10) as r:
         out = json.loads(r.read())
     assert out["predictions"][0] == EdgeModel(tiny_run / "model.int8.onnx").predict(img)[0]
+
+
+def test_serve_rejects_a_bad_switch_interval_in_one_line(tiny_run):
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "edgexfer.runtime", "serve", str(tiny_run), "--switch-interval-us", "0"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1
+    assert p.stderr.strip().count("\n") == 0 and "--switch-interval-us must be between 1 and 1000000" in p.stderr
