@@ -166,6 +166,18 @@ class DynamicBatcher:
                 self.cond.notify()  # what is left over is another instance's
             return items
 
+    @staticmethod
+    def _gather(items) -> np.ndarray:
+        """The batch's rows in one array. One bytes join holds the GIL throughout: np.concatenate lets go
+        of it for every row of 500+ values, and while the event loop runs the thread then waits a switch
+        interval to get it back, each time (16 rows of 3x32x32: 0.5 ms of a 5 ms batch)."""
+        xs = [x for x, _ in items]
+        if len(xs) == 1:
+            return xs[0]
+        if all(x.flags.c_contiguous and x.dtype == xs[0].dtype and x.shape[1:] == xs[0].shape[1:] for x in xs):
+            return np.frombuffer(b"".join(xs), xs[0].dtype).reshape(-1, *xs[0].shape[1:])
+        return np.concatenate(xs)
+
     def _instance(self, model: EdgeModel) -> None:
         while True:
             items = self._next_batch()
@@ -173,17 +185,17 @@ class DynamicBatcher:
                 return
             if not items:
                 continue
-            xb = items[0][0] if len(items) == 1 else np.concatenate([x for x, _ in items])
-            self.recent_batches.append(len(xb))
-            self.observe(len(xb))
+            xb = self._gather(items)
             try:
                 outs, err = model.run(xb), None
             except Exception as e:  # one bad batch must not stop the instance
                 outs, err = None, e
-            self.loop.call_soon_threadsafe(self._answer, items, outs, err)
+            self.loop.call_soon_threadsafe(self._answer, items, len(xb), outs, err)
 
-    @staticmethod
-    def _answer(items, outs, err) -> None:
+    def _answer(self, items, rows: int, outs, err) -> None:
+        """On the event loop: each request its own rows (the batch's bookkeeping too, off the instance thread)."""
+        self.recent_batches.append(rows)
+        self.observe(rows)
         start = 0
         for x, f in items:
             n = len(x)

@@ -112,3 +112,18 @@ def test_instances_share_the_queue_and_keep_requests_apart(tiny_run):
         np.testing.assert_allclose(o, m.run(x)["label"], atol=1e-5)
     assert sum(b.recent_batches) == sum(len(x) for x in xs) and max(b.recent_batches) <= 4
     assert all(n > 0 for n in ran.values()), ran  # both instances computed batches
+
+
+def test_gather_joins_rows_in_order_and_falls_back_for_odd_arrays():
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal((n, 3, 4, 4)).astype(np.float32) for n in (1, 2, 1, 3)]
+    body = xs[1].tobytes()  # as the server parses it: a read-only view on the request body
+    xs[1] = np.frombuffer(body, np.float32).reshape(2, 3, 4, 4)
+    items = [(x, None) for x in xs]
+    got = DynamicBatcher._gather(items)
+    assert got.shape == (7, 3, 4, 4) and got.dtype == np.float32
+    np.testing.assert_array_equal(got, np.concatenate(xs))
+    assert DynamicBatcher._gather(items[:1]) is xs[0]
+    odd = [(xs[0], None), (rng.standard_normal((4, 3, 4, 4)).astype(np.float32).transpose(0, 1, 3, 2), None)]
+    assert not odd[1][0].flags.c_contiguous
+    np.testing.assert_array_equal(DynamicBatcher._gather(odd), np.concatenate([x for x, _ in odd]))
