@@ -3,6 +3,8 @@ and without dynamic batching, against each model's offline throughput at the sam
 
     .venv/bin/python benchmarks/bench_serve.py [RUN_DIR] [--configs 1x1,2x1] [--small RUN_DIR]
                                                # -> benchmarks/results/serve.json
+    .venv/bin/python benchmarks/bench_serve.py --switch-ab 1000,100,20 [--rounds 2]
+                                               # the server's GIL switch interval, A/B -> serve_switch_ab.json
 
 Three models: the run's served file (the demo's INT8 model by default); the small fast one edgexfer
 makes (EfficientNet-Lite0 at 32x32, INT8, built here by a 40 s linear-probe run), where the per-call
@@ -13,7 +15,8 @@ Each server configuration INSTANCESxTHREADS (model instances computing side by s
 threads each) is measured against the ceiling at the same threads in all: the best offline throughput
 of ONNX Runtime on the same file over batch sizes 8/16/32/64 and over the ways to spend those threads
 (one session with all of them, spinning on or off; the instances side by side), measured right before
-each load run (the cores may be shared). 1x1 leaves the second core of a 2-core host to HTTP and the
+and right after each load run, the share taken against the mean of the two (the cores may be shared: a
+ceiling minutes away can be 20% off). 1x1 leaves the second core of a 2-core host to HTTP and the
 load generator; 2x1 gives both cores to inference, which HTTP and the load generator then share.
 
 Load comes from `wrk` (one thread, epoll; `apt-get install wrk`) posting a prebuilt request in the binary
