@@ -275,6 +275,15 @@ def mean_batch(port: int, name: str) -> float | None:
     return vals["edgexfer_batch_size_sum"] / vals["edgexfer_batch_size_count"] if vals.get("edgexfer_batch_size_count") else None
 
 
+def reference(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The one image every request carries, and the logits EdgeModel gives for it."""
+    from edgexfer.runtime.model import EdgeModel
+
+    m = EdgeModel(path)
+    x = np.random.default_rng(1).standard_normal((1, *m.input_shape)).astype(np.float32)
+    return x, m.run(x)[m.meta.tasks[0].name]
+
+
 def load_run(name: str, source: Path, x: np.ndarray, want: np.ndarray, a, use_wrk: bool, *, threads: int,
              instances: int, max_batch: int, switch_interval_us: float | None) -> dict:
     """One server, checked once for its values, then under load for `a.seconds`."""
@@ -307,13 +316,9 @@ def against(r: dict, before: dict, after: dict) -> dict:
 
 def bench_model(name: str, source: Path, path: Path, a, use_wrk: bool) -> dict:
     """`source`: what `edgexfer serve` is given (serving it under `name`); `path`: its ONNX file."""
-    from edgexfer.runtime.model import EdgeModel
-
-    m = EdgeModel(path)
-    x = np.random.default_rng(1).standard_normal((1, *m.input_shape)).astype(np.float32)
-    want = m.run(x)[m.meta.tasks[0].name]
+    x, want = reference(path)
     res = {"file": str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path.name),
-           "input": list(m.input_shape), "request_bytes": len(binary_request(x)[0])}
+           "input": list(x.shape[1:]), "request_bytes": len(binary_request(x)[0])}
     for instances, threads in a.configs:
         cfg = res[f"{instances}x{threads}"] = {}
         ceiling = offline_ceiling(path, threads, instances)
@@ -334,11 +339,7 @@ def bench_model(name: str, source: Path, path: Path, a, use_wrk: bool) -> dict:
 def switch_ab(name: str, source: Path, path: Path, a, use_wrk: bool, intervals: list[float]) -> dict:
     """The server's GIL switch interval, A/B: for each configuration, the server with batching at each
     interval in turn, `a.rounds` rounds, a ceiling between every two load runs."""
-    from edgexfer.runtime.model import EdgeModel
-
-    m = EdgeModel(path)
-    x = np.random.default_rng(1).standard_normal((1, *m.input_shape)).astype(np.float32)
-    want = m.run(x)[m.meta.tasks[0].name]
+    x, want = reference(path)
     res = {}
     for instances, threads in a.configs:
         runs: dict[str, list] = {f"{us:g}": [] for us in intervals}

@@ -236,7 +236,7 @@ def serve_cmd(a) -> None:
         serve_oip(models, host=a.host, port=a.port, threads=a.threads, token=a.token, access_log=a.access_log,
                   batch=BatchConfig(max_batch_size=a.max_batch_size, max_queue_delay_ms=a.max_queue_delay_ms,
                                     timeout_s=a.timeout, instances=a.instances),
-                  **({} if a.switch_interval_us is None else {"switch_interval_us": a.switch_interval_us}))
+                  switch_interval_us=a.switch_interval_us)
     else:
         serve(models, host=a.host, port=a.port, threads=a.threads, token=a.token, access_log=a.access_log)
 

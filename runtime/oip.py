@@ -354,13 +354,13 @@ class Edge:
 
 def create_app(models: dict[str, Path], *, threads: int | None = None, batch: BatchConfig = BatchConfig(),
                token: str | None = None, access_log: bool = True):
-    from edgexfer.runtime.server import ModelServer
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
     from edgexfer import __version__
+    from edgexfer.runtime.server import ModelServer
 
     ms = ModelServer(models, threads)
     batchers = {n: DynamicBatcher([m] + [EdgeModel(models[n], threads=threads, spinning=False)
@@ -566,7 +566,7 @@ def http_protocol():
 
 def serve(models: dict[str, Path], host: str = "127.0.0.1", port: int = 8000, threads: int | None = None,
           batch: BatchConfig = BatchConfig(), token: str | None = None, access_log: bool = True,
-          switch_interval_us: float = SWITCH_INTERVAL_US) -> None:
+          switch_interval_us: float | None = None) -> None:
     import sys
 
     import uvicorn
@@ -575,7 +575,7 @@ def serve(models: dict[str, Path], host: str = "127.0.0.1", port: int = 8000, th
     # the next batch). While the event loop runs Python it waits out a whole switch interval for it, each
     # time (Python's default: 5 ms). With a model computing 16 images in 4 ms that wait cost a third of its
     # throughput at 1 ms; at 20 us the server keeps ~0.8 of the offline rate (benchmarks/RESULTS.md).
-    sys.setswitchinterval(switch_interval_us / 1e6)
+    sys.setswitchinterval((switch_interval_us or SWITCH_INTERVAL_US) / 1e6)
     app = create_app(models, threads=threads, batch=batch, token=token, access_log=access_log)
     # uvicorn's own access log is replaced by ours (with the duration and the model)
     uvicorn.run(app, host=host, port=port, log_level="info", access_log=False, server_header=False,
