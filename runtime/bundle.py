@@ -6,11 +6,14 @@
       edgexfer/            the runtime package itself (pure Python), so nothing else needs installing
       example.py           an application embedding it (classify images, or watch a folder)
       README.md            how to install and run it
+      bundle.json          what was bundled (model, why, requirements, arch): marks the folder as a bundle,
+                           the only kind of folder `--force` replaces
       wheels/              with --arch arm64: aarch64 wheels (CPython 3.11, manylinux_2_28: Debian bookworm,
                            Raspberry Pi OS bookworm) of the requirements and their dependencies, so the
                            board installs with no network: pip install --no-index --find-links wheels -r requirements.txt
 
-Standard library only; written to a temporary folder beside OUT, then renamed.
+Standard library only; written to a temporary folder beside OUT, then renamed. Files get the umask's
+mode (0644 under 022), whatever the mode of the run folder's files.
 """
 from __future__ import annotations
 
@@ -24,6 +27,10 @@ from pathlib import Path
 from edgexfer.runtime.errors import RuntimeInputError
 
 RUNTIME_REQUIREMENTS = ("numpy", "onnxruntime", "Pillow")
+MANIFEST = "bundle.json"
+MANIFEST_SCHEMA = "edgexfer.bundle/1"
+# what a bundle written before bundle.json existed holds at its top level
+_LEGACY_NAMES = {"README.md", "requirements.txt", "example.py", "edgexfer", "wheels"}
 
 
 def choose_model(run_dir: Path) -> tuple[Path, str]:
@@ -65,8 +72,12 @@ def bundle(source: str | os.PathLike, out: str | os.PathLike, *, force: bool = F
     from edgexfer.runtime.model import EdgeModel
 
     EdgeModel(model)  # refuses a file without edgexfer metadata before anything is written
-    if out.exists() and not force:
-        raise RuntimeInputError(f"{out} exists; pass --force to replace it")
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise RuntimeInputError(f"{out} exists; pass --force to replace it")
+        refusal = _why_not_replace(out, source)
+        if refusal:
+            raise RuntimeInputError(f"--force will not replace {out}: {refusal}; remove it yourself or choose another OUT")
     out.parent.mkdir(parents=True, exist_ok=True)
     runtime_dir = Path(__file__).resolve().parent
     import edgexfer
@@ -74,11 +85,13 @@ def bundle(source: str | os.PathLike, out: str | os.PathLike, *, force: bool = F
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as td:
         tmp = Path(td) / "bundle"
         tmp.mkdir()
-        shutil.copy2(model, tmp / model.name)
+        # copyfile, not copy2: the copies get the umask's mode, not the source's (an artifact written 0600)
+        shutil.copyfile(model, tmp / model.name)
         pkg = tmp / "edgexfer"
-        shutil.copytree(runtime_dir, pkg / "runtime", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        shutil.copytree(runtime_dir, pkg / "runtime", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+                        copy_function=shutil.copyfile)
         (pkg / "__init__.py").write_text(f'"""edgexfer runtime, bundled."""\n__version__ = "{edgexfer.__version__}"\n')
-        shutil.copy2(runtime_dir / "app.py", tmp / "example.py")
+        shutil.copyfile(runtime_dir / "app.py", tmp / "example.py")
         reqs = pinned_requirements()
         (tmp / "requirements.txt").write_text("\n".join(reqs) + "\n")
         wheels = []
@@ -89,10 +102,50 @@ def bundle(source: str | os.PathLike, out: str | os.PathLike, *, force: bool = F
         elif arch != "host":
             raise RuntimeInputError(f"unknown --arch {arch!r}; choose host or arm64")
         (tmp / "README.md").write_text(_readme(model.name, why, reqs, arch))
+        result = {"out": str(out), "model": model.name, "why": why, "requirements": reqs, "arch": arch, "wheels": wheels}
+        (tmp / MANIFEST).write_text(json.dumps({"schema": MANIFEST_SCHEMA, "edgexfer": edgexfer.__version__,
+                                                **{k: v for k, v in result.items() if k != "out"}}, indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
-    return {"out": str(out), "model": model.name, "why": why, "requirements": reqs, "arch": arch, "wheels": wheels}
+    return result
+
+
+def _why_not_replace(out: Path, source: Path) -> str | None:
+    """Why `--force` must not remove the existing `out` (None: it is a bundle, safe to replace). It removes
+    only a folder this command wrote: never the working directory or a folder above it, never the source
+    or a folder holding it, never a symlink or a file, never a folder without a bundle's marker."""
+    if out.is_symlink():
+        return "it is a symbolic link"
+    if not out.is_dir():
+        return "it is not a folder"
+    o, src, cwd = out.resolve(), source.resolve(), Path.cwd().resolve()
+    if o == cwd or o in cwd.parents:
+        return "it is the working directory or holds it"
+    if o == src or o in src.parents:
+        return "it is the source or holds it"
+    if not is_bundle(o):
+        return f"it is not an edgexfer bundle (no {MANIFEST})"
+    return None
+
+
+def is_bundle(folder: Path) -> bool:
+    """A folder `bundle` wrote: its bundle.json, or (bundles written before bundle.json) nothing at its
+    top level but what a bundle holds, with the bundle's README."""
+    manifest = folder / MANIFEST
+    if manifest.is_file():
+        try:
+            return json.loads(manifest.read_text()).get("schema") == MANIFEST_SCHEMA
+        except (ValueError, AttributeError, OSError):
+            return False
+    try:
+        names = {p.name for p in folder.iterdir()}
+        readme = (folder / "README.md").read_text(errors="replace")
+    except OSError:
+        return False
+    models = {n for n in names if n.endswith(".onnx")}
+    return (len(models) == 1 and names - models <= _LEGACY_NAMES and {"edgexfer", "example.py"} <= names
+            and readme.startswith("# edgexfer bundle: "))
 
 
 def _readme(model: str, why: str, reqs: list[str], arch: str = "host") -> str:

@@ -1,0 +1,153 @@
+"""Issue 13, data loss and the CLI: `--force` removes only what edgexfer wrote, artifacts are readable by
+others (the umask's mode, not 0600), corrupt and unreadable images are told apart and skipped, a run that
+fails on its data leaves nothing to refuse a corrected rerun, and bad --name / --port are one-line errors.
+
+Fast: a two-layer ONNX model with edgexfer metadata stands in for a trained one; no training here."""
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import make_image_folder, run_cli
+from tests.test_errors import assert_user_error
+
+
+def tiny_model(path: Path, labels=("a", "b")) -> Path:
+    """input (N,3,32,32) -> mean over H, W -> (N,3) @ W -> logits (N, len(labels)), with edgexfer metadata."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgexfer.exporters.metadata_io import set_props
+    from edgexfer.runtime.metadata import InputSpec, ModelMeta, Preprocessing, Task
+
+    w = numpy_helper.from_array(np.ones((3, len(labels)), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["input"], ["pooled"], axes=[2, 3], keepdims=0),
+         helper.make_node("MatMul", ["pooled", "w"], ["logits"])],
+        "tiny", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 32, 32])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", len(labels)])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    meta = ModelMeta(tasks=[Task("label", "logits", list(labels))], input=InputSpec("input", 32, 32),
+                     preprocessing=Preprocessing(resize=32, crop=32), provenance={"backbone": "tiny"})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(set_props(model, meta), str(path))
+    return path
+
+
+def fake_run(folder: Path) -> Path:
+    """A run folder as far as `bundle` cares: model.int8.onnx (mode 0600, as the old atomic writes left it)."""
+    m = tiny_model(folder / "model.int8.onnx")
+    os.chmod(m, 0o600)
+    (folder / "config.json").write_text("{}\n")
+    return folder
+
+
+def cli(*args, cwd=None, **kw) -> subprocess.CompletedProcess:
+    """`edgexfer ...` in a subprocess, optionally in another working directory."""
+    if cwd is None:
+        return run_cli(*args, **kw)
+    return subprocess.run([sys.executable, "-m", "edgexfer", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, timeout=300)
+
+
+def listing(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+# -- 1. bundle --force removes only a bundle -------------------------------------------------------
+
+def test_bundle_force_refuses_the_working_directory(tmp_path):
+    run = fake_run(tmp_path / "run")
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "precious.txt").write_text("keep me")
+    p = cli("bundle", run, ".", "--force", cwd=work)
+    assert_user_error(p, "--force will not replace")
+    assert (work / "precious.txt").read_text() == "keep me" and listing(work) == ["precious.txt"]
+    p = cli("bundle", run, "..", "--force", cwd=work)  # a folder above the working directory
+    assert_user_error(p, "working directory")
+    assert (work / "precious.txt").is_file() and (run / "model.int8.onnx").is_file()
+
+
+def test_bundle_force_refuses_the_source_and_its_parent(tmp_path):
+    run = fake_run(tmp_path / "run")
+    before = listing(run)
+    p = run_cli("bundle", run / "model.int8.onnx", run, "--force")
+    assert_user_error(p, "source")
+    p = run_cli("bundle", run, run, "--force")
+    assert_user_error(p, "source")
+    assert listing(run) == before
+
+
+def test_bundle_force_refuses_a_folder_it_did_not_write(tmp_path):
+    run = fake_run(tmp_path / "run")
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "holiday.jpg").write_bytes(b"not mine to delete")
+    p = run_cli("bundle", run, other, "--force")
+    assert_user_error(p, "not an edgexfer bundle")
+    assert listing(other) == ["holiday.jpg"]
+    afile = tmp_path / "notes.txt"
+    afile.write_text("x")
+    assert_user_error(run_cli("bundle", run, afile, "--force"), "not a folder")
+    assert afile.read_text() == "x"
+
+
+def test_bundle_force_replaces_a_bundle(tmp_path):
+    run = fake_run(tmp_path / "run")
+    out = tmp_path / "bundle"
+    run_cli("bundle", run, out, check=True)
+    manifest = json.loads((out / "bundle.json").read_text())
+    assert manifest["schema"] == "edgexfer.bundle/1" and manifest["model"] == "model.int8.onnx"
+    (out / "stale.txt").write_text("from the last bundle")
+    run_cli("bundle", run, out, "--force", check=True)
+    assert not (out / "stale.txt").exists() and (out / "model.int8.onnx").is_file()
+    # a bundle written before bundle.json existed is still recognised
+    (out / "bundle.json").unlink()
+    run_cli("bundle", run, out, "--force", check=True)
+    assert (out / "bundle.json").is_file()
+
+
+# -- 2. artifacts get the umask's mode -------------------------------------------------------------
+
+def mode(p: Path) -> int:
+    return stat.S_IMODE(p.stat().st_mode)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
+def test_atomic_writes_get_the_umask_mode(tmp_path, umask):
+    from edgexfer.runtime import atomic
+
+    old = os.umask(umask)
+    try:
+        atomic.write_json(tmp_path / "report.json", {"a": 1})
+        with atomic.atomic_path(tmp_path / "model.onnx") as tmp:
+            tmp.write_bytes(b"x")
+        assert mode(tmp_path / "report.json") == 0o666 & ~umask
+        assert mode(tmp_path / "model.onnx") == 0o666 & ~umask
+        assert atomic.current_umask() == umask and os.umask(umask) == umask  # read, and left as it was
+    finally:
+        os.umask(old)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_bundle_files_do_not_copy_0600(tmp_path):
+    run = fake_run(tmp_path / "run")  # its model is 0600
+    out = tmp_path / "bundle"
+    old = os.umask(0o022)
+    try:
+        run_cli("bundle", run, out, check=True)
+    finally:
+        os.umask(old)
+    assert mode(out) == 0o755
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert files and {p.name: mode(p) for p in files if mode(p) != 0o644} == {}
