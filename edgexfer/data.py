@@ -62,6 +62,7 @@ class Dataset:
     skipped: list[str] = field(default_factory=list)  # corrupt images that were left out
     task_names: list[str] = field(default_factory=lambda: ["label"])
     extra_classes: dict[str, list[str]] = field(default_factory=dict)  # the other tasks' classes
+    unreadable: list[str] = field(default_factory=list)  # image files that could not be read, left out
 
     @property
     def tasks(self) -> dict[str, list[str]]:
@@ -83,6 +84,7 @@ class Dataset:
             "test_per_class": per_class(self.test),
             "imbalance_ratio": float(nonzero.max() / nonzero.min()) if nonzero.size else None,
             "skipped_corrupt": list(self.skipped),
+            "skipped_unreadable": list(self.unreadable),
             **({"tasks": {name: {"classes": cls, "train_per_class": {
                 c: int(n) for c, n in zip(cls, np.bincount(self.train.extra[name][self.train.extra[name] >= 0],
                                                             minlength=len(cls)))},
@@ -195,18 +197,38 @@ def _is_image(p: Path) -> bool:
     return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
 
 
-def _check_image(p: Path) -> bool:
+def _image_problem(p: Path) -> tuple[str, str] | None:
+    """None when `p` decodes to its last pixel; else ("unreadable", why) when the file cannot be read
+    (permissions, I/O error), or ("corrupt", why) when it is not a whole image. `verify()` alone misses a
+    truncated file (it checks structure, and JPEG hardly at all), so the image is also decoded in full."""
     try:
         with Image.open(p) as im:
-            im.verify()
-        return True
-    except Exception:  # any decoder failure means the file is unusable
-        return False
+            im.verify()  # structure and checksums (PNG CRCs); leaves the image unusable
+        with Image.open(p) as im:
+            im.load()    # a truncated file fails only here
+        return None
+    except OSError as e:
+        if e.errno is not None:  # from the OS (Pillow's own OSErrors carry no errno)
+            return "unreadable", e.strerror or str(e)
+        return "corrupt", str(e) or type(e).__name__
+    except Exception as e:  # any other decoder failure means the file is unusable
+        return "corrupt", str(e) or type(e).__name__
+
+
+def _refuse_or_note(p: Path, problem: tuple[str, str], strict: bool, skipped: list[str], unreadable: list[str]) -> None:
+    """--strict: the image's problem as a DataError; else note the image as skipped (and say why)."""
+    kind, why = problem
+    if strict:
+        if kind == "unreadable":
+            raise DataError(f"unreadable image: {p} ({why}); fix its permissions, or drop --strict to skip it")
+        raise DataError(f"corrupt image: {p} ({why}); remove it, or drop --strict to skip corrupt images")
+    (unreadable if kind == "unreadable" else skipped).append(str(p))
+    log.warning("skipping %s image %s (%s)", kind, p, why)
 
 
 def scan_image_folder(root: Path, *, strict: bool = False, classes: list[str] | None = None
-                      ) -> tuple[list[str], list[str], np.ndarray, list[str]]:
-    """(classes, paths, labels, skipped) of a folder with one sub-folder per class."""
+                      ) -> tuple[list[str], list[str], np.ndarray, list[str], list[str]]:
+    """(classes, paths, labels, skipped corrupt, skipped unreadable) of a folder with one sub-folder per class."""
     if not root.is_dir():
         raise DataError(f"data folder not found: {root}")
     found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
@@ -217,24 +239,21 @@ def scan_image_folder(root: Path, *, strict: bool = False, classes: list[str] | 
     unknown = sorted(set(found) - set(classes))
     if unknown:
         raise DataError(f"{root} has class folders not in the training classes: {unknown}")
-    paths, labels, skipped = [], [], []
+    paths, labels, skipped, unreadable = [], [], [], []
     for k, c in enumerate(classes):
         files = sorted(p for p in (root / c).rglob("*") if _is_image(p)) if (root / c).is_dir() else []
         good = []
         for p in files:
-            if _check_image(p):
+            problem = _image_problem(p)
+            if problem is None:
                 good.append(p)
-            elif strict:
-                raise DataError(f"corrupt image: {p} (remove it, or drop --strict to skip corrupt images)")
             else:
-                skipped.append(str(p))
+                _refuse_or_note(p, problem, strict, skipped, unreadable)
         if not good and (root / c).is_dir():
             raise DataError(f"class folder {root / c} holds no readable images")
         paths += [str(p) for p in good]
         labels += [k] * len(good)
-    for p in skipped:
-        log.warning("skipping corrupt image %s", p)
-    return classes, paths, np.asarray(labels, np.int64), skipped
+    return classes, paths, np.asarray(labels, np.int64), skipped, unreadable
 
 
 def load_image_folder(root: str | os.PathLike, *, shots: int | None = None, val_fraction: float = 0.15,
@@ -249,22 +268,23 @@ def load_image_folder(root: str | os.PathLike, *, shots: int | None = None, val_
         raise DataError(f"data folder not found: {root}")
     rng = np.random.default_rng(seed)
     if (root / "train").is_dir() and (root / "test").is_dir():
-        classes, p_tr, y_tr, sk = scan_image_folder(root / "train", strict=strict)
+        classes, p_tr, y_tr, sk, un = scan_image_folder(root / "train", strict=strict)
         if (root / "val").is_dir():
-            _, p_va, y_va, sk2 = scan_image_folder(root / "val", strict=strict, classes=classes)
+            _, p_va, y_va, sk2, un2 = scan_image_folder(root / "val", strict=strict, classes=classes)
             tr = stratified_take(y_tr, shots, rng)
             train, val = Split([p_tr[i] for i in tr], y_tr[tr]), Split(p_va, y_va)
         else:
-            sk2 = []
+            sk2, un2 = [], []
             tr, va = split_labelled(y_tr, shots, val_fraction, rng)
             train, val = Split([p_tr[i] for i in tr], y_tr[tr]), Split([p_tr[i] for i in va], y_tr[va])
-        _, p_te, y_te, sk3 = scan_image_folder(root / "test", strict=strict, classes=classes)
-        return Dataset(f"imagefolder:{root}", classes, train, val, Split(p_te, y_te), sk + sk2 + sk3)
+        _, p_te, y_te, sk3, un3 = scan_image_folder(root / "test", strict=strict, classes=classes)
+        return Dataset(f"imagefolder:{root}", classes, train, val, Split(p_te, y_te), sk + sk2 + sk3,
+                       unreadable=un + un2 + un3)
 
-    classes, paths, labels, skipped = scan_image_folder(root, strict=strict)
+    classes, paths, labels, skipped, unreadable = scan_image_folder(root, strict=strict)
     tr, va, te = three_way_split(labels, classes, shots, val_fraction, test_fraction, rng)
     sub = lambda idx: Split([paths[i] for i in idx], labels[idx])  # noqa: E731
-    return Dataset(f"imagefolder:{root}", classes, sub(tr), sub(va), sub(te), skipped)
+    return Dataset(f"imagefolder:{root}", classes, sub(tr), sub(va), sub(te), skipped, unreadable=unreadable)
 
 
 # -- CSV files: path,label[,label2,...] -----------------------------------------------------------
@@ -300,7 +320,7 @@ def load_csv(csv_path: str | os.PathLike, *, shots: int | None = None, val_fract
     names = [header[i] for i in task_cols]
     if len(set(names)) != len(names) or any(not n for n in names):
         raise DataError(f"{csv_path}: label columns need distinct, non-empty names; found {names}")
-    paths, raw, splits, skipped, missing = [], [], [], [], []
+    paths, raw, splits, skipped, unreadable, missing = [], [], [], [], [], []
     for n, row in enumerate(rows[1:], start=2):
         if not row or all(not c.strip() for c in row):
             continue
@@ -311,10 +331,9 @@ def load_csv(csv_path: str | os.PathLike, *, shots: int | None = None, val_fract
         if not p.is_file():
             missing.append(str(p))
             continue
-        if not _check_image(p):
-            if strict:
-                raise DataError(f"corrupt image: {p} (remove it, or drop --strict to skip corrupt images)")
-            skipped.append(str(p))
+        problem = _image_problem(p)
+        if problem is not None:
+            _refuse_or_note(p, problem, strict, skipped, unreadable)
             continue
         labels = [row[i].strip() for i in task_cols]
         if not labels[0]:
@@ -328,8 +347,6 @@ def load_csv(csv_path: str | os.PathLike, *, shots: int | None = None, val_fract
         raw.append(labels)
     if missing:
         raise DataError(f"{csv_path}: {len(missing)} image(s) not found, e.g. {missing[0]}")
-    for p in skipped:
-        log.warning("skipping corrupt image %s", p)
     if not paths:
         raise DataError(f"{csv_path} lists no readable images")
     classes = [sorted({r[t] for r in raw if r[t]}) for t in range(len(names))]
@@ -356,7 +373,7 @@ def load_csv(csv_path: str | os.PathLike, *, shots: int | None = None, val_fract
     else:
         tr, va, te = three_way_split(labels, classes[0], shots, val_fraction, test_fraction, rng)
     return Dataset(f"csv:{csv_path}", classes[0], sub(tr), sub(va), sub(te), skipped, names,
-                   {names[t]: classes[t] for t in range(1, len(names))})
+                   {names[t]: classes[t] for t in range(1, len(names))}, unreadable)
 
 
 def load_dataset(data: str | None, **kw) -> Dataset:
@@ -376,7 +393,13 @@ def list_images(root: str | os.PathLike) -> list[str]:
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"image folder not found: {root}")
-    files = sorted(str(p) for p in root.rglob("*") if _is_image(p) and _check_image(p))
+    files, skipped, unreadable = [], [], []
+    for p in sorted((p for p in root.rglob("*") if _is_image(p)), key=str):
+        problem = _image_problem(p)
+        if problem is None:
+            files.append(str(p))
+        else:
+            _refuse_or_note(p, problem, False, skipped, unreadable)
     if not files:
         raise DataError(f"{root} holds no readable images")
     return files

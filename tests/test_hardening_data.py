@@ -151,3 +151,81 @@ def test_bundle_files_do_not_copy_0600(tmp_path):
     assert mode(out) == 0o755
     files = [p for p in out.rglob("*") if p.is_file()]
     assert files and {p.name: mode(p) for p in files if mode(p) != 0o644} == {}
+
+
+# -- 3. truncated and unreadable images ------------------------------------------------------------
+
+def truncated_jpeg(path: Path) -> Path:
+    """A JPEG cut off at two thirds: its header is whole, so Image.verify() passes it."""
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(path, "JPEG", quality=90)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 2 // 3])
+    with Image.open(path) as im:
+        im.verify()  # the old check: it passes
+    return path
+
+
+def all_images(ds) -> list[str]:
+    return [str(p) for s in (ds.train, ds.val, ds.test) for p in s.images]
+
+
+def test_truncated_jpeg_is_skipped_and_listed(tmp_path, caplog):
+    from edgexfer.data import list_images, load_image_folder
+
+    data = make_image_folder(tmp_path / "d", per_class=6)
+    bad = truncated_jpeg(data / "red_disc" / "cut.jpg")
+    ds = load_image_folder(data)
+    assert str(bad) not in all_images(ds)
+    assert ds.skipped == [str(bad)] and ds.summary()["skipped_corrupt"] == [str(bad)]
+    assert any("skipping corrupt image" in r.getMessage() and "cut.jpg" in r.getMessage() for r in caplog.records)
+    assert str(bad) not in list_images(data)  # the unlabelled images of --adapt-bn too
+
+
+def test_truncated_jpeg_strict_is_one_line(tmp_path):
+    data = make_image_folder(tmp_path / "d", per_class=4)
+    truncated_jpeg(data / "red_disc" / "cut.jpg")
+    p = run_cli("run", "--data", data, "--runs", tmp_path / "runs", "--strict", "--epochs", "1", "--image-size", "32",
+                "--bench-iters", "2")
+    assert_user_error(p, "corrupt image", "cut.jpg")
+
+
+def test_unreadable_image_is_not_called_corrupt(tmp_path, monkeypatch, caplog):
+    """Root reads any file, so the permission error is simulated at the open the check makes."""
+    from PIL import Image as PILImage
+
+    from edgexfer import data as data_mod
+    from edgexfer.errors import DataError
+
+    folder = make_image_folder(tmp_path / "d", per_class=4)
+    locked = folder / "green_bar" / "001.png"
+    real_open = PILImage.open
+
+    def open_(fp, *a, **k):
+        if Path(fp) == locked:
+            raise PermissionError(13, "Permission denied", str(fp))
+        return real_open(fp, *a, **k)
+
+    monkeypatch.setattr(data_mod.Image, "open", open_)
+    ds = data_mod.load_image_folder(folder)
+    assert str(locked) not in all_images(ds)
+    assert ds.unreadable == [str(locked)] and ds.skipped == []
+    assert ds.summary()["skipped_unreadable"] == [str(locked)] and ds.summary()["skipped_corrupt"] == []
+    msgs = [r.getMessage() for r in caplog.records if "001.png" in r.getMessage()]
+    assert msgs and all("unreadable" in m and "Permission denied" in m and "corrupt" not in m for m in msgs)
+    with pytest.raises(DataError, match=r"unreadable image: .*001\.png \(Permission denied\)"):
+        data_mod.load_image_folder(folder, strict=True)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a file whatever its mode")
+def test_unreadable_image_for_real(tmp_path):
+    from edgexfer.data import load_image_folder
+
+    folder = make_image_folder(tmp_path / "d", per_class=4)
+    locked = folder / "green_bar" / "001.png"
+    locked.chmod(0)
+    try:
+        ds = load_image_folder(folder)
+    finally:
+        locked.chmod(0o644)
+    assert ds.unreadable == [str(locked)] and ds.skipped == []
