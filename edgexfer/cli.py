@@ -163,9 +163,18 @@ def cli(verbose: bool):
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
+def _plain_name(ctx, param, value: str) -> str:
+    """--name is one folder under --runs: no path separator, not '.' or '..' (`--force` removes it)."""
+    if value in ("", ".", "..") or any(c in value for c in ("/", "\\", "\0")):
+        raise click.BadParameter(f"{value!r} is not a plain folder name (no '/', not '.' or '..'); "
+                                 "choose the parent folder with --runs")
+    return value
+
+
 @cli.command()
 @data_options
-@click.option("--name", default="demo", show_default=True, help="Run folder name under --runs.")
+@click.option("--name", default="demo", show_default=True, callback=_plain_name,
+              help="Run folder name under --runs (a plain name, no '/').")
 @click.option("--runs", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"), show_default=True)
 @quant_options
 @click.option("--bench-iters", type=click.IntRange(min=1), default=200, show_default=True,

@@ -113,8 +113,58 @@ class RunConfig:
 # -- the run folder ------------------------------------------------------------------------------
 
 class RunFolder:
+    # what a killed process can leave inside a run folder: atomic writes' `.NAME.XXXX.tmp` files, and the
+    # temporary folders of export (`.export-`), quantize (`.quantize-`, `.guard-`, `.dynamic-`) and INC (`.inc-`)
+    TEMP_DIR_PREFIXES = (".export-", ".quantize-", ".guard-", ".dynamic-", ".inc-")
+
     def __init__(self, path: str | Path):
         self.path = Path(path)
+
+    def is_run(self) -> bool:
+        """Does the folder hold an edgexfer run: a config.json that parses as one of ours?"""
+        try:
+            d = json.loads(self.file("config.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return isinstance(d, dict) and "edgexfer" in d and all(isinstance(d.get(k), dict)
+                                                                 for k in ("data", "model", "train"))
+
+    def why_not_remove(self) -> str | None:
+        """Why `run --force` must not remove this folder (None: it may). It removes only a run folder
+        (or an empty one), never a symbolic link, the working directory or a folder above it."""
+        p = self.path
+        if p.is_symlink():
+            return "it is a symbolic link"
+        if not p.is_dir():
+            return "it is not a folder"
+        here, cwd = p.resolve(), Path.cwd().resolve()
+        if here == cwd or here in cwd.parents:
+            return "it is the working directory or holds it"
+        if not self.is_run() and any(p.iterdir()):
+            return "it is not an edgexfer run folder (no config.json of ours)"
+        return None
+
+    def remove_temporaries(self) -> list[str]:
+        """Remove the temporary files and folders a killed stage left behind (names only our code makes);
+        returns their names."""
+        import shutil
+
+        gone = []
+        for p in sorted(self.path.iterdir()) if self.path.is_dir() else []:
+            n = p.name
+            if p.is_symlink() or not n.startswith("."):
+                continue
+            if p.is_file() and n.endswith(".tmp"):
+                p.unlink(missing_ok=True)
+            elif p.is_dir() and n.startswith(self.TEMP_DIR_PREFIXES):
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                continue
+            gone.append(n)
+        if gone:
+            log.info("removed %d temporary file(s) an interrupted run left in %s: %s", len(gone), self.path,
+                     ", ".join(gone))
+        return gone
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -692,15 +742,24 @@ def run(run_dir: str | Path, cfg: RunConfig, *, force: bool = False,
     from edgexfer.report import finalize
 
     run = RunFolder(run_dir)
-    old = run.read_json("config.json")
-    if old and force:
-        shutil.rmtree(run.path)
-    elif old and old.get("data") is not None and RunConfig.from_dict(old).training_key() != cfg.training_key():
+    if force and (run.path.exists() or run.path.is_symlink()):
+        why = run.why_not_remove()
+        if why:
+            raise RunFolderError(f"--force will not replace {run.path}: {why}; choose another --name or --runs")
+    elif run.path.exists() and not run.path.is_dir():
+        raise RunFolderError(f"{run.path} is not a folder; choose another --name or --runs")
+    old = {} if force else run.read_json("config.json")
+    if old and old.get("data") is not None and RunConfig.from_dict(old).training_key() != cfg.training_key():
         raise RunFolderError(f"{run.path} holds a run made with another configuration; "
                              "pass --force to replace it, or choose another --name")
-    run.path.mkdir(parents=True, exist_ok=True)
-    run.write_config(cfg)
     ws = Workspace(run, cfg)
+    if force or not all(run.done(stage) for stage in STAGES):
+        ws.dataset  # noqa: B018  load (and check) the data first: a data error writes nothing, removes nothing
+    if force and run.path.exists():
+        shutil.rmtree(run.path)
+    run.path.mkdir(parents=True, exist_ok=True)
+    run.remove_temporaries()  # what a killed run left: resume starts clean
+    run.write_config(cfg)
     for stage in STAGES:
         if run.done(stage):
             if on_stage:

@@ -188,6 +188,7 @@ def test_truncated_jpeg_strict_is_one_line(tmp_path):
     p = run_cli("run", "--data", data, "--runs", tmp_path / "runs", "--strict", "--epochs", "1", "--image-size", "32",
                 "--bench-iters", "2")
     assert_user_error(p, "corrupt image", "cut.jpg")
+    assert not (tmp_path / "runs" / "demo" / "config.json").exists()  # a corrected rerun is not refused
 
 
 def test_unreadable_image_is_not_called_corrupt(tmp_path, monkeypatch, caplog):
@@ -229,3 +230,129 @@ def test_unreadable_image_for_real(tmp_path):
     finally:
         locked.chmod(0o644)
     assert ds.unreadable == [str(locked)] and ds.skipped == []
+
+
+# -- 4. the run folder: a data error writes nothing, --force removes only a run, resume cleans up --------
+
+@pytest.fixture
+def fake_stages(monkeypatch):
+    """pipeline.run with every stage (and the report) stubbed: each marks itself done. The data still loads."""
+    from edgexfer import pipeline, report
+
+    calls = []
+
+    def stage(name):
+        def fn(run_dir, cfg, ws=None):
+            calls.append(name)
+            pipeline.RunFolder(run_dir).mark_done(name, 0.0)
+        return fn
+
+    for name in pipeline.STAGES:
+        monkeypatch.setitem(pipeline.STAGE_FUNCS, name, stage(name))
+    monkeypatch.setattr(report, "finalize", lambda run, cfg: {"stages": calls})
+    return calls
+
+
+def config(source) -> "object":
+    from edgexfer.pipeline import DataConfig, RunConfig
+
+    return RunConfig(data=DataConfig(source=str(source), shots=None))
+
+
+def test_data_error_leaves_no_config(tmp_path, fake_stages):
+    from edgexfer import pipeline
+    from edgexfer.errors import DataError
+
+    run_dir = tmp_path / "runs" / "mine"
+    with pytest.raises(DataError):
+        pipeline.run(run_dir, config(tmp_path / "typo"))
+    assert not (run_dir / "config.json").exists()
+    data = make_image_folder(tmp_path / "d", per_class=4)
+    pipeline.run(run_dir, config(data))  # the corrected rerun: not "another configuration"
+    assert fake_stages == list(pipeline.STAGES) and (run_dir / "config.json").is_file()
+    # --force over a finished run: a data error keeps the old run as it was
+    before = listing(run_dir)
+    with pytest.raises(DataError):
+        pipeline.run(run_dir, config(tmp_path / "typo"), force=True)
+    assert listing(run_dir) == before
+
+
+def test_resume_removes_what_a_killed_run_left(tmp_path, fake_stages):
+    from edgexfer import pipeline
+
+    data = make_image_folder(tmp_path / "d", per_class=4)
+    run_dir = tmp_path / "run"
+    cfg = config(data)
+    run_dir.mkdir()
+    pipeline.RunFolder(run_dir).write_config(cfg)
+    pipeline.RunFolder(run_dir).mark_done("finetune", 1.0)
+    stale = [".train_state.pt.k2j3h4.tmp", ".report.json.x8y9z0.tmp"]
+    for n in stale:
+        (run_dir / n).write_bytes(b"\0" * 100)
+    for d in (".guard-abc123", ".inc-q1w2e3", ".quantize-zz", ".export-yy", ".dynamic-xx"):
+        (run_dir / d).mkdir()
+        (run_dir / d / "candidate.onnx").write_bytes(b"\0" * 100)
+    keep = ["notes.tmp", ".my-notes", "checkpoint.pt"]  # not names our temporaries have
+    for n in keep:
+        (run_dir / n).write_text("mine")
+    (run_dir / ".git").mkdir()
+    pipeline.run(run_dir, cfg)
+    assert fake_stages == ["export", "quantize", "evaluate", "bench"]  # resumed after finetune
+    assert sorted(p.name for p in run_dir.iterdir() if p.name not in ("config.json", "report.json")) == \
+        sorted(keep + [".git"])
+
+
+def test_force_removes_only_a_run_folder(tmp_path, fake_stages):
+    from edgexfer import pipeline
+    from edgexfer.errors import RunFolderError
+
+    data = make_image_folder(tmp_path / "d", per_class=4)
+    mine = tmp_path / "photos"
+    mine.mkdir()
+    (mine / "holiday.jpg").write_bytes(b"x")
+    with pytest.raises(RunFolderError, match="not an edgexfer run folder"):
+        pipeline.run(mine, config(data), force=True)
+    assert listing(mine) == ["holiday.jpg"]
+    (mine / "config.json").write_text('{"something": "else"}')
+    with pytest.raises(RunFolderError, match="not an edgexfer run folder"):
+        pipeline.run(mine, config(data), force=True)
+    # a run folder is replaced
+    run_dir = tmp_path / "run"
+    pipeline.run(run_dir, config(data))
+    (run_dir / "old-artifact.onnx").write_bytes(b"x")
+    pipeline.run(run_dir, config(data), force=True)
+    assert not (run_dir / "old-artifact.onnx").exists() and (run_dir / "config.json").is_file()
+
+
+def test_force_never_removes_the_working_directory(tmp_path, monkeypatch, fake_stages):
+    from edgexfer import pipeline
+    from edgexfer.errors import RunFolderError
+
+    data = make_image_folder(tmp_path / "d", per_class=4)
+    work = tmp_path / "work"
+    pipeline.run(work, config(data))  # even a run folder: not while it is where we stand
+    monkeypatch.chdir(work)
+    before = listing(work)
+    with pytest.raises(RunFolderError, match="working directory"):
+        pipeline.run(Path("."), config(data), force=True)
+    with pytest.raises(RunFolderError, match="working directory"):
+        pipeline.run(Path("../work"), config(data), force=True)
+    assert listing(work) == before
+
+
+@pytest.mark.parametrize("name", ["../victim", "..", ".", "a/b", "/tmp/x"])
+def test_run_name_must_be_plain(tmp_path, name):
+    """`run --name ../x --force` removed whatever that named; now a one-line usage error, nothing touched.
+    (--data names a folder with no class folders, so that the old code failed fast, after its rmtree.)"""
+    from edgexfer.pipeline import RunConfig
+
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "config.json").write_text(json.dumps(RunConfig().to_dict()))
+    (victim / "precious.txt").write_text("keep me")
+    runs = tmp_path / "runs"
+    (runs / "a").mkdir(parents=True)
+    (tmp_path / "no_classes").mkdir()
+    p = run_cli("run", "--runs", runs, "--name", name, "--force", "--data", tmp_path / "no_classes")
+    assert (victim / "precious.txt").is_file() and (victim / "config.json").is_file()
+    assert_user_error(p, "--name")
