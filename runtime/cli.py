@@ -20,6 +20,18 @@ COMMANDS = ("bench", "predict", "serve", "bundle", "compare", "verify")
 log = logging.getLogger("edgexfer")
 
 
+def _port(s: str) -> int:
+    """A TCP port, 0-65535 (0: any free port); from --port or $EDGEXFER_PORT."""
+    try:
+        v = int(s)
+    except ValueError:
+        v = -1
+    if not 0 <= v <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is a whole number from 0 to 65535 (--port or $EDGEXFER_PORT); "
+                                         f"got {s!r}")
+    return v
+
+
 def _ints(s: str) -> tuple[int, ...]:
     try:
         vals = tuple(int(v) for v in s.split(",") if v.strip())
@@ -70,7 +82,8 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="serve models over HTTP (Open Inference Protocol v2)")
     s.add_argument("models", nargs="+", type=Path, help="run folders or edgexfer ONNX files")
     s.add_argument("--host", default=os.environ.get("EDGEXFER_HOST", "127.0.0.1"))
-    s.add_argument("--port", type=int, default=int(os.environ.get("EDGEXFER_PORT", "8000")))
+    s.add_argument("--port", type=_port, default=os.environ.get("EDGEXFER_PORT", "8000"),
+                   help="TCP port, 0-65535 (default: $EDGEXFER_PORT, else 8000)")
     s.add_argument("--threads", type=_pos_int, default=None)
     s.add_argument("--server", choices=("auto", "uvicorn", "stdlib"), default="auto",
                    help="uvicorn: starlette + uvicorn with dynamic batching and the binary tensor extension "

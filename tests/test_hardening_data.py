@@ -356,3 +356,24 @@ def test_run_name_must_be_plain(tmp_path, name):
     p = run_cli("run", "--runs", runs, "--name", name, "--force", "--data", tmp_path / "no_classes")
     assert (victim / "precious.txt").is_file() and (victim / "config.json").is_file()
     assert_user_error(p, "--name")
+
+
+# -- 5. --port is a port ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, env", [
+    (("--port", "99999"), {}),
+    (("--port", "-1"), {}),
+    (("--port", "http"), {}),
+    (("--port", "99999", "--server", "stdlib"), {}),
+    ((), {"EDGEXFER_PORT": "70000"}),
+])
+def test_port_out_of_range_is_one_line(tmp_path, args, env):
+    """`--port 99999` logged 99999 and listened elsewhere (or, on the stdlib server, a traceback)."""
+    model = tiny_model(tmp_path / "m.onnx")
+    try:
+        p = run_cli("serve", model, *args, env=env, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the server started on an invalid port")
+    assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr
+    last = p.stderr.strip().splitlines()[-1]
+    assert "error: argument --port" in last and "0 to 65535" in last, last
