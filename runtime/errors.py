@@ -9,5 +9,9 @@ class ImageError(ValueError):
     """An image could not be read or decoded."""
 
 
+class ImageTooLarge(ImageError):
+    """An image whose decoded size is over the configured limit (HTTP 413)."""
+
+
 class RuntimeInputError(ValueError):
     """An input of the wrong type, shape or dtype was given to the model."""

@@ -11,7 +11,7 @@ import onnxruntime as ort
 
 from edgexfer.runtime.errors import MetadataError, RuntimeInputError
 from edgexfer.runtime.metadata import ModelMeta
-from edgexfer.runtime.preprocess import preprocess
+from edgexfer.runtime.preprocess import MAX_ASPECT_RATIO, MAX_IMAGE_PIXELS, ImageLimits, preprocess
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,11 @@ class EdgeModel:
     >>> m.predict("cat.jpg", top_k=3)      # one image -> list of {label, index, score}
     >>> m.predict(["a.png", "b.png"])      # several -> one such list per image
     >>> m.run(x)                            # preprocessed float32 (N,C,H,W) -> {task: logits}
+
+    The file's metadata is checked against its graph at load (one input, float32 NCHW of the metadata's
+    size; each task's output present, of one score per label): a file that loads can be served, and one
+    that cannot is a `MetadataError`. Images are bounded by `max_image_pixels` (decoded, and after the
+    resize; `ImageTooLarge`) and `max_aspect_ratio` (`ImageError`), checked before decoding.
     """
 
     def __init__(
@@ -60,6 +65,8 @@ class EdgeModel:
         providers: Sequence[str] | None = None,
         graph_optimization: str = "all",
         spinning: bool = True,
+        max_image_pixels: int = MAX_IMAGE_PIXELS,
+        max_aspect_ratio: float = MAX_ASPECT_RATIO,
     ):
         source = "<bytes>" if isinstance(model, (bytes, bytearray)) else str(model)
         if not isinstance(model, (bytes, bytearray)) and not Path(model).is_file():
@@ -86,6 +93,45 @@ class EdgeModel:
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [t.output for t in self.meta.tasks]
         self.threads = threads
+        self.image_limits = ImageLimits(int(max_image_pixels), float(max_aspect_ratio))
+        self._check_graph(source)
+
+    def _check_graph(self, source: str) -> None:
+        """The metadata against the graph: what `run`, `predict` and the servers rely on."""
+        def refuse(why: str):
+            raise MetadataError(f"{source}: its edgexfer metadata does not match its graph: {why}")
+
+        inputs, outputs = self.session.get_inputs(), {o.name: o for o in self.session.get_outputs()}
+        if len(inputs) != 1:
+            refuse(f"{len(inputs)} graph inputs, one expected")
+        i = inputs[0]
+        if i.type != "tensor(float)":
+            refuse(f"input {i.name!r} is {i.type}, float32 expected")
+        want = self.input_shape
+        if len(i.shape) != 4 or any(isinstance(d, int) and d != w for d, w in zip(i.shape[1:], want)):
+            refuse(f"input {i.name!r} has shape {i.shape}; the metadata says [N, {', '.join(map(str, want))}]")
+        probe = None
+        for t in self.meta.tasks:
+            o = outputs.get(t.output)
+            if o is None:
+                refuse(f"task {t.name!r} names output {t.output!r}; the graph's outputs are {sorted(outputs)}")
+            if o.type not in ("tensor(float)", "tensor(float16)", "tensor(double)"):
+                refuse(f"output {t.output!r} is {o.type}, float expected")
+            if len(o.shape) != 2:
+                refuse(f"output {t.output!r} has shape {o.shape}, [N, classes] expected")
+            classes = o.shape[1]
+            if not isinstance(classes, int):  # a symbolic size: one zero image tells
+                if probe is None:
+                    try:
+                        probe = dict(zip(self.output_names, self.session.run(
+                            self.output_names, {self.input_name: np.zeros((1, *want), np.float32)})))
+                    except Exception as e:  # onnxruntime's own error types
+                        why = (str(e).splitlines() or [type(e).__name__])[0][:200]
+                        refuse(f"it does not run on one image of its input shape ({why})")
+                classes = probe[t.output].shape[-1] if probe[t.output].ndim == 2 else -1
+            if classes != len(t.labels):
+                refuse(f"output {t.output!r} gives {classes} scores per image for {len(t.labels)} labels of task "
+                       f"{t.name!r}")
 
     # -- properties ----------------------------------------------------------------------------
     @property
@@ -105,7 +151,7 @@ class EdgeModel:
     def preprocess(self, images: Any | Sequence[Any]) -> np.ndarray:
         """Image(s) -> float32 (N, C, H, W) exactly as training preprocessed them."""
         items = images if _is_batch(images) else [images]
-        return np.stack([preprocess(im, self.meta.preprocessing) for im in items])
+        return np.stack([preprocess(im, self.meta.preprocessing, self.image_limits) for im in items])
 
     def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """Preprocessed float32 (N, C, H, W) -> raw logits per task name."""
@@ -136,7 +182,7 @@ class EdgeModel:
             for i, p in enumerate(probs):
                 idx = np.argsort(-p)[:k]
                 results[i][task.name] = [
-                    {"label": task.labels[j], "index": int(j), "score": float(p[j])} for j in idx
+                    {"label": task.labels[j], "index": int(j), "score": _score(p[j])} for j in idx
                 ]
         if len(self.meta.tasks) == 1:
             results = [r[self.meta.tasks[0].name] for r in results]
@@ -144,6 +190,12 @@ class EdgeModel:
 
     def __repr__(self) -> str:
         return f"EdgeModel({self.path or '<bytes>'}, tasks={[t.name for t in self.meta.tasks]}, providers={self.providers})"
+
+
+def _score(p) -> float | None:
+    """A probability for JSON: None where the model gave no number (NaN or infinite logits)."""
+    p = float(p)
+    return p if p == p and p not in (float("inf"), float("-inf")) else None
 
 
 def _is_batch(images: Any) -> bool:
