@@ -49,6 +49,38 @@ def _pos_int(s: str) -> int:
     return v
 
 
+def _aspect(s: str) -> float:
+    v = float(s)
+    if not 1 <= v <= 1e6:
+        raise argparse.ArgumentTypeError("must be between 1 and 1000000")
+    return v
+
+
+def _image_limits(p: argparse.ArgumentParser) -> None:
+    from edgexfer.runtime.preprocess import MAX_ASPECT_RATIO, MAX_IMAGE_PIXELS
+
+    p.add_argument("--max-image-pixels", type=_pos_int, default=MAX_IMAGE_PIXELS,
+                   help="largest image accepted, in decoded pixels (width x height, checked before decoding; "
+                        f"also the resized image); over it: an error, 413 when serving (default {MAX_IMAGE_PIXELS})")
+    p.add_argument("--max-aspect-ratio", type=_aspect, default=MAX_ASPECT_RATIO,
+                   help="largest ratio of an image's longer side to its shorter side; over it: an error, 400 when "
+                        f"serving (default {MAX_ASPECT_RATIO:g})")
+
+
+def _limits(a):
+    """The image limits of `predict` and `serve`, with Pillow's own decompression-bomb check moved out of
+    their way (they check the header's size before decoding)."""
+    import warnings
+
+    from PIL import Image
+
+    from edgexfer.runtime.preprocess import ImageLimits
+
+    Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, a.max_image_pixels)
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    return ImageLimits(a.max_image_pixels, a.max_aspect_ratio)
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="edgexfer", description="edgexfer runtime commands")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -78,6 +110,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_pos_int, default=None)
     p.add_argument("--provider", action="append", default=None,
                    help="execution provider to prefer, e.g. CUDAExecutionProvider (repeatable; CPU is the fallback)")
+    _image_limits(p)
 
     s = sub.add_parser("serve", help="serve models over HTTP (Open Inference Protocol v2)")
     s.add_argument("models", nargs="+", type=Path, help="run folders or edgexfer ONNX files")
@@ -104,6 +137,10 @@ def parser() -> argparse.ArgumentParser:
                         "the event loop after each batch (uvicorn server; default 20)")
     s.add_argument("--no-access-log", dest="access_log", action="store_false",
                    help="no access-log line per request (logger edgexfer.access)")
+    _image_limits(s)
+    s.add_argument("--max-inflight-mib", type=_pos_int, default=128,
+                   help="request-body MiB the server holds at once, all requests together; past it 503 with "
+                        "Retry-After (default 128)")
     u = sub.add_parser("bundle", help="what to copy to a board: model, pinned requirements, runtime, example")
     u.add_argument("source", type=Path, help="run folder (its INT8 file when within the accuracy bound) or ONNX file")
     u.add_argument("out", type=Path)
@@ -224,12 +261,15 @@ def verify_cmd(a, held_out) -> None:
 def predict_cmd(a) -> None:
     from edgexfer.runtime.model import EdgeModel
 
-    m = EdgeModel(a.model, threads=a.threads, providers=a.provider)
+    limits = _limits(a)
+    m = EdgeModel(a.model, threads=a.threads, providers=a.provider, max_image_pixels=limits.max_pixels,
+                  max_aspect_ratio=limits.max_aspect)
     for img in a.images:
         print(json.dumps({"image": str(img), "predictions": m.predict(img, top_k=a.top_k)}))
 
 
 def serve_cmd(a) -> None:
+    from edgexfer.runtime.protocol import MAX_BODY
     from edgexfer.runtime.server import resolve_models, serve
 
     kind = a.server
@@ -243,15 +283,26 @@ def serve_cmd(a) -> None:
     if a.switch_interval_us is not None and not 1 <= a.switch_interval_us <= 1e6:
         raise RuntimeInputError(f"--switch-interval-us must be between 1 and 1000000, got {a.switch_interval_us:g}")
     models = resolve_models(a.models)
+    limits, inflight = _limits(a), a.max_inflight_mib * 1024 * 1024
+    if inflight < MAX_BODY:
+        raise RuntimeInputError(f"--max-inflight-mib must hold one largest body ({MAX_BODY >> 20} MiB)")
     if kind == "uvicorn":
         from edgexfer.runtime.oip import BatchConfig, serve as serve_oip
 
         serve_oip(models, host=a.host, port=a.port, threads=a.threads, token=a.token, access_log=a.access_log,
                   batch=BatchConfig(max_batch_size=a.max_batch_size, max_queue_delay_ms=a.max_queue_delay_ms,
                                     timeout_s=a.timeout, instances=a.instances),
-                  switch_interval_us=a.switch_interval_us)
+                  switch_interval_us=a.switch_interval_us, image_limits=limits, max_bytes_in_flight=inflight)
     else:
-        serve(models, host=a.host, port=a.port, threads=a.threads, token=a.token, access_log=a.access_log)
+        import errno
+
+        try:
+            serve(models, host=a.host, port=a.port, threads=a.threads, token=a.token, access_log=a.access_log,
+                  image_limits=limits, max_bytes_in_flight=inflight)
+        except OSError as e:  # binding: one line, not a traceback
+            if isinstance(e, FileNotFoundError) or e.errno not in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
+                raise
+            raise RuntimeInputError(f"cannot listen on {a.host}:{a.port}: {e.strerror or e}") from None
 
 
 def main(argv: Sequence[str] | None = None, references=(), held_out=None) -> None:

@@ -8,7 +8,10 @@ tritonclient and KServe tooling work unchanged. Requests for one model are batch
 `max_batch_size` or `max_queue_delay_ms` (Triton's meaning of both); inference runs off the event loop
 in one worker thread per model; each request gets exactly its own rows back. A full queue answers 503
 with Retry-After, a request not answered within `timeout_s` 504, a body over the limit 413, a malformed
-request 400, an unknown model 404, a missing or wrong bearer token (when one is set) 401.
+request 400, an unknown model 404, a missing or wrong bearer token (when one is set) 401. Request bodies
+held at once are capped server-wide (`BodyBudget`: 503 past it); images are decoded off the event loop,
+in a small pool of their own, within the model's image limits (413 over the pixel budget, 400 over the
+aspect ratio), checked before decoding.
 
 Around every request sits one small ASGI layer (`Edge`): the token check, Prometheus metrics
 (`/metrics`: requests, errors, a latency histogram per model, the batch-size histogram, queue depth,
@@ -22,6 +25,7 @@ import contextlib
 import hmac
 import json
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -30,15 +34,19 @@ from pathlib import Path
 
 import numpy as np
 
-from edgexfer.runtime.errors import ImageError, RuntimeInputError
+from edgexfer.runtime.errors import ImageError, ImageTooLarge, RuntimeInputError
 from edgexfer.runtime.model import EdgeModel
 from edgexfer.runtime.openapi import OPEN_PATHS, openapi_document
+from edgexfer.runtime.preprocess import ImageLimits
 from edgexfer.runtime.protocol import (
     HEADER_LEN,
+    MAX_BODIES_IN_FLIGHT,
     MAX_BODY,
+    BodyBudget,
     HeaderCache,
     HTTPError,
     infer_response,
+    log_safe,
     parse_infer,
 )
 
@@ -223,25 +231,43 @@ def failure(e: BaseException, timeout_s: float) -> tuple[int, str, dict]:
     return 500, f"internal error: {type(e).__name__}", {}
 
 
-async def read_body(receive, content_length: bytes | None) -> bytes:
-    """The request body from ASGI `receive`, 413 past MAX_BODY (counted as it comes, for chunked bodies)."""
+async def read_body(receive, content_length: bytes | None, budget: BodyBudget | None = None) -> bytes:
+    """The request body from ASGI `receive`, 413 past MAX_BODY (counted as it comes, for chunked bodies).
+    With `budget`, its bytes are charged there first (a Content-Length's before any is read; 503 when
+    spent); the caller gives back len(body) once the request is answered."""
     try:
-        if content_length is not None and int(content_length) > MAX_BODY:
-            raise HTTPError(413, f"body of {int(content_length)} bytes exceeds {MAX_BODY}")
+        declared = 0 if content_length is None else int(content_length)
     except ValueError:
         raise HTTPError(400, "bad Content-Length") from None
-    chunks, size = [], 0
-    while True:
-        msg = await receive()
-        if msg["type"] == "http.disconnect":
-            raise HTTPError(400, "client disconnected")
-        chunk = msg.get("body", b"")
-        size += len(chunk)
-        if size > MAX_BODY:
-            raise HTTPError(413, f"body exceeds {MAX_BODY} bytes")
-        chunks.append(chunk)
-        if not msg.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    if declared > MAX_BODY:
+        raise HTTPError(413, f"body of {declared} bytes exceeds {MAX_BODY}")
+    taken = 0
+    if budget is not None and declared > 0:
+        budget.take(declared)
+        taken = declared
+    try:
+        chunks, size = [], 0
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                raise HTTPError(400, "client disconnected")
+            chunk = msg.get("body", b"")
+            size += len(chunk)
+            if size > MAX_BODY:
+                raise HTTPError(413, f"body exceeds {MAX_BODY} bytes")
+            if budget is not None and size > taken:
+                budget.take(size - taken)
+                taken = size
+            chunks.append(chunk)
+            if not msg.get("more_body", False):
+                break
+    except BaseException:
+        if taken:
+            budget.give(taken)
+        raise
+    if taken != size:
+        budget.give(taken - size)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 class Metrics:
@@ -348,12 +374,16 @@ class Edge:
             m.record(model, status, dt)
             if self.access:
                 client = scope.get("client") or ("-", 0)
-                access_log.info('%s "%s %s" %d %.1fms model=%s', client[0], scope["method"], scope["path"],
+                access_log.info('%s "%s %s" %d %.1fms model=%s', client[0], scope["method"], log_safe(scope["path"]),
                                 status, dt * 1e3, model or "-")
 
 
 def create_app(models: dict[str, Path], *, threads: int | None = None, batch: BatchConfig = BatchConfig(),
-               token: str | None = None, access_log: bool = True):
+               token: str | None = None, access_log: bool = True, image_limits: ImageLimits = ImageLimits(),
+               max_bytes_in_flight: int = MAX_BODIES_IN_FLIGHT, decode_workers: int | None = None):
+    """The ASGI app. `image_limits` bound each uploaded image (decoded off the event loop in
+    `decode_workers` threads, default min(4, cores)); `max_bytes_in_flight` caps request-body bytes held
+    at once (503 past it)."""
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import JSONResponse, Response
@@ -362,16 +392,20 @@ def create_app(models: dict[str, Path], *, threads: int | None = None, batch: Ba
     from edgexfer import __version__
     from edgexfer.runtime.server import ModelServer
 
-    ms = ModelServer(models, threads)
+    ms = ModelServer(models, threads, image_limits=image_limits)
     batchers = {n: DynamicBatcher([m] + [EdgeModel(models[n], threads=threads, spinning=False)
                                          for _ in range(batch.instances - 1)], batch)
                 for n, m in ms.models.items()}
     metrics = Metrics(batchers)
+    budget = BodyBudget(max_bytes_in_flight)
+    decode_workers = decode_workers or max(1, min(4, os.cpu_count() or 1))
+    decoder: list = []  # the image-decoding pool, made by the lifespan (its threads die with the server)
     doc = json.dumps(openapi_document(ms.models, version=__version__, token=bool(token),
                                       timeout_s=batch.timeout_s)).encode()
 
     async def body_of(request: Request) -> bytes:
-        request._body = data = await read_body(request.receive, request.headers.get("content-length"))
+        request._body = data = await read_body(request.receive, request.headers.get("content-length"), budget)
+        request.scope["edgexfer.charged"] = len(data)  # given back by `guard` once answered
         return data  # request.form() reads it from request._body
 
     def error(status: int, message: str, headers=None) -> JSONResponse:
@@ -383,6 +417,8 @@ def create_app(models: dict[str, Path], *, threads: int | None = None, batch: Ba
                 return await handler(request)
             except Exception as e:
                 return error(*failure(e, batch.timeout_s))
+            finally:
+                budget.give(request.scope.pop("edgexfer.charged", 0))
         return wrapped
 
     def model_of(request: Request) -> tuple[str, EdgeModel]:
@@ -424,13 +460,18 @@ def create_app(models: dict[str, Path], *, threads: int | None = None, batch: Ba
                     header_len = v.decode("latin-1")
                 elif k == b"content-length":
                     content_length = v
+            charged = 0
             try:
-                x, h = parse_infer(await read_body(receive, content_length), header_len, model, cache)
+                body = await read_body(receive, content_length, budget)
+                charged = len(body)
+                x, h = parse_infer(body, header_len, model, cache)
                 data, headers = infer_response(name, h, model, await batcher.submit(x))
                 status = 200
             except Exception as e:
                 status, message, extra = failure(e, batch.timeout_s)
                 data, headers = json.dumps({"error": message}).encode(), {"content-type": "application/json", **extra}
+            finally:
+                budget.give(charged)
             await send({"type": "http.response.start", "status": status, "headers": [
                 *((k.lower().encode("latin-1"), str(v).encode("latin-1")) for k, v in headers.items()),
                 (b"content-length", str(len(data)).encode())]})
@@ -462,8 +503,11 @@ def create_app(models: dict[str, Path], *, threads: int | None = None, batch: Ba
         if top_k < 1:
             raise HTTPError(400, "top_k must be >= 1")
         data = await image_bytes(request)
-        try:
-            x = model.preprocess(data)
+        try:  # off the event loop: a large image must not stall every other endpoint
+            x = await asyncio.get_running_loop().run_in_executor(decoder[0] if decoder else None,
+                                                                   model.preprocess, data)
+        except ImageTooLarge as e:
+            raise HTTPError(413, str(e)) from None
         except (ImageError, RuntimeInputError) as e:
             raise HTTPError(400, str(e)) from None
         outs = await batchers[name].submit(x)
@@ -480,11 +524,15 @@ def create_app(models: dict[str, Path], *, threads: int | None = None, batch: Ba
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        from concurrent.futures import ThreadPoolExecutor
+
+        decoder[:] = [ThreadPoolExecutor(decode_workers, thread_name_prefix="edgexfer-decode")]
         for b in batchers.values():
             b.start()
         yield
         for b in batchers.values():  # graceful shutdown: answer every accepted request first
             await b.stop()
+        decoder[0].shutdown(wait=False)
 
     g = guard
     routes = [
@@ -566,7 +614,8 @@ def http_protocol():
 
 def serve(models: dict[str, Path], host: str = "127.0.0.1", port: int = 8000, threads: int | None = None,
           batch: BatchConfig = BatchConfig(), token: str | None = None, access_log: bool = True,
-          switch_interval_us: float | None = None) -> None:
+          switch_interval_us: float | None = None, image_limits: ImageLimits = ImageLimits(),
+          max_bytes_in_flight: int = MAX_BODIES_IN_FLIGHT) -> None:
     import sys
 
     import uvicorn
@@ -576,7 +625,8 @@ def serve(models: dict[str, Path], host: str = "127.0.0.1", port: int = 8000, th
     # time (Python's default: 5 ms). With a model computing 16 images in 4 ms that wait cost a third of its
     # throughput at 1 ms; at 20 us the server keeps ~0.8 of the offline rate (benchmarks/RESULTS.md).
     sys.setswitchinterval((switch_interval_us or SWITCH_INTERVAL_US) / 1e6)
-    app = create_app(models, threads=threads, batch=batch, token=token, access_log=access_log)
+    app = create_app(models, threads=threads, batch=batch, token=token, access_log=access_log,
+                     image_limits=image_limits, max_bytes_in_flight=max_bytes_in_flight)
     # uvicorn's own access log is replaced by ours (with the duration and the model)
     uvicorn.run(app, host=host, port=port, log_level="info", access_log=False, server_header=False,
                 proxy_headers=False, timeout_graceful_shutdown=30, http=http_protocol())

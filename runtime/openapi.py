@@ -62,14 +62,15 @@ SCHEMAS = {
     "InferOutput": {"type": "object", "required": ["name", "datatype", "shape"], "properties": {
         "name": {"type": "string"}, "datatype": {"type": "string"},
         "shape": {"type": "array", "items": {"type": "integer"}},
-        "data": {"type": "array", "items": {"type": "number"}},
+        "data": {"type": "array", "items": {"type": "number", "nullable": True},
+                 "description": "null where the model gave NaN or an infinity (JSON has neither)"},
         "parameters": {"type": "object", "properties": {"binary_data_size": {"type": "integer"}}}}},
     "InferResponse": {"type": "object", "required": ["model_name", "outputs"], "properties": {
         "model_name": {"type": "string"}, "model_version": {"type": "string"}, "id": {"type": "string"},
         "outputs": {"type": "array", "items": _ref("InferOutput")}}},
     "Prediction": {"type": "object", "required": ["label", "index", "score"], "properties": {
         "label": {"type": "string"}, "index": {"type": "integer"},
-        "score": {"type": "number", "minimum": 0, "maximum": 1}}},
+        "score": {"type": "number", "minimum": 0, "maximum": 1, "nullable": True}}},
     "ClassifyResponse": {"type": "object", "required": ["model", "predictions"], "properties": {
         "model": {"type": "string"},
         "predictions": {"oneOf": [
@@ -85,9 +86,9 @@ def openapi_document(models: dict, *, version: str, token: bool, timeout_s: floa
     model_param = {"name": "model", "in": "path", "required": True,
                    "schema": {"type": "string", "enum": sorted(models)}}
     busy = {
-        "413": _error(f"body over {MAX_BODY} bytes"),
-        "503": _error("the model's queue is full", {"Retry-After": {"schema": {"type": "integer"},
-                                                                    "description": "seconds"}}),
+        "413": _error(f"body over {MAX_BODY} bytes; an image over the pixel limit (--max-image-pixels)"),
+        "503": _error("the model's queue is full, or the server holds its limit of request bytes "
+                      "(--max-inflight-mib)", {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}}),
         "504": _error(f"no answer within the per-request timeout ({timeout_s:g} s)"),
     }
 
@@ -127,7 +128,8 @@ def openapi_document(models: dict, *, version: str, token: bool, timeout_s: floa
             requestBody=infer_body, parameters=[model_param, header_len])},
         "/v2/models/{model}/classify": {"post": model_op("top-k labels of one image (raw bytes or multipart)", {
             "200": _json(_ref("ClassifyResponse"), "top-k labels"),
-            "400": _error("undecodable image, missing multipart file, bad top_k"), **busy},
+            "400": _error("undecodable image, aspect ratio over the limit (--max-aspect-ratio), missing multipart "
+                          "file, bad top_k"), **busy},
             requestBody=image_body, parameters=[model_param, top_k])},
         "/metrics": {"get": op("Prometheus text metrics", {"200": {"description": "text exposition format 0.0.4",
                                                                     "content": {"text/plain": {"schema": {"type": "string"}}}}})},

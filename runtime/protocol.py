@@ -4,6 +4,8 @@ header, then raw little-endian bytes). numpy only; no HTTP library."""
 from __future__ import annotations
 
 import json
+import math
+import threading
 from email.parser import BytesParser
 from email.policy import HTTP
 
@@ -13,6 +15,8 @@ from edgexfer.runtime.model import EdgeModel
 
 HEADER_LEN = "Inference-Header-Content-Length"
 MAX_BODY = 16 * 1024 * 1024
+MAX_BODIES_IN_FLIGHT = 128 * 1024 * 1024  # request-body bytes held at once, server-wide, before 503
+MAX_CACHED_HEADER = 4096  # a binary request's JSON header longer than this is checked but not kept
 DTYPES = {"FP32": np.float32}
 
 
@@ -20,6 +24,34 @@ class HTTPError(Exception):
     def __init__(self, status: int, message: str, headers: dict | None = None):
         super().__init__(message)
         self.status, self.headers = status, headers or {}
+
+
+class BodyBudget:
+    """The request-body bytes a server holds at once (read, or promised by a Content-Length), shared by
+    all its requests: past `limit`, a request gets 503 and Retry-After before its body is read."""
+
+    def __init__(self, limit: int = MAX_BODIES_IN_FLIGHT):
+        self.limit, self.used = int(limit), 0
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> None:
+        with self._lock:
+            if self.used + n > self.limit:
+                raise HTTPError(503, f"the server holds {self.limit} bytes of request bodies; retry later",
+                                {"Retry-After": "1"})
+            self.used += n
+
+    def give(self, n: int) -> None:
+        with self._lock:
+            self.used -= n
+
+
+def log_safe(s: str) -> str:
+    """A client-given string (a decoded path) for a log line: control characters and quotes escaped,
+    so that `%0A` cannot start a forged line."""
+    if s.isprintable() and '"' not in s:
+        return s
+    return json.dumps(s)[1:-1]
 
 
 def _obj(v, what: str) -> dict:
@@ -78,14 +110,16 @@ def parse_header(head: bytes, model: EdgeModel) -> InferHeader:
         shape = [int(s) for s in t["shape"]]
         size = _obj(t.get("parameters"), "parameters").get("binary_data_size")
         size = None if size is None else int(size)
-        if size is not None and (size < 0 or any(d < 0 for d in shape) or size != 4 * int(np.prod(shape))):
+        if size is not None and (size < 0 or any(d < 0 for d in shape) or size != 4 * math.prod(shape)):
             raise ValueError(f"binary_data_size {size} does not hold shape {shape} of FP32")
         if size is None and "data" not in t:
             raise KeyError("data")
     except (KeyError, TypeError, ValueError, OverflowError) as e:
         raise HTTPError(400, f"bad tensor: {e}") from None
     if len(shape) != 4 or tuple(shape[1:]) != model.input_shape or shape[0] < 1:
-        raise HTTPError(400, f"expected shape [N, {', '.join(map(str, model.input_shape))}], got {shape}")
+        raise HTTPError(400, f"expected shape [N, {', '.join(map(str, model.input_shape))}], got {str(shape)[:200]}")
+    if 4 * math.prod(shape) > MAX_BODY:  # Python integers: no overflow
+        raise HTTPError(400, f"shape {shape} holds more than the {MAX_BODY} bytes a request may carry")
     known = set(model.output_names)
     for o in wanted:
         if o.get("name") not in known:
@@ -108,7 +142,7 @@ def parse_infer(body: bytes, header_len: str | None, model: EdgeModel, cache: He
     h = cache.get(head) if cache is not None else None
     if h is None:
         h = parse_header(head, model)
-        if cache is not None and h.size is not None:
+        if cache is not None and h.size is not None and n <= MAX_CACHED_HEADER:
             cache.put(head, h)
     if h.size is not None:
         if h.size > len(body) - n:
@@ -116,9 +150,9 @@ def parse_infer(body: bytes, header_len: str | None, model: EdgeModel, cache: He
         x = np.frombuffer(body, dtype="<f4", count=h.size // 4, offset=n).reshape(h.shape)
     else:
         try:
-            x = np.asarray(h.req["inputs"][0]["data"], dtype=np.float32).reshape(h.shape)
-        except (TypeError, ValueError, OverflowError) as e:
-            raise HTTPError(400, f"bad tensor: {e}") from None
+            x = np.asarray(h.req["inputs"][0].pop("data"), dtype=np.float32).reshape(h.shape)  # the list freed
+        except (TypeError, ValueError, OverflowError, RecursionError) as e:
+            raise HTTPError(400, f"bad tensor: {str(e)[:200]}") from None
     return np.ascontiguousarray(x, dtype=np.float32), h
 
 
@@ -141,10 +175,19 @@ def infer_response(name: str, h: InferHeader, model: EdgeModel, outs: dict[str, 
                 h.heads[rows] = cached
         head, headers = cached
         return b"".join([head, *(a.tobytes() for _, a in chosen)]), headers
-    tensors = [{"name": t.output, "datatype": "FP32", "shape": list(a.shape), "data": a.ravel().tolist()}
+    tensors = [{"name": t.output, "datatype": "FP32", "shape": list(a.shape), "data": _json_values(a)}
                for t, a in chosen]
-    head = json.dumps({"model_name": name, "model_version": "1", "id": req.get("id", ""), "outputs": tensors}).encode()
+    head = json.dumps({"model_name": name, "model_version": "1", "id": req.get("id", ""), "outputs": tensors},
+                      allow_nan=False).encode()
     return head, {"content-type": "application/json"}
+
+
+def _json_values(a: np.ndarray) -> list:
+    """An output's values for JSON, which has no NaN or infinity: those become null."""
+    values = a.ravel().tolist()
+    if np.isfinite(a).all():
+        return values
+    return [v if math.isfinite(v) else None for v in values]
 
 
 def model_metadata(name: str, m: EdgeModel) -> dict:
