@@ -243,7 +243,11 @@ async def read_body(receive, content_length: bytes | None, budget: BodyBudget | 
         raise HTTPError(413, f"body of {declared} bytes exceeds {MAX_BODY}")
     taken = 0
     if budget is not None and declared > 0:
-        budget.take(declared)
+        try:
+            budget.take(declared)
+        except HTTPError:
+            await discard_body(receive)  # so that the client, still sending, reads the 503
+            raise
         taken = declared
     try:
         chunks, size = [], 0
@@ -256,7 +260,12 @@ async def read_body(receive, content_length: bytes | None, budget: BodyBudget | 
             if size > MAX_BODY:
                 raise HTTPError(413, f"body exceeds {MAX_BODY} bytes")
             if budget is not None and size > taken:
-                budget.take(size - taken)
+                try:
+                    budget.take(size - taken)
+                except HTTPError:
+                    if msg.get("more_body", False):
+                        await discard_body(receive, size)
+                    raise
                 taken = size
             chunks.append(chunk)
             if not msg.get("more_body", False):
@@ -268,6 +277,15 @@ async def read_body(receive, content_length: bytes | None, budget: BodyBudget | 
     if taken != size:
         budget.give(taken - size)
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def discard_body(receive, size: int = 0) -> None:
+    """Read the rest of a refused request's body and drop it (at most MAX_BODY bytes in all)."""
+    while size <= MAX_BODY:
+        msg = await receive()
+        size += len(msg.get("body", b""))
+        if msg["type"] == "http.disconnect" or not msg.get("more_body", False):
+            return
 
 
 class Metrics:

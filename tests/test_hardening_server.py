@@ -376,3 +376,136 @@ def test_sigterm_answers_every_request_in_flight(tiny_run):
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+# -- the bounds: mixed load, memory ----------------------------------------------------------------
+
+HOSTILE = [
+    lambda s: s.request("POST", "/v2/models/tiny/classify", png(Image.new("1", (20000, 20000)))),
+    lambda s: s.request("POST", "/v2/models/tiny/classify", png(Image.new("L", (1, 4000)))),
+    lambda s: s.request("POST", "/v2/models/tiny/infer", json.dumps({"inputs": [{
+        "name": "input", "shape": [2**54, 3, 64, 64], "datatype": "FP32", "parameters": {"binary_data_size": 0}}]}
+    ).encode(), {HEADER: "200"}),
+    lambda s: parse(s.raw(b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n", timeout=10)),
+    lambda s: parse(s.raw(b"POST /nope HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(SMUGGLED), SMUGGLED),
+                          half_close=True)),
+    lambda s: parse(s.raw(b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999\r\n\r\nxx",
+                          half_close=True)),
+    lambda s: s.request("POST", "/v2/models/tiny/infer", b"\xff" * 300_000),
+    lambda s: s.request("GET", "/v2/models/tiny/%0A%1b"),
+]
+
+
+@pytest.mark.parametrize("kind", SERVERS)
+def test_valid_requests_never_fail_beside_hostile_ones(kind, tiny_run):
+    """32 clients for a few seconds, a third of them hostile: every valid request gets its own rows,
+    no hostile one gets a 5xx."""
+    m = EdgeModel(tiny_run / "model.int8.onnx")
+    xs = [np.random.default_rng(i).standard_normal((1 + i % 3, 3, 64, 64)).astype(np.float32) for i in range(8)]
+    want = [m.run(x)["label"] for x in xs]
+    failures, counts = [], {"valid": 0, "hostile": 0}
+    with serving(kind, resolve_models([tiny_run]), access_log=False) as s:
+        deadline = time.time() + 4
+
+        def client(k: int):
+            i = k
+            while time.time() < deadline:
+                i += 1
+                try:
+                    if k % 3 == 0:
+                        try:
+                            st, _, body = HOSTILE[i % len(HOSTILE)](s)
+                        except (AssertionError, ConnectionResetError):  # no answer: refused at the connection
+                            st, body = 0, b""
+                        counts["hostile"] += 1
+                        if st >= 500:
+                            failures.append(("hostile", i % len(HOSTILE), st, body[:200]))
+                    else:
+                        body, headers = binary_infer(xs[i % 8])
+                        st, h, out = s.request("POST", "/v2/models/tiny/infer", body, headers)
+                        counts["valid"] += 1
+                        n = int(h[HEADER.lower()])
+                        got = np.frombuffer(out[n:], "<f4").reshape(want[i % 8].shape)
+                        if st != 200 or not np.allclose(got, want[i % 8], atol=1e-5):
+                            failures.append(("valid", st, out[:200]))
+                except Exception as e:  # noqa: BLE001 - a failed request of either kind
+                    failures.append(("error", k % 3 == 0, repr(e)))
+
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(32)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert s.request("GET", "/v2/health/ready")[0] == 200
+    assert not failures, failures[:5]
+    assert counts["valid"] >= 32 and counts["hostile"] >= 8, counts
+
+
+def _peak_rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
+@pytest.mark.parametrize("kind", SERVERS)
+def test_memory_under_body_and_image_attacks_is_bounded(kind, tiny_run):
+    """The server's peak RSS (VmHWM) grows by about its limits, not by what is sent: 24 clients each
+    sending an 8 MiB body at once against --max-inflight-mib 32 (192 MiB sent); then 16 clients each
+    sending a 3000x3000 PNG (9 M pixels, 36 MB decoded) at once, decoded at most min(4, cores) at a time."""
+    import os
+
+    if kind == "uvicorn":
+        _needs_uvicorn()
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("needs /proc")
+    port = free_port()
+    p = subprocess.Popen([sys.executable, "-m", "edgexfer.runtime", "serve", str(tiny_run), "--server", kind,
+                          "--port", str(port), "--threads", "1", "--no-access-log", "--max-inflight-mib", "32",
+                          "--max-image-pixels", "10000000"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        s = Served(port)
+        deadline = time.time() + 60
+        while True:
+            try:
+                if s.request("GET", "/v2/health/ready", timeout=2)[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.time() < deadline and p.poll() is None, "server did not start"
+            time.sleep(0.2)
+        small = png(Image.new("RGB", (300, 300), (200, 30, 30)))
+        assert s.request("POST", "/v2/models/tiny/classify", small)[0] == 200  # warm: first decode, first run
+        body, headers = binary_infer(np.zeros((1, 3, 64, 64), np.float32))
+        assert s.request("POST", "/v2/models/tiny/infer", body, headers)[0] == 200
+        base = _peak_rss_mib(p.pid)
+
+        def attack(n: int, send) -> list:
+            out: list = [None] * n
+
+            def one(i):
+                try:
+                    out[i] = send()[0]
+                except OSError as e:
+                    out[i] = repr(e)
+            ts = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join(120)
+            return out
+
+        big = b"\xff" * (8 << 20)
+        got = attack(24, lambda: s.request("POST", "/v2/models/tiny/infer", big, timeout=60))
+        assert set(got) <= {400, 503} and 503 in got, got
+        bodies = _peak_rss_mib(p.pid) - base
+        assert bodies < 32 + 40, f"peak RSS grew {bodies:.0f} MiB under 192 MiB of bodies (cap 32 MiB)"
+
+        image = png(Image.new("RGB", (3000, 3000), (10, 200, 10)))
+        got = attack(16, lambda: s.request("POST", "/v2/models/tiny/classify", image, timeout=120))
+        assert set(got) == {200}, got
+        images = _peak_rss_mib(p.pid) - base
+        workers = max(1, min(4, os.cpu_count() or 1))
+        assert images < workers * 36 * 1.5 + 40, f"peak RSS grew {images:.0f} MiB decoding 16 x 36 MB ({workers} at a time)"
+        assert s.request("GET", "/v2/health/ready")[0] == 200
+    finally:
+        p.terminate()
+        p.wait(30)
