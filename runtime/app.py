@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # a bundle carries edgexfer/runtime beside this file
 
-from edgexfer.runtime import EdgeModel, ImageError  # noqa: E402
+from edgexfer.runtime import EdgeModel, ImageError, MetadataError  # noqa: E402
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
@@ -56,7 +56,11 @@ def main(argv=None) -> int:
     ap.add_argument("--top-k", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     a = ap.parse_args(argv)
-    model = EdgeModel(a.model, threads=a.threads)
+    try:
+        model = EdgeModel(a.model, threads=a.threads)
+    except (FileNotFoundError, MetadataError) as e:  # a missing file, or metadata that does not fit its graph
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(f"# {a.model.name}: {len(model.labels)} classes, input {model.input_shape}, providers {model.providers}",
           file=sys.stderr)
     if a.watch:

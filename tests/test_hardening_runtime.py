@@ -188,3 +188,18 @@ def test_serve_refuses_bad_metadata_in_one_line(tmp_path, server):
                         "--server", server], capture_output=True, text=True, timeout=60)
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
     assert p.stderr.startswith("error: ") and "3 labels" in p.stderr and len(p.stderr.splitlines()) == 1
+
+
+def test_embedding_app_refuses_bad_metadata_in_one_line(tmp_path):
+    """The example application a bundle carries (runtime/app.py): one line, exit 1."""
+    from pathlib import Path
+
+    d = good_meta()
+    d["tasks"][0]["output"] = "probs"
+    model = tmp_path / "bad.onnx"
+    model.write_bytes(onnx_bytes(d))
+    app = Path(__file__).resolve().parents[1] / "runtime" / "app.py"
+    p = subprocess.run([sys.executable, str(app), str(model), str(tmp_path / "x.png")], capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.startswith("error: ") and "'probs'" in p.stderr and len(p.stderr.splitlines()) == 1
