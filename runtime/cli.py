@@ -289,6 +289,15 @@ def serve_cmd(a) -> None:
     if kind == "uvicorn":
         from edgexfer.runtime.oip import BatchConfig, serve as serve_oip
 
+        if a.port:  # uvicorn would log a bind error and exit 3, after loading the models: one line, exit 1
+            import socket
+
+            with socket.socket(socket.AF_INET6 if ":" in a.host else socket.AF_INET) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    probe.bind((a.host, a.port))
+                except OSError as e:
+                    raise RuntimeInputError(f"cannot listen on {a.host}:{a.port}: {e.strerror or e}") from None
         serve_oip(models, host=a.host, port=a.port, threads=a.threads, token=a.token, access_log=a.access_log,
                   batch=BatchConfig(max_batch_size=a.max_batch_size, max_queue_delay_ms=a.max_queue_delay_ms,
                                     timeout_s=a.timeout, instances=a.instances),

@@ -319,12 +319,15 @@ def test_errors_are_json_even_from_the_request_line(stdlib):
         assert 400 <= st < 500 and strict_json(body)["error"], (data, st, body)
 
 
-def test_port_in_use_is_one_line(tiny_run):
+@pytest.mark.parametrize("kind", SERVERS)
+def test_port_in_use_is_one_line(tiny_run, kind):
+    if kind == "uvicorn":
+        _needs_uvicorn()
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        p = subprocess.run([sys.executable, "-m", "edgexfer.runtime", "serve", str(tiny_run), "--server", "stdlib",
+        p = subprocess.run([sys.executable, "-m", "edgexfer.runtime", "serve", str(tiny_run), "--server", kind,
                             "--port", str(port)], capture_output=True, text=True, timeout=120)
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
     assert p.stderr.startswith("error: ") and "in use" in p.stderr.lower() and len(p.stderr.splitlines()) == 1
