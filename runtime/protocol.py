@@ -28,18 +28,32 @@ class HTTPError(Exception):
 
 class BodyBudget:
     """The request-body bytes a server holds at once (read, or promised by a Content-Length), shared by
-    all its requests: past `limit`, a request gets 503 and Retry-After before its body is read."""
+    all its requests: past `limit`, a request gets 503 and Retry-After before its body is held. Plain
+    integers, for one thread (the batching server's event loop); `LockedBodyBudget` for several."""
 
     def __init__(self, limit: int = MAX_BODIES_IN_FLIGHT):
         self.limit, self.used = int(limit), 0
+
+    def take(self, n: int) -> None:
+        if self.used + n > self.limit:
+            raise HTTPError(503, f"the server holds {self.limit} bytes of request bodies; retry later",
+                            {"Retry-After": "1"})
+        self.used += n
+
+    def give(self, n: int) -> None:
+        self.used -= n
+
+
+class LockedBodyBudget(BodyBudget):
+    """`BodyBudget` for a thread per connection (the standard-library server)."""
+
+    def __init__(self, limit: int = MAX_BODIES_IN_FLIGHT):
+        super().__init__(limit)
         self._lock = threading.Lock()
 
     def take(self, n: int) -> None:
         with self._lock:
-            if self.used + n > self.limit:
-                raise HTTPError(503, f"the server holds {self.limit} bytes of request bodies; retry later",
-                                {"Retry-After": "1"})
-            self.used += n
+            super().take(n)
 
     def give(self, n: int) -> None:
         with self._lock:

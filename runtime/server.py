@@ -43,7 +43,8 @@ from edgexfer.runtime.model import EdgeModel
 from edgexfer.runtime.openapi import OPEN_PATHS
 from edgexfer.runtime.preprocess import ImageLimits
 from edgexfer.runtime.protocol import (HEADER_LEN, MAX_BODIES_IN_FLIGHT, MAX_BODY, BodyBudget, HTTPError,
-                                       infer_response, log_safe, model_metadata, multipart_file, parse_infer)
+                                       LockedBodyBudget, infer_response, log_safe, model_metadata, multipart_file,
+                                       parse_infer)
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("edgexfer.access")
@@ -473,7 +474,7 @@ def make_server(models: dict[str, Path], host: str = "127.0.0.1", port: int = 80
                 image_limits: ImageLimits = ImageLimits(), max_bytes_in_flight: int = MAX_BODIES_IN_FLIGHT,
                 max_connections: int = MAX_CONNECTIONS) -> EdgeHTTPServer:
     ms = ModelServer(models, threads, token, access_log, image_limits)
-    return EdgeHTTPServer((host, port), ms.handler(), BodyBudget(max_bytes_in_flight), max_connections)
+    return EdgeHTTPServer((host, port), ms.handler(), LockedBodyBudget(max_bytes_in_flight), max_connections)
 
 
 def serve(models: dict[str, Path], host: str = "127.0.0.1", port: int = 8000, threads: int | None = None,
