@@ -512,3 +512,19 @@ def test_memory_under_body_and_image_attacks_is_bounded(kind, tiny_run):
     finally:
         p.terminate()
         p.wait(30)
+
+
+def test_header_cache_keeps_only_short_headers(tiny_run):
+    """The binary-extension header cache is keyed by the header's bytes: 64 padded 16 MiB headers would
+    have held 1 GB. Headers over MAX_CACHED_HEADER bytes are checked, not kept."""
+    from edgexfer.runtime.protocol import MAX_CACHED_HEADER, HeaderCache, parse_infer
+
+    m = EdgeModel(tiny_run / "model.int8.onnx")
+    cache = HeaderCache()
+    x = np.zeros((1, 3, 64, 64), np.float32)
+    for pad in (0, MAX_CACHED_HEADER):
+        head = json.dumps({"id": "x" * pad, "inputs": [{"name": "input", "shape": [1, 3, 64, 64], "datatype": "FP32",
+                                                        "parameters": {"binary_data_size": x.nbytes}}]}).encode()
+        got, h = parse_infer(head + x.tobytes(), str(len(head)), m, cache)
+        assert got.shape == (1, 3, 64, 64) and h.req["id"] == "x" * pad
+    assert len(cache) == 1 and all(len(k) <= MAX_CACHED_HEADER for k in cache)
