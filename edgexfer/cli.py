@@ -236,7 +236,9 @@ def finetune(out, **kw):
     from edgexfer import pipeline
 
     res = pipeline.finetune(out, build_config(**kw))
-    click.echo(f"{out}/checkpoint.pt: validation accuracy {res['val_accuracy']:.4f} (strategy {res['strategy']})")
+    acc = res["val_accuracy"]
+    click.echo(f"{out}/checkpoint.pt: validation accuracy {'n/a (no validation split)' if acc is None else f'{acc:.4f}'} "
+               f"(strategy {res['strategy']})")
 
 
 @cli.command()

@@ -119,6 +119,8 @@ def stratified_split(labels: np.ndarray, fractions: tuple[float, ...], rng: np.r
         start = 0
         for k, f in enumerate(fractions):
             take = n - start if k == len(fractions) - 1 else max(1 if n >= len(fractions) else 0, int(round(f * n)))
+            if n >= len(fractions):  # leave at least one item for each later part (2 shots: 1 train, 1 val)
+                take = min(take, n - start - (len(fractions) - 1 - k))
             parts[k].extend(idx[start:start + take])
             start += take
     return [np.sort(np.asarray(p, np.int64)) for p in parts]

@@ -108,6 +108,10 @@ class TrainResult:
 def tensorize(split: Split, pp: Preprocessing, desc: str = "preprocess") -> tuple[torch.Tensor, torch.Tensor]:
     """Images -> (N, C, H, W) float32 through the runtime's preprocessing; labels -> (N,) int64 for one
     task, (N, tasks) int64 for several (-1 where an image is unlabelled for a task)."""
+    if not len(split):  # an empty split (no validation images): (0, C, H, W), not a crash in np.stack
+        x = np.zeros((0, 1 if pp.color == "L" else 3, pp.crop, pp.crop), np.float32)
+        y = split.targets() if split.extra else split.labels
+        return torch.from_numpy(x), torch.as_tensor(y, dtype=torch.int64)
     x = np.stack([preprocess(im, pp) for im in tqdm(split.images, desc=desc, leave=False, disable=True if len(split) < 200 else None)])
     y = split.targets() if split.extra else split.labels
     return torch.from_numpy(x), torch.as_tensor(y, dtype=torch.int64)
@@ -316,6 +320,8 @@ def train(model: EdgeNet, data: Dataset, pp: Preprocessing, cfg: TrainConfig, wo
         if len(n_cls) > 1 and len(x_va):
             accs = task_accuracies(predict_logits(model, x_va, task=None), y_va)
             per_task = dict(zip(data.tasks, accs))
+        if not len(x_va):  # the weights were chosen on the training loss: there is no accuracy to report
+            best_acc = probe_acc = None
         return TrainResult(strategy, best_epoch, best_acc, probe_acc, time.perf_counter() - t_start, probe_s,
                            history, resumed, reason, trainable, per_task, device)
 
@@ -332,8 +338,10 @@ def train(model: EdgeNet, data: Dataset, pp: Preprocessing, cfg: TrainConfig, wo
         f_va = extract_features(model, x_va, desc="features val") if len(x_va) else f_tr[:0]
         probe_acc = linear_probe(model, f_tr, y_tr, f_va, y_va, cfg, cw)
         probe_s = time.perf_counter() - t0
-        log.info("linear probe: val accuracy %.4f in %.1f s", probe_acc, probe_s)
-        history.append({"epoch": 0, "phase": "probe", "val_accuracy": probe_acc, "seconds": probe_s})
+        log.info("linear probe: val accuracy %s in %.1f s", f"{probe_acc:.4f}" if len(x_va) else "n/a (no validation split)",
+                 probe_s)
+        history.append({"epoch": 0, "phase": "probe", "val_accuracy": probe_acc if len(x_va) else None,
+                        "seconds": probe_s})
     if strategy == "linear":
         return finish(0, probe_acc, probe_acc, probe_s)
 
@@ -406,10 +414,10 @@ def train(model: EdgeNet, data: Dataset, pp: Preprocessing, cfg: TrainConfig, wo
             adapt_batchnorm(model, x_tr[:1024].to(device))
         val_acc = val_accuracy(losses)
         rec = {"epoch": epoch, "phase": "finetune", "train_loss": float(np.mean(losses)),
-               "val_accuracy": val_acc, "seconds": time.perf_counter() - t0}
+               "val_accuracy": val_acc if len(x_va) else None, "seconds": time.perf_counter() - t0}
         history.append(rec)
-        log.info("epoch %d/%d: loss %.4f, val accuracy %.4f (%.0f s)", epoch, cfg.epochs, rec["train_loss"],
-                 val_acc, rec["seconds"])
+        log.info("epoch %d/%d: loss %.4f, val accuracy %s (%.0f s)", epoch, cfg.epochs, rec["train_loss"],
+                 "n/a" if rec["val_accuracy"] is None else f"{val_acc:.4f}", rec["seconds"])
         if val_acc >= best_acc:  # ties go to the later, fine-tuned weights
             best_acc, best_epoch = val_acc, epoch
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -788,7 +788,7 @@ def _plot(path: Path, draw: Callable) -> None:
 
 
 def _learning_curve_plot(run: RunFolder, history: list[dict]) -> None:
-    pts = [(h["epoch"], h["val_accuracy"]) for h in history]
+    pts = [(h["epoch"], h["val_accuracy"]) for h in history if h["val_accuracy"] is not None]
     if not pts:
         return
 

@@ -1,0 +1,56 @@
+"""Very few labels (issue 13 item 7): `--shots 2` must leave a validation image per class, and a run
+with no validation split must record no accuracy rather than a negative loss, and still quantize."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from edgexfer.data import split_labelled, stratified_split
+from tests.conftest import make_image_folder, run_cli
+
+
+def test_two_shots_leave_one_validation_image_per_class():
+    labels = np.repeat(np.arange(4), 10)
+    tr, va = split_labelled(labels, 2, 0.2, np.random.default_rng(0))
+    assert np.bincount(labels[tr], minlength=4).tolist() == [1, 1, 1, 1]
+    assert np.bincount(labels[va], minlength=4).tolist() == [1, 1, 1, 1]
+    # three parts from three items: one each; larger classes keep their fractions
+    parts = stratified_split(np.zeros(3, np.int64), (0.8, 0.1, 0.1), np.random.default_rng(0))
+    assert [len(p) for p in parts] == [1, 1, 1]
+    parts = stratified_split(np.zeros(100, np.int64), (0.8, 0.2), np.random.default_rng(0))
+    assert [len(p) for p in parts] == [80, 20]
+
+
+def test_empty_validation_split_records_no_accuracy(tmp_path):
+    import torch
+
+    from edgexfer.finetune import TrainConfig, tensorize, train
+    from edgexfer.model import build_model, model_config, preprocessing_of
+    from edgexfer.data import load_image_folder
+
+    ds = load_image_folder(make_image_folder(tmp_path / "d", per_class=6), shots=4, val_fraction=0.0)
+    assert len(ds.val) == 0
+    mcfg = model_config(backbone="efficientnet_lite0", weights="imagenet", image_size=32, tasks=ds.tasks)
+    pp = preprocessing_of(mcfg)
+    x, y = tensorize(ds.val, pp)
+    assert tuple(x.shape) == (0, 3, 32, 32) and len(y) == 0
+    torch.manual_seed(0)
+    res = train(build_model(mcfg), ds, pp, TrainConfig(strategy="lpft", epochs=1, batch_size=8, probe_steps=20),
+                tmp_path / "w")
+    assert res.val_accuracy is None and res.probe_val_accuracy is None
+    assert all(h["val_accuracy"] is None for h in res.history)
+
+
+@pytest.mark.slow
+def test_run_with_two_shots_quantizes(tmp_path):
+    data = make_image_folder(tmp_path / "shapes", per_class=8)
+    p = run_cli("run", "--data", data, "--runs", tmp_path / "runs", "--name", "two", "--shots", "2",
+                "--image-size", "32", "--epochs", "1", "--calibration-samples", "8", "--bench-iters", "3")
+    assert p.returncode == 0, p.stderr[-2000:]
+    rep = json.loads((tmp_path / "runs" / "two" / "report.json").read_text())
+    assert rep["data"]["val"] == 3
+    assert 0 <= rep["training"]["val_accuracy"] <= 1
+    assert all(h["val_accuracy"] is None or 0 <= h["val_accuracy"] <= 1 for h in rep["training"]["history"])
+    assert (tmp_path / "runs" / "two" / "model.int8.onnx").is_file()
