@@ -32,14 +32,31 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 # -- shared options --------------------------------------------------------------------------------
 
+class ImageSize(click.ParamType):
+    """An integer of at least 32, or "auto"."""
+    name = "auto|N"
+
+    def convert(self, value, param, ctx):
+        if value == "auto" or isinstance(value, int) and value >= 32:
+            return value
+        try:
+            n = int(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is neither 'auto' nor an integer", param, ctx)
+        if n < 32:
+            self.fail(f"{n} is smaller than 32 pixels", param, ctx)
+        return n
+
+
 def data_options(f):
     opts = [
         click.option("--data", type=click.Path(path_type=str), default=None,
                      help="ImageFolder tree (one folder per class, or train/ val/ test/ subfolders), or a CSV file "
                           "(path,label[,label2,...]; several label columns: one head per task). "
                           "Default: offline Fashion-MNIST."),
-        click.option("--shots", type=click.IntRange(min=1), default=100, show_default=True,
-                     help="Labelled images per class (validation included)."),
+        click.option("--shots", type=click.IntRange(min=1), default=None,
+                     help="At most this many labelled images per class (validation included); the log and report "
+                          "say how many were left out. Default: all of --data's images; 100 for Fashion-MNIST."),
         click.option("--all-labels", is_flag=True, help="Use every labelled image (ignore --shots)."),
         click.option("--test-size", type=click.IntRange(min=10), default=2000, show_default=True,
                      help="Fashion-MNIST only: held-out test images."),
@@ -49,7 +66,10 @@ def data_options(f):
                      help="Backbone name (see `edgexfer backbones`)."),
         click.option("--weights", default="imagenet", show_default=True,
                      help="imagenet | none | path to a local checkpoint."),
-        click.option("--image-size", type=click.IntRange(min=32), default=96, show_default=True),
+        click.option("--image-size", type=ImageSize(), default="auto", show_default=True,
+                     help="Input size in pixels, or auto: the backbone's pretraining resolution (224 for "
+                          "EfficientNet-Lite0) for photos, 96 when the images are small (median shorter side "
+                          "under 64 px, e.g. Fashion-MNIST); the report says what was chosen and why."),
         click.option("--strategy", type=click.Choice(["auto", "lpft", "finetune", "partial", "linear"]),
                      default="lpft", show_default=True,
                      help="lpft: linear probe, then fine-tune every layer; finetune: every layer from the start; "
@@ -133,17 +153,37 @@ def build_config(*, data, shots, all_labels, test_size, seed, strict, backbone, 
             raise EdgexferError(f"data folder or CSV file not found: {data}")
         if not data.lower().endswith(".csv"):
             raise EdgexferError(f"--data takes a folder or a .csv file; got {data}")
+    from edgexfer.data import auto_image_size
+
+    size_reason = None
+    if image_size == "auto":
+        image_size, size_reason = auto_image_size(data, get_backbone_info(backbone).default_size, seed=seed)
+    else:
+        size_reason = f"--image-size {image_size}"
+    if all_labels or (shots is None and data is not None):
+        shots = None   # a user's own labelled images: every one of them
+    elif shots is None:
+        shots = 100    # the Fashion-MNIST demo: 100 labels per class
     return RunConfig(
-        data=DataConfig(source=str(Path(data).resolve()) if data else None, shots=None if all_labels else shots,
+        data=DataConfig(source=str(Path(data).resolve()) if data else None, shots=shots,
                         test_size=test_size, seed=seed, strict=strict),
         model=ModelConfig(backbone=backbone, weights=str(Path(weights).resolve()) if weights not in ("imagenet", "none") else weights,
-                          image_size=image_size),
+                          image_size=image_size, image_size_reason=size_reason),
         train=TrainConfig(strategy=strategy, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                           scratch_baseline=compare_scratch, unfreeze_blocks=unfreeze_blocks, lr_decay=lr_decay,
                           adapt_bn=str(Path(adapt_bn).resolve()) if adapt_bn else None, source_bn=bool(adapt_bn)),
         quantize=Int8Recipe(),
         bench=BenchConfig(threads=threads),
     )
+
+
+def default_run_name(data: str | None) -> str:
+    """runs/<the data folder's name> (a CSV file's stem), runs/demo for the Fashion-MNIST default."""
+    if not data:
+        return "demo"
+    p = Path(data).resolve()
+    name = p.stem if p.is_file() else p.name
+    return _plain_name(None, None, name) if name not in ("", ".", "..") else "data"
 
 
 def run_dir_arg(f):
@@ -165,6 +205,8 @@ def cli(verbose: bool):
 
 def _plain_name(ctx, param, value: str) -> str:
     """--name is one folder under --runs: no path separator, not '.' or '..' (`--force` removes it)."""
+    if value is None:
+        return None
     if value in ("", ".", "..") or any(c in value for c in ("/", "\\", "\0")):
         raise click.BadParameter(f"{value!r} is not a plain folder name (no '/', not '.' or '..'); "
                                  "choose the parent folder with --runs")
@@ -173,8 +215,9 @@ def _plain_name(ctx, param, value: str) -> str:
 
 @cli.command()
 @data_options
-@click.option("--name", default="demo", show_default=True, callback=_plain_name,
-              help="Run folder name under --runs (a plain name, no '/').")
+@click.option("--name", default=None, callback=_plain_name,
+              help="Run folder name under --runs (a plain name, no '/'). Default: the --data folder's name "
+                   "(a CSV file's stem); demo for the Fashion-MNIST default.")
 @click.option("--runs", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"), show_default=True)
 @quant_options
 @click.option("--bench-iters", type=click.IntRange(min=1), default=200, show_default=True,
@@ -194,7 +237,7 @@ def run(name, runs, force, bench_iters, target, calibration_method, calibration_
                               tuner=tuner, fp16=fp16, dynamic=dynamic, calibration_data=calibration_data,
                               min_target_agreement=min_target_agreement)
     cfg.bench.iters = bench_iters
-    out = runs / name
+    out = runs / (name or default_run_name(kw["data"]))
 
     def on_stage(stage, what):
         if what == "start":

@@ -390,6 +390,48 @@ def load_dataset(data: str | None, **kw) -> Dataset:
     return load_image_folder(data, **kw)
 
 
+SMALL_IMAGE_SIDE = 64   # median shorter side below this: small images (Fashion-MNIST's 28 px, digits)
+SMALL_IMAGE_SIZE = 96   # the input size measured best for them (benchmarks/RESULTS.md, the demo)
+FASHION_MNIST_SIDE = 28
+
+
+def auto_image_size(data: str | None, pretrained_size: int, *, sample: int = 64, seed: int = 0) -> tuple[int, str]:
+    """`--image-size auto`: the backbone's pretraining resolution for photos; a smaller input only when
+    the images themselves are small (upsampling 28 px to 224 px adds time, not detail). Reads the
+    headers of a seeded sample of the images (no decoding). Returns (size, why)."""
+    if data in (None, "", "fashion-mnist"):
+        side, what = FASHION_MNIST_SIDE, "Fashion-MNIST's 28x28 images"
+    else:
+        root = Path(data)
+        if root.is_file():  # a CSV: its first column names the images
+            import csv
+
+            with open(root, newline="", encoding="utf-8-sig") as f:
+                rows = [r for r in list(csv.reader(f))[1:] if r and r[0].strip()]
+            paths = [Path(r[0].strip()) if Path(r[0].strip()).is_absolute() else root.parent / r[0].strip()
+                     for r in rows]
+        else:
+            paths = [p for p in root.rglob("*") if _is_image(p)]
+        paths = sorted(paths)
+        pick = np.random.default_rng(seed).permutation(len(paths))[:sample]
+        sides = []
+        for i in pick:
+            try:
+                with Image.open(paths[i]) as im:
+                    sides.append(min(im.size))
+            except Exception:  # unreadable images are reported when the data loads
+                continue
+        if not sides:
+            return pretrained_size, f"no readable image to measure: the backbone's pretraining resolution, {pretrained_size}"
+        side = int(np.median(sides))
+        what = f"the median shorter side of {len(sides)} sampled images is {side} px"
+    if side < SMALL_IMAGE_SIDE:
+        size = min(SMALL_IMAGE_SIZE, pretrained_size)
+        return size, (f"{what} (< {SMALL_IMAGE_SIDE}): small images, so {size} px, the size measured best for "
+                      f"them, instead of the backbone's pretraining resolution {pretrained_size}")
+    return pretrained_size, f"{what}: photos, so the backbone's pretraining resolution, {pretrained_size} px"
+
+
 def list_images(root: str | os.PathLike) -> list[str]:
     """Every readable image under `root` (recursively), sorted: unlabelled images, e.g. for --adapt-bn."""
     root = Path(root)

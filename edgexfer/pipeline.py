@@ -37,7 +37,8 @@ FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.on
 @dataclass
 class DataConfig:
     source: str | None = None     # None: the offline Fashion-MNIST default; else an ImageFolder path
-    shots: int | None = 100       # labelled images per class, validation included (None: all)
+    shots: int | None = 100       # labelled images per class, validation included (None: all; the CLI's
+                                  # default with --data: a user's own images are all used)
     val_fraction: float = 0.2
     test_size: int | None = 2000  # Fashion-MNIST: test images (stratified); None: all 10,000
     test_fraction: float = 0.2    # ImageFolder without ready-made splits
@@ -51,6 +52,7 @@ class ModelConfig:
     weights: str = "imagenet"     # imagenet | none | path to a checkpoint
     image_size: int = 96
     dropout: float = 0.2
+    image_size_reason: str | None = None  # why --image-size auto chose image_size
 
 
 @dataclass
@@ -107,6 +109,7 @@ class RunConfig:
     def training_key(self) -> dict:
         """What determines the checkpoint: a run folder may be resumed only under the same key."""
         d = self.to_dict()
+        d["model"].pop("image_size_reason", None)  # what the size is matters, not how it was worded
         return {k: d[k] for k in ("data", "model", "train")}
 
 
@@ -294,7 +297,8 @@ def finetune(run_dir: str | Path, cfg: RunConfig, ws: Workspace | None = None) -
         backbone={"name": cfg.model.backbone, "weights": cfg.model.weights, "strategy": result.strategy,
                   "strategy_requested": cfg.train.strategy, "strategy_reason": result.strategy_reason,
                   "pretrained_on": info.pretrained_on if cfg.model.weights == "imagenet" else cfg.model.weights,
-                  "image_size": cfg.model.image_size, "feature_dim": info.feature_dim},
+                  "image_size": cfg.model.image_size, "image_size_reason": cfg.model.image_size_reason,
+                  "feature_dim": info.feature_dim},
         training={**asdict(result), "checkpoint_sha256": sha, "config": asdict(cfg.train)},
     )
     if adaptation:

@@ -1,0 +1,52 @@
+"""Defaults for a user's own photos (issue 12 items 1 and 5): the input size fits the images, every
+labelled image is used, and the run is named after the data."""
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from edgexfer.cli import build_config, default_run_name
+from edgexfer.data import auto_image_size
+from tests.conftest import make_image_folder, run_cli
+
+BASE = dict(test_size=2000, seed=0, strict=False, backbone="efficientnet_lite0", weights="imagenet",
+            strategy="lpft", epochs=1, batch_size=8, lr=3e-4, threads=1)
+
+
+def _photos(root, side=160, per_class=4):
+    rng = np.random.default_rng(0)
+    for c in ("daisy", "tulip"):
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (side, side * 4 // 3, 3), dtype=np.uint8)).save(root / c / f"{i}.jpg")
+    return root
+
+
+def test_auto_size_photos_get_the_pretraining_resolution(tmp_path):
+    size, why = auto_image_size(str(_photos(tmp_path / "p")), 224)
+    assert size == 224 and "160 px" in why and "pretraining resolution" in why
+    assert auto_image_size(str(_photos(tmp_path / "q")), 260)[0] == 260  # Lite2's own resolution
+
+
+def test_auto_size_small_images_and_fashion_mnist(tmp_path):
+    size, why = auto_image_size(str(make_image_folder(tmp_path / "s", per_class=3)), 224)  # 64x48 images
+    assert size == 96 and "48 px" in why
+    assert auto_image_size(None, 224)[0] == 96
+
+
+def test_cli_defaults_for_own_data(tmp_path):
+    data = _photos(tmp_path / "flowers")
+    cfg = build_config(data=str(data), shots=None, all_labels=False, image_size="auto", **BASE)
+    assert cfg.data.shots is None                        # every labelled image
+    assert cfg.model.image_size == 224 and "photos" in cfg.model.image_size_reason
+    assert build_config(data=None, shots=None, all_labels=False, image_size="auto", **BASE).data.shots == 100
+    fixed = build_config(data=str(data), shots=5, all_labels=False, image_size=128, **BASE)
+    assert fixed.data.shots == 5 and fixed.model.image_size == 128
+    assert default_run_name(str(data)) == "flowers" and default_run_name(None) == "demo"
+    (tmp_path / "labels.csv").write_text("path,label\n")
+    assert default_run_name(str(tmp_path / "labels.csv")) == "labels"
+
+
+def test_bad_image_size_is_one_line(tmp_path):
+    p = run_cli("run", "--data", tmp_path, "--image-size", "tiny")
+    assert p.returncode == 2 and "neither 'auto' nor an integer" in p.stderr and "Traceback" not in p.stderr
