@@ -94,6 +94,8 @@ def report_md(rep: dict) -> str:
              f"val {d.get('val')}, test {d.get('test')}.",
              f"Backbone: `{b.get('name')}` ({b.get('weights')} weights), strategy `{b.get('strategy')}`, "
              f"input {b.get('image_size')}×{b.get('image_size')}.", ""]
+    if b.get("image_size_reason"):
+        lines += [f"Input size {b['image_size']} px: {b['image_size_reason']}.", ""]
     if b.get("strategy_reason"):
         lines += [f"Strategy `{b.get('strategy')}` chosen by `--strategy auto`: {b['strategy_reason']}.", ""]
     t = rep.get("training", {})
@@ -228,7 +230,9 @@ def model_card(rep: dict) -> str:
         f"Backbone `{b.get('name')}` initialised from {b.get('pretrained_on')}, adapted with strategy "
         f"`{b.get('strategy')}`" + (f" (chosen automatically: {b['strategy_reason']})" if b.get("strategy_reason") else "")
         + (f"; {len(d['tasks']) + 1} tasks share the backbone, one head and one ONNX output each"
-           if d.get("tasks") else "") + ". Training took "
+           if d.get("tasks") else "") + ". "
+        + (f"Input {b['image_size']}×{b['image_size']} px ({b['image_size_reason']}). " if b.get("image_size_reason") else "")
+        + "Training took "
         f"{rep.get('training', {}).get('train_seconds', 0):.0f} s. Files: " + ", ".join(f"`{m['file']}`" for m in models.values()) + ".", "",
         "## Data", "",
         f"Source `{d.get('source')}`; train {d.get('train')}, validation {d.get('val')}, held-out test {d.get('test')} "

@@ -50,3 +50,13 @@ def test_cli_defaults_for_own_data(tmp_path):
 def test_bad_image_size_is_one_line(tmp_path):
     p = run_cli("run", "--data", tmp_path, "--image-size", "tiny")
     assert p.returncode == 2 and "neither 'auto' nor an integer" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_report_and_card_say_why_the_size():
+    from edgexfer.report import model_card, report_md
+
+    rep = {"data": {"classes": ["a", "b"]}, "models": {},
+           "backbone": {"name": "efficientnet_lite0", "image_size": 224, "strategy": "lpft",
+                        "image_size_reason": "the median shorter side of 64 sampled images is 240 px: photos"}}
+    assert "Input size 224 px: the median shorter side" in report_md(rep)
+    assert "Input 224×224 px (the median shorter side" in model_card(rep)
