@@ -79,16 +79,43 @@ def edgexfer_run(data: Path, name: str, *extra: str) -> dict:
     return out
 
 
+def markdown(res: dict) -> str:
+    """The RESULTS.md section, made from the results JSON (`--markdown`)."""
+    p, d, lin = res["probe_twenty_lines"], res["default"], res["linear"]
+    row = lambda name, r: (f"| {name} | {r['image_size']} | {r['strategy']} | {r['fp32']['test_accuracy']:.3f} ± "  # noqa: E731
+                           f"{r['fp32']['stderr']:.3f} | {r['int8']['test_accuracy']:.3f} | {r['int8_layers_kept_fp32']} | "
+                           f"{r['int8_speedup_p50']:.2f}x | {r['wall_seconds']:.0f} s |")
+    lines = [f"`python benchmarks/bench_photos.py` on `{Path(res['data']).name}` ({d['train']} train + {d['val']} val "
+             f"labelled photos, {d['test']} test photos), {res['machine'].get('cpu')} "
+             f"({', '.join(f for f in ('avx2', 'avx512f', 'avx512_vnni') if f in res['machine'].get('flags', []))}), "
+             f"{res.get('cores', 2)} cores; ± is the binomial standard error. {res.get('note', '')}", "",
+             "| what | px | strategy | FP32 test | INT8 test | layers kept FP32 | INT8 speed-up (p50) | wall |",
+             "|---|---|---|---|---|---|---|---|",
+             row("`edgexfer run --data DIR` (default)", d), row("`--strategy linear`", lin),
+             f"| twenty-line probe (LogisticRegressionCV, C={p['C']:.3g}) | 224 | linear | {p['test_accuracy']:.3f} ± "
+             f"{p['stderr']:.3f} | – | – | – | {p['seconds']:.0f} s |", "",
+             f"Default minus probe: {res['default_minus_probe_points']:+.2f} points. Bounds: "
+             + "; ".join(f"{k}: {'met' if v else '**not met**'}" for k, v in res["bounds"].items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    ap.add_argument("--markdown", action="store_true", help="print the RESULTS.md section from the results JSON")
     args = ap.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(OUT.read_text())), end="")
+        return 0
     if not (args.data / "train").is_dir():
         print(f"bench_photos: {args.data} has no train/ folder (flowers-dev lives in ../shared/data)", file=sys.stderr)
         return 2
     from edgexfer.runtime.machine import cpu_info
 
+    import os
+
     res = {"command": "python benchmarks/bench_photos.py", "data": str(args.data), "machine": cpu_info(),
+           "cores": os.cpu_count(),
            "probe_twenty_lines": twenty_line_probe(args.data),
            "default": edgexfer_run(args.data, "bench-photos-default"),
            "linear": edgexfer_run(args.data, "bench-photos-linear", "--strategy", "linear")}
