@@ -63,6 +63,7 @@ class Dataset:
     task_names: list[str] = field(default_factory=lambda: ["label"])
     extra_classes: dict[str, list[str]] = field(default_factory=dict)  # the other tasks' classes
     unreadable: list[str] = field(default_factory=list)  # image files that could not be read, left out
+    left_out: int = 0          # labelled images not used because --shots limited them (0: every one used)
 
     @property
     def tasks(self) -> dict[str, list[str]]:
@@ -85,6 +86,7 @@ class Dataset:
             "imbalance_ratio": float(nonzero.max() / nonzero.min()) if nonzero.size else None,
             "skipped_corrupt": list(self.skipped),
             "skipped_unreadable": list(self.unreadable),
+            "labelled_left_out": self.left_out,
             **({"tasks": {name: {"classes": cls, "train_per_class": {
                 c: int(n) for c, n in zip(cls, np.bincount(self.train.extra[name][self.train.extra[name] >= 0],
                                                             minlength=len(cls)))},
@@ -281,12 +283,14 @@ def load_image_folder(root: str | os.PathLike, *, shots: int | None = None, val_
             train, val = Split([p_tr[i] for i in tr], y_tr[tr]), Split([p_tr[i] for i in va], y_tr[va])
         _, p_te, y_te, sk3, un3 = scan_image_folder(root / "test", strict=strict, classes=classes)
         return Dataset(f"imagefolder:{root}", classes, train, val, Split(p_te, y_te), sk + sk2 + sk3,
-                       unreadable=un + un2 + un3)
+                       unreadable=un + un2 + un3,
+                       left_out=len(y_tr) - len(train) - (0 if (root / "val").is_dir() else len(val)))
 
     classes, paths, labels, skipped, unreadable = scan_image_folder(root, strict=strict)
     tr, va, te = three_way_split(labels, classes, shots, val_fraction, test_fraction, rng)
     sub = lambda idx: Split([paths[i] for i in idx], labels[idx])  # noqa: E731
-    return Dataset(f"imagefolder:{root}", classes, sub(tr), sub(va), sub(te), skipped, unreadable=unreadable)
+    return Dataset(f"imagefolder:{root}", classes, sub(tr), sub(va), sub(te), skipped, unreadable=unreadable,
+                   left_out=len(labels) - len(tr) - len(va) - len(te))
 
 
 # -- CSV files: path,label[,label2,...] -----------------------------------------------------------
@@ -375,7 +379,8 @@ def load_csv(csv_path: str | os.PathLike, *, shots: int | None = None, val_fract
     else:
         tr, va, te = three_way_split(labels, classes[0], shots, val_fraction, test_fraction, rng)
     return Dataset(f"csv:{csv_path}", classes[0], sub(tr), sub(va), sub(te), skipped, names,
-                   {names[t]: classes[t] for t in range(1, len(names))}, unreadable)
+                   {names[t]: classes[t] for t in range(1, len(names))}, unreadable,
+                   left_out=len(labels) - len(tr) - len(va) - len(te))
 
 
 def load_dataset(data: str | None, **kw) -> Dataset:

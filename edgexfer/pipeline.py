@@ -290,6 +290,9 @@ def finetune(run_dir: str | Path, cfg: RunConfig, ws: Workspace | None = None) -
     state = run.file("train_state.pt")
     if state.exists():
         state.unlink()  # the finished checkpoint supersedes the per-epoch resume state
+    if ds.left_out:
+        log.warning("--shots %d: %d labelled images left out (report.json data.labelled_left_out); drop --shots to "
+                    "use them all", cfg.data.shots, ds.left_out)
     if len(ds.skipped):
         log.warning("skipped %d corrupt images (listed in report.json data.skipped_corrupt)", len(ds.skipped))
     run.update_report(

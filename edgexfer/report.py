@@ -91,7 +91,8 @@ def report_md(rep: dict) -> str:
     d, b, models = rep.get("data", {}), rep.get("backbone", {}), rep.get("models", {})
     lines = ["# edgexfer run report", "",
              f"Data: `{d.get('source')}` — {len(d.get('classes', []))} classes; train {d.get('train')}, "
-             f"val {d.get('val')}, test {d.get('test')}.",
+             f"val {d.get('val')}, test {d.get('test')}"
+             + (f"; {d['labelled_left_out']} labelled images left out by --shots." if d.get("labelled_left_out") else "."),
              f"Backbone: `{b.get('name')}` ({b.get('weights')} weights), strategy `{b.get('strategy')}`, "
              f"input {b.get('image_size')}×{b.get('image_size')}.", ""]
     if b.get("image_size_reason"):
@@ -237,7 +238,8 @@ def model_card(rep: dict) -> str:
         "## Data", "",
         f"Source `{d.get('source')}`; train {d.get('train')}, validation {d.get('val')}, held-out test {d.get('test')} "
         f"images. Training images per class: {d.get('train_per_class')}. Imbalance (max/min): "
-        f"{_f(d.get('imbalance_ratio'), 2)}.", "",
+        f"{_f(d.get('imbalance_ratio'), 2)}."
+        + (f" {d['labelled_left_out']} labelled images were left out (--shots)." if d.get("labelled_left_out") else ""), "",
         "## Metrics (held-out test split, ONNX Runtime)", "",
         "| model | accuracy | macro-F1 |", "|---|---|---|",
         *[f"| {k} | {_f(m.get('accuracy'))} | {_f(m.get('macro_f1'))} |" for k, m in models.items()], "",

@@ -60,3 +60,15 @@ def test_report_and_card_say_why_the_size():
                         "image_size_reason": "the median shorter side of 64 sampled images is 240 px: photos"}}
     assert "Input size 224 px: the median shorter side" in report_md(rep)
     assert "Input 224×224 px (the median shorter side" in model_card(rep)
+
+
+def test_left_out_images_are_counted_and_reported(tmp_path):
+    from edgexfer.data import load_image_folder
+    from edgexfer.report import model_card, report_md
+
+    data = make_image_folder(tmp_path / "s", per_class=10)
+    assert load_image_folder(data, shots=None).left_out == 0
+    ds = load_image_folder(data, shots=4)          # 10 per class: 2 test, 8 labelled, 4 of them used
+    assert ds.left_out == 3 * (8 - 4) and ds.summary()["labelled_left_out"] == 12
+    rep = {"data": ds.summary(), "backbone": {}, "models": {}}
+    assert "12 labelled images left out" in report_md(rep) and "12 labelled images were left out" in model_card(rep)
