@@ -103,6 +103,7 @@ class TrainResult:
     trainable_parameters: int | None = None
     val_accuracy_per_task: dict | None = None
     device: str = "cpu"
+    probe_selection: dict | None = None  # how the probe's strength was chosen when validation was too small
 
 
 def tensorize(split: Split, pp: Preprocessing, desc: str = "preprocess") -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,6 +223,50 @@ def linear_probe(model: EdgeNet, f_tr: torch.Tensor, y_tr: torch.Tensor, f_va: t
     return float(np.mean(accs))
 
 
+# A validation split this small cannot decide (one image moves its accuracy by 2+ points): the probe's
+# strength is chosen by k-fold cross-validation on the cached features instead (issue 12).
+SMALL_VAL_IMAGES = 50
+SMALL_VAL_PER_CLASS = 10
+
+
+def small_validation(y_va: torch.Tensor, n_classes: int) -> bool:
+    y = _cols(y_va)[:, 0]
+    counts = np.bincount(y[y >= 0].numpy(), minlength=n_classes)
+    return int(counts.sum()) < SMALL_VAL_IMAGES or int(counts.min()) < SMALL_VAL_PER_CLASS
+
+
+def cv_probe(head: torch.nn.Linear, f: torch.Tensor, y: torch.Tensor, balanced: bool, seed: int) -> dict | None:
+    """Fit `head` as multinomial logistic regression on features `f` (N, D) and labels `y` (N,), its L2
+    strength chosen by stratified k-fold cross-validation (scikit-learn's LogisticRegressionCV, k = min(5,
+    the smallest class)); None when some class has fewer than 2 images (nothing to cross-validate)."""
+    import warnings
+
+    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.model_selection import StratifiedKFold
+
+    x, t = f.numpy().astype(np.float64), y.numpy()
+    counts = np.bincount(t, minlength=head.out_features)
+    if counts.min() < 2:
+        return None
+    k = int(min(5, counts.min()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # convergence chatter at the weakest regularisation
+        clf = LogisticRegressionCV(Cs=10, cv=StratifiedKFold(k, shuffle=True, random_state=seed), max_iter=2000,
+                                   class_weight="balanced" if balanced else None).fit(x, t)
+    scores = np.asarray(next(iter(clf.scores_.values())))  # (folds, Cs): held-out accuracy of each strength
+    best = int(np.argmin(np.abs(clf.Cs_ - clf.C_[0])))
+    fold = scores[:, best]
+    w, b = clf.coef_, clf.intercept_
+    if len(clf.classes_) == 2:  # scikit-learn keeps one row for two classes: logits (0, w.x + b)
+        w, b = np.stack([np.zeros_like(w[0]), w[0]]), np.array([0.0, b[0]])
+    with torch.no_grad():
+        head.weight.copy_(torch.as_tensor(w, dtype=head.weight.dtype))
+        head.bias.copy_(torch.as_tensor(b, dtype=head.bias.dtype))
+    return {"method": f"LogisticRegressionCV, stratified {k}-fold cross-validation over {len(clf.Cs_)} strengths",
+            "images": len(t), "folds": k, "C": float(clf.C_[0]), "cv_accuracy": float(fold.mean()),
+            "cv_stderr": float(fold.std(ddof=1) / np.sqrt(k)) if k > 1 else None}
+
+
 def block_groups(model: EdgeNet) -> list[list[torch.nn.Parameter]]:
     """The backbone's parameters by block, input side first (the registry lists each backbone's blocks)."""
     blocks = list(getattr(model.backbone, "blocks", []) or [model.backbone])
@@ -323,7 +368,7 @@ def train(model: EdgeNet, data: Dataset, pp: Preprocessing, cfg: TrainConfig, wo
         if not len(x_va):  # the weights were chosen on the training loss: there is no accuracy to report
             best_acc = probe_acc = None
         return TrainResult(strategy, best_epoch, best_acc, probe_acc, time.perf_counter() - t_start, probe_s,
-                           history, resumed, reason, trainable, per_task, device)
+                           history, resumed, reason, trainable, per_task, device, selection)
 
     if cfg.source_bn and _bn_layers(model):
         # AdaBN swaps source-domain statistics for target-domain ones, so the source model must be built on
@@ -331,12 +376,33 @@ def train(model: EdgeNet, data: Dataset, pp: Preprocessing, cfg: TrainConfig, wo
         # (Kept frozen at the pretraining data's statistics, the fine-tuned layers co-adapt to those, and
         # swapping in any data set's statistics breaks them: measured in benchmarks/RESULTS.md.)
         adapt_batchnorm(model, x_tr)
-    probe_acc = probe_s = None
+    probe_acc = probe_s = selection = None
     if strategy in ("linear", "lpft", "partial"):
         t0 = time.perf_counter()
         f_tr = extract_features(model, x_tr, desc="features train")
         f_va = extract_features(model, x_va, desc="features val") if len(x_va) else f_tr[:0]
-        probe_acc = linear_probe(model, f_tr, y_tr, f_va, y_va, cfg, cw)
+        if len(n_cls) == 1 and (not len(x_va) or small_validation(y_va, n_cls[0])):
+            # too few validation images to decide on: cross-validate the probe's strength; the linear strategy
+            # then refits on train + val (every label counts), LP-FT keeps val for choosing its epoch
+            refit = strategy == "linear"
+            f_fit = torch.cat([f_tr, f_va]) if refit else f_tr
+            y_fit = torch.cat([_cols(y_tr)[:, 0], _cols(y_va)[:, 0]]) if refit else _cols(y_tr)[:, 0]
+            selection = cv_probe(model.heads[next(iter(model.heads))], f_fit, y_fit, cw[0] is not None, cfg.seed)
+            if selection:
+                selection.update(refit_on="train + val" if refit else "train (val kept to choose the epoch)",
+                                 reason=f"{len(x_va)} validation images (< {SMALL_VAL_IMAGES}, or < "
+                                        f"{SMALL_VAL_PER_CLASS} in some class): one image moves them by "
+                                        f"{100 / max(1, len(x_va)):.1f} points")
+                log.info("linear probe: C=%.3g by %d-fold cross-validation on %d images, CV accuracy %.4f ± %.4f; "
+                         "fitted on %s", selection["C"], selection["folds"], selection["images"],
+                         selection["cv_accuracy"], selection["cv_stderr"] or 0.0, selection["refit_on"])
+        if selection:
+            model.eval()
+            with torch.no_grad():
+                probe_acc = (float((model.classify(f_va)[0].argmax(1) == _cols(y_va)[:, 0]).float().mean())
+                             if len(x_va) and not refit else selection["cv_accuracy"])
+        else:
+            probe_acc = linear_probe(model, f_tr, y_tr, f_va, y_va, cfg, cw)
         probe_s = time.perf_counter() - t0
         log.info("linear probe: val accuracy %s in %.1f s", f"{probe_acc:.4f}" if len(x_va) else "n/a (no validation split)",
                  probe_s)

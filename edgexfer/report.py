@@ -107,6 +107,11 @@ def report_md(rep: dict) -> str:
                   + (f" in {t['probe_seconds']:.1f} s" if t.get("probe_seconds") else "")
                   + (f"; {t['trainable_parameters']:,} trainable parameters" if t.get("trainable_parameters") else "")
                   + ".", ""]
+        sel = t.get("probe_selection")
+        if sel:
+            lines += [f"Probe strength C={sel['C']:.3g} chosen by {sel['method']} on {sel['images']} labelled images "
+                      f"(CV accuracy {_f(sel['cv_accuracy'])} ± {_f(sel['cv_stderr'])}), fitted on {sel['refit_on']}: "
+                      f"{sel['reason']}.", ""]
     ad = rep.get("adaptation")
     if ad:
         lines += [f"Domain adaptation: {ad['method']}, {ad['batchnorm_layers']} layers on {ad['images']} images from "

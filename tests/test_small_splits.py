@@ -54,3 +54,42 @@ def test_run_with_two_shots_quantizes(tmp_path):
     assert 0 <= rep["training"]["val_accuracy"] <= 1
     assert all(h["val_accuracy"] is None or 0 <= h["val_accuracy"] <= 1 for h in rep["training"]["history"])
     assert (tmp_path / "runs" / "two" / "model.int8.onnx").is_file()
+
+
+def test_small_validation_cross_validates_the_probe(tmp_path):
+    """30 validation images cannot choose the probe's strength: k-fold CV does, and the linear probe is then
+    refitted on train + val; the report gets the method, the folds, C and the CV accuracy with its error."""
+    import torch
+
+    from edgexfer.data import load_image_folder
+    from edgexfer.finetune import TrainConfig, train
+    from edgexfer.model import build_model, model_config, preprocessing_of
+
+    ds = load_image_folder(make_image_folder(tmp_path / "d", per_class=12), shots=None)
+    assert len(ds.val) < 50
+    mcfg = model_config(backbone="efficientnet_lite0", weights="imagenet", image_size=32, tasks=ds.tasks)
+    torch.manual_seed(0)
+    res = train(build_model(mcfg), ds, preprocessing_of(mcfg), TrainConfig(strategy="linear"), tmp_path / "w")
+    sel = res.probe_selection
+    assert sel and sel["refit_on"] == "train + val" and sel["images"] == len(ds.train) + len(ds.val)
+    assert sel["C"] > 0 and 0 <= sel["cv_accuracy"] <= 1 and sel["cv_stderr"] is not None
+    assert res.val_accuracy == sel["cv_accuracy"] and "validation images" in sel["reason"]
+
+
+def test_cv_probe_two_classes_matches_scikit_learn():
+    import torch
+    from sklearn.linear_model import LogisticRegression
+
+    from edgexfer.finetune import cv_probe
+
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 20)
+    f = rng.normal(size=(40, 6)) + y[:, None] * 0.8
+    head = torch.nn.Linear(6, 2)
+    sel = cv_probe(head, torch.as_tensor(f, dtype=torch.float32), torch.as_tensor(y), False, 0)
+    ref = LogisticRegression(C=sel["C"], max_iter=2000).fit(f, y)
+    with torch.no_grad():
+        ours = head(torch.as_tensor(f, dtype=torch.float32)).argmax(1).numpy()
+    assert (ours == ref.predict(f)).mean() >= 0.95
+    # a class with a single image: nothing to cross-validate, the caller falls back to its own probe
+    assert cv_probe(torch.nn.Linear(6, 2), torch.zeros(3, 6), torch.as_tensor([0, 0, 1]), False, 0) is None
