@@ -333,6 +333,20 @@ def test_port_in_use_is_one_line(tiny_run, kind):
     assert p.stderr.startswith("error: ") and "in use" in p.stderr.lower() and len(p.stderr.splitlines()) == 1
 
 
+def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 60) -> "Served":
+    """A Served client once the server process `proc` on `port` answers ready (it must not exit first)."""
+    s = Served(port)
+    deadline = time.time() + timeout
+    while True:
+        try:
+            if s.request("GET", "/v2/health/ready", timeout=2)[0] == 200:
+                return s
+        except OSError:
+            pass
+        assert time.time() < deadline and proc.poll() is None, "server did not start"
+        time.sleep(0.2)
+
+
 def test_sigterm_answers_every_request_in_flight(tiny_run):
     """Eight requests whose bodies are still arriving when SIGTERM comes: every one is answered with its
     own rows, new connections are refused, and the server exits 0."""
@@ -340,16 +354,7 @@ def test_sigterm_answers_every_request_in_flight(tiny_run):
     p = subprocess.Popen([sys.executable, "-m", "edgexfer.runtime", "serve", str(tiny_run), "--server", "stdlib",
                           "--port", str(port), "--threads", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        s = Served(port)
-        deadline = time.time() + 60
-        while True:
-            try:
-                if s.request("GET", "/v2/health/ready", timeout=2)[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert time.time() < deadline and p.poll() is None, "server did not start"
-            time.sleep(0.2)
+        s = wait_ready(port, p)
         m = EdgeModel(tiny_run / "model.int8.onnx")
         xs = [np.random.default_rng(i).standard_normal((1 + i % 3, 3, 64, 64)).astype(np.float32) for i in range(8)]
         conns, bodies = [], []
@@ -465,16 +470,7 @@ def test_memory_under_body_and_image_attacks_is_bounded(kind, tiny_run):
                           "--port", str(port), "--threads", "1", "--no-access-log", "--max-inflight-mib", "32",
                           "--max-image-pixels", "10000000"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        s = Served(port)
-        deadline = time.time() + 60
-        while True:
-            try:
-                if s.request("GET", "/v2/health/ready", timeout=2)[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert time.time() < deadline and p.poll() is None, "server did not start"
-            time.sleep(0.2)
+        s = wait_ready(port, p)
         small = png(Image.new("RGB", (300, 300), (200, 30, 30)))
         assert s.request("POST", "/v2/models/tiny/classify", small)[0] == 200  # warm: first decode, first run
         body, headers = binary_infer(np.zeros((1, 3, 64, 64), np.float32))
