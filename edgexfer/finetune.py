@@ -264,7 +264,7 @@ def cv_probe(head: torch.nn.Linear, f: torch.Tensor, y: torch.Tensor, balanced: 
         head.bias.copy_(torch.as_tensor(b, dtype=head.bias.dtype))
     return {"method": f"LogisticRegressionCV, stratified {k}-fold cross-validation over {len(clf.Cs_)} strengths",
             "images": len(t), "folds": k, "C": float(clf.C_[0]), "cv_accuracy": float(fold.mean()),
-            "cv_stderr": float(fold.std(ddof=1) / np.sqrt(k)) if k > 1 else None}
+            "cv_stderr": float(fold.std(ddof=1) / np.sqrt(k))}
 
 
 def block_groups(model: EdgeNet) -> list[list[torch.nn.Parameter]]:
@@ -391,19 +391,20 @@ def train(model: EdgeNet, data: Dataset, pp: Preprocessing, cfg: TrainConfig, wo
             selection = cv_probe(model.heads[next(iter(model.heads))], f_fit, y_fit, cw[0] is not None, cfg.seed)
             if selection:
                 selection.update(refit_on="train + val",
-                                 reason=f"{len(x_va)} validation images (< {SMALL_VAL_IMAGES}, or < "
+                                 reason="no validation split" if not len(x_va) else
+                                        f"{len(x_va)} validation images (< {SMALL_VAL_IMAGES}, or < "
                                         f"{SMALL_VAL_PER_CLASS} in some class): one image moves them by "
-                                        f"{100 / max(1, len(x_va)):.1f} points")
+                                        f"{100 / len(x_va):.1f} points")
                 log.info("linear probe: C=%.3g by %d-fold cross-validation on %d images, CV accuracy %.4f ± %.4f; "
                          "fitted on %s", selection["C"], selection["folds"], selection["images"],
-                         selection["cv_accuracy"], selection["cv_stderr"] or 0.0, selection["refit_on"])
+                         selection["cv_accuracy"], selection["cv_stderr"], selection["refit_on"])
         if selection:  # fitted on val too: its cross-validated accuracy is the one to report
             probe_acc = selection["cv_accuracy"]
         else:
             probe_acc = linear_probe(model, f_tr, y_tr, f_va, y_va, cfg, cw)
         probe_s = time.perf_counter() - t0
-        log.info("linear probe: val accuracy %s in %.1f s", f"{probe_acc:.4f}" if len(x_va) else "n/a (no validation split)",
-                 probe_s)
+        log.info("linear probe: %s accuracy %s in %.1f s", "cross-validated" if selection else "val",
+                 f"{probe_acc:.4f}" if len(x_va) else "n/a (no validation split)", probe_s)
         history.append({"epoch": 0, "phase": "probe", "val_accuracy": probe_acc if len(x_va) else None,
                         "seconds": probe_s})
     if strategy == "linear":
