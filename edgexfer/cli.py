@@ -326,17 +326,79 @@ def quantize(run_dir, **kw):
 
 
 @cli.command()
-@run_dir_arg
-def evaluate(run_dir):
-    """Test accuracy of every ONNX file in RUN_DIR with ONNX Runtime; per-class metrics in report.json."""
+@click.argument("run_dir", metavar="RUN_DIR|MODEL", type=click.Path(exists=True, path_type=Path))
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="Score this labelled folder instead of the run's test split: one subfolder per class (or a "
+                   "test/ subfolder of them). Works on a run folder or one edgexfer .onnx file.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="With --data: folder for evaluation.json, misclassified.csv and misclassified.png. Default: "
+                   "RUN_DIR/evaluations/<data folder name>/, or evaluations/<data folder name>-<model name>/ "
+                   "beside a MODEL file.")
+@click.option("--skip-unknown", is_flag=True,
+              help="With --data: leave out class folders the model does not know (default: an error naming them).")
+@click.option("--json", "as_json", is_flag=True, help="With --data: print the evaluation as JSON.")
+@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True, help="With --data: ONNX "
+              "Runtime threads.")
+@click.option("--max-image-pixels", type=click.IntRange(min=1), default=None,
+              help="With --data: largest image decoded, as for predict (larger ones are skipped and counted).")
+@click.option("--max-aspect-ratio", type=click.FloatRange(1, 1e6), default=None,
+              help="With --data: largest longer/shorter side ratio, as for predict.")
+def evaluate(run_dir, data, out, skip_unknown, as_json, threads, max_image_pixels, max_aspect_ratio):
+    """Accuracy of every ONNX file in RUN_DIR with ONNX Runtime on the run's test split; per-class metrics
+    in report.json. With --data DIR: a run folder's files, or one MODEL file, on any labelled folder
+    (per-class metrics, confusion matrix, misclassified images on a contact sheet); report.json is left
+    as it is."""
     from edgexfer import pipeline
     from edgexfer.report import finalize
 
+    if data is not None:
+        return _evaluate_data(run_dir, data, out, skip_unknown=skip_unknown, as_json=as_json, threads=threads,
+                              max_image_pixels=max_image_pixels, max_aspect_ratio=max_aspect_ratio)
+    if out or skip_unknown or as_json:
+        raise EdgexferError("--out, --skip-unknown and --json go with --data DIR")
+    if not run_dir.is_dir():
+        raise EdgexferError(f"{run_dir} is a file: without --data, evaluate scores a run folder's test split "
+                            "(give --data DIR to score a model file on a labelled folder)")
     out = pipeline.evaluate(run_dir)
     run = pipeline.RunFolder(run_dir)
     finalize(run, run.config())
     for k, m in out["models"].items():
         click.echo(f"{k}: accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f} on {m['n']} test images")
+
+
+def _evaluate_data(target: Path, data: Path, out: Path | None, *, skip_unknown, as_json, threads, max_image_pixels,
+                   max_aspect_ratio) -> None:
+    """`evaluate RUN|MODEL --data DIR`: score, write OUT/evaluation.json, misclassified.csv/.png, print."""
+    from edgexfer.evaluate import (check_out_dir, evaluate_folder, find_labelled_folder, format_evaluation,
+                                   image_limits, write_evaluation)
+    from edgexfer.pipeline import FILES
+
+    folder = find_labelled_folder(data)
+    if target.is_dir():
+        models = {k: target / f for k, f in FILES.items() if (target / f).is_file()}
+        if not models:
+            raise EdgexferError(f"no edgexfer ONNX file ({', '.join(FILES.values())}) in {target}")
+        out = out or target / "evaluations" / folder.name
+    else:
+        name = target.name[:-5] if target.name.endswith(".onnx") else target.name
+        key = next((k for k, f in FILES.items() if f == target.name), name)
+        models = {key: target}
+        out = out or target.parent / "evaluations" / f"{folder.name}-{name}"
+    check_out_dir(out)  # before minutes of scoring, not after
+    if folder.used_test:
+        click.echo(f"scoring {folder.root} ({data} has a test/ folder of classes)", err=True)
+    limits = image_limits(max_image_pixels, max_aspect_ratio)
+    doc = evaluate_folder(models, folder, threads=threads, skip_unknown=skip_unknown, limits=limits)
+    paths = write_evaluation(doc, out, limits=limits)
+    for s in doc["data"]["skipped"][:5]:
+        click.echo(f"skipped {s['path']}: {s['why']}", err=True)
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+        return
+    click.echo(format_evaluation(doc))
+    shown = ", ".join(f"{m['file']} {m['contact_sheet_shows']} of {len(m['misclassified'])}"
+                      for m in doc["models"].values())
+    click.echo(f"\n{out}/: evaluation.json, misclassified.csv, misclassified.png (misclassified shown: {shown})")
 
 
 @cli.command()
