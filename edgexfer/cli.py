@@ -109,7 +109,8 @@ def quant_options(f):
                                              "--adapt-bn folder: the target domain); auto: adapt-bn when the run "
                                              "has one, else train."),
         click.option("--max-accuracy-drop", type=click.FloatRange(0, 1), default=0.01, show_default=True,
-                     help="Accuracy guard: INT8 may lose at most this much (fraction) against FP32."),
+                     help="Accuracy guard: INT8 may lose at most this much accuracy (fraction) against FP32, "
+                          "bounded by its top-1 disagreement with FP32 on ~1000 images (labelled + augmented)."),
         click.option("--min-target-agreement", type=click.FloatRange(0, 1), default=0.90, show_default=True,
                      help="With --adapt-bn: the guard also wants INT8 to give FP32's top-1 on at least this "
                           "fraction of the unlabelled target-domain images."),

@@ -426,12 +426,14 @@ def export(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | No
 def quantize(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | None = None) -> dict:
     """model.onnx -> model.int8.onnx: static INT8 QDQ calibrated on training images, under the accuracy guard.
 
-    The guard scores candidates on the validation split (never the test split, which reports) and
-    keeps early layers in FP32 until the INT8 drop is within `max_accuracy_drop`.
+    The guard keeps early layers in FP32 until INT8 gives FP32's top-1 on all but `max_accuracy_drop` of
+    an agreement set (every labelled image but the test split's, the --adapt-bn images, augmented views
+    up to ~1000 images: `edgexfer.guard`): an accuracy drop cannot exceed the disagreement rate. Labelled
+    validation accuracy is recorded beside it and rejects a candidate only on a significant drop.
     """
-    from edgexfer.evaluate import mean_task_accuracy, onnx_logits
     from edgexfer.exporters.quantize import (convert_fp16, guarded_quantize, quantize_dynamic_int8, quantize_int8,
                                              recipe_for)
+    from edgexfer.guard import agreement_set, describe, labelled_evidence, summarize
 
     run = RunFolder(run_dir)
     cfg = cfg or run.config()
@@ -447,32 +449,34 @@ def quantize(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | 
     # with --adapt-bn the model is for the target domain, which has no labels: how often INT8 gives FP32's
     # top-1 on its unlabelled images is checked (by the guard, then for the record)
     agree = agreement_with(fp32, target_images(cfg, ws), cfg.bench.threads) if cfg.train.adapt_bn else None
-    if len(yv) and emulated:  # the target's own figure decides
+    if len(yv) and emulated:  # the target's own figure decides (a labelled sample: emulation is slow)
         rec = _arm64_guard(cfg, fp32, run.file(FILES["int8"]), recipe, calib, xv, yv)
-    elif len(yv):
-        def accuracy(path) -> float:  # averaged over tasks when the model has several
-            return mean_task_accuracy(onnx_logits(path, xv, threads=cfg.bench.threads), yv)
-
-        fp32_acc = accuracy(fp32)
+    elif len(ws.dataset.train) + len(yv):
+        xg, info = agreement_set(ws, target_images(cfg, ws) if cfg.train.adapt_bn else None, seed=cfg.data.seed)
+        agreement = agreement_with(fp32, xg, cfg.bench.threads)  # FP32 scores 1.0 against its own top-1
+        fp32_val, evidence = labelled_evidence(fp32, xv, yv, cfg.bench.threads) if len(yv) else (None, None)
         # INC tunes one accuracy only, so with a second bound it sits this out
         at_least = ("target_agreement", agree, cfg.min_target_agreement) if agree else None
-        rec = (_inc_quantize(run, cfg, fp32, recipe, calib, xv, yv, fp32_acc, accuracy)
+        rec = (_inc_quantize(run, cfg, fp32, recipe, calib, xg, agreement, evidence)
                if cfg.tuner != "builtin" and at_least is None else None)
         if rec is None or not rec["guard"]["within_bound"]:
             inc = rec["guard"].get("inc") if rec else None
-            rec = guarded_quantize(fp32, run.file(FILES["int8"]), calib, recipe, accuracy=accuracy,
-                                   fp32_accuracy=fp32_acc, max_drop=cfg.max_accuracy_drop, at_least=at_least)
+            rec = guarded_quantize(fp32, run.file(FILES["int8"]), calib, recipe, accuracy=agreement,
+                                   fp32_accuracy=1.0, max_drop=cfg.max_accuracy_drop, at_least=at_least,
+                                   evidence=evidence)
             rec["guard"]["tuner"] = "built-in: early layers kept in FP32"
             if inc:
                 rec["guard"]["inc"] = inc
         g = rec["guard"]
-        g["guard_set"] = f"{len(yv)} validation images"
+        g["guard_set"] = describe(info) + " (top-1 agreement with FP32)"
         g["host_measures_faithfully"] = target["host_measures_faithfully"]
-        log.info("accuracy guard (%s): %d of %d weighted layers kept in FP32; validation accuracy %.4f vs FP32 %.4f "
-                 "(bound %.3f)", g["tuner"], g["chosen_fp32_layers"], g["quantizable_layers"],
-                 g["shipped_accuracy"], g["fp32_accuracy"], g["max_accuracy_drop"])
+        shipped = next((c for c in g["candidates"] if c.get("fp32_layers") == g["chosen_fp32_layers"]
+                        and "inc_trial" not in c), g.get("shipped", {}))
+        summarize(g, info, len(yv), fp32_val, {"agreement": g["shipped_accuracy"], **shipped})
+        log.info("accuracy guard (%s): %d of %d weighted layers kept in FP32; %s", g["tuner"], g["chosen_fp32_layers"],
+                 g["quantizable_layers"], g["confidence"])
     else:
-        log.warning("no validation split: quantizing without the accuracy guard")
+        log.warning("no labelled images: quantizing without the accuracy guard")
         rec = quantize_int8(fp32, run.file(FILES["int8"]), calib, recipe)
     rec["calibrated_on"] = calibrated_on
     if agree:
@@ -538,8 +542,12 @@ def agreement_with(reference: Path, x: np.ndarray, threads: int | None = None) -
     from edgexfer.evaluate import onnx_logits
 
     ref = [lg.argmax(1) for lg in onnx_logits(reference, x, threads=threads)]
-    return lambda path: float(np.mean([np.mean(lg.argmax(1) == r)
-                                       for lg, r in zip(onnx_logits(path, x, threads=threads), ref)]))
+
+    def agree(path) -> float:
+        return float(np.mean([np.mean(lg.argmax(1) == r) for lg, r in zip(onnx_logits(path, x, threads=threads), ref)]))
+
+    agree.top1 = ref  # the reference's own top-1 per task (INC's labels), computed once
+    return agree
 
 
 def target_agreement(cfg: RunConfig, agree: Callable[[Path], float], images: int, int8: Path) -> dict:
@@ -589,50 +597,54 @@ def _arm64_guard(cfg, fp32: Path, out: Path, recipe, calib, xv, yv) -> dict:
     return rec
 
 
-def _inc_quantize(run, cfg, fp32, recipe, calib, xv, yv, fp32_acc, accuracy) -> dict | None:
-    """Intel Neural Compressor's accuracy-driven tuning (isolated interpreter), re-measured here with
-    ONNX Runtime; None when INC is not available."""
+def _inc_quantize(run, cfg, fp32, recipe, calib, xg, agreement, evidence) -> dict | None:
+    """Intel Neural Compressor's accuracy-driven tuning (isolated interpreter) on the agreement set `xg`,
+    with FP32's own top-1 as the labels (FP32 scores 1.0); the pick is re-measured here with ONNX Runtime
+    (`agreement`, `evidence`) and judged by `guard_decision`. None when INC is not available."""
     import tempfile
 
     from edgexfer.exporters.inc import inc_python, inc_tune
-    from edgexfer.exporters.quantize import finish_tuned, quantizable_nodes
+    from edgexfer.exporters.quantize import finish_tuned, guard_decision, quantizable_nodes
 
-    if yv.ndim > 1:
+    from edgexfer.exporters.metadata_io import read_meta
+
+    if len(read_meta(fp32).tasks) > 1:
         log.info("accuracy guard: several tasks; using the built-in search (INC tunes one task's accuracy)")
         return None
     if inc_python() is None:
         if cfg.tuner == "inc":
             log.warning("--tuner inc: onnx-neural-compressor is not available (make inc); using the built-in search")
         return None
-    log.info("accuracy guard: tuning with Intel Neural Compressor")
+    log.info("accuracy guard: tuning with Intel Neural Compressor on %d images", len(xg))
+    yg = agreement.top1[0]
     with tempfile.TemporaryDirectory(dir=run.path, prefix=".inc-") as td:
         tuned = Path(td) / "tuned.onnx"
-        res = inc_tune(fp32, tuned, calib, xv, yv, input_name="input", recipe=recipe, fp32_accuracy=fp32_acc,
+        res = inc_tune(fp32, tuned, calib, xg, yg, input_name="input", recipe=recipe, fp32_accuracy=1.0,
                        max_drop=cfg.max_accuracy_drop)
         guard = {"tuner": "Intel Neural Compressor (onnx-neural-compressor autotune)", "inc": res,
-                 "fp32_accuracy": fp32_acc, "max_accuracy_drop": cfg.max_accuracy_drop, "within_bound": False,
-                 "candidates": [{"inc_trial": i, "guard_accuracy": a, "drop": fp32_acc - a,
-                                 "within_bound": fp32_acc - a <= cfg.max_accuracy_drop + 1e-9}
+                 "fp32_accuracy": 1.0, "max_accuracy_drop": cfg.max_accuracy_drop, "within_bound": False,
+                 "candidates": [{"inc_trial": i, "guard_accuracy": a, "drop": 1.0 - a,
+                                 "within_bound": 1.0 - a <= cfg.max_accuracy_drop + 1e-9}
                                 for i, a in enumerate(res.get("trial_accuracies", [])[1:])]}
         if not res["tuned"]:
             log.info("INC: %s", res.get("reason"))
             return {"guard": guard}
         final = Path(td) / "final.onnx"
         finish_tuned(tuned, fp32, final, recipe, res)
-        acc = accuracy(final)  # the accuracy that counts: ONNX Runtime, here, on the file that ships
+        acc = agreement(final)  # what counts: ONNX Runtime, here, on the file that ships
+        shipped = {"agreement": acc, **(evidence(final) if evidence else {})}
+        ok, why = guard_decision(1.0 - acc, cfg.max_accuracy_drop, shipped.get("val_drop"), shipped.get("val_drop_se"))
         nodes = quantizable_nodes(fp32)
         from edgexfer.exporters.inspect_model import inspect
 
         info = inspect(final)
-        guard.update(shipped_accuracy=acc, within_bound=fp32_acc - acc <= cfg.max_accuracy_drop + 1e-9,
+        guard.update(shipped_accuracy=acc, within_bound=ok, decision=why, shipped=shipped,
                      quantizable_layers=len(nodes), chosen_fp32_layers=info["weighted_ops"]["float"],
                      layers_kept_fp32=info["weighted_ops"]["float_names"])
         if guard["within_bound"]:
             os.replace(final, run.file(FILES["int8"]))
         else:
-            log.info("INC's pick scored %.4f here against FP32 %.4f: over the bound", acc, fp32_acc)
-        from edgexfer.exporters.metadata_io import read_meta
-
+            log.info("INC's pick, re-measured here: %s", why)
         return {**(read_meta(run.file(FILES["int8"])).quantization if guard["within_bound"] else {}), "guard": guard}
 
 

@@ -160,8 +160,12 @@ def report_md(rep: dict) -> str:
                           "layers kept in FP32" + ("" if g["within_bound"] else " — **no candidate met the bound**")
                       + ".", "", "| candidate | guard accuracy | drop | within bound |", "|---|---|---|---|"]
             inc = g.get("inc") or {}
+            if g.get("decides_on"):  # top-1 agreement with FP32 decides; labelled validation beside it
+                lines[-2:] = ["| candidate | agreement with FP32 (decides) | disagreement | validation accuracy "
+                              "(drop ± s.e.) | within bound |", "|---|---|---|---|---|"]
             lines += [f"| INC trial {i + 1} | {a:.4f} | {g['fp32_accuracy'] - a:+.4f} | "
-                      f"{g['fp32_accuracy'] - a <= g['max_accuracy_drop'] + 1e-9} |"
+                      + ("(INC's own run) | " if g.get("decides_on") else "")
+                      + f"{g['fp32_accuracy'] - a <= g['max_accuracy_drop'] + 1e-9} |"
                       for i, a in enumerate(inc.get("trial_accuracies", [])[1:])]
             if g.get("measured_on", "this host") != "this host":  # arm64 columns: the target's figure and this host's
                 lines[-2:] = [f"| candidate | accuracy on {g['measured_on']} (decides) | accuracy on this host | "
@@ -169,6 +173,12 @@ def report_md(rep: dict) -> str:
                 lines += [f"| FP32 | {g['fp32_accuracy']:.4f} | {g.get('fp32_host_accuracy', float('nan')):.4f} | | |"]
                 lines += [f"| {c['fp32_layers']} layers FP32 | {c['guard_accuracy']:.4f} | {c['host_accuracy']:.4f} | "
                           f"{c['drop']:+.4f} | {c['within_bound']} |" for c in g["candidates"] if "fp32_layers" in c]
+            elif g.get("decides_on"):
+                lines += [f"| {c['fp32_layers']} layers FP32 | {c['guard_accuracy']:.4f} | {c['drop']:.4f} | "
+                          + (f"{c['val_accuracy']:.4f} ({100 * c['val_drop']:+.1f} ± {100 * c['val_drop_se']:.1f} "
+                             "points)" if "val_drop" in c else "–") + f" | {c['within_bound']} |"
+                          for c in g["candidates"] if "fp32_layers" in c]
+                lines += ["", f"How sure: {g['confidence']}"]
             else:
                 lines += [f"| {c['fp32_layers']} layers FP32 | {c['guard_accuracy']:.4f} | {c['drop']:+.4f} | "
                           f"{c['within_bound']} |" for c in g["candidates"] if "fp32_layers" in c]

@@ -39,7 +39,12 @@ def inc_python() -> str | None:
 def inc_tune(fp32_path: str | Path, out_path: str | Path, calib: np.ndarray, guard_x: np.ndarray,
              guard_y: np.ndarray, *, input_name: str, recipe, fp32_accuracy: float, max_drop: float,
              max_trials: int = 12, python: str | None = None, timeout: float = 1800) -> dict:
-    """Run INC's autotune; returns {"tuned": bool, "trials": [...], ...}; writes `out_path` when tuned."""
+    """Run INC's autotune; returns {"tuned": bool, "trials": [...], ...}; writes `out_path` when tuned.
+
+    `guard_x`, `guard_y`: the images and labels INC scores its trials on. The pipeline passes its agreement
+    set (~1000 images) with FP32's own top-1 as labels and `fp32_accuracy` 1.0; the arrays travel through
+    .npy files in a temporary folder and the worker maps the images from disk, so the set is not held twice
+    in memory."""
     python = python or inc_python()
     if python is None:
         return {"tuned": False, "reason": "onnx-neural-compressor not available (make inc, or EDGEXFER_INC_PYTHON)"}

@@ -6,6 +6,9 @@ another). It imports only numpy, onnx, onnxruntime and onnx_neural_compressor.
 
     python inc_worker.py WORKDIR     # reads WORKDIR/job.json, calib.npy, guard_x.npy, guard_y.npy
                                       # writes WORKDIR/tuned.onnx (if a candidate met the bound), trials.json
+
+The guard set is edgexfer's agreement set and its labels FP32's own top-1, so "accuracy" here is top-1
+agreement with FP32 (FP32 scores 1.0) and the tolerable loss is the disagreement rate allowed.
 """
 import json
 import sys
@@ -35,13 +38,15 @@ class Reader(data_reader.CalibrationDataReader):
 
 def main(work: Path) -> int:
     job = json.loads((work / "job.json").read_text())
-    calib, gx, gy = (np.load(work / f) for f in ("calib.npy", "guard_x.npy", "guard_y.npy"))
+    calib, gy = np.load(work / "calib.npy"), np.load(work / "guard_y.npy")
+    # the guard set is ~1000 images (up to 768 MiB): read it from the file as each batch needs it, not all at once
+    gx = np.load(work / "guard_x.npy", mmap_mode="r")
     trials = []
 
     def accuracy(path) -> float:
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         name = sess.get_inputs()[0].name
-        logits = np.concatenate([sess.run(None, {name: gx[i:i + 64]})[0] for i in range(0, len(gx), 64)])
+        logits = np.concatenate([sess.run(None, {name: np.ascontiguousarray(gx[i:i + 64])})[0] for i in range(0, len(gx), 64)])
         acc = float(np.mean(logits.argmax(1) == gy))
         trials.append(acc)
         (work / "trials.json").write_text(json.dumps(trials))

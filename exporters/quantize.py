@@ -107,23 +107,89 @@ def quantizable_nodes(fp32_path: str | Path) -> list[str]:
     return [n.name for n in g.node if n.op_type in ("Conv", "Gemm", "MatMul") and n.name]
 
 
+# -- how sure the guard is -----------------------------------------------------------------------------
+# The guard decides on INT8/FP32 top-1 agreement over many images, not on labelled accuracy over a few:
+# where INT8 gives FP32's top-1 it scores what FP32 scores, so each disagreement costs at most one correct
+# answer, and an accuracy drop cannot exceed the disagreement rate. Labelled validation accuracy is
+# measured beside it, and only a significant drop (below) overrules agreement.
+
+SIGNIFICANT_SE = 2.0  # a labelled drop counts as evidence past max_drop by this many standard errors
+
+
+def wilson_upper(rate: float, n: int, z: float = 1.96) -> float:
+    """The upper end of the Wilson score interval (95% for z=1.96) of a proportion `rate` seen on `n`
+    trials: with 0 of 1000 images disagreeing it is 0.38%, not 0."""
+    if n <= 0:
+        return 1.0
+    d = 1 + z * z / n
+    c = rate + z * z / (2 * n)
+    h = z * np.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n))
+    return float(min(1.0, (c + h) / d))
+
+
+def paired_drop(ref: list[np.ndarray], cand: list[np.ndarray], y: np.ndarray) -> tuple[float, float]:
+    """FP32 accuracy minus the candidate's on the same labelled images (averaged over tasks, each over its
+    labelled images; -1: unlabelled), and the standard error of that paired difference. Per image the
+    difference d = correct(candidate) - correct(FP32) is -1, 0 or +1; its binomial variance over n images
+    is (b + c)/n - ((c - b)/n)^2 for b losses and c gains, so the standard error is sqrt(that / n): one
+    flip on 4 images is a 25-point drop with a 22-point standard error."""
+    y2 = y[:, None] if y.ndim == 1 else y
+    drops, var = [], 0.0
+    for t, (r, c) in enumerate(zip(ref, cand)):
+        m = y2[:, t] >= 0
+        if not m.any():
+            continue
+        d = (c[m].argmax(1) == y2[m, t]).astype(np.float64) - (r[m].argmax(1) == y2[m, t])
+        drops.append(-float(d.mean()))
+        var += float(d.var()) / len(d)
+    if not drops:
+        return 0.0, 0.0
+    return float(np.mean(drops)), float(np.sqrt(var) / len(drops))
+
+
+def guard_decision(disagreement: float, max_drop: float, val_drop: float | None = None,
+                   val_drop_se: float | None = None) -> tuple[bool, str]:
+    """Whether an INT8 candidate ships, and why, from its top-1 disagreement rate with FP32 on the
+    agreement set and (optionally) its labelled validation drop with that drop's standard error.
+
+    It passes when the disagreement rate is within `max_drop`: the accuracy drop cannot be larger, on
+    images like those of the set. Labelled validation can still reject it, but only on evidence: a drop
+    beyond `max_drop` by more than SIGNIFICANT_SE (2) standard errors of the paired difference (about a
+    one-sided 2.5% test). On a 4-image split one flipped image is a 25-point drop with a ~22-point standard
+    error: noise, not a reason to throw INT8 away; on 30 images, 10 losses and no gains are evidence
+    (33 points with a 9-point standard error), though agreement on the whole set may look fine when the
+    augmented views outnumber the real images.
+    """
+    if disagreement > max_drop + 1e-9:  # one image at the bound is in
+        return False, f"disagrees with FP32 on {disagreement:.2%} of the agreement set, over {max_drop:.2%}"
+    if val_drop is not None and val_drop > max_drop + SIGNIFICANT_SE * (val_drop_se or 0.0) + 1e-9:
+        return False, (f"validation drop {val_drop:+.2%} is beyond {max_drop:.2%} by more than "
+                       f"{SIGNIFICANT_SE:g} standard errors ({val_drop_se:.2%})")
+    return True, f"disagrees with FP32 on {disagreement:.2%} of the agreement set, within {max_drop:.2%}"
+
+
 def guarded_quantize(fp32_path: str | Path, out_path: str | Path, calib: np.ndarray, recipe: Int8Recipe, *,
                      accuracy: Callable[[Path], float], fp32_accuracy: float, max_drop: float,
                      steps: tuple[int, ...] = (0, 1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64, 96, 10**6),
                      also: dict[str, Callable[[Path], float]] | None = None, measured_on: str = "this host",
-                     at_least: tuple[str, Callable[[Path], float], float] | None = None) -> dict:
+                     at_least: tuple[str, Callable[[Path], float], float] | None = None,
+                     evidence: Callable[[Path], dict] | None = None) -> dict:
     """Static INT8 under an accuracy bound: keep the first k weighted layers in FP32 until it holds.
 
     Early layers see raw pixels and are, in CNNs, the most sensitive to 8-bit activations (measured
     on the demo: leaving the stem and first four blocks of EfficientNet-Lite0 in FP32 took the INT8
     drop from 1.4 to -0.5 points). `accuracy(path)` scores a candidate file with ONNX Runtime on a
-    guard set (the validation split); the first candidate within `max_drop` of `fp32_accuracy` is
-    written to `out_path`. If none is, the most accurate one is written and `within_bound` is False.
+    guard set: the pipeline passes top-1 agreement with FP32 on its agreement set (FP32 scores 1.0 on
+    it, so `drop` is the disagreement rate; see `guard_decision`), the arm64 guard labelled accuracy on
+    a validation sample. The first candidate within `max_drop` of `fp32_accuracy` is written to
+    `out_path`. If none is, the most accurate one is written and `within_bound` is False.
 
     `measured_on` says where `accuracy` runs (e.g. "arm64 (emulated)" scoring `emulated_logits`); each
     function of `also` is recorded beside it for every candidate (e.g. this host's accuracy), never decides.
     `at_least` = (name, score, minimum) is a second bound a candidate must also meet (e.g. INT8/FP32 top-1
     agreement on unlabelled target-domain images, where no labels exist to score accuracy).
+    `evidence(path)` returns labelled validation figures recorded in the candidate's row ("val_drop" and
+    "val_drop_se" among them); they reject a candidate only when `guard_decision` finds the drop significant.
     """
     nodes = quantizable_nodes(fp32_path)
     out_path = Path(out_path)
@@ -138,6 +204,10 @@ def guarded_quantize(fp32_path: str | Path, out_path: str | Path, calib: np.ndar
                    "within_bound": fp32_accuracy - acc <= max_drop + 1e-9,  # one image at the bound is in
                    "seconds": info["seconds"]}
             row.update({k: f(path) for k, f in (also or {}).items()})
+            if evidence is not None:
+                row.update(evidence(path))
+                row["within_bound"], row["decision"] = guard_decision(row["drop"], max_drop, row.get("val_drop"),
+                                                                      row.get("val_drop_se"))
             if at_least is not None:
                 row[at_least[0]] = at_least[1](path)
                 row["within_bound"] = row["within_bound"] and row[at_least[0]] >= at_least[2] - 1e-9

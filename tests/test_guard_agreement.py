@@ -1,0 +1,185 @@
+"""The INT8 guard decides on label-free INT8/FP32 top-1 agreement over many images (issue 12 item 3): a
+one-image flip on a tiny validation split does not reject INT8, many disagreements do even when validation
+accuracy is unchanged, and report.json / report.md say how sure the guard is."""
+from __future__ import annotations
+
+import json
+import shutil
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from edgexfer.exporters.quantize import (Int8Recipe, guard_decision, guarded_quantize, paired_drop,
+                                         wilson_upper)
+from edgexfer.runtime import EdgeModel
+
+
+def _one_hot(idx, classes=3):
+    return np.eye(classes, dtype=np.float32)[idx]
+
+
+def _kept(path) -> int:
+    return len(EdgeModel(path).meta.quantization["nodes_to_exclude"])
+
+
+def test_statistics():
+    y = np.array([0, 1, 2, 0])
+    ref = [_one_hot(y)]
+    flip = [_one_hot([0, 1, 2, 1])]  # INT8 wrong on one image of 4
+    drop, se = paired_drop(ref, flip, y)
+    assert drop == pytest.approx(0.25) and se == pytest.approx(np.sqrt((0.25 - 0.0625) / 4))
+    assert paired_drop(ref, ref, y) == (0.0, 0.0)
+    gain = [_one_hot([0, 1, 2, 0])]
+    assert paired_drop([_one_hot([1, 1, 2, 0])], gain, y)[0] == pytest.approx(-0.25)
+    # several tasks: each over its labelled images (-1: unlabelled), averaged
+    y2 = np.array([[0, -1], [1, 1], [2, 0], [0, 1]])
+    d, s = paired_drop([_one_hot(y2[:, 0]), _one_hot([0, 1, 0, 1])], [_one_hot(y2[:, 0]), _one_hot([0, 0, 0, 1])], y2)
+    assert d == pytest.approx((0 + 1 / 3) / 2) and s > 0
+    # Wilson 95%: 50 of 100 -> (0.404, 0.596); 0 of 1000 is not 0
+    assert wilson_upper(0.5, 100) == pytest.approx(0.5962, abs=1e-4)
+    assert 0.0035 < wilson_upper(0.0, 1000) < 0.0040 and wilson_upper(0.0, 0) == 1.0
+
+
+def test_decision_one_flip_is_noise_many_losses_are_evidence():
+    # agreement within the bound, one flip of 4 labelled images: ships
+    drop, se = paired_drop([_one_hot([0, 1, 2, 0])], [_one_hot([0, 1, 2, 1])], np.array([0, 1, 2, 0]))
+    assert guard_decision(0.004, 0.01, drop, se)[0] is True
+    # agreement over the bound: rejected, whatever validation says
+    assert guard_decision(0.05, 0.01, 0.0, 0.0)[0] is False
+    assert guard_decision(0.05, 0.01)[0] is False
+    # 10 losses and no gains on 30 labelled images: a significant drop rejects even with agreement in bound
+    y = np.zeros(30, np.int64)
+    drop, se = paired_drop([_one_hot(y)], [_one_hot(np.r_[np.ones(10, int), np.zeros(20, int)])], y)
+    ok, why = guard_decision(0.009, 0.01, drop, se)
+    assert not ok and "standard errors" in why
+
+
+def test_guard_ships_plain_int8_on_agreement_despite_one_flip(tiny_run, tmp_path):
+    """The search on injected scores: plain INT8 agrees with FP32 on 99.9% of the agreement set, and flips
+    one of 4 validation images (a 25-point 'drop'). It ships with 0 layers kept; the old rule (labelled
+    validation accuracy against FP32's, within 1 point) would have kept layers in FP32."""
+    calib = np.random.default_rng(0).standard_normal((8, 3, 64, 64)).astype(np.float32)
+    drop, se = paired_drop([_one_hot([0, 1, 2, 0])], [_one_hot([0, 1, 2, 1])], np.array([0, 1, 2, 0]))
+
+    def evidence(path):  # every candidate flips the same validation image
+        return {"val_accuracy": 0.75, "val_drop": drop, "val_drop_se": se}
+
+    rec = guarded_quantize(tiny_run / "model.onnx", tmp_path / "q.onnx", calib, Int8Recipe(calibration_samples=8),
+                           accuracy=lambda p: 0.999, fp32_accuracy=1.0, max_drop=0.01, evidence=evidence)
+    g = rec["guard"]
+    assert g["within_bound"] and g["chosen_fp32_layers"] == 0 and len(g["candidates"]) == 1
+    c = g["candidates"][0]
+    assert c["val_drop"] == pytest.approx(0.25) and c["drop"] == pytest.approx(0.001) and c["within_bound"]
+    # the old rule, for contrast: validation accuracy decides, and one flip is over the bound
+    old = guarded_quantize(tiny_run / "model.onnx", tmp_path / "old.onnx", calib, Int8Recipe(calibration_samples=8),
+                           accuracy=lambda p: 0.75, fp32_accuracy=1.0, max_drop=0.01, steps=(0, 1))
+    assert not old["guard"]["candidates"][0]["within_bound"]
+
+
+def test_guard_rejects_many_disagreements_with_unchanged_validation(tiny_run, tmp_path):
+    """Plain INT8 disagrees with FP32 on 5% of the agreement set while validation accuracy is unchanged:
+    rejected; keeping one layer in FP32 brings agreement within the bound, and that ships."""
+    calib = np.random.default_rng(0).standard_normal((8, 3, 64, 64)).astype(np.float32)
+    rec = guarded_quantize(tiny_run / "model.onnx", tmp_path / "q.onnx", calib, Int8Recipe(calibration_samples=8),
+                           accuracy=lambda p: 0.95 if _kept(p) == 0 else 0.999, fp32_accuracy=1.0, max_drop=0.01,
+                           evidence=lambda p: {"val_accuracy": 1.0, "val_drop": 0.0, "val_drop_se": 0.0})
+    g = rec["guard"]
+    assert [c["within_bound"] for c in g["candidates"]] == [False, True]
+    assert "over" in g["candidates"][0]["decision"] and g["chosen_fp32_layers"] == 1 and _kept(tmp_path / "q.onnx") == 1
+
+
+class _FakeWorkspace:
+    """What `agreement_set` reads of a Workspace: cached tensors and the data set's images."""
+
+    def __init__(self, n_train=6, n_val=2, size=16, seed=0):
+        from edgexfer.runtime.metadata import Preprocessing
+        from edgexfer.runtime.preprocess import preprocess
+
+        rng = np.random.default_rng(seed)
+        self.preprocessing = Preprocessing(resize=size, crop=size)
+        imgs = [rng.integers(0, 255, (20, 24, 3), dtype=np.uint8) for _ in range(n_train + n_val)]
+        self.dataset = SimpleNamespace(train=SimpleNamespace(images=imgs[:n_train]),
+                                       val=SimpleNamespace(images=imgs[n_train:]))
+        x = np.stack([preprocess(im, self.preprocessing) for im in imgs])
+        self._t = {"train": (x[:n_train], np.zeros(n_train)), "val": (x[n_train:], np.zeros(n_val))}
+
+    def tensors(self, split):
+        return self._t[split]
+
+
+def test_agreement_set_labelled_then_augmented_within_memory():
+    from edgexfer.guard import agreement_set, describe
+
+    ws = _FakeWorkspace()
+    x, info = agreement_set(ws, seed=3, min_images=40)
+    assert x.shape == (40, 3, 16, 16) and x.dtype == np.float32
+    assert (info["labelled"], info["unlabelled"], info["augmented"]) == (8, 0, 32) and info["bytes"] == x.nbytes
+    np.testing.assert_array_equal(x[:6], ws.tensors("train")[0])
+    np.testing.assert_array_equal(x[6:8], ws.tensors("val")[0])
+    assert not any(np.array_equal(x[j], x[i]) for j in range(8, 40) for i in range(8))  # views, not copies
+    again, _ = agreement_set(ws, seed=3, min_images=40)
+    np.testing.assert_array_equal(x, again)  # seeded
+    assert "8 labelled" in describe(info) and "32 augmented" in describe(info)
+    # the unlabelled --adapt-bn images come before any augmentation, all of them (a minimum, not a cap)
+    u = np.ones((5, 3, 16, 16), np.float32)
+    x, info = agreement_set(ws, u, min_images=10)
+    assert (info["labelled"], info["unlabelled"], info["augmented"]) == (8, 5, 0) and len(x) == 13
+    x, info = agreement_set(ws, u, min_images=20)
+    assert (info["labelled"], info["unlabelled"], info["augmented"]) == (8, 5, 7) and (x[8:13] == 1).all()
+    # the memory bound wins: a seeded sample of the labelled images, nothing added
+    x, info = agreement_set(ws, u, min_images=40, max_bytes=5 * 3 * 16 * 16 * 4)
+    assert len(x) == 5 and (info["labelled"], info["unlabelled"], info["augmented"]) == (5, 0, 0)
+    assert info["labelled_available"] == 8 and "a sample of 8" in describe(info)
+
+
+def test_quantize_stage_decides_on_agreement_and_reports_it(tiny_run, tmp_path, monkeypatch):
+    """The quantize stage with the built-in search on a copy of the tiny run, agreement measured for real
+    on 200 images and the labelled evidence injected (one flip of 4 validation images, for every
+    candidate): INT8 ships with 0 layers kept, and report.json / report.md say how sure the guard is."""
+    import edgexfer.guard as guard
+    from edgexfer.pipeline import quantize
+    from edgexfer.report import report_md
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    monkeypatch.setattr(guard, "GUARD_IMAGES", 200)
+    drop, se = paired_drop([_one_hot([0, 1, 2, 0])], [_one_hot([0, 1, 2, 1])], np.array([0, 1, 2, 0]))
+
+    def one_flip(fp32, xv, yv, threads):
+        return 1.0, lambda path: {"val_accuracy": 0.75, "val_drop": drop, "val_drop_se": se}
+
+    monkeypatch.setattr(guard, "labelled_evidence", one_flip)
+    from edgexfer.pipeline import RunFolder
+
+    cfg = RunFolder(run).config()
+    cfg.tuner = "builtin"
+    quantize(run, cfg)
+    rep = json.loads((run / "report.json").read_text())
+    g = rep["quantize"]["guard"]
+    assert g["agreement_set"]["images"] == 200 and g["agreement_set"]["augmented"] > 0
+    assert g["guard_set"].startswith("200 images")
+    d = g["disagreement"]
+    first = g["candidates"][0]  # plain INT8: agreement alone decides, the 25-point validation flip does not
+    assert first["fp32_layers"] == 0 and first["within_bound"] == (first["drop"] <= 0.01)
+    if d["rate"] <= 0.01:  # the tiny model's INT8 agrees (it does on the shapes): ships plain INT8
+        assert g["within_bound"] and g["chosen_fp32_layers"] == 0
+    assert d["images"] == 200 and d["rate"] <= d["upper95"] <= 1
+    assert g["validation"]["drop"] == pytest.approx(0.25) and g["validation"]["drop_se"] == pytest.approx(se)
+    assert "of 200 images" in g["confidence"] and "95% confidence" in g["confidence"]
+    md = report_md(rep)
+    assert "How sure: INT8 gives FP32's top-1" in md and "agreement with FP32 (decides)" in md
+
+
+def test_tiny_run_reports_how_sure_the_guard_is(tiny_run):
+    """The whole `edgexfer run` (INC when .venv-inc is there, else the built-in search) records it too."""
+    rep = json.loads((tiny_run / "report.json").read_text())
+    g = rep["quantize"]["guard"]
+    info = g["agreement_set"]
+    assert info["images"] == info["labelled"] + info["unlabelled"] + info["augmented"] >= 1000
+    assert info["labelled"] == rep["data"]["train"] + rep["data"]["val"]
+    assert 0 <= g["disagreement"]["rate"] <= g["disagreement"]["upper95"] <= 1
+    v = g["validation"]
+    assert v["images"] == rep["data"]["val"] and v["drop_se"] >= 0 and 0 <= v["int8_accuracy"] <= 1
+    assert g["confidence"] and g["decides_on"].startswith("top-1 agreement")
+    assert "How sure:" in (tiny_run / "report.md").read_text()
