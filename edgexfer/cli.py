@@ -88,6 +88,9 @@ def data_options(f):
         click.option("--lr", type=float, default=3e-4, show_default=True, help="Peak learning rate (AdamW)."),
         click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True,
                      help="Threads for evaluation and benchmarks."),
+        click.option("--no-calibrate", is_flag=True,
+                     help="Keep the softmax scores as trained: no temperature fitted on held-out images and folded "
+                          "into the heads (the report still gives their calibration error)."),
         click.option("--compare-scratch", is_flag=True,
                      help="Also train the same network from random init with the same budget; the report says "
                           "how much the pretrained start beat it, and flags negative transfer."),
@@ -140,7 +143,7 @@ def apply_quant_options(cfg, *, target, calibration_method, calibration_samples,
 
 def build_config(*, data, shots, all_labels, test_size, seed, strict, backbone, weights, image_size, strategy,
                  epochs, batch_size, lr, threads, compare_scratch=False, unfreeze_blocks=3, lr_decay=1.0,
-                 adapt_bn=None):
+                 adapt_bn=None, no_calibrate=False):
     from edgexfer.backbones import get_backbone_info
     from edgexfer.exporters.quantize import Int8Recipe
     from edgexfer.finetune import TrainConfig
@@ -172,7 +175,8 @@ def build_config(*, data, shots, all_labels, test_size, seed, strict, backbone, 
                           image_size=image_size, image_size_reason=size_reason),
         train=TrainConfig(strategy=strategy, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                           scratch_baseline=compare_scratch, unfreeze_blocks=unfreeze_blocks, lr_decay=lr_decay,
-                          adapt_bn=str(Path(adapt_bn).resolve()) if adapt_bn else None, source_bn=bool(adapt_bn)),
+                          adapt_bn=str(Path(adapt_bn).resolve()) if adapt_bn else None, source_bn=bool(adapt_bn),
+                          calibrate=not no_calibrate),
         quantize=Int8Recipe(),
         bench=BenchConfig(threads=threads),
     )

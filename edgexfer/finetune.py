@@ -54,6 +54,7 @@ class TrainConfig:
     scratch_baseline: bool = False  # also train the same network from random init, same budget
     adapt_bn: str | None = None     # folder of unlabelled target-domain images: AdaBN after training
     source_bn: bool = False         # BatchNorm statistics from the training images, not the pretraining data
+    calibrate: bool = True          # fit a temperature per head on held-out logits and fold it in (calibration.py)
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -104,6 +105,7 @@ class TrainResult:
     val_accuracy_per_task: dict | None = None
     device: str = "cpu"
     probe_selection: dict | None = None  # how the probe's strength was chosen when validation was too small
+    calibration: dict | None = None  # temperature per head (already folded into the weights), ECE before/after
 
 
 def tensorize(split: Split, pp: Preprocessing, desc: str = "preprocess") -> tuple[torch.Tensor, torch.Tensor]:
@@ -362,13 +364,20 @@ def train(model: EdgeNet, data: Dataset, pp: Preprocessing, cfg: TrainConfig, wo
         for p in model.parameters():
             p.requires_grad_(True)
         per_task = None
+        val_logits = None
+        if len(x_va):
+            model.eval()
+            with torch.no_grad():  # the linear strategy's backbone is frozen: its cached features give the logits
+                val_logits = ([h(f_va) for h in model.heads.values()] if strategy == "linear" and f_va is not None
+                              else predict_logits(model, x_va, task=None))
         if len(n_cls) > 1 and len(x_va):
-            accs = task_accuracies(predict_logits(model, x_va, task=None), y_va)
+            accs = task_accuracies(val_logits, y_va)
             per_task = dict(zip(data.tasks, accs))
         if not len(x_va):  # the weights were chosen on the training loss: there is no accuracy to report
             best_acc = probe_acc = None
+        calibration = calibrate(model, data, val_logits, y_va, oof, cfg)
         return TrainResult(strategy, best_epoch, best_acc, probe_acc, time.perf_counter() - t_start, probe_s,
-                           history, resumed, reason, trainable, per_task, device, selection)
+                           history, resumed, reason, trainable, per_task, device, selection, calibration)
 
     if cfg.source_bn and _bn_layers(model):
         # AdaBN swaps source-domain statistics for target-domain ones, so the source model must be built on
@@ -376,7 +385,7 @@ def train(model: EdgeNet, data: Dataset, pp: Preprocessing, cfg: TrainConfig, wo
         # (Kept frozen at the pretraining data's statistics, the fine-tuned layers co-adapt to those, and
         # swapping in any data set's statistics breaks them: measured in benchmarks/RESULTS.md.)
         adapt_batchnorm(model, x_tr)
-    probe_acc = probe_s = selection = None
+    probe_acc = probe_s = selection = f_va = oof = None
     if strategy in ("linear", "lpft", "partial"):
         t0 = time.perf_counter()
         f_tr = extract_features(model, x_tr, desc="features train")
@@ -398,6 +407,11 @@ def train(model: EdgeNet, data: Dataset, pp: Preprocessing, cfg: TrainConfig, wo
                 log.info("linear probe: C=%.3g by %d-fold cross-validation on %d images, CV accuracy %.4f ± %.4f; "
                          "fitted on %s", selection["C"], selection["folds"], selection["images"],
                          selection["cv_accuracy"], selection["cv_stderr"], selection["refit_on"])
+                # val is in the refit, so not held out: calibration is measured (and T fitted) on out-of-fold logits
+                from edgexfer.calibration import out_of_fold_logits
+
+                oof = (out_of_fold_logits(f_fit.numpy(), y_fit.numpy(), selection["C"], cw[0] is not None,
+                                          selection["folds"], cfg.seed), y_fit.numpy(), selection["folds"])
         if selection:  # fitted on val too: its cross-validated accuracy is the one to report
             probe_acc = selection["cv_accuracy"]
         else:
@@ -424,7 +438,10 @@ def train(model: EdgeNet, data: Dataset, pp: Preprocessing, cfg: TrainConfig, wo
         return float(np.nanmean(task_accuracies(predict_logits(model, x_va.to(device), task=None), y_va.to(device))))
 
     state_path = work_dir / "train_state.pt"
-    cfg_key = json.dumps({**asdict(cfg), "resolved_strategy": strategy}, sort_keys=True)
+    # `calibrate` acts after the last epoch (on the final weights, never on this per-epoch state), so it is left
+    # out: the state resumes under either setting, and the temperature is folded exactly once, at the end
+    epoch_cfg = {k: v for k, v in asdict(cfg).items() if k != "calibrate"}
+    cfg_key = json.dumps({**epoch_cfg, "resolved_strategy": strategy}, sort_keys=True)
     # best_* pick the weights to keep (the probe's included); ft_best and bad drive early stopping, which
     # compares fine-tuning epochs with each other only: the first epochs often dip below the probe.
     start_epoch, best_acc, best_epoch, best_state, bad = 1, probe_acc if probe_acc is not None else -1.0, 0, None, 0
@@ -502,3 +519,47 @@ def train(model: EdgeNet, data: Dataset, pp: Preprocessing, cfg: TrainConfig, wo
         model.load_state_dict(best_state)
     model.to("cpu").eval()
     return finish(best_epoch, best_acc, probe_acc, probe_s, resumed)
+
+
+def calibrate(model: EdgeNet, data: Dataset, val_logits: list | None, y_va: torch.Tensor, oof: tuple | None,
+              cfg: TrainConfig) -> dict:
+    """Temperature scaling of every head, folded into its weights (edgexfer/calibration.py). Held out: the
+    out-of-fold logits of the probe's cross-validation when the probe was refitted on train + val (`oof`: logits,
+    labels, folds), else the validation split, reported as uncertain when it is small (a fine-tuned model is
+    not cross-validated: that would train it k times); nothing when there is neither."""
+    from edgexfer.calibration import calibrate_heads
+
+    names, n_cls = list(data.tasks), [len(c) for c in data.tasks.values()]
+    held, fitted_on = {}, {}
+    if oof is not None:
+        z, y, k = oof
+        held[names[0]] = (z, y)
+        fitted_on = {"split": f"out-of-fold logits, stratified {k}-fold cross-validation on train + val",
+                     "uncertain": bool(len(y) < SMALL_VAL_IMAGES),
+                     "reason": "the linear probe was refitted on train + val, so validation is not held out; the "
+                               "probe's own cross-validation folds (its chosen strength) give every image a "
+                               "held-out logit"}
+    elif val_logits is not None:
+        y2 = _cols(y_va)
+        for t, name in enumerate(names):
+            m = y2[:, t] >= 0
+            held[name] = (val_logits[t][m].numpy(), y2[m, t].numpy())
+        small = small_validation(y_va, n_cls[0])
+        fitted_on = {"split": "validation", "uncertain": small,
+                     "reason": (f"{int((y2[:, 0] >= 0).sum())} validation images (< {SMALL_VAL_IMAGES}, or < "
+                                f"{SMALL_VAL_PER_CLASS} in some class): T rests on few images (see its 90% "
+                                "bootstrap interval); cross-validating a fine-tuned model would train it k times"
+                                if small else "the validation split, which chose the weights, holds these images out "
+                                "of training")}
+    rec = calibrate_heads(dict(model.heads.items()), held, fitted_on, enabled=cfg.calibrate, seed=cfg.seed)
+    if not cfg.calibrate:
+        rec["reason"] = "--no-calibrate: the heads' logits are as trained"
+    for name, r in rec["tasks"].items():
+        f = r["fitted_on"]
+        if r["folded"]:
+            log.info("calibration (%s): T=%.3f on %d %s images%s; ECE %.4f -> %.4f", name, r["temperature"],
+                     f["images"], f["split"], " (uncertain: few images)" if f["uncertain"] else "",
+                     f["ece_before"], f["ece_after"])
+        elif r.get("not_folded"):
+            log.warning("calibration (%s): not applied: %s", name, r["not_folded"])
+    return rec

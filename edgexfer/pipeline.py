@@ -286,6 +286,11 @@ def finetune(run_dir: str | Path, cfg: RunConfig, ws: Workspace | None = None) -
     atomic.write_json(run.file("report.json"), {"schema": REPORT_SCHEMA, "stages": {}})  # a new model: start over
     result = train(model, ds, ws.preprocessing, cfg.train, run.path, weights=cfg.model.weights)
     adaptation = adapt_bn(model, cfg.train.adapt_bn, ws) if cfg.train.adapt_bn else None
+    if adaptation and result.calibration:
+        result.calibration["note"] = ("fitted before AdaBN, on the source domain's held-out images: the adapted "
+                                      "model's scores on the target domain are not calibrated by it")
+    # the checkpoint records the temperature already folded into its heads (train_result.calibration): nothing
+    # downstream divides by it again, and a resumed run reuses this checkpoint rather than calibrating twice
     sha = save_checkpoint(run.checkpoint, model, mcfg, extra={"train_result": asdict(result)})
     state = run.file("train_state.pt")
     if state.exists():
@@ -302,7 +307,9 @@ def finetune(run_dir: str | Path, cfg: RunConfig, ws: Workspace | None = None) -
                   "pretrained_on": info.pretrained_on if cfg.model.weights == "imagenet" else cfg.model.weights,
                   "image_size": cfg.model.image_size, "image_size_reason": cfg.model.image_size_reason,
                   "feature_dim": info.feature_dim},
-        training={**asdict(result), "checkpoint_sha256": sha, "config": asdict(cfg.train)},
+        training={**{k: v for k, v in asdict(result).items() if k != "calibration"}, "checkpoint_sha256": sha,
+                  "config": asdict(cfg.train)},
+        calibration=result.calibration,
     )
     if adaptation:
         run.update_report(adaptation=adaptation)
@@ -665,12 +672,21 @@ def evaluate(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | 
     models: dict[str, dict] = {}
     preds = {}
     tasks = ws.dataset.tasks
+    logits = {}
+    temps = {t: r["temperature"] for t, r in (run.report().get("calibration") or {}).get("tasks", {}).items()}
     for key, path in files.items():
         m = evaluate_file(path, x, y, classes, threads=cfg.bench.threads, tasks=tasks)
         preds[key] = m.pop("predictions")
+        logits[key] = m.pop("logits")
         meta = read_meta(path)
         meta.metrics = {"split": "test", "n": m["n"], "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
                         "per_class_recall": {c: v["recall"] for c, v in m["per_class"].items()}}
+        if temps:  # this file's own calibration error (first task), and the temperature folded into its weights
+            from edgexfer.calibration import ece, softmax
+
+            y0 = y if y.ndim == 1 else y[:, 0]
+            meta.metrics.update(ece=ece(softmax(logits[key][0][y0 >= 0]), y0[y0 >= 0]),
+                                temperature=next(iter(temps.values())))
         if "tasks" in m:
             meta.metrics["tasks"] = {t: {"n": v["n"], "accuracy": v["accuracy"], "macro_f1": v["macro_f1"]}
                                      for t, v in m["tasks"].items()}
@@ -687,6 +703,10 @@ def evaluate(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | 
             "size_ratio": models["int8"]["size_bytes"] / models["fp32"]["size_bytes"],
             **per_class_delta(models["fp32"], models["int8"]),
         }
+    if temps and list(temps) == list(tasks):  # report only: the test split never fits T
+        from edgexfer.calibration import summary_on_test_split
+
+        out["calibration"] = {"tasks": summary_on_test_split(logits, y, temps)}
     run.update_report(**out)
     run.mark_done("evaluate", time.perf_counter() - t0)
     _confusion_plot(run, models, classes)

@@ -112,6 +112,7 @@ def report_md(rep: dict) -> str:
             lines += [f"Probe strength C={sel['C']:.3g} chosen by {sel['method']} on {sel['images']} labelled images "
                       f"(CV accuracy {_f(sel['cv_accuracy'])} ± {_f(sel['cv_stderr'])}), fitted on {sel['refit_on']}: "
                       f"{sel['reason']}.", ""]
+    lines += calibration_lines(rep)
     ad = rep.get("adaptation")
     if ad:
         lines += [f"Domain adaptation: {ad['method']}, {ad['batchnorm_layers']} layers on {ad['images']} images from "
@@ -234,6 +235,88 @@ def per_class_table(rep: dict) -> str:
     return "\n".join(lines)
 
 
+def _ece(x) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def calibration_lines(rep: dict) -> list[str]:
+    """One line per task: T, where it was fitted, ECE before -> after there and on the test split."""
+    cal = rep.get("calibration") or {}
+    out = []
+    for task, r in cal.get("tasks", {}).items():
+        f, test = r.get("fitted_on", {}), r.get("test", {}).get("files", {})
+        name = "" if len(cal["tasks"]) == 1 else f" ({task})"
+        if not f.get("images"):
+            out.append(f"Calibration{name}: none — {f.get('reason')}.")
+            continue
+        what = (f"temperature T={r['temperature']:.3f} (90% bootstrap interval "
+                f"{r['temperature_interval_90'][0]:.2f}–{r['temperature_interval_90'][1]:.2f}) fitted on "
+                if r.get("folded") else f"not applied ({r['not_folded']}); measured on " if r.get("not_folded")
+                else "not calibrated (--no-calibrate); measured on ")
+        line = (f"Calibration{name}: {what}{f['images']} images ({f['split']})"
+                + (", **uncertain: few images**" if f.get("uncertain") else "")
+                + f"; ECE ({cal.get('bins', 15)} bins, top-1) {_ece(f['ece_before'])} → {_ece(f['ece_after'])} there")
+        line += "".join(f"; test split, {k} (report only): {_ece(v['ece_before'])} → {_ece(v['ece_after'])}"
+                        for k, v in test.items())
+        out.append(line + ".")
+    if cal.get("note"):
+        out.append(f"Calibration note: {cal['note']}.")
+    return out + [""] if out else []
+
+
+def thresholds_section(rep: dict) -> list[str]:
+    """The model card's advice on thresholds: a coverage/accuracy table on the held-out images T was fitted
+    on (the test split's beside it, report only), and what images from outside the classes do."""
+    cal = rep.get("calibration") or {}
+    tasks = cal.get("tasks", {})
+    if not tasks:
+        return []
+    lines = ["## Confidence scores and thresholds", ""]
+    folded = any(r.get("folded") for r in tasks.values())
+    lines += [("The scores are softmax probabilities calibrated by temperature scaling: one temperature per task, "
+               "fitted after training on held-out images and folded into the final layer, so every file "
+               "(FP32, INT8, bundles, the server) gives the same calibrated scores with no runtime change. "
+               if folded else "The scores are softmax outputs as trained, not calibrated ("
+               + "; ".join(r.get("not_folded") or "--no-calibrate" for r in tasks.values()) + "). ")
+              + "To act only on confident answers, pick the threshold from the held-out columns below: the "
+              "lowest one whose accuracy meets what your use needs; images under it go to a person. The test "
+              "columns are for checking only (nothing was chosen on them); with few held-out images, treat "
+              "every row as a rough guide and re-check on your own labelled images (`edgexfer evaluate --data`).",
+              ""]
+    for task, r in tasks.items():
+        f = r.get("fitted_on", {})
+        held = {row["threshold"]: row for row in f.get("thresholds", [])}
+        test = {row["threshold"]: row for row in r.get("test", {}).get("thresholds", [])}
+        if not held and not test:
+            continue
+        if len(tasks) > 1:
+            lines += [f"Task `{task}`:", ""]
+        src = f"held out: {f.get('images')} {f.get('split')} images" if held else "held out: none"
+        tfile = r.get("test", {}).get("file", "")
+        lines += [f"| threshold | coverage ({src}) | accuracy (held out) | coverage (test, {tfile}) | "
+                  "accuracy (test) |", "|---|---|---|---|---|"]
+        for t in sorted(set(held) | set(test)):
+            h, te = held.get(t, {}), test.get(t, {})
+            lines.append(f"| {t:.2f} | {_opt_pct(h.get('coverage'))} | {_opt_pct(h.get('accuracy'))} | "
+                         f"{_opt_pct(te.get('coverage'))} | {_opt_pct(te.get('accuracy'))} |")
+        tf = f.get("threshold_for_target")
+        if tf:
+            lines += ["", f"On the held-out images, answers scoring at least {tf['threshold']:.2f} were "
+                          f"{tf['accuracy']:.1%} accurate (target {tf['target_accuracy']:.0%}): {tf['accepted']} of "
+                          f"{tf['images']} images kept."]
+        lines.append("")
+    lines += ["**Images of something else.** This is a closed-set classifier: it always answers with one of its "
+              "classes, whatever the image shows. Calibration makes the scores honest on images like the training "
+              "data; it does not make the model recognise an unrelated image, which can still get a class with a "
+              "high score. Use a threshold with human review of low-scoring images, and keep unrelated images away "
+              "from the model (or add an 'other' class with examples of them) where that matters.", ""]
+    return lines
+
+
+def _opt_pct(x) -> str:
+    return "–" if x is None else _pct(x)
+
+
 def model_card(rep: dict) -> str:
     d, b, models = rep.get("data", {}), rep.get("backbone", {}), rep.get("models", {})
     fp = models.get("fp32", {})
@@ -290,6 +373,7 @@ def model_card(rep: dict) -> str:
                       + f"INT8 gives FP32's top-1 on {ag['top1_agreement']:.1%} of {ag['images']} unlabelled "
                       "target-domain images (no labels needed; the accuracy guard kept early layers in FP32 "
                       f"until it reached {ag['warn_below']:.0%}, or the best it could).", ""]
+    lines += thresholds_section(rep)
     lines += [
         "## Limitations", "",
         "- Served worst: " + ", ".join(f"{c} (recall {v['recall']:.2f})" for c, v in worst) + ".",
@@ -297,6 +381,8 @@ def model_card(rep: dict) -> str:
         "(what it over- and under-represents) can be inherited by this model.",
         f"- Measured on {d.get('test')} test images from the same source as the training data; accuracy on images "
         "from another camera, lighting or domain can be lower.",
+        "- A closed-set classifier: an image of none of its classes still gets one of them, sometimes with a high "
+        "score (see Confidence scores and thresholds).",
         "", "## Provenance", "",
         f"edgexfer {rep.get('edgexfer_version')}; checkpoint sha256 `{rep.get('training', {}).get('checkpoint_sha256')}`; "
         f"report updated {rep.get('updated')}.", "",
