@@ -301,7 +301,8 @@ def thresholds_section(rep: dict) -> list[str]:
                          f"{_opt_pct(te.get('coverage'))} | {_opt_pct(te.get('accuracy'))} |")
         tf = f.get("threshold_for_target")
         if tf:
-            lines += ["", f"On the held-out images, answers scoring at least {tf['threshold']:.2f} were "
+            floor = int(tf["threshold"] * 100) / 100  # shown rounded down: a threshold set to it keeps those images
+            lines += ["", f"On the held-out images, answers scoring at least {floor:.2f} were "
                           f"{tf['accuracy']:.1%} accurate (target {tf['target_accuracy']:.0%}): {tf['accepted']} of "
                           f"{tf['images']} images kept."]
         lines.append("")
