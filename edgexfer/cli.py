@@ -62,8 +62,13 @@ def data_options(f):
                      help="Fashion-MNIST only: held-out test images."),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--strict", is_flag=True, help="Refuse corrupt images instead of skipping them."),
-        click.option("--backbone", default="efficientnet_lite0", show_default=True,
-                     help="Backbone name (see `edgexfer backbones`)."),
+        click.option("--backbone", default="auto", show_default=True,
+                     help="Backbone name (see `edgexfer backbones`), or auto: of the backbones with ImageNet "
+                          "weights here offline, the one whose features a cross-validated probe classifies best "
+                          "on your labelled images (within --max-latency-ms); the report shows the comparison."),
+        click.option("--max-latency-ms", type=click.FloatRange(0, min_open=True), default=None,
+                     help="--backbone auto: only backbones at most this slow at batch 1 on this host (ONNX Runtime, "
+                          "FP32, --threads). Default: no limit."),
         click.option("--weights", default="imagenet", show_default=True,
                      help="imagenet | none | path to a local checkpoint."),
         click.option("--image-size", type=ImageSize(), default="auto", show_default=True,
@@ -143,13 +148,16 @@ def apply_quant_options(cfg, *, target, calibration_method, calibration_samples,
 
 def build_config(*, data, shots, all_labels, test_size, seed, strict, backbone, weights, image_size, strategy,
                  epochs, batch_size, lr, threads, compare_scratch=False, unfreeze_blocks=3, lr_decay=1.0,
-                 adapt_bn=None, no_calibrate=False):
+                 adapt_bn=None, no_calibrate=False, max_latency_ms=None):
     from edgexfer.backbones import get_backbone_info
     from edgexfer.exporters.quantize import Int8Recipe
     from edgexfer.finetune import TrainConfig
     from edgexfer.pipeline import BenchConfig, DataConfig, ModelConfig, RunConfig
 
-    get_backbone_info(backbone)  # unknown names fail here, before any data is read
+    if backbone != "auto":
+        get_backbone_info(backbone)  # unknown names fail here, before any data is read
+        if max_latency_ms is not None:
+            raise EdgexferError("--max-latency-ms goes with --backbone auto")
     if weights not in ("imagenet", "none") and not Path(weights).is_file():
         raise EdgexferError(f"weights file not found: {weights}")
     if data is not None and not Path(data).is_dir():
@@ -160,7 +168,9 @@ def build_config(*, data, shots, all_labels, test_size, seed, strict, backbone, 
     from edgexfer.data import auto_image_size
 
     size_reason = None
-    if image_size == "auto":
+    if image_size == "auto" and backbone == "auto":
+        size_reason = "chosen with the backbone (--backbone auto)"
+    elif image_size == "auto":
         image_size, size_reason = auto_image_size(data, get_backbone_info(backbone).default_size, seed=seed)
     else:
         size_reason = f"--image-size {image_size}"
@@ -172,7 +182,7 @@ def build_config(*, data, shots, all_labels, test_size, seed, strict, backbone, 
         data=DataConfig(source=str(Path(data).resolve()) if data else None, shots=shots,
                         test_size=test_size, seed=seed, strict=strict),
         model=ModelConfig(backbone=backbone, weights=str(Path(weights).resolve()) if weights not in ("imagenet", "none") else weights,
-                          image_size=image_size, image_size_reason=size_reason),
+                          image_size=image_size, image_size_reason=size_reason, max_latency_ms=max_latency_ms),
         train=TrainConfig(strategy=strategy, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                           scratch_baseline=compare_scratch, unfreeze_blocks=unfreeze_blocks, lr_decay=lr_decay,
                           adapt_bn=str(Path(adapt_bn).resolve()) if adapt_bn else None, source_bn=bool(adapt_bn),
@@ -470,6 +480,10 @@ def curve(ctx, shots_list, out, no_scratch, **kw):
     if ctx.get_parameter_source("strategy") == click.core.ParameterSource.DEFAULT:
         kw["strategy"] = "auto"
     kw["all_labels"] = False
+    if kw["backbone"] == "auto":  # the curve compares label counts on one backbone, not backbones
+        if ctx.get_parameter_source("backbone") != click.core.ParameterSource.DEFAULT:
+            raise EdgexferError("curve takes a named --backbone (see `edgexfer backbones`), not auto")
+        kw["backbone"] = "efficientnet_lite0"
     cfg = build_config(**kw)
 
     def on_point(p):

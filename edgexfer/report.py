@@ -95,6 +95,8 @@ def report_md(rep: dict) -> str:
              + (f"; {d['labelled_left_out']} labelled images left out by --shots." if d.get("labelled_left_out") else "."),
              f"Backbone: `{b.get('name')}` ({b.get('weights')} weights), strategy `{b.get('strategy')}`, "
              f"input {b.get('image_size')}×{b.get('image_size')}.", ""]
+    if b.get("selection"):
+        lines += _selection_lines(b["selection"])
     if b.get("image_size_reason"):
         lines += [f"Input size {b['image_size']} px: {b['image_size_reason']}.", ""]
     if b.get("strategy_reason"):
@@ -398,3 +400,21 @@ def finalize(run, cfg) -> dict:
     atomic.write_text(run.file("report.md"), report_md(rep))
     atomic.write_text(run.file("model_card.md"), model_card(rep))
     return rep
+
+
+def _selection_lines(sel: dict) -> list[str]:
+    """`--backbone auto`: the comparison that chose the backbone, as a table."""
+    lines = [f"Backbone chosen by `--backbone auto`: `{sel['chosen']}`, {sel['reason']}. Latency: ONNX Runtime FP32, "
+             "batch 1, this host.", "",
+             "| backbone | input | probe CV accuracy (± s.e.) | LogME | p50 ms | within latency limit |",
+             "|---|---|---|---|---|---|"]
+    for r in sel["candidates"]:
+        acc = f"{r['cv_accuracy']:.3f} ± {r['cv_stderr']:.3f}" if "cv_accuracy" in r else "n/a"
+        lines.append(f"| {r['backbone']} | {r['image_size']} | {acc} | {r['logme']:.3f} | {r['latency_p50_ms']:.2f} | "
+                     f"{'yes' if r['within_latency'] else 'no'} |")
+    lead = sel.get("lead")
+    if lead and 0 < lead["points"] < 2 * lead["paired_stderr_points"]:
+        lines.append(f"\nThe lead over {lead['over']} ({lead['points']:+.1f} points) is within two paired standard "
+                     f"errors ({lead['paired_stderr_points']:.1f}): on {sel['images']} images the two are not told "
+                     "apart with confidence; either would do.")
+    return lines + [""]

@@ -3,7 +3,7 @@ import pytest
 
 from tests.conftest import make_image_folder, run_cli
 
-FAST = ("--epochs", "1", "--image-size", "32", "--bench-iters", "2")
+FAST = ("--backbone", "efficientnet_lite0", "--epochs", "1", "--image-size", "32", "--bench-iters", "2")
 
 
 def assert_user_error(p, *needles):

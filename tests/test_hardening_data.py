@@ -186,7 +186,7 @@ def test_truncated_jpeg_strict_is_one_line(tmp_path):
     data = make_image_folder(tmp_path / "d", per_class=4)
     truncated_jpeg(data / "red_disc" / "cut.jpg")
     p = run_cli("run", "--data", data, "--runs", tmp_path / "runs", "--strict", "--epochs", "1", "--image-size", "32",
-                "--bench-iters", "2")
+                "--bench-iters", "2", "--backbone", "efficientnet_lite0")
     assert_user_error(p, "corrupt image", "cut.jpg")
     assert not (tmp_path / "runs" / "demo" / "config.json").exists()  # a corrected rerun is not refused
 

@@ -145,6 +145,7 @@ def test_two_task_csv_trains_exports_and_predicts_both(two_task_csv, tmp_path):
     from edgexfer.runtime import EdgeModel
 
     run_cli("run", "--data", two_task_csv, "--runs", tmp_path, "--name", "mt", "--image-size", "64", "--epochs", "1",
+            "--backbone", "efficientnet_lite0",
             "--batch-size", "16", "--strategy", "partial", "--calibration-samples", "16", "--bench-iters", "5",
             check=True)
     run = tmp_path / "mt"
