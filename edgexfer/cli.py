@@ -76,10 +76,11 @@ def data_options(f):
                           "EfficientNet-Lite0) for photos, 96 when the images are small (median shorter side "
                           "under 64 px, e.g. Fashion-MNIST); the report says what was chosen and why."),
         click.option("--strategy", type=click.Choice(["auto", "lpft", "finetune", "partial", "linear"]),
-                     default="lpft", show_default=True,
+                     default="auto", show_default=True,
                      help="lpft: linear probe, then fine-tune every layer; finetune: every layer from the start; "
                           "partial: probe, then the last --unfreeze-blocks blocks; linear: the head on cached "
-                          "features; auto: chosen by labels per class (the report says why)."),
+                          "features; auto: linear when the validation split is too small to choose fine-tuning's "
+                          "epochs (under 50 images or 10 per class), else by labels per class (the report says why)."),
         click.option("--unfreeze-blocks", type=click.IntRange(min=1), default=3, show_default=True,
                      help="partial: how many of the backbone's last blocks train."),
         click.option("--lr-decay", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
@@ -158,6 +159,9 @@ def build_config(*, data, shots, all_labels, test_size, seed, strict, backbone, 
         get_backbone_info(backbone)  # unknown names fail here, before any data is read
         if max_latency_ms is not None:
             raise EdgexferError("--max-latency-ms goes with --backbone auto")
+    elif weights != "imagenet":
+        raise EdgexferError(f"--backbone auto compares ImageNet-pretrained backbones; with --weights {weights}, name "
+                            "the backbone they belong to (--backbone NAME)")
     if weights not in ("imagenet", "none") and not Path(weights).is_file():
         raise EdgexferError(f"weights file not found: {weights}")
     if data is not None and not Path(data).is_dir():

@@ -73,12 +73,25 @@ AUTO_LINEAR_BELOW = 10
 AUTO_PARTIAL_BELOW = 16
 
 
-def choose_strategy(train_labels: np.ndarray, n_classes: int, weights: str) -> tuple[str, str]:
-    """What `--strategy auto` picks for this data, and why (the report quotes the reason)."""
+def choose_strategy(train_labels: np.ndarray, n_classes: int, weights: str,
+                    val_labels: np.ndarray | None = None) -> tuple[str, str]:
+    """What `--strategy auto` picks for this data, and why (the report quotes the reason).
+
+    A small validation split (under SMALL_VAL_IMAGES images or SMALL_VAL_PER_CLASS per class) cannot
+    choose fine-tuning's epoch, nor tell whether fine-tuning beat the probe: one image moves its accuracy
+    by 100/N points. Then the probe is the strategy, its strength chosen by cross-validation over every
+    labelled image (cv_probe), and refitted on all of them."""
     counts = np.bincount(train_labels, minlength=n_classes)
     per_class = float(np.median(counts[counts > 0])) if counts.any() else 0.0
     if weights == "none":
         return "finetune", "random-init weights: nothing to probe or to keep frozen, so every layer trains"
+    if val_labels is not None and len(val_labels):
+        vc = np.bincount(val_labels[val_labels >= 0], minlength=n_classes)
+        if vc.sum() < SMALL_VAL_IMAGES or vc.min() < SMALL_VAL_PER_CLASS:
+            return "linear", (f"the validation split has {int(vc.sum())} images ({int(vc.min())} in its smallest "
+                              f"class; one image is {100 / max(int(vc.sum()), 1):.1f} points): too few to choose "
+                              "fine-tuning's epochs or to tell fine-tuning from the probe, so a linear probe whose "
+                              "strength is chosen by cross-validation over all labelled images, refitted on them")
     if per_class < AUTO_LINEAR_BELOW:
         return "linear", (f"{per_class:g} labelled training images per class (median) < {AUTO_LINEAR_BELOW}: "
                           "fine-tuning the backbone would over-fit; a linear probe on cached features is as "
@@ -350,7 +363,7 @@ def train(model: EdgeNet, data: Dataset, pp: Preprocessing, cfg: TrainConfig, wo
     n_cls = [len(c) for c in data.tasks.values()]
     strategy, reason = cfg.strategy, None
     if strategy == "auto":
-        strategy, reason = choose_strategy(data.train.labels, n_cls[0], weights)
+        strategy, reason = choose_strategy(data.train.labels, n_cls[0], weights, data.val.labels)
         log.info("--strategy auto chose %s: %s", strategy, reason)
     x_tr, y_tr = tensorize(data.train, pp, "preprocess train")
     x_va, y_va = tensorize(data.val, pp, "preprocess val") if len(data.val) else (x_tr[:0], y_tr[:0])

@@ -49,7 +49,7 @@ def run_cli(*args, check=False, env=None, timeout=600) -> subprocess.CompletedPr
     return p
 
 
-TINY_RUN_ARGS = ("--backbone", "efficientnet_lite0", "--image-size", "64", "--epochs", "2", "--batch-size", "16", "--shots", "20",
+TINY_RUN_ARGS = ("--backbone", "efficientnet_lite0", "--strategy", "lpft", "--image-size", "64", "--epochs", "2", "--batch-size", "16", "--shots", "20",
                  "--calibration-samples", "32", "--bench-iters", "10")
 
 

@@ -70,5 +70,7 @@ def test_latency_limit_needs_auto_and_curve_needs_a_name(tmp_path):
     p = run_cli("run", "--backbone", "efficientnet_lite0", "--max-latency-ms", "5", "--runs", tmp_path)
     assert p.returncode == 1 and "--max-latency-ms goes with --backbone auto" in p.stderr
     assert "Traceback" not in p.stderr
+    p = run_cli("run", "--weights", "none", "--runs", tmp_path)
+    assert p.returncode == 1 and "name the backbone" in p.stderr and "Traceback" not in p.stderr
     p = run_cli("curve", "--backbone", "auto", "--out", tmp_path / "c")
     assert p.returncode == 1 and "named --backbone" in p.stderr and "Traceback" not in p.stderr

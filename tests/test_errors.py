@@ -43,7 +43,7 @@ def test_corrupt_image_strict(tmp_path):
 
 
 def test_unknown_backbone(tmp_path):
-    p = run_cli("run", "--backbone", "resnet9000", "--runs", tmp_path / "runs", *FAST)
+    p = run_cli("run", "--runs", tmp_path / "runs", *FAST, "--backbone", "resnet9000")
     assert_user_error(p, "resnet9000")
     assert no_artifacts(tmp_path)
 

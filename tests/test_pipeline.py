@@ -106,7 +106,7 @@ def test_stage_commands(tiny_run, tmp_path):
 
 def test_scratch_baseline_is_measured(image_folder, tmp_path):
     p = run_cli("finetune", "--data", image_folder, "--out", tmp_path / "r", "--image-size", "64", "--epochs", "1",
-                "--batch-size", "16", "--shots", "20", "--compare-scratch", check=True)
+                "--batch-size", "16", "--shots", "20", "--compare-scratch", "--backbone", "efficientnet_lite0", check=True)
     rep = json.loads((tmp_path / "r" / "report.json").read_text())
     t = rep["transfer"]
     assert 0 <= t["scratch_test_accuracy"] <= 1 and 0 <= t["pretrained_test_accuracy"] <= 1

@@ -8,7 +8,7 @@ import time
 
 from tests.conftest import make_image_folder
 
-ARGS = ("--image-size", "64", "--epochs", "4", "--batch-size", "4", "--shots", "24", "--strategy", "finetune")
+ARGS = ("--backbone", "efficientnet_lite0", "--image-size", "64", "--epochs", "4", "--batch-size", "4", "--shots", "24", "--strategy", "finetune")
 
 
 def test_killed_finetune_resumes(tmp_path):

@@ -76,6 +76,12 @@ def test_auto_strategy_follows_labels_per_class():
     assert choose_strategy(many, 5, "imagenet")[0] == "lpft"
     assert choose_strategy(few, 5, "none")[0] == "finetune"
     assert "per class" in choose_strategy(many, 5, "imagenet")[1]
+    # a validation split too small to choose epochs on (6 per class, 30 images): the cross-validated probe
+    small_val, big_val = np.repeat(np.arange(5), 6), np.repeat(np.arange(5), 20)
+    strategy, why = choose_strategy(many, 5, "imagenet", small_val)
+    assert strategy == "linear" and "30 images" in why and "cross-validation" in why
+    assert choose_strategy(many, 5, "imagenet", big_val)[0] == "lpft"
+    assert choose_strategy(many, 5, "none", small_val)[0] == "finetune"
 
 
 class _Blocks(nn.Module):
@@ -214,7 +220,7 @@ def test_adapt_bn_records_the_adaptation(image_folder, tmp_path):
         im = make_image(i % 3, rng)
         im.point(lambda v: 255 - v).save(target / f"{i}.png")
     run_cli("finetune", "--data", image_folder, "--out", tmp_path / "r", "--image-size", "64", "--strategy", "linear",
-            "--shots", "10", "--adapt-bn", target, check=True)
+            "--shots", "10", "--adapt-bn", target, "--backbone", "efficientnet_lite0", check=True)
     rep = json.loads((tmp_path / "r" / "report.json").read_text())
     ad = rep["adaptation"]
     assert ad["images"] == 12 and ad["batchnorm_layers"] > 10
@@ -263,7 +269,7 @@ def test_a_useless_pretrained_start_is_flagged_as_negative_transfer(image_folder
     torch.save(sd, tmp_path / "useless.pt")
     p = run_cli("finetune", "--data", image_folder, "--out", tmp_path / "r", "--image-size", "64", "--epochs", "3",
                 "--batch-size", "16", "--shots", "20", "--strategy", "linear", "--weights", tmp_path / "useless.pt",
-                "--compare-scratch", check=True)
+                "--compare-scratch", "--backbone", "efficientnet_lite0", check=True)
     rep = json.loads((tmp_path / "r" / "report.json").read_text())
     t = rep["transfer"]
     assert t["pretrained_test_accuracy"] == pytest.approx(1 / 3, abs=0.05)  # one class for every image
