@@ -120,19 +120,30 @@ def fold_temperature(linear, t: float) -> None:
         linear.bias.data.div_(t)
 
 
-def out_of_fold_logits(f: np.ndarray, y: np.ndarray, C: float, balanced: bool, folds: int, seed: int) -> np.ndarray:
+def out_of_fold_logits(f: np.ndarray, y: np.ndarray, C: float, balanced: bool, folds: int, seed: int,
+                       views: np.ndarray | None = None) -> np.ndarray:
     """Logits of each image from a multinomial logistic regression (strength C) fitted without it: the
-    stratified `folds`-fold split `cv_probe` chose C with (same seed, same folds). (N, K)."""
+    stratified `folds`-fold split `cv_probe` chose C with (same seed, same folds; with `views` (V, N, D),
+    the augmented views of the training images fitted too, as cv_probe does). (N, K)."""
     import warnings
 
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
+    from edgexfer.finetune import view_folds
+
+    v = 0 if views is None else len(views)
+    x = np.asarray(f, np.float64)
+    xs = np.concatenate([x, np.asarray(views, np.float64).reshape(-1, x.shape[1])]) if v else x
+    ys = np.tile(y, v + 1)
+    d = None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # convergence chatter at weak regularisation
-        d = cross_val_predict(LogisticRegression(C=C, max_iter=2000, class_weight="balanced" if balanced else None),
-                              np.asarray(f, np.float64), y, cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
-                              method="decision_function")
+        for tr, te in view_folds(np.asarray(y), folds, seed, v):
+            clf = LogisticRegression(C=C, max_iter=2000, class_weight="balanced" if balanced else None)
+            z = clf.fit(xs[tr], ys[tr]).decision_function(xs[te])
+            if d is None:
+                d = np.zeros((len(x),) + z.shape[1:])
+            d[te] = z
     return np.stack([np.zeros_like(d), d], 1) if d.ndim == 1 else d  # two classes: logits (0, w.x + b)
 
 

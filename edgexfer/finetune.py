@@ -55,6 +55,7 @@ class TrainConfig:
     adapt_bn: str | None = None     # folder of unlabelled target-domain images: AdaBN after training
     source_bn: bool = False         # BatchNorm statistics from the training images, not the pretraining data
     calibrate: bool = True          # fit a temperature per head on held-out logits and fold it in (calibration.py)
+    probe_views: int = 4            # the cross-validated probe also fits this many augmented views of each image
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -250,23 +251,69 @@ def small_validation(y_va: torch.Tensor, n_classes: int) -> bool:
     return int(counts.sum()) < SMALL_VAL_IMAGES or int(counts.min()) < SMALL_VAL_PER_CLASS
 
 
-def cv_probe(head: torch.nn.Linear, f: torch.Tensor, y: torch.Tensor, balanced: bool, seed: int) -> dict | None:
+def probe_augmented_views(split: Split, pp: Preprocessing, view: int, seed: int) -> torch.Tensor:
+    """One augmented view of every image of `split` as the model's input (N, C, H, W): a random resized
+    crop (35-100% of the area) at the input size, a horizontal flip, and for colour images a mild colour
+    jitter (torchvision.transforms.v2), seeded by (seed, view). What the probe sees besides the centre crop:
+    a few views per image are cheap more data when labels are few (the features are computed once)."""
+    from PIL import Image
+    from torchvision.transforms import v2 as T
+
+    from edgexfer.runtime.preprocess import load_image, to_8bit
+
+    ops = [T.RandomResizedCrop(pp.crop, scale=(0.35, 1.0), antialias=True), T.RandomHorizontalFlip()]
+    if pp.color == "RGB":
+        ops.append(T.ColorJitter(0.2, 0.2, 0.2))
+    tf = T.Compose([*ops, T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(pp.mean, pp.std)])
+    out = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * 1009 + view)
+        for src in split.images:
+            img = to_8bit(load_image(src))
+            img = img.convert(pp.color) if img.mode != pp.color else img
+            side = max(pp.crop * 3 // 2, 1)  # decode once, then crop from a modest size: the crop is resized anyway
+            if min(img.size) > side:
+                s = side / min(img.size)
+                img = img.resize((max(1, round(img.width * s)), max(1, round(img.height * s))), Image.BILINEAR)
+            out.append(tf(img))
+    return torch.stack(out)
+
+
+def view_folds(t: np.ndarray, k: int, seed: int, views: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Stratified k folds over N images whose rows are stacked as [originals, view 1, ..., view V]: each
+    fold trains on every row of its training images and scores the held-out images' originals only, so
+    no view of a held-out image is fitted and the score is the centre crop's, as served."""
+    from sklearn.model_selection import StratifiedKFold
+
+    n = len(t)
+    return [(np.concatenate([tr + v * n for v in range(views + 1)]), te)
+            for tr, te in StratifiedKFold(k, shuffle=True, random_state=seed).split(np.zeros(n), t)]
+
+
+def cv_probe(head: torch.nn.Linear, f: torch.Tensor, y: torch.Tensor, balanced: bool, seed: int,
+             views: torch.Tensor | None = None) -> dict | None:
     """Fit `head` as multinomial logistic regression on features `f` (N, D) and labels `y` (N,), its L2
     strength chosen by stratified k-fold cross-validation (scikit-learn's LogisticRegressionCV, k = min(5,
-    the smallest class)); None when some class has fewer than 2 images (nothing to cross-validate)."""
+    the smallest class)); None when some class has fewer than 2 images (nothing to cross-validate).
+    `views` (V, N, D): features of V augmented views of the same images, fitted beside them (view_folds
+    keeps every view of a held-out image out of its fold)."""
     import warnings
 
     from sklearn.linear_model import LogisticRegressionCV
-    from sklearn.model_selection import StratifiedKFold
 
     x, t = f.numpy().astype(np.float64), y.numpy()
     counts = np.bincount(t, minlength=head.out_features)
     if counts.min() < 2:
         return None
     k = int(min(5, counts.min()))
+    v = 0 if views is None else len(views)
+    folds = view_folds(t, k, seed, v)
+    if v:
+        x = np.concatenate([x, views.reshape(-1, x.shape[1]).numpy().astype(np.float64)])
+        t = np.tile(t, v + 1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # convergence chatter at the weakest regularisation
-        clf = LogisticRegressionCV(Cs=10, cv=StratifiedKFold(k, shuffle=True, random_state=seed), max_iter=2000,
+        clf = LogisticRegressionCV(Cs=10, cv=folds, max_iter=2000,
                                    class_weight="balanced" if balanced else None).fit(x, t)
     scores = np.asarray(next(iter(clf.scores_.values())))  # (folds, Cs): held-out accuracy of each strength
     best = int(np.argmin(np.abs(clf.Cs_ - clf.C_[0])))
@@ -277,8 +324,9 @@ def cv_probe(head: torch.nn.Linear, f: torch.Tensor, y: torch.Tensor, balanced: 
     with torch.no_grad():
         head.weight.copy_(torch.as_tensor(w, dtype=head.weight.dtype))
         head.bias.copy_(torch.as_tensor(b, dtype=head.bias.dtype))
-    return {"method": f"LogisticRegressionCV, stratified {k}-fold cross-validation over {len(clf.Cs_)} strengths",
-            "images": len(t), "folds": k, "C": float(clf.C_[0]), "cv_accuracy": float(fold.mean()),
+    return {"method": f"LogisticRegressionCV, stratified {k}-fold cross-validation over {len(clf.Cs_)} strengths"
+                      + (f", fitted on each image and {v} augmented views of it" if v else ""),
+            "images": len(f), "views": v, "folds": k, "C": float(clf.C_[0]), "cv_accuracy": float(fold.mean()),
             "cv_stderr": float(fold.std(ddof=1) / np.sqrt(k))}
 
 
@@ -410,7 +458,13 @@ def train(model: EdgeNet, data: Dataset, pp: Preprocessing, cfg: TrainConfig, wo
             # (benchmarks/results/photos_cv_lpft.json); the guard has to decide on agreement first.
             f_fit = torch.cat([f_tr, f_va])
             y_fit = torch.cat([_cols(y_tr)[:, 0], _cols(y_va)[:, 0]])
-            selection = cv_probe(model.heads[next(iter(model.heads))], f_fit, y_fit, cw[0] is not None, cfg.seed)
+            both = Split(list(data.train.images) + list(data.val.images), np.concatenate([data.train.labels,
+                                                                                          data.val.labels]))
+            views = torch.stack([extract_features(model, probe_augmented_views(both, pp, v, cfg.seed),
+                                                  desc=f"features view {v + 1}") for v in range(cfg.probe_views)]) \
+                if cfg.probe_views else None
+            selection = cv_probe(model.heads[next(iter(model.heads))], f_fit, y_fit, cw[0] is not None, cfg.seed,
+                                 views)
             if selection:
                 selection.update(refit_on="train + val",
                                  reason="no validation split" if not len(x_va) else
@@ -424,7 +478,8 @@ def train(model: EdgeNet, data: Dataset, pp: Preprocessing, cfg: TrainConfig, wo
                 from edgexfer.calibration import out_of_fold_logits
 
                 oof = (out_of_fold_logits(f_fit.numpy(), y_fit.numpy(), selection["C"], cw[0] is not None,
-                                          selection["folds"], cfg.seed), y_fit.numpy(), selection["folds"])
+                                          selection["folds"], cfg.seed, views=None if views is None else views.numpy()),
+                       y_fit.numpy(), selection["folds"])
         if selection:  # fitted on val too: its cross-validated accuracy is the one to report
             probe_acc = selection["cv_accuracy"]
         else:
