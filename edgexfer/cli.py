@@ -64,7 +64,7 @@ def data_options(f):
         click.option("--strict", is_flag=True, help="Refuse corrupt images instead of skipping them."),
         click.option("--backbone", default="auto", show_default=True,
                      help="Backbone name (see `edgexfer backbones`), or auto: of the backbones with ImageNet "
-                          "weights here offline, the one whose features a cross-validated probe classifies best "
+                          "weights here offline, the one whose features a linear probe classifies best (held out) "
                           "on your labelled images (within --max-latency-ms); the report shows the comparison."),
         click.option("--max-latency-ms", type=click.FloatRange(0, min_open=True), default=None,
                      help="--backbone auto: only backbones at most this slow at batch 1 on this host (ONNX Runtime, "

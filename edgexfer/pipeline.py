@@ -338,7 +338,7 @@ def _adopt_selection(cfg: RunConfig, model: dict) -> None:
 
 def choose_backbone(run: RunFolder, cfg: RunConfig, ws: Workspace) -> dict:
     """`--backbone auto`: every backbone with ImageNet weights here offline, each at its own input size
-    (`--image-size auto` per backbone, or the size given), scored by a cross-validated probe on the labelled
+    (`--image-size auto` per backbone, or the size given), scored by a linear probe's held-out accuracy on the labelled
     images (transfer.select_backbone); the winner and its size go into the config, the whole comparison into
     backbone_selection.json and the report."""
     from edgexfer.backbones import get_backbone_info

@@ -406,7 +406,7 @@ def _selection_lines(sel: dict) -> list[str]:
     """`--backbone auto`: the comparison that chose the backbone, as a table."""
     lines = [f"Backbone chosen by `--backbone auto`: `{sel['chosen']}`, {sel['reason']}. Latency: ONNX Runtime FP32, "
              "batch 1, this host.", "",
-             "| backbone | input | probe CV accuracy (± s.e.) | LogME | p50 ms | within latency limit |",
+             "| backbone | input | probe leave-one-out accuracy (± s.e.) | LogME | p50 ms | within latency limit |",
              "|---|---|---|---|---|---|"]
     for r in sel["candidates"]:
         acc = f"{r['cv_accuracy']:.3f} ± {r['cv_stderr']:.3f}" if "cv_accuracy" in r else "n/a"

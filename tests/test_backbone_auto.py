@@ -21,12 +21,15 @@ def test_probe_cv_separable_vs_noise():
     good = np.eye(3)[y] * 5 + rng.normal(0, 0.3, (36, 3))
     noise = rng.normal(0, 1, (36, 8))
     g, n = probe_cv(good, y), probe_cv(noise, y)
-    assert g["cv_accuracy"] > 0.95 and g["folds"] == 5 and g["images"] == 36
+    assert g["cv_accuracy"] > 0.95 and g["images"] == 36 and "leave-one-out" in g["method"]
     assert n["cv_accuracy"] < 0.7 and n["cv_stderr"] > 0
     assert g["correct"].shape == (36,)
-    # two folds at most with two images in some class; none with one
-    assert probe_cv(good[:7], np.array([0, 0, 1, 1, 2, 2, 2]))["folds"] == 2
+    # two images in a class are enough to hold one out; one is not
+    assert probe_cv(good[:7], np.array([0, 0, 1, 1, 2, 2, 2]))["images"] == 7
     assert probe_cv(good[:5], np.array([0, 0, 1, 1, 2])) is None
+    # two classes (one decision column): the held-out predictions are still right
+    two = probe_cv(good[:24, :2], (y[:24] > 0).astype(int))
+    assert two["cv_accuracy"] > 0.9 and two["correct"].shape == (24,)
 
 
 def test_select_backbone_ranks_and_honours_the_latency_limit(tmp_path):
