@@ -50,5 +50,37 @@ def test_wrong_names_shapes_agreement(tiny_run, reference):
         validate([swapped], tiny_run / "model.onnx", x, ["logits"], atol=1e9, min_agreement=0.99)
 
 
-def test_export_errors_are_value_errors():
-    assert issubclass(AtolError, ValueError) and issubclass(ShapeError, ValueError)
+def test_nan_output_fails_the_atol_check(tiny_run, reference):
+    x, ref = reference
+    nan = ref[0].copy()
+    nan[0, 0] = np.nan  # `diff > atol` is False for NaN: the check must be written so that NaN fails it
+    with pytest.raises(AtolError):
+        validate([nan], tiny_run / "model.onnx", x, ["logits"], atol=1e9, min_agreement=0.0)
+
+
+def test_failed_export_leaves_no_file_and_is_a_user_error(tiny_run, reference, tmp_path, monkeypatch):
+    """An exporter that writes a wrong graph stops the stage with a typed error that the CLI prints as
+    one line (no traceback), and neither the output file nor the temporary folder is left behind."""
+    from edgexfer.cli import _user_errors
+    from edgexfer.exporters import onnx_export
+    from edgexfer.model import load_checkpoint
+    from edgexfer.runtime.metadata import ModelMeta
+
+    real = onnx_export._torch_export
+
+    def wrong_export(model, dummy, path, meta, names, opset):
+        real(model, dummy, path, meta, names, opset)
+        m = onnx.load(str(path))
+        init = max(m.graph.initializer, key=lambda t: int(np.prod(t.dims)))
+        init.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(init), init.name))
+        onnx.save(m, str(path))
+
+    monkeypatch.setattr(onnx_export, "_torch_export", wrong_export)
+    model, _, _ = load_checkpoint(tiny_run / "checkpoint.pt")
+    meta = ModelMeta.from_props({p.key: p.value for p in onnx.load(str(tiny_run / "model.onnx")).metadata_props})
+    out = tmp_path / "out" / "model.onnx"
+    with pytest.raises(AtolError) as e:
+        onnx_export.export_onnx(model, meta, out, reference[0][:8], atol=1e-3)
+    assert isinstance(e.value, _user_errors())
+    assert "exceeds atol" in str(e.value) and "\n" not in str(e.value)
+    assert list(out.parent.iterdir()) == []  # no model.onnx, no .export-* folder

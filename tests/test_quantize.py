@@ -133,10 +133,14 @@ def test_inspect(tiny_run):
 def test_export_cleanup_recorded(tiny_run):
     rep = json.loads((tiny_run / "report.json").read_text())
     c = rep["export"]["cleanup"]
-    assert c["tool"].startswith("onnxslim")
-    if c["kept"]:
-        assert c["nodes_after"] <= c["nodes_before"] and c["max_abs_diff"] <= rep["export"]["atol"]
-        assert len(onnx.load(str(tiny_run / "model.onnx")).graph.node) == c["nodes_after"]
+    assert c["tool"].startswith("onnxslim") and c["reason"]
+    pytest.importorskip("onnxslim")  # a train dependency: with it, the clean-up ran and measured both graphs
+    assert {"nodes_before", "nodes_after", "size_before", "size_after", "p50_ms_before", "p50_ms_after"} <= set(c), c
+    # kept exactly when smaller or faster; either way the shipped graph is the one the record names
+    assert c["kept"] == (c["size_after"] < c["size_before"] or c["p50_ms_after"] < c["p50_ms_before"])
+    assert c["max_abs_diff"] <= rep["export"]["atol"]
+    shipped = len(onnx.load(str(tiny_run / "model.onnx")).graph.node)
+    assert shipped == (c["nodes_after"] if c["kept"] else c["nodes_before"])
 
 
 def test_triton_repository_parses_back(tiny_run, tmp_path):
