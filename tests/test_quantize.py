@@ -135,7 +135,9 @@ def test_export_cleanup_recorded(tiny_run):
     c = rep["export"]["cleanup"]
     assert c["tool"].startswith("onnxslim") and c["reason"]
     pytest.importorskip("onnxslim")  # a train dependency: with it, the clean-up ran and measured both graphs
-    assert {"nodes_before", "nodes_after", "size_before", "size_after", "p50_ms_before", "p50_ms_after"} <= set(c), c
+    if "nodes_before" not in c:  # onnxslim raised or changed the outputs: the export shipped unslimmed
+        assert not c["kept"] and c["reason"].startswith(("onnxslim failed", "outputs changed")), c
+        return
     # kept exactly when smaller or faster; either way the shipped graph is the one the record names
     assert c["kept"] == (c["size_after"] < c["size_before"] or c["p50_ms_after"] < c["p50_ms_before"])
     assert c["max_abs_diff"] <= rep["export"]["atol"]
