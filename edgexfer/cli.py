@@ -269,20 +269,23 @@ def run(name, runs, force, bench_iters, target, calibration_method, calibration_
 
 
 def print_headline(out: Path, rep: dict) -> None:
+    from edgexfer.report import check_value
+    from edgexfer.runtime import fmt
+
     models = rep.get("models", {})
     click.echo("")
     click.secho(f"Results in {out}/  (report.md, report.json, model_card.md, model.onnx, model.int8.onnx)", bold=True)
     for k, m in models.items():
         lat = m.get("latency_ms", {})
-        click.echo(f"  {k:5s} {m['file']:17s} {m['size_bytes'] / 1e6:6.2f} MB  test accuracy {m.get('accuracy', float('nan')):.4f}"
-                   f"  p50 {lat.get('p50', float('nan')):.2f} ms")
+        click.echo(f"  {k:5s} {m['file']:17s} {m['size_bytes'] / 1e6:6.2f} MB  test accuracy {fmt.accuracy(m.get('accuracy'))}"
+                   f"  p50 {fmt.ms(lat.get('p50'))} ms")
     ref = rep.get("reference", {}).get("pytorch_eager")
     if ref:
-        click.echo(f"  PyTorch eager reference: p50 {ref['latency_ms']['p50']:.2f} ms")
+        click.echo(f"  PyTorch eager reference: p50 {fmt.ms(ref['latency_ms']['p50'])} ms")
     for c in rep.get("checks", []):
         mark = (click.style("--", fg="yellow") if c["ok"] is None else
                 click.style("ok", fg="green") if c["ok"] else click.style("NO", fg="red", bold=True))
-        click.echo(f"  [{mark}] {c['name']}: {c['value']} ({c['bound']})")
+        click.echo(f"  [{mark}] {c['name']}: {check_value(c)} ({c['bound']})")
     r = rep.get("recommendation")
     if r:
         click.secho(f"  Recommended here: {r['file']} ({r['why']})", bold=True)
@@ -490,10 +493,14 @@ def curve(ctx, shots_list, out, no_scratch, **kw):
         kw["backbone"] = "efficientnet_lite0"
     cfg = build_config(**kw)
 
+    from edgexfer.runtime import fmt
+
     def on_point(p):
         pre, s = p["pretrained"], p.get("scratch")
-        click.echo(f"  {p['labels_per_class']:4d} labels/class: pretrained {pre['test_accuracy']:.4f} ({pre['strategy']})"
-                   + (f", scratch {s['test_accuracy']:.4f}, {p['gain_points']:+.1f} points" if s else ""), err=True)
+        click.echo(f"  {p['labels_per_class']:4d} labels/class: pretrained {fmt.accuracy(pre['test_accuracy'])} "
+                   f"({pre['strategy']})"
+                   + (f", scratch {fmt.accuracy(s['test_accuracy'])}, {fmt.points(p['gain_points'])} points" if s else ""),
+                   err=True)
 
     res = curve_fn(cfg, shots, out, scratch=not no_scratch, on_point=on_point)
     click.echo(curve_markdown(res))

@@ -1,9 +1,7 @@
 """report.json -> report.md and model_card.md, and the headline checks printed at the end of a run."""
 from __future__ import annotations
 
-from typing import Any
-
-from edgexfer.runtime import atomic
+from edgexfer.runtime import atomic, fmt
 
 
 def checks(rep: dict, max_drop: float) -> list[dict]:
@@ -15,34 +13,36 @@ def checks(rep: dict, max_drop: float) -> list[dict]:
     if "accuracy" in fp and "accuracy" in q:
         drop = fp["accuracy"] - q["accuracy"]
         if target.get("host_measures_faithfully", True):
-            out.append({"name": "INT8 accuracy drop vs FP32", "value": round(drop, 4), "bound": f"<= {max_drop}",
-                        "ok": drop <= max_drop + 1e-9})
+            out.append({"name": "INT8 accuracy drop vs FP32", "value": round(drop, 4), "kind": "accuracy_delta",
+                        "bound": f"<= {max_drop}", "ok": drop <= max_drop + 1e-9})
         else:
-            out.append({"name": "INT8 accuracy drop vs FP32", "value": f"{drop:.4f} on this host, not the target's",
+            out.append({"name": "INT8 accuracy drop vs FP32", "value": f"{fmt.accuracy_delta(drop)} on this host, not the target's",
                         "bound": f"<= {max_drop} on a {target.get('target')} device", "ok": None,
                         "note": target.get("warning")})
     g = rep.get("quantize", {}).get("guard", {})
     if g.get("measured_on", "this host") != "this host":  # the target's own figure (arm64 under emulation)
         out.append({"name": f"INT8 accuracy drop vs FP32 on {g['measured_on']}",
-                    "value": round(g["fp32_accuracy"] - g["shipped_accuracy"], 4),
+                    "value": round(g["fp32_accuracy"] - g["shipped_accuracy"], 4), "kind": "accuracy_delta",
                     "bound": f"<= {g['max_accuracy_drop']} ({g.get('guard_set')})", "ok": bool(g["within_bound"]),
-                    "note": f"this host measured {g.get('shipped_host_accuracy')} against FP32 {g.get('fp32_host_accuracy')}"})
+                    "note": f"this host measured {fmt.accuracy(g.get('shipped_host_accuracy'))} against FP32 "
+                            f"{fmt.accuracy(g.get('fp32_host_accuracy'))}"})
     if "size_bytes" in fp and "size_bytes" in q:
         r = q["size_bytes"] / fp["size_bytes"]
-        out.append({"name": "INT8 file size / FP32", "value": round(r, 3), "bound": "<= 0.35", "ok": r <= 0.35})
+        out.append({"name": "INT8 file size / FP32", "value": round(r, 3), "kind": "ratio", "bound": "<= 0.35",
+                    "ok": r <= 0.35})
     eager = rep.get("reference", {}).get("pytorch_eager", {}).get("latency_ms", {}).get("p50")
     if eager and "latency_ms" in fp:
         r = fp["latency_ms"]["p50"] / eager
-        out.append({"name": "ONNX FP32 p50 latency / PyTorch eager", "value": round(r, 3), "bound": "<= 0.5",
-                    "ok": r <= 0.5})
+        out.append({"name": "ONNX FP32 p50 latency / PyTorch eager", "value": round(r, 3), "kind": "ratio",
+                    "bound": "<= 0.5", "ok": r <= 0.5})
     if "latency_ms" in fp and "latency_ms" in q:
         r = fp["latency_ms"]["p50"] / q["latency_ms"]["p50"]
-        out.append({"name": "INT8 speed-up over FP32 (p50, batch 1)", "value": round(r, 2), "bound": "> 1.0",
-                    "ok": r > 1.0})
+        out.append({"name": "INT8 speed-up over FP32 (p50, batch 1)", "value": round(r, 2), "kind": "ratio",
+                    "bound": "> 1.0", "ok": r > 1.0})
     tr = rep.get("transfer")
     if tr:
-        out.append({"name": "pretrained beats scratch (test, points)", "value": tr["gain_points"], "bound": "> 0",
-                    "ok": not tr["negative_transfer"]})
+        out.append({"name": "pretrained beats scratch (test, points)", "value": tr["gain_points"], "kind": "points",
+                    "bound": "> 0", "ok": not tr["negative_transfer"]})
     impact = rep.get("quantization_impact", {})
     losing = impact.get("classes_losing_more_than", {}).get("classes")
     if losing is not None:
@@ -70,7 +70,7 @@ def recommend(rep: dict, max_drop: float) -> dict | None:
         speedup = fp["latency_ms"]["p50"] / q["latency_ms"]["p50"]
         out["int8_speedup"] = speedup
         if speedup <= 1.0:
-            out["note"] = (f"INT8 is not faster than FP32 on this CPU ({speedup:.2f}x at batch 1): ship FP32 here, "
+            out["note"] = (f"INT8 is not faster than FP32 on this CPU ({fmt.ratio(speedup)}x at batch 1): ship FP32 here, "
                            "or benchmark INT8 on the target device (VNNI and ARM dot-product cores gain more)")
     rejected = sorted(k for k, m in models.items() if "accuracy" in m and k not in ok
                       and fp["accuracy"] - m["accuracy"] > max_drop + 1e-9)
@@ -79,12 +79,12 @@ def recommend(rep: dict, max_drop: float) -> dict | None:
     return out
 
 
-def _f(x: Any, nd: int = 4) -> str:
-    return f"{x:.{nd}f}" if isinstance(x, float) else str(x)
+_pct = fmt.pct
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}%"
+def check_value(c: dict) -> str:
+    """A check's value as its kind says (report.md, the CLI headline)."""
+    return fmt.figure(c["value"], c.get("kind"))
 
 
 def report_md(rep: dict) -> str:
@@ -103,28 +103,29 @@ def report_md(rep: dict) -> str:
         lines += [f"Strategy `{b.get('strategy')}` chosen by `--strategy auto`: {b['strategy_reason']}.", ""]
     t = rep.get("training", {})
     if t:
-        lines += [f"Training: validation accuracy {_f(t.get('val_accuracy'))} (best epoch {t.get('best_epoch')}), "
-                  f"{t.get('train_seconds', 0):.0f} s on {t.get('device', 'cpu')}; linear probe alone "
-                  f"{_f(t.get('probe_val_accuracy'))}"
-                  + (f" in {t['probe_seconds']:.1f} s" if t.get("probe_seconds") else "")
+        tuned = any(h.get("phase") == "finetune" for h in t.get("history") or [])
+        lines += [f"Training: {kept_weights(t)}; {t.get('train_seconds', 0):.0f} s on {t.get('device', 'cpu')}"
+                  + (f"; linear probe alone {fmt.accuracy(t.get('probe_val_accuracy'))}" if tuned else "")
+                  + (f" in {t['probe_seconds']:.1f} s" if tuned and t.get("probe_seconds") else "")
                   + (f"; {t['trainable_parameters']:,} trainable parameters" if t.get("trainable_parameters") else "")
                   + ".", ""]
         sel = t.get("probe_selection")
         if sel:
             lines += [f"Probe strength C={sel['C']:.3g} chosen by {sel['method']} on {sel['images']} labelled images "
-                      f"(CV accuracy {_f(sel['cv_accuracy'])} ± {_f(sel['cv_stderr'])}), fitted on {sel['refit_on']}: "
+                      f"(CV accuracy {fmt.accuracy(sel['cv_accuracy'])} ± {fmt.accuracy(sel['cv_stderr'])}), fitted on "
+                      f"{sel['refit_on']}: "
                       f"{sel['reason']}.", ""]
     lines += calibration_lines(rep)
     ad = rep.get("adaptation")
     if ad:
         lines += [f"Domain adaptation: {ad['method']}, {ad['batchnorm_layers']} layers on {ad['images']} images from "
-                  f"`{ad['folder']}`; source validation accuracy {_f(ad.get('source_val_accuracy_before'))} before, "
-                  f"{_f(ad.get('source_val_accuracy_after'))} after.", ""]
+                  f"`{ad['folder']}`; source validation accuracy {fmt.accuracy(ad.get('source_val_accuracy_before'))} "
+                  f"before, {fmt.accuracy(ad.get('source_val_accuracy_after'))} after.", ""]
     tr = rep.get("transfer")
     if tr:
         lines += [("**NEGATIVE TRANSFER:** " if tr["negative_transfer"] else "") +
-                  f"Pretrained start {tr['pretrained_test_accuracy']:.4f} vs the same network from scratch "
-                  f"{tr['scratch_test_accuracy']:.4f} with the same budget ({tr['gain_points']:+.1f} points, "
+                  f"Pretrained start {fmt.accuracy(tr['pretrained_test_accuracy'])} vs the same network from scratch "
+                  f"{fmt.accuracy(tr['scratch_test_accuracy'])} with the same budget ({fmt.points(tr['gain_points'])} points, "
                   f"{tr['measured_with']}).", ""]
     lines += ["## Models", "", "| model | file | size (MB) | test accuracy | macro-F1 | p50 ms | p90 ms | p99 ms | img/s (batch) |",
               "|---|---|---|---|---|---|---|---|---|"]
@@ -132,13 +133,13 @@ def report_md(rep: dict) -> str:
     ref = rep.get("reference", {}).get("pytorch_eager")
     for k, m in rows:
         lat, thr = m.get("latency_ms", {}), m.get("throughput", {})
-        lines.append(f"| {k} | {m.get('file')} | {m.get('size_bytes', 0) / 1e6:.2f} | {_f(m.get('accuracy'))} | "
-                     f"{_f(m.get('macro_f1'))} | {_f(lat.get('p50'), 2)} | {_f(lat.get('p90'), 2)} | "
-                     f"{_f(lat.get('p99'), 2)} | {_f(thr.get('images_per_s'), 0)} ({thr.get('batch', '')}) |")
+        lines.append(f"| {k} | {m.get('file')} | {m.get('size_bytes', 0) / 1e6:.2f} | {fmt.accuracy(m.get('accuracy'))} | "
+                     f"{fmt.accuracy(m.get('macro_f1'))} | {fmt.ms(lat.get('p50'))} | {fmt.ms(lat.get('p90'))} | "
+                     f"{fmt.ms(lat.get('p99'))} | {fmt.img_s(thr.get('images_per_s'))} ({thr.get('batch', '')}) |")
     if ref:
         lat, thr = ref["latency_ms"], ref.get("throughput", {})
-        lines.append(f"| PyTorch eager (reference) | checkpoint.pt | | | | {lat['p50']:.2f} | {lat['p90']:.2f} | "
-                     f"{lat['p99']:.2f} | {_f(thr.get('images_per_s'), 0)} ({thr.get('batch', '')}) |")
+        lines.append(f"| PyTorch eager (reference) | checkpoint.pt | | | | {fmt.ms(lat['p50'])} | {fmt.ms(lat['p90'])} | "
+                     f"{fmt.ms(lat['p99'])} | {fmt.img_s(thr.get('images_per_s'))} ({thr.get('batch', '')}) |")
     bench = rep.get("bench", {})
     if bench:
         lines += ["", f"Latency: batch 1, {bench.get('threads')} threads, {bench.get('iters')} interleaved runs "
@@ -166,35 +167,39 @@ def report_md(rep: dict) -> str:
             if g.get("decides_on"):  # top-1 agreement with FP32 decides; labelled validation beside it
                 lines[-2:] = ["| candidate | agreement with FP32 (decides) | disagreement | validation accuracy "
                               "(drop ± s.e.) | within bound |", "|---|---|---|---|---|"]
-            lines += [f"| INC trial {i + 1} | {a:.4f} | {g['fp32_accuracy'] - a:+.4f} | "
+            lines += [f"| INC trial {i + 1} | {fmt.accuracy(a)} | {fmt.accuracy_delta(g['fp32_accuracy'] - a)} | "
                       + ("(INC's own run) | " if g.get("decides_on") else "")
                       + f"{g['fp32_accuracy'] - a <= g['max_accuracy_drop'] + 1e-9} |"
                       for i, a in enumerate(inc.get("trial_accuracies", [])[1:])]
             if g.get("measured_on", "this host") != "this host":  # arm64 columns: the target's figure and this host's
                 lines[-2:] = [f"| candidate | accuracy on {g['measured_on']} (decides) | accuracy on this host | "
                               "drop (target) | within bound |", "|---|---|---|---|---|"]
-                lines += [f"| FP32 | {g['fp32_accuracy']:.4f} | {g.get('fp32_host_accuracy', float('nan')):.4f} | | |"]
-                lines += [f"| {c['fp32_layers']} layers FP32 | {c['guard_accuracy']:.4f} | {c['host_accuracy']:.4f} | "
-                          f"{c['drop']:+.4f} | {c['within_bound']} |" for c in g["candidates"] if "fp32_layers" in c]
+                lines += [f"| FP32 | {fmt.accuracy(g['fp32_accuracy'])} | {fmt.accuracy(g.get('fp32_host_accuracy'))} | | |"]
+                lines += [f"| {c['fp32_layers']} layers FP32 | {fmt.accuracy(c['guard_accuracy'])} | "
+                          f"{fmt.accuracy(c['host_accuracy'])} | {fmt.accuracy_delta(c['drop'])} | {c['within_bound']} |"
+                          for c in g["candidates"] if "fp32_layers" in c]
             elif g.get("decides_on"):
-                lines += [f"| {c['fp32_layers']} layers FP32 | {c['guard_accuracy']:.4f} | {c['drop']:.4f} | "
-                          + (f"{c['val_accuracy']:.4f} ({100 * c['val_drop']:+.1f} ± {100 * c['val_drop_se']:.1f} "
-                             "points)" if "val_drop" in c else "–") + f" | {c['within_bound']} |"
+                lines += [f"| {c['fp32_layers']} layers FP32 | {fmt.accuracy(c['guard_accuracy'])} | "
+                          f"{fmt.accuracy(c['drop'])} | "
+                          + (f"{fmt.accuracy(c['val_accuracy'])} ({fmt.points(100 * c['val_drop'])} ± "
+                             f"{fmt.points(100 * c['val_drop_se'], signed=False)} points)" if "val_drop" in c else "–")
+                          + f" | {c['within_bound']} |"
                           for c in g["candidates"] if "fp32_layers" in c]
                 lines += ["", f"How sure: {g['confidence']}"]
             else:
-                lines += [f"| {c['fp32_layers']} layers FP32 | {c['guard_accuracy']:.4f} | {c['drop']:+.4f} | "
-                          f"{c['within_bound']} |" for c in g["candidates"] if "fp32_layers" in c]
+                lines += [f"| {c['fp32_layers']} layers FP32 | {fmt.accuracy(c['guard_accuracy'])} | "
+                          f"{fmt.accuracy_delta(c['drop'])} | {c['within_bound']} |"
+                          for c in g["candidates"] if "fp32_layers" in c]
             if g["layers_kept_fp32"]:
                 lines += ["", "Kept in FP32: " + ", ".join(f"`{n}`" for n in g["layers_kept_fp32"]) + "."]
     lines += ["", "## Checks", "", "| check | value | bound | ok |", "|---|---|---|---|"]
     for c in rep.get("checks", []):
         ok = "not measurable here" if c["ok"] is None else ("yes" if c["ok"] else "**NO**")
-        lines.append(f"| {c['name']} | {c['value']} | {c['bound']} | {ok} |")
+        lines.append(f"| {c['name']} | {check_value(c)} | {c['bound']} | {ok} |")
     r = rep.get("recommendation")
     if r:
-        lines += ["", f"**Recommended for this host:** `{r['file']}` — {r['why']} (p50 {r['p50_ms']:.2f} ms, accuracy "
-                      f"{r['accuracy']:.4f}, {r['size_bytes'] / 1e6:.2f} MB)." + (f" {r['note']}." if r.get("note") else "")]
+        lines += ["", f"**Recommended for this host:** `{r['file']}` — {r['why']} (p50 {fmt.ms(r['p50_ms'])} ms, accuracy "
+                      f"{fmt.accuracy(r['accuracy'])}, {r['size_bytes'] / 1e6:.2f} MB)." + (f" {r['note']}." if r.get("note") else "")]
     t = rep.get("quantize", {}).get("target")
     if t:
         lines += ["", f"INT8 target: {t['target']} (host: {t['host']}). {t['why']}"
@@ -215,7 +220,8 @@ def task_table(rep: dict) -> str:
              + " | ".join(f"{k} accuracy | {k} macro-F1" for k in keys) + " |",
              "|---|---|---|" + "---|---|" * len(keys)]
     for name, v in tasks.items():
-        cells = " | ".join(f"{models[k]['tasks'][name]['accuracy']:.4f} | {models[k]['tasks'][name]['macro_f1']:.4f}"
+        cells = " | ".join(f"{fmt.accuracy(models[k]['tasks'][name]['accuracy'])} | "
+                           f"{fmt.accuracy(models[k]['tasks'][name]['macro_f1'])}"
                            for k in keys)
         lines.append(f"| {name} | {len(v['per_class'])} | {v['n']} | {cells} |")
     return "\n".join(lines)
@@ -232,8 +238,8 @@ def per_class_table(rep: dict) -> str:
              "|---|---|---|---|---|---|"]
     for c, v in fp["per_class"].items():
         qr = q.get("per_class", {}).get(c, {}).get("recall")
-        lines.append(f"| {c} | {v['support']} | {v['precision']:.3f} | {v['recall']:.3f} | "
-                     f"{'' if qr is None else f'{qr:.3f}'} | {delta.get(c, '')} |")
+        lines.append(f"| {c} | {v['support']} | {fmt.accuracy(v['precision'])} | {fmt.accuracy(v['recall'])} | "
+                     f"{'' if qr is None else fmt.accuracy(qr)} | {fmt.points(delta[c]) if c in delta else ''} |")
     return "\n".join(lines)
 
 
@@ -339,11 +345,11 @@ def model_card(rep: dict) -> str:
         "## Data", "",
         f"Source `{d.get('source')}`; train {d.get('train')}, validation {d.get('val')}, held-out test {d.get('test')} "
         f"images. Training images per class: {d.get('train_per_class')}. Imbalance (max/min): "
-        f"{_f(d.get('imbalance_ratio'), 2)}."
+        f"{fmt.ratio(d.get('imbalance_ratio'))}."
         + (f" {d['labelled_left_out']} labelled images were left out (--shots)." if d.get("labelled_left_out") else ""), "",
         "## Metrics (held-out test split, ONNX Runtime)", "",
         "| model | accuracy | macro-F1 |", "|---|---|---|",
-        *[f"| {k} | {_f(m.get('accuracy'))} | {_f(m.get('macro_f1'))} |" for k, m in models.items()], "",
+        *[f"| {k} | {fmt.accuracy(m.get('accuracy'))} | {fmt.accuracy(m.get('macro_f1'))} |" for k, m in models.items()], "",
         task_table(rep), "",
         per_class_table(rep), "",
         "## Quantization impact", "",
@@ -353,15 +359,13 @@ def model_card(rep: dict) -> str:
         lines[lines.index("## Quantization impact"):lines.index("## Quantization impact")] = [
             "## Transfer", "",
             ("**Negative transfer:** " if tr["negative_transfer"] else "") +
-            f"the pretrained start scored {tr['pretrained_test_accuracy']:.4f}, the same network trained from scratch "
-            f"with the same budget {tr['scratch_test_accuracy']:.4f} ({tr['gain_points']:+.1f} points).", ""]
+            f"the pretrained start scored {fmt.accuracy(tr['pretrained_test_accuracy'])}, the same network trained from "
+            f"scratch with the same budget {fmt.accuracy(tr['scratch_test_accuracy'])} ({fmt.points(tr['gain_points'])} "
+            "points).", ""]
     if impact:
-        losing = impact["classes_losing_more_than"]["classes"]
-        lines += [f"INT8 changed accuracy by {-100 * impact['accuracy_drop']:+.2f} points overall; "
-                  f"top-1 agreement with FP32 {_pct(impact['top1_agreement_int8_vs_fp32'])}. The class that lost most "
-                  f"is {impact['worst_class']} ({impact['worst_delta_points']:+.2f} points). "
-                  + (f"**Warning:** {', '.join(losing)} lost more than 3 points."
-                     if losing else "No class lost more than 3 points."), ""]
+        lines += [f"INT8 changed accuracy by {fmt.points(-100 * impact['accuracy_drop'])} points overall; "
+                  f"top-1 agreement with FP32 {fmt.pct(impact['top1_agreement_int8_vs_fp32'])}. "
+                  + class_losses(impact), ""]
     else:
         lines += ["No quantized file in this run.", ""]
     ad = rep.get("adaptation")
@@ -379,7 +383,7 @@ def model_card(rep: dict) -> str:
     lines += thresholds_section(rep)
     lines += [
         "## Limitations", "",
-        "- Served worst: " + ", ".join(f"{c} (recall {v['recall']:.2f})" for c, v in worst) + ".",
+        "- Served worst: " + ", ".join(f"{c} (recall {fmt.accuracy(v['recall'])})" for c, v in worst) + ".",
         f"- The backbone's pretrained weights come from {b.get('pretrained_on')}; biases of that data set "
         "(what it over- and under-represents) can be inherited by this model.",
         f"- Measured on {d.get('test')} test images from the same source as the training data; accuracy on images "
@@ -391,6 +395,52 @@ def model_card(rep: dict) -> str:
         f"report updated {rep.get('updated')}.", "",
     ]
     return "\n".join(lines)
+
+
+def class_losses(impact: dict) -> str:
+    """The model card's sentence on per-class recall under INT8: the class(es) that lost most, or that none did."""
+    deltas = impact.get("recall_delta_points", {})
+    lost = {c: d for c, d in deltas.items() if d < 0}
+    if not lost:
+        return "No class lost accuracy (per-class recall)." if deltas else ""
+    worst = min(lost.values())
+    names = [c for c, d in lost.items() if d == worst]
+    losing = impact.get("classes_losing_more_than", {})
+    bound = losing.get("points", 3.0)
+    return (f"The {'class' if len(names) == 1 else 'classes'} that lost most: {', '.join(names)} "
+            f"({fmt.points(worst)} points). "
+            + (f"**Warning:** {', '.join(losing['classes'])} lost more than {bound:g} points."
+               if losing.get("classes") else f"No class lost more than {bound:g} points."))
+
+
+def kept_weights(t: dict) -> str:
+    """Which weights training kept and why it stopped, in words that agree with the epoch log: epoch 0 is the
+    linear probe (kept when no fine-tuning epoch beat it on validation); early stopping compares fine-tuning
+    epochs with each other, so it can stop several epochs after the kept one."""
+    best, acc = t.get("best_epoch"), t.get("val_accuracy")
+    hist = t.get("history") or []
+    ft = [h for h in hist if h.get("phase") == "finetune"]
+    if acc is None:
+        return (f"no validation split, so the weights of epoch {best} (lowest training loss) were kept"
+                if ft else "no validation split; the linear probe's weights")
+    if best == 0:
+        if not ft:
+            return f"linear probe only (epoch 0, no fine-tuning epochs), validation accuracy {fmt.accuracy(acc)}"
+        out = (f"validation accuracy {fmt.accuracy(acc)} from the linear probe (epoch 0), kept because none of the "
+               f"{len(ft)} fine-tuning epochs beat it")
+    else:
+        tied = [h["epoch"] for h in ft if h["epoch"] < best and h.get("val_accuracy") == acc]
+        out = (f"validation accuracy {fmt.accuracy(acc)} from fine-tuning epoch {best} of {len(ft)} run"
+               + (f" (tied with epoch {tied[0]}; ties keep the later weights)" if tied else ""))
+    cfg = t.get("config") or {}
+    scored = [h for h in ft if h.get("val_accuracy") is not None]
+    if scored and cfg.get("epochs") and scored[-1]["epoch"] < cfg["epochs"]:
+        top = max(h["val_accuracy"] for h in scored)
+        at = next(h["epoch"] for h in scored if h["val_accuracy"] == top)  # early stopping counts from the first
+        out += (f"; stopped early after epoch {scored[-1]['epoch']} of {cfg['epochs']}: no fine-tuning epoch beat "
+                f"epoch {at}'s {fmt.accuracy(top)} in the {scored[-1]['epoch'] - at} epochs after it"
+                + (f" (patience {cfg['patience']})" if cfg.get("patience") else ""))
+    return out
 
 
 def finalize(run, cfg) -> dict:
@@ -409,12 +459,13 @@ def _selection_lines(sel: dict) -> list[str]:
              "| backbone | input | probe leave-one-out accuracy (± s.e.) | LogME | p50 ms | within latency limit |",
              "|---|---|---|---|---|---|"]
     for r in sel["candidates"]:
-        acc = f"{r['cv_accuracy']:.3f} ± {r['cv_stderr']:.3f}" if "cv_accuracy" in r else "n/a"
-        lines.append(f"| {r['backbone']} | {r['image_size']} | {acc} | {r['logme']:.3f} | {r['latency_p50_ms']:.2f} | "
+        acc = f"{fmt.accuracy(r['cv_accuracy'])} ± {fmt.accuracy(r['cv_stderr'])}" if "cv_accuracy" in r else "n/a"
+        lines.append(f"| {r['backbone']} | {r['image_size']} | {acc} | {r['logme']:.3f} | {fmt.ms(r['latency_p50_ms'])} | "
                      f"{'yes' if r['within_latency'] else 'no'} |")
     lead = sel.get("lead")
     if lead and 0 < lead["points"] < 2 * lead["paired_stderr_points"]:
-        lines.append(f"\nThe lead over {lead['over']} ({lead['points']:+.1f} points) is within two paired standard "
-                     f"errors ({lead['paired_stderr_points']:.1f}): on {sel['images']} images the two are not told "
+        lines.append(f"\nThe lead over {lead['over']} ({fmt.points(lead['points'])} points) is within two paired standard "
+                     f"errors ({fmt.points(lead['paired_stderr_points'], signed=False)}): on {sel['images']} images the "
+                     "two are not told "
                      "apart with confidence; either would do.")
     return lines + [""]

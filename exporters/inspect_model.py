@@ -10,6 +10,7 @@ from pathlib import Path
 
 import onnx
 
+from edgexfer.runtime import fmt
 from edgexfer.runtime.errors import MetadataError
 from edgexfer.runtime.metadata import META_KEY, ModelMeta
 
@@ -63,6 +64,10 @@ def inspect(path: str | Path) -> dict:
     }
 
 
+def _floats(v) -> str:
+    return "(" + ", ".join(f"{x:.4g}" for x in v) + ")"
+
+
 def format_text(info: dict) -> str:
     meta = info["metadata"]
     w = info["weighted_ops"]
@@ -82,14 +87,14 @@ def format_text(info: dict) -> str:
         lines += [
             "labels: " + ", ".join(meta["labels"]),
             f"preprocessing: {pp['color']}, resize {pp['resize']} ({pp['interpolation']}), crop {pp['crop']}, "
-            f"scale {pp['scale']:.6g}, mean {pp['mean']}, std {pp['std']}",
+            f"scale {pp['scale']:.6g}, mean {_floats(pp['mean'])}, std {_floats(pp['std'])}",
             f"provenance: {prov.get('backbone')} ({prov.get('weights')} weights), edgexfer {prov.get('edgexfer_version')}, "
             f"checkpoint {str(prov.get('checkpoint_sha256'))[:12]}…, {prov.get('created')}",
         ]
         if meta.get("metrics"):
             mt = meta["metrics"]
-            lines.append(f"metrics: accuracy {mt.get('accuracy')}, macro-F1 {mt.get('macro_f1')} on {mt.get('n')} "
-                         f"{mt.get('split')} images")
+            lines.append(f"metrics: accuracy {fmt.accuracy(mt.get('accuracy'))}, macro-F1 {fmt.accuracy(mt.get('macro_f1'))} "
+                         f"on {mt.get('n')} {mt.get('split')} images")
         q = meta.get("quantization")
         if q:
             lines.append("quantization: " + ", ".join(f"{k}={v}" for k, v in q.items()
