@@ -1,14 +1,17 @@
 """Benchmark models where they run: latency, throughput, cold start, memory — several models side by side.
 
 Needs only the runtime install (numpy, onnxruntime); OpenVINO and PyTorch are measured beside ONNX
-Runtime when installed. Runs are interleaved — one timed call of each model in turn — so drift of a
-shared, noisy machine hits every model alike; the ratios to the first model are what to trust.
+Runtime when installed (the output says why when one is not). Runs are interleaved — one timed call of
+each model in turn — so drift of a shared, noisy machine hits every model alike; the ratios to the first
+model are what to trust. Each model gets an input of its own size, so a 96 px and a 224 px model are one
+interleaved run.
 
     edgexfer bench runs/demo                          # every ONNX file of a run folder (+ references)
     edgexfer bench a.onnx b.onnx --duration 20 --sweep --json out.json --markdown out.md --plot out.png
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -16,7 +19,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -39,24 +42,28 @@ class Candidate:
     fn: Callable[[np.ndarray], object]  # called with one input batch
     backend: str = "onnxruntime"
     file: str | None = None
+    shape: tuple[int, ...] | None = None  # one image's input (C, H, W); None: the run folder's
 
 
-def interleaved(candidates: list[Candidate], x: np.ndarray, *, warmup: int = 10, iters: int = 100,
-                duration: float = 0.0) -> dict[str, dict]:
-    """Latency of each candidate on input `x`, interleaved, after `warmup` calls each.
+def interleaved(candidates: list[Candidate], x: np.ndarray | Mapping[str, np.ndarray], *, warmup: int = 10,
+                iters: int = 100, duration: float = 0.0) -> dict[str, dict]:
+    """Latency of each candidate on input `x` (one array for all, or one per candidate name), interleaved,
+    after `warmup` calls each.
 
     Runs `iters` rounds, or, with `duration` > 0, rounds until that many seconds have passed.
     """
+    xs = x if isinstance(x, Mapping) else {c.name: x for c in candidates}
     for c in candidates:
         for _ in range(warmup):
-            c.fn(x)
+            c.fn(xs[c.name])
     times: dict[str, list[float]] = {c.name: [] for c in candidates}
     start = time.perf_counter()
     rounds = 0
     while (time.perf_counter() - start < duration) if duration > 0 else rounds < iters:
         for c in candidates:
+            xc = xs[c.name]
             t0 = time.perf_counter()
-            c.fn(x)
+            c.fn(xc)
             times[c.name].append(time.perf_counter() - t0)
         rounds += 1
     return {name: summarize(t) for name, t in times.items()}
@@ -77,8 +84,11 @@ def onnx_candidate(name: str, path, threads: int, spinning: bool = False) -> Can
     return Candidate(name, lambda x: sess.run(None, {inp: x}), "onnxruntime", str(path))
 
 
+OPENVINO_MISSING = 'the openvino package is not installed (pip install "edgexfer[openvino]")'
+
+
 def openvino_candidate(name: str, path, threads: int) -> Candidate | None:
-    """OpenVINO on the same ONNX file, when the `openvino` package is installed (else None)."""
+    """OpenVINO on the same ONNX file, when the `openvino` package is installed (else None: OPENVINO_MISSING)."""
     try:
         import openvino as ov
     except ImportError:
@@ -147,6 +157,7 @@ class BenchConfig:
     sweep: tuple[int, ...] = ()                # thread counts for the sweep (empty: none)
     cold_start: bool = True
     openvino: bool = True
+    references: bool = True                    # measure the reference backends handed to run_benchmark
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -180,32 +191,61 @@ def run_benchmark(targets: Sequence[str | os.PathLike], cfg: BenchConfig = Bench
     files, found_dir = model_files(targets)
     run_dir = run_dir or found_dir
     metas = {f: EdgeModel(f) for f in files}
-    shapes = {m.input_shape for m in metas.values()}
-    if len(shapes) != 1:
-        raise RuntimeInputError(f"models take different input shapes {sorted(shapes)}; benchmark them separately")
-    shape = shapes.pop()
     names = _unique_names(files)
     cands = [onnx_candidate(names[f], f, cfg.threads) for f in files]
-    if cfg.openvino:
+    for f, c in zip(files, cands):
+        c.shape = metas[f].input_shape
+    not_measured: dict[str, str] = {}
+    if not cfg.openvino:
+        not_measured["openvino"] = "not asked for (--no-reference)"
+    else:
         ov = openvino_candidate(f"openvino:{names[files[0]]}", files[0], cfg.threads)
         if ov:
+            ov.shape = metas[files[0]].input_shape
             cands.append(ov)
-    if run_dir is not None:
-        for factory in references:
-            c = factory(run_dir, cfg.threads)
-            if c:
-                cands.append(c)
+        else:
+            not_measured["openvino"] = OPENVINO_MISSING
+    # a reference rebuilt from a run folder's checkpoint takes that folder's input size
+    run_shape = next((metas[f].input_shape for f in files if run_dir is not None
+                      and f.resolve().parent == Path(run_dir).resolve()), metas[files[0]].input_shape)
+    if run_dir is None:
+        not_measured["pytorch_eager"] = "needs a run folder (its checkpoint.pt); only ONNX files were named"
+    elif not cfg.references:
+        not_measured["pytorch_eager"] = "not asked for (--no-reference)"
+    elif not references:
+        not_measured["pytorch_eager"] = "needs the training install (pip install 'edgexfer[train]')"
+    for factory in references if run_dir is not None and cfg.references else ():
+        c = factory(run_dir, cfg.threads)
+        if c:
+            c.shape = c.shape or run_shape
+            cands.append(c)
+        else:
+            not_measured[getattr(factory, "__name__", "reference").replace("_reference", "_eager")] = \
+                _why_no_reference(Path(run_dir))
     rng = np.random.default_rng(cfg.seed)
-    x1 = rng.standard_normal((1, *shape)).astype(np.float32)
+    shapes = {c.shape for c in cands}
 
+    def inputs(batch: int) -> dict[str, np.ndarray]:
+        """One random input per input size (the same for every model of that size), handed to each model."""
+        per_shape = {s: rng.standard_normal((batch, *s)).astype(np.float32) for s in sorted(shapes)}
+        return {c.name: per_shape[c.shape] for c in cands}
+
+    x1 = inputs(1)
     log(f"single-stream: {', '.join(c.name for c in cands)} interleaved, "
         + (f"{cfg.duration:g} s" if cfg.duration > 0 else f"{cfg.iters} rounds") + f", {cfg.threads} threads")
     lat = interleaved(cands, x1, warmup=cfg.warmup, iters=cfg.iters, duration=cfg.duration)
-    log(f"offline throughput at batch {', '.join(map(str, cfg.batches))}")
+    # Batch 1 is the single-stream run itself: img/s = 1000 / p50. (It used to be a separate run of
+    # offline_iters calls after 2 warm-ups, which on a shared machine could read half of 1000 / p50.)
     thr: dict[str, dict] = {c.name: {} for c in cands}
+    offline = [b for b in cfg.batches if b != 1]
+    if offline:
+        log(f"offline throughput at batch {', '.join(map(str, offline))}")
     for b in cfg.batches:
-        xb = rng.standard_normal((b, *shape)).astype(np.float32)
-        r = interleaved(cands, xb, warmup=2, iters=cfg.offline_iters)
+        if b == 1:
+            for c in cands:
+                thr[c.name]["1"] = 1e3 / lat[c.name]["p50"]
+            continue
+        r = interleaved(cands, inputs(b), warmup=2, iters=cfg.offline_iters)
         for c in cands:
             thr[c.name][str(b)] = b / (r[c.name]["p50"] / 1e3)
 
@@ -214,6 +254,7 @@ def run_benchmark(targets: Sequence[str | os.PathLike], cfg: BenchConfig = Bench
     for c in cands:
         f = Path(c.file) if c.file else None
         entry = {"backend": c.backend, "file": c.file, "size_bytes": f.stat().st_size if f and f.suffix == ".onnx" else None,
+                 "input_shape": [1, *c.shape],
                  "threads": cfg.threads, "latency_ms": lat[c.name], "throughput_img_s": thr[c.name],
                  "p50_ratio_to_first": lat[c.name]["p50"] / base}
         if f in metas:
@@ -230,12 +271,22 @@ def run_benchmark(targets: Sequence[str | os.PathLike], cfg: BenchConfig = Bench
         log(f"thread sweep {', '.join(map(str, cfg.sweep))}")
         for t in cfg.sweep:
             cs = [onnx_candidate(names[f], f, t) for f in files]
-            r = interleaved(cs, x1, warmup=5, iters=max(20, cfg.iters // 4))
+            r = interleaved(cs, {c.name: x1[c.name] for c in cs}, warmup=5, iters=max(20, cfg.iters // 4))
             for f in files:
                 results[names[f]].setdefault("thread_sweep_p50_ms", {})[str(t)] = r[names[f]]["p50"]
-    return {"schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "input_shape": [1, *shape], "config": {k: v for k, v in cfg.__dict__.items() if k != "extra"},
-            "machine": machine_info(), "models": results}
+    doc = {"schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if len(shapes) == 1:  # one input size for all; else each model's own is under models.*.input_shape
+        doc["input_shape"] = [1, *next(iter(shapes))]
+    return {**doc, "config": {k: v for k, v in cfg.__dict__.items() if k != "extra"},
+            "machine": machine_info(), "models": results, "not_measured": not_measured}
+
+
+def _why_no_reference(run_dir: Path) -> str:
+    if not (run_dir / "checkpoint.pt").is_file():
+        return f"no checkpoint.pt in {run_dir}"
+    if importlib.util.find_spec("torch") is None:
+        return "torch is not installed (pip install 'edgexfer[train]')"
+    return "the reference could not be built from the run folder"
 
 
 def _unique_names(files: list[Path]) -> dict[Path, str]:
@@ -248,28 +299,66 @@ def _unique_names(files: list[Path]) -> dict[Path, str]:
 # -- output ----------------------------------------------------------------------------------------------
 
 def to_markdown(res: dict) -> str:
-    m = res["machine"]
+    from edgexfer.runtime import fmt
+
+    m, cfg = res["machine"], res["config"]
+    batches = cfg["batches"]
+    mixed = "input_shape" not in res  # models of several input sizes: each row says its own
+    cold = any("cold_start" in r for r in res["models"].values())
     lines = [f"Machine: {m['cpu']} ({m['arch']}, {m['cores']} cores; flags {', '.join(m['flags']) or 'none'}); "
-             f"onnxruntime {m['onnxruntime']}. Input {res['input_shape']}, {res['config']['threads']} threads, "
-             "interleaved.", "",
-             "| model | backend | size MB | p50 ms | p90 ms | p99 ms | max ms | × first (p50) | "
-             + " | ".join(f"img/s @{b}" for b in res["config"]["batches"]) + " | ready s | first result s | peak RSS MB |",
-             "|---|---|---|---|---|---|---|---|" + "---|" * len(res["config"]["batches"]) + "---|---|---|"]
+             f"onnxruntime {m['onnxruntime']}. "
+             + ("Each model on an input of its own size (input column)" if mixed else f"Input {res['input_shape']}")
+             + f", {cfg['threads']} threads, interleaved.", "",
+             "| model | backend |" + (" input |" if mixed else "") + " size MB | p50 ms | p90 ms | p99 ms | max ms | "
+             "× first (p50) | " + " | ".join(f"img/s @{b}" for b in batches)
+             + (" | ready s | first result s | peak RSS MB |" if cold else " |"),
+             "|---|---|" + ("---|" if mixed else "") + "---|---|---|---|---|---|" + "---|" * len(batches)
+             + ("---|---|---|" if cold else "")]
     for name, r in res["models"].items():
         lat, cs = r["latency_ms"], r.get("cold_start", {})
         size = f"{r['size_bytes'] / 1e6:.2f}" if r.get("size_bytes") else ""
-        thr = " | ".join(f"{r['throughput_img_s'][str(b)]:.0f}" for b in res["config"]["batches"])
-        lines.append(f"| {name} | {r['backend']} | {size} | {lat['p50']:.2f} | {lat['p90']:.2f} | {lat['p99']:.2f} | "
-                     f"{lat['max']:.2f} | {r['p50_ratio_to_first']:.2f} | {thr} | "
-                     f"{_opt(cs.get('session_ready_s'), 2)} | {_opt(cs.get('first_result_s'), 2)} | "
-                     f"{_opt(cs.get('peak_rss_mb'), 0)} |")
+        shape = r.get("input_shape")
+        thr = " | ".join(fmt.img_s(r["throughput_img_s"][str(b)]) for b in batches)
+        lines.append(f"| {name} | {r['backend']} | " + (f"{'×'.join(map(str, shape[1:])) if shape else ''} | " if mixed else "")
+                     + f"{size} | {fmt.ms(lat['p50'])} | {fmt.ms(lat['p90'])} | {fmt.ms(lat['p99'])} | "
+                     f"{fmt.ms(lat['max'])} | {fmt.ratio(r['p50_ratio_to_first'])} | {thr} |"
+                     + (f" {_opt(cs.get('session_ready_s'), 2)} | {_opt(cs.get('first_result_s'), 2)} | "
+                        f"{_opt(cs.get('peak_rss_mb'), 0)} |" if cold else ""))
+    lines += [""] + column_notes(res, cold)
+    skipped = res.get("not_measured") or {}
+    if skipped:
+        lines += [""] + [f"Not measured: {_BACKEND_NAMES.get(k, k)} — {why}." for k, why in skipped.items()]
     sweeps = {n: r["thread_sweep_p50_ms"] for n, r in res["models"].items() if "thread_sweep_p50_ms" in r}
     if sweeps:
         ts = list(next(iter(sweeps.values())))
         lines += ["", "Thread sweep, p50 ms:", "", "| model | " + " | ".join(f"{t} threads" for t in ts) + " |",
                   "|---|" + "---|" * len(ts)]
-        lines += [f"| {n} | " + " | ".join(f"{s[t]:.2f}" for t in ts) + " |" for n, s in sweeps.items()]
+        lines += [f"| {n} | " + " | ".join(fmt.ms(s[t]) for t in ts) + " |" for n, s in sweeps.items()]
     return "\n".join(lines) + "\n"
+
+
+_BACKEND_NAMES = {"openvino": "OpenVINO", "pytorch_eager": "PyTorch eager"}
+
+
+def column_notes(res: dict, cold: bool) -> list[str]:
+    """What each column of the table is, in the words of how it was measured."""
+    cfg = res["config"]
+    run = f"{cfg['duration']:g} s of rounds" if cfg.get("duration", 0) > 0 else f"{cfg['iters']} rounds"
+    big = [b for b in cfg["batches"] if b != 1]
+    out = ["- size MB: the model file on disk (blank for a reference backend).",
+           f"- p50 ms, p90 ms, p99 ms, max ms: percentiles of the time of one batch-1 call, over {run} that call each model once in turn, after "
+           f"{cfg['warmup']} warm-up calls each (single stream).",
+           "- × first (p50): this row's p50 over the first row's (below 1: faster).",
+           *(["- img/s @1: 1000 / p50, from the same single-stream run."] if 1 in cfg["batches"] else []),
+           *([f"- img/s @{', @'.join(map(str, big))}: the batch size over the median time of one call on that many "
+              f"images, over {cfg.get('offline_iters', 10)} interleaved calls each after 2 warm-up calls (offline; a "
+              "shorter run than the latency columns, so noisier)."] if big else [])]
+    if cold:
+        out += ["- ready s: from starting a fresh Python process to the model loaded and ready (interpreter start, "
+                "`import edgexfer.runtime`, session creation); first result s: the same start to the first batch-1 "
+                "answer; peak RSS MB: that process's peak resident memory after 21 calls. Measured for the ONNX "
+                "files only (blank for reference backends)."]
+    return out
 
 
 def _opt(v, nd: int) -> str:

@@ -87,8 +87,10 @@ def parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="latency, throughput, cold start and memory of models, side by side",
                        description="Benchmark ONNX files (or every ONNX file of run folders), interleaved, with "
-                                   "ratios to the first model. PyTorch eager (from a run folder's checkpoint, when "
-                                   "torch is installed) and OpenVINO (when installed) are measured beside.")
+                                   "ratios to the first model; models of different input sizes each get an input of "
+                                   "their own size. PyTorch eager (from a run folder's checkpoint, when torch is "
+                                   "installed) and OpenVINO (when installed) are measured beside; the output says why "
+                                   "when one is not.")
     b.add_argument("models", nargs="+", help="edgexfer ONNX files or run folders")
     b.add_argument("--threads", type=_pos_int, default=2, help="intra-op threads (default 2)")
     b.add_argument("--warmup", type=_pos_int, default=20, help="warm-up calls per model (default 20)")
@@ -186,8 +188,9 @@ def bench_cmd(a, references) -> None:
 
     sweep = () if a.sweep is None else (a.sweep or tuple(sorted({1, 2, 4, os.cpu_count() or 1} & set(range(1, (os.cpu_count() or 1) + 1)))))
     cfg = BenchConfig(threads=a.threads, warmup=a.warmup, iters=a.iters, duration=a.duration, batches=a.batches,
-                      sweep=sweep, cold_start=not a.no_cold_start, openvino=not a.no_reference)
-    res = run_benchmark(a.models, cfg, references=() if a.no_reference else references,
+                      sweep=sweep, cold_start=not a.no_cold_start, openvino=not a.no_reference,
+                      references=not a.no_reference)
+    res = run_benchmark(a.models, cfg, references=references,
                         log=lambda s: print(f"==> {s}", file=sys.stderr))
     _emit(a, res, to_markdown(res), plot)
 

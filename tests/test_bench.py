@@ -53,3 +53,70 @@ def test_bench_bad_input(tmp_path):
     p = subprocess.run([sys.executable, "-m", "edgexfer.runtime", "bench", str(tmp_path / "none.onnx")],
                        capture_output=True, text=True)
     assert p.returncode == 1 and p.stderr.strip().startswith("error:") and "Traceback" not in p.stderr
+
+
+def _tiny_files(tmp_path, sides=(8, 16)):
+    from tests._onnx_model import good_meta, onnx_bytes
+
+    paths = []
+    for side in sides:
+        p = tmp_path / f"m{side}.onnx"
+        p.write_bytes(onnx_bytes(good_meta(classes=3, side=side), classes=3, side=side))
+        paths.append(p)
+    return paths
+
+
+def test_models_of_different_input_sizes_are_one_interleaved_run(tmp_path):
+    """Each model gets an input of its own size (it was refused: "different input shapes")."""
+    from edgexfer.runtime.bench import BenchConfig, run_benchmark, to_markdown
+
+    small, big = _tiny_files(tmp_path)
+    res = run_benchmark([small, big], BenchConfig(warmup=1, iters=5, batches=(1, 2), cold_start=False))
+    assert "input_shape" not in res  # no one shape for the whole run
+    assert res["models"]["m8.onnx"]["input_shape"] == [1, 3, 8, 8]
+    assert res["models"]["m16.onnx"]["input_shape"] == [1, 3, 16, 16]
+    for r in res["models"].values():
+        if r["backend"] == "onnxruntime":
+            assert r["latency_ms"]["n"] == 5 and set(r["throughput_img_s"]) == {"1", "2"}
+    md = to_markdown(res)
+    assert "| input |" in md and "| m8.onnx | onnxruntime | 3×8×8 |" in md and "| m16.onnx | onnxruntime | 3×16×16 |" in md
+    same = run_benchmark([small, small], BenchConfig(warmup=1, iters=3, batches=(1,), cold_start=False))
+    assert same["input_shape"] == [1, 3, 8, 8] and "| input |" not in to_markdown(same)
+
+
+def test_batch_1_throughput_is_the_single_stream_p50(tmp_path):
+    """img/s @1 and p50 come from one run, so they agree (a separate 10-call run could read half of 1000/p50)."""
+    from edgexfer.runtime.bench import BenchConfig, run_benchmark, to_markdown
+
+    (small,) = _tiny_files(tmp_path, sides=(8,))
+    res = run_benchmark([small], BenchConfig(warmup=1, iters=7, batches=(1, 4), cold_start=False, openvino=False))
+    r = res["models"]["m8.onnx"]
+    assert r["throughput_img_s"]["1"] == 1e3 / r["latency_ms"]["p50"]
+    md = to_markdown(res)
+    assert "- img/s @1: 1000 / p50, from the same single-stream run." in md
+    assert "- img/s @4: the batch size over the median time of one call on that many images" in md
+
+
+def test_every_column_is_explained_and_skipped_backends_say_why(tmp_path):
+    import importlib.util
+
+    (small,) = _tiny_files(tmp_path, sides=(8,))
+    p = subprocess.run([sys.executable, "-m", "edgexfer.runtime", "bench", str(small), "--iters", "3", "--warmup", "1",
+                        "--batches", "1,2", "--json", str(tmp_path / "b.json")], capture_output=True, text=True, check=True)
+    header = next(l for l in p.stdout.splitlines() if l.startswith("| model |"))
+    notes = p.stdout.split(header, 1)[1]
+    columns = [c.strip() for c in header.strip("|").split("|")][2:]  # after model and backend
+    assert {"ready s", "first result s", "peak RSS MB", "img/s @1", "img/s @2"} <= set(columns)
+    for col in columns:
+        assert f"{col}:" in notes or f"{col}," in notes, f"column {col!r} is not explained under the table"
+    res = json.loads((tmp_path / "b.json").read_text())
+    assert res["not_measured"]["pytorch_eager"].startswith("needs a run folder")
+    assert "Not measured: PyTorch eager — needs a run folder (its checkpoint.pt)" in p.stdout
+    if importlib.util.find_spec("openvino") is None:
+        assert "Not measured: OpenVINO — the openvino package is not installed" in p.stdout
+    else:
+        assert any(k.startswith("openvino:") for k in res["models"])
+    q = subprocess.run([sys.executable, "-m", "edgexfer.runtime", "bench", str(small), "--iters", "3", "--warmup", "1",
+                        "--batches", "1", "--no-cold-start", "--no-reference"], capture_output=True, text=True, check=True)
+    assert "Not measured: OpenVINO — not asked for (--no-reference)." in q.stdout
+    assert "ready s" not in q.stdout  # no cold-start columns, so no note on them
