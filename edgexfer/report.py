@@ -143,7 +143,8 @@ def report_md(rep: dict) -> str:
     bench = rep.get("bench", {})
     if bench:
         lines += ["", f"Latency: batch 1, {bench.get('threads')} threads, {bench.get('iters')} interleaved runs "
-                      f"after {bench.get('warmup')} warm-up runs."]
+                      f"after {bench.get('warmup')} warm-up runs. img/s (batch): images per second at the batch size "
+                      "in brackets, that batch size over the median time of one call (at batch 1, 1000 / p50)."]
     mach = rep.get("machine")
     if mach:
         lines += [f"Machine: {mach.get('cpu')} ({mach.get('arch')}, {mach.get('cores')} cores, flags "
