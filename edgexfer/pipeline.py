@@ -704,9 +704,15 @@ def _inc_quantize(run, cfg, fp32, recipe, calib, xg, agreement, evidence) -> dic
 
 
 def evaluate(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | None = None) -> dict:
-    """Accuracy of each ONNX file with ONNX Runtime on the held-out test split; metrics into the files."""
+    """Accuracy of each ONNX file with ONNX Runtime on the held-out test split, reported only; each file's
+    own metrics into it (derived files start with none: `exporters.quantize.derived_meta`).
+
+    Writing metrics changes model.onnx's bytes after the quantized files were derived from it; they
+    recorded `source_content_sha256`, the hash of the source less its metrics, which this leaves unchanged
+    (`metadata_io.content_sha256`). A derived file whose recorded hash no longer matches model.onnx (a
+    re-export since) is scored all the same, with a warning."""
     from edgexfer.evaluate import evaluate_file, per_class_delta
-    from edgexfer.exporters.metadata_io import read_meta, write_meta
+    from edgexfer.exporters.metadata_io import content_sha256, read_meta, write_meta
 
     run = RunFolder(run_dir)
     cfg = cfg or run.config()
@@ -722,11 +728,16 @@ def evaluate(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | 
     tasks = ws.dataset.tasks
     logits = {}
     temps = {t: r["temperature"] for t, r in (run.report().get("calibration") or {}).get("tasks", {}).items()}
+    source = content_sha256(files["fp32"]) if "fp32" in files else None
     for key, path in files.items():
         m = evaluate_file(path, x, y, classes, threads=cfg.bench.threads, tasks=tasks)
         preds[key] = m.pop("predictions")
         logits[key] = m.pop("logits")
         meta = read_meta(path)
+        recorded = (meta.quantization or {}).get("source_content_sha256")
+        if source and recorded and recorded != source:
+            log.warning("%s was derived from another %s (its recorded source hash differs): quantize again",
+                        path.name, FILES["fp32"])
         meta.metrics = {"split": "test", "n": m["n"], "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
                         "per_class_recall": {c: v["recall"] for c, v in m["per_class"].items()}}
         if temps:  # this file's own calibration error (first task), and the temperature folded into its weights

@@ -2,6 +2,8 @@
 
 Operators are counted as quantized (QuantizeLinear/DequantizeLinear, QLinear*, *Integer) or float, and
 weights by storage type, so a half-quantized graph (float Conv between Q/DQ pairs) is plain to see.
+For a derived file (INT8, FP16, dynamic) whose source file lies beside it, whether the source hash it
+recorded still matches that file (`source_check`).
 """
 from __future__ import annotations
 
@@ -61,7 +63,39 @@ def inspect(path: str | Path) -> dict:
         "weight_elements_by_type": dict(weights),
         "metadata": meta,
         "has_edgexfer_metadata": META_KEY in props,
+        "source_check": source_check(path, meta.get("quantization")),
     }
+
+
+def source_check(path: Path, q: dict | None) -> dict | None:
+    """Whether a derived file's recorded source hash matches its source file, when that file is beside it:
+    {"file", "status": "matches" | "differs" | "not found" | "no hash recorded", "recorded", "actual"}.
+    `source_content_sha256` (edgexfer >= this change) is compared with `metadata_io.content_sha256`, the
+    source less its metrics; files made before it recorded `source_sha256`, the source's bytes, which
+    `evaluate` changed by writing the source's metrics into it (so an older file can read "differs" although
+    only the metrics changed). None for a file with no quantization record (not derived)."""
+    if not q:
+        return None
+    from edgexfer.exporters.metadata_io import content_sha256
+    from edgexfer.runtime.atomic import sha256_file
+
+    name = q.get("source_file") or "model.onnx"  # older files did not record the name: a run folder's FP32 file
+    src = path.parent / name
+    out = {"file": name}
+    if "source_content_sha256" in q:
+        recorded, how, hash_of = q["source_content_sha256"], content_sha256, "content less metrics"
+    elif "source_sha256" in q:
+        recorded, how, hash_of = q["source_sha256"], sha256_file, "file bytes"
+    else:
+        return {**out, "status": "no hash recorded"}
+    out.update(recorded=recorded, hash_of=hash_of)
+    if not src.is_file() or src.resolve() == path.resolve():
+        return {**out, "status": "not found"}
+    try:
+        actual = how(src)
+    except Exception as e:  # noqa: BLE001  a broken source file is a finding, not a crash of inspect
+        return {**out, "status": f"unreadable ({type(e).__name__})"}
+    return {**out, "actual": actual, "status": "matches" if actual == recorded else "differs"}
 
 
 def _floats(v) -> str:
@@ -98,7 +132,18 @@ def format_text(info: dict) -> str:
         q = meta.get("quantization")
         if q:
             lines.append("quantization: " + ", ".join(f"{k}={v}" for k, v in q.items()
-                                                      if k not in ("nodes_to_exclude", "extra_options")))
+                                                      if k not in ("nodes_to_exclude", "extra_options",
+                                                                   "source_content_sha256", "source_sha256")))
             if q.get("nodes_to_exclude"):
                 lines.append(f"kept in FP32: {len(q['nodes_to_exclude'])} layers ({', '.join(q['nodes_to_exclude'][:4])}…)")
+        sc = info.get("source_check")
+        if sc:
+            lines.append("source: " + {
+                "matches": f"{sc['file']} beside it matches the recorded sha256 {sc['recorded'][:12]}… "
+                           f"({sc['hash_of']})",
+                "differs": f"{sc['file']} beside it DOES NOT MATCH the recorded sha256 ({sc['hash_of']}): it changed "
+                           "after this file was derived from it; derive this file again",
+                "not found": f"{sc['file']} is not beside it: the recorded sha256 is not checked",
+                "no hash recorded": "no source hash recorded",
+            }.get(sc["status"], f"{sc['file']}: {sc['status']}"))
     return "\n".join(lines)

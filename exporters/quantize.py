@@ -16,8 +16,8 @@ from typing import Callable
 
 import numpy as np
 
-from edgexfer.exporters.metadata_io import read_meta, save_model, set_props
-from edgexfer.runtime import atomic
+from edgexfer.exporters.metadata_io import content_sha256, read_meta, save_model, set_props
+from edgexfer.runtime.metadata import ModelMeta
 
 METHODS = ("minmax", "entropy", "percentile")
 
@@ -57,11 +57,23 @@ class ArrayReader:
         return self._batches
 
 
+def derived_meta(source: str | Path, quantization: dict) -> ModelMeta:
+    """The metadata of a file derived from `source`: the source's labels, input, preprocessing and
+    provenance, no metrics (a file's metrics are its own, written by `evaluate` after it scored that
+    file), and `quantization` plus where it came from: `source_file` (the source's name; `edgexfer
+    inspect` checks it when that file is beside this one) and `source_content_sha256`
+    (`metadata_io.content_sha256`: the source less its metrics, so it still matches after `evaluate`
+    has written the source's own metrics into it)."""
+    return dataclasses.replace(read_meta(source), metrics={}, quantization={
+        **quantization, "source_file": Path(source).name, "source_content_sha256": content_sha256(source)})
+
+
 def quantize_int8(fp32_path: str | Path, out_path: str | Path, calib: np.ndarray,
                   recipe: Int8Recipe = Int8Recipe()) -> dict:
     """Write a static INT8 QDQ copy of `fp32_path` to `out_path`, calibrated on `calib` (N, C, H, W).
 
-    The metadata of the FP32 file is carried over with the recipe added under "quantization".
+    The metadata of the FP32 file is carried over (less its metrics: `derived_meta`) with the recipe
+    added under "quantization".
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -87,9 +99,8 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calib: np.ndarray
             extra_options=dict(recipe.extra_options) or None,
         )
         proto = onnx.load(str(q))
-        meta = dataclasses.replace(meta, quantization={**recipe.to_dict(),
-                                                        "calibration_samples": int(min(len(calib), recipe.calibration_samples)),
-                                                        "source_sha256": atomic.sha256_file(fp32_path)})
+        meta = derived_meta(fp32_path, {**recipe.to_dict(),
+                                        "calibration_samples": int(min(len(calib), recipe.calibration_samples))})
         save_model(set_props(proto, meta), out_path)
     return {**meta.quantization, "seconds": time.perf_counter() - t0}
 
@@ -318,10 +329,9 @@ def convert_fp16(fp32_path: str | Path, out_path: str | Path) -> dict:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     t0 = time.perf_counter()
-    meta = read_meta(fp32_path)
     m16 = convert_float_to_float16(onnx.load(str(fp32_path)), keep_io_types=True)
-    meta = dataclasses.replace(meta, quantization={
-        "format": "fp16", "keep_io_types": True, "source_sha256": atomic.sha256_file(fp32_path),
+    meta = derived_meta(fp32_path, {
+        "format": "fp16", "keep_io_types": True,
         "note": "ONNX Runtime's CPU provider computes FP16 models in FP32: smaller file, same speed on CPU"})
     save_model(set_props(m16, meta), out_path)
     return {**meta.quantization, "seconds": time.perf_counter() - t0}
@@ -335,15 +345,13 @@ def quantize_dynamic_int8(fp32_path: str | Path, out_path: str | Path) -> dict:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     t0 = time.perf_counter()
-    meta = read_meta(fp32_path)
     out_path = Path(out_path)
     with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".dynamic-") as td:
         pre, q = Path(td) / "pre.onnx", Path(td) / "q.onnx"
         quant_pre_process(str(fp32_path), str(pre))
         quantize_dynamic(str(pre), str(q), weight_type=QuantType.QInt8, per_channel=True)
-        meta = dataclasses.replace(meta, quantization={
+        meta = derived_meta(fp32_path, {
             "format": "dynamic", "weight_type": "int8", "per_channel": True,
-            "source_sha256": atomic.sha256_file(fp32_path),
             "note": "activations quantized at run time: slow for CNNs; prefer static INT8"})
         save_model(set_props(onnx.load(str(q)), meta), out_path)
     return {**meta.quantization, "seconds": time.perf_counter() - t0}
@@ -351,10 +359,9 @@ def quantize_dynamic_int8(fp32_path: str | Path, out_path: str | Path) -> dict:
 
 def finish_tuned(tuned_path: str | Path, fp32_path: str | Path, out_path: str | Path, recipe: Int8Recipe,
                  tuner: dict) -> None:
-    """Give a file quantized by another tool (INC) the FP32 file's metadata plus the recipe and tuner."""
+    """Give a file quantized by another tool (INC) the FP32 file's metadata (less its metrics) plus the
+    recipe and tuner."""
     import onnx
 
-    meta = read_meta(fp32_path)
-    meta = dataclasses.replace(meta, quantization={**recipe.to_dict(), "tuner": tuner.get("tuner"),
-                                                    "source_sha256": atomic.sha256_file(fp32_path)})
+    meta = derived_meta(fp32_path, {**recipe.to_dict(), "tuner": tuner.get("tuner")})
     save_model(set_props(onnx.load(str(tuned_path)), meta), out_path)
