@@ -291,6 +291,8 @@ def print_headline(out: Path, rep: dict) -> None:
         click.secho(f"  Recommended here: {r['file']} ({r['why']})", bold=True)
         if r.get("note"):
             click.secho(f"  {r['note']}", fg="yellow")
+        if r.get("test_disagrees"):
+            click.secho(f"  WARNING: {r['test_disagrees']}.", fg="red", bold=True)
 
 
 @cli.command()

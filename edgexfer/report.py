@@ -4,22 +4,32 @@ from __future__ import annotations
 from edgexfer.runtime import atomic, fmt
 
 
+TEST_DROP_CHECK = "INT8 accuracy drop vs FP32 (test split, reported: does not choose)"
+
+
 def checks(rep: dict, max_drop: float) -> list[dict]:
-    """The numbers a user relies on, each against its bound."""
+    """The numbers a user relies on, each against its bound. Only the accuracy guard's row (validation
+    side) decides what ships; rows on the test split are reported figures and say so in their names."""
     out = []
     models = rep.get("models", {})
     fp, q = models.get("fp32", {}), models.get("int8", {})
     target = rep.get("quantize", {}).get("target", {})
+    g = rep.get("quantize", {}).get("guard", {})
+    if g.get("disagreement") and g.get("measured_on", "this host") == "this host":
+        d = g["disagreement"]
+        out.append({"name": "INT8 accuracy guard: disagreement with FP32 top-1 (validation side, decides what ships)",
+                    "value": d["rate"], "kind": "pct",
+                    "bound": f"<= {fmt.pct(g['max_accuracy_drop'])} of {d['images']} images",
+                    "ok": bool(g["within_bound"]), "note": g.get("confidence")})
     if "accuracy" in fp and "accuracy" in q:
         drop = fp["accuracy"] - q["accuracy"]
         if target.get("host_measures_faithfully", True):
-            out.append({"name": "INT8 accuracy drop vs FP32", "value": round(drop, 4), "kind": "accuracy_delta",
+            out.append({"name": TEST_DROP_CHECK, "value": round(drop, 4), "kind": "accuracy_delta",
                         "bound": f"<= {max_drop}", "ok": drop <= max_drop + 1e-9})
         else:
-            out.append({"name": "INT8 accuracy drop vs FP32", "value": f"{fmt.accuracy_delta(drop)} on this host, not the target's",
+            out.append({"name": TEST_DROP_CHECK, "value": f"{fmt.accuracy_delta(drop)} on this host, not the target's",
                         "bound": f"<= {max_drop} on a {target.get('target')} device", "ok": None,
                         "note": target.get("warning")})
-    g = rep.get("quantize", {}).get("guard", {})
     if g.get("measured_on", "this host") != "this host":  # the target's own figure (arm64 under emulation)
         out.append({"name": f"INT8 accuracy drop vs FP32 on {g['measured_on']}",
                     "value": round(g["fp32_accuracy"] - g["shipped_accuracy"], 4), "kind": "accuracy_delta",
@@ -46,36 +56,57 @@ def checks(rep: dict, max_drop: float) -> list[dict]:
     impact = rep.get("quantization_impact", {})
     losing = impact.get("classes_losing_more_than", {}).get("classes")
     if losing is not None:
-        out.append({"name": "classes losing > 3 points to INT8", "value": losing or "none", "bound": "none",
-                    "ok": not losing})
+        out.append({"name": "classes losing > 3 points to INT8 (test split, reported)", "value": losing or "none",
+                    "bound": "none", "ok": not losing})
     return out
 
 
 def recommend(rep: dict, max_drop: float) -> dict | None:
-    """The file to ship on this host: fastest p50 among those within the accuracy bound, then smallest."""
+    """The file to ship on this host, chosen on validation-side evidence only: FP32, or INT8 when the
+    accuracy guard passed it on this host (report.json quantize.guard: label-free INT8/FP32 top-1 agreement
+    on train, validation and augmented images, validation accuracy beside it), whichever is faster at
+    batch 1 in the bench stage, then smaller. Files no guard checked (FP16, dynamic INT8) are not chosen.
+    The test split is reported (`test_accuracy`) and never read to choose; where it disagrees with the
+    guard, `test_disagrees` says so and the choice stands. `max_drop` is the run's bound; the guard
+    recorded the one it applied."""
+    from edgexfer.runtime.bundle import disagreement_on_test, int8_verdict
+
     models = rep.get("models", {})
     fp = models.get("fp32", {})
-    if "accuracy" not in fp or "latency_ms" not in fp:
+    if "latency_ms" not in fp:
         return None
-    faithful = rep.get("quantize", {}).get("target", {}).get("host_measures_faithfully", True)
-    ok = {k: m for k, m in models.items() if "latency_ms" in m and "accuracy" in m
-          and (k == "fp32" or (faithful and fp["accuracy"] - m["accuracy"] <= max_drop + 1e-9))}
+    ok = {"fp32": fp}
+    q = models.get("int8", {})
+    int8_ok, int8_why = int8_verdict(rep, on_this_host=True) if q else (False, "")
+    if int8_ok and "latency_ms" in q:
+        ok["int8"] = q
     best = min(ok, key=lambda k: (round(ok[k]["latency_ms"]["p50"], 2), ok[k]["size_bytes"]))
     m = ok[best]
-    out = {"model": best, "file": m["file"], "p50_ms": m["latency_ms"]["p50"], "accuracy": m["accuracy"],
-           "size_bytes": m["size_bytes"],
-           "why": f"fastest at batch 1 on this host among files within {max_drop} of FP32 accuracy"}
-    q = models.get("int8", {})
+    if best == "int8":
+        why = f"fastest at batch 1 on this host, and {int8_why}"
+    elif "int8" in ok:
+        why = "fastest at batch 1 on this host (INT8 passed the accuracy guard but is not faster here)"
+    else:
+        why = "FP32" + (f": {int8_why}" if q else ": the run has no INT8 file")
+    out = {"model": best, "file": m["file"], "p50_ms": m["latency_ms"]["p50"], "size_bytes": m["size_bytes"],
+           "test_accuracy": m.get("accuracy"), "why": why,
+           "decided_on": "the accuracy guard (validation side) and batch-1 latency from the bench stage; "
+                         "the test split only reports"}
     if "latency_ms" in q:
         speedup = fp["latency_ms"]["p50"] / q["latency_ms"]["p50"]
         out["int8_speedup"] = speedup
         if speedup <= 1.0:
             out["note"] = (f"INT8 is not faster than FP32 on this CPU ({fmt.ratio(speedup)}x at batch 1): ship FP32 here, "
                            "or benchmark INT8 on the target device (VNNI and ARM dot-product cores gain more)")
-    rejected = sorted(k for k, m in models.items() if "accuracy" in m and k not in ok
-                      and fp["accuracy"] - m["accuracy"] > max_drop + 1e-9)
-    if rejected:
-        out["outside_bound"] = rejected
+    if q and not int8_ok:
+        g = (rep.get("quantize") or {}).get("guard") or {}
+        out["outside_bound" if g and not g.get("within_bound") else "not_checked"] = ["int8"]
+    unchecked = sorted(k for k in models if k not in ("fp32", "int8"))
+    if unchecked:  # FP16, dynamic INT8: scored on test only, which never chooses
+        out["not_checked"] = sorted(set(out.get("not_checked", [])) | set(unchecked))
+    warning = disagreement_on_test(rep)
+    if warning:
+        out["test_disagrees"] = warning
     return out
 
 
@@ -199,8 +230,14 @@ def report_md(rep: dict) -> str:
         lines.append(f"| {c['name']} | {check_value(c)} | {c['bound']} | {ok} |")
     r = rep.get("recommendation")
     if r:
-        lines += ["", f"**Recommended for this host:** `{r['file']}` — {r['why']} (p50 {fmt.ms(r['p50_ms'])} ms, accuracy "
-                      f"{fmt.accuracy(r['accuracy'])}, {r['size_bytes'] / 1e6:.2f} MB)." + (f" {r['note']}." if r.get("note") else "")]
+        lines += ["", f"**Recommended for this host:** `{r['file']}` — {r['why']} (p50 {fmt.ms(r['p50_ms'])} ms, "
+                      f"{r['size_bytes'] / 1e6:.2f} MB; test accuracy {fmt.accuracy(r.get('test_accuracy'))}, "
+                      "reported only). Chosen on " + r.get("decided_on", "") + "."
+                  + (f" {r['note']}." if r.get("note") else "")
+                  + (f" Not chosen, no validation-side check: {', '.join(r['not_checked'])}."
+                     if r.get("not_checked") else "")]
+        if r.get("test_disagrees"):
+            lines += ["", f"> **WARNING — {r['test_disagrees']}.**"]
     t = rep.get("quantize", {}).get("target")
     if t:
         lines += ["", f"INT8 target: {t['target']} (host: {t['host']}). {t['why']}"

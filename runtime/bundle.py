@@ -1,12 +1,14 @@
 """`edgexfer bundle RUN_DIR OUT`: what to copy to a board.
 
     OUT/
-      model.int8.onnx      the chosen model (INT8 when it kept accuracy within the run's bound, else FP32)
+      model.int8.onnx      the chosen model: INT8 when the run's accuracy guard passed it (validation-side
+                           evidence, report.json quantize.guard), else FP32; the test split never chooses
       requirements.txt     numpy, onnxruntime, Pillow pinned to the versions this was tested with
       edgexfer/            the runtime package itself (pure Python), so nothing else needs installing
       example.py           an application embedding it (classify images, or watch a folder)
       README.md            how to install and run it
-      bundle.json          what was bundled (model, why, requirements, arch): marks the folder as a bundle,
+      bundle.json          what was bundled (model, why, a warning where the test split disagrees with the
+                           choice, requirements, arch): marks the folder as a bundle,
                            the only kind of folder `--force` replaces
       wheels/              with --arch arm64: aarch64 wheels (CPython 3.11, manylinux_2_28: Debian bookworm,
                            Raspberry Pi OS bookworm) of the requirements and their dependencies, so the
@@ -33,19 +35,93 @@ MANIFEST_SCHEMA = "edgexfer.bundle/1"
 _LEGACY_NAMES = {"README.md", "requirements.txt", "example.py", "edgexfer", "wheels"}
 
 
-def choose_model(run_dir: Path) -> tuple[Path, str]:
-    """The file to ship from a run folder, and why."""
+def _pct(x) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def guard_evidence(g: dict) -> str:
+    """What the INT8 accuracy guard measured for the file it kept, in a few words (report.json quantize.guard)."""
+    parts = []
+    d = g.get("disagreement")
+    if d:
+        parts.append(f"disagrees with FP32's top-1 on {_pct(d['rate'])} of {d['images']} images, at most "
+                     f"{_pct(d['upper95'])} with 95% confidence")
+    elif "shipped_accuracy" in g:
+        parts.append(f"guard accuracy {g['shipped_accuracy']:.4f} vs FP32 {g['fp32_accuracy']:.4f}"
+                     + (f" on {g['measured_on']}" if g.get("measured_on", "this host") != "this host" else ""))
+    v = g.get("validation")
+    if v:
+        parts.append(f"validation drop {100 * v['drop']:+.1f} ± {100 * v['drop_se']:.1f} points on "
+                     f"{v['images']} images")
+    return "; ".join(parts) or "no figures recorded"
+
+
+def int8_verdict(rep: dict, *, on_this_host: bool = False) -> tuple[bool, str]:
+    """Whether validation-side evidence lets the INT8 file ship, and why: the accuracy guard's decision in
+    report.json `quantize.guard` (label-free INT8/FP32 agreement on train, validation and augmented images,
+    with validation accuracy beside it). The test split is never read. `on_this_host`: also require that
+    the guard measured on this host (an arm64 guard measured under emulation speaks for the device)."""
+    g = (rep.get("quantize") or {}).get("guard")
+    if not g or "within_bound" not in g:
+        return False, ("the INT8 file has no accuracy-guard record in report.json (quantized without a "
+                       "validation-side check), so nothing that may choose shows it keeps accuracy")
+    bound = g.get("max_accuracy_drop")
+    if not g["within_bound"]:
+        return False, f"the accuracy guard found no INT8 candidate within the {bound} bound ({guard_evidence(g)})"
+    where = g.get("measured_on", "this host")
+    if on_this_host and where != "this host":
+        return False, f"the accuracy guard passed INT8 on {where}, not on this host ({guard_evidence(g)})"
+    return True, f"the accuracy guard passed it within the {bound} bound ({guard_evidence(g)})"
+
+
+def disagreement_on_test(rep: dict) -> str | None:
+    """A warning when the test split (reported only) disagrees with the guard's verdict on INT8: INT8 over
+    the bound on test while the guard passed it, or within it while the guard rejected it. It never changes
+    the choice. None when they agree, or when the two cannot be compared (no evaluation; a guard measured
+    on another device; a host that does not measure the target's INT8 faithfully)."""
+    q = rep.get("quantize") or {}
+    g, impact = q.get("guard"), rep.get("quantization_impact")
+    if not g or "within_bound" not in g or not impact or "within_bound" not in impact:
+        return None
+    if g.get("measured_on", "this host") != "this host" or not (q.get("target") or {}).get("host_measures_faithfully", True):
+        return None
+    if bool(g["within_bound"]) == bool(impact["within_bound"]):
+        return None
+    n = (rep.get("models", {}).get("int8") or {}).get("n")
+    on = f"the {n} test images (one image is {100 / n:.1f} points)" if n else "the test split"
+    pts, bound = 100 * impact["accuracy_drop"], impact.get("max_accuracy_drop", g.get("max_accuracy_drop"))
+    if g["within_bound"]:
+        return (f"the test split disagrees with the accuracy guard: INT8 loses {pts:+.1f} points of accuracy on {on}, "
+                f"over the {bound} bound, though the guard passed it ({guard_evidence(g)}). The choice stands: the "
+                "test split only reports, it never picks what ships. If you distrust the guard, re-run with a lower "
+                "--max-accuracy-drop or more labelled validation images, or ship FP32 yourself "
+                "(edgexfer bundle RUN/model.onnx OUT)")
+    return (f"the test split disagrees with the accuracy guard: INT8 changes accuracy by {-pts:+.1f} points on {on}, "
+            f"within the {bound} bound, though the guard rejected it ({guard_evidence(g)}). FP32 stays the choice: "
+            "the test split only reports, it never picks what ships")
+
+
+def choose_model(run_dir: Path) -> tuple[Path, str, str | None]:
+    """The file to ship from a run folder, why, and a warning where the test split disagrees (or None).
+
+    Validation-side evidence only: INT8 when the run's accuracy guard passed it (`int8_verdict`), else
+    FP32. The test split is reported (`disagreement_on_test`), never read to choose. Latency is not weighed:
+    the board is not the machine the run benchmarked on."""
     fp32, int8 = run_dir / "model.onnx", run_dir / "model.int8.onnx"
     rep_path = run_dir / "report.json"
     rep = json.loads(rep_path.read_text()) if rep_path.is_file() else {}
-    impact = rep.get("quantization_impact", {})
-    if int8.is_file() and impact.get("within_bound", True):
-        why = ("INT8: accuracy within the run's bound "
-               f"(drop {impact['accuracy_drop']:+.4f}, bound {impact['max_accuracy_drop']})" if impact
-               else "INT8 (no evaluation in report.json)")
-        return int8, why
+    warning = disagreement_on_test(rep)
+    if int8.is_file():
+        ok, why = int8_verdict(rep)
+        if ok:
+            return int8, f"INT8: {why}", warning
+        if fp32.is_file():
+            return fp32, (f"FP32: {why}; to ship INT8 anyway, bundle the file itself "
+                          "(edgexfer bundle RUN_DIR/model.int8.onnx OUT)"), warning
+        raise FileNotFoundError(f"no model.onnx in {run_dir}, and model.int8.onnx has no passing accuracy guard "
+                                f"({why}); bundle {int8} itself to ship it anyway")
     if fp32.is_file():
-        return fp32, ("FP32: the INT8 file lost more accuracy than the run allows" if int8.is_file() else "FP32")
+        return fp32, "FP32: the run has no INT8 file", warning
     raise FileNotFoundError(f"no model.onnx or model.int8.onnx in {run_dir}")
 
 
@@ -63,8 +139,9 @@ def bundle(source: str | os.PathLike, out: str | os.PathLike, *, force: bool = F
     """Write the bundle for a run folder (or a single ONNX file) to `out`; `arch="arm64"` adds the
     aarch64 wheels of the pinned requirements (downloaded with pip from the package index)."""
     source, out = Path(source), Path(out)
+    warning = None
     if source.is_dir():
-        model, why = choose_model(source)
+        model, why, warning = choose_model(source)
     elif source.is_file():
         model, why = source, "the file given"
     else:
@@ -101,8 +178,9 @@ def bundle(source: str | os.PathLike, out: str | os.PathLike, *, force: bool = F
             wheels = [p.name for p in download_wheels(tmp / "wheels", reqs)]
         elif arch != "host":
             raise RuntimeInputError(f"unknown --arch {arch!r}; choose host or arm64")
-        (tmp / "README.md").write_text(_readme(model.name, why, reqs, arch))
-        result = {"out": str(out), "model": model.name, "why": why, "requirements": reqs, "arch": arch, "wheels": wheels}
+        (tmp / "README.md").write_text(_readme(model.name, why, reqs, arch, warning))
+        result = {"out": str(out), "model": model.name, "why": why, **({"warning": warning} if warning else {}),
+                  "requirements": reqs, "arch": arch, "wheels": wheels}
         (tmp / MANIFEST).write_text(json.dumps({"schema": MANIFEST_SCHEMA, "edgexfer": edgexfer.__version__,
                                                 **{k: v for k, v in result.items() if k != "out"}}, indent=2) + "\n")
         if out.exists():
@@ -148,15 +226,16 @@ def is_bundle(folder: Path) -> bool:
             and readme.startswith("# edgexfer bundle: "))
 
 
-def _readme(model: str, why: str, reqs: list[str], arch: str = "host") -> str:
+def _readme(model: str, why: str, reqs: list[str], arch: str = "host", warning: str | None = None) -> str:
     install = ("python3 -m venv .venv && .venv/bin/pip install --no-index --find-links wheels -r requirements.txt"
                if arch == "arm64" else "python3 -m venv .venv && .venv/bin/pip install -r requirements.txt")
+    warn = f"\n**Warning:** {warning}.\n" if warning else ""
     board = ("\nFor arm64 boards with CPython 3.11 (Debian bookworm, Raspberry Pi OS bookworm): `wheels/` holds every "
              "package, so the install needs no network.\n" if arch == "arm64" else "")
     return f"""# edgexfer bundle: {model}
 
 Chosen: {why}.
-{board}
+{warn}{board}
     {install}
     .venv/bin/python example.py {model} photo.jpg          # one JSON line per image
     .venv/bin/python example.py {model} --watch incoming/  # classify images as they arrive

@@ -179,6 +179,8 @@ def bundle_cmd(a) -> None:
 
     r = bundle(a.source, a.out, force=a.force, arch=a.arch)
     print(f"{r['out']}: {r['model']} ({r['why']}); requirements {', '.join(r['requirements'])}")
+    if r.get("warning"):
+        print(f"WARNING: {r['warning']}.", file=sys.stderr)
     if r["wheels"]:
         print(f"{len(r['wheels'])} {r['arch']} wheels in {r['out']}/wheels: installs with no network")
 
