@@ -137,7 +137,12 @@ def format_text(info: dict) -> str:
             if q.get("nodes_to_exclude"):
                 lines.append(f"kept in FP32: {len(q['nodes_to_exclude'])} layers ({', '.join(q['nodes_to_exclude'][:4])}…)")
         sc = info.get("source_check")
-        if sc:
+        if sc and sc["status"] == "differs" and sc.get("hash_of") == "file bytes":  # made before content hashes
+            lines.append(f"source: {sc['file']} beside it differs from the recorded sha256 of its bytes; this file "
+                         "predates source_content_sha256, and evaluate rewrites the source's bytes when it writes "
+                         "metrics, so a mismatch proves nothing either way; quantize again to record a hash that "
+                         "can be checked")
+        elif sc:
             lines.append("source: " + {
                 "matches": f"{sc['file']} beside it matches the recorded sha256 {sc['recorded'][:12]}… "
                            f"({sc['hash_of']})",
