@@ -88,7 +88,12 @@ def data_options(f):
                           "block's rate (1: one rate for the whole backbone)."),
         click.option("--adapt-bn", type=click.Path(exists=True, file_okay=False, path_type=str), default=None,
                      help="Folder of unlabelled images from the target domain: re-estimate BatchNorm statistics "
-                          "on them after training (AdaBN)."),
+                          "on them after training (AdaBN), kept unless the label-free checks say it hurt (target "
+                          "entropy up, predictions collapsed onto one class, or a source validation drop with "
+                          "no gain on the target): then reverted with a warning."),
+        click.option("--adapt-bn-force", is_flag=True,
+                     help="With --adapt-bn: keep the adapted statistics even when the checks say it hurt "
+                          "(the report still says so)."),
         click.option("--epochs", type=click.IntRange(min=1), default=8, show_default=True),
         click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True),
         click.option("--lr", type=float, default=3e-4, show_default=True, help="Peak learning rate (AdamW)."),
@@ -149,7 +154,7 @@ def apply_quant_options(cfg, *, target, calibration_method, calibration_samples,
 
 def build_config(*, data, shots, all_labels, test_size, seed, strict, backbone, weights, image_size, strategy,
                  epochs, batch_size, lr, threads, compare_scratch=False, unfreeze_blocks=3, lr_decay=1.0,
-                 adapt_bn=None, no_calibrate=False, max_latency_ms=None):
+                 adapt_bn=None, no_calibrate=False, max_latency_ms=None, adapt_bn_force=False):
     from edgexfer.backbones import get_backbone_info
     from edgexfer.exporters.quantize import Int8Recipe
     from edgexfer.finetune import TrainConfig
@@ -162,6 +167,8 @@ def build_config(*, data, shots, all_labels, test_size, seed, strict, backbone, 
     elif weights != "imagenet":
         raise EdgexferError(f"--backbone auto compares ImageNet-pretrained backbones; with --weights {weights}, name "
                             "the backbone they belong to (--backbone NAME)")
+    if adapt_bn_force and not adapt_bn:
+        raise EdgexferError("--adapt-bn-force goes with --adapt-bn DIR")
     if weights not in ("imagenet", "none") and not Path(weights).is_file():
         raise EdgexferError(f"weights file not found: {weights}")
     if data is not None and not Path(data).is_dir():
@@ -190,6 +197,7 @@ def build_config(*, data, shots, all_labels, test_size, seed, strict, backbone, 
         train=TrainConfig(strategy=strategy, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                           scratch_baseline=compare_scratch, unfreeze_blocks=unfreeze_blocks, lr_decay=lr_decay,
                           adapt_bn=str(Path(adapt_bn).resolve()) if adapt_bn else None, source_bn=bool(adapt_bn),
+                          adapt_bn_force=adapt_bn_force,
                           calibrate=not no_calibrate),
         quantize=Int8Recipe(),
         bench=BenchConfig(threads=threads),

@@ -53,6 +53,7 @@ class TrainConfig:
     seed: int = 0
     scratch_baseline: bool = False  # also train the same network from random init, same budget
     adapt_bn: str | None = None     # folder of unlabelled target-domain images: AdaBN after training
+    adapt_bn_force: bool = False    # keep AdaBN's statistics even when the label-free checks say it hurt
     source_bn: bool = False         # BatchNorm statistics from the training images, not the pretraining data
     calibrate: bool = True          # fit a temperature per head on held-out logits and fold it in (calibration.py)
     probe_views: int = 4            # the cross-validated probe also fits this many augmented views of each image

@@ -289,8 +289,8 @@ def finetune(run_dir: str | Path, cfg: RunConfig, ws: Workspace | None = None) -
     run.write_config(cfg)
     atomic.write_json(run.file("report.json"), {"schema": REPORT_SCHEMA, "stages": {}})  # a new model: start over
     result = train(model, ds, ws.preprocessing, cfg.train, run.path, weights=cfg.model.weights)
-    adaptation = adapt_bn(model, cfg.train.adapt_bn, ws) if cfg.train.adapt_bn else None
-    if adaptation and result.calibration:
+    adaptation = adapt_bn(model, cfg.train.adapt_bn, ws, force=cfg.train.adapt_bn_force) if cfg.train.adapt_bn else None
+    if adaptation and adaptation["kept"] and result.calibration:
         result.calibration["note"] = ("fitted before AdaBN, on the source domain's held-out images: the adapted "
                                       "model's scores on the target domain are not calibrated by it")
     # the checkpoint records the temperature already folded into its heads (train_result.calibration): nothing
@@ -404,33 +404,57 @@ def scratch_baseline(run: RunFolder, cfg: RunConfig, ws: Workspace, pretrained, 
     return out
 
 
-def adapt_bn(model, folder: str, ws: Workspace) -> dict:
-    """AdaBN on the unlabelled images in `folder` (the target domain); validation accuracy before and
-    after is recorded (on the source domain's validation split, it may drop: that is the trade)."""
+def adapt_bn(model, folder: str, ws: Workspace, force: bool = False) -> dict:
+    """AdaBN on the unlabelled images in `folder` (the target domain), kept only when nothing measurable
+    without target labels says it hurt (edgexfer/adaptation.py: the source validation accuracy, paired;
+    the mean prediction entropy and the prediction histogram on the target images), else reverted to the
+    unadapted BatchNorm statistics with a warning. `force` (--adapt-bn-force) keeps it regardless."""
     import torch
 
+    from edgexfer.adaptation import compare_target, decide, paired_accuracy_change, restore_batchnorm, save_batchnorm
     from edgexfer.data import list_images
-    from edgexfer.finetune import adapt_batchnorm, predict_logits, task_accuracies
+    from edgexfer.finetune import adapt_batchnorm, predict_logits
     from edgexfer.runtime.preprocess import preprocess
 
     t0 = time.perf_counter()
     files = list_images(folder)
     x = torch.from_numpy(np.stack([preprocess(p, ws.preprocessing) for p in files]))
     xv, yv = ws.tensors("val")
+    yv = yv.reshape(len(yv), -1)
+    heads = ws.dataset.tasks
 
-    def val_acc():
+    def predict():  # per head: logits on the target images, and which labelled validation images are right
+        tgt = [lg.numpy() for lg in predict_logits(model, x, task=None)]
         if not len(yv):
-            return None
-        return float(np.nanmean(task_accuracies(predict_logits(model, torch.from_numpy(xv), task=None),
-                                                torch.from_numpy(yv))))
+            return tgt, None
+        val = predict_logits(model, torch.from_numpy(xv), task=None)
+        m = yv >= 0
+        return tgt, np.concatenate([lg.argmax(1).numpy()[m[:, t]] == yv[m[:, t], t] for t, lg in enumerate(val)])
 
-    before = val_acc()
+    saved = save_batchnorm(model)
+    tgt0, ok0 = predict()
     n_bn = adapt_batchnorm(model, x)
-    after = val_acc()
-    log.info("AdaBN: BatchNorm statistics of %d layers re-estimated on %d images from %s", n_bn, len(files), folder)
+    tgt1, ok1 = predict()
+    source = paired_accuracy_change(ok0, ok1) if ok0 is not None and len(ok0) else None
+    target = {name: compare_target(a, b, labels) for (name, labels), a, b in zip(heads.items(), tgt0, tgt1)}
+    verdict = decide(source, target, force=force)
+    if not verdict["kept"]:
+        restore_batchnorm(model, saved)
+        log.warning("ADAPTATION REVERTED: AdaBN on %d images from %s looked harmful without target labels, so the "
+                    "model keeps its unadapted BatchNorm statistics (pass --adapt-bn-force to keep it): %s",
+                    len(files), folder, "; ".join(verdict["reasons"]))
+    elif verdict["forced"]:
+        log.warning("AdaBN KEPT BY --adapt-bn-force although it looked harmful without target labels: %s",
+                    "; ".join(verdict["reasons"]))
+    else:
+        log.info("AdaBN: BatchNorm statistics of %d layers re-estimated on %d images from %s, kept: %s", n_bn,
+                 len(files), folder, "; ".join(verdict["reasons"]))
     return {"method": "AdaBN (BatchNorm statistics re-estimated on unlabelled target images)", "folder": str(folder),
-            "images": len(files), "batchnorm_layers": n_bn, "source_val_accuracy_before": before,
-            "source_val_accuracy_after": after, "seconds": round(time.perf_counter() - t0, 2)}
+            "images": len(files), "batchnorm_layers": n_bn,
+            "source_val_accuracy_before": source["before"] if source else None,
+            "source_val_accuracy_after": source["after"] if source else None,
+            **verdict, "source_validation": source, "target": target,
+            "seconds": round(time.perf_counter() - t0, 2)}
 
 
 def build_meta(cfg: dict, sha: str, metrics: dict | None = None):

@@ -49,6 +49,11 @@ def checks(rep: dict, max_drop: float) -> list[dict]:
         r = fp["latency_ms"]["p50"] / q["latency_ms"]["p50"]
         out.append({"name": "INT8 speed-up over FP32 (p50, batch 1)", "value": round(r, 2), "kind": "ratio",
                     "bound": "> 1.0", "ok": r > 1.0})
+    ad = rep.get("adaptation")
+    if ad and "kept" in ad:
+        state = "reverted" if not ad["kept"] else "kept by --adapt-bn-force" if ad.get("forced") else "kept"
+        out.append({"name": "AdaBN: label-free checks on the target images (kept only when none says it hurt)",
+                    "value": state, "bound": "kept", "ok": state == "kept", "note": "; ".join(ad.get("reasons", []))})
     tr = rep.get("transfer")
     if tr:
         out.append({"name": "pretrained beats scratch (test, points)", "value": tr["gain_points"], "kind": "points",
@@ -147,11 +152,7 @@ def report_md(rep: dict) -> str:
                       f"{sel['refit_on']}: "
                       f"{sel['reason']}.", ""]
     lines += calibration_lines(rep)
-    ad = rep.get("adaptation")
-    if ad:
-        lines += [f"Domain adaptation: {ad['method']}, {ad['batchnorm_layers']} layers on {ad['images']} images from "
-                  f"`{ad['folder']}`; source validation accuracy {fmt.accuracy(ad.get('source_val_accuracy_before'))} "
-                  f"before, {fmt.accuracy(ad.get('source_val_accuracy_after'))} after.", ""]
+    lines += adaptation_lines(rep)
     tr = rep.get("transfer")
     if tr:
         lines += [("**NEGATIVE TRANSFER:** " if tr["negative_transfer"] else "") +
@@ -285,6 +286,56 @@ def _ece(x) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
+def adaptation_lines(rep: dict) -> list[str]:
+    """--adapt-bn in report.md: kept or reverted and why, the label-free measures before -> after on the
+    target images, and INT8/FP32 agreement there."""
+    ad = rep.get("adaptation")
+    if not ad:
+        return []
+    where = f"{ad['batchnorm_layers']} BatchNorm layers on {ad['images']} unlabelled images from `{ad['folder']}`"
+    why = "; ".join(ad.get("reasons", []))
+    if not ad.get("kept", True):
+        head = (f"**AdaBN REVERTED: {where} looked harmful without target labels, so the model keeps its unadapted "
+                f"BatchNorm statistics (`--adapt-bn-force` keeps them): {why}.**")
+    elif ad.get("forced"):
+        head = f"**AdaBN kept by `--adapt-bn-force` although the label-free checks say it hurt: {why}.**"
+    else:
+        head = f"Domain adaptation: {ad['method']}, {where}; kept: {why}." if why else \
+            f"Domain adaptation: {ad['method']}, {where}."
+    lines = [head, ""]
+    src = ad.get("source_validation")
+    if src:
+        lines += [f"Source validation accuracy {fmt.accuracy(src['before'])} before, {fmt.accuracy(src['after'])} after "
+                  f"({fmt.points(100 * src['change'])} points ± {fmt.points(100 * src['stderr'], signed=False)} paired s.e., "
+                  f"{src['images']} images: {src['fixed']} fixed, {src['broken']} broken).", ""]
+    elif "source_val_accuracy_before" in ad and "target" not in ad:  # a report written before the checks
+        lines += [f"Source validation accuracy {fmt.accuracy(ad.get('source_val_accuracy_before'))} before, "
+                  f"{fmt.accuracy(ad.get('source_val_accuracy_after'))} after.", ""]
+    target = ad.get("target") or {}
+    if target:
+        lines += ["| on the target images | images | mean entropy (nats) | mean max-probability | largest class (share) "
+                  "| top-1 agreement adapted/unadapted |", "|---|---|---|---|---|---|"]
+        for name, t in target.items():
+            b, a = t["before"], t["after"]
+            lines.append(f"| {name} | {t['images']} | {b['mean_entropy']:.3f} → {a['mean_entropy']:.3f} | "
+                         f"{b['mean_max_probability']:.3f} → {a['mean_max_probability']:.3f} | "
+                         f"{b['largest_class']} ({fmt.pct(b['largest_class_share'])}) → {a['largest_class']} "
+                         f"({fmt.pct(a['largest_class_share'])}) | {fmt.pct(t['top1_agreement'])} |")
+        lines.append("")
+    return lines + target_agreement_lines(rep)
+
+
+def target_agreement_lines(rep: dict) -> list[str]:
+    """INT8/FP32 top-1 agreement on the --adapt-bn images (the quantize stage's label-free target check)."""
+    ag = (rep.get("quantize") or {}).get("target_agreement")
+    if not ag:
+        return []
+    return [("**Warning:** " if ag["top1_agreement"] < ag["warn_below"] else "")
+            + f"INT8 gives FP32's top-1 on {fmt.pct(ag['top1_agreement'])} of {ag['images']} unlabelled "
+            "target-domain images (no labels needed; the accuracy guard kept early layers in FP32 "
+            f"until it reached {fmt.pct(ag['warn_below'])}, or the best it could).", ""]
+
+
 def calibration_lines(rep: dict) -> list[str]:
     """One line per task: T, where it was fitted, ECE before -> after there and on the test split."""
     cal = rep.get("calibration") or {}
@@ -409,15 +460,13 @@ def model_card(rep: dict) -> str:
     ad = rep.get("adaptation")
     if ad:
         lines += ["## Domain adaptation", "",
-                  f"{ad['method']}: {ad['batchnorm_layers']} BatchNorm layers re-estimated on {ad['images']} unlabelled "
-                  f"images from `{ad['folder']}`. The test metrics above are on the source data's test split; "
-                  "measure on labelled target-domain images before relying on it there.", ""]
-        ag = (rep.get("quantize") or {}).get("target_agreement")
-        if ag:
-            lines += [("**Warning:** " if ag["top1_agreement"] < ag["warn_below"] else "")
-                      + f"INT8 gives FP32's top-1 on {ag['top1_agreement']:.1%} of {ag['images']} unlabelled "
-                      "target-domain images (no labels needed; the accuracy guard kept early layers in FP32 "
-                      f"until it reached {ag['warn_below']:.0%}, or the best it could).", ""]
+                  (f"{ad['method']}: {ad['batchnorm_layers']} BatchNorm layers re-estimated on {ad['images']} unlabelled "
+                   f"images from `{ad['folder']}`" if ad.get("kept", True) else
+                   f"**{ad['method']} on {ad['images']} unlabelled images from `{ad['folder']}` was tried and reverted** "
+                   "(label-free checks said it hurt; see report.md): this model carries the training images' BatchNorm "
+                   "statistics") + ". The test metrics above are on the source data's test split; measure on labelled "
+                  "target-domain images before relying on it there.", ""]
+        lines += target_agreement_lines(rep)
     lines += thresholds_section(rep)
     lines += [
         "## Limitations", "",
