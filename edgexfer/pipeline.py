@@ -289,7 +289,9 @@ def finetune(run_dir: str | Path, cfg: RunConfig, ws: Workspace | None = None) -
     run.write_config(cfg)
     atomic.write_json(run.file("report.json"), {"schema": REPORT_SCHEMA, "stages": {}})  # a new model: start over
     result = train(model, ds, ws.preprocessing, cfg.train, run.path, weights=cfg.model.weights)
-    adaptation = adapt_bn(model, cfg.train.adapt_bn, ws, force=cfg.train.adapt_bn_force) if cfg.train.adapt_bn else None
+    val_fitted = "val" in ((result.probe_selection or {}).get("refit_on") or "")
+    adaptation = (adapt_bn(model, cfg.train.adapt_bn, ws, force=cfg.train.adapt_bn_force, val_fitted=val_fitted)
+                  if cfg.train.adapt_bn else None)
     if adaptation and adaptation["kept"] and result.calibration:
         result.calibration["note"] = ("fitted before AdaBN, on the source domain's held-out images: the adapted "
                                       "model's scores on the target domain are not calibrated by it")
@@ -404,11 +406,12 @@ def scratch_baseline(run: RunFolder, cfg: RunConfig, ws: Workspace, pretrained, 
     return out
 
 
-def adapt_bn(model, folder: str, ws: Workspace, force: bool = False) -> dict:
+def adapt_bn(model, folder: str, ws: Workspace, force: bool = False, val_fitted: bool = False) -> dict:
     """AdaBN on the unlabelled images in `folder` (the target domain), kept only when nothing measurable
     without target labels says it hurt (edgexfer/adaptation.py: the source validation accuracy, paired;
     the mean prediction entropy and the prediction histogram on the target images), else reverted to the
-    unadapted BatchNorm statistics with a warning. `force` (--adapt-bn-force) keeps it regardless."""
+    unadapted BatchNorm statistics with a warning. `force` (--adapt-bn-force) keeps it regardless.
+    `val_fitted`: the validation images were also fitted (a probe refitted on train + val)."""
     import torch
 
     from edgexfer.adaptation import compare_target, decide, paired_accuracy_change, restore_batchnorm, save_batchnorm
@@ -436,6 +439,8 @@ def adapt_bn(model, folder: str, ws: Workspace, force: bool = False) -> dict:
     n_bn = adapt_batchnorm(model, x)
     tgt1, ok1 = predict()
     source = paired_accuracy_change(ok0, ok1) if ok0 is not None and len(ok0) else None
+    if source and val_fitted:  # the level is optimistic; the paired change still measures the swap
+        source["note"] = "the head was also fitted on these images (refit on train + val)"
     target = {name: compare_target(a, b, labels) for (name, labels), a, b in zip(heads.items(), tgt0, tgt1)}
     verdict = decide(source, target, force=force)
     if not verdict["kept"]:

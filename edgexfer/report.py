@@ -307,7 +307,8 @@ def adaptation_lines(rep: dict) -> list[str]:
     if src:
         lines += [f"Source validation accuracy {fmt.accuracy(src['before'])} before, {fmt.accuracy(src['after'])} after "
                   f"({fmt.points(100 * src['change'])} points ± {fmt.points(100 * src['stderr'], signed=False)} paired s.e., "
-                  f"{src['images']} images: {src['fixed']} fixed, {src['broken']} broken).", ""]
+                  f"{src['images']} images: {src['fixed']} fixed, {src['broken']} broken"
+                  + (f"; {src['note']}" if src.get("note") else "") + ").", ""]
     elif "source_val_accuracy_before" in ad and "target" not in ad:  # a report written before the checks
         lines += [f"Source validation accuracy {fmt.accuracy(ad.get('source_val_accuracy_before'))} before, "
                   f"{fmt.accuracy(ad.get('source_val_accuracy_after'))} after.", ""]

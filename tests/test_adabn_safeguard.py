@@ -181,6 +181,7 @@ def test_benign_adaptation_is_kept(image_folder, tmp_path):
     rep = json.loads((tmp_path / "r" / "report.json").read_text())
     ad = rep["adaptation"]
     assert ad["kept"] is True and ad["forced"] is False and ad["reasons"]
+    assert "refit on train + val" in ad["source_validation"]["note"]  # the small split was also fitted: said
     assert _target_entropy(tmp_path / "r", target) == pytest.approx(ad["target"]["label"]["after"]["mean_entropy"],
                                                                     abs=1e-4)
     from edgexfer.report import report_md
