@@ -48,7 +48,9 @@ class TrainConfig:
     warmup_fraction: float = 0.1    # of all fine-tuning steps
     probe_steps: int = 300          # full-batch AdamW steps of the linear probe
     probe_lr: float = 3e-3
-    augment: bool = True
+    augment: bool = True            # fine-tuning augmentation, drawn anew every epoch (edgexfer/augment.py)
+    photo_augment: str = "jitter"   # photos, besides RandomResizedCrop and flip: jitter | trivial | none
+    crop_scale: float = 0.35        # photos: RandomResizedCrop's smallest fraction of the image's area
     patience: int = 4               # early stopping on validation accuracy
     seed: int = 0
     scratch_baseline: bool = False  # also train the same network from random init, same budget
@@ -65,6 +67,12 @@ class TrainConfig:
             raise ValueError(f"lr_decay must be in (0, 1]; got {self.lr_decay}")
         if self.unfreeze_blocks < 1:
             raise ValueError(f"unfreeze_blocks must be at least 1; got {self.unfreeze_blocks}")
+        from edgexfer.augment import PHOTO_AUGMENTS
+
+        if self.photo_augment not in PHOTO_AUGMENTS:
+            raise ValueError(f"unknown photo_augment {self.photo_augment!r}; choose one of {PHOTO_AUGMENTS}")
+        if not 0 < self.crop_scale <= 1:
+            raise ValueError(f"crop_scale must be in (0, 1]; got {self.crop_scale}")
 
 
 # --strategy auto: labelled training images per class (median over classes) -> strategy. The bounds
@@ -121,6 +129,7 @@ class TrainResult:
     device: str = "cpu"
     probe_selection: dict | None = None  # how the probe's strength was chosen when validation was too small
     calibration: dict | None = None  # temperature per head (already folded into the weights), ECE before/after
+    augmentation: dict | None = None  # what fine-tuning's augmentation did to the training images, and why
 
 
 def tensorize(split: Split, pp: Preprocessing, desc: str = "preprocess") -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,7 +145,8 @@ def tensorize(split: Split, pp: Preprocessing, desc: str = "preprocess") -> tupl
 
 
 def augment(x: torch.Tensor, g: torch.Generator, pad_frac: float = 0.08) -> torch.Tensor:
-    """Small-data augmentation on a normalized batch: random horizontal flip and random shift."""
+    """Small-image augmentation on a normalized batch: random horizontal flip and random shift (what
+    `augment.TrainAugment` applies to small images, e.g. Fashion-MNIST upsampled; photos get crops)."""
     b, _, h, w = x.shape
     flip = torch.rand(b, generator=g) < 0.5
     x = torch.where(flip[:, None, None, None], x.flip(3), x)
@@ -439,7 +449,8 @@ def train(model: EdgeNet, data: Dataset, pp: Preprocessing, cfg: TrainConfig, wo
             best_acc = probe_acc = None
         calibration = calibrate(model, data, val_logits, y_va, oof, cfg)
         return TrainResult(strategy, best_epoch, best_acc, probe_acc, time.perf_counter() - t_start, probe_s,
-                           history, resumed, reason, trainable, per_task, device, selection, calibration)
+                           history, resumed, reason, trainable, per_task, device, selection, calibration,
+                           None if aug is None else aug.describe())
 
     if cfg.source_bn and _bn_layers(model):
         # AdaBN swaps source-domain statistics for target-domain ones, so the source model must be built on
@@ -447,7 +458,7 @@ def train(model: EdgeNet, data: Dataset, pp: Preprocessing, cfg: TrainConfig, wo
         # (Kept frozen at the pretraining data's statistics, the fine-tuned layers co-adapt to those, and
         # swapping in any data set's statistics breaks them: measured in benchmarks/RESULTS.md.)
         adapt_batchnorm(model, x_tr)
-    probe_acc = probe_s = selection = f_va = oof = None
+    probe_acc = probe_s = selection = f_va = oof = aug = None
     if strategy in ("linear", "lpft", "partial"):
         t0 = time.perf_counter()
         f_tr = extract_features(model, x_tr, desc="features train")
@@ -493,6 +504,11 @@ def train(model: EdgeNet, data: Dataset, pp: Preprocessing, cfg: TrainConfig, wo
     if strategy == "linear":
         return finish(0, probe_acc, probe_acc, probe_s)
 
+    if cfg.augment:  # photos: decoded once here, cropped anew each epoch; small images: flip and shift
+        from edgexfer.augment import TrainAugment
+
+        aug = TrainAugment.build(data.train.images, pp, cfg.photo_augment, (cfg.crop_scale, 1.0))
+        log.info("augmentation: %s (%s)", ", ".join(aug.ops), aug.reason)
     model.to(device)
     opt = torch.optim.AdamW(_param_groups(model, cfg))
     steps_per_epoch = math.ceil(len(x_tr) / cfg.batch_size)
@@ -545,9 +561,7 @@ def train(model: EdgeNet, data: Dataset, pp: Preprocessing, cfg: TrainConfig, wo
                    disable=None)
         for s in bar:
             idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
-            xb, yb = x_tr[idx], y_tr[idx]
-            if cfg.augment:
-                xb = augment(xb, g)
+            xb, yb = (x_tr[idx] if aug is None else aug.batch(idx, x_tr, g)), y_tr[idx]
             xb, yb = xb.to(device), yb.to(device)
             with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=use_amp):
                 loss = multitask_loss(model(xb), yb, cw, cfg.label_smoothing)
