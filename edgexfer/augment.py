@@ -7,7 +7,7 @@ Two recipes, chosen from the training images themselves (`TrainAugment.build`):
   which would flip the recipe on a few pixels): every image is decoded once, to a uint8 tensor whose
   shorter side is about `DECODE_MARGIN` times the input size, and kept in memory; each time a batch is
   drawn, each image gets a RandomResizedCrop to the input size, a horizontal flip and, for colour
-  images only, a colour jitter or TrivialAugmentWide (`TrainConfig.photo_augment`), then the backbone's
+  images only, TrivialAugmentWide or a colour jitter (`TrainConfig.photo_augment`), then the backbone's
   scale/mean/std. The decode is paid once; what costs per epoch is a crop and a resize at ~1.15x.
 - small images (Fashion-MNIST's 28 px upsampled to 96, digits): a random flip and a small
   shift of the preprocessed tensor (`finetune.augment`), the recipe the demo was tuned with. A crop of
@@ -30,7 +30,7 @@ from edgexfer.data import SMALL_IMAGE_SIDE
 from edgexfer.runtime.metadata import Preprocessing
 
 DECODE_MARGIN = 1.15     # decoded shorter side / input size: room for the crop, little memory
-PHOTO_AUGMENTS = ("jitter", "trivial", "none")   # what colour photos get besides crop and flip
+PHOTO_AUGMENTS = ("trivial", "jitter", "none")   # what colour photos get besides crop and flip
 JITTER = dict(brightness=0.3, contrast=0.3, saturation=0.3)  # no hue: a flower's hue is its class
 
 
@@ -67,7 +67,7 @@ class TrainAugment:
     tf: Any = field(default=None, repr=False)
 
     @classmethod
-    def build(cls, images: list, pp: Preprocessing, photo_augment: str = "jitter",
+    def build(cls, images: list, pp: Preprocessing, photo_augment: str = "trivial",
               crop_scale: tuple[float, float] = (0.35, 1.0)) -> "TrainAugment":
         if photo_augment not in PHOTO_AUGMENTS:
             raise ValueError(f"unknown photo_augment {photo_augment!r}; choose one of {PHOTO_AUGMENTS}")

@@ -49,7 +49,7 @@ class TrainConfig:
     probe_steps: int = 300          # full-batch AdamW steps of the linear probe
     probe_lr: float = 3e-3
     augment: bool = True            # fine-tuning augmentation, drawn anew every epoch (edgexfer/augment.py)
-    photo_augment: str = "jitter"   # photos, besides RandomResizedCrop and flip: jitter | trivial | none
+    photo_augment: str = "trivial"  # photos, besides RandomResizedCrop and flip: trivial (TrivialAugmentWide) | jitter | none
     crop_scale: float = 0.35        # photos: RandomResizedCrop's smallest fraction of the image's area
     patience: int = 4               # early stopping on validation accuracy
     seed: int = 0
