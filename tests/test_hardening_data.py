@@ -44,10 +44,13 @@ def tiny_model(path: Path, labels=("a", "b")) -> Path:
 
 
 def fake_run(folder: Path) -> Path:
-    """A run folder as far as `bundle` cares: model.int8.onnx (mode 0600, as the old atomic writes left it)."""
+    """A run folder as far as `bundle` cares: model.int8.onnx (mode 0600, as the old atomic writes left it) and
+    a report.json whose accuracy guard passed it (without one, `bundle RUN` refuses to pick the INT8 file)."""
     m = tiny_model(folder / "model.int8.onnx")
     os.chmod(m, 0o600)
     (folder / "config.json").write_text("{}\n")
+    (folder / "report.json").write_text(json.dumps(
+        {"quantize": {"guard": {"within_bound": True, "max_accuracy_drop": 0.01}}}) + "\n")
     return folder
 
 
