@@ -1,0 +1,286 @@
+"""The self-contained ("end-to-end") model file: decoded image in, probabilities and top-k out.
+
+``model.onnx`` takes the preprocessed float32 NCHW tensor, so every application that is not Python
+has to re-implement the resize, crop, colour conversion and normalisation from the metadata. The
+end-to-end file (``model.e2e.onnx`` beside ``model.onnx``, ``model.int8.e2e.onnx`` beside
+``model.int8.onnx``) puts that preprocessing into the graph with standard ONNX operators only
+(opset 18; no custom-op library), so any ONNX Runtime binding (C/C++, C#, Java/Kotlin, Swift,
+JavaScript in Node.js or the browser, Python) runs it as it is.
+
+The I/O contract (also stored in the file, metadata entry ``edgexfer.e2e``):
+
+input ``image``: uint8, HWC (height, width, channels) as image decoders give it, any height and
+    width; batch optional: a rank-4 NHWC tensor of N images of one size also works. Channels: 3 (RGB),
+    1 (grey) or 4 (RGBA; alpha is dropped, as Pillow's RGBA->RGB conversion drops it).
+outputs ``probabilities`` float32 [N, classes] (softmax of the model's logits; N = 1 for an HWC
+    input), ``top_k_indices`` int64 [N, k] and ``top_k_scores`` float32 [N, k], best first (k = min(5,
+    classes)). Multi-task models get these three per task, named ``<task>/probabilities`` etc.
+metadata ``labels``: the class names, one per line, in index order (the first task's); ``edgexfer.meta``
+    is the source file's metadata unchanged (so its preprocessing and input describe the inner model).
+
+In-graph steps, matching `edgexfer.runtime.preprocess` (the Python reference): channel fix-up (grey
+-> RGB by replication; RGB -> grey with Pillow's exact integer ITU-R 601-2 weights), shorter-side
+resize to ``preprocessing.resize`` (Resize opset 18, antialias=1, half-pixel: Pillow's filter; the
+longer side becomes floor(resize * long / short) as in `resize_crop`) in two passes, horizontal then
+vertical, each rounded half up to uint8 values as Pillow's are, centre crop with Python's round-half-even
+offsets, then (x * scale - mean) / std. Pixels match Pillow's but for a rare one-level tie
+(tests/test_e2e.py holds pixels and probabilities against the reference).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from edgexfer.exporters.errors import ExportError
+from edgexfer.exporters.metadata_io import content_sha256, save_model
+from edgexfer.runtime.metadata import META_KEY, ModelMeta
+
+log = logging.getLogger(__name__)
+
+E2E_KEY = "edgexfer.e2e"
+E2E_SCHEMA = "edgexfer.e2e/1"
+LABELS_KEY = "labels"
+INPUT_NAME = "image"
+OPSET = 18
+TOP_K = 5
+_PREFIX = "e2e_"
+_RESIZE_MODES = {"bilinear": ("linear", {}), "bicubic": ("cubic", {"cubic_coeff_a": -0.5}),
+                 "nearest": ("nearest", {"nearest_mode": "floor"})}
+
+
+def e2e_path(path: str | Path) -> Path:
+    """model.onnx -> model.e2e.onnx; model.int8.onnx -> model.int8.e2e.onnx."""
+    p = Path(path)
+    name = p.name[:-len(".onnx")] if p.name.endswith(".onnx") else p.name
+    return p.with_name(name + ".e2e.onnx")
+
+
+def meta_key(meta_json: str) -> str:
+    """sha256 of a file's edgexfer metadata less its metrics (canonical JSON): what the end-to-end file
+    records of its source, and what `EdgeModel` compares with ONNX Runtime alone (no onnx package) to
+    tell a current end-to-end file from a stale one. It names the checkpoint and the export time
+    (provenance) and, for a quantized file, its recipe, so a re-export or re-quantization changes it."""
+    d = ModelMeta.from_props({META_KEY: meta_json}).to_dict()
+    d.pop("metrics", None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _bump_opset(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model at default-domain opset >= 18 (Resize's antialias). When no operator of the graph
+    changed between its opset and 18 (Conv, Clip, Add, Q/DQ, Gemm ...: the exported backbones), only the
+    import is raised; otherwise onnx's version converter rewrites it."""
+    imports = {o.domain: o.version for o in model.opset_import}
+    old = imports.get("", imports.get("ai.onnx", 0))
+    if old >= OPSET:
+        return model
+    same = True
+    for n in model.graph.node:
+        if n.domain not in ("", "ai.onnx"):
+            continue
+        try:
+            same = (onnx.defs.get_schema(n.op_type, old, "").since_version
+                    == onnx.defs.get_schema(n.op_type, OPSET, "").since_version)
+        except Exception:  # onnx.defs.SchemaError: an operator onnx does not know
+            same = False
+        if not same:
+            break
+    if same:
+        for o in model.opset_import:
+            if o.domain in ("", "ai.onnx"):
+                o.version = OPSET
+        return model
+    try:
+        from onnx import version_converter
+
+        return version_converter.convert_version(model, OPSET)
+    except Exception as e:
+        raise ExportError(f"cannot raise the model to ONNX opset {OPSET} for the end-to-end file: "
+                          f"{(str(e).splitlines() or [type(e).__name__])[0][:200]}") from None
+
+
+def _const(name: str, value, dtype) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(value, dtype=dtype), _PREFIX + name)
+
+
+def preprocessing_nodes(meta: ModelMeta, out: str):
+    """Nodes and initializers turning the uint8 HWC/NHWC input `image` into the model's float32 NCHW
+    input `out`."""
+    pp = meta.preprocessing
+    if pp.interpolation not in _RESIZE_MODES:
+        raise ExportError(f"the end-to-end file supports {sorted(_RESIZE_MODES)} resizing; this model's "
+                          f"preprocessing uses {pp.interpolation!r}")
+    P = _PREFIX
+    nodes, inits = [], []
+
+    def node(op, inputs, outputs, **attrs):
+        nodes.append(helper.make_node(op, inputs, [P + o for o in outputs], name=P + outputs[0], **attrs))
+        return P + outputs[0]
+
+    def const(name, value, dtype):
+        inits.append(_const(name, value, dtype))
+        return P + name
+
+    # HWC or NHWC -> NHWC: reshape to [-1, H, W, C] from the last three dimensions of the shape.
+    shape = node("Shape", [INPUT_NAME], ["shape"])
+    hwc = node("Slice", [shape, const("m3", [-3], np.int64), const("big", [2 ** 31], np.int64)], ["hwc"])
+    nhwc_shape = node("Concat", [const("minus1", [-1], np.int64), hwc], ["nhwc_shape"], axis=0)
+    x = node("Reshape", [INPUT_NAME, nhwc_shape], ["nhwc"])
+    # channels: keep at most 3 (RGBA -> RGB), then grey -> RGB by broadcasting.
+    x = node("Slice", [x, const("zero", [0], np.int64), const("three", [3], np.int64), const("axis3", [3], np.int64)],
+             ["rgb_or_grey"])
+    x = node("Cast", [x], ["float"], to=TensorProto.FLOAT)
+    x = node("Expand", [x, const("ones3", [1, 1, 1, 3], np.int64)], ["rgb"])
+    x = node("Transpose", [x], ["nchw"], perm=[0, 3, 1, 2])
+    if pp.color == "L":  # Pillow: L = (R*19595 + G*38470 + B*7471 + 0x8000) >> 16, exact in float32
+        w = const("grey_weights", np.array([19595, 38470, 7471], np.float32).reshape(1, 3, 1, 1), np.float32)
+        x = node("Mul", [x, w], ["grey_weighted"])
+        x = node("ReduceSum", [x, const("axis1", [1], np.int64)], ["grey_sum"], keepdims=1)
+        x = node("Add", [x, const("half", 32768.0, np.float32)], ["grey_rounded"])
+        x = node("Div", [x, const("two16", 65536.0, np.float32)], ["grey_scaled"])
+        x = node("Floor", [x], ["grey"])
+    # shorter side -> resize, longer side -> floor(resize * long / short)
+    shp = node("Shape", [x], ["nchw_shape"])
+    h = node("Slice", [shp, const("two", [2], np.int64), const("three_end", [3], np.int64)], ["h"])
+    w_ = node("Slice", [shp, const("three_start", [3], np.int64), const("four", [4], np.int64)], ["w"])
+    short = node("Min", [h, w_], ["short"])
+    long = node("Max", [h, w_], ["long"])
+    r = const("resize", [pp.resize], np.int64)
+    new_long = node("Div", [node("Mul", [r, long], ["r_long"]), short], ["new_long"])
+    portrait = node("LessOrEqual", [w_, h], ["portrait"])
+    out_h = node("Where", [portrait, new_long, r], ["out_h"])
+    out_w = node("Where", [portrait, r, new_long], ["out_w"])
+    sizes = node("Concat", [out_h, out_w], ["sizes"], axis=0)
+    mode, extra = _RESIZE_MODES[pp.interpolation]
+    lo, hi = const("lo", 0.0, np.float32), const("hi", 255.0, np.float32)
+    # Pillow resizes in two passes, horizontal then vertical, rounding to uint8 after each: so does the graph
+    for axis, size, tag in ((3, out_w, "w"), (2, out_h, "h")):
+        x = node("Resize", [x, "", "", size], [f"resized_{tag}"], mode=mode, antialias=1 if mode != "nearest" else 0,
+                 axes=[axis], coordinate_transformation_mode="half_pixel" if mode != "nearest" else "asymmetric",
+                 **extra)
+        x = node("Floor", [node("Add", [x, const(f"half_{tag}", 0.5, np.float32)], [f"plus_half_{tag}"])],
+                 [f"rounded_{tag}"])  # Pillow rounds half up
+        x = node("Clip", [x, lo, hi], [f"pixels_{tag}"])
+    # centre crop: offsets round((side - crop) / 2), half to even like Python's round()
+    c = const("crop", [pp.crop], np.int64)
+    hw = node("Concat", [out_h, out_w], ["hw"], axis=0)
+    margin = node("Cast", [node("Sub", [hw, node("Concat", [c, c], ["cc"], axis=0)], ["margin_i"])], ["margin"],
+                  to=TensorProto.FLOAT)
+    top_left = node("Cast", [node("Round", [node("Div", [margin, const("two_f", 2.0, np.float32)], ["half_margin"])],
+                                  ["offset_f"])], ["offset"], to=TensorProto.INT64)
+    end = node("Add", [top_left, node("Concat", [c, c], ["cc2"], axis=0)], ["crop_end"])
+    x = node("Slice", [x, top_left, end, const("axes23", [2, 3], np.int64)], ["cropped"])
+    # (x * scale - mean) / std, in float32 as the Python reference computes it
+    ch = pp.channels
+    x = node("Mul", [x, const("scale", pp.scale, np.float32)], ["scaled"])
+    x = node("Sub", [x, const("mean", np.array(pp.mean, np.float32).reshape(1, ch, 1, 1), np.float32)], ["centred"])
+    nodes.append(helper.make_node("Div", [x, const("std", np.array(pp.std, np.float32).reshape(1, ch, 1, 1),
+                                                   np.float32)], [out], name=P + "normalized"))
+    return nodes, inits
+
+
+def build(src: str | Path, top_k: int = TOP_K) -> onnx.ModelProto:
+    """The end-to-end model of the edgexfer ONNX file `src` (plain or quantized)."""
+    src = Path(src)
+    model = onnx.load(str(src))
+    props = {p.key: p.value for p in model.metadata_props}
+    meta = ModelMeta.from_props(props, str(src))
+    g = model.graph
+    inits = {i.name for i in g.initializer}
+    inputs = [i for i in g.input if i.name not in inits]
+    if len(inputs) != 1:
+        raise ExportError(f"{src}: {len(inputs)} graph inputs, one expected")
+    if any("\n" in label for label in meta.labels):
+        raise ExportError(f"{src}: a label holds a line break; the end-to-end file's 'labels' entry is one per line")
+    model = _bump_opset(model)
+    g = model.graph
+    old_in = inputs[0].name
+    inner = _PREFIX + "normalized_input"
+    for n in g.node:
+        for k, name in enumerate(n.input):
+            if name == old_in:
+                n.input[k] = inner
+    pre_nodes, pre_inits = preprocessing_nodes(meta, inner)
+    post_nodes, outputs, contract = [], [], {}
+    single = len(meta.tasks) == 1
+    for t in meta.tasks:
+        if t.output not in {o.name for o in g.output}:
+            raise ExportError(f"{src}: task {t.name!r} names output {t.output!r}, not in the graph")
+        k = max(1, min(top_k, len(t.labels)))
+        pre = "" if single else f"{t.name}/"
+        logits = _PREFIX + f"{t.name}_logits_f32"
+        post_nodes.append(helper.make_node("Cast", [t.output], [logits], to=TensorProto.FLOAT, name=logits))
+        probs, scores, idx = pre + "probabilities", pre + "top_k_scores", pre + "top_k_indices"
+        post_nodes.append(helper.make_node("Softmax", [logits], [probs], axis=-1, name=_PREFIX + probs))
+        kname = _PREFIX + f"{t.name}_k"
+        pre_inits.append(numpy_helper.from_array(np.array([k], np.int64), kname))
+        post_nodes.append(helper.make_node("TopK", [probs, kname], [scores, idx], axis=-1, largest=1, sorted=1,
+                                           name=_PREFIX + idx))
+        n = len(t.labels)
+        outputs += [helper.make_tensor_value_info(probs, TensorProto.FLOAT, ["N", n]),
+                    helper.make_tensor_value_info(idx, TensorProto.INT64, ["N", k]),
+                    helper.make_tensor_value_info(scores, TensorProto.FLOAT, ["N", k])]
+        contract[t.name] = {"probabilities": probs, "top_k_indices": idx, "top_k_scores": scores, "k": k,
+                            "classes": n}
+    new_nodes = pre_nodes + list(g.node) + post_nodes
+    del g.node[:]
+    g.node.extend(new_nodes)
+    g.initializer.extend(pre_inits)
+    del g.input[:]
+    # rank left open: HWC (one image) or NHWC (a batch of one size)
+    g.input.append(helper.make_tensor_value_info(INPUT_NAME, TensorProto.UINT8, None))
+    del g.output[:]
+    g.output.extend(outputs)
+    e2e = {
+        "schema": E2E_SCHEMA,
+        "input": {"name": INPUT_NAME, "dtype": "uint8", "layout": "HWC or NHWC", "channels": [1, 3, 4],
+                  "color": "RGB (grey and RGBA also accepted)"},
+        "tasks": contract,
+        "source_file": src.name,
+        "source_meta_sha256": meta_key(props[META_KEY]),
+        "source_content_sha256": content_sha256(src),
+    }
+    keep = [p for p in model.metadata_props if p.key not in (E2E_KEY, LABELS_KEY)]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    model.metadata_props.add(key=E2E_KEY, value=json.dumps(e2e, sort_keys=True))
+    model.metadata_props.add(key=LABELS_KEY, value="\n".join(meta.labels))
+    try:
+        _check(model)
+    except Exception as e:
+        raise ExportError(f"{src}: the end-to-end graph does not check: {(str(e).splitlines() or [''])[0][:200]}") from None
+    return model
+
+
+def _check(model: onnx.ModelProto) -> None:
+    """onnx's checker, on a copy whose input has a rank (the checker wants one; the file leaves the rank
+    open so that HWC and NHWC both load)."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.input[0].CopyFrom(helper.make_tensor_value_info(INPUT_NAME, TensorProto.UINT8, ["N", "H", "W", "C"]))
+    onnx.checker.check_model(probe)
+
+
+def write(src: str | Path, out: str | Path | None = None, top_k: int = TOP_K) -> Path:
+    """Build the end-to-end file of `src` and save it (atomically) at `out` (default: beside it, see
+    `e2e_path`)."""
+    out = Path(out) if out else e2e_path(src)
+    save_model(build(src, top_k), out)
+    return out
+
+
+def write_beside(src: str | Path) -> dict:
+    """What the export and quantize stages call after writing `src`: its end-to-end file beside it. A
+    model the end-to-end graph cannot express (another resize filter) gets none and a warning; the stage
+    goes on. Returns the record for report.json."""
+    try:
+        out = write(src)
+    except (ExportError, ValueError) as e:  # MetadataError is a ValueError
+        log.warning("no end-to-end file for %s: %s", Path(src).name, e)
+        return {"file": None, "why_not": str(e)}
+    return {"file": out.name, "bytes": out.stat().st_size}

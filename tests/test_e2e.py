@@ -1,0 +1,199 @@
+"""The self-contained end-to-end file (edgexfer.exporters.e2e): its in-graph preprocessing against the
+Python reference pixel by pixel, and a real ImageNet classifier (EfficientNet-Lite0, 1,000 classes, FP32
+and INT8) against `EdgeModel.predict` on real photos (scikit-image's)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from onnx import TensorProto, helper  # noqa: E402
+
+from edgexfer.exporters import e2e  # noqa: E402
+from edgexfer.runtime.metadata import ModelMeta  # noqa: E402
+from edgexfer.runtime.preprocess import load_image, normalize, preprocess, resize_crop  # noqa: E402
+from tests._onnx_model import good_meta, onnx_bytes  # noqa: E402
+
+# Probabilities of the end-to-end file against EdgeModel.predict (Pillow + numpy preprocessing): the
+# graph resizes in float and rounds after each pass as Pillow does, so now and then a pixel lands one
+# grey level apart; INT8 amplifies that more than FP32. The bounds are the largest absolute difference
+# of any class probability on any photo.
+PROB_ATOL = {"fp32": 0.02, "int8": 0.08}
+MIN_TOP1_AGREEMENT = 0.99
+
+
+def _pp_session(pp: dict) -> ort.InferenceSession:
+    """The end-to-end preprocessing alone: uint8 image -> the model's float32 NCHW input."""
+    meta = ModelMeta.from_dict({**good_meta(side=pp["crop"]), "preprocessing": pp,
+                                "input": {"name": "input", "height": pp["crop"], "width": pp["crop"],
+                                          "channels": 1 if pp.get("color") == "L" else 3}})
+    nodes, inits = e2e.preprocessing_nodes(meta, "x")
+    g = helper.make_graph(nodes, "pp", [helper.make_tensor_value_info("image", TensorProto.UINT8, None)],
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)], initializer=inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", e2e.OPSET)])
+    m.ir_version = 8
+    return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]), meta.preprocessing
+
+
+def _image(h, w, c, seed=0):
+    """A smooth image with edges (noise alone makes resizing differences look larger than on photos)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([(xx * 255 // max(w - 1, 1)), (yy * 255 // max(h - 1, 1)), ((xx + yy) % 64) * 4], -1)
+    a = np.clip(base + rng.integers(-20, 20, (h, w, 3)), 0, 255).astype(np.uint8)
+    if c == 1:
+        return a[:, :, :1]
+    if c == 4:
+        return np.concatenate([a, np.full((h, w, 1), 128, np.uint8)], -1)
+    return a
+
+
+@pytest.mark.parametrize("h,w,c,color", [
+    (64, 48, 3, "RGB"),    # portrait, odd margins after the resize
+    (37, 101, 3, "RGB"),   # landscape, odd sizes
+    (40, 40, 3, "RGB"),    # shorter side already the resize: no resize
+    (90, 70, 1, "RGB"),    # grey image into an RGB model
+    (70, 90, 4, "RGB"),    # RGBA: alpha dropped
+    (61, 83, 3, "L"),      # RGB image into a grey model: Pillow's integer weights
+])
+def test_in_graph_preprocessing_matches_python(h, w, c, color):
+    channels = 1 if color == "L" else 3
+    pp = {"resize": 40, "crop": 32, "interpolation": "bilinear", "color": color, "scale": 1 / 255,
+          "mean": [0.5] * channels, "std": [0.25] * channels}
+    sess, ppo = _pp_session(pp)
+    img = _image(h, w, c)
+    ref = preprocess(img, ppo)
+    got = sess.run(None, {"image": img})[0]
+    assert got.shape == (1, *ref.shape)
+    # in grey levels: a tie rounded apart now and then
+    diff = np.abs(got[0] - ref) * np.asarray(pp["std"], np.float32).reshape(-1, 1, 1) * 255
+    assert diff.mean() < 0.05 and diff.max() <= 1.0 + 1e-3, (diff.mean(), diff.max())
+    if (h, w) == (40, 40):  # no resize: exact
+        assert diff.max() < 1e-3
+    # the same image with a batch dimension
+    got4 = sess.run(None, {"image": np.stack([img, img])})[0]
+    assert got4.shape == (2, *ref.shape) and np.array_equal(got4[0], got[0]) and np.array_equal(got4[1], got[0])
+
+
+def test_no_resize_and_grey_conversion_are_exact():
+    """No resize (shorter side = resize) and Pillow's RGB -> L: bit-exact."""
+    pp = {"resize": 32, "crop": 32, "color": "L", "scale": 1 / 255, "mean": [0.5], "std": [0.25]}
+    sess, ppo = _pp_session(pp)
+    img = _image(32, 45, 3, seed=3)
+    ref = preprocess(img, ppo)
+    assert np.array_equal(sess.run(None, {"image": img})[0][0], ref)
+
+
+def test_crop_offsets_round_half_to_even():
+    """Python's round(): a margin of 1 starts at 0, of 3 at 2 (not 1 and 2 by round-half-up)."""
+    pp = {"resize": 10, "crop": 10, "color": "RGB", "scale": 1.0, "mean": [0.0] * 3, "std": [1.0] * 3}
+    sess, ppo = _pp_session(pp)
+    for w in (11, 13, 15):
+        img = _image(10, w, 3, seed=w)
+        ref = normalize(resize_crop(load_image(img), ppo), ppo)
+        assert np.array_equal(sess.run(None, {"image": img})[0][0], ref), w
+
+
+def test_file_contract(tmp_path):
+    src = tmp_path / "model.onnx"
+    src.write_bytes(onnx_bytes(good_meta(classes=4, side=8), classes=4, side=8))
+    out = e2e.write(src)
+    assert out == tmp_path / "model.e2e.onnx"
+    assert e2e.e2e_path(tmp_path / "model.int8.onnx").name == "model.int8.e2e.onnx"
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [(i.name, i.type) for i in sess.get_inputs()] == [("image", "tensor(uint8)")]
+    assert [o.name for o in sess.get_outputs()] == ["probabilities", "top_k_indices", "top_k_scores"]
+    props = sess.get_modelmeta().custom_metadata_map
+    assert props["labels"].split("\n") == ["c0", "c1", "c2", "c3"]
+    contract = json.loads(props[e2e.E2E_KEY])
+    assert contract["input"]["name"] == "image" and contract["tasks"]["label"]["k"] == 4
+    assert ModelMeta.from_props(props).labels == ("c0", "c1", "c2", "c3")  # the source's metadata kept
+    p, idx, sc = sess.run(None, {"image": _image(20, 30, 3)})
+    assert p.shape == (1, 4) and abs(p.sum() - 1) < 1e-5 and idx[0, 0] == p[0].argmax()
+    assert np.allclose(sc[0], p[0][idx[0]])
+
+
+def test_unsupported_filter_is_skipped_with_a_reason(tmp_path):
+    meta = good_meta()
+    meta["preprocessing"]["interpolation"] = "lanczos"
+    src = tmp_path / "model.onnx"
+    src.write_bytes(onnx_bytes(meta))
+    rec = e2e.write_beside(src)
+    assert rec["file"] is None and "lanczos" in rec["why_not"] and not (tmp_path / "model.e2e.onnx").exists()
+
+
+# -- a real classifier on real photos -----------------------------------------------------------------
+
+def photos() -> list[np.ndarray]:
+    """scikit-image's colour and grey photos, each also flipped and cut to two other aspect ratios."""
+    skdata = pytest.importorskip("skimage.data")
+    out = []
+    for name in ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "immunohistochemistry",
+                 "hubble_deep_field", "retina", "camera", "moon", "coins", "page", "grass", "gravel", "brick",
+                 "colorwheel", "cat"):
+        try:
+            a = getattr(skdata, name)()
+        except Exception:  # a photo whose file is not bundled (pooch download): skip it
+            continue
+        if a.dtype != np.uint8:
+            continue
+        a = a if a.ndim == 3 else a[:, :, None]
+        h, w = a.shape[:2]
+        out += [a, a[:, ::-1], a[: max(h * 2 // 3, 32)], a[:, : max(w // 2, 32)]]
+    return [np.ascontiguousarray(a) for a in out]
+
+
+@pytest.fixture(scope="module")
+def imagenet_files(tmp_path_factory):
+    """EfficientNet-Lite0 with its ImageNet head as an edgexfer FP32 and INT8 file (Resize 256, crop 224)."""
+    torch = pytest.importorskip("torch")
+    from edgexfer.backbones import LITE_MEAN, LITE_STD, build_backbone
+    from edgexfer.exporters.onnx_export import export_onnx
+    from edgexfer.exporters.quantize import Int8Recipe, quantize_int8
+    from edgexfer.runtime.metadata import InputSpec, Preprocessing, Task
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.f = build_backbone("efficientnet_lite0", weights="imagenet", image_size=224).eval()
+            self.head = self.f.classifier()
+
+        def forward(self, x):
+            return (self.head(self.f(x)),)
+
+    pp = Preprocessing(resize=256, crop=224, mean=LITE_MEAN, std=LITE_STD)
+    meta = ModelMeta(tasks=[Task("label", "logits", tuple(f"imagenet_{i}" for i in range(1000)))],
+                     input=InputSpec("input", 224, 224, 3), preprocessing=pp, provenance={"backbone": "lite0"})
+    d = tmp_path_factory.mktemp("imagenet")
+    x = np.stack([preprocess(a, pp) for a in photos()[::4][:8]])
+    export_onnx(Net().eval(), meta, d / "model.onnx", x, atol=1e-3)
+    quantize_int8(d / "model.onnx", d / "model.int8.onnx", x, Int8Recipe(calibration_samples=8))
+    return {"fp32": d / "model.onnx", "int8": d / "model.int8.onnx"}
+
+
+@pytest.mark.parametrize("kind", ["fp32", "int8"])
+def test_top1_and_probabilities_match_edgemodel_on_photos(imagenet_files, kind):
+    from edgexfer.runtime.model import EdgeModel
+
+    src = imagenet_files[kind]
+    out = e2e.write(src)
+    ref_model = EdgeModel(src, threads=2)
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    imgs = photos()
+    assert len(imgs) >= 40
+    agree, worst = 0, 0.0
+    for a in imgs:
+        x = ref_model.preprocess(a)
+        ref = ref_model.run(x)["label"][0]
+        ref_p = np.exp(ref - ref.max())
+        ref_p /= ref_p.sum()
+        p, idx, _ = sess.run(None, {"image": a})
+        agree += int(idx[0, 0] == ref_p.argmax())
+        worst = max(worst, float(np.abs(p[0] - ref_p).max()))
+    assert agree / len(imgs) >= MIN_TOP1_AGREEMENT, (agree, len(imgs), worst)
+    print(f"{kind}: top-1 {agree}/{len(imgs)}, largest probability difference {worst:.4f}")
+    assert worst <= PROB_ATOL[kind], worst
