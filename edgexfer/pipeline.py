@@ -485,6 +485,7 @@ def build_meta(cfg: dict, sha: str, metrics: dict | None = None):
 def export(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | None = None,
            atol: float | None = None) -> dict:
     """checkpoint.pt -> model.onnx (dynamic batch, metadata inside), validated against PyTorch."""
+    from edgexfer.exporters.e2e import write_beside
     from edgexfer.exporters.onnx_export import export_onnx
     from edgexfer.model import load_checkpoint
 
@@ -502,6 +503,7 @@ def export(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | No
         atol = get_backbone_info(mcfg["backbone"]).export_atol
     val = export_onnx(model, meta, run.file(FILES["fp32"]), sample, atol=atol)
     val["validated_on"] = f"{len(sample)} {split} images"
+    val["e2e"] = write_beside(run.file(FILES["fp32"]))  # model.e2e.onnx: preprocessing in the graph
     run.update_report(export=val)
     run.mark_done("export", time.perf_counter() - t0)
     return val
@@ -517,6 +519,7 @@ def quantize(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | 
     """
     from edgexfer.exporters.quantize import (convert_fp16, guarded_quantize, quantize_dynamic_int8, quantize_int8,
                                              recipe_for)
+    from edgexfer.exporters import e2e as _e2e
     from edgexfer.guard import agreement_set, describe, labelled_evidence, summarize
 
     run = RunFolder(run_dir)
@@ -566,6 +569,7 @@ def quantize(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | 
     if agree:
         rec["target_agreement"] = target_agreement(cfg, agree, len(target_images(cfg, ws)), run.file(FILES["int8"]))
     rec["target"] = target
+    rec["e2e"] = _e2e.write_beside(run.file(FILES["int8"]))  # model.int8.e2e.onnx: preprocessing in the graph
     out = {"quantize": rec}
     if "fp16" in cfg.extra_formats:
         out["quantize_fp16"] = convert_fp16(fp32, run.file(FILES["fp16"]))

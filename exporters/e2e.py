@@ -28,7 +28,6 @@ offsets, then (x * scale - mean) / std. Pixels match Pillow's but for a rare one
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -39,36 +38,16 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgexfer.exporters.errors import ExportError
 from edgexfer.exporters.metadata_io import content_sha256, save_model
+from edgexfer.runtime.e2e import E2E_KEY, E2E_SCHEMA, INPUT_NAME, LABELS_KEY, e2e_path, meta_key  # noqa: F401
 from edgexfer.runtime.metadata import META_KEY, ModelMeta
 
 log = logging.getLogger(__name__)
 
-E2E_KEY = "edgexfer.e2e"
-E2E_SCHEMA = "edgexfer.e2e/1"
-LABELS_KEY = "labels"
-INPUT_NAME = "image"
 OPSET = 18
 TOP_K = 5
 _PREFIX = "e2e_"
 _RESIZE_MODES = {"bilinear": ("linear", {}), "bicubic": ("cubic", {"cubic_coeff_a": -0.5}),
                  "nearest": ("nearest", {"nearest_mode": "floor"})}
-
-
-def e2e_path(path: str | Path) -> Path:
-    """model.onnx -> model.e2e.onnx; model.int8.onnx -> model.int8.e2e.onnx."""
-    p = Path(path)
-    name = p.name[:-len(".onnx")] if p.name.endswith(".onnx") else p.name
-    return p.with_name(name + ".e2e.onnx")
-
-
-def meta_key(meta_json: str) -> str:
-    """sha256 of a file's edgexfer metadata less its metrics (canonical JSON): what the end-to-end file
-    records of its source, and what `EdgeModel` compares with ONNX Runtime alone (no onnx package) to
-    tell a current end-to-end file from a stale one. It names the checkpoint and the export time
-    (provenance) and, for a quantized file, its recipe, so a re-export or re-quantization changes it."""
-    d = ModelMeta.from_props({META_KEY: meta_json}).to_dict()
-    d.pop("metrics", None)
-    return hashlib.sha256(json.dumps(d, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _bump_opset(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -131,23 +110,22 @@ def preprocessing_nodes(meta: ModelMeta, out: str):
     hwc = node("Slice", [shape, const("m3", [-3], np.int64), const("big", [2 ** 31], np.int64)], ["hwc"])
     nhwc_shape = node("Concat", [const("minus1", [-1], np.int64), hwc], ["nhwc_shape"], axis=0)
     x = node("Reshape", [INPUT_NAME, nhwc_shape], ["nhwc"])
-    # channels: keep at most 3 (RGBA -> RGB), then grey -> RGB by broadcasting.
+    # channels: keep at most 3 (RGBA -> RGB); a grey image stays one channel until after the resize
     x = node("Slice", [x, const("zero", [0], np.int64), const("three", [3], np.int64), const("axis3", [3], np.int64)],
              ["rgb_or_grey"])
-    x = node("Cast", [x], ["float"], to=TensorProto.FLOAT)
-    x = node("Expand", [x, const("ones3", [1, 1, 1, 3], np.int64)], ["rgb"])
-    x = node("Transpose", [x], ["nchw"], perm=[0, 3, 1, 2])
+    ones3 = const("ones3", [1, 1, 1, 3], np.int64)
     if pp.color == "L":  # Pillow: L = (R*19595 + G*38470 + B*7471 + 0x8000) >> 16, exact in float32
-        w = const("grey_weights", np.array([19595, 38470, 7471], np.float32).reshape(1, 3, 1, 1), np.float32)
-        x = node("Mul", [x, w], ["grey_weighted"])
-        x = node("ReduceSum", [x, const("axis1", [1], np.int64)], ["grey_sum"], keepdims=1)
+        x = node("Expand", [node("Cast", [x], ["float_in"], to=TensorProto.FLOAT), ones3], ["rgb_in"])
+        w = const("grey_weights", np.array([19595, 38470, 7471], np.float32).reshape(1, 1, 1, 3), np.float32)
+        x = node("ReduceSum", [node("Mul", [x, w], ["grey_weighted"]), const("axis3r", [3], np.int64)], ["grey_sum"],
+                 keepdims=1)
         x = node("Add", [x, const("half", 32768.0, np.float32)], ["grey_rounded"])
-        x = node("Div", [x, const("two16", 65536.0, np.float32)], ["grey_scaled"])
-        x = node("Floor", [x], ["grey"])
+        x = node("Floor", [node("Div", [x, const("two16", 65536.0, np.float32)], ["grey_scaled"])], ["grey_f"])
+        x = node("Cast", [x], ["grey"], to=TensorProto.UINT8)
     # shorter side -> resize, longer side -> floor(resize * long / short)
-    shp = node("Shape", [x], ["nchw_shape"])
-    h = node("Slice", [shp, const("two", [2], np.int64), const("three_end", [3], np.int64)], ["h"])
-    w_ = node("Slice", [shp, const("three_start", [3], np.int64), const("four", [4], np.int64)], ["w"])
+    shp = node("Shape", [x], ["x_shape"])
+    h = node("Slice", [shp, const("one", [1], np.int64), const("two", [2], np.int64)], ["h"])
+    w_ = node("Slice", [shp, const("two_start", [2], np.int64), const("three_end", [3], np.int64)], ["w"])
     short = node("Min", [h, w_], ["short"])
     long = node("Max", [h, w_], ["long"])
     r = const("resize", [pp.resize], np.int64)
@@ -155,26 +133,24 @@ def preprocessing_nodes(meta: ModelMeta, out: str):
     portrait = node("LessOrEqual", [w_, h], ["portrait"])
     out_h = node("Where", [portrait, new_long, r], ["out_h"])
     out_w = node("Where", [portrait, r, new_long], ["out_w"])
-    sizes = node("Concat", [out_h, out_w], ["sizes"], axis=0)
+    hw = node("Concat", [out_h, out_w], ["sizes"], axis=0)
     mode, extra = _RESIZE_MODES[pp.interpolation]
-    lo, hi = const("lo", 0.0, np.float32), const("hi", 255.0, np.float32)
-    # Pillow resizes in two passes, horizontal then vertical, rounding to uint8 after each: so does the graph
-    for axis, size, tag in ((3, out_w, "w"), (2, out_h, "h")):
-        x = node("Resize", [x, "", "", size], [f"resized_{tag}"], mode=mode, antialias=1 if mode != "nearest" else 0,
-                 axes=[axis], coordinate_transformation_mode="half_pixel" if mode != "nearest" else "asymmetric",
-                 **extra)
-        x = node("Floor", [node("Add", [x, const(f"half_{tag}", 0.5, np.float32)], [f"plus_half_{tag}"])],
-                 [f"rounded_{tag}"])  # Pillow rounds half up
-        x = node("Clip", [x, lo, hi], [f"pixels_{tag}"])
+    # on uint8 values, NHWC: ONNX Runtime's antialiased uint8 resize is Pillow's (two fixed-point passes
+    # rounded to uint8), and on the image as decoded it needs no copy into float or another layout
+    x = node("Resize", [x, "", "", hw], ["resized"], mode=mode, antialias=1 if mode != "nearest" else 0,
+             axes=[1, 2], coordinate_transformation_mode="half_pixel" if mode != "nearest" else "asymmetric", **extra)
     # centre crop: offsets round((side - crop) / 2), half to even like Python's round()
     c = const("crop", [pp.crop], np.int64)
-    hw = node("Concat", [out_h, out_w], ["hw"], axis=0)
-    margin = node("Cast", [node("Sub", [hw, node("Concat", [c, c], ["cc"], axis=0)], ["margin_i"])], ["margin"],
-                  to=TensorProto.FLOAT)
+    cc = node("Concat", [c, c], ["cc"], axis=0)
+    margin = node("Cast", [node("Sub", [hw, cc], ["margin_i"])], ["margin"], to=TensorProto.FLOAT)
     top_left = node("Cast", [node("Round", [node("Div", [margin, const("two_f", 2.0, np.float32)], ["half_margin"])],
                                   ["offset_f"])], ["offset"], to=TensorProto.INT64)
-    end = node("Add", [top_left, node("Concat", [c, c], ["cc2"], axis=0)], ["crop_end"])
-    x = node("Slice", [x, top_left, end, const("axes23", [2, 3], np.int64)], ["cropped"])
+    end = node("Add", [top_left, cc], ["crop_end"])
+    x = node("Slice", [x, top_left, end, const("axes12", [1, 2], np.int64)], ["cropped"])
+    x = node("Cast", [x], ["float"], to=TensorProto.FLOAT)
+    if pp.color == "RGB":  # a grey image -> RGB by replication (commutes with the resize)
+        x = node("Expand", [x, ones3], ["rgb"])
+    x = node("Transpose", [x], ["nchw"], perm=[0, 3, 1, 2])
     # (x * scale - mean) / std, in float32 as the Python reference computes it
     ch = pp.channels
     x = node("Mul", [x, const("scale", pp.scale, np.float32)], ["scaled"])

@@ -226,7 +226,8 @@ def verify_cmd(a, held_out) -> None:
 
     out = a.json
     if a.target.is_dir():
-        models = sorted(a.target.glob("model*.onnx"), key=lambda p: (p.name != "model.onnx", p.name))
+        models = sorted((p for p in a.target.glob("model*.onnx") if not p.name.endswith(".e2e.onnx")),
+                        key=lambda p: (p.name != "model.onnx", p.name))
         if not models:
             raise FileNotFoundError(f"no model*.onnx in {a.target}")
         if a.images:

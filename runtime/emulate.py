@@ -330,7 +330,7 @@ def install_bundle(bundle_dir: Path, image: Path, *, timeout: float = 1800) -> d
     if not ready():
         raise EmulationUnavailable(missing() or "the arm64 root filesystem is not set up (make arm64)")
     bundle_dir = Path(bundle_dir)
-    model = next((p.name for p in bundle_dir.glob("*.onnx")), None)
+    model = next((p.name for p in bundle_dir.glob("*.onnx") if not p.name.endswith(".e2e.onnx")), None)
     if model is None or not (bundle_dir / "wheels").is_dir():
         raise RuntimeInputError(f"{bundle_dir} is not an arm64 bundle (no .onnx file or no wheels/)")
     with Job() as job:

@@ -11,7 +11,7 @@ import onnxruntime as ort
 
 from edgexfer.runtime.errors import MetadataError, RuntimeInputError
 from edgexfer.runtime.metadata import ModelMeta
-from edgexfer.runtime.preprocess import MAX_ASPECT_RATIO, MAX_IMAGE_PIXELS, ImageLimits, preprocess
+from edgexfer.runtime.preprocess import MAX_ASPECT_RATIO, MAX_IMAGE_PIXELS, ImageLimits, load_image, preprocess
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,12 @@ class EdgeModel:
     size; each task's output present, of one score per label): a file that loads can be served, and one
     that cannot is a `MetadataError`. Images are bounded by `max_image_pixels` (decoded, and after the
     resize; `ImageTooLarge`) and `max_aspect_ratio` (`ImageError`), checked before decoding.
+
+    `predict` runs the end-to-end file beside a model file (``model.e2e.onnx`` beside ``model.onnx``:
+    `edgexfer.exporters.e2e`, preprocessing in the graph) when there is one and it is current with this
+    file; `e2e=False` (or EDGEXFER_E2E=0) forces the Python preprocessing, the reference, and `e2e=True`
+    requires the end-to-end file. `preprocess` and `run` always take the plain path. `e2e_used` says
+    which path `predict` takes (known after the first call).
     """
 
     def __init__(
@@ -67,6 +73,7 @@ class EdgeModel:
         spinning: bool = True,
         max_image_pixels: int = MAX_IMAGE_PIXELS,
         max_aspect_ratio: float = MAX_ASPECT_RATIO,
+        e2e: bool | None = None,
     ):
         source = "<bytes>" if isinstance(model, (bytes, bytearray)) else str(model)
         if not isinstance(model, (bytes, bytearray)) and not Path(model).is_file():
@@ -95,6 +102,55 @@ class EdgeModel:
         self.threads = threads
         self.image_limits = ImageLimits(int(max_image_pixels), float(max_aspect_ratio))
         self._check_graph(source)
+        if e2e is None and os.environ.get("EDGEXFER_E2E", "").strip().lower() in ("0", "no", "false", "off"):
+            e2e = False
+        self._e2e_wanted = e2e
+        self._e2e_session = None
+        self.e2e_used: bool | None = False if e2e is False or self.path is None else None
+        self.e2e_why = "e2e=False" if e2e is False else None
+        self._session_args = (threads, graph_optimization, spinning, chosen)
+        if e2e:
+            self._e2e()
+
+    def _e2e(self):
+        """The end-to-end session, loaded on first use; None (and `e2e_why` says why) when there is no
+        current end-to-end file beside this one."""
+        if self.e2e_used is not None:
+            return self._e2e_session
+        from edgexfer.runtime import e2e as e2e_mod
+
+        path = e2e_mod.e2e_path(self.path)
+        why = None
+        if not path.is_file():
+            why = f"no {path.name} beside {self.path.name}"
+        else:
+            threads, graph_optimization, spinning, chosen = self._session_args
+            try:
+                sess = ort.InferenceSession(str(path), sess_options=session_options(threads, graph_optimization,
+                                                                                    spinning=spinning),
+                                            providers=chosen)
+            except Exception as e:  # onnxruntime's own error types
+                why = f"cannot load {path.name}: {(str(e).splitlines() or [type(e).__name__])[0][:200]}"
+            else:
+                props = sess.get_modelmeta().custom_metadata_map
+                c = e2e_mod.contract(props)
+                mine = self.session.get_modelmeta().custom_metadata_map.get("edgexfer.meta", "")
+                if c is None:
+                    why = f"{path.name} carries no end-to-end contract"
+                elif c.get("source_meta_sha256") != e2e_mod.meta_key(mine):
+                    why = f"{path.name} was made from another {self.path.name} (re-exported or re-quantized since)"
+                elif any(c["tasks"].get(t.name, {}).get("probabilities") is None for t in self.meta.tasks):
+                    why = f"{path.name} lacks a task of {self.path.name}"
+                else:
+                    self._e2e_session = sess
+                    self._e2e_outputs = [c["tasks"][t.name]["probabilities"] for t in self.meta.tasks]
+        self.e2e_used, self.e2e_why = why is None, why
+        if why is not None:
+            if self._e2e_wanted:
+                raise MetadataError(f"e2e=True: {why}; build it with edgexfer.exporters.e2e.write")
+            if path.is_file():  # a file there that is not used deserves a word
+                log.warning("predicting with the Python preprocessing: %s", why)
+        return self._e2e_session
 
     def _check_graph(self, source: str) -> None:
         """The metadata against the graph: what `run`, `predict` and the servers rely on."""
@@ -169,8 +225,34 @@ class EdgeModel:
         return a dict task -> that list.
         """
         batch = _is_batch(images)
-        results = self.decode(self.run(self.preprocess(images)), top_k)
+        sess = self._e2e() if self.path is not None else None
+        if sess is None:
+            results = self.decode(self.run(self.preprocess(images)), top_k)
+        else:
+            results = [self._predict_e2e(sess, im, top_k) for im in (images if batch else [images])]
         return results if batch else results[0]
+
+    def _predict_e2e(self, sess, image: Any, top_k: int):
+        """One image through the end-to-end file: decoded (with the same limits) and fed as uint8 HWC."""
+        from edgexfer.runtime.e2e import INPUT_NAME, image_array
+
+        img = load_image(image, self.image_limits)
+        w, h = img.size
+        r = self.meta.preprocessing.resize
+        short, long = min(w, h), max(w, h)
+        if short != r and r * (r * long // short) > self.image_limits.max_pixels:
+            from edgexfer.runtime.errors import ImageTooLarge
+
+            raise ImageTooLarge(f"image of {w}x{h} pixels resizes to {r}x{r * long // short}, over the limit of "
+                                f"{self.image_limits.max_pixels} pixels (--max-image-pixels)")
+        probs = sess.run(self._e2e_outputs, {INPUT_NAME: image_array(img)})
+        out = {}
+        for task, p in zip(self.meta.tasks, probs):
+            p = p[0].astype(np.float32)
+            k = max(1, min(top_k, p.shape[0]))
+            idx = np.argsort(-p)[:k]
+            out[task.name] = [{"label": task.labels[j], "index": int(j), "score": _score(p[j])} for j in idx]
+        return out[self.meta.tasks[0].name] if len(self.meta.tasks) == 1 else out
 
     def decode(self, logits: dict[str, np.ndarray], top_k: int = 5) -> list:
         """Raw logits per task (as `run` returns them) -> per image, top-k {label, index, score}

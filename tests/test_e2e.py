@@ -197,3 +197,78 @@ def test_top1_and_probabilities_match_edgemodel_on_photos(imagenet_files, kind):
     assert agree / len(imgs) >= MIN_TOP1_AGREEMENT, (agree, len(imgs), worst)
     print(f"{kind}: top-1 {agree}/{len(imgs)}, largest probability difference {worst:.4f}")
     assert worst <= PROB_ATOL[kind], worst
+
+
+def test_edgemodel_predicts_with_the_e2e_file_when_current(tmp_path, imagenet_files, monkeypatch):
+    import shutil
+
+    from edgexfer.runtime.errors import MetadataError
+    from edgexfer.runtime.model import EdgeModel
+
+    src = tmp_path / "model.onnx"
+    shutil.copy(imagenet_files["fp32"], src)
+    imgs = photos()[:8]
+    plain = EdgeModel(src, threads=2)
+    ref = plain.predict(imgs, top_k=3)
+    assert plain.e2e_used is False and "no model.e2e.onnx" in plain.e2e_why
+    with pytest.raises(MetadataError, match="no model.e2e.onnx"):
+        EdgeModel(src, e2e=True)
+    e2e.write(src)
+    m = EdgeModel(src, threads=2)
+    got = m.predict(imgs, top_k=3)
+    assert m.e2e_used is True
+    assert [g[0]["index"] for g in got] == [r[0]["index"] for r in ref]
+    assert all(abs(g[0]["score"] - r[0]["score"]) <= PROB_ATOL["fp32"] for g, r in zip(got, ref))
+    assert m.predict(imgs[0], top_k=2)[0]["index"] == got[0][0]["index"]  # one image: one list
+    assert EdgeModel(src, e2e=False).predict(imgs, top_k=3) == ref           # the reference on demand
+    monkeypatch.setenv("EDGEXFER_E2E", "0")
+    forced = EdgeModel(src)
+    assert forced.predict(imgs, top_k=3) == ref and forced.e2e_used is False
+    monkeypatch.delenv("EDGEXFER_E2E")
+    # a re-exported source (other provenance): the stale end-to-end file is not used
+    from edgexfer.exporters.metadata_io import read_meta, write_meta
+
+    meta = read_meta(src)
+    write_meta(src, type(meta)(**{**meta.__dict__, "provenance": {**meta.provenance, "created": "later"}}))
+    stale = EdgeModel(src)
+    assert stale.predict(imgs, top_k=3) == ref and stale.e2e_used is False and "another" in stale.e2e_why
+    # evaluate writing the source's metrics keeps it current
+    e2e.write(src)
+    meta = read_meta(src)
+    write_meta(src, type(meta)(**{**meta.__dict__, "metrics": {"accuracy": 0.5}}))
+    again = EdgeModel(src)
+    again.predict(imgs[0])
+    assert again.e2e_used is True
+
+
+def test_bundle_carries_the_e2e_file_and_labels(tmp_path):
+    from edgexfer.runtime.bundle import bundle
+
+    src = tmp_path / "m" / "model.onnx"
+    src.parent.mkdir()
+    src.write_bytes(onnx_bytes(good_meta(classes=3, side=8), classes=3, side=8))
+    res = bundle(src, tmp_path / "out")
+    out = tmp_path / "out"
+    assert res["e2e"] == "model.e2e.onnx" and (out / "model.e2e.onnx").is_file()
+    assert (out / "labels.txt").read_text().split() == ["c0", "c1", "c2"]
+    readme = (out / "README.md").read_text()
+    for word in ("`image`", "uint8", "[H, W, 3]", "top_k_indices", "C/C++", "C#", "Kotlin", "Swift", "onnxruntime-node"):
+        assert word in readme, word
+    sess = ort.InferenceSession(str(out / "model.e2e.onnx"), providers=["CPUExecutionProvider"])
+    assert sess.run(["probabilities"], {"image": _image(9, 12, 3)})[0].shape == (1, 3)
+
+
+def test_run_writes_both_e2e_files(tiny_run, image_folder):
+    """`edgexfer run` (export and quantize) leaves model.e2e.onnx and model.int8.e2e.onnx beside the plain
+    files, current with them: EdgeModel predicts with them, the top-1 of the Python path."""
+    from edgexfer.runtime.model import EdgeModel
+
+    images = sorted(p for p in image_folder.rglob("*.png"))[::7][:12]
+    for name in ("model.onnx", "model.int8.onnx"):
+        assert e2e.e2e_path(tiny_run / name).is_file(), name
+        m, ref = EdgeModel(tiny_run / name), EdgeModel(tiny_run / name, e2e=False)
+        got, want = m.predict(images, top_k=1), ref.predict(images, top_k=1)
+        assert m.e2e_used is True
+        assert sum(g[0]["index"] == w[0]["index"] for g, w in zip(got, want)) >= 0.9 * len(images)
+    rep = json.loads((tiny_run / "report.json").read_text())
+    assert rep["export"]["e2e"]["file"] == "model.e2e.onnx" and rep["quantize"]["e2e"]["file"] == "model.int8.e2e.onnx"
