@@ -18,13 +18,14 @@ outputs ``probabilities`` float32 [N, classes] (softmax of the model's logits; N
 metadata ``labels``: the class names, one per line, in index order (the first task's); ``edgexfer.meta``
     is the source file's metadata unchanged (so its preprocessing and input describe the inner model).
 
-In-graph steps, matching `edgexfer.runtime.preprocess` (the Python reference): channel fix-up (grey
--> RGB by replication; RGB -> grey with Pillow's exact integer ITU-R 601-2 weights), shorter-side
-resize to ``preprocessing.resize`` (Resize opset 18, antialias=1, half-pixel: Pillow's filter; the
-longer side becomes floor(resize * long / short) as in `resize_crop`) in two passes, horizontal then
-vertical, each rounded half up to uint8 values as Pillow's are, centre crop with Python's round-half-even
-offsets, then (x * scale - mean) / std. Pixels match Pillow's but for a rare one-level tie
-(tests/test_e2e.py holds pixels and probabilities against the reference).
+In-graph steps, matching `edgexfer.runtime.preprocess` (the Python reference): RGB -> grey with
+Pillow's exact integer ITU-R 601-2 weights (grey models only); shorter-side resize to
+``preprocessing.resize`` on the uint8 NHWC image (Resize opset 18, antialias=1, half-pixel: ONNX Runtime's
+uint8 path computes Pillow's filter in fixed point with a rounded uint8 pass per axis; the longer side
+becomes floor(resize * long / short) as in `resize_crop`); centre crop with Python's round-half-even
+offsets and channels 0..2 (RGBA -> RGB); grey -> RGB by replication (RGB models); NCHW float32,
+x * (scale / std) - mean / std; a Reshape to the static [N, C, crop, crop]. Pixels match Pillow's but for
+a rare one-level tie (tests/test_e2e.py holds pixels and probabilities against the reference).
 """
 from __future__ import annotations
 
@@ -110,11 +111,10 @@ def preprocessing_nodes(meta: ModelMeta, out: str):
     hwc = node("Slice", [shape, const("m3", [-3], np.int64), const("big", [2 ** 31], np.int64)], ["hwc"])
     nhwc_shape = node("Concat", [const("minus1", [-1], np.int64), hwc], ["nhwc_shape"], axis=0)
     x = node("Reshape", [INPUT_NAME, nhwc_shape], ["nhwc"])
-    # channels: keep at most 3 (RGBA -> RGB); a grey image stays one channel until after the resize
-    x = node("Slice", [x, const("zero", [0], np.int64), const("three", [3], np.int64), const("axis3", [3], np.int64)],
-             ["rgb_or_grey"])
     ones3 = const("ones3", [1, 1, 1, 3], np.int64)
     if pp.color == "L":  # Pillow: L = (R*19595 + G*38470 + B*7471 + 0x8000) >> 16, exact in float32
+        x = node("Slice", [x, const("zero", [0], np.int64), const("three", [3], np.int64), const("axis3", [3], np.int64)],
+                 ["rgb_or_grey"])  # RGBA -> RGB
         x = node("Expand", [node("Cast", [x], ["float_in"], to=TensorProto.FLOAT), ones3], ["rgb_in"])
         w = const("grey_weights", np.array([19595, 38470, 7471], np.float32).reshape(1, 1, 1, 3), np.float32)
         x = node("ReduceSum", [node("Mul", [x, w], ["grey_weighted"]), const("axis3r", [3], np.int64)], ["grey_sum"],
@@ -135,28 +135,32 @@ def preprocessing_nodes(meta: ModelMeta, out: str):
     out_w = node("Where", [portrait, r, new_long], ["out_w"])
     hw = node("Concat", [out_h, out_w], ["sizes"], axis=0)
     mode, extra = _RESIZE_MODES[pp.interpolation]
-    # on uint8 values, NHWC: ONNX Runtime's antialiased uint8 resize is Pillow's (two fixed-point passes
-    # rounded to uint8), and on the image as decoded it needs no copy into float or another layout
+    # on uint8 values, NHWC, every channel as it comes (RGBA's alpha is dropped after): ONNX Runtime's
+    # antialiased uint8 resize is Pillow's (two fixed-point passes rounded to uint8), and the decoded image
+    # needs no copy into float or another layout
     x = node("Resize", [x, "", "", hw], ["resized"], mode=mode, antialias=1 if mode != "nearest" else 0,
              axes=[1, 2], coordinate_transformation_mode="half_pixel" if mode != "nearest" else "asymmetric", **extra)
-    # centre crop: offsets round((side - crop) / 2), half to even like Python's round()
+    # centre crop, offsets round((side - crop) / 2) half to even like Python's round(), and channels 0..2
     c = const("crop", [pp.crop], np.int64)
     cc = node("Concat", [c, c], ["cc"], axis=0)
     margin = node("Cast", [node("Sub", [hw, cc], ["margin_i"])], ["margin"], to=TensorProto.FLOAT)
     top_left = node("Cast", [node("Round", [node("Div", [margin, const("two_f", 2.0, np.float32)], ["half_margin"])],
                                   ["offset_f"])], ["offset"], to=TensorProto.INT64)
-    end = node("Add", [top_left, cc], ["crop_end"])
-    x = node("Slice", [x, top_left, end, const("axes12", [1, 2], np.int64)], ["cropped"])
-    x = node("Cast", [x], ["float"], to=TensorProto.FLOAT)
+    start = node("Concat", [top_left, const("c0", [0], np.int64)], ["crop_start"], axis=0)
+    end = node("Concat", [node("Add", [top_left, cc], ["crop_end_hw"]), const("c3", [3], np.int64)], ["crop_end"], axis=0)
+    x = node("Slice", [x, start, end, const("axes123", [1, 2, 3], np.int64)], ["cropped"])
     if pp.color == "RGB":  # a grey image -> RGB by replication (commutes with the resize)
         x = node("Expand", [x, ones3], ["rgb"])
-    x = node("Transpose", [x], ["nchw"], perm=[0, 3, 1, 2])
-    # (x * scale - mean) / std, in float32 as the Python reference computes it
+    x = node("Cast", [node("Transpose", [x], ["nchw_u8"], perm=[0, 3, 1, 2])], ["nchw"], to=TensorProto.FLOAT)
+    # (x * scale - mean) / std as one multiply-add per channel; then the static shape [N, C, crop, crop],
+    # so that ONNX Runtime plans the model's memory as for the plain file
     ch = pp.channels
-    x = node("Mul", [x, const("scale", pp.scale, np.float32)], ["scaled"])
-    x = node("Sub", [x, const("mean", np.array(pp.mean, np.float32).reshape(1, ch, 1, 1), np.float32)], ["centred"])
-    nodes.append(helper.make_node("Div", [x, const("std", np.array(pp.std, np.float32).reshape(1, ch, 1, 1),
-                                                   np.float32)], [out], name=P + "normalized"))
+    a_ = np.float32(pp.scale) / np.asarray(pp.std, np.float32)
+    b_ = -np.asarray(pp.mean, np.float32) / np.asarray(pp.std, np.float32)
+    x = node("Mul", [x, const("norm_a", a_.reshape(1, ch, 1, 1), np.float32)], ["scaled"])
+    x = node("Add", [x, const("norm_b", b_.reshape(1, ch, 1, 1), np.float32)], ["normalized_dyn"])
+    nodes.append(helper.make_node("Reshape", [x, const("static_shape", [-1, ch, pp.crop, pp.crop], np.int64)], [out],
+                                  name=P + "normalized"))
     return nodes, inits
 
 

@@ -23,6 +23,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from edgexfer.runtime.e2e import is_e2e
 from edgexfer.runtime.errors import RuntimeInputError
 
 SCHEMA = "edgexfer.bench/1"
@@ -159,6 +160,8 @@ class BenchConfig:
     openvino: bool = True
     references: bool = True                    # measure the reference backends handed to run_benchmark
     seed: int = 0
+    e2e: bool = True                           # time each file's end-to-end file beside it (e2e_comparison)
+    e2e_image: tuple[int, int] = (480, 640)    # height, width of the decoded photo it is timed on
     extra: dict = field(default_factory=dict)
 
 
@@ -168,7 +171,7 @@ def model_files(targets: Sequence[str | os.PathLike]) -> tuple[list[Path], Path 
     for t in map(Path, targets):
         if t.is_dir():
             run_dir = t
-            found = sorted(t.glob("*.onnx"), key=lambda p: (p.name != "model.onnx", p.name))
+            found = sorted((p for p in t.glob("*.onnx") if not is_e2e(p)), key=lambda p: (p.name != "model.onnx", p.name))
             if not found:
                 raise FileNotFoundError(f"no .onnx file in {t}")
             files += found
@@ -274,11 +277,74 @@ def run_benchmark(targets: Sequence[str | os.PathLike], cfg: BenchConfig = Bench
             r = interleaved(cs, {c.name: x1[c.name] for c in cs}, warmup=5, iters=max(20, cfg.iters // 4))
             for f in files:
                 results[names[f]].setdefault("thread_sweep_p50_ms", {})[str(t)] = r[names[f]]["p50"]
+    e2e = {}
+    if cfg.e2e:
+        for f in files:
+            r = e2e_comparison(f, cfg, log=log)
+            if r:
+                e2e[names[f]] = r
     doc = {"schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if e2e:
+        doc["e2e"] = e2e
     if len(shapes) == 1:  # one input size for all; else each model's own is under models.*.input_shape
         doc["input_shape"] = [1, *next(iter(shapes))]
     return {**doc, "config": {k: v for k, v in cfg.__dict__.items() if k != "extra"},
             "machine": machine_info(), "models": results, "not_measured": not_measured}
+
+
+def bench_photo(height: int, width: int, seed: int = 0):
+    """A photo-like decoded RGB image (smooth shading, edges and noise) as a PIL image: what an
+    application has after decoding a JPEG, so decoding is left out of what is timed."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.stack([xx / width * 255, yy / height * 255, (np.sin(xx / 23) * np.cos(yy / 31) + 1) * 127], -1)
+    a = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+    return Image.fromarray(a)
+
+
+def e2e_comparison(path, cfg: BenchConfig, log: Callable[[str], None] = lambda s: None) -> dict | None:
+    """The end-to-end file beside `path` (preprocessing in the graph) against `path` plus the Python
+    preprocessing, from one decoded photo of `cfg.e2e_image` (decoding excluded from both), and `path` on
+    its preprocessed tensor (the model alone), interleaved at batch 1. None when no current end-to-end
+    file is beside it. The cost of in-graph preprocessing is the end-to-end p50 less the model's; its
+    share is that over the model's p50."""
+    from edgexfer.runtime.model import EdgeModel
+    from edgexfer.runtime.preprocess import normalize, resize_crop
+
+    m = EdgeModel(path, threads=cfg.threads, spinning=False)
+    sess = m._e2e()
+    if sess is None:
+        if not m.e2e_why.startswith("no "):
+            log(f"end-to-end file of {Path(path).name} not timed: {m.e2e_why}")
+        return None
+    from edgexfer.runtime.e2e import INPUT_NAME, e2e_path, image_array
+
+    e2e_file = e2e_path(path)
+    plain = m.session
+    pp = m.meta.preprocessing
+    img = bench_photo(*cfg.e2e_image, seed=cfg.seed)
+    arr = image_array(img)
+    x = np.ascontiguousarray(normalize(resize_crop(img, pp), pp)[None])
+    outs = m.output_names
+    name = Path(path).name
+    cands = [Candidate(f"{name} model alone", lambda x: plain.run(outs, {m.input_name: x}), file=str(path)),
+             Candidate(f"{name} + Python preprocessing",
+                       lambda im: plain.run(outs, {m.input_name: normalize(resize_crop(im, pp), pp)[None]}),
+                       file=str(path)),
+             Candidate(e2e_file.name, lambda a: sess.run(None, {INPUT_NAME: a}), file=str(e2e_file))]
+    feeds = {cands[0].name: x, cands[1].name: img, cands[2].name: arr}
+    log(f"end-to-end: {e2e_file.name} against {name} + Python preprocessing, from a decoded "
+        f"{cfg.e2e_image[1]}x{cfg.e2e_image[0]} photo, interleaved")
+    lat = interleaved(cands, feeds, warmup=cfg.warmup, iters=cfg.iters, duration=cfg.duration)
+    alone, python, e2e = (lat[c.name] for c in cands)
+    return {"file": e2e_file.name, "size_bytes": e2e_file.stat().st_size, "image_hw": list(cfg.e2e_image),
+            "input_shape": [1, *m.input_shape],
+            "latency_ms": {"model_alone": alone, "plain_plus_python_preprocessing": python, "e2e": e2e},
+            "preprocessing_ms": {"in_graph": e2e["p50"] - alone["p50"], "python": python["p50"] - alone["p50"]},
+            "in_graph_share_of_model_p50": (e2e["p50"] - alone["p50"]) / alone["p50"],
+            "e2e_ratio_to_plain_plus_python": e2e["p50"] / python["p50"]}
 
 
 def _why_no_reference(run_dir: Path) -> str:
@@ -328,6 +394,17 @@ def to_markdown(res: dict) -> str:
     skipped = res.get("not_measured") or {}
     if skipped:
         lines += [""] + [f"Not measured: {_BACKEND_NAMES.get(k, k)} — {why}." for k, why in skipped.items()]
+    if res.get("e2e"):
+        lines += ["", "End-to-end files (preprocessing in the graph) against the plain file plus the Python preprocessing, "
+                  "from one decoded photo (decoding excluded), batch 1, interleaved:", "",
+                  "| end-to-end file | photo | model alone p50 ms | plain + Python preprocessing p50 ms | end-to-end p50 ms "
+                  "| preprocessing in the graph ms | in Python ms | in-graph share of the model's p50 |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for n, r in res["e2e"].items():
+            lat, pre = r["latency_ms"], r["preprocessing_ms"]
+            lines.append(f"| {r['file']} | {r['image_hw'][1]}×{r['image_hw'][0]} | {fmt.ms(lat['model_alone']['p50'])} | "
+                         f"{fmt.ms(lat['plain_plus_python_preprocessing']['p50'])} | {fmt.ms(lat['e2e']['p50'])} | "
+                         f"{fmt.ms(pre['in_graph'])} | {fmt.ms(pre['python'])} | {fmt.pct(r['in_graph_share_of_model_p50'])} |")
     sweeps = {n: r["thread_sweep_p50_ms"] for n, r in res["models"].items() if "thread_sweep_p50_ms" in r}
     if sweeps:
         ts = list(next(iter(sweeps.values())))

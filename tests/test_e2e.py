@@ -272,3 +272,19 @@ def test_run_writes_both_e2e_files(tiny_run, image_folder):
         assert sum(g[0]["index"] == w[0]["index"] for g, w in zip(got, want)) >= 0.9 * len(images)
     rep = json.loads((tiny_run / "report.json").read_text())
     assert rep["export"]["e2e"]["file"] == "model.e2e.onnx" and rep["quantize"]["e2e"]["file"] == "model.int8.e2e.onnx"
+
+
+def test_bench_times_the_e2e_file_beside_the_plain_one(tmp_path):
+    from edgexfer.runtime.bench import BenchConfig, e2e_comparison, run_benchmark, to_markdown
+
+    src = tmp_path / "model.onnx"
+    src.write_bytes(onnx_bytes(good_meta(classes=3, side=8), classes=3, side=8))
+    cfg = BenchConfig(threads=1, warmup=1, iters=3, batches=(1,), cold_start=False, openvino=False, e2e_image=(30, 40))
+    assert e2e_comparison(src, cfg) is None  # no end-to-end file: nothing to time
+    e2e.write(src)
+    r = e2e_comparison(src, cfg)
+    assert set(r["latency_ms"]) == {"model_alone", "plain_plus_python_preprocessing", "e2e"}
+    assert r["latency_ms"]["e2e"]["n"] == 3 and r["image_hw"] == [30, 40]
+    res = run_benchmark([tmp_path], cfg)
+    assert list(res["models"]) == ["model.onnx"] and "model.onnx" in res["e2e"]  # the e2e file is no model row
+    assert "model.e2e.onnx" in to_markdown(res)
