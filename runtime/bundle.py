@@ -3,6 +3,10 @@
     OUT/
       model.int8.onnx      the chosen model: INT8 when the run's accuracy guard passed it (validation-side
                            evidence, report.json quantize.guard), else FP32; the test split never chooses
+      model.int8.e2e.onnx  the same model with its preprocessing in the graph (edgexfer.exporters.e2e):
+                           decoded uint8 image in, probabilities out, for any ONNX Runtime binding; built
+                           afresh when the onnx package is here, else copied when current with the model
+      labels.txt           the class names, one per line, in the model's output order
       requirements.txt     numpy, onnxruntime, Pillow pinned to the versions this was tested with
       edgexfer/            the runtime package itself (pure Python), so nothing else needs installing
       example.py           an application embedding it (classify images, or watch a folder)
@@ -164,6 +168,8 @@ def bundle(source: str | os.PathLike, out: str | os.PathLike, *, force: bool = F
         tmp.mkdir()
         # copyfile, not copy2: the copies get the umask's mode, not the source's (an artifact written 0600)
         shutil.copyfile(model, tmp / model.name)
+        e2e_name, e2e_why = _e2e_file(model, tmp)
+        (tmp / "labels.txt").write_text("\n".join(EdgeModel(model).labels) + "\n")
         pkg = tmp / "edgexfer"
         shutil.copytree(runtime_dir, pkg / "runtime", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
                         copy_function=shutil.copyfile)
@@ -178,8 +184,9 @@ def bundle(source: str | os.PathLike, out: str | os.PathLike, *, force: bool = F
             wheels = [p.name for p in download_wheels(tmp / "wheels", reqs)]
         elif arch != "host":
             raise RuntimeInputError(f"unknown --arch {arch!r}; choose host or arm64")
-        (tmp / "README.md").write_text(_readme(model.name, why, reqs, arch, warning))
+        (tmp / "README.md").write_text(_readme(model.name, why, reqs, arch, warning) + _e2e_readme(e2e_name, e2e_why))
         result = {"out": str(out), "model": model.name, "why": why, **({"warning": warning} if warning else {}),
+                  "e2e": e2e_name, **({"e2e_why_not": e2e_why} if e2e_why else {}),
                   "requirements": reqs, "arch": arch, "wheels": wheels}
         (tmp / MANIFEST).write_text(json.dumps({"schema": MANIFEST_SCHEMA, "edgexfer": edgexfer.__version__,
                                                 **{k: v for k, v in result.items() if k != "out"}}, indent=2) + "\n")
@@ -187,6 +194,30 @@ def bundle(source: str | os.PathLike, out: str | os.PathLike, *, force: bool = F
             shutil.rmtree(out)
         os.replace(tmp, out)
     return result
+
+
+def _e2e_file(model: Path, folder: Path) -> tuple[str | None, str | None]:
+    """The end-to-end file of `model` into `folder`: built from it when the onnx package is installed (so
+    it carries the model's current metrics), else copied from beside it when current. (name, None), or
+    (None, why not)."""
+    from edgexfer.runtime.e2e import e2e_path
+
+    dest = folder / e2e_path(model).name
+    try:
+        from edgexfer.exporters.e2e import write
+    except ImportError:  # the runtime install: no onnx
+        from edgexfer.runtime.model import EdgeModel
+
+        m = EdgeModel(model)
+        if m._e2e() is None:
+            return None, m.e2e_why
+        shutil.copyfile(e2e_path(model), dest)
+        return dest.name, None
+    try:
+        write(model, dest)
+    except ValueError as e:  # ExportError, MetadataError: a preprocessing the graph cannot express
+        return None, str(e)
+    return dest.name, None
 
 
 def _why_not_replace(out: Path, source: Path) -> str | None:
@@ -224,6 +255,73 @@ def is_bundle(folder: Path) -> bool:
     models = {n for n in names if n.endswith(".onnx")}
     return (len(models) == 1 and names - models <= _LEGACY_NAMES and {"edgexfer", "example.py"} <= names
             and readme.startswith("# edgexfer bundle: "))
+
+
+def _e2e_readme(name: str | None, why_not: str | None) -> str:
+    """How to call the end-to-end file from each ONNX Runtime binding."""
+    if name is None:
+        return f"\nNo end-to-end file ({why_not}): applications in other languages preprocess as the metadata says.\n"
+    return f"""
+## From any language: `{name}`
+
+`{name}` is the same model with its preprocessing (resize, centre crop, colour, normalisation) inside the
+graph, in standard ONNX operators (opset 18): give it the decoded pixels, get probabilities. Any ONNX
+Runtime binding runs it as it is.
+
+- input `image`: **uint8**, shape **[H, W, 3]**, RGB, row by row (HWC) as image decoders give it; any H and W.
+  Also accepted: [H, W, 1] grey, [H, W, 4] RGBA (alpha ignored), and [N, H, W, C] for N images of one size.
+- output `probabilities`: float32 [1, classes] (or [N, classes]), softmax, in the order of `labels.txt`.
+- output `top_k_indices`: int64 [1, k], best first; `top_k_scores`: float32 [1, k], their probabilities.
+- labels: `labels.txt`, one per line; also in the file, metadata entry `labels` (one per line), and the whole
+  edgexfer metadata (JSON) under `edgexfer.meta`.
+
+Python (tested): `EdgeModel("{name[:-len('.e2e.onnx')]}.onnx").predict("photo.jpg")` uses it when it is beside the model, or:
+
+    import numpy as np, onnxruntime as ort
+    from PIL import Image
+    s = ort.InferenceSession("{name}")
+    probs, top, scores = s.run(None, {{"image": np.asarray(Image.open("photo.jpg").convert("RGB"))}})
+
+JavaScript, Node.js (tested: examples/node in the edgexfer repository) or the browser (onnxruntime-web;
+examples/web):
+
+    const ort = require("onnxruntime-node");              // or: import * as ort from "onnxruntime-web"
+    const s = await ort.InferenceSession.create("{name}");
+    const out = await s.run({{ image: new ort.Tensor("uint8", rgb, [h, w, 3]) }});   // rgb: Uint8Array
+    const top = out.top_k_indices.data;                    // BigInt64Array, best first
+
+C/C++ (onnxruntime_cxx_api.h):
+
+    Ort::Env env; Ort::Session s(env, "{name}", Ort::SessionOptions{{}});
+    int64_t shape[] = {{h, w, 3}};
+    auto mem = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
+    auto in = Ort::Value::CreateTensor<uint8_t>(mem, rgb, h * w * 3, shape, 3);
+    const char* ins[] = {{"image"}}; const char* outs[] = {{"probabilities", "top_k_indices"}};
+    auto out = s.Run(Ort::RunOptions{{nullptr}}, ins, &in, 1, outs, 2);
+    const int64_t* top = out[1].GetTensorData<int64_t>();
+
+C# (Microsoft.ML.OnnxRuntime):
+
+    using var s = new InferenceSession("{name}");
+    var t = new DenseTensor<byte>(rgb, new[] {{ h, w, 3 }});
+    using var r = s.Run(new[] {{ NamedOnnxValue.CreateFromTensor("image", t) }});
+    var top = r.First(v => v.Name == "top_k_indices").AsTensor<long>();
+
+Java/Kotlin (ai.onnxruntime; Android: onnxruntime-android):
+
+    val env = OrtEnvironment.getEnvironment()
+    val s = env.createSession("{name}")
+    val t = OnnxTensor.createTensor(env, ByteBuffer.wrap(rgb), longArrayOf(h, w, 3), OnnxJavaType.UINT8)
+    val top = (s.run(mapOf("image" to t)).get("top_k_indices").get().value as Array<LongArray>)[0]
+
+Swift (onnxruntime-objc / onnxruntime-swift-package-manager):
+
+    let s = try ORTSession(env: ORTEnv(loggingLevel: .warning), modelPath: path, sessionOptions: nil)
+    let t = try ORTValue(tensorData: NSMutableData(data: rgb), elementType: .uInt8, shape: [h, w, 3])
+    let out = try s.run(withInputs: ["image": t], outputNames: ["probabilities", "top_k_indices"], runOptions: nil)
+
+Only the Python and Node.js calls are run by edgexfer's tests; the others follow each binding's documented API.
+"""
 
 
 def _readme(model: str, why: str, reqs: list[str], arch: str = "host", warning: str | None = None) -> str:

@@ -13,8 +13,8 @@ from tests.conftest import run_cli
 def test_bundle_contents(tiny_run, tmp_path):
     out = tmp_path / "bundle"
     run_cli("bundle", tiny_run, out, check=True)
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "bundle.json", "edgexfer", "example.py",
-                                                    "model.int8.onnx", "requirements.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "bundle.json", "edgexfer", "example.py", "labels.txt",
+                                                    "model.int8.e2e.onnx", "model.int8.onnx", "requirements.txt"]
     reqs = (out / "requirements.txt").read_text().split()
     assert [r.split("==")[0] for r in reqs] == ["numpy", "onnxruntime", "Pillow"] and all("==" in r for r in reqs)
     again = run_cli("bundle", tiny_run, out)
