@@ -10,7 +10,7 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 INC    := .venv-inc/.edgexfer-inc-installed
 
-.PHONY: demo test install data bench inc arm64 verify-arm64 clean help
+.PHONY: demo test install data bench inc arm64 verify-arm64 node web browser clean help
 help:
 	@echo "make demo   - fine-tune, export, quantize, evaluate and benchmark the default -> runs/demo"
 	@echo "make test   - run the test suite"
@@ -62,7 +62,31 @@ verify-arm64: arm64 data
 demo: install data
 	$(VENV)/bin/edgexfer run
 
-test: install data inc arm64
+# The embed-anywhere examples (README "Embed anywhere"): Node.js with onnxruntime-node (examples/node), and
+# onnxruntime-web's WASM build vendored into examples/web/vendor (not committed; no CDN at run time), both
+# from the npm registry at the versions in their package-lock.json; headless Chromium from Debian for the
+# browser test (Playwright's Python package drives it: no browser download). Each step is skipped when done.
+NODE_MODULES := examples/node/node_modules/.package-lock.json
+WEB_VENDOR   := examples/web/vendor/ort.wasm.min.js
+node: $(NODE_MODULES)
+$(NODE_MODULES): examples/node/package-lock.json
+	@command -v npm >/dev/null || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq nodejs npm; }
+	cd examples/node && ONNXRUNTIME_NODE_INSTALL=skip npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+web: $(WEB_VENDOR)
+$(WEB_VENDOR): examples/web/package-lock.json
+	@command -v npm >/dev/null || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq nodejs npm; }
+	cd examples/web && npm ci --no-audit --no-fund --loglevel=error
+	mkdir -p examples/web/vendor
+	cp examples/web/node_modules/onnxruntime-web/dist/ort-wasm-simd-threaded.wasm \
+	   examples/web/node_modules/onnxruntime-web/dist/ort-wasm-simd-threaded.mjs examples/web/vendor/
+	cp examples/web/node_modules/onnxruntime-web/dist/ort.wasm.min.js $@
+
+browser: install web
+	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium; }
+
+test: install data inc arm64 node browser
 	$(PY) -m pytest -q
 
 bench: install data

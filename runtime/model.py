@@ -250,7 +250,7 @@ class EdgeModel:
         for task, p in zip(self.meta.tasks, probs):
             p = p[0].astype(np.float32)
             k = max(1, min(top_k, p.shape[0]))
-            idx = np.argsort(-p)[:k]
+            idx = np.argsort(-p, kind="stable")[:k]  # ties: the lower index first, in every binding
             out[task.name] = [{"label": task.labels[j], "index": int(j), "score": _score(p[j])} for j in idx]
         return out[self.meta.tasks[0].name] if len(self.meta.tasks) == 1 else out
 
@@ -262,7 +262,7 @@ class EdgeModel:
             probs = softmax(logits[task.name].astype(np.float32))
             k = max(1, min(top_k, probs.shape[1]))
             for i, p in enumerate(probs):
-                idx = np.argsort(-p)[:k]
+                idx = np.argsort(-p, kind="stable")[:k]  # ties: the lower index first, in every binding
                 results[i][task.name] = [
                     {"label": task.labels[j], "index": int(j), "score": _score(p[j])} for j in idx
                 ]

@@ -4,6 +4,9 @@ and INT8) against `EdgeModel.predict` on real photos (scikit-image's)."""
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -288,3 +291,148 @@ def test_bench_times_the_e2e_file_beside_the_plain_one(tmp_path):
     res = run_benchmark([tmp_path], cfg)
     assert list(res["models"]) == ["model.onnx"] and "model.onnx" in res["e2e"]  # the e2e file is no model row
     assert "model.e2e.onnx" in to_markdown(res)
+
+
+# -- Node.js (examples/node) -------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+NODE_DIR = ROOT / "examples" / "node"
+
+
+def node_missing() -> str | None:
+    """Why the Node.js example cannot run here (None: it can)."""
+    if shutil.which("node") is None:
+        return "node is not installed (Debian: apt-get install nodejs npm; `make test` sets it up)"
+    if not (NODE_DIR / "node_modules" / "onnxruntime-node").is_dir():
+        return "examples/node has no node_modules (run `make node`, which `make test` runs: npm ci there)"
+    return None
+
+
+def write_photos(folder: Path, n_jpeg: int = 16) -> list[Path]:
+    """The photos as PNG files (lossless: Pillow and pngjs decode the same pixels) and the first `n_jpeg`
+    also as JPEG (libjpeg and jpeg-js decode a few levels apart)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k, a in enumerate(photos()):
+        im = Image.fromarray(a[:, :, 0] if a.shape[2] == 1 else a)
+        paths.append(folder / f"photo{k:03d}.png")
+        im.save(paths[-1])
+        if k < n_jpeg:
+            paths.append(folder / f"photo{k:03d}.jpg")
+            im.convert("RGB").save(paths[-1], quality=92)
+    return paths
+
+
+def test_node_example_agrees_with_edgemodel(imagenet_files, tmp_path):
+    why = node_missing()
+    if why:
+        pytest.skip(why)
+    from edgexfer.runtime.model import EdgeModel
+
+    src = imagenet_files["int8"]
+    e2e.write(src)
+    paths = write_photos(tmp_path / "photos")
+    p = subprocess.run(["node", str(NODE_DIR / "classify.js"), str(src), *map(str, paths), "--top-k", "3"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    lines = [json.loads(line) for line in p.stdout.splitlines()]
+    assert [r["image"] for r in lines] == list(map(str, paths))
+    ref = EdgeModel(src, threads=2, e2e=False).predict(paths, top_k=3)
+    agree = sum(r["predictions"][0]["index"] == w[0]["index"] for r, w in zip(lines, ref))
+    miss = [(r["image"], r["predictions"][:2], w[:2]) for r, w in zip(lines, ref) if r["predictions"][0]["index"] != w[0]["index"]]
+    print(f"Node.js INT8: top-1 {agree}/{len(paths)} with EdgeModel's Python path", miss)
+    assert agree / len(paths) >= MIN_TOP1_AGREEMENT, (agree, len(paths))
+    # the same JSON as `edgexfer predict` (Python's end-to-end path: same graph, same PNG pixels)
+    mine = EdgeModel(src, threads=2).predict(paths[0], top_k=3)
+    node = lines[0]["predictions"]
+    assert [r["label"] for r in node] == [r["label"] for r in mine]
+    assert all(abs(a["score"] - b["score"]) < 1e-4 for a, b in zip(node, mine))
+    assert set(lines[0]) == {"image", "predictions"} and set(node[0]) == {"label", "index", "score"}
+    bad = subprocess.run(["node", str(NODE_DIR / "classify.js"), str(src), str(tmp_path / "none.png")],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and bad.stderr.startswith("error:") and len(bad.stderr.splitlines()) == 1
+
+
+# -- a real browser (examples/web, onnxruntime-web WASM, headless Chromium) ------------------------------------
+
+WEB_DIR = ROOT / "examples" / "web"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def web_missing() -> str | None:
+    """Why the browser test cannot run here (None: it can)."""
+    if CHROMIUM is None:
+        return "no chromium binary (Debian: apt-get install chromium; `make test` sets it up)"
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "the playwright Python package is not installed (pip install -e '.[dev]')"
+    if not (WEB_DIR / "vendor" / "ort.wasm.min.js").is_file():
+        return "examples/web/vendor has no onnxruntime-web build (run `make web`, which `make test` runs)"
+    return None
+
+
+def serve_folder(folder: Path):
+    """A static HTTP server on 127.0.0.1 for `folder`, in a thread: (base URL, server)."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        extensions_map = {**SimpleHTTPRequestHandler.extensions_map, ".wasm": "application/wasm",
+                          ".mjs": "text/javascript", ".js": "text/javascript", ".onnx": "application/octet-stream"}
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{httpd.server_address[1]}/", httpd
+
+
+def test_browser_page_agrees_with_edgemodel(imagenet_files, tmp_path):
+    """The page classifies the photos in headless Chromium (WASM); top-1 as EdgeModel's Python path.
+    EDGEXFER_WEB_SCREENSHOT=1 keeps a screenshot at benchmarks/results/web_page.png."""
+    why = web_missing()
+    if why:
+        pytest.skip(why)
+    import os
+
+    from playwright.sync_api import sync_playwright
+
+    from edgexfer.runtime.model import EdgeModel
+
+    src = imagenet_files["int8"]
+    site = tmp_path / "site"
+    shutil.copytree(WEB_DIR, site, ignore=shutil.ignore_patterns("node_modules"))
+    e2e.write(src, site / "model.e2e.onnx")
+    paths = write_photos(site / "photos")
+    base, httpd = serve_folder(site)
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 900, "height": 560})
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.on("request", lambda r: errors.append(f"off-site request {r.url}")
+                    if not r.url.startswith(base) and not r.url.startswith(("blob:", "data:")) else None)
+            page.goto(base + "index.html?images=" + ",".join(f"photos/{p.name}" for p in paths))
+            page.wait_for_function("document.body.dataset.done === '1'", timeout=120_000)
+            results = page.evaluate("window.edgexferResults")
+            if os.environ.get("EDGEXFER_WEB_SCREENSHOT"):
+                page.screenshot(path=str(ROOT / "benchmarks" / "results" / "web_page.png"))
+            card = page.inner_text("#card")
+            browser.close()
+    finally:
+        httpd.shutdown()
+    assert not errors, errors
+    assert isinstance(results, list) and len(results) == len(paths), results
+    assert "1000 classes" in card and "INT8" in card
+    ref = EdgeModel(src, threads=2, e2e=False).predict(paths, top_k=3)
+    agree = sum(r["predictions"][0]["index"] == w[0]["index"] for r, w in zip(results, ref))
+    miss = [(r["image"], r["predictions"][:2], w[:2]) for r, w in zip(results, ref)
+            if r["predictions"][0]["index"] != w[0]["index"]]
+    print(f"Chromium INT8: top-1 {agree}/{len(paths)} with EdgeModel's Python path", miss)
+    assert agree / len(paths) >= MIN_TOP1_AGREEMENT, (agree, len(paths), miss)
