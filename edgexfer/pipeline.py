@@ -745,6 +745,7 @@ def evaluate(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | 
     (`metadata_io.content_sha256`). A derived file whose recorded hash no longer matches model.onnx (a
     re-export since) is scored all the same, with a warning."""
     from edgexfer.evaluate import evaluate_file, per_class_delta
+    from edgexfer.exporters.e2e import refresh_metrics as refresh_e2e_metrics
     from edgexfer.exporters.metadata_io import content_sha256, read_meta, write_meta
 
     run = RunFolder(run_dir)
@@ -783,6 +784,7 @@ def evaluate(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | 
             meta.metrics["tasks"] = {t: {"n": v["n"], "accuracy": v["accuracy"], "macro_f1": v["macro_f1"]}
                                      for t, v in m["tasks"].items()}
         write_meta(path, meta)
+        refresh_e2e_metrics(path)  # the end-to-end file beside it carries the same figures
         models[key] = {"file": path.name, "size_bytes": path.stat().st_size, **m}
     out: dict = {"models": models}
     if "fp32" in models and "int8" in models:

@@ -264,3 +264,26 @@ def write_beside(src: str | Path) -> dict:
         log.warning("no end-to-end file for %s: %s", Path(src).name, e)
         return {"file": None, "why_not": str(e)}
     return {"file": out.name, "bytes": out.stat().st_size}
+
+
+def refresh_metrics(src: str | Path) -> bool:
+    """Copy `src`'s metadata (its metrics, which `evaluate` writes after the end-to-end file was made) into
+    the current end-to-end file beside it, so that applications reading the end-to-end file alone (the web
+    page's headline figures) see them. False (nothing written) when there is none, or it is stale."""
+    out = e2e_path(src)
+    if not out.is_file():
+        return False
+    raw = {p.key: p.value for p in onnx.load(str(src), load_external_data=False).metadata_props}.get(META_KEY)
+    model = onnx.load(str(out))
+    props = {p.key: p.value for p in model.metadata_props}
+    try:
+        current = raw is not None and json.loads(props.get(E2E_KEY, "{}")).get("source_meta_sha256") == meta_key(raw)
+    except ValueError:
+        current = False
+    if not current:
+        return False
+    for p in model.metadata_props:
+        if p.key == META_KEY:
+            p.value = raw
+    save_model(model, out)
+    return True

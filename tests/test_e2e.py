@@ -273,6 +273,10 @@ def test_run_writes_both_e2e_files(tiny_run, image_folder):
         got, want = m.predict(images, top_k=1), ref.predict(images, top_k=1)
         assert m.e2e_used is True
         assert sum(g[0]["index"] == w[0]["index"] for g, w in zip(got, want)) >= 0.9 * len(images)
+        # evaluate's figures are in the end-to-end file too (the web page shows them)
+        props = ort.InferenceSession(str(e2e.e2e_path(tiny_run / name)),
+                                     providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
+        assert ModelMeta.from_props(props).metrics == m.meta.metrics and m.meta.metrics.get("accuracy") is not None
     rep = json.loads((tiny_run / "report.json").read_text())
     assert rep["export"]["e2e"]["file"] == "model.e2e.onnx" and rep["quantize"]["e2e"]["file"] == "model.int8.e2e.onnx"
 
