@@ -440,3 +440,26 @@ def test_browser_page_agrees_with_edgemodel(imagenet_files, tmp_path):
             if r["predictions"][0]["index"] != w[0]["index"]]
     print(f"Chromium INT8: top-1 {agree}/{len(paths)} with EdgeModel's Python path", miss)
     assert agree / len(paths) >= MIN_TOP1_AGREEMENT, (agree, len(paths), miss)
+
+
+def test_webpage_static_files(tmp_path, monkeypatch):
+    """What `edgexfer serve` answers at / for the page (runtime.webpage.static_file): the page's own files
+    by exact name, the first model's end-to-end file, nothing else."""
+    from edgexfer.runtime import webpage
+
+    web = tmp_path / "web"
+    (web / "vendor").mkdir(parents=True)
+    for name in ("index.html", "app.js", "onnx-meta.js", "vendor/ort.wasm.min.js", "vendor/ort-wasm-simd-threaded.wasm"):
+        (web / name).write_text(name)
+    monkeypatch.setenv(webpage.WEB_DIR_ENV, str(web))
+    src = tmp_path / "model.onnx"
+    src.write_bytes(onnx_bytes(good_meta(classes=3, side=8), classes=3, side=8))
+    assert webpage.static_file("/", src) == (b"index.html", "text/html; charset=utf-8")
+    assert webpage.static_file("/vendor/ort-wasm-simd-threaded.wasm", src)[1] == "application/wasm"
+    assert webpage.static_file("/model.e2e.onnx", src) is None  # none beside the model yet
+    e2e.write(src)
+    assert webpage.static_file("/model.e2e.onnx", src)[0] == (tmp_path / "model.e2e.onnx").read_bytes()
+    for path in ("/../model.onnx", "/vendor/../app.js", "/model.onnx", "/etc/passwd", "/vendor/"):
+        assert webpage.static_file(path, src) is None, path
+    (web / "vendor" / "ort.wasm.min.js").unlink()  # not vendored (`make web` not run): no page
+    assert webpage.static_file("/", src) is None
