@@ -561,6 +561,18 @@ def create_app(models: dict[str, Path], *, threads: int | None = None, batch: Ba
         Route("/metrics", g(metrics_text)),
         Route("/v2/openapi.json", openapi), Route("/openapi.json", openapi),
     ]
+
+    async def webpage(request):  # the in-browser page and its files: runtime/webpage.py
+        from starlette.exceptions import HTTPException
+
+        from edgexfer.runtime.webpage import static_file
+
+        page = static_file(request.url.path, next(iter(ms.models.values())).path)
+        if page is None:
+            raise HTTPException(404, "Not Found")
+        return Response(page[0], media_type=page[1])
+
+    routes.append(Route("/{path:path}", webpage))
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: not_found})
     app.state.batchers, app.state.metrics = batchers, metrics
     fast = {f"/v2/models/{n}/infer": (n, raw_infer(n)) for n in ms.models}

@@ -350,6 +350,12 @@ class ModelServer:
                 if method == "GET" and path == "/v2":
                     from edgexfer import __version__
                     return {"name": "edgexfer", "version": __version__, "extensions": ["binary_tensor_data"]}
+                if method == "GET" and not path.startswith("/v2"):  # the in-browser page: runtime/webpage.py
+                    from edgexfer.runtime.webpage import static_file
+
+                    page = static_file(path or "/", next(iter(server.models.values())).path)
+                    if page:
+                        return page[0], {"content-type": page[1]}
                 r = _ROUTE.match(path)
                 if not r:
                     raise HTTPError(404, f"no route {method} {log_safe(path)[:200]}")

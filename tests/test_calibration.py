@@ -239,7 +239,7 @@ def test_run_reports_calibration_and_onnx_carries_it(noisy_run):
         model.heads["label"].bias.mul_(t)
     rng = np.random.default_rng(11)
     imgs = [make_image(k % 3, rng) for k in range(6)]
-    m = EdgeModel(tiny_run / "model.onnx", threads=1)
+    m = EdgeModel(tiny_run / "model.onnx", threads=1, e2e=False)  # the Python path: what the server batches
     x = m.preprocess(imgs)
     with torch.no_grad():
         z = model(torch.from_numpy(x))[0].double().numpy()
