@@ -463,3 +463,35 @@ def test_webpage_static_files(tmp_path, monkeypatch):
         assert webpage.static_file(path, src) is None, path
     (web / "vendor" / "ort.wasm.min.js").unlink()  # not vendored (`make web` not run): no page
     assert webpage.static_file("/", src) is None
+
+
+def test_serve_answers_the_page_at_root(tiny_run, tmp_path, monkeypatch):
+    """`edgexfer serve` (the stdlib adapter here) answers / with the page and /model.e2e.onnx with the first
+    model's end-to-end file; the inference routes are unchanged, and other paths stay 404."""
+    import threading
+    import urllib.error
+    import urllib.request
+
+    from edgexfer.runtime import webpage
+    from edgexfer.runtime.server import make_server, resolve_models
+
+    web = tmp_path / "web"
+    (web / "vendor").mkdir(parents=True)
+    for name in ("index.html", "app.js", "onnx-meta.js", "vendor/ort.wasm.min.js"):
+        (web / name).write_text(name)
+    monkeypatch.setenv(webpage.WEB_DIR_ENV, str(web))
+    httpd = make_server(resolve_models([tiny_run / "model.int8.onnx"]), port=0, threads=1)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        with urllib.request.urlopen(base + "/") as r:
+            assert r.read() == b"index.html" and r.headers["content-type"].startswith("text/html")
+        with urllib.request.urlopen(base + "/model.e2e.onnx") as r:
+            assert r.read() == (tiny_run / "model.int8.e2e.onnx").read_bytes()
+        with urllib.request.urlopen(base + "/v2/health/ready") as r:
+            assert json.loads(r.read()) == {"ready": True}
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(base + "/model.int8.onnx")
+        assert e.value.code == 404
+    finally:
+        httpd.shutdown()
