@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,12 @@ class ImageLimits:
                              "(--max-aspect-ratio)")
 
 
+def _reason(e: Exception) -> str:
+    """Pillow's message without the address of the in-memory file it names (`<_io.BytesIO object at 0x...>`),
+    so that the same bad bytes get the same answer."""
+    return re.sub(r"<[\w.]+ object at 0x[0-9a-fA-F]+>", "the data", str(e))
+
+
 def load_image(src: Any, limits: ImageLimits | None = None) -> Image.Image:
     """Open a path, bytes, file object, PIL image or HWC/HW uint8 array as a PIL image. With `limits`,
     the size in the header is checked before the pixels are decoded. Anything Pillow cannot decode,
@@ -89,7 +96,7 @@ def load_image(src: Any, limits: ImageLimits | None = None) -> Image.Image:
     except Image.DecompressionBombError as e:
         raise ImageTooLarge(f"image {name} is too large to decode: {e}") from None
     except Exception as e:  # untrusted bytes: whatever Pillow raises, the image cannot be read
-        raise ImageError(f"cannot decode image {name}: {e}") from None
+        raise ImageError(f"cannot decode image {name}: {_reason(e)}") from None
     try:
         if limits is not None:
             limits.check(*img.size, name=f"image {name}")
@@ -102,7 +109,7 @@ def load_image(src: Any, limits: ImageLimits | None = None) -> Image.Image:
         raise ImageTooLarge(f"image {name} is too large to decode: {e}") from None
     except Exception as e:
         img.close()
-        raise ImageError(f"cannot decode image {name}: {e}") from None
+        raise ImageError(f"cannot decode image {name}: {_reason(e)}") from None
     return img
 
 

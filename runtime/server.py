@@ -24,34 +24,23 @@ every request in flight, then returns.
 """
 from __future__ import annotations
 
-import hmac
 import json
 import logging
-import os
 import re
 import signal
 import socket
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs
 
-from edgexfer.runtime.errors import ImageError, ImageTooLarge, RuntimeInputError
-from edgexfer.runtime.model import EdgeModel
-from edgexfer.runtime.openapi import OPEN_PATHS
+from edgexfer.runtime.dataplane import PREFERRED_FILES, DataPlane, resolve_models  # noqa: F401 (public here too)
 from edgexfer.runtime.preprocess import ImageLimits
 from edgexfer.runtime.protocol import (HEADER_LEN, MAX_BODIES_IN_FLIGHT, MAX_BODY, BodyBudget, HTTPError,
-                                       LockedBodyBudget, infer_response, log_safe, model_metadata, multipart_file,
-                                       parse_infer)
+                                       LockedBodyBudget, log_safe)
 
 log = logging.getLogger(__name__)
-access_log = logging.getLogger("edgexfer.access")
-
-_ROUTE = re.compile(r"^/v2/models/(?P<model>[^/]+)(?:/versions/[^/]+)?(?P<rest>/ready|/infer|/classify)?$")
 _CHUNK_SIZE = re.compile(rb"^[0-9A-Fa-f]{1,8}$")
-PREFERRED_FILES = ("model.int8.onnx", "model.onnx", "model.fp16.onnx")
 IDLE_TIMEOUT_S = 30.0      # a connection waiting this long for a read or a write is closed
 MAX_CONNECTIONS = 256      # connections (threads) served at once; past them 503 and close
 DRAIN_TIMEOUT_S = 30.0     # on SIGTERM, how long requests in flight may take to finish
@@ -59,62 +48,27 @@ DRAIN_CHUNK = 64 * 1024
 LINGER_S = 10.0            # closing with a body unread: how long what the client still sends is read and dropped
 
 
-def resolve_models(paths) -> dict[str, Path]:
-    """Run folders (their INT8 file if present, else FP32) or ONNX files -> {name: path}."""
-    out: dict[str, Path] = {}
-    for p in map(Path, paths):
-        if p.is_dir():
-            f = next((p / n for n in PREFERRED_FILES if (p / n).is_file()), None)
-            if f is None:
-                raise FileNotFoundError(f"no model file ({', '.join(PREFERRED_FILES)}) in {p}")
-            name = p.name
-        else:
-            f, name = p, p.name.split(".")[0]
-        if name in out:
-            raise RuntimeInputError(f"two models named {name!r}; rename one file")
-        out[name] = f
-    return out
-
-
 class ModelServer:
+    """The standard-library adapter over the data plane: a thread per connection, no batching."""
+
     def __init__(self, models: dict[str, Path], threads: int | None = None, token: str | None = None,
-                 access_log: bool = True, image_limits: ImageLimits = ImageLimits(), decode_workers: int | None = None):
-        # No spinning: the HTTP threads need the cores that idle ONNX Runtime workers would busy-wait on
-        # (with it, the batching server answered about a third fewer requests; benchmarks/RESULTS.md).
-        self.models = {name: EdgeModel(path, threads=threads, spinning=False, max_image_pixels=image_limits.max_pixels,
-                                       max_aspect_ratio=image_limits.max_aspect)
-                       for name, path in models.items()}
-        self.token, self.access_log = token, access_log
-        # Images are decoded in a few threads of their own, as in the batching server: each decode may take the
-        # pixel limit in memory, and in a thread per connection the memory freed stays with that thread's malloc
-        # arena (16 clients decoding 36 MB images at once: 500 MB of peak RSS, against 70 MB here).
-        self.decoder = ThreadPoolExecutor(decode_workers or max(1, min(4, os.cpu_count() or 1)),
-                                          thread_name_prefix="edgexfer-decode")
+                 access_log: bool = True, image_limits: ImageLimits = ImageLimits(), decode_workers: int | None = None,
+                 dataplane: DataPlane | None = None):
+        self.dp = dataplane or DataPlane(models, threads, token=token, access_log=access_log, image_limits=image_limits)
+        self.models = self.dp.models
+        self.decoder = self.dp.decoder(decode_workers)  # images are decoded in a few threads of their own
 
-    def model(self, name: str) -> EdgeModel:
-        try:
-            return self.models[name]
-        except KeyError:
-            raise HTTPError(404, f"unknown model {name[:200]!r}; serving {sorted(self.models)}") from None
-
-    def metadata(self, name: str) -> dict:
-        return model_metadata(name, self.model(name))
-
-    def infer(self, name: str, body: bytes, header_len: str | None) -> tuple[bytes, dict]:
-        """A v2 infer body (JSON, or the binary tensor extension) -> response bytes and headers."""
-        m = self.model(name)
-        x, h = parse_infer(body, header_len, m)
-        return infer_response(name, h, m, m.run(x))
-
-    def classify(self, name: str, data: bytes, top_k: int = 5) -> dict:
-        m = self.model(name)
-        try:
-            x = self.decoder.submit(m.preprocess, data).result()
-            return {"model": name, "predictions": m.decode(m.run(x), top_k=top_k)[0]}
-        except ImageTooLarge as e:
-            raise HTTPError(413, str(e)) from None
-        except (ImageError, RuntimeInputError) as e:
-            raise HTTPError(400, str(e)) from None
+    def answer(self, call, body, header_len: str | None, content_type: str):
+        """A routed call's answer: a JSON-able value, or (bytes, headers). `body()` reads the request body."""
+        dp, name = self.dp, call.model
+        if call.kind == "infer":
+            x, h = dp.infer_input(name, body(), header_len)
+            return dp.infer_answer(name, h, dp.models[name].run(x))
+        if call.kind == "classify":
+            top_k = dp.top_k(call.query)
+            x = self.decoder.submit(dp.image_input, name, body(), content_type).result()
+            return dp.classify_answer(name, dp.models[name].run(x), top_k)
+        return dp.simple(call)
 
     def handler(self):
         server = self
@@ -279,8 +233,9 @@ class ModelServer:
                 if self.request_version == "HTTP/0.9":  # a request line that did not parse: answer in 1.1
                     self.request_version = "HTTP/1.1"
                 self._send(code, {"error": message or self.responses.get(code, ("error",))[0]})
-                if server.access_log:
-                    access_log.info('%s "%s" %d', self.client_address[0], log_safe(self.requestline[:200]), code)
+                if server.dp.access:
+                    logging.getLogger("edgexfer.access").info('%s "%s" %d', self.client_address[0],
+                                                              log_safe(self.requestline[:200]), code)
 
             def _send(self, status: int, obj) -> None:
                 """`obj`: a JSON-able value, (value, extra headers), or (bytes, headers) already encoded."""
@@ -300,96 +255,36 @@ class ModelServer:
                     self.wfile.write(data)
 
             def _dispatch(self, method: str) -> None:
-                t0, status = time.perf_counter(), 200
+                t0, status, dp, name = time.perf_counter(), 200, server.dp, ""
                 try:
                     try:
                         bad = self.__dict__.pop("_bad_frame", None)
                         if bad is not None:
                             raise bad
-                        self._authorize()
-                        answer = self._route(method)
-                    except HTTPError as e:
-                        status, answer = e.status, ({"error": str(e)}, e.headers)
-                    except Exception as e:  # never let one request take the server down
-                        status, answer = 500, {"error": f"internal error: {type(e).__name__}"}
-                        log.exception("internal error")
+                        try:
+                            dp.authorize(self.path.split("?")[0], self.headers.get("Authorization"))
+                        except HTTPError:
+                            self.close_connection = True  # the body stays unread
+                            raise
+                        self._authorized = True
+                        call = dp.route(method, self.path)
+                        name = call.model
+                        answer = server.answer(call, self._body, self.headers.get(HEADER_LEN),
+                                               self.headers.get("Content-Type", ""))
+                    except Exception as e:  # never let one request take the server down (500, logged)
+                        status, message, extra = dp.failure(e)
+                        answer = dp.error_body(status, message, extra)
                     finally:
                         if self._charged:
                             self.server.budget.give(self._charged)
                             self._charged = 0
                     self._settle_body()
-                    self._send(status, answer)
+                    self._send(status, dp.encode(answer))
                 finally:
-                    if server.access_log:
-                        path = self.path.split("?")[0]
-                        r = _ROUTE.match(path.rstrip("/"))
-                        model = r["model"] if r and r["model"] in server.models else "-"
-                        access_log.info('%s "%s %s" %d %.1fms model=%s', self.client_address[0], log_safe(method),
-                                        log_safe(path), status, (time.perf_counter() - t0) * 1e3, model)
-
-            def _authorize(self) -> None:
-                if not server.token or self.path.split("?")[0].rstrip("/") in OPEN_PATHS:
-                    self._authorized = True
-                    return
-                got = self.headers.get("Authorization")
-                scheme, _, cred = (got or "").partition(" ")
-                if scheme.lower() == "bearer" and hmac.compare_digest(cred.strip().encode(), server.token.encode()):
-                    self._authorized = True
-                    return
-                self.close_connection = True  # the body stays unread
-                raise HTTPError(401, "wrong bearer token" if got else "bearer token required",
-                                {"WWW-Authenticate": 'Bearer realm="edgexfer"' + (', error="invalid_token"' if got else "")})
-
-            def _route(self, method: str):
-                path, _, query = self.path.partition("?")
-                path = path.rstrip("/")
-                if method == "HEAD":
-                    method = "GET"
-                if method == "GET" and path in ("/v2/health/live", "/v2/health/ready"):
-                    return {"live": True} if path.endswith("live") else {"ready": True}
-                if method == "GET" and path == "/v2":
-                    from edgexfer import __version__
-                    return {"name": "edgexfer", "version": __version__, "extensions": ["binary_tensor_data"]}
-                if method == "GET" and not path.startswith("/v2"):  # the in-browser page: runtime/webpage.py
-                    from edgexfer.runtime.webpage import static_file
-
-                    page = static_file(path or "/", next(iter(server.models.values())).path)
-                    if page:
-                        return page[0], {"content-type": page[1]}
-                r = _ROUTE.match(path)
-                if not r:
-                    raise HTTPError(404, f"no route {method} {log_safe(path)[:200]}")
-                name, rest = r["model"], r["rest"]
-                if method == "GET" and rest is None:
-                    return server.metadata(name)
-                if method == "GET" and rest == "/ready":
-                    server.model(name)
-                    return {"name": name, "ready": True}
-                if method == "POST" and rest == "/infer":
-                    server.model(name)  # 404 before the body is read
-                    return server.infer(name, self._body(), self.headers.get(HEADER_LEN))
-                if method == "POST" and rest == "/classify":
-                    server.model(name)
-                    top_k = _top_k(query)
-                    data, ct = self._body(), self.headers.get("Content-Type", "")
-                    data = multipart_file(data, ct) if ct.startswith("multipart/form-data") else data
-                    return server.classify(name, data, top_k)
-                raise HTTPError(405 if rest else 404,
-                                f"no route {log_safe(method)[:20]} {log_safe(path)[:200]}")
-
+                    dp.log_access(self.client_address[0], method, self.path.split("?")[0], status,
+                                  time.perf_counter() - t0, name or dp.model_of_path(self.path))
 
         return Handler
-
-
-def _top_k(query: str) -> int:
-    try:
-        values = parse_qs(query, max_num_fields=20).get("top_k")
-        top_k = int(values[-1]) if values else 5
-    except ValueError:
-        raise HTTPError(400, "top_k must be an integer") from None
-    if top_k < 1:
-        raise HTTPError(400, "top_k must be >= 1")
-    return top_k
 
 
 class EdgeHTTPServer(ThreadingHTTPServer):
