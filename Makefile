@@ -97,3 +97,13 @@ bench: install data
 
 clean:
 	rm -rf $(VENV) .venv-inc runs build *.egg-info
+
+# The OIP gRPC stubs (runtime/grpc_predict_v2_pb2*.py, checked in) from runtime/grpc_predict_v2.proto.
+.PHONY: grpc-proto
+grpc-proto:
+	mkdir -p build/proto
+	$(PY) -m grpc_tools.protoc -Iedgexfer/runtime=runtime --python_out=build/proto \
+	    --grpc_python_out=build/proto edgexfer/runtime/grpc_predict_v2.proto
+	sed 's/_descriptor_pool.Default()/_descriptor_pool.DescriptorPool()/' \
+	    build/proto/edgexfer/runtime/grpc_predict_v2_pb2.py > runtime/grpc_predict_v2_pb2.py
+	cp build/proto/edgexfer/runtime/grpc_predict_v2_pb2_grpc.py runtime/

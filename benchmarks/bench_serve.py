@@ -3,6 +3,8 @@ and without dynamic batching, against each model's offline throughput at the sam
 
     .venv/bin/python benchmarks/bench_serve.py [RUN_DIR] [--configs 1x1,2x1] [--small RUN_DIR]
                                                # -> benchmarks/results/serve.json
+    .venv/bin/python benchmarks/bench_serve.py --grpc [RUN_DIR] [--seconds 10 --rounds 2]
+                                               # REST and gRPC, same clients, one server -> serve_grpc.json
     .venv/bin/python benchmarks/bench_serve.py --switch-ab 1000,100,20 [--rounds 2]
                                                # the server's GIL switch interval, A/B -> serve_switch_ab.json
 
@@ -173,8 +175,10 @@ def binary_request(x: np.ndarray) -> tuple[bytes, int]:
 
 
 def start_server(model: Path, port: int, max_batch: int, threads: int, delay_ms: float,
-                 instances: int = 1, switch_interval_us: float | None = None) -> subprocess.Popen:
+                 instances: int = 1, switch_interval_us: float | None = None,
+                 grpc_port: int | None = None) -> subprocess.Popen:
     extra = [] if switch_interval_us is None else ["--switch-interval-us", f"{switch_interval_us:g}"]
+    extra += [] if grpc_port is None else ["--grpc-port", str(grpc_port)]
     log = tempfile.TemporaryFile()  # the server's log, shown if it does not start
     p = subprocess.Popen([sys.executable, "-m", "edgexfer.runtime", "serve", str(model), "--port", str(port),
                           "--server", "uvicorn", "--threads", str(threads), "--instances", str(instances),
@@ -266,6 +270,110 @@ def run_python(port: int, path: str, body: bytes, header_len: int, clients: int,
     ms = np.concatenate([np.asarray(lat) for lat, _ in parts]) * 1e3
     return {"requests": len(ms), "failed": sum(f for _, f in parts), "throughput_rps": len(ms) / wall,
             "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)), "max_ms": float(ms.max())}
+
+
+def grpc_request(name: str, x: np.ndarray):
+    """A ModelInfer request with the tensor's bytes in raw_input_contents (tritonclient's way)."""
+    from edgexfer.runtime import grpc_predict_v2_pb2 as pb
+
+    return pb.ModelInferRequest(model_name=name, inputs=[pb.ModelInferRequest.InferInputTensor(
+        name="input", datatype="FP32", shape=x.shape)], raw_input_contents=[x.astype("<f4").tobytes()])
+
+
+def grpc_check_once(port: int, name: str, x: np.ndarray, want: np.ndarray) -> None:
+    import grpc
+
+    from edgexfer.runtime import grpc_predict_v2_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        r = pb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(grpc_request(name, x), timeout=30)
+    got = np.frombuffer(r.raw_output_contents[0], "<f4").reshape(r.outputs[0].shape)
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def _grpc_client_proc(port, name, x, threads, stop_at, q):
+    """`threads` gRPC clients, each on a connection of its own (as each REST client has its keep-alive
+    connection), calling ModelInfer back to back until `stop_at`."""
+    import threading
+
+    import grpc
+
+    from edgexfer.runtime import grpc_predict_v2_pb2_grpc as pb_grpc
+
+    req = grpc_request(name, x)
+    lat, failed = [], [0]
+
+    def worker():
+        with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
+            stub = pb_grpc.GRPCInferenceServiceStub(ch)
+            while time.time() < stop_at:
+                t0 = time.perf_counter()
+                try:
+                    stub.ModelInfer(req, timeout=30)
+                    lat.append(time.perf_counter() - t0)
+                except grpc.RpcError:
+                    failed[0] += 1
+
+    ts = [threading.Thread(target=worker) for _ in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    q.put((lat, failed[0]))
+
+
+def run_grpc(port: int, name: str, x: np.ndarray, clients: int, seconds: float) -> dict:
+    """As run_python, over gRPC: the same processes and clients, the same request."""
+    procs_n = min(4, clients)
+    q = mp.Queue()
+    t0 = time.perf_counter()
+    stop_at = time.time() + seconds
+    procs = [mp.Process(target=_grpc_client_proc, args=(port, name, x, len(range(i, clients, procs_n)), stop_at, q))
+             for i in range(procs_n)]
+    for p in procs:
+        p.start()
+    parts = [q.get() for _ in procs]
+    for p in procs:
+        p.join()
+    wall = time.perf_counter() - t0
+    ms = np.concatenate([np.asarray(lat) for lat, _ in parts]) * 1e3
+    return {"requests": len(ms), "failed": sum(f for _, f in parts), "throughput_rps": len(ms) / wall,
+            "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)), "max_ms": float(ms.max())}
+
+
+def grpc_vs_rest(name: str, source: Path, path: Path, a) -> dict:
+    """One server (`--grpc-port` beside REST, batching, 1 instance x 1 thread) loaded by the same 32 clients
+    over REST (binary tensor extension) and over gRPC (raw_input_contents), alternating `a.rounds` times
+    (the cores are shared: alternating spreads what else runs over both)."""
+    x, want = reference(path)
+    body, header_len = binary_request(x)
+    port, gport = free_port(), free_port()
+    p = start_server(source, port, a.max_batch_size, 1, a.max_queue_delay_ms, 1, a.switch_interval_us, gport)
+    runs = {"rest": [], "grpc": []}
+    try:
+        check_once(port, name, x, want)
+        grpc_check_once(gport, name, x, want)
+        for _ in range(a.rounds):
+            for kind in ("rest", "grpc"):
+                load = loadavg()
+                r = (run_python(port, f"/v2/models/{name}/infer", body, header_len, a.clients, a.seconds)
+                     if kind == "rest" else run_grpc(gport, name, x, a.clients, a.seconds))
+                r["loadavg_1m_before"] = load
+                runs[kind].append(r)
+                print(f"{name:>9} {kind:>4}: {r['throughput_rps']:7.0f} req/s, p50 {r['p50_ms']:.1f} ms, "
+                      f"p99 {r['p99_ms']:.1f} ms, failed {r['failed']}; load {load:.2f}", file=sys.stderr)
+    finally:
+        p.terminate()
+        p.wait(timeout=60)
+    out = {"file": str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path.name), "input": list(x.shape[1:]),
+           "server": {"max_batch_size": a.max_batch_size, "max_queue_delay_ms": a.max_queue_delay_ms,
+                      "threads": 1, "instances": 1}, "runs": runs}
+    for kind, rs in runs.items():
+        out[kind] = {"mean_rps": float(np.mean([r["throughput_rps"] for r in rs])),
+                     "failed": sum(r["failed"] for r in rs)}
+    out["grpc_over_rest"] = out["grpc"]["mean_rps"] / out["rest"]["mean_rps"]
+    out["bound_met"] = out["grpc_over_rest"] >= 1 and out["grpc"]["failed"] == 0 and out["rest"]["failed"] == 0
+    return out
 
 
 def mean_batch(port: int, name: str) -> float | None:
@@ -397,6 +505,10 @@ def main() -> int:
                     help="instead of the load test: the small fast model and the 3-layer CNN, with batching, at each "
                          "of these switch intervals (us, comma-separated) in turn, --rounds times -> serve_switch_ab.json")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--grpc", action="store_true",
+                    help="instead of the load test: the same clients over REST and over gRPC against one server "
+                         "(--grpc-port), alternating --rounds times, for the run's model and the 3-layer CNN "
+                         "-> serve_grpc.json")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve.json")
     a = ap.parse_args()
     from edgexfer.runtime.machine import machine_info
@@ -412,6 +524,20 @@ def main() -> int:
                               if use_wrk else f"{min(4, a.clients)} processes of http.client keep-alive threads"),
            "clients": a.clients, "seconds": a.seconds, "configs": [f"{i}x{t}" for i, t in a.configs],
            "loadavg_1m_start": loadavg(), "models": {}}
+    if a.grpc:
+        res["load_generator"] = (f"{min(4, a.clients)} processes of keep-alive clients (http.client threads for "
+                                 "REST; grpc sync stubs, one channel each, for gRPC)")
+        with tempfile.TemporaryDirectory() as d:
+            cnn = small_model(Path(d))
+            res["grpc_vs_rest"] = {name: grpc_vs_rest(name, Path(a.run), Path(path), a),
+                                   "tinycnn": grpc_vs_rest("tinycnn", cnn, cnn, a)}
+        res["loadavg_1m_end"] = loadavg()
+        res["machine"] = machine_info()
+        out = a.out.with_name("serve_grpc.json") if a.out.name == "serve.json" else a.out
+        out.write_text(json.dumps(res, indent=2) + "\n")
+        print(json.dumps({m: {k: r[k] for k in ("rest", "grpc", "grpc_over_rest", "bound_met")}
+                          for m, r in res["grpc_vs_rest"].items()}, indent=2))
+        return 0
     if a.switch_ab:
         with tempfile.TemporaryDirectory() as d:
             small = a.small or small_run(Path(d))

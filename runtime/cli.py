@@ -119,6 +119,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default=os.environ.get("EDGEXFER_HOST", "127.0.0.1"))
     s.add_argument("--port", type=_port, default=os.environ.get("EDGEXFER_PORT", "8000"),
                    help="TCP port, 0-65535 (default: $EDGEXFER_PORT, else 8000)")
+    s.add_argument("--grpc-port", type=_port, default=None,
+                   help="also serve the protocol's gRPC API (inference.GRPCInferenceService) on this port, over the "
+                        "same models and batchers (uvicorn server; needs grpcio: pip install 'edgexfer[serve]'; "
+                        "default: no gRPC)")
     s.add_argument("--threads", type=_pos_int, default=None)
     s.add_argument("--server", choices=("auto", "uvicorn", "stdlib"), default="auto",
                    help="uvicorn: starlette + uvicorn with dynamic batching and the binary tensor extension "
@@ -292,22 +296,35 @@ def serve_cmd(a) -> None:
     limits, inflight = _limits(a), a.max_inflight_mib * 1024 * 1024
     if inflight < MAX_BODY:
         raise RuntimeInputError(f"--max-inflight-mib must hold one largest body ({MAX_BODY >> 20} MiB)")
+    if a.grpc_port is not None:
+        import importlib.util
+
+        if kind != "uvicorn":
+            raise RuntimeInputError("--grpc-port runs beside the batching server: --server uvicorn "
+                                    "(pip install 'edgexfer[serve]')")
+        if not (importlib.util.find_spec("grpc") and importlib.util.find_spec("google.protobuf")):
+            raise RuntimeInputError("--grpc-port needs grpcio and protobuf: pip install 'edgexfer[serve]'")
     if kind == "uvicorn":
         from edgexfer.runtime.oip import BatchConfig, serve as serve_oip
 
-        if a.port:  # uvicorn would log a bind error and exit 3, after loading the models: one line, exit 1
-            import socket
+        import socket
 
+        for port in (a.port, a.grpc_port):  # uvicorn would log a bind error and exit 3, after loading the models
+            if not port:
+                continue
             with socket.socket(socket.AF_INET6 if ":" in a.host else socket.AF_INET) as probe:
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 try:
-                    probe.bind((a.host, a.port))
+                    probe.bind((a.host, port))
                 except OSError as e:
-                    raise RuntimeInputError(f"cannot listen on {a.host}:{a.port}: {e.strerror or e}") from None
+                    raise RuntimeInputError(f"cannot listen on {a.host}:{port}: {e.strerror or e}") from None
+        if a.grpc_port and a.grpc_port == a.port:
+            raise RuntimeInputError(f"--grpc-port {a.grpc_port} is the REST --port too; give another")
         serve_oip(models, host=a.host, port=a.port, threads=a.threads, token=a.token, access_log=a.access_log,
                   batch=BatchConfig(max_batch_size=a.max_batch_size, max_queue_delay_ms=a.max_queue_delay_ms,
                                     timeout_s=a.timeout, instances=a.instances),
-                  switch_interval_us=a.switch_interval_us, image_limits=limits, max_bytes_in_flight=inflight)
+                  switch_interval_us=a.switch_interval_us, image_limits=limits, max_bytes_in_flight=inflight,
+                  grpc_port=a.grpc_port)
     else:
         import errno
 

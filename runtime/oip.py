@@ -279,7 +279,10 @@ def make_batchers(dp: DataPlane, batch: BatchConfig) -> dict[str, DynamicBatcher
 def serve(models: dict[str, Path], host: str = "127.0.0.1", port: int = 8000, threads: int | None = None,
           batch: BatchConfig = BatchConfig(), token: str | None = None, access_log: bool = True,
           switch_interval_us: float | None = None, image_limits: ImageLimits = ImageLimits(),
-          max_bytes_in_flight: int = MAX_BODIES_IN_FLIGHT) -> None:
+          max_bytes_in_flight: int = MAX_BODIES_IN_FLIGHT, grpc_port: int | None = None) -> None:
+    """REST on `port`, and with `grpc_port` the OIP gRPC service too (grpc_server.py), both in one event
+    loop over one data plane and the same batchers. SIGTERM: the gRPC server stops (answering what it
+    accepted), then the REST one drains."""
     import sys
 
     import uvicorn
@@ -292,5 +295,34 @@ def serve(models: dict[str, Path], host: str = "127.0.0.1", port: int = 8000, th
     app = create_app(models, threads=threads, batch=batch, token=token, access_log=access_log,
                      image_limits=image_limits, max_bytes_in_flight=max_bytes_in_flight)
     # uvicorn's own access log is replaced by ours (with the duration and the model)
-    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False, server_header=False,
-                proxy_headers=False, timeout_graceful_shutdown=30, http=http_protocol())
+    config = uvicorn.Config(app, host=host, port=port, log_level="info", access_log=False, server_header=False,
+                            proxy_headers=False, timeout_graceful_shutdown=30, http=http_protocol())
+    uvicorn_server(config, grpc_port).run()
+
+
+def uvicorn_server(config, grpc_port: int | None = None):
+    """A uvicorn.Server for `config` (its app: `create_app`'s); with `grpc_port`, one that also runs the OIP
+    gRPC service in its event loop, started after the lifespan (the batchers) and stopped before the REST
+    drain. Its `grpc_port` attribute is the bound gRPC port once started."""
+    import uvicorn
+
+    app = config.app
+
+    class WithGRPC(uvicorn.Server):
+        grpc = None
+
+        async def startup(self, sockets=None):
+            await super().startup(sockets)  # the lifespan has started the batchers
+            if not self.should_exit and grpc_port is not None:
+                from edgexfer.runtime.grpc_server import make_server
+
+                self.grpc, self.grpc_port = make_server(app.dp, app.batchers, config.host, grpc_port)
+                await self.grpc.start()
+                log.info("OIP gRPC on %s:%d", config.host, self.grpc_port)
+
+        async def shutdown(self, sockets=None):
+            if self.grpc is not None:
+                await self.grpc.stop(app.dp.timeout_s)
+            await super().shutdown(sockets)
+
+    return WithGRPC(config)
