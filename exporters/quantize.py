@@ -68,42 +68,117 @@ def derived_meta(source: str | Path, quantization: dict) -> ModelMeta:
         **quantization, "source_file": Path(source).name, "source_content_sha256": content_sha256(source)})
 
 
-def quantize_int8(fp32_path: str | Path, out_path: str | Path, calib: np.ndarray,
-                  recipe: Int8Recipe = Int8Recipe()) -> dict:
-    """Write a static INT8 QDQ copy of `fp32_path` to `out_path`, calibrated on `calib` (N, C, H, W).
+@dataclass
+class Calibration:
+    """An FP32 file pre-processed and calibrated once, for every INT8 candidate made from it (optimum's
+    `fit` -> `quantize`): `model` is ONNX Runtime's `quant_pre_process` output, `ranges` the activation
+    ranges ONNX Runtime computed on the calibration images (its calibration cache, `TensorsData` as JSON),
+    `plain` the INT8 file with every weighted layer quantized, made on the way. Candidates differ only in
+    the layers they keep in FP32, which the ranges do not depend on. With an ONNX Runtime that cannot
+    reuse ranges (no `calibration_cache_path`, before 1.2x), `ranges` is None and each candidate
+    calibrates again."""
+    source: Path
+    model: Path
+    ranges: Path | None
+    plain: Path
+    calib: np.ndarray
+    recipe: "Int8Recipe"
+    nodes: list[str]
+    seconds: float
 
-    The metadata of the FP32 file is carried over (less its metrics: `derived_meta`) with the recipe
-    added under "quantization".
-    """
+    def check(self, recipe: "Int8Recipe") -> None:
+        """The ranges fit `recipe` only if it calibrates the same way."""
+        mine = dataclasses.replace(self.recipe, nodes_to_exclude=())
+        theirs = dataclasses.replace(recipe, nodes_to_exclude=())
+        if mine != theirs:
+            raise ValueError("this calibration was made for another recipe: "
+                             f"{mine.to_dict()} vs {theirs.to_dict()}")
+
+
+def _reuses_ranges() -> bool:
+    import inspect
+
+    from onnxruntime.quantization import quantize_static
+
+    return "calibration_cache_path" in inspect.signature(quantize_static).parameters
+
+
+def _quantize_static(model: Path, out: Path, calib: np.ndarray | None, recipe: "Int8Recipe", input_name: str,
+                     ranges: Path | None = None) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-    import onnx
 
     if recipe.calibration_method not in METHODS:
         raise ValueError(f"unknown calibration method {recipe.calibration_method!r}; choose one of {METHODS}")
     qtype = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[recipe.calibration_method]
-    meta = read_meta(fp32_path)
+    kw = {"calibration_cache_path": str(ranges)} if ranges is not None else {}
+    reader = None if ranges is not None and ranges.is_file() else \
+        ArrayReader(input_name, calib[:recipe.calibration_samples])
+    quantize_static(
+        str(model), str(out), reader,
+        quant_format=QuantFormat.QDQ if recipe.format == "QDQ" else QuantFormat.QOperator,
+        per_channel=recipe.per_channel, reduce_range=recipe.reduce_range,
+        activation_type=qtype[recipe.activation_type], weight_type=qtype[recipe.weight_type],
+        calibrate_method=method, nodes_to_exclude=list(recipe.nodes_to_exclude) or None,
+        extra_options=dict(recipe.extra_options) or None, **kw)
+
+
+def _weighted(graph) -> list[str]:
+    return [n.name for n in graph.node if n.op_type in ("Conv", "Gemm", "MatMul") and n.name]
+
+
+def calibrate(fp32_path: str | Path, calib: np.ndarray, recipe: "Int8Recipe", workdir: str | Path) -> Calibration:
+    """Pre-process `fp32_path` and compute its activation ranges on `calib`, once, into `workdir` (which
+    the caller owns and removes): every `quantize_int8(..., calibration, ...)` after it reuses both."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+    import onnx
+
+    t0 = time.perf_counter()
+    workdir = Path(workdir)
+    pre, plain = workdir / "pre.onnx", workdir / "plain.int8.onnx"
+    quant_pre_process(str(fp32_path), str(pre))
+    ranges = workdir / "ranges.json" if _reuses_ranges() else None
+    base = dataclasses.replace(recipe, nodes_to_exclude=())
+    _quantize_static(pre, plain, calib, base, read_meta(fp32_path).input.name, ranges)
+    return Calibration(Path(fp32_path), pre, ranges, plain, calib, base, _weighted(onnx.load(str(pre)).graph),
+                       time.perf_counter() - t0)
+
+
+def quantize_int8(fp32_path: str | Path, out_path: str | Path, calib: "np.ndarray | Calibration",
+                  recipe: Int8Recipe = Int8Recipe()) -> dict:
+    """Write a static INT8 QDQ copy of `fp32_path` to `out_path`, calibrated on `calib` (N, C, H, W images,
+    pre-processed and calibrated here), or on a `Calibration` of it made once (`calibrate`: its ranges
+    are reused, only the quantization runs).
+
+    The metadata of the FP32 file is carried over (less its metrics: `derived_meta`) with the recipe
+    added under "quantization".
+    """
+    import shutil
+
+    import onnx
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
     out_path = Path(out_path)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".quantize-") as td:
-        pre, q = Path(td) / "pre.onnx", Path(td) / "q.onnx"
-        quant_pre_process(str(fp32_path), str(pre))
-        quantize_static(
-            str(pre), str(q), ArrayReader(meta.input.name, calib[:recipe.calibration_samples]),
-            quant_format=QuantFormat.QDQ if recipe.format == "QDQ" else QuantFormat.QOperator,
-            per_channel=recipe.per_channel, reduce_range=recipe.reduce_range,
-            activation_type=qtype[recipe.activation_type], weight_type=qtype[recipe.weight_type],
-            calibrate_method=method, nodes_to_exclude=list(recipe.nodes_to_exclude) or None,
-            extra_options=dict(recipe.extra_options) or None,
-        )
+        q = Path(td) / "q.onnx"
+        if isinstance(calib, Calibration):
+            calib.check(recipe)
+            if recipe.nodes_to_exclude:
+                _quantize_static(calib.model, q, calib.calib, recipe, read_meta(fp32_path).input.name, calib.ranges)
+            else:
+                shutil.copyfile(calib.plain, q)
+            n = len(calib.calib)
+        else:
+            pre = Path(td) / "pre.onnx"
+            quant_pre_process(str(fp32_path), str(pre))
+            _quantize_static(pre, q, calib, recipe, read_meta(fp32_path).input.name)
+            n = len(calib)
         proto = onnx.load(str(q))
-        meta = derived_meta(fp32_path, {**recipe.to_dict(),
-                                        "calibration_samples": int(min(len(calib), recipe.calibration_samples))})
+        meta = derived_meta(fp32_path, {**recipe.to_dict(), "calibration_samples": int(min(n, recipe.calibration_samples))})
         save_model(set_props(proto, meta), out_path)
     return {**meta.quantization, "seconds": time.perf_counter() - t0}
-
 
 
 def quantizable_nodes(fp32_path: str | Path) -> list[str]:
@@ -114,8 +189,7 @@ def quantizable_nodes(fp32_path: str | Path) -> list[str]:
     with tempfile.TemporaryDirectory() as td:
         pre = Path(td) / "pre.onnx"
         quant_pre_process(str(fp32_path), str(pre))
-        g = onnx.load(str(pre)).graph
-    return [n.name for n in g.node if n.op_type in ("Conv", "Gemm", "MatMul") and n.name]
+        return _weighted(onnx.load(str(pre)).graph)
 
 
 # -- how sure the guard is -----------------------------------------------------------------------------
@@ -179,63 +253,128 @@ def guard_decision(disagreement: float, max_drop: float, val_drop: float | None 
     return True, f"disagrees with FP32 on {disagreement:.2%} of the agreement set, within {max_drop:.2%}"
 
 
-def guarded_quantize(fp32_path: str | Path, out_path: str | Path, calib: np.ndarray, recipe: Int8Recipe, *,
-                     accuracy: Callable[[Path], float], fp32_accuracy: float, max_drop: float,
-                     steps: tuple[int, ...] = (0, 1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64, 96, 10**6),
-                     also: dict[str, Callable[[Path], float]] | None = None, measured_on: str = "this host",
-                     at_least: tuple[str, Callable[[Path], float], float] | None = None,
-                     evidence: Callable[[Path], dict] | None = None) -> dict:
-    """Static INT8 under an accuracy bound: keep the first k weighted layers in FP32 until it holds.
+@dataclass(frozen=True)
+class Scorer:
+    """One figure the guard measures on every INT8 candidate file (`fn(path)`), and what it does with it.
 
-    Early layers see raw pixels and are, in CNNs, the most sensitive to 8-bit activations (measured
-    on the demo: leaving the stem and first four blocks of EfficientNet-Lite0 in FP32 took the INT8
-    drop from 1.4 to -0.5 points). `accuracy(path)` scores a candidate file with ONNX Runtime on a
-    guard set: the pipeline passes top-1 agreement with FP32 on its agreement set (FP32 scores 1.0 on
-    it, so `drop` is the disagreement rate; see `guard_decision`), the arm64 guard labelled accuracy on
-    a validation sample. The first candidate within `max_drop` of `fp32_accuracy` is written to
-    `out_path`. If none is, the most accurate one is written and `within_bound` is False.
+    role "decides": the guard's own figure (exactly one): a candidate is within the bound when
+        `reference - fn(path) <= max_drop` (the pipeline: top-1 agreement with FP32, reference 1.0; the
+        arm64 guard: emulated accuracy, reference FP32's). Recorded as the row's guard_accuracy and drop.
+    role "at_least": must also be >= `limit` (e.g. agreement on the unlabelled --adapt-bn images).
+    role "evidence": `fn` returns a dict of labelled validation figures, recorded in the row ("val_drop"
+        and "val_drop_se" among them); it rejects a candidate only on a significant drop (`guard_decision`).
+    role "record": recorded in the row under `name`, never decides (e.g. this host's accuracy)."""
+    name: str
+    fn: Callable[[Path], object]
+    role: str = "record"
+    reference: float = 1.0
+    limit: float | None = None
+    measured_on: str = "this host"
 
-    `measured_on` says where `accuracy` runs (e.g. "arm64 (emulated)" scoring `emulated_logits`); each
-    function of `also` is recorded beside it for every candidate (e.g. this host's accuracy), never decides.
-    `at_least` = (name, score, minimum) is a second bound a candidate must also meet (e.g. INT8/FP32 top-1
-    agreement on unlabelled target-domain images, where no labels exist to score accuracy).
-    `evidence(path)` returns labelled validation figures recorded in the candidate's row ("val_drop" and
-    "val_drop_se" among them); they reject a candidate only when `guard_decision` finds the drop significant.
-    """
-    nodes = quantizable_nodes(fp32_path)
+    def __post_init__(self):
+        if self.role not in ("decides", "at_least", "evidence", "record"):
+            raise ValueError(f"unknown scorer role {self.role!r}")
+
+
+def _score(path: Path, scorers: list[Scorer], max_drop: float) -> dict:
+    (main,) = [s for s in scorers if s.role == "decides"]
+    acc = float(main.fn(path))
+    row = {"guard_accuracy": acc, "drop": main.reference - acc,
+           "within_bound": main.reference - acc <= max_drop + 1e-9}  # one image at the bound is in
+    for s in scorers:
+        if s.role == "record":
+            row[s.name] = s.fn(path)
+        elif s.role == "evidence":
+            row.update(s.fn(path))
+            row["within_bound"], row["decision"] = guard_decision(row["drop"], max_drop, row.get("val_drop"),
+                                                                  row.get("val_drop_se"))
+    for s in scorers:
+        if s.role == "at_least":
+            row[s.name] = s.fn(path)
+            row["within_bound"] = row["within_bound"] and row[s.name] >= s.limit - 1e-9
+    return row
+
+
+def _legacy_scorers(accuracy=None, fp32_accuracy=1.0, also=None, at_least=None, evidence=None,
+                    measured_on="this host") -> list[Scorer]:
+    out = [Scorer("guard_accuracy", accuracy, "decides", fp32_accuracy, measured_on=measured_on)] if accuracy else []
+    out += [Scorer(k, f) for k, f in (also or {}).items()]
+    out += [Scorer(at_least[0], at_least[1], "at_least", limit=at_least[2])] if at_least else []
+    return out + ([Scorer("validation", evidence, "evidence")] if evidence else [])
+
+
+PREFIX_STEPS = (0, 1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64, 96, 10**6)
+
+
+def guarded_quantize(fp32_path: str | Path, out_path: str | Path, calib: np.ndarray, recipe: Int8Recipe,
+                     scorers: list[Scorer] | None = None, *, max_drop: float, steps: tuple[int, ...] = PREFIX_STEPS,
+                     rank_on: np.ndarray | None = None, ranking: str = "revert", threads: int | None = None,
+                     **legacy) -> dict:
+    """Static INT8 under an accuracy bound: keep the fewest, cheapest weighted layers in FP32 until it holds.
+
+    Pre-processing and calibration run once (`calibrate`); every candidate reuses the ranges. Each
+    candidate is scored by `scorers` (see `Scorer`: one decides, others bound, reject on evidence, or
+    are recorded). Which layers a candidate keeps in FP32:
+
+    - `rank_on` None: the first k weighted layers in graph order, k in `steps` (the old search: early
+      layers see raw pixels and are, in CNNs, often the most sensitive);
+    - `rank_on` images (a few hundred of the guard's set): layers ranked by their measured effect on the
+      output (`edgexfer.exporters.sensitivity`, `ranking` "revert" or "qdq"), each layer's latency cost in
+      FP32 estimated, and the candidates are the top-k of that ranking and of the ranking per millisecond,
+      tried cheapest first, so the first one within the bound keeps the most speed.
+
+    The first candidate within the bound is written to `out_path`; if none is, the most accurate one,
+    with `within_bound` False. (`accuracy=`, `fp32_accuracy=`, `also=`, `at_least=`, `evidence=`,
+    `measured_on=`: the old separate arguments, read as scorers.)"""
+    scorers = list(scorers or []) + _legacy_scorers(**legacy)
+    (main,) = [s for s in scorers if s.role == "decides"]
     out_path = Path(out_path)
     tried, best = [], None
     with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".guard-") as td:
-        for k in sorted({min(s, len(nodes)) for s in steps}):
-            cand = dataclasses.replace(recipe, nodes_to_exclude=tuple(nodes[:k]))
-            path = Path(td) / f"k{k}.onnx"
-            info = quantize_int8(fp32_path, path, calib, cand)
-            acc = accuracy(path)
-            row = {"fp32_layers": k, "guard_accuracy": acc, "drop": fp32_accuracy - acc,
-                   "within_bound": fp32_accuracy - acc <= max_drop + 1e-9,  # one image at the bound is in
-                   "seconds": info["seconds"]}
-            row.update({k: f(path) for k, f in (also or {}).items()})
-            if evidence is not None:
-                row.update(evidence(path))
-                row["within_bound"], row["decision"] = guard_decision(row["drop"], max_drop, row.get("val_drop"),
-                                                                      row.get("val_drop_se"))
-            if at_least is not None:
-                row[at_least[0]] = at_least[1](path)
-                row["within_bound"] = row["within_bound"] and row[at_least[0]] >= at_least[2] - 1e-9
+        cal = calibrate(fp32_path, calib, recipe, td)
+        nodes = cal.nodes
+        sens = None
+        if rank_on is not None and len(nodes):
+            from edgexfer.exporters.sensitivity import candidates as ranked_candidates, rank
+
+            sens = rank(cal, rank_on, method=ranking, threads=threads)
+            queue = ranked_candidates(sens, steps)
+        else:
+            queue = [{"fp32_layers": k, "nodes": tuple(nodes[:k]), "order": "graph prefix"}
+                     for k in sorted({min(s, len(nodes)) for s in steps})]
+        for i, c in enumerate(queue):
+            cand = dataclasses.replace(recipe, nodes_to_exclude=tuple(c["nodes"]))
+            path = Path(td) / f"c{i}.onnx"
+            t0 = time.perf_counter()
+            quantize_int8(fp32_path, path, cal, cand)
+            row = {"fp32_layers": c["fp32_layers"], **({k: v for k, v in c.items() if k not in ("nodes", "fp32_layers")}),
+                   "seconds": time.perf_counter() - t0}
+            row = {**row, **_score(path, scorers, max_drop)}
             tried.append(row)
-            if best is None or acc > best[0]["guard_accuracy"]:
+            if best is None or row["guard_accuracy"] > best[0]["guard_accuracy"]:
                 best = (row, path, cand)
             if row["within_bound"]:
                 best = (row, path, cand)
                 break
         row, path, cand = best
         os.replace(path, out_path)
-    return {**read_meta(out_path).quantization, "guard": {
-        "fp32_accuracy": fp32_accuracy, "max_accuracy_drop": max_drop, "candidates": tried,
-        "chosen_fp32_layers": row["fp32_layers"], "layers_kept_fp32": list(cand.nodes_to_exclude),
-        "shipped_accuracy": row["guard_accuracy"], "measured_on": measured_on,
-        "within_bound": row["within_bound"], "quantizable_layers": len(nodes),
-        **({"at_least": {at_least[0]: at_least[2]}} if at_least else {})}}
+    at_least = {s.name: s.limit for s in scorers if s.role == "at_least"}
+    g = {"fp32_accuracy": main.reference, "max_accuracy_drop": max_drop, "candidates": tried,
+         "chosen_fp32_layers": row["fp32_layers"], "layers_kept_fp32": list(cand.nodes_to_exclude),
+         "shipped_accuracy": row["guard_accuracy"], "measured_on": main.measured_on,
+         "within_bound": row["within_bound"], "quantizable_layers": len(nodes),
+         "calibration": {"calibrations": 1 if cal.ranges is not None else len(tried),
+                         "seconds": cal.seconds, "reused_by_candidates": cal.ranges is not None,
+                         "images": int(min(len(calib), recipe.calibration_samples))},
+         **({"at_least": at_least} if at_least else {})}
+    if sens is not None:
+        g["fallback"] = "sensitivity-ranked"
+        g["sensitivity"] = sens["report"]
+        if "est_speedup" in row:
+            g["estimated_speedup"] = row["est_speedup"]
+    else:
+        g["fallback"] = "graph prefix (first k weighted layers)"
+    return {**read_meta(out_path).quantization, "guard": g}
 
 
 # Emulation runs ~250x slower than the host: the arm64 guard scores a seeded sample of the validation split.

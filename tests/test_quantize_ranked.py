@@ -1,0 +1,120 @@
+"""Issue 17: the INT8 guard calibrates once and scores many candidates; the fallback keeps the layers
+that measurably hurt most (not the first k), says what each costs, and reports the ranking."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from edgexfer.exporters import quantize as q
+from edgexfer.exporters.quantize import Int8Recipe, Scorer, calibrate, guarded_quantize, quantize_int8
+from edgexfer.runtime import EdgeModel
+
+RECIPE = Int8Recipe(calibration_samples=8)
+
+
+def _calib(n=8):
+    return np.random.default_rng(0).standard_normal((n, 3, 64, 64)).astype(np.float32)
+
+
+def _kept(path) -> tuple[str, ...]:
+    return tuple(EdgeModel(path).meta.quantization["nodes_to_exclude"])
+
+
+def _scales(path) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer
+            if t.name.endswith("_scale") or t.name.endswith("_zero_point")}
+
+
+@pytest.fixture
+def count_calibrations(monkeypatch):
+    import sys
+
+    import onnxruntime.quantization  # noqa: F401
+
+    ortq = sys.modules["onnxruntime.quantization.quantize"]  # the package re-exports a function of that name
+
+    calls = []
+    real = ortq.create_calibrator
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(ortq, "create_calibrator", counting)
+    return calls
+
+
+def test_guard_calibrates_once_for_every_candidate(tiny_run, tmp_path, count_calibrations):
+    """Four candidates (0-3 layers kept in FP32), one calibration; the old search calibrated each."""
+    if not q._reuses_ranges():
+        pytest.skip("this onnxruntime cannot reuse calibration ranges (no calibration_cache_path)")
+    scorer = Scorer("agreement", lambda p: 1.0 if len(_kept(p)) >= 3 else 0.9, "decides")
+    rec = guarded_quantize(tiny_run / "model.onnx", tmp_path / "q.onnx", _calib(), RECIPE, [scorer], max_drop=0.01)
+    g = rec["guard"]
+    assert [c["fp32_layers"] for c in g["candidates"]] == [0, 1, 2, 3] and g["within_bound"]
+    assert len(count_calibrations) == 1 and g["calibration"]["calibrations"] == 1
+    assert g["fallback"].startswith("graph prefix")
+
+
+def test_reused_ranges_give_the_same_file_as_a_fresh_calibration(tiny_run, tmp_path):
+    fp32 = tiny_run / "model.onnx"
+    cal = calibrate(fp32, _calib(), RECIPE, tmp_path)
+    one = Int8Recipe(calibration_samples=8, nodes_to_exclude=(cal.nodes[2],))
+    quantize_int8(fp32, tmp_path / "reused.onnx", cal, one)
+    quantize_int8(fp32, tmp_path / "fresh.onnx", _calib(), one)
+    a, b = _scales(tmp_path / "reused.onnx"), _scales(tmp_path / "fresh.onnx")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert _kept(tmp_path / "reused.onnx") == (cal.nodes[2],)
+    with pytest.raises(ValueError, match="another recipe"):
+        quantize_int8(fp32, tmp_path / "x.onnx", cal, Int8Recipe(calibration_samples=8, reduce_range=False))
+
+
+def test_scorers_bound_reject_and_record(tiny_run, tmp_path):
+    """One scorer decides; an at_least scorer is a second bound; a record scorer never decides."""
+    seen = []
+    scorers = [Scorer("agreement", lambda p: 1.0, "decides"),
+               Scorer("target_agreement", lambda p: 0.95 if len(_kept(p)) >= 1 else 0.5, "at_least", limit=0.9),
+               Scorer("host_accuracy", lambda p: seen.append(p) or 0.25)]
+    g = guarded_quantize(tiny_run / "model.onnx", tmp_path / "q.onnx", _calib(), RECIPE, scorers,
+                         max_drop=0.01)["guard"]
+    assert [c["within_bound"] for c in g["candidates"]] == [False, True]
+    assert g["candidates"][0]["target_agreement"] == 0.5 and g["candidates"][1]["host_accuracy"] == 0.25
+    assert g["at_least"] == {"target_agreement": 0.9} and len(seen) == 2
+
+
+def test_ranked_fallback_keeps_the_harmful_layer_not_the_first(tiny_run, tmp_path, monkeypatch):
+    """The harm ranking decides which layers a candidate keeps: with one late layer measured as the most
+    harmful, the first fallback candidate keeps that layer alone (the prefix search would keep layer 0
+    first), the ranking and each layer's cost are reported, and the candidates go cheapest first."""
+    from edgexfer.exporters import sensitivity
+
+    fp32 = tiny_run / "model.onnx"
+    nodes = q.quantizable_nodes(fp32)
+    bad = nodes[len(nodes) // 2]
+    monkeypatch.setattr(sensitivity, "_revert_harm",
+                        lambda cal, x, threads: {n: (1.0 if n == bad else 0.01 / (1 + i)) for i, n in enumerate(cal.nodes)})
+    scorer = Scorer("agreement", lambda p: 1.0 if bad in _kept(p) else 0.9, "decides")
+    g = guarded_quantize(fp32, tmp_path / "q.onnx", _calib(), RECIPE, [scorer], max_drop=0.01,
+                         rank_on=_calib(4))["guard"]
+    assert g["within_bound"] and g["layers_kept_fp32"] == [bad] and g["chosen_fp32_layers"] == 1
+    assert g["fallback"] == "sensitivity-ranked"
+    s = g["sensitivity"]
+    assert s["method"] == "revert" and s["ranking"][0]["name"] == bad and len(s["ranking"]) == len(nodes)
+    assert all(r["cost_ms"] >= 0 and r["macs"] > 0 for r in s["ranking"])
+    costs = [c["est_cost_ms"] for c in g["candidates"]]
+    assert costs == sorted(costs) and "est_speedup" in g["candidates"][-1]
+
+
+@pytest.mark.parametrize("method", ["revert", "qdq"])
+def test_sensitivity_measures_every_layer(tiny_run, tmp_path, method):
+    from edgexfer.exporters.sensitivity import rank
+
+    cal = calibrate(tiny_run / "model.onnx", _calib(), RECIPE, tmp_path)
+    cal.nodes = cal.nodes[:4]  # "revert" quantizes once per layer: four are enough here
+    r = rank(cal, _calib(4), method=method, threads=1)
+    assert sorted(x["name"] for x in r["layers"]) == sorted(cal.nodes)
+    harms = [x["harm"] for x in r["layers"]]
+    assert harms == sorted(harms, reverse=True) and max(harms) > 0
+    assert r["report"]["latency_ms"]["fp32"] > 0
