@@ -1,8 +1,9 @@
-# Runtime-only image for linux/amd64 and linux/arm64: numpy + onnxruntime + Pillow (+ starlette/uvicorn),
-# serving models over HTTP (Open Inference Protocol v2). No torch, no onnx, no training toolchain.
+# Runtime-only image for linux/amd64 and linux/arm64: numpy + onnxruntime + Pillow (+ starlette/uvicorn,
+# grpcio), serving models over the Open Inference Protocol v2: REST on 8000, gRPC on 8001. No torch, no
+# onnx, no training toolchain.
 #
 #   docker buildx build --platform linux/amd64,linux/arm64 -t edgexfer-runtime:0.1.0 .   # add --push for a registry
-#   docker run -p 8000:8000 -v $PWD/runs/demo:/models/demo:ro edgexfer-runtime:0.1.0
+#   docker run -p 8000:8000 -p 8001:8001 -v $PWD/runs/demo:/models/demo:ro edgexfer-runtime:0.1.0
 #
 # The pins are requirements-runtime.txt: the emulated arm64 check (`make arm64`, `edgexfer verify
 # --arch arm64`) installs the very same file into Debian bookworm with CPython 3.11, and
@@ -34,9 +35,10 @@ RUN cd /tmp && pip install --only-binary=:all: -r requirements-runtime.txt \
 RUN useradd --create-home --uid 10001 edge
 USER edge
 WORKDIR /home/edge
-EXPOSE 8000
+EXPOSE 8000 8001
 # The server binds to 127.0.0.1 unless told otherwise; inside a container it must listen on all interfaces.
-ENV EDGEXFER_HOST=0.0.0.0 EDGEXFER_PORT=8000
+# REST on EDGEXFER_PORT, the OIP gRPC API on EDGEXFER_GRPC_PORT (empty: none).
+ENV EDGEXFER_HOST=0.0.0.0 EDGEXFER_PORT=8000 EDGEXFER_GRPC_PORT=8001
 HEALTHCHECK --interval=30s --timeout=3s --start-period=10s --retries=3 \
     CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/v2/health/ready', timeout=2)" || exit 1
 ENTRYPOINT ["python", "-m", "edgexfer.runtime", "serve"]

@@ -1,21 +1,21 @@
-"""The `edgexfer` command: thin click commands over the library's stage functions.
+"""The training commands of `edgexfer` (the [train] extra): thin click commands over the library's stage
+functions, in the one command tree of runtime/cli.py (which lists them, and says which extra they need
+when it is missing). Importing this module imports click and light modules only.
 
     edgexfer run                       # the offline default: few-shot Fashion-MNIST -> runs/demo
     edgexfer run --data DIR --name mine --backbone mobilenet_v3_small
-    edgexfer finetune|export|quantize|evaluate|bench RUN_DIR
-    edgexfer predict MODEL IMAGE...    edgexfer serve MODEL|RUN_DIR
+    edgexfer finetune|export|quantize|evaluate RUN_DIR
+    edgexfer predict MODEL|RUN IMAGE...    edgexfer serve MODEL|RUN
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
-import sys
 from pathlib import Path
 
 import click
 
-from edgexfer import __version__
 from edgexfer.errors import EdgexferError
 from edgexfer.runtime import atomic
 
@@ -50,23 +50,24 @@ class ImageSize(click.ParamType):
 
 def data_options(f):
     opts = [
-        click.option("--data", type=click.Path(path_type=str), default=None,
+        click.option("--data", type=click.Path(path_type=str), default=None, show_default="offline Fashion-MNIST",
                      help="ImageFolder tree (one folder per class, or train/ val/ test/ subfolders), or a CSV file "
                           "(path,label[,label2,...]; several label columns: one head per task). "
                           "Default: offline Fashion-MNIST."),
-        click.option("--shots", type=click.IntRange(min=1), default=None,
+        click.option("--shots", type=click.IntRange(min=1), default=None, show_default="all; 100 for Fashion-MNIST",
                      help="At most this many labelled images per class (validation included); the log and report "
                           "say how many were left out. Default: all of --data's images; 100 for Fashion-MNIST."),
         click.option("--all-labels", is_flag=True, help="Use every labelled image (ignore --shots)."),
         click.option("--test-size", type=click.IntRange(min=10), default=2000, show_default=True,
                      help="Fashion-MNIST only: held-out test images."),
-        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--seed", type=int, default=0, show_default=True,
+                     help="Seed of the data split, the augmentation and the training."),
         click.option("--strict", is_flag=True, help="Refuse corrupt images instead of skipping them."),
         click.option("--backbone", default="auto", show_default=True,
                      help="Backbone name (see `edgexfer backbones`), or auto: of the backbones with ImageNet "
                           "weights here offline, the one whose features a linear probe classifies best (held out) "
                           "on your labelled images (within --max-latency-ms); the report shows the comparison."),
-        click.option("--max-latency-ms", type=click.FloatRange(0, min_open=True), default=None,
+        click.option("--max-latency-ms", type=click.FloatRange(0, min_open=True), default=None, show_default="no limit",
                      help="--backbone auto: only backbones at most this slow at batch 1 on this host (ONNX Runtime, "
                           "FP32, --threads). Default: no limit."),
         click.option("--weights", default="imagenet", show_default=True,
@@ -87,6 +88,7 @@ def data_options(f):
                      help="Layer-wise learning-rate decay: each earlier block trains at this times the next "
                           "block's rate (1: one rate for the whole backbone)."),
         click.option("--adapt-bn", type=click.Path(exists=True, file_okay=False, path_type=str), default=None,
+                     show_default="no adaptation",
                      help="Folder of unlabelled images from the target domain: re-estimate BatchNorm statistics "
                           "on them after training (AdaBN), kept unless the label-free checks say it hurt (target "
                           "entropy up, predictions collapsed onto one class, or a source validation drop with "
@@ -94,8 +96,10 @@ def data_options(f):
         click.option("--adapt-bn-force", is_flag=True,
                      help="With --adapt-bn: keep the adapted statistics even when the checks say it hurt "
                           "(the report still says so)."),
-        click.option("--epochs", type=click.IntRange(min=1), default=8, show_default=True),
-        click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True),
+        click.option("--epochs", type=click.IntRange(min=1), default=8, show_default=True,
+                     help="Training epochs (fine-tuning; the linear probe has its own schedule)."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+                     help="Images per training step."),
         click.option("--lr", type=float, default=3e-4, show_default=True, help="Peak learning rate (AdamW)."),
         click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True,
                      help="Threads for evaluation and benchmarks."),
@@ -116,8 +120,9 @@ def quant_options(f):
         click.option("--target", type=click.Choice(["host", "avx2", "avx512", "avx512_vnni", "arm64"]), default="host",
                      show_default=True, help="CPU the INT8 recipe is for (optimum's presets); host: this CPU."),
         click.option("--calibration-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
-                     show_default=True),
-        click.option("--calibration-samples", type=click.IntRange(min=1), default=200, show_default=True),
+                     show_default=True, help="How INT8 ranges are set from the calibration images' activations."),
+        click.option("--calibration-samples", type=click.IntRange(min=1), default=200, show_default=True,
+                     help="Calibration images."),
         click.option("--calibration-data", type=click.Choice(["auto", "train", "adapt-bn"]), default="auto",
                      show_default=True, help="Images that set the INT8 ranges: train, or adapt-bn (the run's "
                                              "--adapt-bn folder: the target domain); auto: adapt-bn when the run "
@@ -219,17 +224,6 @@ def run_dir_arg(f):
 
 # -- commands ----------------------------------------------------------------------------------------
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(__version__, prog_name="edgexfer")
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def cli(verbose: bool):
-    """Few labelled images in; a compact, fast, self-describing ONNX model for a CPU or a board out."""
-    # Our own progress at INFO; third-party chatter (onnxruntime.quantization logs every scale it
-    # touches through the root logger) only at WARNING, or everything with --verbose.
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s", stream=sys.stderr)
-    log.setLevel(logging.DEBUG if verbose else logging.INFO)
-
-
 def _plain_name(ctx, param, value: str) -> str:
     """--name is one folder under --runs: no path separator, not '.' or '..' (`--force` removes it)."""
     if value is None:
@@ -240,12 +234,13 @@ def _plain_name(ctx, param, value: str) -> str:
     return value
 
 
-@cli.command()
+@click.command()
 @data_options
-@click.option("--name", default=None, callback=_plain_name,
+@click.option("--name", default=None, callback=_plain_name, show_default="the data's name, or demo",
               help="Run folder name under --runs (a plain name, no '/'). Default: the --data folder's name "
                    "(a CSV file's stem); demo for the Fashion-MNIST default.")
-@click.option("--runs", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"), show_default=True)
+@click.option("--runs", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"), show_default=True,
+              help="Folder the run folder goes in.")
 @quant_options
 @click.option("--bench-iters", type=click.IntRange(min=1), default=200, show_default=True,
               help="Interleaved batch-1 runs per model in the bench stage.")
@@ -303,7 +298,7 @@ def print_headline(out: Path, rep: dict) -> None:
             click.secho(f"  WARNING: {r['test_disagrees']}.", fg="red", bold=True)
 
 
-@cli.command()
+@click.command()
 @data_options
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run folder to write.")
 def finetune(out, **kw):
@@ -316,14 +311,15 @@ def finetune(out, **kw):
                f"(strategy {res['strategy']})")
 
 
-@cli.command()
+@click.command()
 @run_dir_arg
 @click.option("--atol", type=float, default=None, help="Max abs difference allowed vs PyTorch (default: the backbone's).")
-@click.option("--triton-repo", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--triton-repo", type=click.Path(file_okay=False, path_type=Path), default=None, show_default="none",
               help="Also write a Triton/KServe model repository here (config.pbtxt + 1/model.onnx).")
 @click.option("--triton-model", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
               help="Which file of the run folder goes into the repository.")
-@click.option("--max-batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--max-batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="The Triton repository entry's max_batch_size.")
 def export(run_dir, atol, triton_repo, triton_model, max_batch_size):
     """RUN_DIR/checkpoint.pt -> RUN_DIR/model.onnx (opset 17, dynamic batch), validated against PyTorch,
     cleaned up with onnxslim when that is smaller or faster, metadata inside."""
@@ -340,7 +336,7 @@ def export(run_dir, atol, triton_repo, triton_model, max_batch_size):
         click.echo(f"{dest}: Triton model repository entry ({src.name}, max_batch_size {max_batch_size})")
 
 
-@cli.command()
+@click.command()
 @run_dir_arg
 @quant_options
 def quantize(run_dir, **kw):
@@ -348,21 +344,25 @@ def quantize(run_dir, **kw):
     images, under the accuracy guard (early layers kept in FP32 until the validation drop fits)."""
     from edgexfer import pipeline
 
+    from edgexfer.runtime.cli import Progress
+
     run = pipeline.RunFolder(run_dir)
     cfg = apply_quant_options(run.config(), **kw)
-    rec = pipeline.quantize(run_dir, cfg)
+    with Progress("quantize").ticking() as progress:
+        progress.log("calibrating and searching for an INT8 file within the accuracy guard")
+        rec = pipeline.quantize(run_dir, cfg)
     run.write_config(cfg)
     g = rec.get("guard", {})
     click.echo(f"{run_dir}/model.int8.onnx: target {rec['target']['target']}, "
                f"{g.get('chosen_fp32_layers', 0)} layers kept in FP32")
 
 
-@cli.command()
+@click.command()
 @click.argument("run_dir", metavar="RUN_DIR|MODEL", type=click.Path(exists=True, path_type=Path))
-@click.option("--data", type=click.Path(path_type=Path), default=None,
+@click.option("--data", type=click.Path(path_type=Path), default=None, show_default="the run's test split",
               help="Score this labelled folder instead of the run's test split: one subfolder per class (or a "
                    "test/ subfolder of them). Works on a run folder or one edgexfer .onnx file.")
-@click.option("--out", type=click.Path(path_type=Path), default=None,
+@click.option("--out", type=click.Path(path_type=Path), default=None, show_default="RUN_DIR/evaluations/DATA",
               help="With --data: folder for evaluation.json, misclassified.csv and misclassified.png. Default: "
                    "RUN_DIR/evaluations/<data folder name>/, or evaluations/<data folder name>-<model name>/ "
                    "beside a MODEL file.")
@@ -371,9 +371,9 @@ def quantize(run_dir, **kw):
 @click.option("--json", "as_json", is_flag=True, help="With --data: print the evaluation as JSON.")
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True, help="With --data: ONNX "
               "Runtime threads.")
-@click.option("--max-image-pixels", type=click.IntRange(min=1), default=None,
+@click.option("--max-image-pixels", type=click.IntRange(min=1), default=None, show_default="predict's",
               help="With --data: largest image decoded, as for predict (larger ones are skipped and counted).")
-@click.option("--max-aspect-ratio", type=click.FloatRange(1, 1e6), default=None,
+@click.option("--max-aspect-ratio", type=click.FloatRange(1, 1e6), default=None, show_default="predict's",
               help="With --data: largest longer/shorter side ratio, as for predict.")
 def evaluate(run_dir, data, out, skip_unknown, as_json, threads, max_image_pixels, max_aspect_ratio):
     """Accuracy of every ONNX file in RUN_DIR with ONNX Runtime on the run's test split; per-class metrics
@@ -433,18 +433,19 @@ def _evaluate_data(target: Path, data: Path, out: Path | None, *, skip_unknown, 
     click.echo(f"\n{out}/: evaluation.json, misclassified.csv, misclassified.png (misclassified shown: {shown})")
 
 
-@cli.command()
+@click.command()
 @click.option("--data", type=click.Path(path_type=str), default=None,
               help="ImageFolder tree or CSV file (default: offline Fashion-MNIST).")
 @click.option("--shots", type=click.IntRange(min=1), default=100, show_default=True,
               help="Labelled images per class to score on (validation included).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sample of images scored.")
 @click.option("--strict", is_flag=True, help="Refuse corrupt images instead of skipping them.")
-@click.option("--image-size", type=click.IntRange(min=32), default=96, show_default=True)
-@click.option("--candidates", default=None,
+@click.option("--image-size", type=click.IntRange(min=32), default=96, show_default=True,
+              help="Input size in pixels the features are computed at.")
+@click.option("--candidates", default=None, show_default="every offline backbone, and one from scratch",
               help="Comma-separated backbones, each NAME or NAME@WEIGHTS (WEIGHTS: imagenet, none or a checkpoint "
                    "path). Default: every backbone with offline ImageNet weights, and the first from random init.")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, show_default="none",
               help="Also write the ranking as JSON here.")
 def rank(data, shots, seed, strict, image_size, candidates, out):
     """Score candidate backbones on your data before any fine-tuning (LogME on frozen features): higher
@@ -475,7 +476,7 @@ def rank(data, shots, seed, strict, image_size, candidates, out):
         atomic.write_json(out, res)
 
 
-@cli.command()
+@click.command()
 @data_options
 @click.option("--labels", "shots_list", default="1,5,10,50,100", show_default=True,
               help="Comma-separated labelled images per class, one point each.")
@@ -517,52 +518,32 @@ def curve(ctx, shots_list, out, no_scratch, **kw):
     click.echo(f"{out}/curve.json, curve.md, curve.png")
 
 
-def _forward_to_runtime(name: str, help_text: str):
-    """`bench`, `predict` and `serve` are the runtime's own commands (argparse, so that they work with
-    the runtime install alone); the training CLI lists them and hands their arguments over unchanged."""
-
-    @cli.command(name, help=help_text, add_help_option=False,
-                 context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-    def forward(args):
-        from edgexfer.heldout import test_split
-        from edgexfer.pipeline import pytorch_reference
-        from edgexfer.runtime.cli import main as runtime_main
-
-        runtime_main([name, *args], references=[pytorch_reference], held_out=test_split)
-
-    return forward
-
-
-_forward_to_runtime("bench", "Latency, throughput, cold start and memory of ONNX files or run folders, side by side "
-                             "(PyTorch eager and OpenVINO beside when installed). `edgexfer bench -h` for options.")
-_forward_to_runtime("predict", "Classify images with an edgexfer ONNX file; one JSON line per image.")
-_forward_to_runtime("bundle", "What to copy to a board: RUN_DIR's chosen model, pinned runtime requirements, the "
-                              "runtime itself and an example program, in OUT.")
-_forward_to_runtime("compare", "`edgexfer bench --json` results from several machines (a laptop, a Pi, a Jetson) in "
-                               "one table and plot, keyed by the machine info each carries.")
-_forward_to_runtime("verify", "Run RUN_DIR's models (or an ONNX file) under emulated arm64 (qemu, needs root) on a "
-                              "sample of held-out images: top-1 agreement with this host, max abs difference, "
-                              "arm64-measured accuracy. `edgexfer verify -h` for options.")
-_forward_to_runtime("serve", "Serve run folders or ONNX files over HTTP (Open Inference Protocol v2, JSON, "
-                             "plus an image endpoint), bound to 127.0.0.1 unless --host says otherwise.")
-
-
-@cli.command()
-@click.argument("models", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.command()
+@click.argument("models", nargs=-1, required=True, metavar="MODEL|RUN...", type=click.Path(exists=True, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def inspect(models, as_json):
-    """Metadata, opset, inputs and outputs, size and operator counts (quantized vs float) of ONNX files."""
+    """Metadata, opset, inputs and outputs, size and operator counts (quantized vs float) of ONNX files, or of
+    every model file of a run folder."""
     from edgexfer.exporters.inspect_model import format_text, inspect as inspect_file
 
-    infos = [inspect_file(m) for m in models]
+    files = []
+    for m in models:
+        if m.is_dir():
+            found = sorted((p for p in m.glob("model*.onnx") if not p.name.endswith(".e2e.onnx")),
+                           key=lambda p: (p.name != "model.onnx", p.name))
+            if not found:
+                raise EdgexferError(f"no model*.onnx in {m}")
+            files += found
+        else:
+            files.append(m)
+    infos = [inspect_file(m) for m in files]
     if as_json:
         click.echo(json.dumps(infos if len(infos) > 1 else infos[0], indent=2))
     else:
         click.echo("\n\n".join(format_text(i) for i in infos))
 
 
-@cli.command()
+@click.command()
 def backbones():
     """List the registered backbones: parameters, feature size, blocks, and whether ImageNet weights are
     available offline. timm/<name> works too when timm is installed."""
@@ -578,19 +559,10 @@ def backbones():
 
 
 def main(argv=None) -> None:
-    args = sys.argv[1:] if argv is None else list(argv)
-    try:
-        cli.main(args=args, prog_name="edgexfer", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(130)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
-    except _user_errors() as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        click.secho(f"error: {msg}", fg="red", err=True)
-        sys.exit(1)
+    """The one command tree (runtime/cli.py), these commands included."""
+    from edgexfer.runtime.cli import main as tree_main
+
+    tree_main(argv)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,10 @@
-"""The `edgexfer` console script. It must start on a board with the runtime install alone (no click,
-no torch): the runtime's commands (bench, predict, serve, bundle, compare, verify) then run by themselves, and the training
-commands say which extra they need."""
+"""The `edgexfer` console script: the one command tree of runtime/cli.py (click). It starts on a board with
+the runtime install alone (no torch): the runtime's commands (bench, predict, serve, bundle, compare,
+verify) run, and the training commands say which extra they need in one line."""
 from __future__ import annotations
 
 import os
 import sys
-
-from edgexfer.runtime.cli import COMMANDS as RUNTIME_COMMANDS
 
 
 def main(argv=None) -> None:
@@ -15,26 +13,12 @@ def main(argv=None) -> None:
     # EfficientNet-Lite0 batch of 32 on 2 busy cores). Sleeping waits cost little on an idle machine.
     # Set before torch is imported; OMP_WAIT_POLICY=ACTIVE in the environment keeps spinning.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    args = sys.argv[1:] if argv is None else list(argv)
     try:
-        import click  # noqa: F401
-    except ImportError:
-        if args and args[0] in RUNTIME_COMMANDS:
-            from edgexfer.heldout import test_split
-            from edgexfer.runtime.cli import main as runtime_main
-
-            return runtime_main(args, held_out=test_split)
-        if args and args[0] not in ("-h", "--help"):
-            print(f"error: `edgexfer {args[0]}` needs the training toolchain: pip install 'edgexfer[train]' "
-                  f"(this install has the runtime commands: {', '.join(RUNTIME_COMMANDS)})", file=sys.stderr)
-            sys.exit(1)
-        from edgexfer.runtime.cli import parser
-
-        parser().print_help()
-        return
-    from edgexfer.cli import main as cli_main
-
-    cli_main(args)
+        from edgexfer.runtime.cli import main as tree_main
+    except ImportError as e:  # click is a base dependency; an install without it is broken
+        print(f"error: edgexfer's commands need {e.name or 'click'}: pip install click", file=sys.stderr)
+        sys.exit(1)
+    tree_main(argv)
 
 
 if __name__ == "__main__":

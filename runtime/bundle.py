@@ -32,7 +32,7 @@ from pathlib import Path
 
 from edgexfer.runtime.errors import RuntimeInputError
 
-RUNTIME_REQUIREMENTS = ("numpy", "onnxruntime", "Pillow")
+RUNTIME_REQUIREMENTS = ("numpy", "onnxruntime", "Pillow", "click")  # click: `python -m edgexfer.runtime ...`
 MANIFEST = "bundle.json"
 MANIFEST_SCHEMA = "edgexfer.bundle/1"
 # what a bundle written before bundle.json existed holds at its top level

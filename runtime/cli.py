@@ -1,70 +1,118 @@
-"""The runtime's commands — `bench`, `predict`, `serve`, `bundle`, `compare`, `verify` — with the standard library's argparse, so they
-work on a board with the runtime install alone (numpy, onnxruntime, Pillow).
-
-`edgexfer bench|predict|serve ...` lands here (the training CLI forwards these three), and so does
-`python -m edgexfer.runtime ...`.
+"""The `edgexfer` command tree (click): the runtime's commands — `bench`, `predict`, `serve`, `bundle`,
+`compare`, `verify` — defined here and working with the runtime install alone (numpy, onnxruntime,
+Pillow, click; nothing heavy is imported until a command runs), and the training commands (`run`,
+`finetune`, `export`, `quantize`, `evaluate`, `rank`, `curve`, `inspect`, `backbones`) from
+edgexfer/cli.py, listed in every `--help` whatever is installed; without their extra they say which in
+one line. `edgexfer ...` and `python -m edgexfer.runtime ...` both land here.
 """
 from __future__ import annotations
 
-import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
+import threading
+import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Sequence
+
+import click
 
 from edgexfer.runtime.errors import ImageError, MetadataError, RuntimeInputError
 
 COMMANDS = ("bench", "predict", "serve", "bundle", "compare", "verify")
+# training commands (edgexfer/cli.py) -> the extra they need and the modules that extra brings
+TRAINING = {"run": "train", "finetune": "train", "export": "train", "quantize": "train", "evaluate": "train",
+            "rank": "train", "curve": "train", "inspect": "train", "backbones": "train"}
+EXTRA_MODULES = {"train": ("torch", "torchvision", "onnx", "sklearn")}
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100, "show_default": True}
 log = logging.getLogger("edgexfer")
 
 
-def _port(s: str) -> int:
-    """A TCP port, 0-65535 (0: any free port); from --port or $EDGEXFER_PORT."""
-    try:
-        v = int(s)
-    except ValueError:
-        v = -1
-    if not 0 <= v <= 65535:
-        raise argparse.ArgumentTypeError(f"a port is a whole number from 0 to 65535 (--port or $EDGEXFER_PORT); "
-                                         f"got {s!r}")
-    return v
+class Progress:
+    """A progress line on stderr for a long stage: `==> what` as each step starts, with the elapsed time and,
+    given `of` steps, an ETA from the mean step so far."""
+
+    def __init__(self, stage: str, of: int | None = None):
+        self.stage, self.of, self.done, self.t0 = stage, of, 0, time.monotonic()
+
+    def _eta(self) -> str:
+        el = time.monotonic() - self.t0
+        if self.of and 0 < self.done < self.of:
+            return f"{el:.0f} s, ETA {el / self.done * (self.of - self.done):.0f} s"
+        return f"{el:.0f} s"
+
+    def log(self, what: str) -> None:
+        """A step starts (the ETA counts the steps before it as done)."""
+        self.step = what
+        print(f"==> {self.stage} [{self._eta()}] {what}", file=sys.stderr, flush=True)
+        self.done += 1
+
+    @contextlib.contextmanager
+    def ticking(self, every: float = 10.0):
+        """While the block runs, a line every `every` seconds (a long step that logs nothing is not a hang)."""
+        stop = threading.Event()
+
+        def tick():
+            while not stop.wait(every):
+                self.done -= 1  # the step in progress is not done
+                print(f"==> {self.stage} [{self._eta()}] still {getattr(self, 'step', 'working')}", file=sys.stderr,
+                      flush=True)
+                self.done += 1
+
+        t = threading.Thread(target=tick, daemon=True, name="edgexfer-progress")
+        t.start()
+        try:
+            yield self
+        finally:
+            stop.set()
+            t.join()
 
 
-def _ints(s: str) -> tuple[int, ...]:
-    try:
-        vals = tuple(int(v) for v in s.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
-    if not vals or min(vals) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {s!r}")
-    return vals
+class Port(click.ParamType):
+    """A TCP port, 0-65535 (0: any free port)."""
+    name = "PORT"
+
+    def convert(self, value, param, ctx):
+        try:
+            v = int(value)
+        except (TypeError, ValueError):
+            v = -1
+        if not 0 <= v <= 65535:
+            self.fail(f"a port is a whole number from 0 to 65535 (--port or $EDGEXFER_PORT); got {value!r}", param, ctx)
+        return v
 
 
-def _pos_int(s: str) -> int:
-    v = int(s)
-    if v < 1:
-        raise argparse.ArgumentTypeError("must be >= 1")
-    return v
+class Ints(click.ParamType):
+    """Comma-separated positive integers."""
+    name = "N,N,..."
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            vals = tuple(int(v) for v in str(value).split(",") if v.strip())
+        except ValueError:
+            self.fail(f"expected comma-separated integers, got {value!r}", param, ctx)
+        if not vals or min(vals) < 1:
+            self.fail(f"expected positive integers, got {value!r}", param, ctx)
+        return vals
 
 
-def _aspect(s: str) -> float:
-    v = float(s)
-    if not 1 <= v <= 1e6:
-        raise argparse.ArgumentTypeError("must be between 1 and 1000000")
-    return v
+POS = click.IntRange(min=1)
 
 
-def _image_limits(p: argparse.ArgumentParser) -> None:
+def image_limit_options(f):
     from edgexfer.runtime.preprocess import MAX_ASPECT_RATIO, MAX_IMAGE_PIXELS
 
-    p.add_argument("--max-image-pixels", type=_pos_int, default=MAX_IMAGE_PIXELS,
-                   help="largest image accepted, in decoded pixels (width x height, checked before decoding; "
-                        f"also the resized image); over it: an error, 413 when serving (default {MAX_IMAGE_PIXELS})")
-    p.add_argument("--max-aspect-ratio", type=_aspect, default=MAX_ASPECT_RATIO,
-                   help="largest ratio of an image's longer side to its shorter side; over it: an error, 400 when "
-                        f"serving (default {MAX_ASPECT_RATIO:g})")
+    f = click.option("--max-aspect-ratio", type=click.FloatRange(1, 1e6), default=MAX_ASPECT_RATIO,
+                     help="Largest ratio of an image's longer side to its shorter side; over it: an error, 400 "
+                          "when serving.")(f)
+    return click.option("--max-image-pixels", type=POS, default=MAX_IMAGE_PIXELS,
+                        help="Largest image accepted, in decoded pixels (width x height, checked before decoding; "
+                             "also the resized image); over it: an error, 413 when serving.")(f)
 
 
 def _limits(a):
@@ -81,101 +129,206 @@ def _limits(a):
     return ImageLimits(a.max_image_pixels, a.max_aspect_ratio)
 
 
-def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="edgexfer", description="edgexfer runtime commands")
-    sub = ap.add_subparsers(dest="command", required=True)
+class Tree(click.Group):
+    """One command tree: the runtime's commands (here) and the training ones (edgexfer/cli.py, loaded when
+    listed or called: click and the standard library only at import). A training command called without
+    its extra installed says which in one line."""
 
-    b = sub.add_parser("bench", help="latency, throughput, cold start and memory of models, side by side",
-                       description="Benchmark ONNX files (or every ONNX file of run folders), interleaved, with "
-                                   "ratios to the first model; models of different input sizes each get an input of "
-                                   "their own size. PyTorch eager (from a run folder's checkpoint, when torch is "
-                                   "installed) and OpenVINO (when installed) are measured beside; the output says why "
-                                   "when one is not.")
-    b.add_argument("models", nargs="+", help="edgexfer ONNX files or run folders")
-    b.add_argument("--threads", type=_pos_int, default=2, help="intra-op threads (default 2)")
-    b.add_argument("--warmup", type=_pos_int, default=20, help="warm-up calls per model (default 20)")
-    b.add_argument("--iters", type=_pos_int, default=200, help="single-stream rounds (default 200)")
-    b.add_argument("--duration", type=float, default=0.0, help="single-stream seconds instead of --iters")
-    b.add_argument("--batches", type=_ints, default=(1, 8, 32), help="offline throughput batch sizes (default 1,8,32)")
-    b.add_argument("--sweep", type=_ints, default=None, nargs="?", const=(),
-                   help="thread sweep, e.g. --sweep 1,2,4 (bare --sweep: 1..cores)")
-    b.add_argument("--no-cold-start", action="store_true", help="skip the fresh-process cold-start measurement")
-    b.add_argument("--no-reference", action="store_true", help="skip PyTorch and OpenVINO references")
-    b.add_argument("--json", type=Path, help="write the result document (schema edgexfer.bench/1)")
-    b.add_argument("--markdown", type=Path, help="write the table as markdown")
-    b.add_argument("--plot", type=Path, help="write a PNG plot (needs matplotlib)")
+    def list_commands(self, ctx):
+        return [*COMMANDS, *TRAINING]
 
-    p = sub.add_parser("predict", help="classify images; one JSON line per image")
-    p.add_argument("model", type=Path)
-    p.add_argument("images", nargs="+", type=Path)
-    p.add_argument("--top-k", type=_pos_int, default=3)
-    p.add_argument("--threads", type=_pos_int, default=None)
-    p.add_argument("--provider", action="append", default=None,
-                   help="execution provider to prefer, e.g. CUDAExecutionProvider (repeatable; CPU is the fallback)")
-    _image_limits(p)
+    def get_command(self, ctx, name):
+        if name not in TRAINING:
+            return super().get_command(ctx, name)
+        from edgexfer import cli as training  # click and light modules only; the commands import the rest
 
-    s = sub.add_parser("serve", help="serve models over HTTP (Open Inference Protocol v2)")
-    s.add_argument("models", nargs="+", type=Path, help="run folders or edgexfer ONNX files")
-    s.add_argument("--host", default=os.environ.get("EDGEXFER_HOST", "127.0.0.1"))
-    s.add_argument("--port", type=_port, default=os.environ.get("EDGEXFER_PORT", "8000"),
-                   help="TCP port, 0-65535 (default: $EDGEXFER_PORT, else 8000)")
-    s.add_argument("--grpc-port", type=_port, default=None,
-                   help="also serve the protocol's gRPC API (inference.GRPCInferenceService) on this port, over the "
-                        "same models and batchers (uvicorn server; needs grpcio: pip install 'edgexfer[serve]'; "
-                        "default: no gRPC)")
-    s.add_argument("--threads", type=_pos_int, default=None)
-    s.add_argument("--server", choices=("auto", "uvicorn", "stdlib"), default="auto",
-                   help="uvicorn: starlette + uvicorn with dynamic batching and the binary tensor extension "
-                        "(pip install 'edgexfer[serve]'); stdlib: the standard library's, no batching; "
-                        "auto: uvicorn when installed")
-    s.add_argument("--max-batch-size", type=_pos_int, default=32, help="dynamic batching (uvicorn server)")
-    s.add_argument("--max-queue-delay-ms", type=float, default=2.0, help="dynamic batching (uvicorn server)")
-    s.add_argument("--instances", type=_pos_int, default=1,
-                   help="copies of each model computing batches side by side, each with --threads ONNX Runtime "
-                        "threads (uvicorn server; Triton's instance count; default 1)")
-    s.add_argument("--timeout", type=float, default=30.0,
-                   help="seconds a request may wait for its answer before 504 (uvicorn server; default 30)")
-    s.add_argument("--token", default=os.environ.get("EDGEXFER_TOKEN") or None,
-                   help="require 'Authorization: Bearer TOKEN' on every endpoint but /v2/health/* "
-                        "(default: $EDGEXFER_TOKEN; none: no token)")
-    s.add_argument("--switch-interval-us", type=float, default=None,
-                   help="the server process's GIL switch interval: how long an inference thread waits for "
-                        "the event loop after each batch (uvicorn server; default 20)")
-    s.add_argument("--no-access-log", dest="access_log", action="store_false",
-                   help="no access-log line per request (logger edgexfer.access)")
-    _image_limits(s)
-    s.add_argument("--max-inflight-mib", type=_pos_int, default=128,
-                   help="request-body MiB the server holds at once, all requests together; past it 503 with "
-                        "Retry-After (default 128)")
-    u = sub.add_parser("bundle", help="what to copy to a board: model, pinned requirements, runtime, example")
-    u.add_argument("source", type=Path, help="run folder (its INT8 file when within the accuracy bound) or ONNX file")
-    u.add_argument("out", type=Path)
-    u.add_argument("--force", action="store_true", help="replace OUT if it exists")
-    u.add_argument("--arch", choices=("host", "arm64"), default="host",
-                   help="arm64: carry aarch64 wheels (Python 3.11, manylinux_2_28) so it installs with no network")
+        cmd = getattr(training, name)
+        if not getattr(cmd, "_edgexfer_extra", None):  # once: the extra in its help line, checked before it runs
+            extra = cmd._edgexfer_extra = TRAINING[name]
+            cmd.short_help = f"[{extra}] {cmd.get_short_help_str(limit=200)}"
+            run = cmd.invoke
 
-    c = sub.add_parser("compare", help="`edgexfer bench --json` results of several machines in one table and plot",
-                       description="Merge bench results (schema edgexfer.bench/1) from several machines, keyed by "
-                                   "the machine info each carries.")
-    c.add_argument("results", nargs="+", type=Path, help="JSON files written by `edgexfer bench --json`")
-    c.add_argument("--markdown", type=Path, help="write the table as markdown")
-    c.add_argument("--json", type=Path, help="write the merged document (schema edgexfer.compare/1)")
-    c.add_argument("--plot", type=Path, help="write a PNG plot (needs matplotlib)")
+            def invoke(ctx, _run=run, _name=name, _extra=extra):
+                missing = [m for m in EXTRA_MODULES[_extra] if not _find(m)]
+                if missing:
+                    raise RuntimeInputError(
+                        f"`edgexfer {_name}` needs the training toolchain: pip install 'edgexfer[{_extra}]' "
+                        f"(missing: {', '.join(missing)}; this install has the runtime commands: {', '.join(COMMANDS)})")
+                return _run(ctx)
 
-    v = sub.add_parser("verify", help="run a model under emulated arm64 and compare it with this host",
-                       description="Run the runtime install (aarch64 wheels) in an arm64 Debian root filesystem "
-                                   "under qemu user-mode emulation (needs root; cached in ~/.cache/edgexfer/arm64) "
-                                   "on a sample of held-out images: top-1 agreement with this host, max abs "
-                                   "difference of outputs, arm64-measured accuracy. Emulated timing is not latency.")
-    v.add_argument("target", type=Path, help="run folder (its test split; writes RUN_DIR/verify_arm64.json) or ONNX file")
-    v.add_argument("--arch", choices=("arm64",), required=True)
-    v.add_argument("--samples", type=_pos_int, default=200, help="images to run (default 200; emulation is ~250x slower)")
-    v.add_argument("--images", type=Path, help="for an ONNX file: an ImageFolder tree (labelled) or a folder of images")
-    v.add_argument("--seed", type=int, default=0, help="sample seed (default 0)")
-    v.add_argument("--threads", type=_pos_int, default=1, help="intra-op threads on both sides (default 1)")
-    v.add_argument("--min-agreement", type=float, default=0.995, help="exit 1 below this top-1 agreement (default 0.995)")
-    v.add_argument("--json", type=Path, help="where to write the result (default RUN_DIR/verify_arm64.json)")
-    return ap
+            cmd.invoke = invoke
+        return cmd
+
+
+def _find(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+@click.group(cls=Tree, context_settings=CONTEXT)
+@click.version_option(__import__("edgexfer").__version__, "--version", prog_name="edgexfer")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@click.pass_context
+def cli(ctx, verbose: bool):
+    """Few labelled images in; a compact, fast, self-describing ONNX model for a CPU or a board out.
+
+    Runtime commands (bench, predict, serve, bundle, compare, verify) need the runtime install only; the
+    others need the [train] extra (pip install 'edgexfer[train]').
+    """
+    # Our own progress at INFO; third-party chatter (onnxruntime.quantization logs every scale it
+    # touches through the root logger) only at WARNING, or everything with --verbose.
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s",
+                            stream=sys.stderr)
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    ctx.ensure_object(dict)
+
+
+def _ns(**kw) -> SimpleNamespace:
+    return SimpleNamespace(**kw)
+
+
+@cli.command(short_help="Latency, throughput, cold start and memory of models, side by side.")
+@click.argument("models", nargs=-1, required=True, metavar="MODEL|RUN...")
+@click.option("--threads", type=POS, default=2, help="Intra-op threads.")
+@click.option("--warmup", type=POS, default=20, help="Warm-up calls per model.")
+@click.option("--iters", type=POS, default=200, help="Single-stream rounds.")
+@click.option("--duration", type=float, default=0.0, help="Single-stream seconds instead of --iters (0: use --iters).")
+@click.option("--batches", type=Ints(), default="1,8,32", help="Offline throughput batch sizes.")
+@click.option("--sweep", type=Ints(), default=None, is_flag=False, flag_value="0", show_default="no sweep",
+              help="Thread sweep, e.g. --sweep 1,2,4 (bare --sweep: 1, 2, 4 and all cores).")
+@click.option("--no-cold-start", is_flag=True, help="Skip the fresh-process cold-start measurement.")
+@click.option("--no-reference", is_flag=True, help="Skip the PyTorch and OpenVINO references.")
+@click.option("--json", "json_", type=click.Path(path_type=Path), default=None, show_default="none",
+              help="Write the result document (schema edgexfer.bench/1).")
+@click.option("--markdown", type=click.Path(path_type=Path), default=None, show_default="none",
+              help="Write the table as markdown.")
+@click.option("--plot", type=click.Path(path_type=Path), default=None, show_default="none",
+              help="Write a PNG plot (needs matplotlib).")
+def bench(models, sweep, json_, **kw):
+    """Benchmark ONNX files (or every ONNX file of run folders), interleaved, with ratios to the first
+    model; models of different input sizes each get an input of their own size. PyTorch eager (from a run
+    folder's checkpoint, when torch is installed) and OpenVINO (when installed) are measured beside; the
+    output says why when one is not. A progress line per step on stderr."""
+    references = ()
+    if not kw["no_reference"] and _find("torch"):
+        from edgexfer.pipeline import pytorch_reference
+
+        references = [pytorch_reference]
+    if sweep is not None and 0 in sweep:
+        sweep = ()
+    bench_cmd(_ns(models=list(models), sweep=sweep, json=json_, **kw), references)
+
+
+@cli.command(short_help="Classify images; JSON lines or CSV.")
+@click.argument("model", metavar="MODEL|RUN", type=click.Path(exists=True, path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--top-k", type=POS, default=3, help="Classes per image, best first.")
+@click.option("--format", "format_", type=click.Choice(["jsonl", "csv"]), default="jsonl",
+              help="jsonl: one JSON object per image; csv: a header, then one row per image and class "
+                   "(image, task, rank, label, index, score).")
+@click.option("--threads", type=POS, default=None, show_default="ONNX Runtime's choice", help="Intra-op threads.")
+@click.option("--provider", multiple=True, show_default="CPU",
+              help="Execution provider to prefer, e.g. CUDAExecutionProvider (repeatable; CPU is the fallback).")
+@image_limit_options
+def predict(model, images, format_, provider, **kw):
+    """Classify IMAGES with an edgexfer ONNX file, or a run folder's chosen file (its INT8 file if present,
+    else FP32)."""
+    predict_cmd(_ns(model=model, images=list(images), format=format_, provider=list(provider), **kw))
+
+
+@cli.command(short_help="Serve models over HTTP (Open Inference Protocol v2) and, with --grpc-port, gRPC.")
+@click.argument("models", nargs=-1, required=True, metavar="MODEL|RUN...", type=click.Path(path_type=Path))
+@click.option("--host", default=lambda: os.environ.get("EDGEXFER_HOST", "127.0.0.1"),
+              show_default="$EDGEXFER_HOST, else 127.0.0.1", help="Address to listen on.")
+@click.option("--port", type=Port(), default=lambda: os.environ.get("EDGEXFER_PORT", "8000"),
+              show_default="$EDGEXFER_PORT, else 8000", help="REST port, 0-65535 (0: any free port).")
+@click.option("--grpc-port", type=Port(), default=lambda: os.environ.get("EDGEXFER_GRPC_PORT") or None,
+              show_default="$EDGEXFER_GRPC_PORT, else no gRPC",
+              help="Also serve the protocol's gRPC API (inference.GRPCInferenceService) on this port, over the "
+                   "same models and batchers (uvicorn server; pip install 'edgexfer[serve]').")
+@click.option("--threads", type=POS, default=None, show_default="ONNX Runtime's choice",
+              help="ONNX Runtime intra-op threads per model instance.")
+@click.option("--server", type=click.Choice(["auto", "uvicorn", "stdlib"]), default="auto",
+              help="uvicorn: starlette + uvicorn with dynamic batching and the binary tensor extension "
+                   "(pip install 'edgexfer[serve]'); stdlib: the standard library's, no batching; auto: uvicorn "
+                   "when installed.")
+@click.option("--max-batch-size", type=POS, default=32, help="Dynamic batching: rows per batch (uvicorn server).")
+@click.option("--max-queue-delay-ms", type=float, default=2.0,
+              help="Dynamic batching: how long a batch waits for more rows (uvicorn server).")
+@click.option("--instances", type=POS, default=1,
+              help="Copies of each model computing batches side by side, each with --threads threads (uvicorn "
+                   "server; Triton's instance count).")
+@click.option("--timeout", type=float, default=30.0,
+              help="Seconds a request may wait for its answer before 504 (uvicorn server).")
+@click.option("--token", default=lambda: os.environ.get("EDGEXFER_TOKEN") or None, show_default="$EDGEXFER_TOKEN, else none",
+              help="Require 'Authorization: Bearer TOKEN' on every endpoint but /v2/health/* (and gRPC's "
+                   "ServerLive/ServerReady).")
+@click.option("--switch-interval-us", type=float, default=None, show_default="20",
+              help="The server process's GIL switch interval: how long an inference thread waits for the event "
+                   "loop after each batch (uvicorn server).")
+@click.option("--no-access-log", "no_access_log", is_flag=True,
+              help="No access-log line per request (logger edgexfer.access).")
+@image_limit_options
+@click.option("--max-inflight-mib", type=POS, default=128,
+              help="Request-body MiB the server holds at once, all requests together; past it 503 with Retry-After.")
+def serve(models, no_access_log, **kw):
+    """Serve run folders or ONNX files over the Open Inference Protocol v2: REST (JSON and binary tensors,
+    plus an image endpoint: POST /v2/models/NAME/classify), and gRPC with --grpc-port. Bound to 127.0.0.1
+    unless --host says otherwise; drains on SIGTERM."""
+    serve_cmd(_ns(models=list(models), access_log=not no_access_log, **kw))
+
+
+@cli.command(short_help="What to copy to a board: model, pinned requirements, runtime, example.")
+@click.argument("source", metavar="RUN|MODEL", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--force", is_flag=True, help="Replace OUT if it is an earlier bundle.")
+@click.option("--arch", type=click.Choice(["host", "arm64"]), default="host",
+              help="arm64: carry aarch64 wheels (Python 3.11, manylinux_2_28) so it installs with no network.")
+def bundle(source, out, force, arch):
+    """Write OUT: RUN's chosen model (its INT8 file when the accuracy guard passed) or MODEL, pinned
+    runtime requirements, the runtime itself and an example program."""
+    bundle_cmd(_ns(source=source, out=out, force=force, arch=arch))
+
+
+@cli.command(short_help="`edgexfer bench --json` results of several machines in one table and plot.")
+@click.argument("results", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--markdown", type=click.Path(path_type=Path), default=None, show_default="none",
+              help="Write the table as markdown.")
+@click.option("--json", "json_", type=click.Path(path_type=Path), default=None, show_default="none",
+              help="Write the merged document (schema edgexfer.compare/1).")
+@click.option("--plot", type=click.Path(path_type=Path), default=None, show_default="none",
+              help="Write a PNG plot (needs matplotlib).")
+def compare(results, markdown, json_, plot):
+    """Merge bench results (schema edgexfer.bench/1) from several machines, keyed by the machine info each
+    carries."""
+    compare_cmd(_ns(results=list(results), markdown=markdown, json=json_, plot=plot))
+
+
+@cli.command(short_help="Run a model under emulated arm64 and compare it with this host.")
+@click.argument("target", metavar="RUN|MODEL", type=click.Path(path_type=Path))
+@click.option("--arch", type=click.Choice(["arm64"]), required=True, help="The board's architecture.")
+@click.option("--samples", type=POS, default=200, help="Images to run (emulation is ~250x slower).")
+@click.option("--images", type=click.Path(path_type=Path), default=None, show_default="RUN's test split",
+              help="An ImageFolder tree (labelled) or a folder of images; needed for a MODEL file.")
+@click.option("--seed", type=int, default=0, help="Sample seed.")
+@click.option("--threads", type=POS, default=1, help="Intra-op threads on both sides.")
+@click.option("--min-agreement", type=float, default=0.995, help="Exit 1 below this top-1 agreement.")
+@click.option("--json", "json_", type=click.Path(path_type=Path), default=None, show_default="RUN/verify_arm64.json",
+              help="Where to write the result.")
+def verify(json_, **kw):
+    """Run the runtime install (aarch64 wheels) in an arm64 Debian root filesystem under qemu user-mode
+    emulation (needs root; cached in ~/.cache/edgexfer/arm64) on a sample of held-out images: top-1
+    agreement with this host, max abs difference of outputs, arm64-measured accuracy. Emulated timing is
+    not latency."""
+    held_out = None
+    if _find("torch"):
+        from edgexfer.heldout import test_split as held_out
+    verify_cmd(_ns(json=json_, **kw), held_out)
 
 
 def bundle_cmd(a) -> None:
@@ -192,12 +345,14 @@ def bundle_cmd(a) -> None:
 def bench_cmd(a, references) -> None:
     from edgexfer.runtime.bench import BenchConfig, plot, run_benchmark, to_markdown
 
-    sweep = () if a.sweep is None else (a.sweep or tuple(sorted({1, 2, 4, os.cpu_count() or 1} & set(range(1, (os.cpu_count() or 1) + 1)))))
+    cores = os.cpu_count() or 1
+    sweep = () if a.sweep is None else (a.sweep or tuple(sorted({1, 2, 4, cores} & set(range(1, cores + 1)))))
     cfg = BenchConfig(threads=a.threads, warmup=a.warmup, iters=a.iters, duration=a.duration, batches=a.batches,
                       sweep=sweep, cold_start=not a.no_cold_start, openvino=not a.no_reference,
                       references=not a.no_reference)
-    res = run_benchmark(a.models, cfg, references=references,
-                        log=lambda s: print(f"==> {s}", file=sys.stderr))
+    steps = 1 + bool(cfg.batches) + cfg.cold_start + bool(cfg.sweep)  # single stream, offline, cold start, sweep
+    with Progress("bench", of=steps).ticking() as progress:
+        res = run_benchmark(a.models, cfg, references=references, log=progress.log)
     _emit(a, res, to_markdown(res), plot)
 
 
@@ -269,13 +424,29 @@ def verify_cmd(a, held_out) -> None:
 
 
 def predict_cmd(a) -> None:
+    import csv
+
+    from edgexfer.runtime.dataplane import resolve_models
     from edgexfer.runtime.model import EdgeModel
 
     limits = _limits(a)
-    m = EdgeModel(a.model, threads=a.threads, providers=a.provider, max_image_pixels=limits.max_pixels,
+    path = next(iter(resolve_models([a.model]).values()))  # a run folder: its INT8 file if present, else FP32
+    m = EdgeModel(path, threads=a.threads, providers=a.provider or None, max_image_pixels=limits.max_pixels,
                   max_aspect_ratio=limits.max_aspect)
+    writer = None
+    if a.format == "csv":
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(["image", "task", "rank", "label", "index", "score"])
     for img in a.images:
-        print(json.dumps({"image": str(img), "predictions": m.predict(img, top_k=a.top_k)}))
+        pred = m.predict(img, top_k=a.top_k)
+        if writer is None:
+            print(json.dumps({"image": str(img), "predictions": pred}), flush=True)
+            continue
+        per_task = pred if isinstance(pred, dict) else {m.meta.tasks[0].name: pred}
+        for task, rows in per_task.items():
+            for rank, r in enumerate(rows, 1):
+                writer.writerow([str(img), task, rank, r["label"], r["index"], "" if r["score"] is None else r["score"]])
+        sys.stdout.flush()
 
 
 def serve_cmd(a) -> None:
@@ -337,27 +508,33 @@ def serve_cmd(a) -> None:
             raise RuntimeInputError(f"cannot listen on {a.host}:{a.port}: {e.strerror or e}") from None
 
 
-def main(argv: Sequence[str] | None = None, references=(), held_out=None) -> None:
-    """Run a runtime command; user mistakes print one line and exit 1. `held_out(run_dir)` gives a run
-    folder's test split (images, labels, classes, description) to `verify`."""
-    a = parser().parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
-        log.setLevel(logging.INFO)
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run a command; user mistakes print one line (`error: ...`) and exit 1 (usage mistakes 2)."""
+    from edgexfer.errors import EdgexferError
+
+    user = (FileNotFoundError, MetadataError, ImageError, RuntimeInputError, EdgexferError)
     try:
-        if a.command == "bench":
-            bench_cmd(a, references)
-        elif a.command == "predict":
-            predict_cmd(a)
-        elif a.command == "bundle":
-            bundle_cmd(a)
-        elif a.command == "compare":
-            compare_cmd(a)
-        elif a.command == "verify":
-            verify_cmd(a, held_out)
-        else:
-            serve_cmd(a)
-    except (FileNotFoundError, MetadataError, ImageError, RuntimeInputError) as e:
+        from edgexfer.exporters.errors import ExportError
+
+        user += (ExportError,)
+    except ImportError:
+        pass
+    args = sys.argv[1:] if argv is None else list(argv)
+    if not args:
+        args = ["--help"]
+    try:
+        cli.main(args=args, prog_name="edgexfer", standalone_mode=False)
+    except click.exceptions.Abort:
+        print("aborted", file=sys.stderr)
+        sys.exit(130)
+    except click.UsageError as e:
+        where = e.ctx.command_path if e.ctx else "edgexfer"
+        print(f"error: {e.format_message()} (see {where} --help)", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        print(f"error: {e.format_message()}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except user as e:
         print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:

@@ -24,7 +24,7 @@ def test_base_install_predicts_without_torch(tmp_path, tiny_run, image_folder):
     freeze = subprocess.run([str(py), "-m", "pip", "list", "--format=json"], check=True, capture_output=True,
                             text=True).stdout
     names = {p["name"].lower() for p in json.loads(freeze)}
-    assert "torch" not in names and "onnx" not in names and "click" not in names
+    assert "torch" not in names and "onnx" not in names  # click is in: the one command tree (pure Python)
     assert {"numpy", "onnxruntime", "pillow", "edgexfer"} <= names
     code = ("import sys, json; from edgexfer.runtime import EdgeModel; m = EdgeModel(sys.argv[1]); "
             "p = m.predict(sys.argv[2]); print(json.dumps({'top': p[0]['label'], 'torch': 'torch' in sys.modules}))")
@@ -45,3 +45,5 @@ def test_base_install_predicts_without_torch(tmp_path, tiny_run, image_folder):
     assert c.returncode == 0 and "[b.json]" in c.stdout and "model.int8.onnx" in c.stdout, c.stderr
     r = subprocess.run([exe, "run"], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 1 and "edgexfer[train]" in r.stderr and "Traceback" not in r.stderr
+    h = subprocess.run([exe, "--help"], capture_output=True, text=True, cwd=tmp_path)
+    assert h.returncode == 0 and "serve" in h.stdout and "[train]" in h.stdout and "quantize" in h.stdout, h.stderr

@@ -16,7 +16,7 @@ def test_bundle_contents(tiny_run, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "bundle.json", "edgexfer", "example.py", "labels.txt",
                                                     "model.int8.e2e.onnx", "model.int8.onnx", "requirements.txt"]
     reqs = (out / "requirements.txt").read_text().split()
-    assert [r.split("==")[0] for r in reqs] == ["numpy", "onnxruntime", "Pillow"] and all("==" in r for r in reqs)
+    assert [r.split("==")[0] for r in reqs] == ["numpy", "onnxruntime", "Pillow", "click"] and all("==" in r for r in reqs)
     again = run_cli("bundle", tiny_run, out)
     assert again.returncode == 1 and "exists" in again.stderr
     run_cli("bundle", tiny_run, out, "--force", check=True)
