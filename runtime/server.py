@@ -1,9 +1,11 @@
 """A small HTTP server over `EdgeModel`, speaking the Open Inference Protocol (KServe v2): JSON tensors
 and the binary tensor extension (`edgexfer.runtime.protocol`), one request at a time per thread, no
 batching. Standard library only, so it runs on the board with the runtime install; `oip.py` is the
-batching server for when starlette and uvicorn are installed. Endpoints:
+batching server for when uvicorn is installed. Both are adapters over `dataplane.DataPlane`, which
+decides routes, authorisation, validation, answers and error statuses; this module frames HTTP/1.1
+requests and answers. Endpoints (`/v2/models/{m}/versions/1/...` too):
 
-    GET  /v2/health/live   /v2/health/ready   /v2   /v2/models/{m}   /v2/models/{m}/ready
+    GET  /v2/health/live   /v2/health/ready   /v2   /v2/models/{m}   /v2/models/{m}/ready   /v2/openapi.json
     POST /v2/models/{m}/infer      {"inputs": [{"name", "shape", "datatype": "FP32", "data"}]}
     POST /v2/models/{m}/classify   raw image bytes or a multipart upload -> {"model", "predictions": [...]}
 
