@@ -199,7 +199,7 @@ def _ns(**kw) -> SimpleNamespace:
 @click.option("--iters", type=POS, default=200, help="Single-stream rounds.")
 @click.option("--duration", type=float, default=0.0, help="Single-stream seconds instead of --iters (0: use --iters).")
 @click.option("--batches", type=Ints(), default="1,8,32", help="Offline throughput batch sizes.")
-@click.option("--sweep", type=Ints(), default=None, is_flag=False, flag_value="0", show_default="no sweep",
+@click.option("--sweep", type=Ints(), default=None, is_flag=False, flag_value=(), show_default="no sweep",
               help="Thread sweep, e.g. --sweep 1,2,4 (bare --sweep: 1, 2, 4 and all cores).")
 @click.option("--no-cold-start", is_flag=True, help="Skip the fresh-process cold-start measurement.")
 @click.option("--no-reference", is_flag=True, help="Skip the PyTorch and OpenVINO references.")
@@ -219,8 +219,6 @@ def bench(models, sweep, json_, **kw):
         from edgexfer.pipeline import pytorch_reference
 
         references = [pytorch_reference]
-    if sweep is not None and 0 in sweep:
-        sweep = ()
     bench_cmd(_ns(models=list(models), sweep=sweep, json=json_, **kw), references)
 
 

@@ -105,3 +105,10 @@ def test_inspect_takes_a_run_folder(tiny_run):
     assert p.returncode == 0, p.stderr
     infos = json.loads(p.stdout)
     assert [i["file"] if "file" in i else i.get("path") for i in infos] and len(infos) >= 2
+
+
+@pytest.mark.parametrize("args, want", [([], None), (["--sweep"], ()), (["--sweep", "1,2"], (1, 2))])
+def test_bench_sweep_takes_an_optional_value(args, want):
+    root = click.Context(cli, info_name="edgexfer")
+    cmd = cli.get_command(root, "bench")
+    assert cmd.make_context("bench", ["m.onnx", *args], parent=root).params["sweep"] == want
