@@ -4,7 +4,9 @@ Two measured rankings, on a few hundred of the guard's images (`rank`):
 
 - "revert" (NNCF accuracy control's): for each weighted layer, the INT8 file with only that layer kept
   in FP32; its harm is how much of plain INT8's output error (the logits' normalized squared error
-  against FP32, summed over tasks) that removes. One quantization per layer, ranges reused.
+  against FP32, summed over tasks) that removes. Each such file is the plain QDQ graph with that
+  layer's inputs read before quantization and its FP32 weights put back (`revert_one`), not a new
+  quantization.
 - "qdq" (ONNX Runtime's `qdq_loss_debug`): the quantization noise each layer adds where it is, the
   noise-to-signal ratio of its quantized input activation plus that of its weights, from one run of
   the FP32 and plain INT8 files with every intermediate tensor as an output. Cheap, but blind to how
@@ -81,17 +83,108 @@ def _latency(paths: dict[str, Path], shape, threads: int | None, iters: int = 40
     return {k: v["p50"] for k, v in lat.items()}
 
 
+def _logits_of(model, x: np.ndarray, threads: int | None) -> list[np.ndarray]:
+    """`_logits` of an in-memory ModelProto."""
+    import onnxruntime as ort
+
+    from edgexfer.runtime.model import session_options
+
+    sess = ort.InferenceSession(model.SerializeToString(), sess_options=session_options(threads or 1),
+                                providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    outs = [sess.run(None, {name: x[i:i + 32]}) for i in range(0, len(x), 32)]
+    return [np.concatenate([o[t] for o in outs]).astype(np.float64) for t in range(len(outs[0]))]
+
+
+def revert_one(plain, floats: dict, node_name: str, fproducers: dict | None = None):
+    """A copy of the plain QDQ ModelProto with `node_name` computed in FP32: its activation input read
+    before its QuantizeLinear (with the Relu/Clip the quantizer folded into that range put back, from
+    `fproducers`: tensor -> node of the FP32 graph), its weight and bias from the FP32 initializers and
+    constants `floats` (name -> TensorProto of the pre-processed FP32 file). The same as quantizing with that node excluded, without the 2 s of
+    re-quantization per layer; None when the graph is not shaped as expected."""
+    import onnx
+    import onnx.helper
+
+    fproducers = fproducers or {}
+    m = onnx.ModelProto()
+    m.CopyFrom(plain)
+    g = m.graph
+    prod = {o: n for n in g.node for o in n.output}
+    node = next((n for n in g.node if n.name == node_name), None)
+    if node is None:
+        return None
+    for i, name in enumerate(list(node.input)):
+        dq = prod.get(name)
+        if dq is None or dq.op_type != "DequantizeLinear":
+            continue
+        src = prod.get(dq.input[0])
+        if src is not None and src.op_type == "QuantizeLinear":  # an activation: read it unquantized
+            act = src.input[0]
+            fnode, pnode = fproducers.get(act), prod.get(act)
+            if fnode is not None and fnode.op_type in ("Relu", "Clip") and (pnode is None or pnode.op_type != fnode.op_type):
+                # the quantizer folded this activation into the quantization range: apply it again
+                extra = []
+                for j, c in enumerate(fnode.input[1:], start=1):
+                    if not c:
+                        extra.append("")
+                        continue
+                    if c not in floats:
+                        return None
+                    t = onnx.TensorProto()
+                    t.CopyFrom(floats[c])
+                    t.name = f"{node_name}_kept_{fnode.op_type}_{j}"
+                    g.initializer.append(t)
+                    extra.append(t.name)
+                out = f"{act}_kept_fp32"
+                g.node.append(onnx.helper.make_node(fnode.op_type, [act, *extra], [out], name=f"{node_name}_kept_act"))
+                act = out
+            node.input[i] = act
+            continue
+        original = dq.input[0][:-len("_quantized")] if dq.input[0].endswith("_quantized") else None
+        if original is None or original not in floats:
+            return None
+        t = onnx.TensorProto()
+        t.CopyFrom(floats[original])
+        t.name = original + "_fp32_kept"
+        g.initializer.append(t)
+        node.input[i] = t.name
+    return m
+
+
+def float_graph(path: Path) -> tuple[dict, dict]:
+    """The FP32 file's initializers and Constant node values (name -> TensorProto), and its producers
+    (tensor -> node): what `revert_one` puts back."""
+    import onnx
+
+    g = onnx.load(str(path)).graph
+    floats = {t.name: t for t in g.initializer}
+    for n in g.node:
+        if n.op_type == "Constant":
+            v = next((a.t for a in n.attribute if a.name == "value"), None)
+            if v is not None:
+                floats[n.output[0]] = v
+    return floats, {o: n for n in g.node for o in n.output}
+
+
 def _revert_harm(cal, x, threads) -> dict[str, float]:
     import dataclasses
+
+    import onnx
 
     from edgexfer.exporters.quantize import quantize_int8
 
     ref = _logits(cal.model, x, threads)
     e0 = output_error(ref, _logits(cal.plain, x, threads))
+    plain = onnx.load(str(cal.plain))
+    floats, fproducers = float_graph(cal.model)
     harm = {}
     with tempfile.TemporaryDirectory(dir=cal.plain.parent, prefix=".revert-") as td:
         for i, n in enumerate(cal.nodes):
-            p = Path(td) / f"r{i}.onnx"
+            m = revert_one(plain, floats, n, fproducers)
+            if m is not None:
+                harm[n] = e0 - output_error(ref, _logits_of(m, x, threads))
+                continue
+            p = Path(td) / f"r{i}.onnx"  # not the expected QDQ shape: quantize with the layer excluded
             quantize_int8(cal.source, p, cal, dataclasses.replace(cal.recipe, nodes_to_exclude=(n,)))
             harm[n] = e0 - output_error(ref, _logits(p, x, threads))
             p.unlink()

@@ -118,3 +118,20 @@ def test_sensitivity_measures_every_layer(tiny_run, tmp_path, method):
     harms = [x["harm"] for x in r["layers"]]
     assert harms == sorted(harms, reverse=True) and max(harms) > 0
     assert r["report"]["latency_ms"]["fp32"] > 0
+
+
+def test_revert_one_is_the_layer_in_fp32(tiny_run, tmp_path):
+    """The revert ranking's files: the plain QDQ graph with one layer's inputs read unquantized (a folded
+    ReLU6 put back) and its FP32 weights; for the stem it is exactly the file quantized with the stem excluded,
+    and every layer of EfficientNet-Lite0 can be reverted this way."""
+    from edgexfer.exporters.sensitivity import _logits, _logits_of, float_graph, revert_one
+
+    fp32 = tiny_run / "model.onnx"
+    cal = calibrate(fp32, _calib(), RECIPE, tmp_path)
+    plain, (floats, producers) = onnx.load(str(cal.plain)), float_graph(cal.model)
+    assert all(revert_one(plain, floats, n, producers) is not None for n in cal.nodes)
+    x = _calib(4)
+    quantize_int8(fp32, tmp_path / "stem.onnx", cal, Int8Recipe(calibration_samples=8, nodes_to_exclude=(cal.nodes[0],)))
+    np.testing.assert_allclose(_logits_of(revert_one(plain, floats, cal.nodes[0], producers), x, 1)[0],
+                               _logits(tmp_path / "stem.onnx", x, 1)[0], atol=1e-5)
+    assert not np.allclose(_logits(cal.plain, x, 1)[0], _logits(tmp_path / "stem.onnx", x, 1)[0], atol=1e-5)
