@@ -35,6 +35,7 @@ import numpy as np
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI does (edgexfer/entry.py): no spinning on shared cores
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 OUT = ROOT / "benchmarks" / "results" / "transfer.json"
 SECTIONS = ("curve", "probe", "strategies", "rank", "adabn")
 IMAGE_SIZE = 96
@@ -266,6 +267,11 @@ def main() -> None:
 
             traceback.print_exc()
             continue
+        # each section records its own machine, commit and date: a later --only run must not stamp its
+        # machine on sections measured before (the top-level "machine" is the last invocation's)
+        from render_results import provenance
+
+        res[name]["provenance"] = {**provenance(), "torch": torch.__version__}
         res[name]["section_seconds"] = round(time.perf_counter() - t0, 1)
         res[name]["load_average_after"] = os.getloadavg()[0]
         atomic.write_json(OUT, res)
