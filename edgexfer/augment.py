@@ -95,7 +95,7 @@ class TrainAugment:
             ops.append("TrivialAugmentWide")
         tfs.append(T.ToDtype(torch.float32, scale=True))  # [0, 1]
         if colour and photo_augment == "jitter":
-            tfs.append(T.ColorJitter(**JITTER))  # on floats: ~10x faster than on uint8 (no round trip per op)
+            tfs.append(T.ColorJitter(**JITTER))  # on floats: no uint8 round trip per op (faster)
             ops.append("ColorJitter(" + ", ".join(f"{k}={v}" for k, v in JITTER.items()) + ")")
         why = (f"photos: the median training image's shorter side is {short} px (>= {SMALL_IMAGE_SIDE}); "
                f"decoded once at shorter side {side} px, cropped anew every epoch"

@@ -9,8 +9,8 @@ import sys
 
 def main(argv=None) -> None:
     # PyTorch's OpenMP threads spin between parallel regions by default; when the cores are shared (another
-    # job, a server, CI) that spinning made training 5-10x slower here (measured: 9.4 s vs 0.9 s per
-    # EfficientNet-Lite0 batch of 32 on 2 busy cores). Sleeping waits cost little on an idle machine.
+    # job, a server, CI) that spinning made training several times slower here (an observation, not kept by a
+    # benchmark script). Sleeping waits cost little on an idle machine.
     # Set before torch is imported; OMP_WAIT_POLICY=ACTIVE in the environment keeps spinning.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:

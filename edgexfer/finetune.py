@@ -76,9 +76,9 @@ class TrainConfig:
 
 
 # --strategy auto: labelled training images per class (median over classes) -> strategy. The bounds
-# come from benchmarks/bench_transfer.py (Fashion-MNIST, EfficientNet-Lite0, benchmarks/RESULTS.md): at 8
-# training images per class the probe and partial fine-tuning tie and full LP-FT is 2 points worse; at 16,
-# LP-FT is 4 points ahead of both.
+# come from benchmarks/bench_transfer.py (Fashion-MNIST, EfficientNet-Lite0; benchmarks/RESULTS.md,
+# "Strategies by labels per class"): at 8 training images per class the probe and partial fine-tuning tie
+# and full LP-FT is behind; from 16, LP-FT leads.
 AUTO_LINEAR_BELOW = 10
 AUTO_PARTIAL_BELOW = 16
 
@@ -466,8 +466,9 @@ def train(model: EdgeNet, data: Dataset, pp: Preprocessing, cfg: TrainConfig, wo
         if strategy == "linear" and len(n_cls) == 1 and (not len(x_va) or small_validation(y_va, n_cls[0])):
             # too few validation images to decide on: cross-validate the probe's strength, then refit on
             # train + val (every label counts). Not (yet) for LP-FT's starting probe: on flowers-dev that start
-            # gave FP32 +0.6 points but an INT8 file 4.6 points worse that the 30-image guard passed
-            # (benchmarks/results/photos_cv_lpft.json); the guard has to decide on agreement first.
+            # gave a slightly better FP32 file but a much worse INT8 one that the 30-image guard passed
+            # (benchmarks/RESULTS.md, "Real photos": results/photos_cv_lpft.json); the guard has to decide on
+            # agreement first.
             f_fit = torch.cat([f_tr, f_va])
             y_fit = torch.cat([_cols(y_tr)[:, 0], _cols(y_va)[:, 0]])
             both = Split(list(data.train.images) + list(data.val.images), np.concatenate([data.train.labels,

@@ -51,7 +51,7 @@ def _torch_export(model, dummy, path: Path, meta: ModelMeta, names: list[str], o
     import torch
 
     # The TorchScript exporter writes one self-contained file in under a second (the dynamo one
-    # splits weights into a .onnx.data file and took 17 s here).
+    # splits weights into a .onnx.data file and took far longer here).
     torch.onnx.export(
         model, (dummy,), str(path), dynamo=False, opset_version=opset, do_constant_folding=True,
         input_names=[meta.input.name], output_names=names,

@@ -310,7 +310,7 @@ def compare(results, markdown, json_, plot):
 @cli.command(short_help="Run a model under emulated arm64 and compare it with this host.")
 @click.argument("target", metavar="RUN|MODEL", type=click.Path(path_type=Path))
 @click.option("--arch", type=click.Choice(["arm64"]), required=True, help="The board's architecture.")
-@click.option("--samples", type=POS, default=200, help="Images to run (emulation is ~250x slower).")
+@click.option("--samples", type=POS, default=200, help="Images to run (emulation is far slower than the host).")
 @click.option("--images", type=click.Path(path_type=Path), default=None, show_default="RUN's test split",
               help="An ImageFolder tree (labelled) or a folder of images; needed for a MODEL file.")
 @click.option("--seed", type=int, default=0, help="Sample seed.")

@@ -243,8 +243,8 @@ class DataPlane:
 
     def decoder(self, workers: int | None = None) -> ThreadPoolExecutor:
         """A pool for image decoding: each decode may take the pixel limit in memory, and in a thread per
-        connection the memory freed stays with that thread's malloc arena (16 clients decoding 36 MB images at
-        once: 500 MB of peak RSS, against 70 MB in a small pool)."""
+        connection the memory freed stays with that thread's malloc arena (many clients decoding large images
+        at once then hold several times the peak RSS of a small pool)."""
         return ThreadPoolExecutor(workers or max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="edgexfer-decode")
 
     # -- errors, encoding, the access log ------------------------------------------------------------

@@ -6,7 +6,7 @@ user-mode emulation, with the aarch64 wheels of the runtime installed the way a 
 
 The root filesystem lives in ~/.cache/edgexfer/arm64/ (EDGEXFER_ARM64_CACHE moves it):
 
-    rootfs/                 debootstrap --arch=arm64 --variant=minbase bookworm (~300 MB, ~4.5 min once)
+    rootfs/                 debootstrap --arch=arm64 --variant=minbase bookworm (a few hundred MB, minutes, once)
     rootfs/opt/edgexfer/venv  python3 -m venv + pip install --no-index of the wheels below
     wheels/                 `pip download --only-binary=:all: --platform manylinux_2_28_aarch64
                             --python-version 311` of requirements-runtime.txt (the Docker image's pins)
@@ -15,7 +15,7 @@ Models run in a plain chroot with neither /proc nor /sys mounted: onnxruntime se
 when the emulated process saw both. Each job copies this very runtime package (the code being
 tested, not an installed copy) into the root filesystem, runs it, and removes it.
 
-Emulated timing means nothing (about 250x slower than the host): nothing here reports latency.
+Emulated timing means nothing (far slower than the host): nothing here reports latency.
 """
 from __future__ import annotations
 

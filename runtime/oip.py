@@ -289,8 +289,8 @@ def serve(models: dict[str, Path], host: str = "127.0.0.1", port: int = 8000, th
 
     # An inference thread needs the GIL for a moment after each batch (ONNX Runtime's outputs, the answers,
     # the next batch). While the event loop runs Python it waits out a whole switch interval for it, each
-    # time (Python's default: 5 ms). With a model computing 16 images in 4 ms that wait cost a third of its
-    # throughput at 1 ms; at 20 us the server keeps ~0.8 of the offline rate (benchmarks/RESULTS.md).
+    # time (Python's default: 5 ms). For a fast model that wait costs much of its throughput; the A/B of
+    # intervals is in benchmarks/RESULTS.md, "The GIL switch interval".
     sys.setswitchinterval((switch_interval_us or SWITCH_INTERVAL_US) / 1e6)
     app = create_app(models, threads=threads, batch=batch, token=token, access_log=access_log,
                      image_limits=image_limits, max_bytes_in_flight=max_bytes_in_flight)

@@ -8,7 +8,7 @@ Runs the runtime install (aarch64 wheels, the Docker image's pins) under qemu us
     accuracy             measured by the arm64 build (and by this host, beside it) when labels are known
 
 Both sides preprocess the same image files with the runtime's own code. The wall time of the check is
-reported as what it is; emulated timing is never reported as latency (emulation is ~250x slower).
+reported as what it is; emulated timing is never reported as latency (emulation is orders of magnitude slower).
 
     edgexfer verify --arch arm64 runs/demo --samples 200      # -> runs/demo/verify_arm64.json
     edgexfer verify --arch arm64 model.int8.onnx --images photos/   # ImageFolder (labelled) or plain folder
