@@ -303,25 +303,28 @@ def _legacy_scorers(accuracy=None, fp32_accuracy=1.0, also=None, at_least=None, 
     return out + ([Scorer("validation", evidence, "evidence")] if evidence else [])
 
 
+RANK_IMAGES = int(os.environ.get("EDGEXFER_RANK_IMAGES", "128"))
 PREFIX_STEPS = (0, 1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64, 96, 10**6)
 
 
 def guarded_quantize(fp32_path: str | Path, out_path: str | Path, calib: np.ndarray, recipe: Int8Recipe,
                      scorers: list[Scorer] | None = None, *, max_drop: float, steps: tuple[int, ...] = PREFIX_STEPS,
-                     rank_on: np.ndarray | None = None, ranking: str = "revert", threads: int | None = None,
-                     **legacy) -> dict:
+                     fallback: str = "ranked", rank_on: np.ndarray | None = None, ranking: str = "revert",
+                     threads: int | None = None, **legacy) -> dict:
     """Static INT8 under an accuracy bound: keep the fewest, cheapest weighted layers in FP32 until it holds.
 
     Pre-processing and calibration run once (`calibrate`); every candidate reuses the ranges. Each
     candidate is scored by `scorers` (see `Scorer`: one decides, others bound, reject on evidence, or
-    are recorded). Which layers a candidate keeps in FP32:
+    are recorded). Plain INT8 (every weighted layer quantized) is tried first; when it misses the bound:
 
-    - `rank_on` None: the first k weighted layers in graph order, k in `steps` (the old search: early
-      layers see raw pixels and are, in CNNs, often the most sensitive);
-    - `rank_on` images (a few hundred of the guard's set): layers ranked by their measured effect on the
-      output (`edgexfer.exporters.sensitivity`, `ranking` "revert" or "qdq"), each layer's latency cost in
-      FP32 estimated, and the candidates are the top-k of that ranking and of the ranking per millisecond,
-      tried cheapest first, so the first one within the bound keeps the most speed.
+    - `fallback` "ranked" (the default): the weighted layers are ranked by their measured effect on the
+      output (`edgexfer.exporters.sensitivity`, `ranking` "revert" or "qdq"), on `rank_on` images (default:
+      up to RANK_IMAGES of the calibration images: label-free, what the model will see), each layer's
+      latency cost in FP32 is estimated, and the candidates are the top k of that ranking, of the
+      ranking per millisecond and of graph order (the old search's), k in `steps`, tried cheapest
+      first: the first within the bound keeps the most (estimated) speed;
+    - `fallback` "prefix": the first k weighted layers in graph order, k in `steps` (the old search: early
+      layers see raw pixels and are, in CNNs, often the most sensitive).
 
     The first candidate within the bound is written to `out_path`; if none is, the most accurate one,
     with `within_bound` False. (`accuracy=`, `fp32_accuracy=`, `also=`, `at_least=`, `evidence=`,
@@ -333,16 +336,25 @@ def guarded_quantize(fp32_path: str | Path, out_path: str | Path, calib: np.ndar
     with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".guard-") as td:
         cal = calibrate(fp32_path, calib, recipe, td)
         nodes = cal.nodes
+        if fallback not in ("ranked", "prefix"):
+            raise ValueError(f"unknown fallback {fallback!r}; choose ranked or prefix")
         sens = None
-        if rank_on is not None and len(nodes):
-            from edgexfer.exporters.sensitivity import candidates as ranked_candidates, rank
+        queue = [{"fp32_layers": 0, "nodes": (), "order": "plain"}] if 0 in steps else []
+        if fallback == "prefix" or not len(nodes):
+            queue += [{"fp32_layers": k, "nodes": tuple(nodes[:k]), "order": "graph prefix"}
+                      for k in sorted({min(s, len(nodes)) for s in steps} - {0})]
+        i = 0
+        while True:
+            if i == len(queue) and sens is None and fallback == "ranked" and len(nodes):
+                from edgexfer.exporters.sensitivity import candidates as ranked_candidates, rank
 
-            sens = rank(cal, rank_on, method=ranking, threads=threads)
-            queue = ranked_candidates(sens, steps)
-        else:
-            queue = [{"fp32_layers": k, "nodes": tuple(nodes[:k]), "order": "graph prefix"}
-                     for k in sorted({min(s, len(nodes)) for s in steps})]
-        for i, c in enumerate(queue):
+                x = calib[:RANK_IMAGES] if rank_on is None else rank_on
+                sens = rank(cal, x, method=ranking, threads=threads)
+                sens["report"]["images_from"] = "calibration images" if rank_on is None else "given images"
+                queue += [c for c in ranked_candidates(sens, steps) if c["nodes"]]
+            if i == len(queue):
+                break
+            c = queue[i]
             cand = dataclasses.replace(recipe, nodes_to_exclude=tuple(c["nodes"]))
             path = Path(td) / f"c{i}.onnx"
             t0 = time.perf_counter()
@@ -356,6 +368,7 @@ def guarded_quantize(fp32_path: str | Path, out_path: str | Path, calib: np.ndar
             if row["within_bound"]:
                 best = (row, path, cand)
                 break
+            i += 1
         row, path, cand = best
         os.replace(path, out_path)
     at_least = {s.name: s.limit for s in scorers if s.role == "at_least"}
@@ -367,13 +380,13 @@ def guarded_quantize(fp32_path: str | Path, out_path: str | Path, calib: np.ndar
                          "seconds": cal.seconds, "reused_by_candidates": cal.ranges is not None,
                          "images": int(min(len(calib), recipe.calibration_samples))},
          **({"at_least": at_least} if at_least else {})}
+    g["fallback"] = ("sensitivity-ranked" if fallback == "ranked" else "graph prefix (first k weighted layers)")
     if sens is not None:
-        g["fallback"] = "sensitivity-ranked"
         g["sensitivity"] = sens["report"]
         if "est_speedup" in row:
             g["estimated_speedup"] = row["est_speedup"]
-    else:
-        g["fallback"] = "graph prefix (first k weighted layers)"
+    elif fallback == "ranked":
+        g["sensitivity"] = None  # plain INT8 met the bound: nothing to rank
     return {**read_meta(out_path).quantization, "guard": g}
 
 

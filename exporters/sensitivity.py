@@ -14,8 +14,9 @@ Two measured rankings, on a few hundred of the guard's images (`rank`):
 
 The cost of keeping a layer in FP32 is estimated from its multiply-accumulates: its share of the
 weighted layers' MACs times the measured latency INT8 saves over FP32 (plain INT8 against FP32, batch 1,
-interleaved). `candidates` turns a ranking into the guard's candidates: the top k of the harm ranking
-and of the harm per millisecond, cheapest first.
+interleaved); it leaves out the quantize/dequantize boundaries each kept layer adds, so it flatters
+scattered layers. `candidates` turns a ranking into the guard's candidates: the top k of the harm ranking,
+of the harm per millisecond and of graph order, cheapest first.
 """
 from __future__ import annotations
 
@@ -255,14 +256,17 @@ def rank(cal, x: np.ndarray, *, method: str = "revert", threads: int | None = No
 
 
 def candidates(sens: dict, steps) -> list[dict]:
-    """The guard's candidates from a ranking: the top k layers by harm and by harm per millisecond of
-    cost, k in `steps`, without repeats, cheapest (estimated) first."""
+    """The guard's candidates from a ranking: the top k layers by harm, by harm per millisecond of cost,
+    and (the old search, which still wins where the harmful layers are the first ones and keeping them
+    together costs fewer quantize/dequantize boundaries) the first k in graph order; k in `steps`, without
+    repeats, cheapest (estimated) first."""
     layers = sens["layers"]
     lat = sens["latency"]
     per_ms = sorted([r for r in layers if r["harm"] > 0], key=lambda r: -r["harm"] / max(r["cost_ms"], 1e-6))
     per_ms += [r for r in layers if r["harm"] <= 0]
+    prefix = sorted(layers, key=lambda r: r["graph_index"])
     seen, out = set(), []
-    for order, seq in (("ranked by harm", layers), ("ranked by harm per ms", per_ms)):
+    for order, seq in (("ranked by harm", layers), ("ranked by harm per ms", per_ms), ("graph prefix", prefix)):
         for k in sorted({min(s, len(seq)) for s in steps}):
             names = tuple(r["name"] for r in seq[:k])
             if frozenset(names) in seen:

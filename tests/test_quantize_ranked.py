@@ -51,7 +51,8 @@ def test_guard_calibrates_once_for_every_candidate(tiny_run, tmp_path, count_cal
     if not q._reuses_ranges():
         pytest.skip("this onnxruntime cannot reuse calibration ranges (no calibration_cache_path)")
     scorer = Scorer("agreement", lambda p: 1.0 if len(_kept(p)) >= 3 else 0.9, "decides")
-    rec = guarded_quantize(tiny_run / "model.onnx", tmp_path / "q.onnx", _calib(), RECIPE, [scorer], max_drop=0.01)
+    rec = guarded_quantize(tiny_run / "model.onnx", tmp_path / "q.onnx", _calib(), RECIPE, [scorer], max_drop=0.01,
+                           fallback="prefix")
     g = rec["guard"]
     assert [c["fp32_layers"] for c in g["candidates"]] == [0, 1, 2, 3] and g["within_bound"]
     assert len(count_calibrations) == 1 and g["calibration"]["calibrations"] == 1
@@ -78,7 +79,7 @@ def test_scorers_bound_reject_and_record(tiny_run, tmp_path):
                Scorer("target_agreement", lambda p: 0.95 if len(_kept(p)) >= 1 else 0.5, "at_least", limit=0.9),
                Scorer("host_accuracy", lambda p: seen.append(p) or 0.25)]
     g = guarded_quantize(tiny_run / "model.onnx", tmp_path / "q.onnx", _calib(), RECIPE, scorers,
-                         max_drop=0.01)["guard"]
+                         max_drop=0.01, fallback="prefix")["guard"]
     assert [c["within_bound"] for c in g["candidates"]] == [False, True]
     assert g["candidates"][0]["target_agreement"] == 0.5 and g["candidates"][1]["host_accuracy"] == 0.25
     assert g["at_least"] == {"target_agreement": 0.9} and len(seen) == 2
@@ -98,13 +99,25 @@ def test_ranked_fallback_keeps_the_harmful_layer_not_the_first(tiny_run, tmp_pat
     scorer = Scorer("agreement", lambda p: 1.0 if bad in _kept(p) else 0.9, "decides")
     g = guarded_quantize(fp32, tmp_path / "q.onnx", _calib(), RECIPE, [scorer], max_drop=0.01,
                          rank_on=_calib(4))["guard"]
+    assert g["sensitivity"]["images_from"] == "given images"
     assert g["within_bound"] and g["layers_kept_fp32"] == [bad] and g["chosen_fp32_layers"] == 1
     assert g["fallback"] == "sensitivity-ranked"
     s = g["sensitivity"]
     assert s["method"] == "revert" and s["ranking"][0]["name"] == bad and len(s["ranking"]) == len(nodes)
     assert all(r["cost_ms"] >= 0 and r["macs"] > 0 for r in s["ranking"])
-    costs = [c["est_cost_ms"] for c in g["candidates"]]
+    assert g["candidates"][0]["order"] == "plain" and g["candidates"][0]["fp32_layers"] == 0
+    costs = [c["est_cost_ms"] for c in g["candidates"][1:]]
     assert costs == sorted(costs) and "est_speedup" in g["candidates"][-1]
+
+
+def test_ranking_waits_until_plain_int8_misses(tiny_run, tmp_path, monkeypatch):
+    """Plain INT8 within the bound: nothing is ranked (the ranking costs a pass per layer)."""
+    from edgexfer.exporters import sensitivity
+
+    monkeypatch.setattr(sensitivity, "rank", lambda *a, **k: pytest.fail("ranked although plain INT8 passed"))
+    g = guarded_quantize(tiny_run / "model.onnx", tmp_path / "q.onnx", _calib(), RECIPE,
+                         [Scorer("agreement", lambda p: 1.0, "decides")], max_drop=0.01)["guard"]
+    assert len(g["candidates"]) == 1 and g["sensitivity"] is None and g["fallback"] == "sensitivity-ranked"
 
 
 @pytest.mark.parametrize("method", ["revert", "qdq"])
