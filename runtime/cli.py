@@ -135,11 +135,14 @@ class Tree(click.Group):
     its extra installed says which in one line."""
 
     def list_commands(self, ctx):
-        return [*COMMANDS, *TRAINING]
+        return [*COMMANDS, *(TRAINING if _find("edgexfer.cli") else ())]
 
     def get_command(self, ctx, name):
         if name not in TRAINING:
             return super().get_command(ctx, name)
+        if not _find("edgexfer.cli"):  # the runtime alone, as a bundle or the Docker image's emulated job ships it
+            raise RuntimeInputError(f"`edgexfer {name}` is a training command; this is the runtime alone (commands: "
+                                    f"{', '.join(COMMANDS)}): install the edgexfer package with 'edgexfer[train]'")
         from edgexfer import cli as training  # click and light modules only; the commands import the rest
 
         cmd = getattr(training, name)
@@ -508,15 +511,12 @@ def serve_cmd(a) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Run a command; user mistakes print one line (`error: ...`) and exit 1 (usage mistakes 2)."""
-    from edgexfer.errors import EdgexferError
-
-    user = (FileNotFoundError, MetadataError, ImageError, RuntimeInputError, EdgexferError)
-    try:
-        from edgexfer.exporters.errors import ExportError
-
-        user += (ExportError,)
-    except ImportError:
-        pass
+    user = (FileNotFoundError, MetadataError, ImageError, RuntimeInputError)
+    for module, name in (("edgexfer.errors", "EdgexferError"), ("edgexfer.exporters.errors", "ExportError")):
+        try:  # absent where the runtime ships alone (a bundle): its commands raise only the runtime's errors
+            user += (getattr(__import__(module, fromlist=[name]), name),)
+        except ImportError:
+            pass
     args = sys.argv[1:] if argv is None else list(argv)
     if not args:
         args = ["--help"]

@@ -43,6 +43,14 @@ def test_bundle_runs_in_fresh_venv(tiny_run, image_folder, tmp_path):
     p = subprocess.run([py, "example.py", "model.int8.onnx", "--watch", str(watch), "--max-seconds", "1"], cwd=out,
                        capture_output=True, text=True, check=True)
     assert json.loads(p.stdout.strip().splitlines()[0])["image"].endswith("a.png")
+    # the runtime's command line, as the board and the Docker image run it: the bundle holds edgexfer.runtime alone
+    cmd = [py, "-m", "edgexfer.runtime"]
+    p = subprocess.run([*cmd, "--help"], cwd=out, capture_output=True, text=True)
+    assert p.returncode == 0 and "serve" in p.stdout and "finetune" not in p.stdout, p.stderr
+    p = subprocess.run([*cmd, "predict", "model.int8.onnx", str(img)], cwd=out, capture_output=True, text=True)
+    assert p.returncode == 0 and json.loads(p.stdout.strip().splitlines()[-1])["predictions"], p.stderr
+    p = subprocess.run([*cmd, "finetune"], cwd=out, capture_output=True, text=True)
+    assert p.returncode != 0 and "Traceback" not in p.stderr and "runtime alone" in p.stderr, p.stderr
     # nothing but the runtime requirements was installed
     freeze = subprocess.run([py, "-m", "pip", "list", "--format=json"], capture_output=True, text=True, check=True)
     assert "torch" not in {d["name"].lower() for d in json.loads(freeze.stdout)}

@@ -114,8 +114,10 @@ def test_bundle_force_replaces_a_bundle(tmp_path):
     (out / "stale.txt").write_text("from the last bundle")
     run_cli("bundle", run, out, "--force", check=True)
     assert not (out / "stale.txt").exists() and (out / "model.int8.onnx").is_file()
-    # a bundle written before bundle.json existed is still recognised
-    (out / "bundle.json").unlink()
+    # a bundle written before bundle.json existed (it had no end-to-end file and no labels.txt either) is
+    # still recognised
+    for p in [out / "bundle.json", out / "labels.txt", *out.glob("*.e2e.onnx")]:
+        p.unlink(missing_ok=True)
     run_cli("bundle", run, out, "--force", check=True)
     assert (out / "bundle.json").is_file()
 
