@@ -1,16 +1,17 @@
 """report.json -> report.md and model_card.md, and the headline checks printed at the end of a run."""
 from __future__ import annotations
 
+from edgexfer.report_schema import Check, Recommendation
 from edgexfer.runtime import atomic, fmt
 
 
 TEST_DROP_CHECK = "INT8 accuracy drop vs FP32 (test split, reported: does not choose)"
 
 
-def checks(rep: dict, max_drop: float) -> list[dict]:
+def checks(rep: dict, max_drop: float) -> list[Check]:
     """The numbers a user relies on, each against its bound. Only the accuracy guard's row (validation
     side) decides what ships; rows on the test split are reported figures and say so in their names."""
-    out = []
+    out: list[Check] = []
     models = rep.get("models", {})
     fp, q = models.get("fp32", {}), models.get("int8", {})
     target = rep.get("quantize", {}).get("target", {})
@@ -66,7 +67,7 @@ def checks(rep: dict, max_drop: float) -> list[dict]:
     return out
 
 
-def recommend(rep: dict, max_drop: float) -> dict | None:
+def recommend(rep: dict, max_drop: float) -> Recommendation | None:
     """The file to ship on this host, chosen on validation-side evidence only: FP32, or INT8 when the
     accuracy guard passed it on this host (report.json quantize.guard: label-free INT8/FP32 top-1 agreement
     on train, validation and augmented images, validation accuracy beside it), whichever is faster at
@@ -93,10 +94,11 @@ def recommend(rep: dict, max_drop: float) -> dict | None:
         why = "fastest at batch 1 on this host (INT8 passed the accuracy guard but is not faster here)"
     else:
         why = "FP32" + (f": {int8_why}" if q else ": the run has no INT8 file")
-    out = {"model": best, "file": m["file"], "p50_ms": m["latency_ms"]["p50"], "size_bytes": m["size_bytes"],
-           "test_accuracy": m.get("accuracy"), "why": why,
-           "decided_on": "the accuracy guard (validation side) and batch-1 latency from the bench stage; "
-                         "the test split only reports"}
+    out: Recommendation = {
+        "model": best, "file": m["file"], "p50_ms": m["latency_ms"]["p50"], "size_bytes": m["size_bytes"],
+        "test_accuracy": m.get("accuracy"), "why": why,
+        "decided_on": "the accuracy guard (validation side) and batch-1 latency from the bench stage; "
+                      "the test split only reports"}
     if "latency_ms" in q:
         speedup = fp["latency_ms"]["p50"] / q["latency_ms"]["p50"]
         out["int8_speedup"] = speedup

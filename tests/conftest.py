@@ -64,3 +64,24 @@ def tiny_run(tmp_path_factory, image_folder) -> Path:
     runs = tmp_path_factory.mktemp("runs")
     run_cli("run", "--data", image_folder, "--runs", runs, "--name", "tiny", *TINY_RUN_ARGS, check=True)
     return runs / "tiny"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def every_report_matches_its_schema(tmp_path_factory):
+    """At the end of the session, every report.json an edgexfer command wrote under pytest's temporary folders
+    (schema edgexfer.report/2) validates against the shipped JSON Schema (issue 14 item 3). Reports that tests
+    wrote by hand as /1 or schema-less fixtures are not ours to check."""
+    yield
+    import json
+
+    from edgexfer.report_schema import SCHEMA_ID, errors
+
+    bad = []
+    for p in sorted(tmp_path_factory.getbasetemp().rglob("report.json")):
+        try:
+            rep = json.loads(p.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(rep, dict) and rep.get("schema") == SCHEMA_ID:
+            bad += [f"{p}: {e}" for e in errors(rep)[:3]]
+    assert not bad, "report.json files that do not match edgexfer/schemas/report.schema.json:\n" + "\n".join(bad)

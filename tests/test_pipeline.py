@@ -20,7 +20,10 @@ def test_run_folder_is_complete(tiny_run):
 
 def test_report_json(tiny_run):
     rep = json.loads((tiny_run / "report.json").read_text())
-    assert rep["schema"] == "edgexfer.report/1"
+    assert rep["schema"] == "edgexfer.report/2"
+    from edgexfer.report_schema import errors
+
+    assert errors(rep) == []  # the shipped JSON Schema (edgexfer/schemas/report.schema.json)
     assert rep["data"]["classes"] == sorted(CLASSES)
     assert rep["data"]["train"] + rep["data"]["val"] <= 20 * len(CLASSES)
     assert rep["backbone"]["name"] == "efficientnet_lite0" and rep["backbone"]["weights"] == "imagenet"

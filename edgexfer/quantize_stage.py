@@ -1,0 +1,244 @@
+"""The quantize stage: model.onnx -> model.int8.onnx under the accuracy guard, and the policy around it
+(which images calibrate, which score, the arm64 emulation, Intel Neural Compressor)."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from edgexfer.config import RunConfig
+from edgexfer.errors import RunFolderError
+from edgexfer.runfolder import FILES, RunFolder, Workspace
+
+log = logging.getLogger(__name__)
+
+
+def quantize(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | None = None) -> dict:
+    """model.onnx -> model.int8.onnx: static INT8 QDQ calibrated on training images, under the accuracy guard.
+
+    The guard keeps early layers in FP32 until INT8 gives FP32's top-1 on all but `max_accuracy_drop` of
+    an agreement set (every labelled image but the test split's, the --adapt-bn images, augmented views
+    up to ~1000 images: `edgexfer.guard`): an accuracy drop cannot exceed the disagreement rate. Labelled
+    validation accuracy is recorded beside it and rejects a candidate only on a significant drop.
+    """
+    from edgexfer.exporters.quantize import (convert_fp16, guarded_quantize, quantize_dynamic_int8, quantize_int8,
+                                             recipe_for)
+    from edgexfer.exporters import e2e as _e2e
+    from edgexfer.guard import agreement_set, describe, labelled_evidence, summarize
+
+    run = RunFolder(run_dir)
+    cfg = cfg or run.config()
+    ws = ws or Workspace(run, cfg)
+    t0 = time.perf_counter()
+    fp32 = run.require(FILES["fp32"], "export")
+    recipe, target = recipe_for(cfg.target, cfg.quantize)
+    emulated = _arm64_emulation(target)
+    if target.get("warning"):
+        log.warning("target %s: %s", target["target"], target["warning"])
+    calib, calibrated_on = calibration_set(cfg, ws, recipe.calibration_samples)
+    xv, yv = ws.tensors("val")
+    # with --adapt-bn the model is for the target domain, which has no labels: how often INT8 gives FP32's
+    # top-1 on its unlabelled images is checked (by the guard, then for the record)
+    agree = agreement_with(fp32, target_images(cfg, ws), cfg.bench.threads) if cfg.train.adapt_bn else None
+    if len(yv) and emulated:  # the target's own figure decides (a labelled sample: emulation is slow)
+        rec = _arm64_guard(cfg, fp32, run.file(FILES["int8"]), recipe, calib, xv, yv)
+    elif len(ws.dataset.train) + len(yv):
+        xg, info = agreement_set(ws, target_images(cfg, ws) if cfg.train.adapt_bn else None, seed=cfg.data.seed)
+        agreement = agreement_with(fp32, xg, cfg.bench.threads)  # FP32 scores 1.0 against its own top-1
+        fp32_val, evidence = labelled_evidence(fp32, xv, yv, cfg.bench.threads) if len(yv) else (None, None)
+        # INC tunes one accuracy only, so with a second bound it sits this out
+        at_least = ("target_agreement", agree, cfg.min_target_agreement) if agree else None
+        rec = (_inc_quantize(run, cfg, fp32, recipe, calib, xg, agreement, evidence)
+               if cfg.tuner != "builtin" and at_least is None else None)
+        if rec is None or not rec["guard"]["within_bound"]:
+            inc = rec["guard"].get("inc") if rec else None
+            rec = guarded_quantize(fp32, run.file(FILES["int8"]), calib, recipe, accuracy=agreement,
+                                   fp32_accuracy=1.0, max_drop=cfg.max_accuracy_drop, at_least=at_least,
+                                   evidence=evidence)
+            rec["guard"]["tuner"] = "built-in: early layers kept in FP32"
+            if inc:
+                rec["guard"]["inc"] = inc
+        g = rec["guard"]
+        g["guard_set"] = describe(info) + " (top-1 agreement with FP32)"
+        g["host_measures_faithfully"] = target["host_measures_faithfully"]
+        shipped = next((c for c in g["candidates"] if c.get("fp32_layers") == g["chosen_fp32_layers"]
+                        and "inc_trial" not in c), g.get("shipped", {}))
+        summarize(g, info, len(yv), fp32_val, {"agreement": g["shipped_accuracy"], **shipped})
+        log.info("accuracy guard (%s): %d of %d weighted layers kept in FP32; %s", g["tuner"], g["chosen_fp32_layers"],
+                 g["quantizable_layers"], g["confidence"])
+    else:
+        log.warning("no labelled images: quantizing without the accuracy guard")
+        rec = quantize_int8(fp32, run.file(FILES["int8"]), calib, recipe)
+    rec["calibrated_on"] = calibrated_on
+    if agree:
+        rec["target_agreement"] = target_agreement(cfg, agree, len(target_images(cfg, ws)), run.file(FILES["int8"]))
+    rec["target"] = target
+    rec["e2e"] = _e2e.write_beside(run.file(FILES["int8"]))  # model.int8.e2e.onnx: preprocessing in the graph
+    out = {"quantize": rec}
+    if "fp16" in cfg.extra_formats:
+        out["quantize_fp16"] = convert_fp16(fp32, run.file(FILES["fp16"]))
+    if "int8_dynamic" in cfg.extra_formats:
+        out["quantize_dynamic"] = quantize_dynamic_int8(fp32, run.file(FILES["int8_dynamic"]))
+    run.update_report(**out)
+    run.mark_done("quantize", time.perf_counter() - t0)
+    return rec
+
+
+def _arm64_emulation(target: dict) -> bool:
+    """For --target arm64 on a host that cannot measure it faithfully: is the emulated arm64 runtime there?"""
+    if target["target"] != "arm64" or target["host_measures_faithfully"]:
+        return False
+    from edgexfer.exporters.quantize import arm64_emulation_available
+
+    ok, why = arm64_emulation_available()
+    target["arm64_emulation"] = why
+    if ok:
+        target["warning"] = None
+        target["measured_on"] = "arm64 (emulated): the accuracy guard scores candidates with the aarch64 runtime"
+    return ok
+
+
+TARGET_IMAGES = 500  # of the --adapt-bn folder, for the agreement check
+
+
+def target_images(cfg: RunConfig, ws: Workspace, limit: int = TARGET_IMAGES) -> np.ndarray:
+    """Up to `limit` of the run's --adapt-bn images in a seeded random order, preprocessed (once per run)."""
+    from edgexfer.data import list_images
+    from edgexfer.runtime.preprocess import preprocess
+
+    have, every = ws.__dict__.get("_target_images", (None, False))
+    if have is None or (len(have) < limit and not every):
+        files = list_images(cfg.train.adapt_bn)
+        order = np.random.default_rng(cfg.data.seed).permutation(len(files))[:max(limit, TARGET_IMAGES)]
+        have = np.stack([preprocess(files[i], ws.preprocessing) for i in order])
+        ws.__dict__["_target_images"] = (have, len(order) == len(files))
+    return have[:limit]
+
+
+def calibration_set(cfg: RunConfig, ws: Workspace, limit: int) -> tuple[np.ndarray, str]:
+    """The images that set the INT8 activation ranges, and what they were. They should be what the model
+    will see: after --adapt-bn that is the target domain (its unlabelled images, whose BatchNorm statistics
+    the model now carries), else the training images. The accuracy guard still scores on validation."""
+    folder = cfg.train.adapt_bn
+    if cfg.calibration == "adapt-bn" or (cfg.calibration == "auto" and folder):
+        if not folder:
+            raise RunFolderError("--calibration-data adapt-bn: this run was made without --adapt-bn DIR")
+        x = target_images(cfg, ws, limit)
+        return x, f"{len(x)} unlabelled target-domain images from {folder} (--adapt-bn)"
+    calib, _ = ws.tensors("train", limit=limit)
+    return calib, f"{len(calib)} train images"
+
+
+def agreement_with(reference: Path, x: np.ndarray, threads: int | None = None) -> Callable[[Path], float]:
+    """A scorer: how often a candidate file gives `reference`'s top-1 on `x` (averaged over tasks)."""
+    from edgexfer.evaluate import onnx_logits
+
+    ref = [lg.argmax(1) for lg in onnx_logits(reference, x, threads=threads)]
+
+    def agree(path) -> float:
+        return float(np.mean([np.mean(lg.argmax(1) == r) for lg, r in zip(onnx_logits(path, x, threads=threads), ref)]))
+
+    agree.top1 = ref  # the reference's own top-1 per task (INC's labels), computed once
+    return agree
+
+
+def target_agreement(cfg: RunConfig, agree: Callable[[Path], float], images: int, int8: Path) -> dict:
+    """How often INT8 and FP32 give the same top-1 on the unlabelled target-domain images (`agree`): a
+    label-free check of quantization where the model will run. The accuracy guard scores on the source
+    domain's validation split, and an adapted model can lose far more to INT8 on the target domain."""
+    out = {"images": images, "top1_agreement": agree(int8), "warn_below": cfg.min_target_agreement}
+    if out["top1_agreement"] < cfg.min_target_agreement:
+        log.warning("INT8 gives FP32's top-1 on only %.1f%% of %d target-domain images (%s): check INT8 on "
+                    "labelled target images, or ship FP32 there", 100 * out["top1_agreement"], images,
+                    cfg.train.adapt_bn)
+    return out
+
+
+def _arm64_guard(cfg, fp32: Path, out: Path, recipe, calib, xv, yv) -> dict:
+    """The accuracy guard on arm64's own figure: each candidate scored by the aarch64 onnxruntime under
+    qemu on a seeded sample of the validation split (emulation is ~250x slower), with this host's
+    accuracy on the same sample recorded beside it. INC is not used: it tunes on this host's accuracy."""
+    from edgexfer.evaluate import mean_task_accuracy, onnx_logits
+    from edgexfer.exporters.quantize import ARM64_GUARD_SAMPLES, emulated_logits, guarded_quantize
+    from edgexfer.runtime.verify import sample
+
+    idx = sample(len(yv), ARM64_GUARD_SAMPLES, seed=cfg.data.seed)
+    xs, ys = xv[idx], yv[idx]
+    arm64_logits = emulated_logits(xs)
+
+    def arm64_accuracy(path) -> float:
+        return mean_task_accuracy(arm64_logits(path), ys)
+
+    def host_accuracy(path) -> float:
+        return mean_task_accuracy(onnx_logits(path, xs, threads=cfg.bench.threads), ys)
+
+    fp32_acc = arm64_accuracy(fp32)
+    rec = guarded_quantize(fp32, out, calib, recipe, accuracy=arm64_accuracy, fp32_accuracy=fp32_acc,
+                           max_drop=cfg.max_accuracy_drop, also={"host_accuracy": host_accuracy},
+                           measured_on="arm64 (emulated)")
+    g = rec["guard"]
+    g["tuner"] = "built-in: early layers kept in FP32, scored on arm64 (INC tunes on this host's accuracy)"
+    g["guard_set"] = f"{len(ys)} validation images (seeded sample), scored by the arm64 runtime under qemu"
+    g["fp32_host_accuracy"] = host_accuracy(fp32)
+    g["shipped_host_accuracy"] = next(c["host_accuracy"] for c in g["candidates"]
+                                      if c["fp32_layers"] == g["chosen_fp32_layers"])
+    g["host_measures_faithfully"] = False
+    log.info("accuracy guard on arm64 (emulated, %d validation images): %d of %d weighted layers kept in FP32; "
+             "arm64 accuracy %.4f (this host %.4f) vs FP32 %.4f (bound %.3f)", len(ys), g["chosen_fp32_layers"],
+             g["quantizable_layers"], g["shipped_accuracy"], g["shipped_host_accuracy"], fp32_acc, g["max_accuracy_drop"])
+    return rec
+
+
+def _inc_quantize(run, cfg, fp32, recipe, calib, xg, agreement, evidence) -> dict | None:
+    """Intel Neural Compressor's accuracy-driven tuning (isolated interpreter) on the agreement set `xg`,
+    with FP32's own top-1 as the labels (FP32 scores 1.0); the pick is re-measured here with ONNX Runtime
+    (`agreement`, `evidence`) and judged by `guard_decision`. None when INC is not available."""
+    import tempfile
+
+    from edgexfer.exporters.inc import inc_python, inc_tune
+    from edgexfer.exporters.quantize import finish_tuned, guard_decision, quantizable_nodes
+
+    from edgexfer.exporters.metadata_io import read_meta
+
+    if len(read_meta(fp32).tasks) > 1:
+        log.info("accuracy guard: several tasks; using the built-in search (INC tunes one task's accuracy)")
+        return None
+    if inc_python() is None:
+        if cfg.tuner == "inc":
+            log.warning("--tuner inc: onnx-neural-compressor is not available (make inc); using the built-in search")
+        return None
+    log.info("accuracy guard: tuning with Intel Neural Compressor on %d images", len(xg))
+    yg = agreement.top1[0]
+    with tempfile.TemporaryDirectory(dir=run.path, prefix=".inc-") as td:
+        tuned = Path(td) / "tuned.onnx"
+        res = inc_tune(fp32, tuned, calib, xg, yg, input_name="input", recipe=recipe, fp32_accuracy=1.0,
+                       max_drop=cfg.max_accuracy_drop)
+        guard = {"tuner": "Intel Neural Compressor (onnx-neural-compressor autotune)", "inc": res,
+                 "fp32_accuracy": 1.0, "max_accuracy_drop": cfg.max_accuracy_drop, "within_bound": False,
+                 "candidates": [{"inc_trial": i, "guard_accuracy": a, "drop": 1.0 - a,
+                                 "within_bound": 1.0 - a <= cfg.max_accuracy_drop + 1e-9}
+                                for i, a in enumerate(res.get("trial_accuracies", [])[1:])]}
+        if not res["tuned"]:
+            log.info("INC: %s", res.get("reason"))
+            return {"guard": guard}
+        final = Path(td) / "final.onnx"
+        finish_tuned(tuned, fp32, final, recipe, res)
+        acc = agreement(final)  # what counts: ONNX Runtime, here, on the file that ships
+        shipped = {"agreement": acc, **(evidence(final) if evidence else {})}
+        ok, why = guard_decision(1.0 - acc, cfg.max_accuracy_drop, shipped.get("val_drop"), shipped.get("val_drop_se"))
+        nodes = quantizable_nodes(fp32)
+        from edgexfer.exporters.inspect_model import inspect
+
+        info = inspect(final)
+        guard.update(shipped_accuracy=acc, within_bound=ok, decision=why, shipped=shipped,
+                     quantizable_layers=len(nodes), chosen_fp32_layers=info["weighted_ops"]["float"],
+                     layers_kept_fp32=info["weighted_ops"]["float_names"])
+        if guard["within_bound"]:
+            os.replace(final, run.file(FILES["int8"]))
+        else:
+            log.info("INC's pick, re-measured here: %s", why)
+        return {**(read_meta(run.file(FILES["int8"])).quantization if guard["within_bound"] else {}), "guard": guard}
