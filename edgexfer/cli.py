@@ -320,14 +320,21 @@ def finetune(out, **kw):
               help="Which file of the run folder goes into the repository.")
 @click.option("--max-batch-size", type=click.IntRange(min=1), default=32, show_default=True,
               help="The Triton repository entry's max_batch_size.")
-def export(run_dir, atol, triton_repo, triton_model, max_batch_size):
+@click.option("--force", is_flag=True, help="Export again even when model.onnx is current (this removes the "
+              "files quantize derived from the old one).")
+def export(run_dir, atol, triton_repo, triton_model, max_batch_size, force):
     """RUN_DIR/checkpoint.pt -> RUN_DIR/model.onnx (opset 17, dynamic batch), validated against PyTorch,
-    cleaned up with onnxslim when that is smaller or faster, metadata inside."""
+    cleaned up with onnxslim when that is smaller or faster, metadata inside. A model.onnx already exported
+    from this checkpoint.pt is kept (and the INT8 file derived from it with it) unless --force or --atol."""
     from edgexfer import pipeline
 
-    v = pipeline.export(run_dir, atol=atol)
-    click.echo(f"{run_dir}/model.onnx: max abs diff {v['max_abs_diff']:.2e} (atol {v['atol']:g}), "
-               f"top-1 agreement {v['top1_agreement']:.4f}")
+    run = pipeline.RunFolder(run_dir)
+    if not force and atol is None and run.why_stale("export", run.config()) is None:
+        click.echo(f"{run_dir}/model.onnx is current (exported from this checkpoint.pt); --force exports again")
+    else:
+        v = pipeline.export(run_dir, atol=atol)
+        click.echo(f"{run_dir}/model.onnx: max abs diff {v['max_abs_diff']:.2e} (atol {v['atol']:g}), "
+                   f"top-1 agreement {v['top1_agreement']:.4f}")
     if triton_repo:
         from edgexfer.exporters.triton import write_triton_repo
 

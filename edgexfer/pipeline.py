@@ -49,6 +49,7 @@ def finetune(run_dir: str | Path, cfg: RunConfig, ws: Workspace | None = None) -
     torch.manual_seed(cfg.train.seed)  # the head's initialisation, too, follows the seed
     model = build_model(mcfg)
     run.path.mkdir(parents=True, exist_ok=True)
+    run.begin("finetune")  # a new model: what was derived from the old one goes
     run.write_config(cfg)
     atomic.write_json(run.file("report.json"), {"schema": REPORT_SCHEMA, "stages": {}})  # a new model: start over
     result = train(model, ds, ws.preprocessing, cfg.train, run.path, weights=cfg.model.weights)
@@ -85,7 +86,7 @@ def finetune(run_dir: str | Path, cfg: RunConfig, ws: Workspace | None = None) -
         run.update_report(adaptation=adaptation)
     if cfg.train.scratch_baseline:
         run.update_report(transfer=scratch_baseline(run, cfg, ws, model, mcfg))
-    run.mark_done("finetune", time.perf_counter() - t0)
+    run.mark_done("finetune", time.perf_counter() - t0, cfg)
     _learning_curve_plot(run, result.history)
     return asdict(result)
 
@@ -260,6 +261,7 @@ def export(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | No
     split = "val" if len(ws.dataset.val) else "train"
     sample, _ = ws.tensors(split, limit=64)
     meta = build_meta(mcfg, atomic.sha256_file(run.checkpoint))
+    run.begin("export")
     if atol is None:
         from edgexfer.backbones import get_backbone_info
 
@@ -268,7 +270,7 @@ def export(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | No
     val["validated_on"] = f"{len(sample)} {split} images"
     val["e2e"] = write_beside(run.file(FILES["fp32"]))  # model.e2e.onnx: preprocessing in the graph
     run.update_report(export=val)
-    run.mark_done("export", time.perf_counter() - t0)
+    run.mark_done("export", time.perf_counter() - t0, cfg)
     return val
 
 
@@ -288,16 +290,17 @@ def evaluate(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | 
     cfg = cfg or run.config()
     ws = ws or Workspace(run, cfg)
     t0 = time.perf_counter()
-    x, y = ws.tensors("test")
-    classes = ws.dataset.classes
     files = {k: run.file(f) for k, f in FILES.items() if run.file(f).is_file()}
     if not files:
         raise RunFolderError(f"no ONNX file in {run.path}; run `edgexfer export {run.path}` first")
+    x, y = ws.tensors("test")
+    classes = ws.dataset.classes
+    temps = {t: r["temperature"] for t, r in (run.report().get("calibration") or {}).get("tasks", {}).items()}
+    run.begin("evaluate")
     models: dict[str, dict] = {}
     preds = {}
     tasks = ws.dataset.tasks
     logits = {}
-    temps = {t: r["temperature"] for t, r in (run.report().get("calibration") or {}).get("tasks", {}).items()}
     source = content_sha256(files["fp32"]) if "fp32" in files else None
     for key, path in files.items():
         m = evaluate_file(path, x, y, classes, threads=cfg.bench.threads, tasks=tasks)
@@ -338,7 +341,7 @@ def evaluate(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | 
 
         out["calibration"] = {"tasks": summary_on_test_split(logits, y, temps)}
     run.update_report(**out)
-    run.mark_done("evaluate", time.perf_counter() - t0)
+    run.mark_done("evaluate", time.perf_counter() - t0, cfg)
     _confusion_plot(run, models, classes)
     return out
 
@@ -354,6 +357,7 @@ def bench(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | Non
     files = {k: run.file(f) for k, f in FILES.items() if run.file(f).is_file()}
     if not files:
         raise RunFolderError(f"no ONNX file in {run.path}; run `edgexfer export {run.path}` first")
+    run.begin("bench")
     res = run_benchmark(list(files.values()),
                         RuntimeBench(threads=b.threads, warmup=b.warmup, iters=b.iters, batches=(1, b.batch),
                                      cold_start=False, openvino=False),
@@ -371,7 +375,7 @@ def bench(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | Non
     if "pytorch_eager" in rows:
         out["reference"] = {"pytorch_eager": entry(rows["pytorch_eager"])}
     run.update_report(**out)
-    run.mark_done("bench", time.perf_counter() - t0)
+    run.mark_done("bench", time.perf_counter() - t0, cfg)
     return out
 
 
@@ -424,20 +428,27 @@ def run(run_dir: str | Path, cfg: RunConfig, *, force: bool = False,
         raise RunFolderError(f"{run.path} holds a run made with another configuration; "
                              "pass --force to replace it, or choose another --name")
     ws = Workspace(run, cfg)
-    if force or not all(run.done(stage) for stage in STAGES):
+    if force or not run.path.is_dir() or any(run.why_stale(stage, cfg) for stage in STAGES):
         ws.dataset  # noqa: B018  load (and check) the data first: a data error writes nothing, removes nothing
     if force and run.path.exists():
         shutil.rmtree(run.path)
     run.path.mkdir(parents=True, exist_ok=True)
     run.remove_temporaries()  # what a killed run left: resume starts clean
     run.write_config(cfg)
+    again = None  # the first stage that runs: every later one runs after it
     for stage in STAGES:
-        if run.done(stage):
+        why = run.why_stale(stage, cfg) if again is None else f"{again} ran"
+        if why is None:
             if on_stage:
                 on_stage(stage, "done already (resumed)")
             continue
-        if on_stage:
+        if run.done(stage):
+            log.warning("%s runs again: %s", stage, why)
+            if on_stage:
+                on_stage(stage, f"runs again: {why}")
+        elif on_stage:
             on_stage(stage, "start")
+        again = again or stage
         STAGE_FUNCS[stage](run.path, cfg, ws)
         if on_stage:
             on_stage(stage, "end")

@@ -39,6 +39,7 @@ def quantize(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | 
     emulated = _arm64_emulation(target)
     if target.get("warning"):
         log.warning("target %s: %s", target["target"], target["warning"])
+    run.begin("quantize")
     calib, calibrated_on = calibration_set(cfg, ws, recipe.calibration_samples)
     xv, yv = ws.tensors("val")
     # with --adapt-bn the model is for the target domain, which has no labels: how often INT8 gives FP32's
@@ -84,7 +85,7 @@ def quantize(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | 
     if "int8_dynamic" in cfg.extra_formats:
         out["quantize_dynamic"] = quantize_dynamic_int8(fp32, run.file(FILES["int8_dynamic"]))
     run.update_report(**out)
-    run.mark_done("quantize", time.perf_counter() - t0)
+    run.mark_done("quantize", time.perf_counter() - t0, cfg)
     return rec
 
 

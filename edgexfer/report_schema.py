@@ -35,6 +35,8 @@ class Stage(TypedDict, total=False):
     done: bool
     seconds: float
     at: str
+    settings: dict[str, str]  # sha256 of each config.json entry the stage read (runfolder.STAGE_SETTINGS)
+    inputs: dict[str, str]    # sha256 of each file it read (an ONNX file's content less its metrics)
 
 
 class Latency(TypedDict, total=False):

@@ -25,6 +25,23 @@ STAGES = ("finetune", "export", "quantize", "evaluate", "bench")
 FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.onnx",
          "int8_dynamic": "model.int8-dynamic.onnx"}
 
+# Stage provenance. A stage is done only if the settings it was run with (these config.json entries) and the
+# files it read (their hashes) still match; running a stage again clears what it and every later stage
+# recorded (their report.json sections) and removes the later stages' files, which were derived from the old.
+STAGE_SETTINGS = {"finetune": ("data", "model", "train"), "export": (),
+                  "quantize": ("quantize", "max_accuracy_drop", "target", "tuner", "extra_formats", "calibration",
+                               "min_target_agreement"),
+                  "evaluate": ("max_accuracy_drop",), "bench": ("bench",)}
+STAGE_INPUTS = {"finetune": (), "export": ("checkpoint.pt",), "quantize": (FILES["fp32"],),
+                "evaluate": tuple(FILES.values()), "bench": tuple(FILES.values())}  # model files: those present
+STAGE_SECTIONS = {"finetune": (), "export": ("export",), "quantize": ("quantize", "quantize_fp16", "quantize_dynamic"),
+                  "evaluate": ("models", "quantization_impact"),
+                  "bench": ("machine", "bench", "reference", "checks", "recommendation")}
+# files a stage writes; `begin` removes those of later stages (and the optional ones of its own)
+STAGE_FILES = {"export": (FILES["fp32"], "model.e2e.onnx"),
+               "quantize": (FILES["int8"], "model.int8.e2e.onnx", FILES["fp16"], FILES["int8_dynamic"])}
+OPTIONAL_OWN = {"quantize": (FILES["fp16"], FILES["int8_dynamic"])}  # written only when asked for again
+
 
 class RunFolder:
     # what a killed process can leave inside a run folder: atomic writes' `.NAME.XXXX.tmp` files, and the
@@ -110,6 +127,9 @@ class RunFolder:
                 rep[k] = _deep_merge(rep[k], v)
             else:
                 rep[k] = v
+        return self._write_report(rep)
+
+    def _write_report(self, rep: dict) -> dict:
         rep["schema"] = REPORT_SCHEMA
         rep["edgexfer_version"] = __version__
         rep["updated"] = _now()
@@ -119,11 +139,76 @@ class RunFolder:
         atomic.write_json(self.file("report.json"), rep)
         return rep
 
-    def mark_done(self, stage: str, seconds: float) -> None:
-        self.update_report(stages={stage: {"done": True, "seconds": round(seconds, 2), "at": _now()}})
+    def mark_done(self, stage: str, seconds: float, cfg: RunConfig | None = None) -> None:
+        """Record `stage` as finished; with `cfg`, also the settings it ran with and the files it read."""
+        rec = {"done": True, "seconds": round(seconds, 2), "at": _now(), **(self.provenance(stage, cfg) if cfg else {})}
+        rep = self.report()
+        rep.setdefault("stages", {})[stage] = rec  # replaced, not merged: no input of an older run lingers
+        self._write_report(rep)
 
     def done(self, stage: str) -> bool:
         return bool(self.report().get("stages", {}).get(stage, {}).get("done"))
+
+    def provenance(self, stage: str, cfg: RunConfig) -> dict:
+        """What `stage` depends on: a hash of each config.json entry it reads, and of each input file present
+        (an ONNX file's content less its metrics, which evaluate writes into it; other files' bytes)."""
+        d = cfg.training_key() if stage == "finetune" else cfg.to_dict()
+        settings = {k: _sha(json.dumps(d.get(k), sort_keys=True, default=str).encode()) for k in STAGE_SETTINGS[stage]}
+        inputs = {}
+        for name in STAGE_INPUTS[stage]:
+            p = self.file(name)
+            if p.is_file():
+                if name.endswith(".onnx"):
+                    from edgexfer.exporters.metadata_io import content_sha256
+
+                    inputs[name] = content_sha256(p)
+                else:
+                    inputs[name] = atomic.sha256_file(p)
+        return {"settings": settings, "inputs": inputs}
+
+    def why_stale(self, stage: str, cfg: RunConfig) -> str | None:
+        """None when `stage` is done with these settings on these files; else why it must run (again)."""
+        rec = self.report().get("stages", {}).get(stage, {})
+        if not rec.get("done"):
+            return "not done"
+        if stage == "finetune":  # `run` refuses a run folder made with another training configuration
+            return None
+        if "settings" not in rec or "inputs" not in rec:
+            return "recorded before edgexfer tracked each stage's settings and input files"
+        now = self.provenance(stage, cfg)
+        changed = [k for k in STAGE_SETTINGS[stage] if rec["settings"].get(k) != now["settings"][k]]
+        if changed:
+            return "its settings changed since (" + ", ".join(changed) + ")"
+        files = sorted(set(rec["inputs"]) | set(now["inputs"]))
+        changed = [f for f in files if rec["inputs"].get(f) != now["inputs"].get(f)]
+        if changed:
+            return "its input files changed since (" + ", ".join(changed) + ")"
+        return None
+
+    def begin(self, stage: str) -> None:
+        """A stage starts writing: what it and the later stages recorded no longer holds. Their records and
+        report sections go, and the files of the later stages (derived from what this stage replaces), so
+        no file in the folder is described by settings it was not built with."""
+        later = STAGES[STAGES.index(stage):]
+        rep = self.report()
+        before = json.dumps(rep, sort_keys=True)
+        for s in later:
+            rep.get("stages", {}).pop(s, None)
+            for section in STAGE_SECTIONS[s]:
+                rep.pop(section, None)
+        if json.dumps(rep, sort_keys=True) != before and self.file("report.json").is_file():
+            self._write_report(rep)
+        for s in later[1:]:
+            for name in STAGE_FILES.get(s, ()):
+                self._remove(name, f"derived by {s} from what {stage} now replaces")
+        for name in OPTIONAL_OWN.get(stage, ()):
+            self._remove(name, f"{stage} writes it again only when asked to")
+
+    def _remove(self, name: str, why: str) -> None:
+        p = self.file(name)
+        if p.is_file() and not p.is_symlink():
+            p.unlink()
+            log.info("removed %s: %s", p, why)
 
     def require(self, name: str, stage: str) -> Path:
         p = self.file(name)
@@ -137,6 +222,12 @@ def _deep_merge(a: dict, b: dict) -> dict:
     for k, v in b.items():
         out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+def _sha(b: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(b).hexdigest()
 
 
 def _now() -> str:
