@@ -7,7 +7,15 @@
 2. On runs/demo (make demo): plain INT8 (every layer quantized) against the guarded file, both scored on
    the held-out test split — the layers the guard kept in FP32 and what they bought.
 
-    .venv/bin/python benchmarks/bench_quantize.py     # -> benchmarks/results/quantize.json
+3. Issue 17 (`--ranked`): at 224 on Fashion-MNIST and on ../shared/data/flowers-dev (EfficientNet-Lite0,
+   linear probe; run folders runs/h17-fmnist-224 and runs/h17-flowers-224, trained when missing), from
+   one FP32 file each: plain INT8, the guard's old graph-prefix fallback, the sensitivity-ranked fallback
+   (ranking "revert" and "qdq"), and OpenVINO INT8 quantized by NNCF (the peer). Guard scores on a small
+   agreement set (EDGEXFER_BENCH_GUARD_IMAGES, default 300) to fit ~15 minutes on 2 shared cores; test
+   accuracy on a subset (report only); batch-1 latency at 2 threads, interleaved.
+
+    .venv/bin/python benchmarks/bench_quantize.py            # -> benchmarks/results/quantize.json
+    .venv/bin/python benchmarks/bench_quantize.py --ranked   # -> benchmarks/results/quantize_ranked.json
 """
 from __future__ import annotations
 
@@ -104,7 +112,146 @@ def guard_only() -> int:
     return 0
 
 
+RANKED_RUNS = {"fashion-mnist": ("h17-fmnist-224", []),
+               "flowers-dev": ("h17-flowers-224", ["--data", str(ROOT.parent / "shared" / "data" / "flowers-dev")])}
+
+
+def _ensure_run(name: str, data_args: list[str]) -> Path:
+    run = ROOT / "runs" / name
+    if not (run / "model.onnx").is_file():
+        for stage in (["finetune", "--out", str(run), *data_args, "--backbone", "efficientnet_lite0",
+                       "--image-size", "224", "--strategy", "linear"], ["export", str(run)]):
+            subprocess.run([sys.executable, "-m", "edgexfer", *stage], cwd=ROOT, check=True)
+    return run
+
+
+def _nncf_int8(fp32: Path, calib, out_dir: Path):
+    """OpenVINO INT8 by NNCF post-training quantization of the same FP32 ONNX file (its default: mixed
+    preset, per-channel weights), saved as OpenVINO IR; None with the reason when not installed."""
+    try:
+        import nncf
+        import openvino as ov
+    except ImportError as e:
+        return None, f"not installed: {e}"
+    import time
+
+    t0 = time.perf_counter()
+    model = ov.Core().read_model(str(fp32))
+    q = nncf.quantize(model, nncf.Dataset([calib[i:i + 1] for i in range(len(calib))]), subset_size=len(calib))
+    path = out_dir / "nncf_int8.xml"
+    ov.save_model(q, str(path))
+    return path, {"seconds": time.perf_counter() - t0, "nncf": nncf.__version__, "openvino": ov.__version__,
+                  "calibration_images": int(len(calib))}
+
+
+def _ov_logits(path: Path, x, threads: int):
+    import numpy as np
+    import openvino as ov
+
+    c = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"})
+    req = c.create_infer_request()
+    return [np.concatenate([req.infer({0: x[i:i + 1]})[c.output(0)] for i in range(len(x))])]
+
+
+def ranked_case(dataset: str, guard_images: int, test_images: int, iters: int) -> dict:
+    import dataclasses
+    import time
+
+    import numpy as np
+
+    from edgexfer.evaluate import mean_task_accuracy, onnx_logits
+    from edgexfer.exporters.quantize import Scorer, guarded_quantize, recipe_for
+    from edgexfer.guard import agreement_set, describe
+    from edgexfer.pipeline import RunFolder, Workspace, agreement_with
+    from edgexfer.runtime.bench import interleaved, onnx_candidate, openvino_candidate
+
+    run = _ensure_run(*RANKED_RUNS[dataset])
+    rf = RunFolder(run)
+    cfg = rf.config()
+    ws = Workspace(rf, cfg)
+    fp32 = run / "model.onnx"
+    recipe, target = recipe_for("host", cfg.quantize)
+    recipe = dataclasses.replace(recipe, calibration_samples=100)
+    calib, _ = ws.tensors("train", limit=recipe.calibration_samples)
+    xg, info = agreement_set(ws, seed=cfg.data.seed, min_images=guard_images,
+                             max_bytes=guard_images * 4 * 3 * 224 * 224)
+    xt, yt = ws.tensors("test")
+    idx = np.random.default_rng(0).permutation(len(yt))[:test_images]
+    xt, yt = xt[idx], yt[idx]
+    agree = agreement_with(fp32, xg, 2)
+    rank_on = xg[np.random.default_rng(1).permutation(len(xg))[:128]]
+    res = {"dataset": dataset, "run": f"runs/{run.name}", "target": target, "guard_set": describe(info),
+           "test_images": int(len(yt)), "max_accuracy_drop": cfg.max_accuracy_drop, "files": {}}
+    with tempfile.TemporaryDirectory(dir=run) as td:
+        td = Path(td)
+        files = {"fp32": fp32}
+        for name, kw in {"plain_int8": dict(steps=(0,), rank_on=None),
+                         "prefix_fallback": dict(rank_on=None),
+                         "ranked_revert": dict(rank_on=rank_on, ranking="revert"),
+                         "ranked_qdq": dict(rank_on=rank_on[:8], ranking="qdq")}.items():
+            t0 = time.perf_counter()
+            rec = guarded_quantize(fp32, td / f"{name}.onnx", calib, recipe,
+                                   [Scorer("agreement", agree, "decides")], max_drop=cfg.max_accuracy_drop,
+                                   threads=2, **kw)
+            g = rec["guard"]
+            files[name] = td / f"{name}.onnx"
+            res["files"][name] = {"guard_seconds": time.perf_counter() - t0, "within_bound": g["within_bound"],
+                                  "fp32_layers": g["chosen_fp32_layers"], "layers_kept_fp32": g["layers_kept_fp32"],
+                                  "agreement": g["shipped_accuracy"], "candidates": len(g["candidates"]),
+                                  "calibrations": g["calibration"]["calibrations"],
+                                  **({"sensitivity": {k: v for k, v in g["sensitivity"].items() if k != "ranking"},
+                                      "top10": [{k: r[k] for k in ("name", "harm", "cost_ms")}
+                                                for r in g["sensitivity"]["ranking"][:10]],
+                                      "estimated_speedup": g.get("estimated_speedup")}
+                                     if "sensitivity" in g else {})}
+        for name, path in files.items():
+            lg = onnx_logits(path, xt, threads=2)
+            res["files"].setdefault(name, {})["test_accuracy"] = mean_task_accuracy(lg, yt)
+        ov_path, ov_info = _nncf_int8(fp32, calib, td)
+        res["files"]["openvino_nncf_int8"] = {"quantize": ov_info}
+        if ov_path is not None:
+            res["files"]["openvino_nncf_int8"]["test_accuracy"] = mean_task_accuracy(_ov_logits(ov_path, xt, 2), yt)
+            ref = [lg.argmax(1) for lg in onnx_logits(fp32, xg, threads=2)]
+            res["files"]["openvino_nncf_int8"]["agreement"] = float(np.mean(_ov_logits(ov_path, xg, 2)[0].argmax(1) == ref[0]))
+        cands = [onnx_candidate(n, p, 2) for n, p in files.items()]
+        if ov_path is not None:
+            cands += [c for c in (openvino_candidate("openvino_fp32", fp32, 2),
+                                  openvino_candidate("openvino_nncf_int8", ov_path, 2)) if c is not None]
+        x1 = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+        lat = interleaved(cands, x1, warmup=10, iters=iters)
+    base = lat["fp32"]["p50"]
+    for n, v in lat.items():
+        res["files"].setdefault(n, {}).update(p50_ms=v["p50"], p90_ms=v["p90"], speedup_vs_ort_fp32=base / v["p50"])
+    return res
+
+
+def ranked(guard_images: int | None = None) -> int:
+    import os
+    import time
+
+    guard_images = guard_images or int(os.environ.get("EDGEXFER_BENCH_GUARD_IMAGES", "300"))
+    t0 = time.perf_counter()
+    load = os.getloadavg()
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from render_results import provenance
+
+    res = {"command": "python benchmarks/bench_quantize.py --ranked", **provenance(),
+           "contended": {"load_average_at_start": load, "cpus": os.cpu_count(),
+                         "note": "2 cores shared with other work: ratios within one interleaved run are what to trust"},
+           "cases": [ranked_case(d, guard_images, 400, 150) for d in RANKED_RUNS]}
+    res["seconds"] = time.perf_counter() - t0
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "quantize_ranked.json").write_text(json.dumps(res, indent=2) + "\n")
+    for c in res["cases"]:
+        print(c["dataset"], json.dumps({n: {k: v for k, v in f.items() if k in ("fp32_layers", "agreement", "test_accuracy",
+                                                                                  "speedup_vs_ort_fp32", "guard_seconds")}
+                                        for n, f in c["files"].items()}, indent=1))
+    return 0
+
+
 if __name__ == "__main__":
+    if "--ranked" in sys.argv:
+        sys.exit(ranked())
     if "--guard-only" in sys.argv:
         sys.exit(guard_only())
     sys.exit(main())
