@@ -58,11 +58,10 @@ def load(shots: int):
 
 
 def tensors(ds, backbone="efficientnet_lite0"):
+    from edgexfer.backbones import preprocessing_for
     from edgexfer.finetune import tensorize
-    from edgexfer.model import model_config, preprocessing_of
 
-    pp = preprocessing_of(model_config(backbone=backbone, weights="imagenet", image_size=IMAGE_SIZE,
-                                       tasks=ds.tasks))
+    pp = preprocessing_for(backbone, IMAGE_SIZE)
     return pp, tensorize(ds.test, pp, "preprocess test")
 
 

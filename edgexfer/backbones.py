@@ -60,6 +60,16 @@ def get_backbone_info(name: str) -> BackboneInfo:
                             "or timm/<model name> when timm is installed") from None
 
 
+def preprocessing_for(name: str, image_size: int):
+    """The input transform a backbone was pretrained with, at `image_size` (resize and centre crop, its
+    interpolation, RGB, its mean and std): what a model built on it expects (runtime.preprocess)."""
+    from edgexfer.runtime.metadata import Preprocessing
+
+    info = get_backbone_info(name)
+    return Preprocessing(resize=image_size, crop=image_size, interpolation=info.interpolation, color="RGB",
+                         mean=info.mean, std=info.std)
+
+
 def parameter_count(name: str) -> int:
     """Parameters of the feature extractor, its blocks only (an unused ImageNet classifier does not count)."""
     bb = build_backbone(name, weights="none")

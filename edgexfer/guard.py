@@ -22,6 +22,8 @@ from typing import Callable
 
 import numpy as np
 
+from edgexfer.bounds import within
+
 GUARD_IMAGES = int(os.environ.get("EDGEXFER_GUARD_IMAGES", "1000"))
 GUARD_MAX_BYTES = int(float(os.environ.get("EDGEXFER_GUARD_MAX_MB", "768")) * 2**20)
 CROP_AREA = (0.35, 1.0)
@@ -145,8 +147,8 @@ def summarize(g: dict, info: dict, val_images: int, fp32_val_accuracy: float | N
     md = g["max_accuracy_drop"]
     s = (f"INT8 gives FP32's top-1 on {1 - rate:.1%} of {n} images, so it loses at most {rate:.1%} of accuracy on "
          f"images like these (at most {upper:.1%} with 95% confidence")
-    s += ", within the bound)" if upper <= md + 1e-9 else (
-        f"; the {md:.1%} bound holds on the measured rate, not with 95% confidence)" if rate <= md + 1e-9 else ")")
+    s += ", within the bound)" if within(upper, md) else (
+        f"; the {md:.1%} bound holds on the measured rate, not with 95% confidence)" if within(rate, md) else ")")
     if v:
         s += (f"; on {val_images} labelled validation images it scores {v['int8_accuracy']:.1%} vs FP32 "
               f"{v['fp32_accuracy']:.1%} (drop {100 * v['drop']:+.1f} ± {100 * v['drop_se']:.1f} points).")

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from edgexfer.backbones import build_backbone, get_backbone_info
+from edgexfer.backbones import build_backbone, get_backbone_info, preprocessing_for
 from edgexfer.errors import RunFolderError
 from edgexfer.runtime import atomic
 from edgexfer.runtime.metadata import Preprocessing
@@ -40,8 +40,7 @@ class EdgeNet(nn.Module):
 def model_config(*, backbone: str, weights: str, image_size: int, tasks: dict[str, list[str]],
                  dropout: float = 0.2) -> dict[str, Any]:
     info = get_backbone_info(backbone)
-    pp = Preprocessing(resize=image_size, crop=image_size, interpolation=info.interpolation,
-                       color="RGB", mean=info.mean, std=info.std)
+    pp = preprocessing_for(backbone, image_size)
     return {
         "backbone": backbone,
         "weights": weights,

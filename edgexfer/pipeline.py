@@ -16,7 +16,8 @@ from typing import Callable
 
 import numpy as np
 
-from edgexfer import __version__
+from edgexfer import __version__, plots
+from edgexfer.bounds import within
 from edgexfer.config import BenchConfig, DataConfig, ModelConfig, RunConfig  # noqa: F401  (importable from here)
 from edgexfer.errors import EdgexferError, RunFolderError
 from edgexfer.quantize_stage import (TARGET_IMAGES, _arm64_emulation, _arm64_guard, _inc_quantize,  # noqa: F401
@@ -87,7 +88,7 @@ def finetune(run_dir: str | Path, cfg: RunConfig, ws: Workspace | None = None) -
     if cfg.train.scratch_baseline:
         run.update_report(transfer=scratch_baseline(run, cfg, ws, model, mcfg))
     run.mark_done("finetune", time.perf_counter() - t0, cfg)
-    _learning_curve_plot(run, result.history)
+    plots.learning_curve(run.file("learning_curve.png"), result.history)
     return asdict(result)
 
 
@@ -330,7 +331,7 @@ def evaluate(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | 
         drop = models["fp32"]["accuracy"] - models["int8"]["accuracy"]
         out["quantization_impact"] = {
             "accuracy_drop": drop,
-            "within_bound": drop <= cfg.max_accuracy_drop + 1e-9,
+            "within_bound": within(drop, cfg.max_accuracy_drop),
             "max_accuracy_drop": cfg.max_accuracy_drop,
             "top1_agreement_int8_vs_fp32": float(np.mean(preds["fp32"] == preds["int8"])),
             "size_ratio": models["int8"]["size_bytes"] / models["fp32"]["size_bytes"],
@@ -342,7 +343,7 @@ def evaluate(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | 
         out["calibration"] = {"tasks": summary_on_test_split(logits, y, temps)}
     run.update_report(**out)
     run.mark_done("evaluate", time.perf_counter() - t0, cfg)
-    _confusion_plot(run, models, classes)
+    plots.confusion_matrix(run.file("confusion_matrix.png"), models, classes)
     return out
 
 
@@ -453,58 +454,3 @@ def run(run_dir: str | Path, cfg: RunConfig, *, force: bool = False,
         if on_stage:
             on_stage(stage, "end")
     return finalize(run, cfg)
-
-
-def _plot(path: Path, draw: Callable) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    fig = draw(plt)
-    with atomic.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-
-
-def _learning_curve_plot(run: RunFolder, history: list[dict]) -> None:
-    pts = [(h["epoch"], h["val_accuracy"]) for h in history if h["val_accuracy"] is not None]
-    if not pts:
-        return
-
-    def draw(plt):
-        fig, ax = plt.subplots(figsize=(5, 3.2))
-        ax.plot(*zip(*pts), marker="o")
-        ax.set_xlabel("epoch (0 = linear probe)")
-        ax.set_ylabel("validation accuracy")
-        ax.set_title("learning curve")
-        ax.grid(alpha=0.3)
-        return fig
-
-    _plot(run.file("learning_curve.png"), draw)
-
-
-def _confusion_plot(run: RunFolder, models: dict, classes: list[str]) -> None:
-    key = "int8" if "int8" in models else next(iter(models))
-    cm = np.asarray(models[key]["confusion_matrix"])
-
-    def draw(plt):
-        fig, ax = plt.subplots(figsize=(6.5, 5.5))
-        im = ax.imshow(cm, cmap="Blues")
-        ax.set_xticks(range(len(classes)), classes, rotation=60, ha="right", fontsize=8)
-        ax.set_yticks(range(len(classes)), classes, fontsize=8)
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("true")
-        ax.set_title(f"confusion matrix ({models[key]['file']}, test split)")
-        for i in range(cm.shape[0]):
-            for j in range(cm.shape[1]):
-                ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
-                        color="white" if cm[i, j] > cm.max() / 2 else "black")
-        fig.colorbar(im, ax=ax)
-        return fig
-
-    _plot(run.file("confusion_matrix.png"), draw)
-
-

@@ -10,6 +10,7 @@ from typing import Callable
 
 import numpy as np
 
+from edgexfer.bounds import within
 from edgexfer.config import RunConfig
 from edgexfer.errors import RunFolderError
 from edgexfer.runfolder import FILES, RunFolder, Workspace
@@ -221,7 +222,7 @@ def _inc_quantize(run, cfg, fp32, recipe, calib, xg, agreement, evidence) -> dic
         guard = {"tuner": "Intel Neural Compressor (onnx-neural-compressor autotune)", "inc": res,
                  "fp32_accuracy": 1.0, "max_accuracy_drop": cfg.max_accuracy_drop, "within_bound": False,
                  "candidates": [{"inc_trial": i, "guard_accuracy": a, "drop": 1.0 - a,
-                                 "within_bound": 1.0 - a <= cfg.max_accuracy_drop + 1e-9}
+                                 "within_bound": within(1.0 - a, cfg.max_accuracy_drop)}
                                 for i, a in enumerate(res.get("trial_accuracies", [])[1:])]}
         if not res["tuned"]:
             log.info("INC: %s", res.get("reason"))

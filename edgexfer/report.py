@@ -1,6 +1,7 @@
 """report.json -> report.md and model_card.md, and the headline checks printed at the end of a run."""
 from __future__ import annotations
 
+from edgexfer.bounds import within
 from edgexfer.report_schema import Check, Recommendation
 from edgexfer.runtime import atomic, fmt
 
@@ -26,7 +27,7 @@ def checks(rep: dict, max_drop: float) -> list[Check]:
         drop = fp["accuracy"] - q["accuracy"]
         if target.get("host_measures_faithfully", True):
             out.append({"name": TEST_DROP_CHECK, "value": round(drop, 4), "kind": "accuracy_delta",
-                        "bound": f"<= {max_drop}", "ok": drop <= max_drop + 1e-9})
+                        "bound": f"<= {max_drop}", "ok": within(drop, max_drop)})
         else:
             out.append({"name": TEST_DROP_CHECK, "value": f"{fmt.accuracy_delta(drop)} on this host, not the target's",
                         "bound": f"<= {max_drop} on a {target.get('target')} device", "ok": None,
@@ -204,7 +205,7 @@ def report_md(rep: dict) -> str:
                               "(drop ± s.e.) | within bound |", "|---|---|---|---|---|"]
             lines += [f"| INC trial {i + 1} | {fmt.accuracy(a)} | {fmt.accuracy_delta(g['fp32_accuracy'] - a)} | "
                       + ("(INC's own run) | " if g.get("decides_on") else "")
-                      + f"{g['fp32_accuracy'] - a <= g['max_accuracy_drop'] + 1e-9} |"
+                      + f"{within(g['fp32_accuracy'] - a, g['max_accuracy_drop'])} |"
                       for i, a in enumerate(inc.get("trial_accuracies", [])[1:])]
             if g.get("measured_on", "this host") != "this host":  # arm64 columns: the target's figure and this host's
                 lines[-2:] = [f"| candidate | accuracy on {g['measured_on']} (decides) | accuracy on this host | "

@@ -250,11 +250,9 @@ class Workspace:
 
     @cached_property
     def preprocessing(self):
-        from edgexfer.model import model_config, preprocessing_of
+        from edgexfer.backbones import preprocessing_for
 
-        m = self.cfg.model
-        return preprocessing_of(model_config(backbone=m.backbone, weights=m.weights, image_size=m.image_size,
-                                             tasks={"label": ["_"]}))
+        return preprocessing_for(self.cfg.model.backbone, self.cfg.model.image_size)
 
     def tensors(self, split: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         key = f"_t_{split}"

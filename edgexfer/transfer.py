@@ -85,8 +85,7 @@ def rank(data, candidates: list[str], *, image_size: int = 96, seed: int = 0, ba
     task), with the time each took. Sorted best first."""
     import torch
 
-    from edgexfer.backbones import build_backbone, get_backbone_info
-    from edgexfer.model import model_config, preprocessing_of
+    from edgexfer.backbones import build_backbone, get_backbone_info, preprocessing_for
     from edgexfer.runtime.preprocess import preprocess
 
     images = list(data.train.images) + list(data.val.images)
@@ -98,8 +97,7 @@ def rank(data, candidates: list[str], *, image_size: int = 96, seed: int = 0, ba
         t0 = time.perf_counter()
         torch.manual_seed(seed)
         net = build_backbone(name, weights=weights, image_size=image_size).eval()
-        pp = preprocessing_of(model_config(backbone=name, weights=weights, image_size=image_size,
-                                           tasks={"label": ["_"]}))
+        pp = preprocessing_for(name, image_size)
         x = torch.from_numpy(np.stack([preprocess(im, pp) for im in images]))
         t1 = time.perf_counter()
         with torch.inference_mode():
@@ -189,8 +187,7 @@ def select_backbone(data, candidates: list[str], image_sizes: dict[str, int], *,
     is often within noise, which the report says."""
     import torch
 
-    from edgexfer.backbones import build_backbone
-    from edgexfer.model import model_config, preprocessing_of
+    from edgexfer.backbones import build_backbone, preprocessing_for
     from edgexfer.runtime.preprocess import preprocess
 
     t_all = time.perf_counter()
@@ -204,7 +201,7 @@ def select_backbone(data, candidates: list[str], image_sizes: dict[str, int], *,
         t0 = time.perf_counter()
         torch.manual_seed(seed)
         net = build_backbone(name, weights=weights, image_size=size).eval()
-        pp = preprocessing_of(model_config(backbone=name, weights=weights, image_size=size, tasks={"label": ["_"]}))
+        pp = preprocessing_for(name, size)
         x = torch.from_numpy(np.stack([preprocess(im, pp) for im, k in zip(images, keep) if k]))
         with torch.inference_mode():
             feats = torch.cat([net(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]).numpy()
@@ -292,9 +289,9 @@ def curve(cfg, shots: list[int], out_dir: str | Path, *, scratch: bool = True, o
     """Test accuracy against labels per class, pretrained (the configured strategy) vs the same network
     from random init with the same budget. One data set, one test split, nested label subsets; each
     finished point is saved, so a killed curve resumes."""
+    from edgexfer.backbones import preprocessing_for
     from edgexfer.data import load_dataset, split_labelled
     from edgexfer.finetune import tensorize
-    from edgexfer.model import model_config, preprocessing_of
 
     shots = sorted(set(int(k) for k in shots))
     out = Path(out_dir)
@@ -311,8 +308,7 @@ def curve(cfg, shots: list[int], out_dir: str | Path, *, scratch: bool = True, o
                       test_fraction=d.test_fraction, seed=d.seed, strict=d.strict)
     pool = _concat(ds.train, ds.val)
     have = np.bincount(pool.labels, minlength=len(ds.classes))
-    pp = preprocessing_of(model_config(backbone=m.backbone, weights=m.weights, image_size=m.image_size,
-                                       tasks=ds.tasks))
+    pp = preprocessing_for(m.backbone, m.image_size)
     xt, yt = tensorize(ds.test, pp, "preprocess test")
     yt = yt if yt.ndim == 1 else yt[:, 0]
     subsets = _nested_subsets(pool.labels, shots, d.seed)
@@ -408,28 +404,25 @@ def curve_markdown(res: dict) -> str:
 
 
 def _curve_plot(res: dict, path: Path) -> None:
-    try:
-        import matplotlib
+    from edgexfer.runtime.plotting import save_plot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
     pts = list(res["points"].values())
     ks = [p["labels_per_class"] for p in pts]
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    ax.plot(ks, [p["pretrained"]["test_accuracy"] for p in pts], marker="o",
-            label=f"pretrained ({res['weights']})")
-    if all("scratch" in p for p in pts):
-        ax.plot(ks, [p["scratch"]["test_accuracy"] for p in pts], marker="s", label="from scratch")
-    ax.axhline(1 / max(1, res["classes"]), color="grey", lw=0.8, ls=":", label="chance")
-    ax.set_xscale("log")
-    ax.set_xticks(ks, [str(k) for k in ks])
-    ax.set_xlabel("labelled images per class")
-    ax.set_ylabel("test accuracy")
-    ax.set_title(f"{res['backbone']}: accuracy vs labels")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    with atomic.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+
+    def draw(plt):
+        fig, ax = plt.subplots(figsize=(5.5, 3.6))
+        ax.plot(ks, [p["pretrained"]["test_accuracy"] for p in pts], marker="o",
+                label=f"pretrained ({res['weights']})")
+        if all("scratch" in p for p in pts):
+            ax.plot(ks, [p["scratch"]["test_accuracy"] for p in pts], marker="s", label="from scratch")
+        ax.axhline(1 / max(1, res["classes"]), color="grey", lw=0.8, ls=":", label="chance")
+        ax.set_xscale("log")
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.set_xlabel("labelled images per class")
+        ax.set_ylabel("test accuracy")
+        ax.set_title(f"{res['backbone']}: accuracy vs labels")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        return fig
+
+    save_plot(path, draw)

@@ -16,6 +16,7 @@ from typing import Callable
 
 import numpy as np
 
+from edgexfer.bounds import at_least, within
 from edgexfer.exporters.metadata_io import content_sha256, read_meta, save_model, set_props
 from edgexfer.runtime.metadata import ModelMeta
 
@@ -245,9 +246,9 @@ def guard_decision(disagreement: float, max_drop: float, val_drop: float | None 
     (33 points with a 9-point standard error), though agreement on the whole set may look fine when the
     augmented views outnumber the real images.
     """
-    if disagreement > max_drop + 1e-9:  # one image at the bound is in
+    if not within(disagreement, max_drop):  # one image at the bound is in
         return False, f"disagrees with FP32 on {disagreement:.2%} of the agreement set, over {max_drop:.2%}"
-    if val_drop is not None and val_drop > max_drop + SIGNIFICANT_SE * (val_drop_se or 0.0) + 1e-9:
+    if val_drop is not None and not within(val_drop, max_drop + SIGNIFICANT_SE * (val_drop_se or 0.0)):
         return False, (f"validation drop {val_drop:+.2%} is beyond {max_drop:.2%} by more than "
                        f"{SIGNIFICANT_SE:g} standard errors ({val_drop_se:.2%})")
     return True, f"disagrees with FP32 on {disagreement:.2%} of the agreement set, within {max_drop:.2%}"
@@ -280,7 +281,7 @@ def _score(path: Path, scorers: list[Scorer], max_drop: float) -> dict:
     (main,) = [s for s in scorers if s.role == "decides"]
     acc = float(main.fn(path))
     row = {"guard_accuracy": acc, "drop": main.reference - acc,
-           "within_bound": main.reference - acc <= max_drop + 1e-9}  # one image at the bound is in
+           "within_bound": within(main.reference - acc, max_drop)}  # one image at the bound is in
     for s in scorers:
         if s.role == "record":
             row[s.name] = s.fn(path)
@@ -291,7 +292,7 @@ def _score(path: Path, scorers: list[Scorer], max_drop: float) -> dict:
     for s in scorers:
         if s.role == "at_least":
             row[s.name] = s.fn(path)
-            row["within_bound"] = row["within_bound"] and row[s.name] >= s.limit - 1e-9
+            row["within_bound"] = row["within_bound"] and at_least(row[s.name], s.limit)
     return row
 
 

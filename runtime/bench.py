@@ -444,31 +444,26 @@ def _opt(v, nd: int) -> str:
 
 def plot(res: dict, path) -> bool:
     """Latency percentiles and throughput as a PNG (needs matplotlib; returns False without it)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    from edgexfer.runtime import atomic
+    from edgexfer.runtime.plotting import save_plot
 
     names = list(res["models"])
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for k, q in enumerate(("p50", "p90", "p99")):
-        a.bar(np.arange(len(names)) + (k - 1) * 0.27, [res["models"][n]["latency_ms"][q] for n in names], 0.27, label=q)
-    a.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
-    a.set_ylabel("batch-1 latency, ms")
-    a.legend()
-    for n in names:
-        t = res["models"][n]["throughput_img_s"]
-        b.plot([int(k) for k in t], list(t.values()), marker="o", label=n)
-    b.set_xscale("log", base=2)
-    b.set_xlabel("batch")
-    b.set_ylabel("images/s")
-    b.legend(fontsize=7)
-    fig.suptitle(f"{res['machine']['cpu']}, {res['config']['threads']} threads", fontsize=9)
-    with atomic.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return True
+
+    def draw(plt):
+        fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+        for k, q in enumerate(("p50", "p90", "p99")):
+            a.bar(np.arange(len(names)) + (k - 1) * 0.27, [res["models"][n]["latency_ms"][q] for n in names], 0.27,
+                  label=q)
+        a.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
+        a.set_ylabel("batch-1 latency, ms")
+        a.legend()
+        for n in names:
+            t = res["models"][n]["throughput_img_s"]
+            b.plot([int(k) for k in t], list(t.values()), marker="o", label=n)
+        b.set_xscale("log", base=2)
+        b.set_xlabel("batch")
+        b.set_ylabel("images/s")
+        b.legend(fontsize=7)
+        fig.suptitle(f"{res['machine']['cpu']}, {res['config']['threads']} threads", fontsize=9)
+        return fig
+
+    return save_plot(path, draw)

@@ -99,31 +99,25 @@ def to_markdown(doc: dict) -> str:
 
 def plot(doc: dict, path) -> bool:
     """p50 latency per model, one bar per machine (needs matplotlib; returns False without it)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
     import numpy as np
 
-    from edgexfer.runtime import atomic
+    from edgexfer.runtime.plotting import save_plot
 
     models = sorted({r["model"] for r in doc["rows"]})
     machines = list(doc["machines"])
     width = 0.8 / max(1, len(machines))
-    fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(models) + 2), 3.8))
-    for k, mach in enumerate(machines):
-        vals = [next((r["p50_ms"] for r in doc["rows"] if r["model"] == m and r["machine"] == mach), np.nan)
-                for m in models]
-        ax.bar(np.arange(len(models)) + (k - (len(machines) - 1) / 2) * width, vals, width, label=mach)
-    ax.set_xticks(range(len(models)), models, rotation=20, ha="right", fontsize=8)
-    ax.set_ylabel("batch-1 p50 latency, ms")
-    ax.set_yscale("log")
-    ax.legend(fontsize=7)
-    ax.set_title("edgexfer bench across machines", fontsize=9)
-    with atomic.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return True
+
+    def draw(plt):
+        fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(models) + 2), 3.8))
+        for k, mach in enumerate(machines):
+            vals = [next((r["p50_ms"] for r in doc["rows"] if r["model"] == m and r["machine"] == mach), np.nan)
+                    for m in models]
+            ax.bar(np.arange(len(models)) + (k - (len(machines) - 1) / 2) * width, vals, width, label=mach)
+        ax.set_xticks(range(len(models)), models, rotation=20, ha="right", fontsize=8)
+        ax.set_ylabel("batch-1 p50 latency, ms")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+        ax.set_title("edgexfer bench across machines", fontsize=9)
+        return fig
+
+    return save_plot(path, draw)
