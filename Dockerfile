@@ -1,4 +1,4 @@
-# Runtime-only image for linux/amd64 and linux/arm64: numpy + onnxruntime + Pillow (+ starlette/uvicorn,
+# Runtime-only image for linux/amd64 and linux/arm64: numpy + onnxruntime + Pillow (+ uvicorn,
 # grpcio), serving models over the Open Inference Protocol v2: REST on 8000, gRPC on 8001. No torch, no
 # onnx, no training toolchain.
 #

@@ -255,7 +255,7 @@ def predict(model, images, format_, provider, **kw):
 @click.option("--threads", type=POS, default=None, show_default="ONNX Runtime's choice",
               help="ONNX Runtime intra-op threads per model instance.")
 @click.option("--server", type=click.Choice(["auto", "uvicorn", "stdlib"]), default="auto",
-              help="uvicorn: starlette + uvicorn with dynamic batching and the binary tensor extension "
+              help="uvicorn: uvicorn with dynamic batching and the binary tensor extension "
                    "(pip install 'edgexfer[serve]'); stdlib: the standard library's, no batching; auto: uvicorn "
                    "when installed.")
 @click.option("--max-batch-size", type=POS, default=32, help="Dynamic batching: rows per batch (uvicorn server).")
@@ -458,7 +458,7 @@ def serve_cmd(a) -> None:
     if kind == "auto":
         import importlib.util
 
-        needs = ("starlette", "uvicorn", "prometheus_client")
+        needs = ("uvicorn", "prometheus_client")
         kind = "uvicorn" if all(importlib.util.find_spec(m) for m in needs) else "stdlib"
     if a.timeout <= 0 or a.max_queue_delay_ms < 0:
         raise RuntimeInputError("--timeout must be > 0 and --max-queue-delay-ms >= 0")

@@ -1,5 +1,5 @@
 """The serving core shared by every front end: the standard-library HTTP server (`server.py`), the batching
-starlette/uvicorn one (`oip.py`) and the gRPC one (`grpc_server.py`) are adapters that frame requests and
+uvicorn one (`oip.py`) and the gRPC one (`grpc_server.py`) are adapters that frame requests and
 answers; what a request means and what it is answered is decided here, once (KServe's DataPlane shape).
 
 - the model repository: served names, their one version ("1"), readiness (`model`, `model_ready`);

@@ -215,8 +215,7 @@ def model_metadata(name: str, m: EdgeModel) -> dict:
 
 def multipart_file(body: bytes, content_type: str, field: str = "image") -> bytes:
     """The file of a multipart/form-data body (`curl -F image=@cat.jpg`): the part named `field`, else
-    the first part with a filename. The standard library's MIME parser; for the server without
-    starlette."""
+    the first part with a filename. The standard library's MIME parser, for both servers."""
     msg = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
     parts = [p for p in msg.iter_parts()] if msg.is_multipart() else []
     named = [p for p in parts if p.get_param("name", header="content-disposition") == field]

@@ -178,7 +178,6 @@ def test_nan_in_free_form_metadata_stays_json():
 def test_serve_refuses_bad_metadata_in_one_line(tmp_path, server):
     if server == "uvicorn":
         pytest.importorskip("uvicorn")
-        pytest.importorskip("starlette")
         pytest.importorskip("prometheus_client")
     d = good_meta()
     d["tasks"][0]["labels"] = ["a", "b", "c"]

@@ -26,7 +26,6 @@ SERVERS = ["stdlib", "uvicorn"]
 
 
 def _needs_uvicorn():
-    pytest.importorskip("starlette")
     pytest.importorskip("uvicorn")
     pytest.importorskip("prometheus_client")
 

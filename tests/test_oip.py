@@ -1,4 +1,4 @@
-"""The Open Inference Protocol server (starlette + uvicorn): tritonclient, in binary and JSON mode, gets
+"""The Open Inference Protocol server (uvicorn): tritonclient, in binary and JSON mode, gets
 the same answers as EdgeModel; concurrent requests are batched and each gets its own rows."""
 import socket
 import time
@@ -6,7 +6,6 @@ import time
 import numpy as np
 import pytest
 
-pytest.importorskip("starlette")
 uvicorn = pytest.importorskip("uvicorn")
 httpclient = pytest.importorskip("tritonclient.http")
 

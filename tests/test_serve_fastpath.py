@@ -6,7 +6,6 @@ import json
 import numpy as np
 import pytest
 
-pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 httpclient = pytest.importorskip("tritonclient.http")
 

@@ -3,7 +3,6 @@ every response (status, content type, headers, body) as the document says. Bound
 per operation, no deadline per example, the whole file well under a minute."""
 import pytest
 
-pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, settings  # noqa: E402

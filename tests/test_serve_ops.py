@@ -14,9 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
-pytest.importorskip("multipart")
 httpclient = pytest.importorskip("tritonclient.http")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 

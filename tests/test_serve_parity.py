@@ -9,7 +9,6 @@ import urllib.request
 import numpy as np
 import pytest
 
-pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 pytest.importorskip("prometheus_client")
 

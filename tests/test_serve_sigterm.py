@@ -13,7 +13,6 @@ import time
 import numpy as np
 import pytest
 
-pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 pytest.importorskip("prometheus_client")
 
