@@ -65,10 +65,12 @@ def quantize(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | 
             if inc:
                 rec["guard"]["inc"] = inc
         g = rec["guard"]
+        rec = _qat(run, cfg, ws, fp32, recipe, calib, rec, agreement, at_least, evidence)
         g["guard_set"] = describe(info) + " (top-1 agreement with FP32)"
         g["host_measures_faithfully"] = target["host_measures_faithfully"]
-        shipped = next((c for c in g["candidates"] if c.get("fp32_layers") == g["chosen_fp32_layers"]
-                        and "inc_trial" not in c), g.get("shipped", {}))
+        shipped = g["qat"]["row"] if g["qat"].get("chosen") else \
+            next((c for c in g["candidates"] if c.get("fp32_layers") == g["chosen_fp32_layers"]
+                  and "inc_trial" not in c), g.get("shipped", {}))
         summarize(g, info, len(yv), fp32_val, {"agreement": g["shipped_accuracy"], **shipped})
         log.info("accuracy guard (%s): %d of %d weighted layers kept in FP32; %s", g["tuner"], g["chosen_fp32_layers"],
                  g["quantizable_layers"], g["confidence"])
@@ -88,6 +90,25 @@ def quantize(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | 
     run.update_report(**out)
     run.mark_done("quantize", time.perf_counter() - t0, cfg)
     return rec
+
+
+def _qat(run, cfg, ws, fp32, recipe, calib, rec, agreement, at_least, evidence) -> dict:
+    """Quantization-aware fine-tuning as one more candidate (edgexfer/qat.py: when it runs and when it ships),
+    scored like the post-training ones; records guard.qat and returns the quantize record of what ships."""
+    from edgexfer.exporters.quantize import _legacy_scorers, _score
+    from edgexfer.qat import compete
+
+    g = rec["guard"]
+    scorers = _legacy_scorers(accuracy=agreement, fp32_accuracy=1.0, at_least=at_least, evidence=evidence)
+    g["qat"], shipped = compete(run, cfg, ws, fp32, recipe, calib, g,
+                                lambda p: _score(Path(p), scorers, cfg.max_accuracy_drop))
+    if shipped is None:
+        return rec
+    row = g["qat"]["row"]
+    g.update(tuner=g.get("tuner", "") + "; then quantization-aware fine-tuning (shipped)", within_bound=True,
+             shipped_accuracy=row["guard_accuracy"], chosen_fp32_layers=0, layers_kept_fp32=[],
+             decision=row.get("decision"))
+    return {**shipped, "guard": g}
 
 
 def _arm64_emulation(target: dict) -> bool:

@@ -30,9 +30,9 @@ FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.on
 # recorded (their report.json sections) and removes the later stages' files, which were derived from the old.
 STAGE_SETTINGS = {"finetune": ("data", "model", "train"), "export": (),
                   "quantize": ("quantize", "max_accuracy_drop", "target", "tuner", "extra_formats", "calibration",
-                               "min_target_agreement"),
+                               "min_target_agreement", "qat"),
                   "evaluate": ("max_accuracy_drop",), "bench": ("bench",)}
-STAGE_INPUTS = {"finetune": (), "export": ("checkpoint.pt",), "quantize": (FILES["fp32"],),
+STAGE_INPUTS = {"finetune": (), "export": ("checkpoint.pt",), "quantize": (FILES["fp32"], "checkpoint.pt"),
                 "evaluate": tuple(FILES.values()), "bench": tuple(FILES.values())}  # model files: those present
 STAGE_SECTIONS = {"finetune": (), "export": ("export",), "quantize": ("quantize", "quantize_fp16", "quantize_dynamic"),
                   "evaluate": ("models", "quantization_impact"),
@@ -45,8 +45,8 @@ OPTIONAL_OWN = {"quantize": (FILES["fp16"], FILES["int8_dynamic"])}  # written o
 
 class RunFolder:
     # what a killed process can leave inside a run folder: atomic writes' `.NAME.XXXX.tmp` files, and the
-    # temporary folders of export (`.export-`), quantize (`.quantize-`, `.guard-`, `.dynamic-`) and INC (`.inc-`)
-    TEMP_DIR_PREFIXES = (".export-", ".quantize-", ".guard-", ".dynamic-", ".inc-")
+    # temporary folders of export (`.export-`), quantize (`.quantize-`, `.guard-`, `.dynamic-`, `.qat-`) and INC (`.inc-`)
+    TEMP_DIR_PREFIXES = (".export-", ".quantize-", ".guard-", ".dynamic-", ".inc-", ".qat-")
 
     def __init__(self, path: str | Path):
         self.path = Path(path)

@@ -29,7 +29,10 @@ def test_every_stage_records_its_settings_and_inputs(tiny_run):
     stages = report(tiny_run)["stages"]
     assert set(stages) == set(STAGES)
     assert set(stages["quantize"]["settings"]) >= {"quantize", "max_accuracy_drop", "target", "calibration"}
-    assert stages["quantize"]["inputs"] == {"model.onnx": content_sha256(tiny_run / "model.onnx")}
+    from edgexfer.runtime.atomic import sha256_file
+
+    assert stages["quantize"]["inputs"] == {"model.onnx": content_sha256(tiny_run / "model.onnx"),
+                                            "checkpoint.pt": sha256_file(tiny_run / "checkpoint.pt")}  # QAT reads it
     assert set(stages["bench"]["inputs"]) >= {"model.onnx", "model.int8.onnx"}
     run = RunFolder(tiny_run)
     cfg = run.config()
