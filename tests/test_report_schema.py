@@ -21,7 +21,8 @@ def test_the_schema_is_a_valid_json_schema_shipped_as_package_data():
     assert s["properties"]["schema"]["const"] == rs.SCHEMA_ID == "edgexfer.report/2"
     assert s["additionalProperties"] is True  # other stages may add sections without breaking the schema
     pp = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert "schemas/*.json" in pp["tool"]["setuptools"]["package-data"]["edgexfer"]
+    st = pp["tool"]["setuptools"]
+    assert "edgexfer.schemas" in st["packages"] and "*.json" in st["package-data"]["edgexfer.schemas"]
     assert any("jsonschema" in d for d in pp["project"]["optional-dependencies"]["train"])
     assert not any("jsonschema" in d for d in pp["project"]["dependencies"])  # the runtime install does without
 
