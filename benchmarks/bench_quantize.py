@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -153,6 +154,31 @@ def _ov_logits(path: Path, x, threads: int):
     return [np.concatenate([req.infer({0: x[i:i + 1]})[c.output(0)] for i in range(len(x))])]
 
 
+def _qat_row(run: Path, cfg, ws, fp32: Path, out: Path, recipe, calib, agree) -> dict:
+    """Quantization-aware fine-tuning from the run's checkpoint, as the quantize stage runs it (edgexfer/qat.py:
+    the labelled training images and augmented views of them), scored by the same agreement set."""
+    import time
+
+    import numpy as np
+
+    from edgexfer.bounds import within
+    from edgexfer.guard import augmented_views
+    from edgexfer.qat import MAX_LABELLED, VIEWS, make_qat_int8
+
+    xl, yl = ws.tensors("train")
+    if len(xl) > MAX_LABELLED:
+        keep = np.sort(np.random.default_rng(cfg.data.seed).choice(len(xl), MAX_LABELLED, replace=False))
+        xl, yl = xl[keep], yl[keep]
+    views = np.stack(list(augmented_views(list(ws.dataset.train.images), ws.preprocessing, VIEWS, cfg.data.seed + 1)))
+    t0 = time.perf_counter()
+    info = make_qat_int8(run / "checkpoint.pt", fp32, out, recipe, x_lab=xl, y_lab=yl, x_unlab=views, calib=calib,
+                         seed=cfg.data.seed, threads=2)
+    a = agree(out)
+    return {"guard_seconds": time.perf_counter() - t0, "fp32_layers": 0, "agreement": a,
+            "within_bound": within(1.0 - a, cfg.max_accuracy_drop), "calibrations": 1,
+            "qat": {k: info.get(k) for k in ("epochs", "steps", "images", "seconds")}}
+
+
 def ranked_case(dataset: str, guard_images: int, test_images: int, iters: int) -> dict:
     import dataclasses
     import time
@@ -203,7 +229,10 @@ def ranked_case(dataset: str, guard_images: int, test_images: int, iters: int) -
                                       "top10": [{k: r[k] for k in ("name", "harm", "cost_ms")}
                                                 for r in g["sensitivity"]["ranking"][:10]],
                                       "estimated_speedup": g.get("estimated_speedup")}
-                                     if "sensitivity" in g else {})}
+                                     if g.get("sensitivity") else {})}  # null: plain INT8 passed, nothing ranked
+        if os.environ.get("EDGEXFER_BENCH_QAT", "1") == "1":
+            files["qat"] = td / "qat.onnx"
+            res["files"]["qat"] = _qat_row(run, cfg, ws, fp32, files["qat"], recipe, calib, agree)
         for name, path in files.items():
             lg = onnx_logits(path, xt, threads=2)
             res["files"].setdefault(name, {})["test_accuracy"] = mean_task_accuracy(lg, yt)

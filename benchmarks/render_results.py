@@ -441,6 +441,7 @@ def section_arm64() -> str:
 QUANT_LABELS = {"fp32": "ONNX Runtime FP32", "plain_int8": "plain INT8 (every weighted layer)",
                 "prefix_fallback": "guard, first-k prefix fallback (before issue 17)",
                 "ranked_revert": "guard, ranked fallback ('revert')", "ranked_qdq": "guard, ranked fallback ('qdq')",
+                "qat": "quantization-aware fine-tuning (edgexfer/qat.py, forced)",
                 "openvino_fp32": "OpenVINO FP32", "openvino_nncf_int8": "OpenVINO INT8 (NNCF, same FP32 file)"}
 
 
