@@ -14,8 +14,7 @@
 Why ONNX Runtime writes the QDQ file instead of torch.onnx exporting the fake-quantized model: that works
 (FakeQuantize exports as QuantizeLinear/DequantizeLinear) but the graph is not the one ONNX Runtime fuses
 best: the Pad of TF-style "same" padding and the ReLU6 (Clip) stay in float between Q/DQ pairs, and on
-EfficientNet-Lite0 at 64 px it ran at 1.03 ms against 0.87 ms for FP32 and 0.51 ms for PTQ INT8 (one run,
-1 thread). Re-quantizing the baked weights gives the same weight integers the model was trained with
+EfficientNet-Lite0 it ran slower than the FP32 file, let alone the PTQ INT8 one. Re-quantizing the baked weights gives the same weight integers the model was trained with
 (max-abs per channel: the baked maximum is exactly 127 (64) steps), and activation ranges from min/max on
 the same calibration images the fake quantizers were set from. torch.ao's FX QAT entry points
 (prepare_qat_fx) are deprecated in torch 2.14 in favour of torchao, which edgexfer does not depend on;
