@@ -464,6 +464,26 @@ def _quant_case(c: dict) -> list[str]:
                    "vs ORT FP32", "guard s", "calibrations"], _quant_rows(c)), ""]
 
 
+def _quant_bounds(c: dict) -> str:
+    """The issue's bounds on what the guard ships ('ranked_revert', the product's default), from the table."""
+    f = c["files"]
+    ship, fp, ov = f.get("ranked_revert"), f.get("fp32"), f.get("openvino_nncf_int8")
+    if not ship or not fp:
+        return ""
+    sp, drop = ship["speedup_vs_ort_fp32"], fp["test_accuracy"] - ship["test_accuracy"]
+    parts = [f"shipped (ranked fallback) {ratio(sp)} FP32: {'met' if sp >= 1.5 else 'not met'} (≥ 1.5×)",
+             f"test accuracy {-drop * 100:+.1f} points against FP32's: {'met' if drop <= 0.01 else 'not met'} "
+             "(at most 1 point lower)"]
+    if ov and "p50_ms" in ov:
+        parts.append(f"{n(ship['p50_ms'], 2)} ms vs OpenVINO + NNCF INT8 {n(ov['p50_ms'], 2)} ms: "
+                     f"{'met' if ship['p50_ms'] <= ov['p50_ms'] else 'not met'} (not slower)")
+    q = f.get("qat")
+    if q and "agreement" in q:
+        parts.append(f"QAT {'within' if q.get('within_bound') else 'outside'} the agreement bound "
+                     f"({n(q['agreement'])}), test accuracy {n(q['test_accuracy'])} against FP32's {n(fp['test_accuracy'])}")
+    return "Bounds, computed from the table: " + "; ".join(parts) + "."
+
+
 def section_quantize_ranked() -> str:
     """Issue 17: calibrate once, the sensitivity-ranked fallback, OpenVINO + NNCF as the peer, optimum."""
     if not (RESULTS / "quantize_ranked.json").is_file():
@@ -477,6 +497,7 @@ def section_quantize_ranked() -> str:
            "at ≥ 1.5× FP32, within 1 point of FP32, and not slower than OpenVINO + NNCF INT8.", ""]
     for c in d["cases"]:
         out += _quant_case(c)
+        out += [_quant_bounds(c), ""]
     ld = d["contended"]["load_average_at_start"]
     out += [f"Ran contended: {d['contended']['cpus']} cores shared with other sessions' work, load average "
             f"{ld[0]:.1f} at the start, {d['seconds'] / 60:.0f} minutes in all; a small guard set (the product "
