@@ -154,6 +154,23 @@ def _ov_logits(path: Path, x, threads: int):
     return [np.concatenate([req.infer({0: x[i:i + 1]})[c.output(0)] for i in range(len(x))])]
 
 
+def load_case(run: Path):
+    """A run folder's config, data, FP32 file, this host's INT8 recipe and 100 calibration images (shared with
+    bench_optimum.py, so both quantize from the same inputs)."""
+    import dataclasses
+
+    from edgexfer.exporters.quantize import recipe_for
+    from edgexfer.pipeline import RunFolder, Workspace
+
+    rf = RunFolder(run)
+    cfg = rf.config()
+    ws = Workspace(rf, cfg)
+    recipe, target = recipe_for("host", cfg.quantize)
+    recipe = dataclasses.replace(recipe, calibration_samples=100)
+    calib, _ = ws.tensors("train", limit=recipe.calibration_samples)
+    return cfg, ws, run / "model.onnx", recipe, target, calib
+
+
 def _qat_row(run: Path, cfg, ws, fp32: Path, out: Path, recipe, calib, agree) -> dict:
     """Quantization-aware fine-tuning from the run's checkpoint, as the quantize stage runs it (edgexfer/qat.py:
     the labelled training images and augmented views of them), scored by the same agreement set."""
@@ -180,25 +197,18 @@ def _qat_row(run: Path, cfg, ws, fp32: Path, out: Path, recipe, calib, agree) ->
 
 
 def ranked_case(dataset: str, guard_images: int, test_images: int, iters: int) -> dict:
-    import dataclasses
     import time
 
     import numpy as np
 
     from edgexfer.evaluate import mean_task_accuracy, onnx_logits
-    from edgexfer.exporters.quantize import Scorer, guarded_quantize, recipe_for
+    from edgexfer.exporters.quantize import Scorer, guarded_quantize
     from edgexfer.guard import agreement_set, describe
-    from edgexfer.pipeline import RunFolder, Workspace, agreement_with
+    from edgexfer.pipeline import agreement_with
     from edgexfer.runtime.bench import interleaved, onnx_candidate, openvino_candidate
 
     run = _ensure_run(*RANKED_RUNS[dataset])
-    rf = RunFolder(run)
-    cfg = rf.config()
-    ws = Workspace(rf, cfg)
-    fp32 = run / "model.onnx"
-    recipe, target = recipe_for("host", cfg.quantize)
-    recipe = dataclasses.replace(recipe, calibration_samples=100)
-    calib, _ = ws.tensors("train", limit=recipe.calibration_samples)
+    cfg, ws, fp32, recipe, target, calib = load_case(run)
     xg, info = agreement_set(ws, seed=cfg.data.seed, min_images=guard_images,
                              max_bytes=guard_images * 4 * 3 * 224 * 224)
     xt, yt = ws.tensors("test")
