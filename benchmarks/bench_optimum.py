@@ -1,6 +1,6 @@
 """optimum's ORTQuantizer against edgexfer's own static INT8 path (issue 17 item 4), from the same FP32 file,
 the same calibration images and the same target preset (this host's: AVX-512 VNNI -> optimum's
-`AutoQuantizationConfig.avx512_vnni(is_static=True, per_channel=True)`, `AutoCalibrationConfig.minmax`):
+`AutoQuantizationConfig.avx512_vnni(is_static=True, per_channel=True)`, min/max calibration as `AutoCalibrationConfig.minmax` sets it):
 test accuracy (a subset, report only), top-1 agreement with FP32, and batch-1 latency at 2 threads,
 interleaved. Run folders: those of `bench_quantize.py --ranked` (runs/h17-*-224).
 
@@ -34,7 +34,8 @@ def case(run: Path, test_images: int = 400, iters: int = 150) -> dict:
     from edgexfer.exporters.quantize import quantize_int8
     from edgexfer.runtime.bench import interleaved, onnx_candidate
     from optimum.onnxruntime import ORTQuantizer
-    from optimum.onnxruntime.configuration import AutoCalibrationConfig, AutoQuantizationConfig
+    from onnxruntime.quantization import CalibrationMethod
+    from optimum.onnxruntime.configuration import AutoQuantizationConfig, CalibrationConfig
 
     _, ws, fp32, recipe, target, calib = load_case(run)
     xt, yt = ws.tensors("test")
@@ -51,7 +52,11 @@ def case(run: Path, test_images: int = 400, iters: int = 150) -> dict:
         t0 = time.perf_counter()
         q = ORTQuantizer(fp32)
         data = [{"input": calib[i]} for i in range(len(calib))]
-        ranges = q.fit(dataset=data, calibration_config=AutoCalibrationConfig.minmax(data),
+        # AutoCalibrationConfig.minmax reads a Hugging Face Dataset's info: the same min/max config, by hand
+        calibration = CalibrationConfig(dataset_name="edgexfer calibration images", dataset_config_name="",
+                                        dataset_split="train", dataset_num_samples=len(data),
+                                        method=CalibrationMethod.MinMax, moving_average=False)
+        ranges = q.fit(dataset=data, calibration_config=calibration,
                        onnx_augmented_model_name=td / "augmented.onnx")
         out = q.quantize(qconfig, td / "optimum", calibration_tensors_range=ranges)
         res["files"]["optimum_int8"] = {"seconds": time.perf_counter() - t0, "config": str(qconfig),
