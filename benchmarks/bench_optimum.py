@@ -61,7 +61,7 @@ def case(run: Path, test_images: int = 400, iters: int = 150) -> dict:
         out = q.quantize(qconfig, td / "optimum", calibration_tensors_range=ranges)
         res["files"]["optimum_int8"] = {"seconds": time.perf_counter() - t0, "config": str(qconfig),
                                         "reduce_range": bool(qconfig.reduce_range)}
-        files = {"fp32": fp32, "edgexfer_int8": td / "edgexfer.onnx", "optimum_int8": Path(out)}
+        files = {"fp32": fp32, "edgexfer_int8": td / "edgexfer.onnx", "optimum_int8": next(Path(out).glob("*.onnx"))}  # quantize() returns its save_dir
         ref = onnx_logits(fp32, xt, threads=2)
         for name, path in files.items():
             lg = ref if name == "fp32" else onnx_logits(path, xt, threads=2)
