@@ -522,7 +522,20 @@ def section_quantize_ranked() -> str:
                           [[k, n(f["test_accuracy"]), n(f["test_agreement_with_fp32"]), n(f["p50_ms"], 2),
                             ratio(f["speedup_vs_fp32"]), n(f["seconds"], 1) if "seconds" in f else "–"]
                            for k, f in c["files"].items()]), ""]
-        out += [o.get("finding", "")]
+        alike = True
+        for c in o["cases"]:
+            e, q = c["files"].get("edgexfer_int8"), c["files"].get("optimum_int8")
+            if e and q:
+                alike &= abs(q["p50_ms"] / e["p50_ms"] - 1) < 0.05 and q["test_accuracy"] <= e["test_accuracy"]
+                same = e["test_accuracy"] == q["test_accuracy"] and e["test_agreement_with_fp32"] == q["test_agreement_with_fp32"]
+                out += [f"`{c['run']}`: optimum's file {'scores exactly as' if same else 'scores differently from'} "
+                        f"edgexfer's (test accuracy {n(q['test_accuracy'])} vs {n(e['test_accuracy'])}, agreement "
+                        f"{n(q['test_agreement_with_fp32'])} vs {n(e['test_agreement_with_fp32'])}); p50 "
+                        f"{n(q['p50_ms'], 2)} vs {n(e['p50_ms'], 2)} ms.", ""]
+        if alike:
+            out += ["Both call ONNX Runtime's static quantizer with the same preset; optimum adds no accuracy or speed "
+                    "here, and would bring transformers and a huggingface_hub pin that conflicts with the dev extra's, "
+                    "so edgexfer keeps its own path (`exporters/quantize.py`)."]
     return "\n".join(out)
 
 
