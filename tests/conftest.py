@@ -66,6 +66,16 @@ def tiny_run(tmp_path_factory, image_folder) -> Path:
     return runs / "tiny"
 
 
+@pytest.fixture
+def run_copy(tiny_run, tmp_path) -> Path:
+    """A copy of the session's tiny run, for a test to change (the session's run is shared: never change it)."""
+    import shutil
+
+    dst = tmp_path / "run"
+    shutil.copytree(tiny_run, dst)
+    return dst
+
+
 @pytest.fixture(scope="session", autouse=True)
 def every_report_matches_its_schema(tmp_path_factory):
     """At the end of the session, every report.json an edgexfer command wrote under pytest's temporary folders

@@ -22,14 +22,6 @@ from edgexfer.runtime.atomic import sha256_file
 from edgexfer.runtime.bundle import bundle, choose_model
 
 
-@pytest.fixture
-def run_copy(tiny_run, tmp_path):
-    """A copy of the session's tiny run, to change."""
-    dst = tmp_path / "run"
-    shutil.copytree(tiny_run, dst)
-    return dst
-
-
 def test_requantize_after_evaluate_ships_no_fp32_metrics(run_copy):
     from edgexfer import pipeline
 

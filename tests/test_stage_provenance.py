@@ -4,18 +4,8 @@ later stages' files; `run` with a changed quantize setting re-runs quantize and 
 from __future__ import annotations
 
 import json
-import shutil
-
-import pytest
 
 from tests.conftest import run_cli
-
-
-@pytest.fixture
-def run_copy(tiny_run, tmp_path):
-    dst = tmp_path / "run"
-    shutil.copytree(tiny_run, dst)
-    return dst
 
 
 def report(run):
