@@ -354,7 +354,7 @@ def quantize(run_dir, **kw):
     """RUN_DIR/model.onnx -> RUN_DIR/model.int8.onnx: static INT8 QDQ for --target, calibrated on training
     images, under the accuracy guard (early layers kept in FP32 until the validation drop fits)."""
     from edgexfer import pipeline
-
+    from edgexfer.report import finalize
     from edgexfer.runtime.cli import Progress
 
     run = pipeline.RunFolder(run_dir)
@@ -363,6 +363,7 @@ def quantize(run_dir, **kw):
         progress.log("calibrating and searching for an INT8 file within the accuracy guard")
         rec = pipeline.quantize(run_dir, cfg)
     run.write_config(cfg)
+    finalize(run, cfg)  # report.md and the model card describe the new file (evaluate and bench: not yet run)
     g = rec.get("guard", {})
     click.echo(f"{run_dir}/model.int8.onnx: target {rec['target']['target']}, "
                f"{g.get('chosen_fp32_layers', 0)} layers kept in FP32")

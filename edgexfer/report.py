@@ -162,7 +162,15 @@ def report_md(rep: dict) -> str:
                   f"Pretrained start {fmt.accuracy(tr['pretrained_test_accuracy'])} vs the same network from scratch "
                   f"{fmt.accuracy(tr['scratch_test_accuracy'])} with the same budget ({fmt.points(tr['gain_points'])} points, "
                   f"{tr['measured_with']}).", ""]
-    lines += ["## Models", "", "| model | file | size (MB) | test accuracy | macro-F1 | p50 ms | p90 ms | p99 ms | img/s (batch) |",
+    lines += ["## Models", ""]
+    stages = rep.get("stages", {})
+    pending = [s for s in ("evaluate", "bench") if not stages.get(s, {}).get("done")]
+    if pending:  # a stage before them ran again since (runfolder.begin cleared their figures)
+        lines += ["Not measured since the files last changed: run "
+                  + " and ".join(f"`edgexfer {s} RUN`" for s in pending) + " on this folder "
+                  "(or `edgexfer run` again) for " + ("test accuracy and latency." if len(pending) == 2 else
+                                                     "test accuracy." if pending == ["evaluate"] else "latency."), ""]
+    lines += ["| model | file | size (MB) | test accuracy | macro-F1 | p50 ms | p90 ms | p99 ms | img/s (batch) |",
               "|---|---|---|---|---|---|---|---|---|"]
     rows = list(models.items())
     ref = rep.get("reference", {}).get("pytorch_eager")

@@ -86,3 +86,15 @@ def test_export_keeps_a_current_file_and_force_clears_what_followed(run_copy):
     assert not {"quantize", "models", "quantization_impact", "bench", "recommendation"} & set(rep)
     assert not int8.exists() and not (run_copy / "model.int8.e2e.onnx").exists()  # derived from the old file
     assert (run_copy / "model.onnx").is_file() and (run_copy / "checkpoint.pt").is_file()
+
+
+def test_quantize_alone_says_what_is_no_longer_measured(run_copy):
+    run_cli("quantize", run_copy, "--max-accuracy-drop", "0.5", check=True)
+    rep = report(run_copy)
+    assert rep["quantize"]["guard"]["max_accuracy_drop"] == 0.5 and "evaluate" not in rep["stages"]
+    md = (run_copy / "report.md").read_text()
+    assert "Not measured since the files last changed: run `edgexfer evaluate RUN` and `edgexfer bench RUN`" in md
+    assert any(c["bound"].startswith("<= 50.0%") for c in rep["checks"])  # the guard check follows the new bound
+    run_cli("evaluate", run_copy, check=True)
+    md = (run_copy / "report.md").read_text()
+    assert "run `edgexfer bench RUN` on this folder" in md and "evaluate RUN" not in md
