@@ -166,10 +166,10 @@ def report_md(rep: dict) -> str:
     stages = rep.get("stages", {})
     pending = [s for s in ("evaluate", "bench") if not stages.get(s, {}).get("done")]
     if pending:  # a stage before them ran again since (runfolder.begin cleared their figures)
-        lines += ["Not measured since the files last changed: run "
-                  + " and ".join(f"`edgexfer {s} RUN`" for s in pending) + " on this folder "
-                  "(or `edgexfer run` again) for " + ("test accuracy and latency." if len(pending) == 2 else
-                                                     "test accuracy." if pending == ["evaluate"] else "latency."), ""]
+        what = {"evaluate": "test accuracy (`edgexfer evaluate RUN`)",
+                "bench": "latency (the bench stage of `edgexfer run`; `edgexfer bench RUN` prints it without "
+                         "recording it here)"}
+        lines += ["Not measured since the files last changed: " + "; ".join(what[s] for s in pending) + ".", ""]
     lines += ["| model | file | size (MB) | test accuracy | macro-F1 | p50 ms | p90 ms | p99 ms | img/s (batch) |",
               "|---|---|---|---|---|---|---|---|---|"]
     rows = list(models.items())

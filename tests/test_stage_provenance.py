@@ -93,8 +93,8 @@ def test_quantize_alone_says_what_is_no_longer_measured(run_copy):
     rep = report(run_copy)
     assert rep["quantize"]["guard"]["max_accuracy_drop"] == 0.5 and "evaluate" not in rep["stages"]
     md = (run_copy / "report.md").read_text()
-    assert "Not measured since the files last changed: run `edgexfer evaluate RUN` and `edgexfer bench RUN`" in md
+    assert "Not measured since the files last changed: test accuracy (`edgexfer evaluate RUN`); latency" in md
     assert any(c["bound"].startswith("<= 50.0%") for c in rep["checks"])  # the guard check follows the new bound
     run_cli("evaluate", run_copy, check=True)
     md = (run_copy / "report.md").read_text()
-    assert "run `edgexfer bench RUN` on this folder" in md and "evaluate RUN" not in md
+    assert "Not measured since the files last changed: latency" in md and "evaluate RUN" not in md
