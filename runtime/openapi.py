@@ -131,8 +131,10 @@ def openapi_document(models: dict, *, version: str, token: bool, timeout_s: floa
             "400": _error("undecodable image, aspect ratio over the limit (--max-aspect-ratio), missing multipart "
                           "file, bad top_k"), **busy},
             requestBody=image_body, parameters=[model_param, top_k])},
-        "/metrics": {"get": op("Prometheus text metrics", {"200": {"description": "text exposition format 0.0.4",
-                                                                    "content": {"text/plain": {"schema": {"type": "string"}}}}})},
+        "/metrics": {"get": op("Prometheus text metrics (the batching uvicorn server; `--server stdlib` answers 404)",
+                               {"200": {"description": "text exposition format 0.0.4",
+                                        "content": {"text/plain": {"schema": {"type": "string"}}}},
+                                "404": _error("the standard-library server keeps no metrics")})},
         "/v2/openapi.json": {"get": op("this document", {"200": _json({"type": "object"}, "OpenAPI 3.0 document")})},
         "/openapi.json": {"get": op("this document", {"200": _json({"type": "object"}, "OpenAPI 3.0 document")})},
     }
