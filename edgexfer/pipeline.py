@@ -436,9 +436,8 @@ def run(run_dir: str | Path, cfg: RunConfig, *, force: bool = False,
     run.path.mkdir(parents=True, exist_ok=True)
     run.remove_temporaries()  # what a killed run left: resume starts clean
     run.write_config(cfg)
-    again = None  # the first stage that runs: every later one runs after it
-    for stage in STAGES:
-        why = run.why_stale(stage, cfg) if again is None else f"{again} ran"
+    for stage in STAGES:  # a stage that runs clears the later stages' records (RunFolder.begin): they run too
+        why = run.why_stale(stage, cfg)
         if why is None:
             if on_stage:
                 on_stage(stage, "done already (resumed)")
@@ -449,7 +448,6 @@ def run(run_dir: str | Path, cfg: RunConfig, *, force: bool = False,
                 on_stage(stage, f"runs again: {why}")
         elif on_stage:
             on_stage(stage, "start")
-        again = again or stage
         STAGE_FUNCS[stage](run.path, cfg, ws)
         if on_stage:
             on_stage(stage, "end")
