@@ -176,17 +176,10 @@ def _qat_row(run: Path, cfg, ws, fp32: Path, out: Path, recipe, calib, agree) ->
     the labelled training images and augmented views of them), scored by the same agreement set."""
     import time
 
-    import numpy as np
-
     from edgexfer.bounds import within
-    from edgexfer.guard import augmented_views
-    from edgexfer.qat import MAX_LABELLED, VIEWS, make_qat_int8
+    from edgexfer.qat import make_qat_int8, training_images
 
-    xl, yl = ws.tensors("train")
-    if len(xl) > MAX_LABELLED:
-        keep = np.sort(np.random.default_rng(cfg.data.seed).choice(len(xl), MAX_LABELLED, replace=False))
-        xl, yl = xl[keep], yl[keep]
-    views = np.stack(list(augmented_views(list(ws.dataset.train.images), ws.preprocessing, VIEWS, cfg.data.seed + 1)))
+    xl, yl, views = training_images(cfg, ws)
     t0 = time.perf_counter()
     info = make_qat_int8(run / "checkpoint.pt", fp32, out, recipe, x_lab=xl, y_lab=yl, x_unlab=views, calib=calib,
                          seed=cfg.data.seed, threads=2)

@@ -328,6 +328,19 @@ def _latency(paths: dict, threads: int) -> dict[str, float]:
     return {k: v["p50"] for k, v in lat.items()}
 
 
+def training_images(cfg, ws) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What QAT trains on: the labelled training images (a seeded sample beyond MAX_LABELLED) and VIEWS
+    augmented views of them for distillation (unlabelled)."""
+    from edgexfer.guard import augmented_views
+
+    xt, yt = ws.tensors("train")
+    if len(xt) > MAX_LABELLED:
+        keep = np.sort(np.random.default_rng(cfg.data.seed).choice(len(xt), MAX_LABELLED, replace=False))
+        xt, yt = xt[keep], yt[keep]
+    views = list(augmented_views(list(ws.dataset.train.images), ws.preprocessing, VIEWS, cfg.data.seed + 1))
+    return xt, yt, (np.stack(views) if views else np.zeros((0, *xt.shape[1:]), np.float32))
+
+
 def compete(run, cfg, ws, fp32: Path, recipe, calib: np.ndarray, guard: dict, score) -> tuple[dict, dict | None]:
     """Try QAT when the post-training choice (the run's model.int8.onnx, described by `guard`) misses the bound
     or keeps less than MIN_SPEEDUP of FP32's batch-1 speed; score its file with `score` (the guard's scorers)
@@ -363,14 +376,7 @@ def compete(run, cfg, ws, fp32: Path, recipe, calib: np.ndarray, guard: dict, sc
         entry["reason"] = ("no post-training candidate within the bound" if not within else
                            f"the PTQ choice ({kept} layers in FP32) keeps only {entry['ptq_speedup']:.2f}x of FP32's "
                            f"batch-1 speed, under {MIN_SPEEDUP:g}x")
-    from edgexfer.guard import augmented_views
-
-    rng = np.random.default_rng(cfg.data.seed)
-    if len(xt) > MAX_LABELLED:
-        keep = np.sort(rng.choice(len(xt), MAX_LABELLED, replace=False))
-        xt, yt = xt[keep], yt[keep]
-    views = [v for v in augmented_views(list(ws.dataset.train.images), ws.preprocessing, VIEWS, cfg.data.seed + 1)]
-    x_unlab = np.stack(views) if views else np.zeros((0, *xt.shape[1:]), np.float32)
+    xt, yt, x_unlab = training_images(cfg, ws)
     if cfg.train.adapt_bn:  # the target domain's unlabelled images: distillation only
         from edgexfer.quantize_stage import target_images
 
