@@ -122,43 +122,43 @@ def preprocessing_nodes(meta: ModelMeta, out: str):
         x = node("Add", [x, const("half", 32768.0, np.float32)], ["grey_rounded"])
         x = node("Floor", [node("Div", [x, const("two16", 65536.0, np.float32)], ["grey_scaled"])], ["grey_f"])
         x = node("Cast", [x], ["grey"], to=TensorProto.UINT8)
-    # shorter side -> resize, longer side -> floor(resize * long / short)
-    shp = node("Shape", [x], ["x_shape"])
-    h = node("Slice", [shp, const("one", [1], np.int64), const("two", [2], np.int64)], ["h"])
-    w_ = node("Slice", [shp, const("two_start", [2], np.int64), const("three_end", [3], np.int64)], ["w"])
-    short = node("Min", [h, w_], ["short"])
-    long = node("Max", [h, w_], ["long"])
-    r = const("resize", [pp.resize], np.int64)
-    new_long = node("Div", [node("Mul", [r, long], ["r_long"]), short], ["new_long"])
-    portrait = node("LessOrEqual", [w_, h], ["portrait"])
-    out_h = node("Where", [portrait, new_long, r], ["out_h"])
-    out_w = node("Where", [portrait, r, new_long], ["out_w"])
-    hw = node("Concat", [out_h, out_w], ["sizes"], axis=0)
+    # shorter side -> resize, longer side -> floor(resize * long / short): resize * [h, w] // short gives both
+    hw = node("Slice", [shape, const("m3b", [-3], np.int64), const("m1", [-1], np.int64)], ["hw"])
+    short = node("ReduceMin", [hw], ["short"], keepdims=1)
+    sizes = node("Div", [node("Mul", [const("resize", [pp.resize], np.int64), hw], ["r_hw"]), short], ["sizes"])
     mode, extra = _RESIZE_MODES[pp.interpolation]
     # on uint8 values, NHWC, every channel as it comes (RGBA's alpha is dropped after): ONNX Runtime's
     # antialiased uint8 resize is Pillow's (two fixed-point passes rounded to uint8), and the decoded image
     # needs no copy into float or another layout
-    x = node("Resize", [x, "", "", hw], ["resized"], mode=mode, antialias=1 if mode != "nearest" else 0,
+    x = node("Resize", [x, "", "", sizes], ["resized"], mode=mode, antialias=1 if mode != "nearest" else 0,
              axes=[1, 2], coordinate_transformation_mode="half_pixel" if mode != "nearest" else "asymmetric", **extra)
-    # centre crop, offsets round((side - crop) / 2) half to even like Python's round(), and channels 0..2
-    c = const("crop", [pp.crop], np.int64)
-    cc = node("Concat", [c, c], ["cc"], axis=0)
-    margin = node("Cast", [node("Sub", [hw, cc], ["margin_i"])], ["margin"], to=TensorProto.FLOAT)
-    top_left = node("Cast", [node("Round", [node("Div", [margin, const("two_f", 2.0, np.float32)], ["half_margin"])],
-                                  ["offset_f"])], ["offset"], to=TensorProto.INT64)
+    # centre crop, offsets round(margin / 2) half to even like Python's round(): (m + (m // 2) % 2) // 2 in
+    # integers; and channels 0..2
+    two = const("two_i", [2], np.int64)
+    margin = node("Sub", [sizes, const("cc", [pp.crop, pp.crop], np.int64)], ["margin"])
+    odd_half = node("Mod", [node("Div", [margin, two], ["half_margin"]), two], ["odd_half"])
+    top_left = node("Div", [node("Add", [margin, odd_half], ["margin_even"]), two], ["offset"])
     start = node("Concat", [top_left, const("c0", [0], np.int64)], ["crop_start"], axis=0)
-    end = node("Concat", [node("Add", [top_left, cc], ["crop_end_hw"]), const("c3", [3], np.int64)], ["crop_end"], axis=0)
+    end = node("Add", [start, const("crop_extent", [pp.crop, pp.crop, 3], np.int64)], ["crop_end"])
     x = node("Slice", [x, start, end, const("axes123", [1, 2, 3], np.int64)], ["cropped"])
     if pp.color == "RGB":  # a grey image -> RGB by replication (commutes with the resize)
         x = node("Expand", [x, ones3], ["rgb"])
-    x = node("Cast", [node("Transpose", [x], ["nchw_u8"], perm=[0, 3, 1, 2])], ["nchw"], to=TensorProto.FLOAT)
-    # (x * scale - mean) / std as one multiply-add per channel; then the static shape [N, C, crop, crop],
-    # so that ONNX Runtime plans the model's memory as for the plain file
+    x = node("Transpose", [x], ["nchw_u8"], perm=[0, 3, 1, 2])
+    # (x * scale - mean) / std = (x - mean / scale) * (scale / std): one DequantizeLinear per channel from
+    # uint8, whose zero point is mean / scale when that is a whole number (EfficientNet-Lite's 127), else 0
+    # and an Add of -mean / std
     ch = pp.channels
     a_ = np.float32(pp.scale) / np.asarray(pp.std, np.float32)
-    b_ = -np.asarray(pp.mean, np.float32) / np.asarray(pp.std, np.float32)
-    x = node("Mul", [x, const("norm_a", a_.reshape(1, ch, 1, 1), np.float32)], ["scaled"])
-    x = node("Add", [x, const("norm_b", b_.reshape(1, ch, 1, 1), np.float32)], ["normalized_dyn"])
+    zp = np.asarray(pp.mean, np.float64) / float(pp.scale)
+    whole = bool(np.all(np.abs(zp - np.round(zp)) < 1e-6) and np.all((np.round(zp) >= 0) & (np.round(zp) <= 255)))
+    zp_ = np.round(zp).astype(np.uint8) if whole else np.zeros(ch, np.uint8)
+    if np.all(a_ == a_[0]) and np.all(zp_ == zp_[0]):  # one scale and zero point for all channels: ORT's faster path
+        a_, zp_ = a_[:1].reshape(()), zp_[:1].reshape(())
+    x = node("DequantizeLinear", [x, const("norm_a", a_, np.float32), const("norm_zp", zp_, np.uint8)],
+             ["scaled"], axis=1)
+    if not whole:
+        b_ = -np.asarray(pp.mean, np.float32) / np.asarray(pp.std, np.float32)
+        x = node("Add", [x, const("norm_b", b_.reshape(1, ch, 1, 1), np.float32)], ["normalized_dyn"])
     nodes.append(helper.make_node("Reshape", [x, const("static_shape", [-1, ch, pp.crop, pp.crop], np.int64)], [out],
                                   name=P + "normalized"))
     return nodes, inits

@@ -1,10 +1,12 @@
 /* The page: load an edgexfer end-to-end model (model.e2e.onnx: decoded uint8 pixels in, probabilities
  * out) with onnxruntime-web's WASM backend, served from this page's own origin (vendor/: no CDN), and
  * classify the images given to it. ?model=URL picks another file. For tests, ?images=a.png,b.png
- * classifies those and POSTs the results as JSON to ?report=URL. */
+ * classifies those (their ?top_k=K best classes, 3 unless given) and POSTs the results as JSON to
+ * ?report=URL. */
 "use strict";
 const params = new URLSearchParams(location.search);
 const MODEL_URL = params.get("model") || "model.e2e.onnx";
+const LIST_TOP_K = Math.max(1, parseInt(params.get("top_k"), 10) || 3);
 const $ = (id) => document.getElementById(id);
 ort.env.wasm.wasmPaths = new URL("vendor/", location.href).href;
 ort.env.wasm.numThreads = 1;   // threads need cross-origin isolation, which a plain static server lacks
@@ -89,7 +91,7 @@ load().then(async () => {
   let last;
   for (const url of images.split(",")) {
     try {
-      last = await classify(url);
+      last = await classify(url, LIST_TOP_K);
       results.push({ image: url, predictions: last.predictions, ms: last.ms });
     } catch (e) {
       results.push({ image: url, error: e.message });
