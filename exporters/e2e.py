@@ -23,9 +23,11 @@ Pillow's exact integer ITU-R 601-2 weights (grey models only); shorter-side resi
 ``preprocessing.resize`` on the uint8 NHWC image (Resize opset 18, antialias=1, half-pixel: ONNX Runtime's
 uint8 path computes Pillow's filter in fixed point with a rounded uint8 pass per axis; the longer side
 becomes floor(resize * long / short) as in `resize_crop`); centre crop with Python's round-half-even
-offsets and channels 0..2 (RGBA -> RGB); grey -> RGB by replication (RGB models); NCHW float32,
-x * (scale / std) - mean / std; a Reshape to the static [N, C, crop, crop]. Pixels match Pillow's but for
-a rare one-level tie (tests/test_e2e.py holds pixels and probabilities against the reference).
+offsets and channels 0..2 (RGBA -> RGB); grey -> RGB by replication (RGB models); NCHW float32 by one
+DequantizeLinear, (x - mean / scale) * (scale / std) (and an Add when mean / scale is no whole number); a
+Reshape to the static [N, C, crop, crop]. Pixels match Pillow's but for a few in a thousand one level apart
+(ONNX Runtime's resize weights are computed in float, Pillow's in double; tests/test_e2e.py holds pixels and
+probabilities against the reference).
 """
 from __future__ import annotations
 
