@@ -96,7 +96,10 @@ def main() -> None:
                       f"preprocessing {r['preprocessing_ms']['in_graph']:.2f} ms "
                       f"({100 * r['in_graph_share_of_model_p50']:.1f}% of it), Python preprocessing "
                       f"{r['preprocessing_ms']['python']:.2f} ms")
-    doc = {"schema": "edgexfer.bench_e2e/1", "source": source, "machine": machine_info(),
+    from render_results import provenance
+
+    doc = {"schema": "edgexfer.bench_e2e/1", "command": "python benchmarks/bench_e2e.py" + (f" --run {a.run}" if a.run else ""),
+           **provenance(), "source": source, "machine": machine_info(),
            "config": {"threads": cfg.threads, "iters": cfg.iters, "warmup": cfg.warmup},
            "bound": {"in_graph_share_of_model_p50_at_most": BOUND},
            "photos": results,
