@@ -359,10 +359,10 @@ def bench(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | Non
     if not files:
         raise RunFolderError(f"no ONNX file in {run.path}; run `edgexfer export {run.path}` first")
     run.begin("bench")
-    res = run_benchmark(list(files.values()),
-                        RuntimeBench(threads=b.threads, warmup=b.warmup, iters=b.iters, batches=(1, b.batch),
-                                     cold_start=False, openvino=False),
-                        references=[pytorch_reference] if b.pytorch_reference else [], run_dir=run.path)
+    rb = RuntimeBench(threads=b.threads, warmup=b.warmup, iters=b.iters, batches=(1, b.batch), cold_start=False,
+                      openvino=False)
+    res = run_benchmark(list(files.values()), rb, references=[pytorch_reference] if b.pytorch_reference else [],
+                        run_dir=run.path)
     rows = res["models"]
 
     def entry(r: dict) -> dict:
@@ -372,7 +372,7 @@ def bench(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | Non
     models = {k: {"file": p.name, "size_bytes": p.stat().st_size, **entry(rows[p.name])} for k, p in files.items()}
     out: dict = {"models": models, "machine": res["machine"],
                  "bench": {"interleaved": True, "iters": b.iters, "warmup": b.warmup, "threads": b.threads,
-                           "onnxruntime_spinning": False}}
+                           "onnxruntime_spinning": rb.spinning, "block_calls": rb.block if rb.spinning else 1}}
     if "pytorch_eager" in rows:
         out["reference"] = {"pytorch_eager": entry(rows["pytorch_eager"])}
     run.update_report(**out)

@@ -81,6 +81,7 @@ class Bench(TypedDict, total=False):
     warmup: int
     interleaved: bool
     onnxruntime_spinning: bool
+    block_calls: int
     not_measured: Any
     input_shape: Any
 

@@ -47,34 +47,42 @@ class Candidate:
 
 
 def interleaved(candidates: list[Candidate], x: np.ndarray | Mapping[str, np.ndarray], *, warmup: int = 10,
-                iters: int = 100, duration: float = 0.0) -> dict[str, dict]:
+                iters: int = 100, duration: float = 0.0, block: int = 1, pause: float = 0.0) -> dict[str, dict]:
     """Latency of each candidate on input `x` (one array for all, or one per candidate name), interleaved,
     after `warmup` calls each.
 
-    Runs `iters` rounds, or, with `duration` > 0, rounds until that many seconds have passed.
+    Runs `iters` rounds, or, with `duration` > 0, rounds until that many seconds have passed. With `block`
+    > 1 each round gives each candidate `block` calls in a row (about `iters` calls each in all), after a
+    `pause` of that many seconds: what sessions with spinning threads need (ONNX Runtime's default), whose
+    workers busy-wait after a call and would take the cores from the next candidate timed call by call.
     """
     xs = x if isinstance(x, Mapping) else {c.name: x for c in candidates}
     for c in candidates:
         for _ in range(warmup):
             c.fn(xs[c.name])
+    block = max(1, min(int(block), iters) if duration <= 0 else int(block))
     times: dict[str, list[float]] = {c.name: [] for c in candidates}
     start = time.perf_counter()
-    rounds = 0
-    while (time.perf_counter() - start < duration) if duration > 0 else rounds < iters:
+    calls = 0
+    while (time.perf_counter() - start < duration) if duration > 0 else calls < iters:
         for c in candidates:
             xc = xs[c.name]
-            t0 = time.perf_counter()
-            c.fn(xc)
-            times[c.name].append(time.perf_counter() - t0)
-        rounds += 1
+            if pause > 0:
+                time.sleep(pause)
+            for _ in range(block):
+                t0 = time.perf_counter()
+                c.fn(xc)
+                times[c.name].append(time.perf_counter() - t0)
+        calls += block
     return {name: summarize(t) for name, t in times.items()}
 
 
 # -- candidates ------------------------------------------------------------------------------------
 
 def onnx_candidate(name: str, path, threads: int, spinning: bool = False) -> Candidate:
-    """An ONNX Runtime session on the CPU. Spinning is off by default: interleaved with other
-    candidates, ONNX Runtime's busy-waiting threads would steal the cores the next one runs on."""
+    """An ONNX Runtime session on the CPU. Spinning is off by default: timed call by call between other
+    candidates, ONNX Runtime's busy-waiting threads would steal the cores the next one runs on. With
+    spinning (ONNX Runtime's default, and `EdgeModel`'s), time it in blocks (`interleaved(block=...)`)."""
     import onnxruntime as ort
 
     from edgexfer.runtime.model import session_options
@@ -162,7 +170,17 @@ class BenchConfig:
     seed: int = 0
     e2e: bool = True                           # time each file's end-to-end file beside it (e2e_comparison)
     e2e_image: tuple[int, int] = (480, 640)    # height, width of the decoded photo it is timed on
+    # ONNX Runtime as applications run it (its default; EdgeModel's): worker threads spin between calls. The
+    # models are then timed in alternating blocks of `block` calls, each after a pause (the last model's
+    # spinning threads asleep); without spinning, call by call.
+    spinning: bool = True
+    block: int = 20
+    pause: float = 0.02
     extra: dict = field(default_factory=dict)
+
+    def timing(self) -> dict:
+        """interleaved()'s block and pause for this configuration."""
+        return {"block": self.block, "pause": self.pause} if self.spinning else {}
 
 
 def model_files(targets: Sequence[str | os.PathLike]) -> tuple[list[Path], Path | None]:
@@ -195,7 +213,7 @@ def run_benchmark(targets: Sequence[str | os.PathLike], cfg: BenchConfig = Bench
     run_dir = run_dir or found_dir
     metas = {f: EdgeModel(f) for f in files}
     names = _unique_names(files)
-    cands = [onnx_candidate(names[f], f, cfg.threads) for f in files]
+    cands = [onnx_candidate(names[f], f, cfg.threads, spinning=cfg.spinning) for f in files]
     for f, c in zip(files, cands):
         c.shape = metas[f].input_shape
     not_measured: dict[str, str] = {}
@@ -235,8 +253,9 @@ def run_benchmark(targets: Sequence[str | os.PathLike], cfg: BenchConfig = Bench
 
     x1 = inputs(1)
     log(f"single-stream: {', '.join(c.name for c in cands)} interleaved, "
-        + (f"{cfg.duration:g} s" if cfg.duration > 0 else f"{cfg.iters} rounds") + f", {cfg.threads} threads")
-    lat = interleaved(cands, x1, warmup=cfg.warmup, iters=cfg.iters, duration=cfg.duration)
+        + (f"{cfg.duration:g} s" if cfg.duration > 0 else f"{cfg.iters} calls each") + f", {cfg.threads} threads"
+        + (f", ONNX Runtime's spinning threads on (blocks of {cfg.block} calls)" if cfg.spinning else ", no spinning"))
+    lat = interleaved(cands, x1, warmup=cfg.warmup, iters=cfg.iters, duration=cfg.duration, **cfg.timing())
     # Batch 1 is the single-stream run itself: img/s = 1000 / p50. (It used to be a separate run of
     # offline_iters calls after 2 warm-ups, which on a shared machine could read half of 1000 / p50.)
     thr: dict[str, dict] = {c.name: {} for c in cands}
@@ -248,7 +267,7 @@ def run_benchmark(targets: Sequence[str | os.PathLike], cfg: BenchConfig = Bench
             for c in cands:
                 thr[c.name]["1"] = 1e3 / lat[c.name]["p50"]
             continue
-        r = interleaved(cands, inputs(b), warmup=2, iters=cfg.offline_iters)
+        r = interleaved(cands, inputs(b), warmup=2, iters=cfg.offline_iters, **cfg.timing())
         for c in cands:
             thr[c.name][str(b)] = b / (r[c.name]["p50"] / 1e3)
 
@@ -273,8 +292,8 @@ def run_benchmark(targets: Sequence[str | os.PathLike], cfg: BenchConfig = Bench
     if cfg.sweep:
         log(f"thread sweep {', '.join(map(str, cfg.sweep))}")
         for t in cfg.sweep:
-            cs = [onnx_candidate(names[f], f, t) for f in files]
-            r = interleaved(cs, {c.name: x1[c.name] for c in cs}, warmup=5, iters=max(20, cfg.iters // 4))
+            cs = [onnx_candidate(names[f], f, t, spinning=cfg.spinning) for f in files]
+            r = interleaved(cs, {c.name: x1[c.name] for c in cs}, warmup=5, iters=max(20, cfg.iters // 4), **cfg.timing())
             for f in files:
                 results[names[f]].setdefault("thread_sweep_p50_ms", {})[str(t)] = r[names[f]]["p50"]
     e2e = {}
@@ -313,7 +332,7 @@ def e2e_comparison(path, cfg: BenchConfig, log: Callable[[str], None] = lambda s
     from edgexfer.runtime.model import EdgeModel
     from edgexfer.runtime.preprocess import normalize, resize_crop
 
-    m = EdgeModel(path, threads=cfg.threads, spinning=False)
+    m = EdgeModel(path, threads=cfg.threads, spinning=cfg.spinning)
     sess = m._e2e()
     if sess is None:
         if not m.e2e_why.startswith("no "):
@@ -337,7 +356,7 @@ def e2e_comparison(path, cfg: BenchConfig, log: Callable[[str], None] = lambda s
     feeds = {cands[0].name: x, cands[1].name: img, cands[2].name: arr}
     log(f"end-to-end: {e2e_file.name} against {name} + Python preprocessing, from a decoded "
         f"{cfg.e2e_image[1]}x{cfg.e2e_image[0]} photo, interleaved")
-    lat = interleaved(cands, feeds, warmup=cfg.warmup, iters=cfg.iters, duration=cfg.duration)
+    lat = interleaved(cands, feeds, warmup=cfg.warmup, iters=cfg.iters, duration=cfg.duration, **cfg.timing())
     alone, python, e2e = (lat[c.name] for c in cands)
     return {"file": e2e_file.name, "size_bytes": e2e_file.stat().st_size, "image_hw": list(cfg.e2e_image),
             "input_shape": [1, *m.input_shape],
@@ -374,7 +393,9 @@ def to_markdown(res: dict) -> str:
     lines = [f"Machine: {m['cpu']} ({m['arch']}, {m['cores']} cores; flags {', '.join(m['flags']) or 'none'}); "
              f"onnxruntime {m['onnxruntime']}. "
              + ("Each model on an input of its own size (input column)" if mixed else f"Input {res['input_shape']}")
-             + f", {cfg['threads']} threads, interleaved.", "",
+             + f", {cfg['threads']} threads, "
+             + (f"ONNX Runtime's spinning threads on (its default), models alternating in blocks of {cfg['block']} calls."
+                if cfg.get("spinning") else "no spinning, interleaved call by call."), "",
              "| model | backend |" + (" input |" if mixed else "") + " size MB | p50 ms | p90 ms | p99 ms | max ms | "
              "× first (p50) | " + " | ".join(f"img/s @{b}" for b in batches)
              + (" | ready s | first result s | peak RSS MB |" if cold else " |"),
@@ -420,10 +441,16 @@ _BACKEND_NAMES = {"openvino": "OpenVINO", "pytorch_eager": "PyTorch eager"}
 def column_notes(res: dict, cold: bool) -> list[str]:
     """What each column of the table is, in the words of how it was measured."""
     cfg = res["config"]
-    run = f"{cfg['duration']:g} s of rounds" if cfg.get("duration", 0) > 0 else f"{cfg['iters']} rounds"
+    if cfg.get("spinning"):
+        run = ((f"{cfg['duration']:g} s of rounds" if cfg.get("duration", 0) > 0 else f"{cfg['iters']} calls each, in rounds")
+               + f" that give each model {cfg['block']} calls in a row after a {1000 * cfg['pause']:g} ms pause (ONNX Runtime's "
+               "threads spin between calls, as in an application; the pause lets the last model's threads sleep)")
+    else:
+        run = (f"{cfg['duration']:g} s of rounds" if cfg.get("duration", 0) > 0 else f"{cfg['iters']} rounds") + \
+            " that call each model once in turn (ONNX Runtime's threads not spinning)"
     big = [b for b in cfg["batches"] if b != 1]
     out = ["- size MB: the model file on disk (blank for a reference backend).",
-           f"- p50 ms, p90 ms, p99 ms, max ms: percentiles of the time of one batch-1 call, over {run} that call each model once in turn, after "
+           f"- p50 ms, p90 ms, p99 ms, max ms: percentiles of the time of one batch-1 call, over {run}, after "
            f"{cfg['warmup']} warm-up calls each (single stream).",
            "- × first (p50): this row's p50 over the first row's (below 1: faster).",
            *(["- img/s @1: 1000 / p50, from the same single-stream run."] if 1 in cfg["batches"] else []),

@@ -204,6 +204,9 @@ def _ns(**kw) -> SimpleNamespace:
 @click.option("--batches", type=Ints(), default="1,8,32", help="Offline throughput batch sizes.")
 @click.option("--sweep", type=Ints(), default=None, is_flag=False, flag_value=(), show_default="no sweep",
               help="Thread sweep, e.g. --sweep 1,2,4 (bare --sweep: 1, 2, 4 and all cores).")
+@click.option("--spinning/--no-spinning", default=True, show_default=True,
+              help="ONNX Runtime's worker threads spin between calls (its default, as applications run it); the "
+                   "models are then timed in alternating blocks of 20 calls. --no-spinning: call by call.")
 @click.option("--no-cold-start", is_flag=True, help="Skip the fresh-process cold-start measurement.")
 @click.option("--no-reference", is_flag=True, help="Skip the PyTorch and OpenVINO references.")
 @click.option("--json", "json_", type=click.Path(path_type=Path), default=None, show_default="none",
@@ -350,7 +353,7 @@ def bench_cmd(a, references) -> None:
     sweep = () if a.sweep is None else (a.sweep or tuple(sorted({1, 2, 4, cores} & set(range(1, cores + 1)))))
     cfg = BenchConfig(threads=a.threads, warmup=a.warmup, iters=a.iters, duration=a.duration, batches=a.batches,
                       sweep=sweep, cold_start=not a.no_cold_start, openvino=not a.no_reference,
-                      references=not a.no_reference)
+                      references=not a.no_reference, spinning=a.spinning)
     steps = 1 + bool(cfg.batches) + cfg.cold_start + bool(cfg.sweep)  # single stream, offline, cold start, sweep
     with Progress("bench", of=steps).ticking() as progress:
         res = run_benchmark(a.models, cfg, references=references, log=progress.log)
