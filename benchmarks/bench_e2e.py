@@ -100,7 +100,8 @@ def main() -> None:
 
     doc = {"schema": "edgexfer.bench_e2e/1", "command": "python benchmarks/bench_e2e.py" + (f" --run {a.run}" if a.run else ""),
            **provenance(), "source": source, "machine": machine_info(),
-           "config": {"threads": cfg.threads, "iters": cfg.iters, "warmup": cfg.warmup},
+           "config": {"threads": cfg.threads, "iters": cfg.iters, "warmup": cfg.warmup, "spinning": cfg.spinning,
+                      "block": cfg.block},
            "bound": {"in_graph_share_of_model_p50_at_most": BOUND},
            "photos": results,
            "within_bound": {size: {f: r["in_graph_share_of_model_p50"] <= BOUND for f, r in rs.items()}

@@ -33,6 +33,7 @@ import argparse
 import http.client
 import json
 import multiprocessing as mp
+import os
 import re
 import shutil
 import socket
@@ -341,6 +342,20 @@ def run_grpc(port: int, name: str, x: np.ndarray, clients: int, seconds: float) 
             "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)), "max_ms": float(ms.max())}
 
 
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, all threads) a running process has used, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_s() -> float:
+    """CPU seconds of this process's finished (waited-for) children: the load generator's client processes."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def grpc_vs_rest(name: str, source: Path, path: Path, a) -> dict:
     """One server (`--grpc-port` beside REST, batching, 1 instance x 1 thread) loaded by the same 32 clients
     over REST (binary tensor extension) and over gRPC (raw_input_contents), alternating `a.rounds` times
@@ -355,10 +370,15 @@ def grpc_vs_rest(name: str, source: Path, path: Path, a) -> dict:
         grpc_check_once(gport, name, x, want)
         for _ in range(a.rounds):
             for kind in ("rest", "grpc"):
-                load = loadavg()
+                load, server0, clients0 = loadavg(), process_cpu_s(p.pid), children_cpu_s()
                 r = (run_python(port, f"/v2/models/{name}/infer", body, header_len, a.clients, a.seconds)
                      if kind == "rest" else run_grpc(gport, name, x, a.clients, a.seconds))
                 r["loadavg_1m_before"] = load
+                # what each request cost the server's process and the load generator's, in CPU time: on shared
+                # cores the clients' cost lowers the throughput too, so the server's own is what a remote
+                # client would see
+                r["server_cpu_s"] = process_cpu_s(p.pid) - server0
+                r["clients_cpu_s"] = children_cpu_s() - clients0
                 runs[kind].append(r)
                 print(f"{name:>9} {kind:>4}: {r['throughput_rps']:7.0f} req/s, p50 {r['p50_ms']:.1f} ms, "
                       f"p99 {r['p99_ms']:.1f} ms, failed {r['failed']}; load {load:.2f}", file=sys.stderr)
@@ -369,9 +389,14 @@ def grpc_vs_rest(name: str, source: Path, path: Path, a) -> dict:
            "server": {"max_batch_size": a.max_batch_size, "max_queue_delay_ms": a.max_queue_delay_ms,
                       "threads": 1, "instances": 1}, "runs": runs}
     for kind, rs in runs.items():
+        n_req = sum(r["requests"] for r in rs)
         out[kind] = {"mean_rps": float(np.mean([r["throughput_rps"] for r in rs])),
-                     "failed": sum(r["failed"] for r in rs)}
+                     "failed": sum(r["failed"] for r in rs),
+                     "server_cpu_ms_per_request": 1e3 * sum(r["server_cpu_s"] for r in rs) / max(1, n_req),
+                     "clients_cpu_ms_per_request": 1e3 * sum(r["clients_cpu_s"] for r in rs) / max(1, n_req)}
     out["grpc_over_rest"] = out["grpc"]["mean_rps"] / out["rest"]["mean_rps"]
+    out["grpc_over_rest_server_cpu_per_request"] = (out["grpc"]["server_cpu_ms_per_request"]
+                                                    / out["rest"]["server_cpu_ms_per_request"])
     out["bound_met"] = out["grpc_over_rest"] >= 1 and out["grpc"]["failed"] == 0 and out["rest"]["failed"] == 0
     return out
 

@@ -364,13 +364,24 @@ def section_serve_grpc() -> str:
     if not (RESULTS / "serve_grpc.json").is_file():
         return ""
     g = load("serve_grpc.json")
+    cpu = all("server_cpu_ms_per_request" in v["rest"] for v in g["grpc_vs_rest"].values())
     rows = [[k, v["file"], "×".join(map(str, v["input"])), f"{v['rest']['mean_rps']:,.0f}", f"{v['grpc']['mean_rps']:,.0f}",
-             n(v["grpc_over_rest"], 2), v["rest"]["failed"] + v["grpc"]["failed"]] for k, v in g["grpc_vs_rest"].items()]
+             n(v["grpc_over_rest"], 2),
+             *([n(v["rest"]["server_cpu_ms_per_request"], 3), n(v["grpc"]["server_cpu_ms_per_request"], 3),
+                n(v["rest"]["clients_cpu_ms_per_request"], 3), n(v["grpc"]["clients_cpu_ms_per_request"], 3)] if cpu else []),
+             v["rest"]["failed"] + v["grpc"]["failed"]] for k, v in g["grpc_vs_rest"].items()]
+    cols = ["model", "file", "input", "REST req/s", "gRPC req/s", "gRPC / REST",
+            *(["server CPU ms/req, REST", "server CPU ms/req, gRPC", "clients' CPU ms/req, REST", "clients' CPU ms/req, gRPC"]
+              if cpu else []), "failed"]
     return "\n".join(["### gRPC beside REST (`python benchmarks/bench_serve.py RUN --grpc` → results/serve_grpc.json)", "",
                       prov("serve_grpc.json", g), "",
                       f"{g['clients']} clients for {g['seconds']:.0f} s per run, REST and gRPC alternating on one server "
                       f"({g['load_generator']}).", "",
-                      table(["model", "file", "input", "REST req/s", "gRPC req/s", "gRPC / REST", "failed"], rows)])
+                      table(cols, rows),
+                      *(["", "CPU per request: the server process's user + system time (from /proc) and the client processes' "
+                         "(their rusage), over the requests answered. The clients share the server's cores, so what they "
+                         "spend is taken from the server: the server's own CPU per request is what clients on another "
+                         "machine would meet."] if cpu else [])])
 
 
 def section_e2e() -> str:
@@ -387,8 +398,10 @@ def section_e2e() -> str:
         bound = e["bound"]["in_graph_share_of_model_p50_at_most"]
         out += ["## End-to-end files (issue 15; `python benchmarks/bench_e2e.py` → results/e2e.json)", "",
                 prov("e2e.json", e, command=e.get("command") or "python benchmarks/bench_e2e.py"), "",
-                f"{e['source']}; batch 1, {e['config']['iters']} interleaved rounds, {e['config']['threads']} threads, "
-                "decoding excluded. p50 ms:", "",
+                f"{e['source']}; batch 1, {e['config']['iters']} "
+                + (f"calls each, ONNX Runtime's default session (spinning threads), the files alternating in blocks of "
+                   f"{e['config']['block']} calls" if e["config"].get("spinning") else "interleaved rounds")
+                + f", {e['config']['threads']} threads, decoding excluded. p50 ms:", "",
                 table(["photo", "file", "model alone", "plain + Python preprocessing", "end-to-end", "Python preprocessing",
                        "in-graph preprocessing", "in-graph / model"], rows), "",
                 f"Bound: in-graph preprocessing ≤ {bound:.2f} of the model's p50 — met at: "
