@@ -125,6 +125,19 @@ def labelled_evidence(fp32: Path, xv: np.ndarray, yv: np.ndarray, threads: int |
     return mean_task_accuracy(ref, yv), evidence
 
 
+def shipped_row(g: dict) -> dict:
+    """The guard record's row of the file it shipped: the QAT row when QAT won, else the candidate it chose
+    (by index: the ranked and the prefix fallback can each try a candidate keeping as many layers in FP32),
+    else the first candidate keeping as many layers (records without the index), else `g["shipped"]`."""
+    if g.get("qat", {}).get("chosen"):
+        return g["qat"]["row"]
+    i = g.get("chosen_candidate")
+    if isinstance(i, int) and 0 <= i < len(g.get("candidates", ())):
+        return g["candidates"][i]
+    return next((c for c in g.get("candidates", ()) if c.get("fp32_layers") == g.get("chosen_fp32_layers")
+                 and "inc_trial" not in c), g.get("shipped", {}))
+
+
 def summarize(g: dict, info: dict, val_images: int, fp32_val_accuracy: float | None, shipped: dict) -> None:
     """Add to the guard record `g` how sure it is: the agreement set, the shipped file's disagreement with a
     95% Wilson upper bound, its labelled validation drop with the standard error, and one plain sentence.

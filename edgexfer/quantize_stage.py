@@ -13,6 +13,7 @@ import numpy as np
 from edgexfer.bounds import within
 from edgexfer.config import RunConfig
 from edgexfer.errors import RunFolderError
+from edgexfer.guard import shipped_row
 from edgexfer.runfolder import FILES, RunFolder, Workspace
 
 log = logging.getLogger(__name__)
@@ -68,10 +69,7 @@ def quantize(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | 
         rec = _qat(run, cfg, ws, fp32, recipe, calib, rec, agreement, at_least, evidence)
         g["guard_set"] = describe(info) + " (top-1 agreement with FP32)"
         g["host_measures_faithfully"] = target["host_measures_faithfully"]
-        shipped = g["qat"]["row"] if g["qat"].get("chosen") else \
-            next((c for c in g["candidates"] if c.get("fp32_layers") == g["chosen_fp32_layers"]
-                  and "inc_trial" not in c), g.get("shipped", {}))
-        summarize(g, info, len(yv), fp32_val, {"agreement": g["shipped_accuracy"], **shipped})
+        summarize(g, info, len(yv), fp32_val, {"agreement": g["shipped_accuracy"], **shipped_row(g)})
         log.info("accuracy guard (%s): %d of %d weighted layers kept in FP32; %s", g["tuner"], g["chosen_fp32_layers"],
                  g["quantizable_layers"], g["confidence"])
     else:
@@ -207,8 +205,7 @@ def _arm64_guard(cfg, fp32: Path, out: Path, recipe, calib, xv, yv) -> dict:
     g["tuner"] = "built-in: early layers kept in FP32, scored on arm64 (INC tunes on this host's accuracy)"
     g["guard_set"] = f"{len(ys)} validation images (seeded sample), scored by the arm64 runtime under qemu"
     g["fp32_host_accuracy"] = host_accuracy(fp32)
-    g["shipped_host_accuracy"] = next(c["host_accuracy"] for c in g["candidates"]
-                                      if c["fp32_layers"] == g["chosen_fp32_layers"])
+    g["shipped_host_accuracy"] = shipped_row(g)["host_accuracy"]
     g["host_measures_faithfully"] = False
     log.info("accuracy guard on arm64 (emulated, %d validation images): %d of %d weighted layers kept in FP32; "
              "arm64 accuracy %.4f (this host %.4f) vs FP32 %.4f (bound %.3f)", len(ys), g["chosen_fp32_layers"],

@@ -375,6 +375,7 @@ def guarded_quantize(fp32_path: str | Path, out_path: str | Path, calib: np.ndar
     at_least = {s.name: s.limit for s in scorers if s.role == "at_least"}
     g = {"fp32_accuracy": main.reference, "max_accuracy_drop": max_drop, "candidates": tried,
          "chosen_fp32_layers": row["fp32_layers"], "layers_kept_fp32": list(cand.nodes_to_exclude),
+         "chosen_candidate": next(i for i, r in enumerate(tried) if r is row),  # two may keep as many layers
          "shipped_accuracy": row["guard_accuracy"], "measured_on": main.measured_on,
          "within_bound": row["within_bound"], "quantizable_layers": len(nodes),
          "calibration": {"calibrations": 1 if cal.ranges is not None else len(tried),

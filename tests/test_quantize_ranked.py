@@ -108,6 +108,23 @@ def test_ranked_fallback_keeps_the_harmful_layer_not_the_first(tiny_run, tmp_pat
     assert g["candidates"][0]["order"] == "plain" and g["candidates"][0]["fp32_layers"] == 0
     costs = [c["est_cost_ms"] for c in g["candidates"][1:]]
     assert costs == sorted(costs) and "est_speedup" in g["candidates"][-1]
+    chosen = g["candidates"][g["chosen_candidate"]]
+    assert chosen["within_bound"] and chosen["guard_accuracy"] == g["shipped_accuracy"]
+
+
+def test_the_shipped_row_is_the_chosen_candidate_not_the_first_as_large():
+    """Two fallback families can each try a candidate keeping 2 layers in FP32; the validation figures
+    reported for the shipped file are those of the one the guard chose (a run once reported a +3.0-point
+    validation drop, the first 2-layer candidate's, for a file whose own drop was +0.5)."""
+    from edgexfer.guard import shipped_row
+
+    cands = [{"fp32_layers": 0, "val_drop": 0.01}, {"fp32_layers": 2, "val_drop": 0.03},
+             {"fp32_layers": 2, "val_drop": 0.005}]
+    g = {"candidates": cands, "chosen_fp32_layers": 2, "chosen_candidate": 2, "qat": {}}
+    assert shipped_row(g) is cands[2]
+    assert shipped_row({**g, "qat": {"chosen": True, "row": {"val_drop": 0.0}}}) == {"val_drop": 0.0}
+    old = {k: v for k, v in g.items() if k != "chosen_candidate"}  # a record from before the index
+    assert shipped_row(old) is cands[1]
 
 
 def test_ranking_waits_until_plain_int8_misses(tiny_run, tmp_path, monkeypatch):
