@@ -557,7 +557,10 @@ def main() -> int:
             res["grpc_vs_rest"] = {name: grpc_vs_rest(name, Path(a.run), Path(path), a),
                                    "tinycnn": grpc_vs_rest("tinycnn", cnn, cnn, a)}
         res["loadavg_1m_end"] = loadavg()
-        res["machine"] = machine_info()
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from render_results import provenance
+
+        res.update(provenance())
         out = a.out.with_name("serve_grpc.json") if a.out.name == "serve.json" else a.out
         out.write_text(json.dumps(res, indent=2) + "\n")
         print(json.dumps({m: {k: r[k] for k in ("rest", "grpc", "grpc_over_rest", "bound_met")}
