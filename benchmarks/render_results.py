@@ -271,13 +271,86 @@ def section_transfer() -> str:
     return "\n".join(out)
 
 
+ADAPT_LABELS = {"fp32": "FP32 (`model.onnx`)", "shipped_int8": "INT8 the guard shipped (`model.int8.onnx`)",
+                "plain_int8": "plain INT8 (every weighted layer; same recipe and calibration)"}
+
+
+def _adapt_qat(qat: dict | None) -> str:
+    """What the quantize stage's quantization-aware fine-tuning (`--qat auto`) did, in words from its record."""
+    if not qat:
+        return ""
+    if not qat.get("tried"):
+        return f" Quantization-aware fine-tuning not tried: {qat.get('reason', 'reason not recorded')}."
+    sp = qat.get("speedup") or {}
+    return (f" Quantization-aware fine-tuning tried ({qat.get('reason', 'reason not recorded')}): agreement "
+            + (n(qat["agreement"]) if "agreement" in qat else "not recorded")
+            + (f", {ratio(sp['qat'])} FP32 (PTQ {ratio(sp['ptq'])}, the stage's own timing)" if "qat" in sp else "")
+            + f"; {'shipped' if qat.get('chosen') else 'not shipped'}: {qat.get('why', 'reason not recorded')}.")
+
+
 def section_adabn_int8() -> str:
-    return """### INT8 after AdaBN and `--min-target-agreement` (not reproducible: no figures)
+    """Issue 17's third bound: INT8 after --adapt-bn on a low-contrast target domain (bench_adapt_int8.py)."""
+    if not (RESULTS / "adapt_int8.json").is_file():
+        return """### INT8 after AdaBN and `--min-target-agreement` (not reproducible: no figures)
 
 The default `--min-target-agreement 0.90` comes from a one-off experiment on an `--adapt-bn` model (plain INT8
 agreed poorly with FP32 on the unlabelled target images and lost much accuracy on the shifted test images,
 although it scored well on the source test split; keeping early layers in FP32 restored both). Its scripts
 were not kept, so its figures are not published here; re-measuring it needs a committed script first."""
+    d = load("adapt_int8.json")
+    c, q, b, f = d["case"], d["quantize"], d["bounds"], d["files"]
+    g, ta = q["guard"], q.get("target_agreement") or {}
+    a = c.get("adaptation") or {}
+    ns, nc = c["shifted_test_images"]["count"], c["clean_test_images"]["count"]
+    out = ["## INT8 after AdaBN on a low-contrast target domain (issue 17; `python benchmarks/bench_adapt_int8.py` → "
+           "results/adapt_int8.json)", "", prov("adapt_int8.json", d), "",
+           f"The case, built with the CLI: `{c['cli']}` (run folder `{c['run']}`; {c['data']}, "
+           f"{c['labelled']['shots']} labels per class, strategy {c['strategy']}). The target domain: "
+           f"{c['target_images']['count']} unlabelled images, {c['shift']}. AdaBN was "
+           + ("**reverted** by its label-free checks" if a.get("kept") is False else "kept")
+           + (f" ({'; '.join(a['reasons'])})" if a.get("reasons") else "") + ". INT8 calibrated on "
+           f"{q['calibrated_on']}. Scored on {ns} held-out low-contrast test images (labelled, used nowhere else) and "
+           f"on the run's {nc} clean test images, preprocessed by the file's own metadata; latency at batch 1, "
+           f"{d['latency']['threads']} threads: {d['latency']['p50_ms']}; and {d['latency']['p50_ms_no_spinning']}.", ""]
+    rows = []
+    for k, r in f.items():
+        rows.append([ADAPT_LABELS.get(k, k), "–" if r.get("fp32_layers") is None else r["fp32_layers"],
+                     n(r["shifted_test_accuracy"]), n(r["clean_test_accuracy"]), n(r["shifted_agreement_with_fp32"]),
+                     n(r["clean_agreement_with_fp32"]), n(r["p50_ms"], 2), ratio(r["speedup_vs_fp32"]),
+                     n(r["p50_ms_no_spinning"], 2), ratio(r["speedup_no_spinning"])])
+    out += [table(["file", "layers kept FP32", f"shifted test accuracy ({ns})", f"clean test accuracy ({nc})",
+                   "top-1 agreement with FP32 (shifted)", "top-1 agreement with FP32 (clean)",
+                   "p50 ms (ORT default: spinning)", "vs FP32", "p50 ms (no spinning)", "vs FP32 (no spinning)"], rows), ""]
+    kept = g.get("layers_kept_fp32") or []
+    allfp = next((x for x in g.get("candidates", []) if x.get("fp32_layers") == g["quantizable_layers"]), None)
+    out += [f"The guard ({g.get('tuner', 'not recorded')}; {g.get('fallback', '')}): {g['chosen_fp32_layers']} of "
+            f"{g['quantizable_layers']} weighted layers kept in FP32"
+            + (f" ({', '.join(f'`{x}`' for x in kept)})" if 0 < len(kept) <= 6 else "")
+            + f", after {len(g.get('candidates', []))} candidate(s)"
+            + (f" (every weighted layer in FP32 agreed {n(allfp['guard_accuracy'])} on the guard set, "
+               f"{n(allfp['target_agreement'])} on the target images)" if allfp and "target_agreement" in allfp else "")
+            + "; agreement with FP32 on its guard set "
+            f"{n(g['shipped_accuracy'])} (bound: at most {n(g['max_accuracy_drop'], 2)} lower), on the "
+            f"{ta.get('images', '–')} unlabelled target images "
+            + (n(ta["top1_agreement"]) if "top1_agreement" in ta else "not recorded")
+            + f" (`--min-target-agreement` {n(c['min_target_agreement'], 2)}); within its bounds: "
+            f"{'yes' if g.get('within_bound') else '**no**'}. Guard set: {g.get('guard_set', 'not recorded')}."
+            + _adapt_qat(g.get("qat")), ""]
+    pd = b["plain_int8_shifted_drop_points"]
+    out += ["Bounds, computed from the table (issue 17: on the adapted low-contrast case the guard meets both bounds "
+            "while keeping ≥ 1.2× FP32's batch-1 speed): "
+            f"shipped INT8 {-b['shipped_shifted_drop_points']:+.1f} points against FP32 on the shifted test images: "
+            f"{met(b['shipped_within_1_point_shifted'])} (at most 1 point lower); the guard's own bounds (agreement on "
+            f"its guard set, and on the target images ≥ {n(c['min_target_agreement'], 2)}): "
+            f"{met(b['guard_within_bound'] and b['target_agreement_at_least_min'] is not False)}; shipped INT8 "
+            f"{ratio(b['shipped_speedup'])} FP32 in ORT's default session: {met(b['shipped_at_least_1_2x'])} (≥ 1.2×), "
+            f"{ratio(b['shipped_speedup_no_spinning'])} with spinning off. For contrast, plain INT8: {-pd:+.1f} points "
+            f"on the shifted test images, {ratio(b['plain_int8_speedup'])} FP32.", "",
+            f"Ran contended: {d['contended']['cpus']} cores shared with other work, load average "
+            f"{d['contended']['load_average_at_start'][0]:.1f} at the start, {d['seconds'] / 60:.0f} minutes in all"
+            + ("" if c.get("commands_run_now") else " (the run folder was already complete: only scoring and timing ran)")
+            + "."]
+    return "\n".join(out)
 
 
 def _serve_row(model, cfg, kind, r):
