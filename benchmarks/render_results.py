@@ -349,7 +349,9 @@ were not kept, so its figures are not published here; re-measuring it needs a co
             f"Ran contended: {d['contended']['cpus']} cores shared with other work, load average "
             f"{d['contended']['load_average_at_start'][0]:.1f} at the start, {d['seconds'] / 60:.0f} minutes in all"
             + ("" if c.get("commands_run_now") else " (the run folder was already complete: only scoring and timing ran)")
-            + "."]
+            + "; the run folder's stages took " + ", ".join(f"{k} {v:.0f} s" for k, v in c["stage_seconds"].items()
+                                                           if isinstance(v, (int, float)))
+            + " (report.json)."]
     return "\n".join(out)
 
 
