@@ -456,7 +456,27 @@ def section_serve_grpc() -> str:
                       *(["", "CPU per request: the server process's user + system time (from /proc) and the client processes' "
                          "(their rusage), over the requests answered. The clients share the server's cores, so what they "
                          "spend is taken from the server: the server's own CPU per request is what clients on another "
-                         "machine would meet."] if cpu else [])])
+                         "machine would meet."] if cpu else []),
+                      *_grpc_floor(g)])
+
+
+def _grpc_floor(g: dict) -> list[str]:
+    """grpcio's own cost per call (bench_grpc_floor.py) beside the whole REST path's server CPU per request."""
+    if not (RESULTS / "grpc_floor.json").is_file():
+        return []
+    f = load("grpc_floor.json")
+    rows = [[k, f"{v['calls_per_s']:,.0f}", n(v["server_cpu_ms_per_call"], 3)] for k, v in f["servers"].items()]
+    rest = [(k, v["rest"]["server_cpu_ms_per_request"]) for k, v in g["grpc_vs_rest"].items()
+            if "server_cpu_ms_per_request" in v["rest"]]
+    floor = min(v["server_cpu_ms_per_call"] for v in f["servers"].values())
+    line = ("" if not rest else
+            "The cheapest grpcio server spends " + n(floor, 3) + " ms of CPU on a call that does nothing; the REST server "
+            "spends " + ", ".join(f"{n(c, 3)} ms ({k})" for k, c in rest) + " on a whole request, model included: "
+            + ("a Python gRPC front end cannot answer as many requests per CPU second as the REST one here."
+               if any(c < floor for _, c in rest) else "the floor is below every REST figure."))
+    return ["", "**What grpcio itself costs** (`python benchmarks/bench_grpc_floor.py` → results/grpc_floor.json): "
+            f"{f['servicer']}; {f['clients']}.", "", prov("grpc_floor.json", f), "",
+            table(["grpcio server", "calls/s", "server CPU ms per call"], rows), "", line]
 
 
 def section_e2e() -> str:
