@@ -511,11 +511,63 @@ def quantize_dynamic_int8(fp32_path: str | Path, out_path: str | Path) -> dict:
     return {**meta.quantization, "seconds": time.perf_counter() - t0}
 
 
+def quantize_float_residuals(model) -> int:
+    """Give every float Add that reads a tensor another node quantizes that tensor's quantized value instead
+    (a DequantizeLinear of the existing QuantizeLinear), when the Add's other inputs are dequantized already.
+    INC's QDQ files leave a residual stream in float where two residual Adds follow each other (the first
+    Add's output feeds the next Add directly and a QuantizeLinear for the next conv), so ONNX Runtime can
+    fuse neither into QLinearAdd and runs both Adds in float between a DequantizeLinear and a
+    QuantizeLinear; onnxruntime's own quantizer writes those edges through Q/DQ. Rewrites `model` (an
+    onnx.ModelProto) in place; returns how many inputs it rewired."""
+    from onnx import helper
+
+    g = model.graph
+    producer = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for t in n.input:
+            consumers.setdefault(t, []).append(n)
+    dq_of: dict[str, str] = {}
+    new_nodes: dict[int, list] = {}  # index of the QuantizeLinear -> the DequantizeLinear to put after it
+    rewired = 0
+    for i, q in enumerate(g.node):
+        if q.op_type != "QuantizeLinear":
+            continue
+        t = q.input[0]
+        for c in consumers.get(t, []):
+            if c.op_type != "Add" or c is q:
+                continue
+            others = [x for x in c.input if x != t]
+            if not others or not all(x in producer and producer[x].op_type == "DequantizeLinear" for x in others):
+                continue
+            if t not in dq_of:
+                dq_of[t] = f"{t}_requantized"
+                new_nodes[i] = [helper.make_node("DequantizeLinear", [q.output[0], *q.input[1:]], [dq_of[t]],
+                                                 name=f"{t}_DequantizeLinear_residual",
+                                                 **{a.name: helper.get_attribute_value(a) for a in q.attribute})]
+            for k, x in enumerate(c.input):
+                if x == t:
+                    c.input[k] = dq_of[t]
+                    rewired += 1
+    if new_nodes:
+        nodes = []
+        for i, n in enumerate(g.node):
+            nodes.append(n)
+            nodes += new_nodes.get(i, [])
+        del g.node[:]
+        g.node.extend(nodes)
+    return rewired
+
+
 def finish_tuned(tuned_path: str | Path, fp32_path: str | Path, out_path: str | Path, recipe: Int8Recipe,
-                 tuner: dict) -> None:
+                 tuner: dict, requantize_residuals: bool = True) -> None:
     """Give a file quantized by another tool (INC) the FP32 file's metadata (less its metrics) plus the
-    recipe and tuner."""
+    recipe and tuner, with its float residual Adds fed quantized values (`quantize_float_residuals`), as
+    onnxruntime's quantizer writes them; the caller scores the result, which is what ships."""
     import onnx
 
-    meta = derived_meta(fp32_path, {**recipe.to_dict(), "tuner": tuner.get("tuner")})
-    save_model(set_props(onnx.load(str(tuned_path)), meta), out_path)
+    model = onnx.load(str(tuned_path))
+    fixed = quantize_float_residuals(model) if requantize_residuals else 0
+    meta = derived_meta(fp32_path, {**recipe.to_dict(), "tuner": tuner.get("tuner"),
+                                    **({"residual_adds_requantized": fixed} if fixed else {})})
+    save_model(set_props(model, meta), out_path)

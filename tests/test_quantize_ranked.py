@@ -165,3 +165,52 @@ def test_revert_one_is_the_layer_in_fp32(tiny_run, tmp_path):
     np.testing.assert_allclose(_logits_of(revert_one(plain, floats, cal.nodes[0], producers), x, 1)[0],
                                _logits(tmp_path / "stem.onnx", x, 1)[0], atol=1e-5)
     assert not np.allclose(_logits(cal.plain, x, 1)[0], _logits(tmp_path / "stem.onnx", x, 1)[0], atol=1e-5)
+
+
+def test_float_residual_adds_get_quantized_inputs(tmp_path):
+    """INC leaves a residual stream in float where two residual Adds follow each other (the first Add's
+    output feeds the next Add and a QuantizeLinear); fed a DequantizeLinear of that QuantizeLinear instead,
+    ONNX Runtime fuses both Adds into QLinearAdd, and the outputs stay within a quantization step."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from edgexfer.exporters.quantize import quantize_float_residuals
+
+    def c(name, v, dt):
+        return numpy_helper.from_array(np.asarray(v, dt), name)
+
+    s, z = c("s", 0.05, np.float32), c("z", 128, np.uint8)
+    nodes = []
+    for k in ("a", "b", "c"):  # three quantized branches, as the project convs' outputs
+        nodes += [helper.make_node("QuantizeLinear", [k, "s", "z"], [f"{k}_q"]),
+                  helper.make_node("DequantizeLinear", [f"{k}_q", "s", "z"], [f"{k}_dq"])]
+    nodes += [helper.make_node("Add", ["a_dq", "b_dq"], ["add1"]),
+              helper.make_node("QuantizeLinear", ["add1", "s", "z"], ["add1_q"]),          # for a next conv
+              helper.make_node("DequantizeLinear", ["add1_q", "s", "z"], ["branch"]),
+              helper.make_node("Add", ["c_dq", "add1"], ["add2"]),                        # the float edge
+              helper.make_node("QuantizeLinear", ["add2", "s", "z"], ["add2_q"]),
+              helper.make_node("DequantizeLinear", ["add2_q", "s", "z"], ["out"])]
+    vi = [helper.make_tensor_value_info(k, TensorProto.FLOAT, [1, 8, 4, 4]) for k in ("a", "b", "c")]
+    g = helper.make_graph(nodes, "g", vi, [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 8, 4, 4]),
+                                           helper.make_tensor_value_info("branch", TensorProto.FLOAT, [1, 8, 4, 4])],
+                          [s, z])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    before = model.SerializeToString()
+    assert quantize_float_residuals(model) == 1
+    onnx.checker.check_model(model)
+    add2 = next(n for n in model.graph.node if n.output[0] == "add2")
+    assert "add1" not in add2.input  # it reads the quantized residual now
+
+    def run(m, optimized=None):
+        so = ort.SessionOptions()
+        if optimized:
+            so.optimized_model_filepath = str(optimized)
+        sess = ort.InferenceSession(m, so, providers=["CPUExecutionProvider"])
+        feeds = {k: np.random.default_rng(i).uniform(-2, 2, (1, 8, 4, 4)).astype(np.float32) for i, k in enumerate("abc")}
+        return sess.run(["out"], feeds)[0]
+
+    opt = tmp_path / "opt.onnx"
+    y = run(model.SerializeToString(), opt)
+    ops = [n.op_type for n in onnx.load(str(opt)).graph.node]
+    assert ops.count("QLinearAdd") == 2 and "Add" not in ops, ops
+    assert np.abs(y - run(before)).max() <= 0.05 * 2 + 1e-6  # a step or two of the quantized residual
