@@ -290,6 +290,10 @@ examples/web):
     const out = await s.run({{ image: new ort.Tensor("uint8", rgb, [h, w, 3]) }});   // rgb: Uint8Array
     const top = out.top_k_indices.data;                    // BigInt64Array, best first
 
+The pixels decide the answer: a JPEG decoded by libjpeg-turbo without colour-profile conversion (Pillow,
+sharp in Node.js as examples/node uses it, Chromium) gives the Python path's pixels to the bit; other
+decoders can differ by a few levels.
+
 C/C++ (onnxruntime_cxx_api.h):
 
     Ort::Env env; Ort::Session s(env, "{name}", Ort::SessionOptions{{}});
