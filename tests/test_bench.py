@@ -28,6 +28,9 @@ def test_runtime_bench_document(tiny_run, tmp_path):
         assert r["size_bytes"] > 0
     assert first["p50_ratio_to_first"] == 1.0
     assert second["quantization"]["format"] == "QDQ"
+    # ONNX Runtime's default session (spinning threads), the models in alternating blocks (capped at --iters)
+    assert res["config"]["spinning"] is True and res["config"]["block"] == 20
+    assert "spinning threads on" in p.stdout
     assert "| model.int8.onnx |" in (tmp_path / "b.md").read_text() and "| model.int8.onnx |" in p.stdout
     assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -120,3 +123,20 @@ def test_every_column_is_explained_and_skipped_backends_say_why(tmp_path):
                         "--batches", "1", "--no-cold-start", "--no-reference"], capture_output=True, text=True, check=True)
     assert "Not measured: OpenVINO — not asked for (--no-reference)." in q.stdout
     assert "ready s" not in q.stdout  # no cold-start columns, so no note on them
+
+
+def test_bench_no_spinning_times_call_by_call(tiny_run, tmp_path):
+    """--no-spinning: sessions without spinning threads, one call of each model in turn, and the output says so."""
+    from edgexfer.runtime.bench import Candidate, interleaved
+
+    p = run_cli("bench", tiny_run / "model.onnx", tiny_run / "model.int8.onnx", "--no-spinning", "--iters", "4",
+                "--warmup", "1", "--batches", "1", "--no-cold-start", "--no-reference", "--json", tmp_path / "b.json",
+                check=True)
+    res = json.loads((tmp_path / "b.json").read_text())
+    assert res["config"]["spinning"] is False and "no spinning, interleaved call by call" in p.stdout
+    assert all(r["latency_ms"]["n"] == 4 for r in res["models"].values())
+    # blocks: each candidate's calls come in runs of `block`, and about `iters` calls each in all
+    order = []
+    cands = [Candidate(n, lambda x, n=n: order.append(n)) for n in "ab"]
+    out = interleaved(cands, 0, warmup=0, iters=6, block=3)
+    assert order == list("aaabbbaaabbb") and out["a"]["n"] == out["b"]["n"] == 6
