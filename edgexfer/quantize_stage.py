@@ -251,16 +251,17 @@ def _inc_quantize(run, cfg, fp32, recipe, calib, xg, agreement, evidence) -> dic
             finish_tuned(tuned, fp32, final, recipe, res, requantize_residuals=requantize)
             acc = agreement(final)  # what counts: ONNX Runtime, here, on the file that ships
             shipped = {"agreement": acc, **(evidence(final) if evidence else {})}
+            fixed = read_meta(final).quantization.get("residual_adds_requantized", 0)
             return (acc, shipped, *guard_decision(1.0 - acc, cfg.max_accuracy_drop, shipped.get("val_drop"),
-                                                  shipped.get("val_drop_se")))
+                                                  shipped.get("val_drop_se")), fixed)
 
         # INC's residual Adds fed quantized values (faster: ONNX Runtime fuses them); INC's file as it is when
         # that moves it outside the bound
-        acc, shipped, ok, why = finish(True)
-        if read_meta(final).quantization.get("residual_adds_requantized") and not ok:
+        acc, shipped, ok, why, fixed = finish(True)
+        if fixed and not ok:
             log.info("INC's pick with its residual Adds quantized: %s; scoring it as INC wrote it", why)
-            acc, shipped, ok, why = finish(False)
-        guard["residual_adds_requantized"] = read_meta(final).quantization.get("residual_adds_requantized", 0)
+            acc, shipped, ok, why, fixed = finish(False)
+        guard["residual_adds_requantized"] = fixed
         nodes = quantizable_nodes(fp32)
         from edgexfer.exporters.inspect_model import inspect
 

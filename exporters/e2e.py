@@ -154,8 +154,6 @@ def preprocessing_nodes(meta: ModelMeta, out: str):
     zp = np.asarray(pp.mean, np.float64) / float(pp.scale)
     whole = bool(np.all(np.abs(zp - np.round(zp)) < 1e-6) and np.all((np.round(zp) >= 0) & (np.round(zp) <= 255)))
     zp_ = np.round(zp).astype(np.uint8) if whole else np.zeros(ch, np.uint8)
-    if np.all(a_ == a_[0]) and np.all(zp_ == zp_[0]):  # one scale and zero point for all channels: ORT's faster path
-        a_, zp_ = a_[:1].reshape(()), zp_[:1].reshape(())
     x = node("DequantizeLinear", [x, const("norm_a", a_, np.float32), const("norm_zp", zp_, np.uint8)],
              ["scaled"], axis=1)
     if not whole:
