@@ -9,6 +9,14 @@ on an *agreement set*: no labels needed, so it can use many more images than the
   (a random crop of 35-100% of the area, aspect 3/4-4/3, and a horizontal flip half of the time), each
   through the run's own preprocessing (`edgexfer.runtime.preprocess`: colour, resize, crop, normalize).
 
+When `--adapt-bn` was kept, the model carries the target domain's BatchNorm statistics and is for that
+domain only (on the source domain's labelled images it can score far below what it scored before), so the
+set is the target domain's: its unlabelled images and augmented views of them (`target_set`).
+
+How far FP32 itself can be trusted to repeat its top-1 is measured beside it (`fp32_stability`): FP32 against
+itself with every pixel moved by up to half a level, the rounding by which two decoders or resizers differ.
+No compressed file can agree with FP32 more often than FP32 agrees with itself under that noise.
+
 The set is held in memory as float32, bounded by GUARD_MAX_BYTES (768 MiB: 1,333 images at 224x224x3;
 labelled images past it are a seeded sample). Both limits can be set from the environment
 (EDGEXFER_GUARD_IMAGES, EDGEXFER_GUARD_MAX_MB). The statistics are in `edgexfer.exporters.quantize`
@@ -96,8 +104,62 @@ def agreement_set(ws, unlabelled: np.ndarray | None = None, *, seed: int = 0, mi
     return x, info
 
 
+def target_set(x_target: np.ndarray, files: list, pp, *, seed: int = 0, min_images: int | None = None,
+               max_bytes: int | None = None) -> tuple[np.ndarray, dict]:
+    """The agreement set of a model adapted to a target domain (--adapt-bn kept): `x_target`, its unlabelled
+    images preprocessed (a seeded order of `files`, the folder's image files), and, while that is fewer than
+    `min_images`, seeded augmented views of `files`; at most `max_bytes` in all."""
+    min_images = GUARD_IMAGES if min_images is None else min_images
+    max_bytes = GUARD_MAX_BYTES if max_bytes is None else max_bytes
+    cap = max(1, int(max_bytes // (4 * int(np.prod(x_target.shape[1:])))))
+    u = x_target[:cap]
+    n_aug = max(0, min(cap, min_images) - len(u)) if files else 0
+    x = np.empty((len(u) + n_aug, *x_target.shape[1:]), np.float32)
+    x[:len(u)] = u
+    for j, view in enumerate(augmented_views(list(files), pp, n_aug, seed), start=len(u)):
+        x[j] = view
+    info = {"images": int(len(x)), "domain": "target", "labelled": 0, "unlabelled": int(len(u)),
+            "augmented": int(n_aug), "labelled_available": 0, "bytes": int(x.nbytes), "max_bytes": int(max_bytes),
+            "augmentation": (f"random resized crop ({CROP_AREA[0]:.0%}-{CROP_AREA[1]:.0%} of the area, aspect "
+                             f"{CROP_ASPECT[0]:.2f}-{CROP_ASPECT[1]:.2f}) and horizontal flip of the target images, "
+                             f"seed {seed}, through the run's preprocessing") if n_aug else None}
+    return x, info
+
+
+HALF_LEVEL = 0.5  # pixel levels: the rounding by which two decoders or resizers differ
+
+
+def fp32_stability(fp32: Path, x: np.ndarray, pp, threads: int | None = None, seed: int = 0) -> dict:
+    """How often FP32 gives its own top-1 again when every pixel of `x` (preprocessed by `pp`) moves by a
+    uniform amount within +-HALF_LEVEL of a level (the same amount on every channel of a grey image, whose
+    channels a decoder makes equal): the agreement that no compressed file can be expected to beat."""
+    from edgexfer.evaluate import onnx_logits
+
+    std = np.asarray(pp.std, np.float32).reshape(1, -1, 1, 1)
+    level = np.float32(pp.scale) / std  # one pixel level, in the model's input units, per channel
+    rng = np.random.default_rng(seed)
+    ref = [lg.argmax(1) for lg in onnx_logits(fp32, x, threads=threads)]
+    pixels = x * std + np.asarray(pp.mean, np.float32).reshape(1, -1, 1, 1)  # pixel * scale
+    grey = (np.abs(pixels - pixels[:, :1]).max(axis=(1, 2, 3)) < 1e-4) if x.shape[1] > 1 \
+        else np.ones(len(x), bool)
+    got = []
+    for i in range(0, len(x), 64):
+        xb = x[i:i + 64]
+        noise = rng.uniform(-HALF_LEVEL, HALF_LEVEL, xb.shape).astype(np.float32)
+        g = grey[i:i + 64]
+        noise[g] = noise[g][:, :1]  # broadcast the first channel's noise to every channel of a grey image
+        got.append([lg.argmax(1) for lg in onnx_logits(fp32, xb + noise * level, threads=threads)])
+    agree = float(np.mean([np.mean(np.concatenate([b[t] for b in got]) == r) for t, r in enumerate(ref)]))
+    return {"agreement": agree, "images": int(len(x)), "grey_images": int(grey.sum()),
+            "noise": f"uniform within +-{HALF_LEVEL:g} of a pixel level on every pixel (the same on every channel "
+                     f"of a grey image), seed {seed}"}
+
+
 def describe(info: dict) -> str:
     """'1000 images: 150 labelled (train + validation), 850 augmented views of them'."""
+    if info.get("domain") == "target":
+        s = f"{info['images']} images of the target domain (--adapt-bn kept): {info['unlabelled']} unlabelled"
+        return s + (f", {info['augmented']} augmented views of them" if info["augmented"] else "")
     parts = [f"{info['labelled']} labelled (train + validation"
              + (f", a sample of {info['labelled_available']}" if info["labelled"] < info["labelled_available"] else "")
              + ")"]
@@ -138,7 +200,8 @@ def shipped_row(g: dict) -> dict:
                  and "inc_trial" not in c), g.get("shipped", {}))
 
 
-def summarize(g: dict, info: dict, val_images: int, fp32_val_accuracy: float | None, shipped: dict) -> None:
+def summarize(g: dict, info: dict, val_images: int, fp32_val_accuracy: float | None, shipped: dict,
+              no_validation: str = "no labelled validation images to compare") -> None:
     """Add to the guard record `g` how sure it is: the agreement set, the shipped file's disagreement with a
     95% Wilson upper bound, its labelled validation drop with the standard error, and one plain sentence.
     `shipped` holds the shipped file's "agreement" and, with a validation split, "val_accuracy", "val_drop"
@@ -166,5 +229,5 @@ def summarize(g: dict, info: dict, val_images: int, fp32_val_accuracy: float | N
         s += (f"; on {val_images} labelled validation images it scores {v['int8_accuracy']:.1%} vs FP32 "
               f"{v['fp32_accuracy']:.1%} (drop {100 * v['drop']:+.1f} ± {100 * v['drop_se']:.1f} points).")
     else:
-        s += "; no labelled validation images to compare."
+        s += f"; {no_validation}."
     g["confidence"] = s

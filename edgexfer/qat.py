@@ -328,11 +328,21 @@ def _latency(paths: dict, threads: int) -> dict[str, float]:
     return {k: v["p50"] for k, v in lat.items()}
 
 
-def training_images(cfg, ws) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def training_images(cfg, ws, adapted: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """What QAT trains on: the labelled training images (a seeded sample beyond MAX_LABELLED) and VIEWS
-    augmented views of them for distillation (unlabelled)."""
+    augmented views of them for distillation (unlabelled). `adapted` (--adapt-bn kept: the model is for the
+    target domain, and the source's labels no longer describe what it should do there): no labelled images,
+    distillation only, on the target images and VIEWS augmented views of them."""
     from edgexfer.guard import augmented_views
 
+    if adapted:
+        from edgexfer.data import list_images
+        from edgexfer.quantize_stage import target_images
+
+        x = target_images(cfg, ws, MAX_LABELLED)
+        views = list(augmented_views(list_images(cfg.train.adapt_bn), ws.preprocessing, VIEWS, cfg.data.seed + 1))
+        y0 = ws.tensors("train")[1][:0]
+        return x[:0], y0, np.concatenate([x, np.stack(views)]) if views else x
     xt, yt = ws.tensors("train")
     if len(xt) > MAX_LABELLED:
         keep = np.sort(np.random.default_rng(cfg.data.seed).choice(len(xt), MAX_LABELLED, replace=False))
@@ -341,7 +351,8 @@ def training_images(cfg, ws) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return xt, yt, (np.stack(views) if views else np.zeros((0, *xt.shape[1:]), np.float32))
 
 
-def compete(run, cfg, ws, fp32: Path, recipe, calib: np.ndarray, guard: dict, score) -> tuple[dict, dict | None]:
+def compete(run, cfg, ws, fp32: Path, recipe, calib: np.ndarray, guard: dict, score, adapted: bool = False
+            ) -> tuple[dict, dict | None]:
     """Try QAT when the post-training choice (the run's model.int8.onnx, described by `guard`) misses the bound
     or keeps less than MIN_SPEEDUP of FP32's batch-1 speed; score its file with `score` (the guard's scorers)
     and ship it (replace model.int8.onnx) when it is within the bound and either no PTQ candidate is or it is
@@ -376,8 +387,8 @@ def compete(run, cfg, ws, fp32: Path, recipe, calib: np.ndarray, guard: dict, sc
         entry["reason"] = ("no post-training candidate within the bound" if not within else
                            f"the PTQ choice ({kept} layers in FP32) keeps only {entry['ptq_speedup']:.2f}x of FP32's "
                            f"batch-1 speed, under {MIN_SPEEDUP:g}x")
-    xt, yt, x_unlab = training_images(cfg, ws)
-    if cfg.train.adapt_bn:  # the target domain's unlabelled images: distillation only
+    xt, yt, x_unlab = training_images(cfg, ws, adapted)
+    if cfg.train.adapt_bn and not adapted:  # the target domain's unlabelled images: distillation only
         from edgexfer.quantize_stage import target_images
 
         x_unlab = np.concatenate([x_unlab, target_images(cfg, ws)])

@@ -30,7 +30,9 @@ def quantize(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | 
     from edgexfer.exporters.quantize import (convert_fp16, guarded_quantize, quantize_dynamic_int8, quantize_int8,
                                              recipe_for)
     from edgexfer.exporters import e2e as _e2e
-    from edgexfer.guard import agreement_set, describe, labelled_evidence, summarize
+    from edgexfer.data import list_images
+    from edgexfer.guard import (GUARD_IMAGES, agreement_set, describe, fp32_stability, labelled_evidence, summarize,
+                                target_set)
 
     run = RunFolder(run_dir)
     cfg = cfg or run.config()
@@ -50,9 +52,16 @@ def quantize(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | 
     if len(yv) and emulated:  # the target's own figure decides (a labelled sample: emulation is slow)
         rec = _arm64_guard(cfg, fp32, run.file(FILES["int8"]), recipe, calib, xv, yv)
     elif len(ws.dataset.train) + len(yv):
-        xg, info = agreement_set(ws, target_images(cfg, ws) if cfg.train.adapt_bn else None, seed=cfg.data.seed)
+        adapted = bool(cfg.train.adapt_bn and (run.report().get("adaptation") or {}).get("kept"))
+        if adapted:  # the model is for the target domain now: its images decide, the source's labels do not
+            xg, info = target_set(target_images(cfg, ws, GUARD_IMAGES), list_images(cfg.train.adapt_bn),
+                                  ws.preprocessing, seed=cfg.data.seed)
+        else:
+            xg, info = agreement_set(ws, target_images(cfg, ws) if cfg.train.adapt_bn else None, seed=cfg.data.seed)
         agreement = agreement_with(fp32, xg, cfg.bench.threads)  # FP32 scores 1.0 against its own top-1
-        fp32_val, evidence = labelled_evidence(fp32, xv, yv, cfg.bench.threads) if len(yv) else (None, None)
+        stability = fp32_stability(fp32, xg, ws.preprocessing, cfg.bench.threads, seed=cfg.data.seed)
+        fp32_val, evidence = labelled_evidence(fp32, xv, yv, cfg.bench.threads) if len(yv) and not adapted \
+            else (None, None)
         # INC tunes one accuracy only, so with a second bound it sits this out
         at_least = ("target_agreement", agree, cfg.min_target_agreement) if agree else None
         rec = (_inc_quantize(run, cfg, fp32, recipe, calib, xg, agreement, evidence)
@@ -66,10 +75,20 @@ def quantize(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | 
             if inc:
                 rec["guard"]["inc"] = inc
         g = rec["guard"]
-        rec = _qat(run, cfg, ws, fp32, recipe, calib, rec, agreement, at_least, evidence)
+        rec = _qat(run, cfg, ws, fp32, recipe, calib, rec, agreement, at_least, evidence, adapted)
         g["guard_set"] = describe(info) + " (top-1 agreement with FP32)"
         g["host_measures_faithfully"] = target["host_measures_faithfully"]
-        summarize(g, info, len(yv), fp32_val, {"agreement": g["shipped_accuracy"], **shipped_row(g)})
+        g["fp32_stability"] = stability
+        summarize(g, info, 0 if adapted else len(yv), fp32_val, {"agreement": g["shipped_accuracy"], **shipped_row(g)},
+                  **({"no_validation": "the labelled validation images are of the source domain, which the adapted "
+                                       "model is no longer for: not used"} if adapted else {}))
+        if stability["agreement"] < 1 - cfg.max_accuracy_drop:
+            note = (f"FP32 itself gives its own top-1 again on only {stability['agreement']:.1%} of these images when "
+                    f"every pixel moves by up to half a level: below the {1 - cfg.max_accuracy_drop:.0%} agreement "
+                    f"the bound asks, which no compressed file can then promise")
+            g["confidence"] += " " + note[0].upper() + note[1:] + "."
+            log.warning("%s; ship FP32 where that matters%s", note,
+                        " (the adapted BatchNorm statistics amplify tiny differences)" if adapted else "")
         log.info("accuracy guard (%s): %d of %d weighted layers kept in FP32; %s", g["tuner"], g["chosen_fp32_layers"],
                  g["quantizable_layers"], g["confidence"])
     else:
@@ -90,7 +109,7 @@ def quantize(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | 
     return rec
 
 
-def _qat(run, cfg, ws, fp32, recipe, calib, rec, agreement, at_least, evidence) -> dict:
+def _qat(run, cfg, ws, fp32, recipe, calib, rec, agreement, at_least, evidence, adapted: bool = False) -> dict:
     """Quantization-aware fine-tuning as one more candidate (edgexfer/qat.py: when it runs and when it ships),
     scored like the post-training ones; records guard.qat and returns the quantize record of what ships."""
     from edgexfer.exporters.quantize import _legacy_scorers, _score
@@ -99,7 +118,7 @@ def _qat(run, cfg, ws, fp32, recipe, calib, rec, agreement, at_least, evidence) 
     g = rec["guard"]
     scorers = _legacy_scorers(accuracy=agreement, fp32_accuracy=1.0, at_least=at_least, evidence=evidence)
     g["qat"], shipped = compete(run, cfg, ws, fp32, recipe, calib, g,
-                                lambda p: _score(Path(p), scorers, cfg.max_accuracy_drop))
+                                lambda p: _score(Path(p), scorers, cfg.max_accuracy_drop), adapted=adapted)
     if shipped is None:
         return rec
     row = g["qat"]["row"]

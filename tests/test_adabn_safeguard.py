@@ -174,7 +174,11 @@ def test_harmful_adaptation_is_reverted_loudly_and_force_keeps_it(image_folder, 
     assert cfg["train"]["adapt_bn_force"] is True
 
 
-def test_benign_adaptation_is_kept(image_folder, tmp_path):
+def test_benign_adaptation_is_kept_and_int8_judged_on_the_target(image_folder, tmp_path, monkeypatch):
+    """A benign shift keeps AdaBN; then the quantize stage's agreement set is the target folder's images and
+    views of them (not the source's labelled images, which the adapted model is no longer for), the source
+    validation split does not vote, QAT distils on the target only, and FP32's own stability under
+    half-a-level pixel noise is recorded beside the agreement."""
     target = _target_folder(tmp_path / "target", lambda a, g: a * 1.05 + 2)  # slightly brighter
     p = run_cli("finetune", "--data", image_folder, "--out", tmp_path / "r", *ARGS, "--adapt-bn", target, check=True)
     assert "REVERTED" not in p.stderr
@@ -189,6 +193,25 @@ def test_benign_adaptation_is_kept(image_folder, tmp_path):
     md = report_md(rep)
     assert "Domain adaptation: AdaBN" in md and "kept:" in md and "REVERTED" not in md
     assert "| label | 60 |" in md  # the label-free measures, before -> after
+
+    run = tmp_path / "r"
+    run_cli("export", run, check=True)
+    monkeypatch.setenv("EDGEXFER_GUARD_IMAGES", "90")
+    monkeypatch.setenv("EDGEXFER_QAT_FORCE", "1")
+    monkeypatch.setenv("EDGEXFER_QAT_EPOCHS", "1")
+    monkeypatch.setenv("EDGEXFER_QAT_VIEWS", "8")
+    run_cli("quantize", run, "--tuner", "builtin", check=True)
+    rep = json.loads((run / "report.json").read_text())
+    g = rep["quantize"]["guard"]
+    info = g["agreement_set"]
+    assert info["domain"] == "target" and info["labelled"] == 0
+    assert (info["unlabelled"], info["augmented"], info["images"]) == (60, 30, 90)
+    assert g["guard_set"].startswith("90 images of the target domain (--adapt-bn kept): 60 unlabelled")
+    assert g["validation"] is None and "source domain" in g["confidence"]
+    st = g["fp32_stability"]
+    assert st["images"] == 90 and 0 <= st["agreement"] <= 1 and "0.5 of a pixel level" in st["noise"]
+    q = g["qat"]
+    assert q["tried"] and q["images"] == {"labelled": 0, "unlabelled_views": 68}
 
 
 def test_force_without_adapt_bn_is_a_user_error(image_folder, tmp_path):

@@ -183,3 +183,64 @@ def test_tiny_run_reports_how_sure_the_guard_is(tiny_run):
     assert v["images"] == rep["data"]["val"] and v["drop_se"] >= 0 and 0 <= v["int8_accuracy"] <= 1
     assert g["confidence"] and g["decides_on"].startswith("top-1 agreement")
     assert "How sure:" in (tiny_run / "report.md").read_text()
+
+
+def test_target_set_is_the_target_images_then_views_of_them():
+    """After --adapt-bn is kept the agreement set is the target domain's: its images first, all of them, then
+    seeded augmented views of the target images (never the source's labelled images)."""
+    from edgexfer.guard import describe, target_set
+    from edgexfer.runtime.metadata import Preprocessing
+    from edgexfer.runtime.preprocess import preprocess
+
+    pp = Preprocessing(resize=16, crop=16)
+    rng = np.random.default_rng(1)
+    files = [rng.integers(0, 255, (20, 24, 3), dtype=np.uint8) for _ in range(5)]
+    xt = np.stack([preprocess(f, pp) for f in files])
+    x, info = target_set(xt, files, pp, seed=2, min_images=12)
+    assert x.shape == (12, 3, 16, 16) and info["domain"] == "target"
+    assert (info["labelled"], info["unlabelled"], info["augmented"]) == (0, 5, 7)
+    np.testing.assert_array_equal(x[:5], xt)
+    assert not any(np.array_equal(x[j], x[i]) for j in range(5, 12) for i in range(5))  # views, not copies
+    np.testing.assert_array_equal(x, target_set(xt, files, pp, seed=2, min_images=12)[0])  # seeded
+    assert describe(info) == "12 images of the target domain (--adapt-bn kept): 5 unlabelled, 7 augmented views of them"
+    x, info = target_set(xt, files, pp, min_images=3)  # a minimum, not a cap
+    assert len(x) == 5 and info["augmented"] == 0
+    x, info = target_set(xt, files, pp, min_images=40, max_bytes=4 * 3 * 16 * 16 * 4)  # the memory bound wins
+    assert len(x) == 4 and info["augmented"] == 0
+
+
+def _sign_model(path, gain: float) -> None:
+    """An ONNX classifier of two classes: logits (g*m, -g*m), m the input's mean over channels and pixels."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    g = helper.make_graph(
+        [helper.make_node("ReduceMean", ["input"], ["m4"], axes=[1, 2, 3], keepdims=1),
+         helper.make_node("Flatten", ["m4"], ["m"], axis=1), helper.make_node("Mul", ["m", "gain"], ["pos"]), helper.make_node("Neg", ["pos"], ["neg"]),
+         helper.make_node("Concat", ["pos", "neg"], ["logits"], axis=1)], "sign",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2])],
+        [helper.make_tensor("gain", TensorProto.FLOAT, [], [gain])])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+
+
+def test_fp32_stability_finds_a_model_that_half_a_pixel_level_flips(tmp_path):
+    """FP32 against itself under +-half-a-level pixel noise: a model deciding on the sign of the mean pixel
+    repeats itself on images far from its boundary and not on images a fraction of a level from it."""
+    from edgexfer.guard import fp32_stability
+    from edgexfer.runtime.metadata import Preprocessing
+
+    pp = Preprocessing(resize=8, crop=8, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    _sign_model(tmp_path / "m.onnx", 1.0)
+    rng = np.random.default_rng(0)
+    offset = rng.choice([-1.0, 1.0], 200)[:, None, None, None]
+    far = np.broadcast_to(offset * 0.5, (200, 3, 8, 8)).astype(np.float32)  # a mean 32 levels from the boundary
+    near = (far * 1e-4).astype(np.float32)  # 0.003 levels from it: the noise's mean flips it often
+    s = fp32_stability(tmp_path / "m.onnx", far, pp)
+    assert s["agreement"] == 1.0 and s["images"] == 200 and s["grey_images"] == 200
+    s = fp32_stability(tmp_path / "m.onnx", near, pp)
+    assert 0.2 < s["agreement"] < 0.8
+    # grey images get the same noise on every channel: a model of the channel difference sees none
+    colour = near.copy()
+    colour[:, 0] += 0.4
+    assert fp32_stability(tmp_path / "m.onnx", colour, pp)["grey_images"] == 0
