@@ -147,7 +147,7 @@ def guard_record(q: dict) -> dict:
     keep = ("tuner", "fallback", "within_bound", "decision", "confidence", "max_accuracy_drop", "fp32_accuracy",
             "shipped_accuracy", "quantizable_layers", "chosen_fp32_layers", "chosen_candidate", "layers_kept_fp32",
             "guard_set", "disagreement", "validation", "calibration", "estimated_speedup", "host_measures_faithfully",
-            "at_least")
+            "at_least", "fp32_stability", "agreement_set")
     out = {k: g[k] for k in keep if k in g}
     out["candidates"] = [{k: c[k] for k in ("fp32_layers", "guard_accuracy", "drop", "target_agreement", "val_drop",
                                             "val_drop_se", "within_bound", "decision", "est_speedup") if k in c}
@@ -166,7 +166,8 @@ def main() -> int:
     from edgexfer.bounds import at_least, within
     from edgexfer.evaluate import mean_task_accuracy, onnx_logits
     from edgexfer.exporters.metadata_io import read_meta
-    from edgexfer.exporters.quantize import quantize_int8, recipe_for
+    from edgexfer.exporters.quantize import convert_fp16, quantize_int8, recipe_for
+    from edgexfer.guard import fp32_stability
     from edgexfer.quantize_stage import calibration_set
     from edgexfer.runfolder import RunFolder, Workspace
     from edgexfer.runtime import atomic
@@ -221,7 +222,10 @@ def main() -> int:
         assert calibrated_on == rep["quantize"]["calibrated_on"], (calibrated_on, rep["quantize"]["calibrated_on"])
         qrec = quantize_int8(fp32, plain, calib, recipe)
         files = {"fp32": fp32, "shipped_int8": shipped, "plain_int8": plain}
-        pps = {k: read_meta(p).preprocessing for k, p in files.items()}
+        half = Path(td) / "fp16.onnx"  # scored only (not timed): how far a near-lossless format gets
+        convert_fp16(fp32, half)
+        scored = {**files, "fp16": half}
+        pps = {k: read_meta(p).preprocessing for k, p in scored.items()}
         assert all(pp == pps["fp32"] for pp in pps.values()), pps  # one preprocessing: the images once
         pp = pps["fp32"]
         xs = preprocessed(xs_raw, pp)
@@ -230,7 +234,10 @@ def main() -> int:
                                       "seconds": qrec.get("seconds")}
         top1 = {}
         rows = res["files"] = {}
-        for name, path in files.items():
+        res["fp32_noise_floor"] = {"shifted_test": fp32_stability(fp32, xs, pp, THREADS, seed=cfg.data.seed),
+                                   "note": "FP32 against itself, every pixel moved by up to half a level "
+                                           "(edgexfer.guard.fp32_stability), on the shifted test images"}
+        for name, path in scored.items():
             ls, lc = onnx_logits(path, xs, threads=THREADS), onnx_logits(path, xc, threads=THREADS)
             top1[name] = (ls[0].argmax(1), lc[0].argmax(1))
             rows[name] = {"shifted_test_accuracy": mean_task_accuracy(ls, ys), "clean_test_accuracy": mean_task_accuracy(lc, yc),
@@ -243,6 +250,7 @@ def main() -> int:
 
         for name, path in files.items():
             rows[name]["fp32_layers"] = inspect(path)["weighted_ops"]["float"] if name != "fp32" else None
+        rows["fp16"]["note"] = "FP16 weights and activations (edgexfer quantize --fp16): scored, not timed"
         x1 = xs[:1]  # a real shifted test image, batch 1
         bc = BenchConfig()
         lat = interleaved([onnx_candidate(n, p, THREADS, spinning=True) for n, p in files.items()], x1, warmup=10,
