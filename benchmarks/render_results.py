@@ -272,7 +272,8 @@ def section_transfer() -> str:
 
 
 ADAPT_LABELS = {"fp32": "FP32 (`model.onnx`)", "shipped_int8": "INT8 the guard shipped (`model.int8.onnx`)",
-                "plain_int8": "plain INT8 (every weighted layer; same recipe and calibration)"}
+                "plain_int8": "plain INT8 (every weighted layer; same recipe and calibration)",
+                "fp16": "FP16 copy of FP32 (`--fp16`; scored, not timed)"}
 
 
 def _adapt_qat(qat: dict | None) -> str:
@@ -316,8 +317,9 @@ were not kept, so its figures are not published here; re-measuring it needs a co
     for k, r in f.items():
         rows.append([ADAPT_LABELS.get(k, k), "–" if r.get("fp32_layers") is None else r["fp32_layers"],
                      n(r["shifted_test_accuracy"]), n(r["clean_test_accuracy"]), n(r["shifted_agreement_with_fp32"]),
-                     n(r["clean_agreement_with_fp32"]), n(r["p50_ms"], 2), ratio(r["speedup_vs_fp32"]),
-                     n(r["p50_ms_no_spinning"], 2), ratio(r["speedup_no_spinning"])])
+                     n(r["clean_agreement_with_fp32"]),
+                     *([n(r["p50_ms"], 2), ratio(r["speedup_vs_fp32"]), n(r["p50_ms_no_spinning"], 2),
+                        ratio(r["speedup_no_spinning"])] if "p50_ms" in r else ["–"] * 4)])
     out += [table(["file", "layers kept FP32", f"shifted test accuracy ({ns})", f"clean test accuracy ({nc})",
                    "top-1 agreement with FP32 (shifted)", "top-1 agreement with FP32 (clean)",
                    "p50 ms (ORT default: spinning)", "vs FP32", "p50 ms (no spinning)", "vs FP32 (no spinning)"], rows), ""]
@@ -336,6 +338,16 @@ were not kept, so its figures are not published here; re-measuring it needs a co
             + f" (`--min-target-agreement` {n(c['min_target_agreement'], 2)}); within its bounds: "
             f"{'yes' if g.get('within_bound') else '**no**'}. Guard set: {g.get('guard_set', 'not recorded')}."
             + _adapt_qat(g.get("qat")), ""]
+    nf, st = d.get("fp32_noise_floor"), g.get("fp32_stability")
+    if nf or st:
+        out += ["How far FP32 can be matched at all: FP32 against itself, every pixel moved by up to half a level "
+                "(`edgexfer.guard.fp32_stability`: the rounding by which two decoders or resizers differ)"
+                + (f", repeats its top-1 on {n(nf['shifted_test']['agreement'])} of the {nf['shifted_test']['images']} "
+                   f"shifted test images" if nf else "")
+                + (f" and on {n(st['agreement'])} of the guard's {st['images']} images" if st else "")
+                + (f"; the FP16 copy agrees with FP32 on {n(f['fp16']['shifted_agreement_with_fp32'])} of the shifted "
+                   f"test images" if "fp16" in f else "")
+                + f". The guard's bound asks for {n(1 - g['max_accuracy_drop'], 2)}.", ""]
     pd = b["plain_int8_shifted_drop_points"]
     out += ["Bounds, computed from the table (issue 17: on the adapted low-contrast case the guard meets both bounds "
             "while keeping ≥ 1.2× FP32's batch-1 speed): "

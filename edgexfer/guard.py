@@ -15,7 +15,8 @@ set is the target domain's: its unlabelled images and augmented views of them (`
 
 How far FP32 itself can be trusted to repeat its top-1 is measured beside it (`fp32_stability`): FP32 against
 itself with every pixel moved by up to half a level, the rounding by which two decoders or resizers differ.
-No compressed file can agree with FP32 more often than FP32 agrees with itself under that noise.
+When that changes FP32's own answer on more images than the bound allows, the bound asks a compressed file
+to reproduce differences smaller than a decoder's rounding: the guard says so.
 
 The set is held in memory as float32, bounded by GUARD_MAX_BYTES (768 MiB: 1,333 images at 224x224x3;
 labelled images past it are a seeded sample). Both limits can be set from the environment
@@ -132,7 +133,8 @@ HALF_LEVEL = 0.5  # pixel levels: the rounding by which two decoders or resizers
 def fp32_stability(fp32: Path, x: np.ndarray, pp, threads: int | None = None, seed: int = 0) -> dict:
     """How often FP32 gives its own top-1 again when every pixel of `x` (preprocessed by `pp`) moves by a
     uniform amount within +-HALF_LEVEL of a level (the same amount on every channel of a grey image, whose
-    channels a decoder makes equal): the agreement that no compressed file can be expected to beat."""
+    channels a decoder makes equal): how much of FP32's top-1 survives a perturbation that any deployment
+    already makes."""
     from edgexfer.evaluate import onnx_logits
 
     std = np.asarray(pp.std, np.float32).reshape(1, -1, 1, 1)

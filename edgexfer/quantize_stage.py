@@ -85,7 +85,7 @@ def quantize(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | 
         if stability["agreement"] < 1 - cfg.max_accuracy_drop:
             note = (f"FP32 itself gives its own top-1 again on only {stability['agreement']:.1%} of these images when "
                     f"every pixel moves by up to half a level: below the {1 - cfg.max_accuracy_drop:.0%} agreement "
-                    f"the bound asks, which no compressed file can then promise")
+                    f"the bound asks, so the bound asks INT8 to reproduce differences smaller than a decoder's rounding")
             g["confidence"] += " " + note[0].upper() + note[1:] + "."
             log.warning("%s; ship FP32 where that matters%s", note,
                         " (the adapted BatchNorm statistics amplify tiny differences)" if adapted else "")
