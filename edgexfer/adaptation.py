@@ -149,6 +149,27 @@ def decide(source: dict | None, target: dict[str, dict], force: bool = False) ->
                      "beyond 2 s.e.; --adapt-bn-force keeps it regardless")}
 
 
+STABILITY_IMAGES = 256  # target images on which the model's own top-1 is perturbed (edgexfer.guard.top1_stability)
+STABLE = 0.95  # below this share of its top-1 surviving half-a-level pixel noise, a model is called fragile
+
+
+def fragility(before: dict, after: dict) -> str | None:
+    """A warning when AdaBN left the model fragile on the target: its top-1 survives half-a-level pixel noise
+    (`top1_stability`) on fewer than STABLE of the target images, fewer than before by more than 2 binomial s.e.
+    Statistics re-estimated on a narrow target (low contrast, grey images) can be tiny for some channels, and
+    dividing by them amplifies differences below a pixel level: the model's answers there then hang on a
+    decoder's rounding, and INT8 or FP16 cannot follow them. Recorded and warned; the keep/revert rule is
+    `decide`'s."""
+    a, b, n = after["agreement"], before["agreement"], after["images"]
+    se = math.sqrt(max(a * (1 - a), 1e-12) / max(n, 1))
+    if a >= STABLE or b - a <= Z * se:
+        return None
+    return (f"the adapted model's top-1 on the target changes on {fmt.pct(1 - a)} of {n} images when every pixel "
+            f"moves by up to half a level (unadapted: {fmt.pct(1 - b)}): some adapted BatchNorm statistics are tiny "
+            f"and amplify sub-level differences, so its answers there hang on a decoder's rounding, and INT8 or "
+            f"FP16 copies cannot follow them; more varied target images, or no --adapt-bn, give a steadier model")
+
+
 def save_batchnorm(model) -> list:
     """Copies of every BatchNorm layer's running statistics (what AdaBN replaces)."""
     import torch

@@ -130,17 +130,15 @@ def target_set(x_target: np.ndarray, files: list, pp, *, seed: int = 0, min_imag
 HALF_LEVEL = 0.5  # pixel levels: the rounding by which two decoders or resizers differ
 
 
-def fp32_stability(fp32: Path, x: np.ndarray, pp, threads: int | None = None, seed: int = 0) -> dict:
-    """How often FP32 gives its own top-1 again when every pixel of `x` (preprocessed by `pp`) moves by a
-    uniform amount within +-HALF_LEVEL of a level (the same amount on every channel of a grey image, whose
-    channels a decoder makes equal): how much of FP32's top-1 survives a perturbation that any deployment
-    already makes."""
-    from edgexfer.evaluate import onnx_logits
-
+def top1_stability(logits: Callable[[np.ndarray], list], x: np.ndarray, pp, seed: int = 0) -> dict:
+    """How often a model (`logits`: (N, C, H, W) float32 -> a list of (N, K) logits, one per task) gives its own
+    top-1 again when every pixel of `x` (preprocessed by `pp`) moves by a uniform amount within +-HALF_LEVEL of
+    a level (the same amount on every channel of a grey image, whose channels a decoder makes equal): how much
+    of its answer survives a perturbation that any deployment already makes."""
     std = np.asarray(pp.std, np.float32).reshape(1, -1, 1, 1)
     level = np.float32(pp.scale) / std  # one pixel level, in the model's input units, per channel
     rng = np.random.default_rng(seed)
-    ref = [lg.argmax(1) for lg in onnx_logits(fp32, x, threads=threads)]
+    ref = [np.asarray(lg).argmax(1) for lg in logits(x)]
     pixels = x * std + np.asarray(pp.mean, np.float32).reshape(1, -1, 1, 1)  # pixel * scale
     grey = (np.abs(pixels - pixels[:, :1]).max(axis=(1, 2, 3)) < 1e-4) if x.shape[1] > 1 \
         else np.ones(len(x), bool)
@@ -150,11 +148,19 @@ def fp32_stability(fp32: Path, x: np.ndarray, pp, threads: int | None = None, se
         noise = rng.uniform(-HALF_LEVEL, HALF_LEVEL, xb.shape).astype(np.float32)
         g = grey[i:i + 64]
         noise[g] = noise[g][:, :1]  # broadcast the first channel's noise to every channel of a grey image
-        got.append([lg.argmax(1) for lg in onnx_logits(fp32, xb + noise * level, threads=threads)])
+        got.append([np.asarray(lg).argmax(1) for lg in logits(xb + noise * level)])
     agree = float(np.mean([np.mean(np.concatenate([b[t] for b in got]) == r) for t, r in enumerate(ref)]))
     return {"agreement": agree, "images": int(len(x)), "grey_images": int(grey.sum()),
             "noise": f"uniform within +-{HALF_LEVEL:g} of a pixel level on every pixel (the same on every channel "
                      f"of a grey image), seed {seed}"}
+
+
+def fp32_stability(fp32: Path, x: np.ndarray, pp, threads: int | None = None, seed: int = 0) -> dict:
+    """`top1_stability` of the ONNX file `fp32`: the agreement that asking more of INT8 asks it to reproduce
+    differences smaller than a decoder's rounding."""
+    from edgexfer.evaluate import onnx_logits
+
+    return top1_stability(lambda xb: onnx_logits(fp32, xb, threads=threads), x, pp, seed)
 
 
 def describe(info: dict) -> str:

@@ -179,7 +179,9 @@ def adapt_bn(model, folder: str, ws: Workspace, force: bool = False, val_fitted:
     `val_fitted`: the validation images were also fitted (a probe refitted on train + val)."""
     import torch
 
-    from edgexfer.adaptation import compare_target, decide, paired_accuracy_change, restore_batchnorm, save_batchnorm
+    from edgexfer.adaptation import (STABILITY_IMAGES, compare_target, decide, fragility, paired_accuracy_change,
+                                     restore_batchnorm, save_batchnorm)
+    from edgexfer.guard import top1_stability
     from edgexfer.data import list_images
     from edgexfer.finetune import adapt_batchnorm, predict_logits
     from edgexfer.runtime.preprocess import preprocess
@@ -199,15 +201,25 @@ def adapt_bn(model, folder: str, ws: Workspace, force: bool = False, val_fitted:
         m = yv >= 0
         return tgt, np.concatenate([lg.argmax(1).numpy()[m[:, t]] == yv[m[:, t], t] for t, lg in enumerate(val)])
 
+    def stability():  # the model's own top-1 under half-a-level pixel noise, on (up to) STABILITY_IMAGES
+        xs = x[:STABILITY_IMAGES].numpy()
+        return top1_stability(lambda xb: [t.numpy() for t in predict_logits(model, torch.from_numpy(xb), task=None)],
+                              xs, ws.preprocessing, seed=0)
+
     saved = save_batchnorm(model)
     tgt0, ok0 = predict()
+    st0 = stability()
     n_bn = adapt_batchnorm(model, x)
     tgt1, ok1 = predict()
+    st1 = stability()
     source = paired_accuracy_change(ok0, ok1) if ok0 is not None and len(ok0) else None
     if source and val_fitted:  # the level is optimistic; the paired change still measures the swap
         source["note"] = "the head was also fitted on these images (refit on train + val)"
     target = {name: compare_target(a, b, labels) for (name, labels), a, b in zip(heads.items(), tgt0, tgt1)}
     verdict = decide(source, target, force=force)
+    fragile = fragility(st0, st1)
+    if fragile and verdict["kept"]:
+        log.warning("AdaBN: %s", fragile)
     if not verdict["kept"]:
         restore_batchnorm(model, saved)
         log.warning("ADAPTATION REVERTED: AdaBN on %d images from %s looked harmful without target labels, so the "
@@ -224,6 +236,8 @@ def adapt_bn(model, folder: str, ws: Workspace, force: bool = False, val_fitted:
             "source_val_accuracy_before": source["before"] if source else None,
             "source_val_accuracy_after": source["after"] if source else None,
             **verdict, "source_validation": source, "target": target,
+            "stability": {"before": st0["agreement"], "after": st1["agreement"], "images": st1["images"],
+                          "noise": st1["noise"], "warning": fragile},
             "seconds": round(time.perf_counter() - t0, 2)}
 
 

@@ -334,6 +334,9 @@ def adaptation_lines(rep: dict) -> list[str]:
                          f"{b['largest_class']} ({fmt.pct(b['largest_class_share'])}) → {a['largest_class']} "
                          f"({fmt.pct(a['largest_class_share'])}) | {fmt.pct(t['top1_agreement'])} |")
         lines.append("")
+    st = ad.get("stability")
+    if st and st.get("warning"):
+        lines += [f"**Warning:** {st['warning'][0].upper()}{st['warning'][1:]}.", ""]
     return lines + target_agreement_lines(rep)
 
 

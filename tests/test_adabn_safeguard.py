@@ -118,6 +118,19 @@ def test_restore_puts_back_the_unadapted_statistics_bit_for_bit():
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in ref.items())
 
 
+def test_fragility_warns_only_on_a_real_loss_of_stability():
+    from edgexfer.adaptation import fragility
+
+    def st(a, n=256):
+        return {"agreement": a, "images": n}
+
+    assert fragility(st(0.99), st(0.53)) and "47.0% of 256 images" in fragility(st(0.99), st(0.53))
+    assert "unadapted: 1.0%" in fragility(st(0.99), st(0.53))
+    assert fragility(st(0.99), st(0.96)) is None  # steady enough
+    assert fragility(st(0.90), st(0.89)) is None  # no steadier before: not AdaBN's doing
+    assert fragility(st(0.95), st(0.93, n=20)) is None  # within noise on 20 images
+
+
 # -- end to end: a harmful shift is reverted, a benign one kept -------------------------------------
 
 def _target_folder(path, fn, n=60, seed=7):
@@ -193,6 +206,9 @@ def test_benign_adaptation_is_kept_and_int8_judged_on_the_target(image_folder, t
     md = report_md(rep)
     assert "Domain adaptation: AdaBN" in md and "kept:" in md and "REVERTED" not in md
     assert "| label | 60 |" in md  # the label-free measures, before -> after
+    st = ad["stability"]  # the model's own top-1 under half-a-level pixel noise, before and after
+    assert st["images"] == 60 and 0 <= st["before"] <= 1 and 0 <= st["after"] <= 1 and "pixel level" in st["noise"]
+    assert (st["warning"] is None) == ("Warning:** The adapted model" not in md)
 
     run = tmp_path / "r"
     run_cli("export", run, check=True)
