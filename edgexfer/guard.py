@@ -68,6 +68,12 @@ def augmented_views(images: list, pp, n: int, seed: int):
             yield normalize(resize_crop(view, pp), pp)
 
 
+def augmentation(of: str, seed: int) -> str:
+    """What `augmented_views` does, in words, for the guard record: views of the `of` images."""
+    return (f"random resized crop ({CROP_AREA[0]:.0%}-{CROP_AREA[1]:.0%} of the area, aspect {CROP_ASPECT[0]:.2f}-"
+            f"{CROP_ASPECT[1]:.2f}) and horizontal flip of the {of} images, seed {seed}, through the run's preprocessing")
+
+
 def agreement_set(ws, unlabelled: np.ndarray | None = None, *, seed: int = 0, min_images: int | None = None,
                   max_bytes: int | None = None) -> tuple[np.ndarray, dict]:
     """(N, C, H, W) float32 images for the guard's INT8/FP32 agreement, and what they are.
@@ -99,9 +105,7 @@ def agreement_set(ws, unlabelled: np.ndarray | None = None, *, seed: int = 0, mi
     total = len(xt) + len(xv)
     info = {"images": int(len(x)), "labelled": len(labelled), "unlabelled": int(len(u)), "augmented": int(n_aug),
             "labelled_available": int(total), "bytes": int(x.nbytes), "max_bytes": int(max_bytes),
-            "augmentation": (f"random resized crop ({CROP_AREA[0]:.0%}-{CROP_AREA[1]:.0%} of the area, aspect "
-                             f"{CROP_ASPECT[0]:.2f}-{CROP_ASPECT[1]:.2f}) and horizontal flip of the labelled "
-                             f"images, seed {seed}, through the run's preprocessing") if n_aug else None}
+            "augmentation": augmentation("labelled", seed) if n_aug else None}
     return x, info
 
 
@@ -121,9 +125,7 @@ def target_set(x_target: np.ndarray, files: list, pp, *, seed: int = 0, min_imag
         x[j] = view
     info = {"images": int(len(x)), "domain": "target", "labelled": 0, "unlabelled": int(len(u)),
             "augmented": int(n_aug), "labelled_available": 0, "bytes": int(x.nbytes), "max_bytes": int(max_bytes),
-            "augmentation": (f"random resized crop ({CROP_AREA[0]:.0%}-{CROP_AREA[1]:.0%} of the area, aspect "
-                             f"{CROP_ASPECT[0]:.2f}-{CROP_ASPECT[1]:.2f}) and horizontal flip of the target images, "
-                             f"seed {seed}, through the run's preprocessing") if n_aug else None}
+            "augmentation": augmentation("target", seed) if n_aug else None}
     return x, info
 
 
