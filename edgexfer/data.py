@@ -230,12 +230,24 @@ def _refuse_or_note(p: Path, problem: tuple[str, str], strict: bool, skipped: li
     log.warning("skipping %s image %s (%s)", kind, p, why)
 
 
+def check_class_name(name: str, where: str) -> None:
+    """DataError for a class name no label list can hold (a control character: labels.txt, the ONNX file's
+    `labels` entry and Triton's label files are one name per line), naming `where` it came from."""
+    from edgexfer.runtime.labels import refusal
+
+    why = refusal(name)
+    if why:
+        raise DataError(f"{where}: {why}; names are written one per line (labels.txt), so rename it")
+
+
 def scan_image_folder(root: Path, *, strict: bool = False, classes: list[str] | None = None
                       ) -> tuple[list[str], list[str], np.ndarray, list[str], list[str]]:
     """(classes, paths, labels, skipped corrupt, skipped unreadable) of a folder with one sub-folder per class."""
     if not root.is_dir():
         raise DataError(f"data folder not found: {root}")
     found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    for name in found:
+        check_class_name(name, f"class folder in {root}")
     if classes is None:
         classes = found
         if len(classes) < 2:
@@ -324,6 +336,8 @@ def load_csv(csv_path: str | os.PathLike, *, shots: int | None = None, val_fract
     if not task_cols:
         raise DataError(f"{csv_path}: no label column (expected path,label[,label2,...])")
     names = [header[i] for i in task_cols]
+    for name in names:
+        check_class_name(name, f"{csv_path}:1: task column")
     if len(set(names)) != len(names) or any(not n for n in names):
         raise DataError(f"{csv_path}: label columns need distinct, non-empty names; found {names}")
     paths, raw, splits, skipped, unreadable, missing = [], [], [], [], [], []
@@ -332,6 +346,8 @@ def load_csv(csv_path: str | os.PathLike, *, shots: int | None = None, val_fract
             continue
         if len(row) != len(header):
             raise DataError(f"{csv_path}:{n}: {len(row)} fields, the header has {len(header)}")
+        for i in task_cols:
+            check_class_name(row[i].strip(), f"{csv_path}: row {n}, column {header[i]!r}")
         p = Path(row[0].strip())
         p = p if p.is_absolute() else csv_path.parent / p
         if not p.is_file():

@@ -119,7 +119,7 @@ def _class_dirs(root: Path) -> list[Path]:
 def find_labelled_folder(data: str | Path) -> LabelledFolder:
     """DIR's subfolders are the classes; if DIR has a test/ subfolder of class folders, that is used instead
     (an ImageFolder tree with train/ val/ test/ splits). DataError when it holds no image in a class folder."""
-    from edgexfer.data import IMAGE_EXTENSIONS
+    from edgexfer.data import IMAGE_EXTENSIONS, check_class_name
     from edgexfer.errors import DataError
 
     given = Path(data)
@@ -131,6 +131,7 @@ def find_labelled_folder(data: str | Path) -> LabelledFolder:
         root, used_test = test, True
     images = {}
     for d in _class_dirs(root):
+        check_class_name(d.name, f"class folder in {root}")
         if d.name == "evaluations" and any(is_evaluation_folder(e) for e in d.iterdir() if e.is_dir()):
             continue  # our own output beside a model kept inside the data folder, not a class
         files = sorted((p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgexfer.runtime.labels import figure_text
 from edgexfer.runtime.plotting import save_plot
 
 
@@ -33,8 +34,9 @@ def confusion_matrix(path: Path, models: dict, classes: list[str]) -> None:
     def draw(plt):
         fig, ax = plt.subplots(figsize=(6.5, 5.5))
         im = ax.imshow(cm, cmap="Blues")
-        ax.set_xticks(range(len(classes)), classes, rotation=60, ha="right", fontsize=8)
-        ax.set_yticks(range(len(classes)), classes, fontsize=8)
+        names = [figure_text(c) for c in classes]  # shown as given: a `$` would start mathtext
+        ax.set_xticks(range(len(classes)), names, rotation=60, ha="right", fontsize=8)
+        ax.set_yticks(range(len(classes)), names, fontsize=8)
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
         ax.set_title(f"confusion matrix ({models[key]['file']}, test split)")

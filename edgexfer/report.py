@@ -4,6 +4,7 @@ from __future__ import annotations
 from edgexfer.bounds import within
 from edgexfer.report_schema import Check, Recommendation
 from edgexfer.runtime import atomic, fmt
+from edgexfer.runtime.labels import code_span, markdown
 
 
 TEST_DROP_CHECK = "INT8 accuracy drop vs FP32 (test split, reported: does not choose)"
@@ -129,7 +130,7 @@ def check_value(c: dict) -> str:
 def report_md(rep: dict) -> str:
     d, b, models = rep.get("data", {}), rep.get("backbone", {}), rep.get("models", {})
     lines = ["# edgexfer run report", "",
-             f"Data: `{d.get('source')}` — {len(d.get('classes', []))} classes; train {d.get('train')}, "
+             f"Data: {code_span(d.get('source'))} — {len(d.get('classes', []))} classes; train {d.get('train')}, "
              f"val {d.get('val')}, test {d.get('test')}"
              + (f"; {d['labelled_left_out']} labelled images left out by --shots." if d.get("labelled_left_out") else "."),
              f"Backbone: `{b.get('name')}` ({b.get('weights')} weights), strategy `{b.get('strategy')}`, "
@@ -239,7 +240,7 @@ def report_md(rep: dict) -> str:
     lines += ["", "## Checks", "", "| check | value | bound | ok |", "|---|---|---|---|"]
     for c in rep.get("checks", []):
         ok = "not measurable here" if c["ok"] is None else ("yes" if c["ok"] else "**NO**")
-        lines.append(f"| {c['name']} | {check_value(c)} | {c['bound']} | {ok} |")
+        lines.append(f"| {c['name']} | {markdown(check_value(c))} | {c['bound']} | {ok} |")
     r = rep.get("recommendation")
     if r:
         lines += ["", f"**Recommended for this host:** `{r['file']}` — {r['why']} (p50 {fmt.ms(r['p50_ms'])} ms, "
@@ -273,7 +274,7 @@ def task_table(rep: dict) -> str:
         cells = " | ".join(f"{fmt.accuracy(models[k]['tasks'][name]['accuracy'])} | "
                            f"{fmt.accuracy(models[k]['tasks'][name]['macro_f1'])}"
                            for k in keys)
-        lines.append(f"| {name} | {len(v['per_class'])} | {v['n']} | {cells} |")
+        lines.append(f"| {markdown(name)} | {len(v['per_class'])} | {v['n']} | {cells} |")
     return "\n".join(lines)
 
 
@@ -288,7 +289,7 @@ def per_class_table(rep: dict) -> str:
              "|---|---|---|---|---|---|"]
     for c, v in fp["per_class"].items():
         qr = q.get("per_class", {}).get(c, {}).get("recall")
-        lines.append(f"| {c} | {v['support']} | {fmt.accuracy(v['precision'])} | {fmt.accuracy(v['recall'])} | "
+        lines.append(f"| {markdown(c)} | {v['support']} | {fmt.accuracy(v['precision'])} | {fmt.accuracy(v['recall'])} | "
                      f"{'' if qr is None else fmt.accuracy(qr)} | {fmt.points(delta[c]) if c in delta else ''} |")
     return "\n".join(lines)
 
@@ -303,7 +304,7 @@ def adaptation_lines(rep: dict) -> list[str]:
     ad = rep.get("adaptation")
     if not ad:
         return []
-    where = f"{ad['batchnorm_layers']} BatchNorm layers on {ad['images']} unlabelled images from `{ad['folder']}`"
+    where = f"{ad['batchnorm_layers']} BatchNorm layers on {ad['images']} unlabelled images from {code_span(ad['folder'])}"
     why = "; ".join(ad.get("reasons", []))
     if not ad.get("kept", True):
         head = (f"**AdaBN REVERTED: {where} looked harmful without target labels, so the model keeps its unadapted "
@@ -329,9 +330,9 @@ def adaptation_lines(rep: dict) -> list[str]:
                   "| top-1 agreement adapted/unadapted |", "|---|---|---|---|---|---|"]
         for name, t in target.items():
             b, a = t["before"], t["after"]
-            lines.append(f"| {name} | {t['images']} | {b['mean_entropy']:.3f} → {a['mean_entropy']:.3f} | "
+            lines.append(f"| {markdown(name)} | {t['images']} | {b['mean_entropy']:.3f} → {a['mean_entropy']:.3f} | "
                          f"{b['mean_max_probability']:.3f} → {a['mean_max_probability']:.3f} | "
-                         f"{b['largest_class']} ({fmt.pct(b['largest_class_share'])}) → {a['largest_class']} "
+                         f"{markdown(b['largest_class'])} ({fmt.pct(b['largest_class_share'])}) → {markdown(a['largest_class'])} "
                          f"({fmt.pct(a['largest_class_share'])}) | {fmt.pct(t['top1_agreement'])} |")
         lines.append("")
     st = ad.get("stability")
@@ -357,7 +358,7 @@ def calibration_lines(rep: dict) -> list[str]:
     out = []
     for task, r in cal.get("tasks", {}).items():
         f, test = r.get("fitted_on", {}), r.get("test", {}).get("files", {})
-        name = "" if len(cal["tasks"]) == 1 else f" ({task})"
+        name = "" if len(cal["tasks"]) == 1 else f" ({markdown(task)})"
         if not f.get("images"):
             out.append(f"Calibration{name}: none — {f.get('reason')}.")
             continue
@@ -402,7 +403,7 @@ def thresholds_section(rep: dict) -> list[str]:
         if not held and not test:
             continue
         if len(tasks) > 1:
-            lines += [f"Task `{task}`:", ""]
+            lines += [f"Task {code_span(task)}:", ""]
         src = f"held out: {f.get('images')} {f.get('split')} images" if held else "held out: none"
         tfile = r.get("test", {}).get("file", "")
         lines += [f"| threshold | coverage ({src}) | accuracy (held out) | coverage (test, {tfile}) | "
@@ -438,7 +439,7 @@ def model_card(rep: dict) -> str:
     lines = [
         "# Model card", "",
         "## Model", "",
-        f"An image classifier over {len(d.get('classes', []))} classes: {', '.join(d.get('classes', []))}. "
+        f"An image classifier over {len(d.get('classes', []))} classes: {', '.join(map(markdown, d.get('classes', [])))}. "
         f"Backbone `{b.get('name')}` initialised from {b.get('pretrained_on')}, adapted with strategy "
         f"`{b.get('strategy')}`" + (f" (chosen automatically: {b['strategy_reason']})" if b.get("strategy_reason") else "")
         + (f"; {len(d['tasks']) + 1} tasks share the backbone, one head and one ONNX output each"
@@ -447,8 +448,8 @@ def model_card(rep: dict) -> str:
         + "Training took "
         f"{rep.get('training', {}).get('train_seconds', 0):.0f} s. Files: " + ", ".join(f"`{m['file']}`" for m in models.values()) + ".", "",
         "## Data", "",
-        f"Source `{d.get('source')}`; train {d.get('train')}, validation {d.get('val')}, held-out test {d.get('test')} "
-        f"images. Training images per class: {d.get('train_per_class')}. Imbalance (max/min): "
+        f"Source {code_span(d.get('source'))}; train {d.get('train')}, validation {d.get('val')}, held-out test {d.get('test')} "
+        f"images. Training images per class: {markdown(d.get('train_per_class'))}. Imbalance (max/min): "
         f"{fmt.ratio(d.get('imbalance_ratio'))}."
         + (f" {d['labelled_left_out']} labelled images were left out (--shots)." if d.get("labelled_left_out") else ""), "",
         "## Metrics (held-out test split, ONNX Runtime)", "",
@@ -476,8 +477,8 @@ def model_card(rep: dict) -> str:
     if ad:
         lines += ["## Domain adaptation", "",
                   (f"{ad['method']}: {ad['batchnorm_layers']} BatchNorm layers re-estimated on {ad['images']} unlabelled "
-                   f"images from `{ad['folder']}`" if ad.get("kept", True) else
-                   f"**{ad['method']} on {ad['images']} unlabelled images from `{ad['folder']}` was tried and reverted** "
+                   f"images from {code_span(ad['folder'])}" if ad.get("kept", True) else
+                   f"**{ad['method']} on {ad['images']} unlabelled images from {code_span(ad['folder'])} was tried and reverted** "
                    "(label-free checks said it hurt; see report.md): this model carries the training images' BatchNorm "
                    "statistics") + ". The test metrics above are on the source data's test split; measure on labelled "
                   "target-domain images before relying on it there.", ""]
@@ -485,7 +486,7 @@ def model_card(rep: dict) -> str:
     lines += thresholds_section(rep)
     lines += [
         "## Limitations", "",
-        "- Served worst: " + ", ".join(f"{c} (recall {fmt.accuracy(v['recall'])})" for c, v in worst) + ".",
+        "- Served worst: " + ", ".join(f"{markdown(c)} (recall {fmt.accuracy(v['recall'])})" for c, v in worst) + ".",
         f"- The backbone's pretrained weights come from {b.get('pretrained_on')}; biases of that data set "
         "(what it over- and under-represents) can be inherited by this model.",
         f"- Measured on {d.get('test')} test images from the same source as the training data; accuracy on images "
@@ -509,9 +510,9 @@ def class_losses(impact: dict) -> str:
     names = [c for c, d in lost.items() if d == worst]
     losing = impact.get("classes_losing_more_than", {})
     bound = losing.get("points", 3.0)
-    return (f"The {'class' if len(names) == 1 else 'classes'} that lost most: {', '.join(names)} "
+    return (f"The {'class' if len(names) == 1 else 'classes'} that lost most: {', '.join(map(markdown, names))} "
             f"({fmt.points(worst)} points). "
-            + (f"**Warning:** {', '.join(losing['classes'])} lost more than {bound:g} points."
+            + (f"**Warning:** {', '.join(map(markdown, losing['classes']))} lost more than {bound:g} points."
                if losing.get("classes") else f"No class lost more than {bound:g} points."))
 
 

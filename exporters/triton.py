@@ -13,6 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from edgexfer.runtime.labels import lines
 from edgexfer.runtime.model import EdgeModel
 
 
@@ -66,7 +67,7 @@ def write_triton_repo(model_path: str | os.PathLike, repo: str | os.PathLike, na
         (tmp / "config.pbtxt").write_text(config_pbtxt(model, name, max_batch_size=max_batch_size,
                                                        max_queue_delay_us=max_queue_delay_us))
         for t in model.meta.tasks:
-            (tmp / f"labels_{t.output}.txt").write_text("\n".join(t.labels) + "\n")
+            (tmp / f"labels_{t.output}.txt").write_text(lines(t.labels, f"{model_path}"), encoding="utf-8")
         if dest.exists():
             old = Path(td) / "old"
             os.replace(dest, old)

@@ -31,6 +31,7 @@ from importlib import metadata
 from pathlib import Path
 
 from edgexfer.runtime.errors import RuntimeInputError
+from edgexfer.runtime.labels import lines
 
 RUNTIME_REQUIREMENTS = ("numpy", "onnxruntime", "Pillow", "click")  # click: `python -m edgexfer.runtime ...`
 MANIFEST = "bundle.json"
@@ -169,7 +170,7 @@ def bundle(source: str | os.PathLike, out: str | os.PathLike, *, force: bool = F
         # copyfile, not copy2: the copies get the umask's mode, not the source's (an artifact written 0600)
         shutil.copyfile(model, tmp / model.name)
         e2e_name, e2e_why = _e2e_file(model, tmp)
-        (tmp / "labels.txt").write_text("\n".join(EdgeModel(model).labels) + "\n")
+        (tmp / "labels.txt").write_text(lines(EdgeModel(model).labels, f"{model}"), encoding="utf-8")
         pkg = tmp / "edgexfer"
         shutil.copytree(runtime_dir, pkg / "runtime", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
                         copy_function=shutil.copyfile)

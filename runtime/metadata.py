@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgexfer.runtime.errors import MetadataError
+from edgexfer.runtime.labels import refusal
 
 META_KEY = "edgexfer.meta"
 META_SCHEMA = "edgexfer.meta/1"
@@ -215,6 +216,10 @@ def check_dict(d: dict) -> None:
                 or not all(isinstance(x, (str, int)) and not isinstance(x, bool) for x in labels)):
             raise MetadataError(f"malformed edgexfer metadata: tasks[{k}].labels must be a non-empty list of names, "
                                 f"got {str(labels)[:100]}")
+        for j, x in enumerate(labels):  # each format that lists labels one per line must read them back
+            why = refusal(str(x))
+            if why:
+                raise MetadataError(f"malformed edgexfer metadata: tasks[{k}].labels[{j}] {why}"[:300])
     for key in ("name", "output"):
         values = [t[key] for t in tasks]
         if len(set(values)) != len(values):
