@@ -25,9 +25,9 @@ log = logging.getLogger("edgexfer")
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that are the user's to fix: printed as one line, exit 1, no traceback."""
     from edgexfer.exporters.errors import ExportError
-    from edgexfer.runtime.errors import ImageError, MetadataError, RuntimeInputError
+    from edgexfer.runtime.errors import ImageError, MetadataError, ModelFileError, RuntimeInputError
 
-    return (EdgexferError, ExportError, MetadataError, ImageError, RuntimeInputError, FileNotFoundError)
+    return (EdgexferError, ExportError, MetadataError, ImageError, RuntimeInputError, FileNotFoundError, ModelFileError)
 
 
 # -- shared options --------------------------------------------------------------------------------

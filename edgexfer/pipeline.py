@@ -16,12 +16,12 @@ from typing import Callable
 
 import numpy as np
 
-from edgexfer import __version__, plots
+from edgexfer import __version__, plots, quantize_stage
 from edgexfer.bounds import within
 from edgexfer.config import BenchConfig, DataConfig, ModelConfig, RunConfig  # noqa: F401  (importable from here)
 from edgexfer.errors import EdgexferError, RunFolderError
 from edgexfer.quantize_stage import (TARGET_IMAGES, _arm64_emulation, _arm64_guard, _inc_quantize,  # noqa: F401
-                                     agreement_with, calibration_set, quantize, target_agreement, target_images)
+                                     agreement_with, calibration_set, target_agreement, target_images)
 from edgexfer.runfolder import FILES, REPORT_SCHEMA, STAGES, RunFolder, Workspace, _now  # noqa: F401
 from edgexfer.runtime import atomic
 
@@ -62,7 +62,11 @@ def finetune(run_dir: str | Path, cfg: RunConfig, ws: Workspace | None = None) -
                                       "model's scores on the target domain are not calibrated by it")
     # the checkpoint records the temperature already folded into its heads (train_result.calibration): nothing
     # downstream divides by it again, and a resumed run reuses this checkpoint rather than calibrating twice
-    sha = save_checkpoint(run.checkpoint, model, mcfg, extra={"train_result": asdict(result)})
+    folds, result.probe_folds = result.probe_folds, None  # arrays for the guard: the checkpoint's, not the report's
+    extra = {"train_result": asdict(result)}
+    if folds is not None and not (adaptation and adaptation["kept"]):  # AdaBN changed the features they were fitted on
+        extra["probe_folds"] = {k: torch.as_tensor(v) for k, v in folds.items()}
+    sha = save_checkpoint(run.checkpoint, model, mcfg, extra=extra)
     state = run.file("train_state.pt")
     if state.exists():
         state.unlink()  # the finished checkpoint supersedes the per-epoch resume state
@@ -79,7 +83,8 @@ def finetune(run_dir: str | Path, cfg: RunConfig, ws: Workspace | None = None) -
                   "image_size": cfg.model.image_size, "image_size_reason": cfg.model.image_size_reason,
                   "feature_dim": info.feature_dim, "requested": cfg.model.requested_backbone or cfg.model.backbone,
                   **({"selection": run.read_json(SELECTION_FILE)} if cfg.model.requested_backbone == "auto" else {})},
-        training={**{k: v for k, v in asdict(result).items() if k != "calibration"}, "checkpoint_sha256": sha,
+        training={**{k: v for k, v in asdict(result).items() if k not in ("calibration", "probe_folds")},
+                  "checkpoint_sha256": sha,
                   "config": asdict(cfg.train)},
         calibration=result.calibration,
     )
@@ -272,7 +277,11 @@ def export(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | No
     cfg = cfg or run.config()
     ws = ws or Workspace(run, cfg)
     t0 = time.perf_counter()
-    model, mcfg, _ = load_checkpoint(run.require("checkpoint.pt", "finetune"))
+    ckpt = run.require("checkpoint.pt", "finetune")
+    # model.onnx, its cleaned-up candidate and model.e2e.onnx each about the checkpoint's size: checked first,
+    # so a full disk is one line before anything is read or replaced
+    atomic.require_space(run.file(FILES["fp32"]), 3 * ckpt.stat().st_size)
+    model, mcfg, _ = load_checkpoint(ckpt)
     split = "val" if len(ws.dataset.val) else "train"
     sample, _ = ws.tensors(split, limit=64)
     meta = build_meta(mcfg, atomic.sha256_file(run.checkpoint))
@@ -281,12 +290,33 @@ def export(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | No
         from edgexfer.backbones import get_backbone_info
 
         atol = get_backbone_info(mcfg["backbone"]).export_atol
-    val = export_onnx(model, meta, run.file(FILES["fp32"]), sample, atol=atol)
-    val["validated_on"] = f"{len(sample)} {split} images"
-    val["e2e"] = write_beside(run.file(FILES["fp32"]))  # model.e2e.onnx: preprocessing in the graph
+    with atomic.writing(run.file(FILES["fp32"])):
+        val = export_onnx(model, meta, run.file(FILES["fp32"]), sample, atol=atol)
+        val["validated_on"] = f"{len(sample)} {split} images"
+        val["e2e"] = write_beside(run.file(FILES["fp32"]))  # model.e2e.onnx: preprocessing in the graph
     run.update_report(export=val)
     run.mark_done("export", time.perf_counter() - t0, cfg)
     return val
+
+
+def quantize(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | None = None) -> dict:
+    """The quantize stage (`edgexfer.quantize_stage.quantize`), on a disk with room for it: a full disk is one
+    line naming the file and the space it needs, before minutes of calibration rather than after them.
+
+    On a full disk the stage was seen to fail late with protobuf's `DecodeError` (a truncated intermediate
+    file read back) instead of an OSError; a DecodeError met with less room left than the stage needs is
+    reported as the full disk it is."""
+    run = RunFolder(run_dir)
+    fp32, out = run.file(FILES["fp32"]), run.file(FILES["int8"])
+    needed = 3 * fp32.stat().st_size if fp32.is_file() else None  # pre-processed copy, candidates, e2e files
+    with atomic.writing(out, needed):
+        try:
+            return quantize_stage.quantize(run_dir, cfg, ws)
+        except Exception as e:
+            free = atomic.free_bytes(out) if needed else None
+            if type(e).__name__ == "DecodeError" and free is not None and free < needed:
+                raise atomic.DiskFull(out, needed, free) from e
+            raise
 
 
 def evaluate(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | None = None) -> dict:

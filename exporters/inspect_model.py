@@ -13,7 +13,7 @@ from pathlib import Path
 import onnx
 
 from edgexfer.runtime import fmt
-from edgexfer.runtime.errors import MetadataError
+from edgexfer.runtime.errors import MetadataError, ModelFileError
 from edgexfer.runtime.metadata import META_KEY, ModelMeta
 
 QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
@@ -25,9 +25,53 @@ def _dims(t) -> list:
     return [d.dim_param or d.dim_value for d in t.type.tensor_type.shape.dim]
 
 
+def load_model(path: Path) -> onnx.ModelProto:
+    """The ONNX file at `path`, its external data left unread (inspect reads shapes and types only).
+    ModelFileError, one line, for a file that is empty, not ONNX, truncated, or whose external data lies
+    outside its folder, is missing, or is shorter than the tensor says: a hostile file is refused, not read."""
+    if path.stat().st_size == 0:
+        raise ModelFileError(f"{path} is empty (0 bytes): not an ONNX model")
+    try:
+        m = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # noqa: BLE001  protobuf's DecodeError and friends: whatever it is, not a model
+        why = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise ModelFileError(f"{path} is not a readable ONNX model (truncated or corrupt: {why})") from None
+    if m.ir_version < 1 or not m.opset_import or not m.graph.output:
+        raise ModelFileError(f"{path} is not a readable ONNX model (no IR version, opset or graph output: "
+                             "truncated, or another kind of file)")
+    check_external_data(m, path)
+    return m
+
+
+def check_external_data(m: onnx.ModelProto, path: Path) -> None:
+    """ModelFileError unless every tensor kept outside the file lies in a file inside the model's folder,
+    long enough for it (ONNX's own loader would read any path the file names)."""
+    from onnx.external_data_helper import _get_all_tensors
+
+    folder = path.parent.resolve()
+    for t in _get_all_tensors(m):
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        loc = info.get("location", "")
+        where = (folder / loc).resolve()
+        if not loc or Path(loc).is_absolute() or (where != folder and folder not in where.parents):
+            raise ModelFileError(f"{path}: tensor {t.name!r} keeps its data in {loc!r}, outside the model's folder; "
+                                 "refusing to read it")
+        if not where.is_file():
+            raise ModelFileError(f"{path}: tensor {t.name!r} keeps its data in {loc!r}, which is not beside it")
+        try:
+            end = int(info.get("offset") or 0) + int(info.get("length") or 0)
+        except ValueError:
+            raise ModelFileError(f"{path}: tensor {t.name!r} has a malformed external-data offset or length") from None
+        if end > where.stat().st_size:
+            raise ModelFileError(f"{path}: tensor {t.name!r} needs bytes up to {end} of {loc!r}, which holds "
+                                 f"{where.stat().st_size} (truncated)")
+
+
 def inspect(path: str | Path) -> dict:
     path = Path(path)
-    m = onnx.load(str(path))
+    m = load_model(path)
     props = {p.key: p.value for p in m.metadata_props}
     try:
         meta = ModelMeta.from_props(props, str(path)).to_dict()

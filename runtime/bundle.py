@@ -160,9 +160,24 @@ def bundle(source: str | os.PathLike, out: str | os.PathLike, *, force: bool = F
         refusal = _why_not_replace(out, source)
         if refusal:
             raise RuntimeInputError(f"--force will not replace {out}: {refusal}; remove it yourself or choose another OUT")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    for above in (out.parent, *out.parent.parents):  # OUT under a file: say so, before anything is written
+        if above.exists():
+            if not above.is_dir():
+                raise RuntimeInputError(f"cannot write {out}: {above} is a file, not a folder")
+            break
     runtime_dir = Path(__file__).resolve().parent
+    needed = 2 * model.stat().st_size + sum(p.stat().st_size for p in runtime_dir.rglob("*.py"))  # model, e2e, runtime
+    from edgexfer.runtime import atomic
+
+    with atomic.writing(out, needed):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return _write(model, out, why, warning, arch, runtime_dir)
+
+
+def _write(model: Path, out: Path, why: str, warning: str | None, arch: str, runtime_dir: Path) -> dict:
+    """The bundle, written into a temporary folder beside `out`, then renamed to it."""
     import edgexfer
+    from edgexfer.runtime.model import EdgeModel
 
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as td:
         tmp = Path(td) / "bundle"

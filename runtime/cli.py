@@ -20,7 +20,7 @@ from typing import Sequence
 
 import click
 
-from edgexfer.runtime.errors import ImageError, MetadataError, RuntimeInputError
+from edgexfer.runtime.errors import ImageError, MetadataError, ModelFileError, RuntimeInputError
 
 COMMANDS = ("bench", "predict", "serve", "bundle", "compare", "verify")
 # training commands (edgexfer/cli.py) -> the extra they need and the modules that extra brings
@@ -279,7 +279,11 @@ def predict(model, images, format_, provider, **kw):
               help="No access-log line per request (logger edgexfer.access).")
 @image_limit_options
 @click.option("--max-inflight-mib", type=POS, default=128,
-              help="Request-body MiB the server holds at once, all requests together; past it 503 with Retry-After.")
+              help="Request-body MiB the server holds at once, all requests together (REST and gRPC); past it 503 "
+                   "with Retry-After (gRPC: RESOURCE_EXHAUSTED).")
+@click.option("--header-timeout", type=float, default=10.0,
+              help="Seconds a request's line and headers may take to arrive, from the connection's opening or its "
+                   "last answer; an idle keep-alive connection closes then (stdlib server).")
 def serve(models, no_access_log, **kw):
     """Serve run folders or ONNX files over the Open Inference Protocol v2: REST (JSON and binary tensors,
     plus an image endpoint: POST /v2/models/NAME/classify), and gRPC with --grpc-port. Bound to 127.0.0.1
@@ -463,8 +467,8 @@ def serve_cmd(a) -> None:
 
         needs = ("uvicorn", "prometheus_client")
         kind = "uvicorn" if all(importlib.util.find_spec(m) for m in needs) else "stdlib"
-    if a.timeout <= 0 or a.max_queue_delay_ms < 0:
-        raise RuntimeInputError("--timeout must be > 0 and --max-queue-delay-ms >= 0")
+    if a.timeout <= 0 or a.max_queue_delay_ms < 0 or not a.header_timeout > 0:
+        raise RuntimeInputError("--timeout and --header-timeout must be > 0 and --max-queue-delay-ms >= 0")
     if a.switch_interval_us is not None and not 1 <= a.switch_interval_us <= 1e6:
         raise RuntimeInputError(f"--switch-interval-us must be between 1 and 1000000, got {a.switch_interval_us:g}")
     models = resolve_models(a.models)
@@ -505,7 +509,7 @@ def serve_cmd(a) -> None:
 
         try:
             serve(models, host=a.host, port=a.port, threads=a.threads, token=a.token, access_log=a.access_log,
-                  image_limits=limits, max_bytes_in_flight=inflight)
+                  image_limits=limits, max_bytes_in_flight=inflight, head_timeout_s=a.header_timeout)
         except OSError as e:  # binding: one line, not a traceback
             if isinstance(e, FileNotFoundError) or e.errno not in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
                 raise
@@ -514,7 +518,7 @@ def serve_cmd(a) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Run a command; user mistakes print one line (`error: ...`) and exit 1 (usage mistakes 2)."""
-    user = (FileNotFoundError, MetadataError, ImageError, RuntimeInputError)
+    user = (FileNotFoundError, MetadataError, ImageError, RuntimeInputError, ModelFileError)
     for module, name in (("edgexfer.errors", "EdgexferError"), ("edgexfer.exporters.errors", "ExportError")):
         try:  # absent where the runtime ships alone (a bundle): its commands raise only the runtime's errors
             user += (getattr(__import__(module, fromlist=[name]), name),)
@@ -537,6 +541,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(e.exit_code)
     except user as e:
         print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as e:  # a full disk (or quota) wherever it is met: one line naming the path
+        from edgexfer.runtime.atomic import disk_full_message, is_disk_full
+
+        if not is_disk_full(e):
+            raise
+        print(f"error: {disk_full_message(e)}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)

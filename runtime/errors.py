@@ -15,3 +15,7 @@ class ImageTooLarge(ImageError):
 
 class RuntimeInputError(ValueError):
     """An input of the wrong type, shape or dtype was given to the model."""
+
+
+class ModelFileError(ValueError):
+    """A file that is not a readable ONNX model: empty, truncated, not ONNX, or pointing outside its folder."""
