@@ -30,10 +30,11 @@ import numpy as np
 
 from edgexfer.runtime.errors import ImageError, ImageTooLarge, RuntimeInputError
 from edgexfer.runtime.model import EdgeModel
+from edgexfer.runtime.multipart import multipart_file
 from edgexfer.runtime.openapi import OPEN_PATHS
 from edgexfer.runtime.preprocess import ImageLimits
-from edgexfer.runtime.protocol import (HeaderCache, HTTPError, InferHeader, infer_response, log_safe, model_metadata,
-                                       multipart_file, parse_infer)
+from edgexfer.runtime.protocol import (HeaderCache, HTTPError, InferHeader, checked_header, infer_response, log_safe,
+                                       model_metadata, parse_infer)
 
 log = logging.getLogger("edgexfer.runtime.server")
 access_log = logging.getLogger("edgexfer.access")
@@ -212,6 +213,10 @@ class DataPlane:
                     cache: HeaderCache | None = None) -> tuple[np.ndarray, InferHeader]:
         return parse_infer(body, header_len, self.model(name), cache)
 
+    def infer_header(self, name: str, head: bytes, cache: HeaderCache | None = None) -> InferHeader:
+        """A v2 infer header alone, checked (the gRPC front end's tensor bytes stay where they arrived)."""
+        return checked_header(head, self.model(name), cache)
+
     def infer_answer(self, name: str, h: InferHeader, outs: dict[str, np.ndarray]) -> tuple[bytes, dict]:
         return infer_response(name, h, self.models[name], outs)
 
@@ -230,7 +235,8 @@ class DataPlane:
         """A classify body (the image bytes, or a multipart upload) -> the model's input; 413 over the pixel
         budget, 400 for anything else wrong. Blocking (decoding): adapters call it in a worker thread."""
         m = self.model(name)
-        data = multipart_file(body, content_type) if content_type.startswith("multipart/form-data") else body
+        multipart = content_type[:19].lower() == "multipart/form-data"  # bounded work: runtime/multipart.py
+        data = multipart_file(body, content_type) if multipart else body
         try:
             return m.preprocess(data)
         except ImageTooLarge as e:

@@ -316,7 +316,7 @@ def uvicorn_server(config, grpc_port: int | None = None):
             if not self.should_exit and grpc_port is not None:
                 from edgexfer.runtime.grpc_server import make_server
 
-                self.grpc, self.grpc_port = make_server(app.dp, app.batchers, config.host, grpc_port)
+                self.grpc, self.grpc_port = make_server(app.dp, app.batchers, config.host, grpc_port, app.budget)
                 await self.grpc.start()
                 log.info("OIP gRPC on %s:%d", config.host, self.grpc_port)
 

@@ -3,11 +3,12 @@ JSON tensors and the binary tensor extension (an `Inference-Header-Content-Lengt
 header, then raw little-endian bytes). numpy only; no HTTP library."""
 from __future__ import annotations
 
+import asyncio
+import ctypes
+import ctypes.util
 import json
 import math
 import threading
-from email.parser import BytesParser
-from email.policy import HTTP
 
 import numpy as np
 
@@ -16,6 +17,7 @@ from edgexfer.runtime.model import EdgeModel
 HEADER_LEN = "Inference-Header-Content-Length"
 MAX_BODY = 16 * 1024 * 1024
 MAX_BODIES_IN_FLIGHT = 128 * 1024 * 1024  # request-body bytes held at once, server-wide, before 503
+TRIM_AFTER = 64 * 1024 * 1024  # body bytes released, then none held: the freed heap goes back to the OS
 MAX_CACHED_HEADER = 4096  # a binary request's JSON header longer than this is checked but not kept
 DTYPES = {"FP32": np.float32}
 
@@ -26,13 +28,32 @@ class HTTPError(Exception):
         self.status, self.headers = status, headers or {}
 
 
+_libc = None
+
+
+def malloc_trim() -> bool:
+    """Hand the heap's free pages back to the OS (glibc's `malloc_trim(0)`); False without glibc. Freed
+    request bodies of several MB otherwise stay in the process: glibc raises its mmap threshold after the
+    first large free, so later ones come from arenas that are rarely given back."""
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _libc.malloc_trim.argtypes, _libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+        except (OSError, AttributeError):
+            _libc = False
+    return bool(_libc) and bool(_libc.malloc_trim(0))
+
+
 class BodyBudget:
     """The request-body bytes a server holds at once (read, or promised by a Content-Length), shared by
     all its requests: past `limit`, a request gets 503 and Retry-After before its body is held. Plain
-    integers, for one thread (the batching server's event loop); `LockedBodyBudget` for several."""
+    integers, for one thread (the batching server's event loop, its gRPC front end too); `LockedBodyBudget`
+    for several. Once TRIM_AFTER bytes were given back and none are held, the freed memory goes back to the
+    OS (`malloc_trim`, a moment later: the callers still hold the last bodies when they give them back)."""
 
     def __init__(self, limit: int = MAX_BODIES_IN_FLIGHT):
-        self.limit, self.used = int(limit), 0
+        self.limit, self.used, self.released = int(limit), 0, 0
 
     def take(self, n: int) -> None:
         if self.used + n > self.limit:
@@ -41,7 +62,25 @@ class BodyBudget:
         self.used += n
 
     def give(self, n: int) -> None:
+        if self._give(n):
+            self.idle()
+
+    def _give(self, n: int) -> bool:
+        """Count `n` bytes back; True when the heap should be trimmed now."""
         self.used -= n
+        self.released += n
+        if self.used or self.released < TRIM_AFTER:
+            return False
+        self.released = 0
+        return True
+
+    def idle(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            malloc_trim()
+            return
+        loop.call_later(0.05, loop.run_in_executor, None, malloc_trim)
 
 
 class LockedBodyBudget(BodyBudget):
@@ -57,7 +96,9 @@ class LockedBodyBudget(BodyBudget):
 
     def give(self, n: int) -> None:
         with self._lock:
-            self.used -= n
+            trim = self._give(n)
+        if trim:
+            malloc_trim()  # outside the lock; the request thread's body is freed by now
 
 
 def log_safe(s: str) -> str:
@@ -143,6 +184,16 @@ def parse_header(head: bytes, model: EdgeModel) -> InferHeader:
     return InferHeader(req, shape, size, binary)
 
 
+def checked_header(head: bytes, model: EdgeModel, cache: HeaderCache | None = None) -> InferHeader:
+    """`parse_header` through `cache` (which keeps short binary-extension headers)."""
+    h = cache.get(head) if cache is not None else None
+    if h is None:
+        h = parse_header(head, model)
+        if cache is not None and h.size is not None and len(head) <= MAX_CACHED_HEADER:
+            cache.put(head, h)
+    return h
+
+
 def parse_infer(body: bytes, header_len: str | None, model: EdgeModel, cache: HeaderCache | None = None
                 ) -> tuple[np.ndarray, InferHeader]:
     """(input array, its checked header) from a v2 infer body; `cache` keeps checked binary headers."""
@@ -152,12 +203,7 @@ def parse_infer(body: bytes, header_len: str | None, model: EdgeModel, cache: He
         raise HTTPError(400, f"malformed JSON: {HEADER_LEN} {header_len!r} is not a number") from None
     if not 0 <= n <= len(body):
         raise HTTPError(400, f"malformed JSON: {HEADER_LEN} {n} is outside the body's {len(body)} bytes")
-    head = body[:n]
-    h = cache.get(head) if cache is not None else None
-    if h is None:
-        h = parse_header(head, model)
-        if cache is not None and h.size is not None and n <= MAX_CACHED_HEADER:
-            cache.put(head, h)
+    h = checked_header(body[:n], model, cache)
     if h.size is not None:
         if h.size > len(body) - n:
             raise HTTPError(400, f"bad tensor: binary_data_size {h.size} is outside the {len(body) - n} bytes sent")
@@ -211,15 +257,3 @@ def model_metadata(name: str, m: EdgeModel) -> dict:
         "outputs": [{"name": t.output, "datatype": "FP32", "shape": [-1, len(t.labels)]} for t in m.meta.tasks],
         "parameters": {"edgexfer": m.meta.to_dict()},
     }
-
-
-def multipart_file(body: bytes, content_type: str, field: str = "image") -> bytes:
-    """The file of a multipart/form-data body (`curl -F image=@cat.jpg`): the part named `field`, else
-    the first part with a filename. The standard library's MIME parser, for both servers."""
-    msg = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
-    parts = [p for p in msg.iter_parts()] if msg.is_multipart() else []
-    named = [p for p in parts if p.get_param("name", header="content-disposition") == field]
-    files = named or [p for p in parts if p.get_filename()]
-    if not files:
-        raise HTTPError(400, f"multipart upload without a file; send it as -F {field}=@cat.jpg")
-    return files[0].get_payload(decode=True) or b""

@@ -20,12 +20,17 @@ Transfer-Encoding (anything else, another transfer coding included: 400), at mos
 and bodies held at once are capped server-wide (`BodyBudget`: 503); a body left unread by an error is
 read and dropped (up to MAX_BODY) or the connection closed, so it is never taken for a request; every
 error is a one-line JSON `{"error": ...}`, never a traceback; images are bounded by the model's limits
-before decoding (413, 400); idle connections time out after `IDLE_TIMEOUT_S`; at most `MAX_CONNECTIONS`
-connections are served at once (503 past them); `serve` drains on SIGTERM: stops accepting, answers
-every request in flight, then returns.
+before decoding (413, 400); a request's head (its line and headers) must arrive within `head_timeout_s`
+of the connection's opening or its last answer (an idle keep-alive connection closes then; a head begun
+and not finished gets 408), and a body read waits at most `IDLE_TIMEOUT_S` for each piece; at most
+`MAX_CONNECTIONS` connections are served at once: past them a new connection takes the slot of the one
+that has waited longest for a head (slow or idle clients cannot hold every slot), and only when every
+connection has a request in hand is it 503; `serve` drains on SIGTERM: stops accepting, answers every
+request in flight, then returns.
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import re
@@ -44,10 +49,29 @@ from edgexfer.runtime.protocol import (HEADER_LEN, MAX_BODIES_IN_FLIGHT, MAX_BOD
 log = logging.getLogger(__name__)
 _CHUNK_SIZE = re.compile(rb"^[0-9A-Fa-f]{1,8}$")
 IDLE_TIMEOUT_S = 30.0      # a connection waiting this long for a read or a write is closed
+HEAD_TIMEOUT_S = 10.0      # a request's line and headers arrive within this, from opening or the last answer
 MAX_CONNECTIONS = 256      # connections (threads) served at once; past them 503 and close
 DRAIN_TIMEOUT_S = 30.0     # on SIGTERM, how long requests in flight may take to finish
 DRAIN_CHUNK = 64 * 1024
 LINGER_S = 10.0            # closing with a body unread: how long what the client still sends is read and dropped
+
+
+IDLE, HEAD, BUSY = 0, 1, 2  # a connection waits for a request, reads its head, or has one in hand
+
+
+class DeadlineReader(socket.SocketIO):
+    """A socket's reads, each waiting at most until `deadline` (time.monotonic; None: IDLE_TIMEOUT_S): one
+    byte every few seconds cannot stretch a request head past it."""
+
+    deadline: float | None = None
+
+    def readinto(self, b):
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("request head not received in time")
+            self._sock.settimeout(min(left, IDLE_TIMEOUT_S))
+        return super().readinto(b)
 
 
 class ModelServer:
@@ -85,14 +109,21 @@ class ModelServer:
             def log_error(self, fmt, *args):
                 log.warning("%s %s", self.address_string(), log_safe(fmt % args))
 
+            def setup(self):
+                super().setup()
+                self.rfile.close()  # the standard library's reader, replaced by one with a deadline for heads
+                self._reader = DeadlineReader(self.connection, "rb")
+                self.rfile = io.BufferedReader(self._reader)
+
             # -- framing -------------------------------------------------------------------------
             def handle_one_request(self):
                 """The standard library's, with the request counted in flight from its first line to its
                 answer (SIGTERM waits for it), and an unknown method answered 405 in JSON."""
                 self._unread, self._charged, self._length, self._authorized = False, 0, None, False
+                self._reader.deadline = time.monotonic() + self.server.head_timeout
                 try:
                     self.raw_requestline = self.rfile.readline(65537)
-                except (TimeoutError, OSError):  # idle past IDLE_TIMEOUT_S, or gone, or drained
+                except (TimeoutError, OSError):  # idle past the head timeout, or gone, drained or evicted
                     self.close_connection = True
                     return
                 if not self.raw_requestline:
@@ -104,7 +135,18 @@ class ModelServer:
                         self.requestline = self.request_version = self.command = ""
                         self.send_error(414)
                         return
-                    if not self.parse_request():
+                    try:
+                        parsed = self.parse_request()
+                    except TimeoutError:
+                        self.connection.settimeout(1.0)
+                        self.send_error(408, f"request head not received within {self.server.head_timeout:g} s")
+                        return
+                    self._reader.deadline = None
+                    self.connection.settimeout(IDLE_TIMEOUT_S)
+                    if not parsed:
+                        return
+                    if not self.server.busy(self):  # evicted while its head came in
+                        self.close_connection = True
                         return
                     self._frame()
                     self._dispatch(self.command)
@@ -290,39 +332,69 @@ class ModelServer:
 
 
 class EdgeHTTPServer(ThreadingHTTPServer):
-    """ThreadingHTTPServer with a listen backlog for bursts, a cap on connections, its requests in flight
+    """ThreadingHTTPServer with a listen backlog for bursts, a cap on connections (when full, the connection
+    that has waited longest for a request head gives its slot to the new one), its requests in flight
     counted (so that `drain` can wait for them) and its connections' errors logged in one line."""
 
     request_queue_size = 128
     daemon_threads = True
     block_on_close = False  # server_close must not wait on idle keep-alive connections; `drain` waits
 
-    def __init__(self, address, handler, budget: BodyBudget, max_connections: int = MAX_CONNECTIONS):
-        self.budget, self.max_connections = budget, max_connections
+    def __init__(self, address, handler, budget: BodyBudget, max_connections: int = MAX_CONNECTIONS,
+                 head_timeout_s: float = HEAD_TIMEOUT_S):
+        self.budget, self.max_connections, self.head_timeout = budget, max_connections, head_timeout_s
         self.draining = False
+        self.evicted = 0  # connections closed to make room for a new one
         self._cond = threading.Condition()
-        self._conns: dict = {}  # connection socket -> whether a request is in flight on it
+        self._conns: dict = {}  # connection socket -> [IDLE/HEAD/BUSY, since when (monotonic)]
         super().__init__(address, handler)
 
     def in_flight(self) -> int:
+        """Requests begun (their line received) and not yet answered."""
         with self._cond:
-            return sum(self._conns.values())
+            return sum(1 for state, _ in self._conns.values() if state != IDLE)
+
+    def _set(self, conn, state: int) -> None:
+        with self._cond:
+            if conn in self._conns:  # not when evicted meanwhile
+                self._conns[conn][0] = state
+                if state == IDLE:
+                    self._conns[conn][1] = time.monotonic()
+            self._cond.notify_all()
 
     def enter(self, h) -> None:
+        self._set(h.connection, HEAD)
+
+    def busy(self, h) -> bool:
+        """The request's head is in: its connection can no longer be evicted. False when it already was."""
         with self._cond:
-            self._conns[h.connection] = True
+            if h.connection not in self._conns:
+                return False
+        self._set(h.connection, BUSY)
+        return True
 
     def leave(self, h) -> None:
-        with self._cond:
-            if h.connection in self._conns:
-                self._conns[h.connection] = False
-            self._cond.notify_all()
+        self._set(h.connection, IDLE)
+
+    def _evict(self) -> bool:
+        """With the lock held: close the connection that has waited longest for a request head, if any."""
+        waiting = [(since, conn) for conn, (state, since) in self._conns.items() if state != BUSY]
+        if not waiting:
+            return False
+        _, conn = min(waiting, key=lambda w: w[0])
+        del self._conns[conn]
+        self.evicted += 1
+        try:
+            conn.shutdown(socket.SHUT_RDWR)  # its thread reads end-of-file and ends
+        except OSError:
+            pass
+        return True
 
     def process_request(self, request, client_address):
         with self._cond:
-            full = len(self._conns) >= self.max_connections or self.draining
+            full = self.draining or (len(self._conns) >= self.max_connections and not self._evict())
             if not full:
-                self._conns[request] = False
+                self._conns[request] = [IDLE, time.monotonic()]
         if full:
             body = b'{"error": "too many connections; retry later"}'
             try:
@@ -358,13 +430,13 @@ class EdgeHTTPServer(ThreadingHTTPServer):
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
-                for conn, busy in list(self._conns.items()):
-                    if not busy:
+                for conn, (state, _) in list(self._conns.items()):
+                    if state == IDLE:
                         try:
                             conn.shutdown(socket.SHUT_RD)  # its thread reads end-of-file and ends
                         except OSError:
                             pass
-                if not any(self._conns.values()):
+                if not any(state != IDLE for state, _ in self._conns.values()):
                     return True
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -375,16 +447,18 @@ class EdgeHTTPServer(ThreadingHTTPServer):
 def make_server(models: dict[str, Path], host: str = "127.0.0.1", port: int = 8000,
                 threads: int | None = None, token: str | None = None, access_log: bool = True,
                 image_limits: ImageLimits = ImageLimits(), max_bytes_in_flight: int = MAX_BODIES_IN_FLIGHT,
-                max_connections: int = MAX_CONNECTIONS) -> EdgeHTTPServer:
+                max_connections: int = MAX_CONNECTIONS, head_timeout_s: float = HEAD_TIMEOUT_S) -> EdgeHTTPServer:
     ms = ModelServer(models, threads, token, access_log, image_limits)
-    return EdgeHTTPServer((host, port), ms.handler(), LockedBodyBudget(max_bytes_in_flight), max_connections)
+    return EdgeHTTPServer((host, port), ms.handler(), LockedBodyBudget(max_bytes_in_flight), max_connections,
+                          head_timeout_s)
 
 
 def serve(models: dict[str, Path], host: str = "127.0.0.1", port: int = 8000, threads: int | None = None,
           token: str | None = None, access_log: bool = True, image_limits: ImageLimits = ImageLimits(),
-          max_bytes_in_flight: int = MAX_BODIES_IN_FLIGHT) -> None:
+          max_bytes_in_flight: int = MAX_BODIES_IN_FLIGHT, head_timeout_s: float = HEAD_TIMEOUT_S) -> None:
     """Serve until SIGTERM or Ctrl-C, then drain: stop accepting, answer what is in flight, return."""
-    httpd = make_server(models, host, port, threads, token, access_log, image_limits, max_bytes_in_flight)
+    httpd = make_server(models, host, port, threads, token, access_log, image_limits, max_bytes_in_flight,
+                        head_timeout_s=head_timeout_s)
     log.info("serving %s on http://%s:%d/v2", ", ".join(models), host, httpd.server_address[1])
 
     def on_term(signum, frame):  # shutdown() waits for serve_forever, which runs in this very thread
