@@ -9,6 +9,7 @@ when it is missing). Importing this module imports click and light modules only.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -63,6 +64,9 @@ def data_options(f):
         click.option("--seed", type=int, default=0, show_default=True,
                      help="Seed of the data split, the augmentation and the training."),
         click.option("--strict", is_flag=True, help="Refuse corrupt images instead of skipping them."),
+        click.option("--follow-symlinks", is_flag=True,
+                     help="Follow symbolic links (class folders or images) that lead out of the --data folder; "
+                          "without it they are skipped and counted with the unreadable images."),
         click.option("--backbone", default="auto", show_default=True,
                      help="Backbone name (see `edgexfer backbones`), or auto: of the backbones with ImageNet "
                           "weights here offline, the one whose features a linear probe classifies best (held out) "
@@ -163,7 +167,7 @@ def apply_quant_options(cfg, *, target, calibration_method, calibration_samples,
 
 def build_config(*, data, shots, all_labels, test_size, seed, strict, backbone, weights, image_size, strategy,
                  epochs, batch_size, lr, threads, compare_scratch=False, unfreeze_blocks=3, lr_decay=1.0,
-                 adapt_bn=None, no_calibrate=False, max_latency_ms=None, adapt_bn_force=False):
+                 adapt_bn=None, no_calibrate=False, max_latency_ms=None, adapt_bn_force=False, follow_symlinks=False):
     from edgexfer.backbones import get_backbone_info
     from edgexfer.exporters.quantize import Int8Recipe
     from edgexfer.finetune import TrainConfig
@@ -191,7 +195,8 @@ def build_config(*, data, shots, all_labels, test_size, seed, strict, backbone, 
     if image_size == "auto" and backbone == "auto":
         size_reason = "chosen with the backbone (--backbone auto)"
     elif image_size == "auto":
-        image_size, size_reason = auto_image_size(data, get_backbone_info(backbone).default_size, seed=seed)
+        image_size, size_reason = auto_image_size(data, get_backbone_info(backbone).default_size, seed=seed,
+                                                  follow_symlinks=follow_symlinks)
     else:
         size_reason = f"--image-size {image_size}"
     if all_labels or (shots is None and data is not None):
@@ -200,7 +205,7 @@ def build_config(*, data, shots, all_labels, test_size, seed, strict, backbone, 
         shots = 100    # the Fashion-MNIST demo: 100 labels per class
     return RunConfig(
         data=DataConfig(source=str(Path(data).resolve()) if data else None, shots=shots,
-                        test_size=test_size, seed=seed, strict=strict),
+                        test_size=test_size, seed=seed, strict=strict, follow_symlinks=follow_symlinks),
         model=ModelConfig(backbone=backbone, weights=str(Path(weights).resolve()) if weights not in ("imagenet", "none") else weights,
                           image_size=image_size, image_size_reason=size_reason, max_latency_ms=max_latency_ms),
         train=TrainConfig(strategy=strategy, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
@@ -333,12 +338,13 @@ def export(run_dir, atol, triton_repo, triton_model, max_batch_size, force):
     from edgexfer import pipeline
 
     run = pipeline.RunFolder(run_dir)
-    if not force and atol is None and run.why_stale("export", run.config()) is None:
-        click.echo(f"{run_dir}/model.onnx is current (exported from this checkpoint.pt); --force exports again")
-    else:
-        v = pipeline.export(run_dir, atol=atol)
-        click.echo(f"{run_dir}/model.onnx: max abs diff {v['max_abs_diff']:.2e} (atol {v['atol']:g}), "
-                   f"top-1 agreement {v['top1_agreement']:.4f}")
+    with run.lock("export"):
+        if not force and atol is None and run.why_stale("export", run.config()) is None:
+            click.echo(f"{run_dir}/model.onnx is current (exported from this checkpoint.pt); --force exports again")
+        else:
+            v = pipeline.export(run_dir, atol=atol)
+            click.echo(f"{run_dir}/model.onnx: max abs diff {v['max_abs_diff']:.2e} (atol {v['atol']:g}), "
+                       f"top-1 agreement {v['top1_agreement']:.4f}")
     if triton_repo:
         from edgexfer.exporters.triton import write_triton_repo
 
@@ -359,11 +365,12 @@ def quantize(run_dir, **kw):
 
     run = pipeline.RunFolder(run_dir)
     cfg = apply_quant_options(run.config(), **kw)
-    with Progress("quantize").ticking() as progress:
-        progress.log("calibrating and searching for an INT8 file within the accuracy guard")
-        rec = pipeline.quantize(run_dir, cfg)
-    run.write_config(cfg)
-    finalize(run, cfg)  # report.md and the model card describe the new file (evaluate and bench: not yet run)
+    with run.lock("quantize"):
+        with Progress("quantize").ticking() as progress:
+            progress.log("calibrating and searching for an INT8 file within the accuracy guard")
+            rec = pipeline.quantize(run_dir, cfg)
+        run.write_config(cfg)
+        finalize(run, cfg)  # report.md and the model card describe the new file (evaluate and bench: not yet run)
     g = rec.get("guard", {})
     click.echo(f"{run_dir}/model.int8.onnx: target {rec['target']['target']}, "
                f"{g.get('chosen_fp32_layers', 0)} layers kept in FP32")
@@ -387,7 +394,9 @@ def quantize(run_dir, **kw):
               help="With --data: largest image decoded, as for predict (larger ones are skipped and counted).")
 @click.option("--max-aspect-ratio", type=click.FloatRange(1, 1e6), default=None, show_default="predict's",
               help="With --data: largest longer/shorter side ratio, as for predict.")
-def evaluate(run_dir, data, out, skip_unknown, as_json, threads, max_image_pixels, max_aspect_ratio):
+@click.option("--follow-symlinks", is_flag=True, help="With --data: follow symbolic links that lead out of the "
+              "folder (without it they are skipped and counted).")
+def evaluate(run_dir, data, out, skip_unknown, as_json, threads, max_image_pixels, max_aspect_ratio, follow_symlinks):
     """Accuracy of every ONNX file in RUN_DIR with ONNX Runtime on the run's test split; per-class metrics
     in report.json. With --data DIR: a run folder's files, or one MODEL file, on any labelled folder
     (per-class metrics, confusion matrix, misclassified images on a contact sheet); report.json is left
@@ -397,27 +406,29 @@ def evaluate(run_dir, data, out, skip_unknown, as_json, threads, max_image_pixel
 
     if data is not None:
         return _evaluate_data(run_dir, data, out, skip_unknown=skip_unknown, as_json=as_json, threads=threads,
-                              max_image_pixels=max_image_pixels, max_aspect_ratio=max_aspect_ratio)
-    if out or skip_unknown or as_json:
-        raise EdgexferError("--out, --skip-unknown and --json go with --data DIR")
+                              max_image_pixels=max_image_pixels, max_aspect_ratio=max_aspect_ratio,
+                              follow_symlinks=follow_symlinks)
+    if out or skip_unknown or as_json or follow_symlinks:
+        raise EdgexferError("--out, --skip-unknown, --json and --follow-symlinks go with --data DIR")
     if not run_dir.is_dir():
         raise EdgexferError(f"{run_dir} is a file: without --data, evaluate scores a run folder's test split "
                             "(give --data DIR to score a model file on a labelled folder)")
-    out = pipeline.evaluate(run_dir)
     run = pipeline.RunFolder(run_dir)
-    finalize(run, run.config())
+    with run.lock("evaluate"):
+        out = pipeline.evaluate(run_dir)
+        finalize(run, run.config())
     for k, m in out["models"].items():
         click.echo(f"{k}: accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f} on {m['n']} test images")
 
 
 def _evaluate_data(target: Path, data: Path, out: Path | None, *, skip_unknown, as_json, threads, max_image_pixels,
-                   max_aspect_ratio) -> None:
+                   max_aspect_ratio, follow_symlinks=False) -> None:
     """`evaluate RUN|MODEL --data DIR`: score, write OUT/evaluation.json, misclassified.csv/.png, print."""
     from edgexfer.evaluate import (check_out_dir, evaluate_folder, find_labelled_folder, format_evaluation,
                                    image_limits, write_evaluation)
-    from edgexfer.pipeline import FILES
+    from edgexfer.pipeline import FILES, RunFolder
 
-    folder = find_labelled_folder(data)
+    folder = find_labelled_folder(data, follow_symlinks=follow_symlinks)
     if target.is_dir():
         models = {k: target / f for k, f in FILES.items() if (target / f).is_file()}
         if not models:
@@ -428,12 +439,14 @@ def _evaluate_data(target: Path, data: Path, out: Path | None, *, skip_unknown, 
         key = next((k for k, f in FILES.items() if f == target.name), name)
         models = {key: target}
         out = out or target.parent / "evaluations" / f"{folder.name}-{name}"
-    check_out_dir(out)  # before minutes of scoring, not after
-    if folder.used_test:
-        click.echo(f"scoring {folder.root} ({data} has a test/ folder of classes)", err=True)
-    limits = image_limits(max_image_pixels, max_aspect_ratio)
-    doc = evaluate_folder(models, folder, threads=threads, skip_unknown=skip_unknown, limits=limits)
-    paths = write_evaluation(doc, out, limits=limits)
+    inside = target.is_dir() and target.resolve() in Path(out).resolve().parents  # writes into the run folder
+    with RunFolder(target).lock("evaluate") if inside else contextlib.nullcontext():
+        check_out_dir(out)  # before minutes of scoring, not after
+        if folder.used_test:
+            click.echo(f"scoring {folder.root} ({data} has a test/ folder of classes)", err=True)
+        limits = image_limits(max_image_pixels, max_aspect_ratio)
+        doc = evaluate_folder(models, folder, threads=threads, skip_unknown=skip_unknown, limits=limits)
+        paths = write_evaluation(doc, out, limits=limits)
     for s in doc["data"]["skipped"][:5]:
         click.echo(f"skipped {s['path']}: {s['why']}", err=True)
     if as_json:
@@ -452,6 +465,8 @@ def _evaluate_data(target: Path, data: Path, out: Path | None, *, skip_unknown, 
               help="Labelled images per class to score on (validation included).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sample of images scored.")
 @click.option("--strict", is_flag=True, help="Refuse corrupt images instead of skipping them.")
+@click.option("--follow-symlinks", is_flag=True, help="Follow symbolic links that lead out of the --data folder "
+              "(without it they are skipped and counted with the unreadable images).")
 @click.option("--image-size", type=click.IntRange(min=32), default=96, show_default=True,
               help="Input size in pixels the features are computed at.")
 @click.option("--candidates", default=None, show_default="every offline backbone, and one from scratch",
@@ -459,7 +474,7 @@ def _evaluate_data(target: Path, data: Path, out: Path | None, *, skip_unknown, 
                    "path). Default: every backbone with offline ImageNet weights, and the first from random init.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, show_default="none",
               help="Also write the ranking as JSON here.")
-def rank(data, shots, seed, strict, image_size, candidates, out):
+def rank(data, shots, seed, strict, follow_symlinks, image_size, candidates, out):
     """Score candidate backbones on your data before any fine-tuning (LogME on frozen features): higher
     predicts better transfer. Seconds per candidate, no training."""
     from edgexfer.data import load_dataset
@@ -480,7 +495,8 @@ def rank(data, shots, seed, strict, image_size, candidates, out):
             raise EdgexferError(f"weights file not found: {w} (candidate {spec})")
         if w == "imagenet" and not get_backbone_info(name).offline():
             build_backbone(name, weights="imagenet")  # raises the backbone's own "how to get the weights" error
-    ds = load_dataset(data, shots=shots, val_fraction=0.2, test_size=10, seed=seed, strict=strict)
+    ds = load_dataset(data, shots=shots, val_fraction=0.2, test_size=10, seed=seed, strict=strict,
+                      follow_symlinks=follow_symlinks)
     res = rank_fn(ds, specs, image_size=image_size, seed=seed)
     click.echo(rank_markdown(res))
     click.echo(f"\n{len(specs)} candidates scored in {res['total_seconds']:.1f} s.")
@@ -525,7 +541,10 @@ def curve(ctx, shots_list, out, no_scratch, **kw):
                    + (f", scratch {fmt.accuracy(s['test_accuracy'])}, {fmt.points(p['gain_points'])} points" if s else ""),
                    err=True)
 
-    res = curve_fn(cfg, shots, out, scratch=not no_scratch, on_point=on_point)
+    from edgexfer.runfolder import RunFolder
+
+    with RunFolder(out).lock("curve"):  # a killed curve resumes from its folder: one writer at a time
+        res = curve_fn(cfg, shots, out, scratch=not no_scratch, on_point=on_point)
     click.echo(curve_markdown(res))
     click.echo(f"{out}/curve.json, curve.md, curve.png")
 

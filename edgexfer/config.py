@@ -17,6 +17,7 @@ class DataConfig:
     test_fraction: float = 0.2    # ImageFolder without ready-made splits
     seed: int = 0
     strict: bool = False          # refuse corrupt images instead of skipping them
+    follow_symlinks: bool = False  # follow symbolic links out of the data folder (else skipped and counted)
 
 
 @dataclass

@@ -220,14 +220,34 @@ def _image_problem(p: Path) -> tuple[str, str] | None:
 
 
 def _refuse_or_note(p: Path, problem: tuple[str, str], strict: bool, skipped: list[str], unreadable: list[str]) -> None:
-    """--strict: the image's problem as a DataError; else note the image as skipped (and say why)."""
+    """--strict: the image's problem as a DataError; else note the image as skipped (and say why). A symbolic
+    link out of the data folder ("outside") is counted with the unreadable images."""
     kind, why = problem
+    if kind == "outside":
+        if strict:
+            raise DataError(f"{p} is a symbolic link out of the data folder ({why}); pass --follow-symlinks to "
+                            "follow it, or drop --strict to skip it")
+        unreadable.append(str(p))
+        log.warning("skipping %s: a symbolic link out of the data folder (%s); --follow-symlinks follows it", p, why)
+        return
     if strict:
         if kind == "unreadable":
             raise DataError(f"unreadable image: {p} ({why}); fix its permissions, or drop --strict to skip it")
         raise DataError(f"corrupt image: {p} ({why}); remove it, or drop --strict to skip corrupt images")
     (unreadable if kind == "unreadable" else skipped).append(str(p))
     log.warning("skipping %s image %s (%s)", kind, p, why)
+
+
+def leads_outside(p: Path, root: Path, *, written_in: Path | None = None) -> str | None:
+    """Where `p` leads ("to TARGET") when it resolves out of `root` (a resolved folder), else None. With
+    `written_in`, only a path written inside that folder counts: an absolute path elsewhere in a CSV file is
+    the user's explicit choice, not a symbolic link's doing."""
+    if written_in is not None:
+        lexical, folder = Path(os.path.abspath(p)), Path(os.path.abspath(written_in))
+        if lexical != folder and folder not in lexical.parents:
+            return None
+    real = p.resolve()
+    return None if real == root or root in real.parents else f"to {real}"
 
 
 def check_class_name(name: str, where: str) -> None:
@@ -240,14 +260,24 @@ def check_class_name(name: str, where: str) -> None:
         raise DataError(f"{where}: {why}; names are written one per line (labels.txt), so rename it")
 
 
-def scan_image_folder(root: Path, *, strict: bool = False, classes: list[str] | None = None
+def scan_image_folder(root: Path, *, strict: bool = False, classes: list[str] | None = None,
+                      follow_symlinks: bool = False, data_root: Path | None = None
                       ) -> tuple[list[str], list[str], np.ndarray, list[str], list[str]]:
-    """(classes, paths, labels, skipped corrupt, skipped unreadable) of a folder with one sub-folder per class."""
+    """(classes, paths, labels, skipped corrupt, skipped unreadable) of a folder with one sub-folder per class.
+
+    Symbolic links (class folders or images) that lead out of `data_root` (default `root`) are skipped and
+    counted with the unreadable images, unless `follow_symlinks`: the data stays inside the data folder."""
     if not root.is_dir():
         raise DataError(f"data folder not found: {root}")
+    data_root = (data_root or root).resolve()
     found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     for name in found:
         check_class_name(name, f"class folder in {root}")
+    skipped, unreadable = [], []
+    away = {} if follow_symlinks else {c: w for c in found if (w := leads_outside(root / c, data_root))}
+    for c, where in away.items():
+        _refuse_or_note(root / c, ("outside", where), strict, skipped, unreadable)
+    found = [c for c in found if c not in away]
     if classes is None:
         classes = found
         if len(classes) < 2:
@@ -255,17 +285,18 @@ def scan_image_folder(root: Path, *, strict: bool = False, classes: list[str] | 
     unknown = sorted(set(found) - set(classes))
     if unknown:
         raise DataError(f"{root} has class folders not in the training classes: {unknown}")
-    paths, labels, skipped, unreadable = [], [], [], []
+    paths, labels = [], []
     for k, c in enumerate(classes):
-        files = sorted(p for p in (root / c).rglob("*") if _is_image(p)) if (root / c).is_dir() else []
+        files = sorted(p for p in (root / c).rglob("*") if _is_image(p)) if c not in away and (root / c).is_dir() else []
         good = []
         for p in files:
-            problem = _image_problem(p)
+            where = None if follow_symlinks else leads_outside(p, data_root)
+            problem = ("outside", where) if where else _image_problem(p)
             if problem is None:
                 good.append(p)
             else:
                 _refuse_or_note(p, problem, strict, skipped, unreadable)
-        if not good and (root / c).is_dir():
+        if not good and (root / c).is_dir() and c not in away:
             raise DataError(f"class folder {root / c} holds no readable images")
         paths += [str(p) for p in good]
         labels += [k] * len(good)
@@ -273,7 +304,8 @@ def scan_image_folder(root: Path, *, strict: bool = False, classes: list[str] | 
 
 
 def load_image_folder(root: str | os.PathLike, *, shots: int | None = None, val_fraction: float = 0.15,
-                      test_fraction: float = 0.2, seed: int = 0, strict: bool = False) -> Dataset:
+                      test_fraction: float = 0.2, seed: int = 0, strict: bool = False,
+                      follow_symlinks: bool = False) -> Dataset:
     """An ImageFolder tree: `root/<class>/*.jpg`, or ready-made `root/{train,val,test}/<class>/...`.
 
     Ready-made splits are honoured as given (`shots` then limits the train split only); otherwise
@@ -283,22 +315,23 @@ def load_image_folder(root: str | os.PathLike, *, shots: int | None = None, val_
     if not root.is_dir():
         raise DataError(f"data folder not found: {root}")
     rng = np.random.default_rng(seed)
+    links = {"follow_symlinks": follow_symlinks, "data_root": root}
     if (root / "train").is_dir() and (root / "test").is_dir():
-        classes, p_tr, y_tr, sk, un = scan_image_folder(root / "train", strict=strict)
+        classes, p_tr, y_tr, sk, un = scan_image_folder(root / "train", strict=strict, **links)
         if (root / "val").is_dir():
-            _, p_va, y_va, sk2, un2 = scan_image_folder(root / "val", strict=strict, classes=classes)
+            _, p_va, y_va, sk2, un2 = scan_image_folder(root / "val", strict=strict, classes=classes, **links)
             tr = stratified_take(y_tr, shots, rng)
             train, val = Split([p_tr[i] for i in tr], y_tr[tr]), Split(p_va, y_va)
         else:
             sk2, un2 = [], []
             tr, va = split_labelled(y_tr, shots, val_fraction, rng)
             train, val = Split([p_tr[i] for i in tr], y_tr[tr]), Split([p_tr[i] for i in va], y_tr[va])
-        _, p_te, y_te, sk3, un3 = scan_image_folder(root / "test", strict=strict, classes=classes)
+        _, p_te, y_te, sk3, un3 = scan_image_folder(root / "test", strict=strict, classes=classes, **links)
         return Dataset(f"imagefolder:{root}", classes, train, val, Split(p_te, y_te), sk + sk2 + sk3,
                        unreadable=un + un2 + un3,
                        left_out=len(y_tr) - len(train) - (0 if (root / "val").is_dir() else len(val)))
 
-    classes, paths, labels, skipped, unreadable = scan_image_folder(root, strict=strict)
+    classes, paths, labels, skipped, unreadable = scan_image_folder(root, strict=strict, **links)
     tr, va, te = three_way_split(labels, classes, shots, val_fraction, test_fraction, rng)
     sub = lambda idx: Split([paths[i] for i in idx], labels[idx])  # noqa: E731
     return Dataset(f"imagefolder:{root}", classes, sub(tr), sub(va), sub(te), skipped, unreadable=unreadable,
@@ -311,7 +344,7 @@ PATH_COLUMNS = ("path", "image", "file", "filename")
 
 
 def load_csv(csv_path: str | os.PathLike, *, shots: int | None = None, val_fraction: float = 0.15,
-             test_fraction: float = 0.2, seed: int = 0, strict: bool = False) -> Dataset:
+             test_fraction: float = 0.2, seed: int = 0, strict: bool = False, follow_symlinks: bool = False) -> Dataset:
     """A CSV file with a header: an image column (path, image, file or filename; relative paths are
     relative to the CSV's folder), one column per task, and optionally `split` (train/val/test).
 
@@ -353,7 +386,8 @@ def load_csv(csv_path: str | os.PathLike, *, shots: int | None = None, val_fract
         if not p.is_file():
             missing.append(str(p))
             continue
-        problem = _image_problem(p)
+        where = None if follow_symlinks else leads_outside(p, csv_path.parent.resolve(), written_in=csv_path.parent)
+        problem = ("outside", where) if where else _image_problem(p)
         if problem is not None:
             _refuse_or_note(p, problem, strict, skipped, unreadable)
             continue
@@ -402,8 +436,8 @@ def load_csv(csv_path: str | os.PathLike, *, shots: int | None = None, val_fract
 def load_dataset(data: str | None, **kw) -> Dataset:
     """`None` or "fashion-mnist" -> the offline default; a .csv file -> `load_csv`; else an ImageFolder path."""
     if data in (None, "", "fashion-mnist"):
-        kw.pop("strict", None)
-        kw.pop("test_fraction", None)
+        for k in ("strict", "test_fraction", "follow_symlinks"):
+            kw.pop(k, None)
         return load_fashion_mnist(**kw)
     kw.pop("test_size", None)
     if str(data).lower().endswith(".csv"):
@@ -416,7 +450,8 @@ SMALL_IMAGE_SIZE = 96   # the input size measured best for them (benchmarks/RESU
 FASHION_MNIST_SIDE = 28
 
 
-def auto_image_size(data: str | None, pretrained_size: int, *, sample: int = 64, seed: int = 0) -> tuple[int, str]:
+def auto_image_size(data: str | None, pretrained_size: int, *, sample: int = 64, seed: int = 0,
+                    follow_symlinks: bool = False) -> tuple[int, str]:
     """`--image-size auto`: the backbone's pretraining resolution for photos; a smaller input only when
     the images themselves are small (upsampling 28 px to 224 px adds time, not detail). Reads the
     headers of a seeded sample of the images (no decoding). Returns (size, why)."""
@@ -433,6 +468,9 @@ def auto_image_size(data: str | None, pretrained_size: int, *, sample: int = 64,
                      for r in rows]
         else:
             paths = [p for p in root.rglob("*") if _is_image(p)]
+        if not follow_symlinks:  # what data loading leaves out is not measured either
+            folder = root if root.is_dir() else root.parent
+            paths = [p for p in paths if not leads_outside(p, folder.resolve(), written_in=folder)]
         paths = sorted(paths)
         pick = np.random.default_rng(seed).permutation(len(paths))[:sample]
         sides = []

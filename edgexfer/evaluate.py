@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +102,7 @@ class LabelledFolder:
     root: Path                  # the folder whose subfolders are the classes (given, or given/test)
     used_test: bool             # root is given/test
     images: dict[str, list[Path]]  # class folder name -> its images, sorted
+    outside: list[dict] = field(default_factory=list)  # symbolic links out of the folder, skipped: {path, why}
 
     @property
     def name(self) -> str:
@@ -116,10 +117,11 @@ def _class_dirs(root: Path) -> list[Path]:
     return sorted((d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")), key=lambda d: d.name)
 
 
-def find_labelled_folder(data: str | Path) -> LabelledFolder:
+def find_labelled_folder(data: str | Path, *, follow_symlinks: bool = False) -> LabelledFolder:
     """DIR's subfolders are the classes; if DIR has a test/ subfolder of class folders, that is used instead
-    (an ImageFolder tree with train/ val/ test/ splits). DataError when it holds no image in a class folder."""
-    from edgexfer.data import IMAGE_EXTENSIONS, check_class_name
+    (an ImageFolder tree with train/ val/ test/ splits). DataError when it holds no image in a class folder.
+    Symbolic links (class folders, images) out of DIR are skipped and listed, unless `follow_symlinks`."""
+    from edgexfer.data import IMAGE_EXTENSIONS, check_class_name, leads_outside
     from edgexfer.errors import DataError
 
     given = Path(data)
@@ -129,19 +131,30 @@ def find_labelled_folder(data: str | Path) -> LabelledFolder:
     test = given / "test"
     if test.is_dir() and any(_class_dirs(test)):
         root, used_test = test, True
-    images = {}
+    images, outside = {}, []
+    real = given.resolve()
+
+    def away(p: Path) -> bool:
+        where = None if follow_symlinks else leads_outside(p, real)
+        if where:
+            outside.append({"path": str(p), "why": f"a symbolic link out of the data folder ({where}); "
+                                                   "--follow-symlinks follows it"})
+        return bool(where)
+
     for d in _class_dirs(root):
         check_class_name(d.name, f"class folder in {root}")
+        if away(d):
+            continue
         if d.name == "evaluations" and any(is_evaluation_folder(e) for e in d.iterdir() if e.is_dir()):
             continue  # our own output beside a model kept inside the data folder, not a class
         files = sorted((p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                        and not p.name.startswith(".")), key=str)
+                        and not p.name.startswith(".") and not away(p)), key=str)
         if files:
             images[d.name] = files
     if not images:
         raise DataError(f"{root} holds no images in class subfolders (expected {root}/CLASS/*.jpg, one folder "
                         "per class)")
-    return LabelledFolder(given=given, root=root, used_test=used_test, images=images)
+    return LabelledFolder(given=given, root=root, used_test=used_test, images=images, outside=outside)
 
 
 def image_limits(max_pixels: int | None = None, max_aspect: float | None = None):
@@ -198,7 +211,7 @@ def evaluate_folder(models: dict[str, str | Path], data: str | Path | LabelledFo
         raise DataError(f"{folder.root} holds no images of the model's classes ({', '.join(labels)})")
 
     pps = {m.meta.preprocessing for m in loaded.values()}  # usually one: every file of a run shares it
-    kept, skipped = [], []
+    kept, skipped = [], list(folder.outside)
     logits: dict[str, list[np.ndarray]] = {k: [] for k in loaded}
     t0 = time.perf_counter()
     for i in tqdm(range(0, len(paths), batch), desc="evaluate", leave=False, disable=None):

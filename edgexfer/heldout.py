@@ -23,7 +23,8 @@ def test_split(run_dir: str | Path) -> tuple[list, np.ndarray, list[str], str]:
     d = dict(json.loads(cfg_path.read_text())["data"])
     try:
         ds = load_dataset(d.pop("source", None), **{k: d[k] for k in ("shots", "val_fraction", "test_size",
-                                                                       "test_fraction", "seed", "strict") if k in d})
+                                                                       "test_fraction", "seed", "strict",
+                                                                       "follow_symlinks") if k in d})
     except DataError as e:
         raise RuntimeInputError(f"{run_dir}: cannot rebuild its test split: {e}") from None
     return list(ds.test.images), np.asarray(ds.test.labels), list(ds.classes), f"the test split of {run_dir} ({ds.source})"

@@ -30,6 +30,20 @@ log = logging.getLogger(__name__)
 
 # -- the stages ----------------------------------------------------------------------------------
 
+def writes_run_folder(stage: str):
+    """A stage writes its run folder under the folder's lock (`RunFolder.lock`): one writer at a time."""
+    import functools
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def locked(run_dir, *args, **kw):
+            with RunFolder(run_dir).lock(stage):
+                return fn(run_dir, *args, **kw)
+        return locked
+    return wrap
+
+
+@writes_run_folder("finetune")
 def finetune(run_dir: str | Path, cfg: RunConfig, ws: Workspace | None = None) -> dict:
     """Fine-tune the backbone on the data set; write checkpoint.pt."""
     from edgexfer.backbones import get_backbone_info
@@ -266,6 +280,7 @@ def build_meta(cfg: dict, sha: str, metrics: dict | None = None):
     )
 
 
+@writes_run_folder("export")
 def export(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | None = None,
            atol: float | None = None) -> dict:
     """checkpoint.pt -> model.onnx (dynamic batch, metadata inside), validated against PyTorch."""
@@ -299,6 +314,7 @@ def export(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | No
     return val
 
 
+@writes_run_folder("quantize")
 def quantize(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | None = None) -> dict:
     """The quantize stage (`edgexfer.quantize_stage.quantize`), on a disk with room for it: a full disk is one
     line naming the file and the space it needs, before minutes of calibration rather than after them.
@@ -319,6 +335,7 @@ def quantize(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | 
             raise
 
 
+@writes_run_folder("evaluate")
 def evaluate(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | None = None) -> dict:
     """Accuracy of each ONNX file with ONNX Runtime on the held-out test split, reported only; each file's
     own metrics into it (derived files start with none: `exporters.quantize.derived_meta`).
@@ -391,6 +408,7 @@ def evaluate(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | 
     return out
 
 
+@writes_run_folder("bench")
 def bench(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | None = None) -> dict:
     """Batch-1 latency and batch throughput of every ONNX file, and PyTorch eager, interleaved."""
     from edgexfer.runtime.bench import BenchConfig as RuntimeBench, run_benchmark
@@ -455,10 +473,6 @@ STAGE_FUNCS: dict[str, Callable] = {"finetune": finetune, "export": export, "qua
 def run(run_dir: str | Path, cfg: RunConfig, *, force: bool = False,
         on_stage: Callable[[str, str], None] | None = None) -> dict:
     """All stages in order into `run_dir`. An unfinished run with the same config resumes where it stopped."""
-    import shutil
-
-    from edgexfer.report import finalize
-
     run = RunFolder(run_dir)
     if force and (run.path.exists() or run.path.is_symlink()):
         why = run.why_not_remove()
@@ -466,6 +480,13 @@ def run(run_dir: str | Path, cfg: RunConfig, *, force: bool = False,
             raise RunFolderError(f"--force will not replace {run.path}: {why}; choose another --name or --runs")
     elif run.path.exists() and not run.path.is_dir():
         raise RunFolderError(f"{run.path} is not a folder; choose another --name or --runs")
+    with run.lock("run"):  # one writer per run folder: a second `run --name` of it refuses, naming this one
+        return _run(run, cfg, force, on_stage)
+
+
+def _run(run: RunFolder, cfg: RunConfig, force: bool, on_stage) -> dict:
+    from edgexfer.report import finalize
+
     old = {} if force else run.read_json("config.json")
     if cfg.model.backbone == "auto" and old.get("model", {}).get("requested_backbone") == "auto":
         _adopt_selection(cfg, old["model"])  # the choice this run folder made already stands
@@ -475,8 +496,8 @@ def run(run_dir: str | Path, cfg: RunConfig, *, force: bool = False,
     ws = Workspace(run, cfg)
     if force or not run.path.is_dir() or any(run.why_stale(stage, cfg) for stage in STAGES):
         ws.dataset  # noqa: B018  load (and check) the data first: a data error writes nothing, removes nothing
-    if force and run.path.exists():
-        shutil.rmtree(run.path)
+    if force and any(run.path.iterdir()):
+        run.clear()  # all but the lock this process holds
     run.path.mkdir(parents=True, exist_ok=True)
     run.remove_temporaries()  # what a killed run left: resume starts clean
     run.write_config(cfg)

@@ -5,9 +5,12 @@ shared state (`Workspace`: the data set and its preprocessed tensors, loaded onc
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import logging
+import os
+import sys
 from functools import cached_property
 from pathlib import Path
 
@@ -43,6 +46,22 @@ STAGE_FILES = {"export": (FILES["fp32"], "model.e2e.onnx"),
 OPTIONAL_OWN = {"quantize": (FILES["fp16"], FILES["int8_dynamic"])}  # written only when asked for again
 
 
+LOCK_FILE = ".lock"  # one writer per run folder: `RunFolder.lock`
+_HELD: dict[str, dict] = {}  # run folders this process holds the lock of (resolved path -> state): re-entrant
+
+
+def _command() -> str:
+    """This process's command line, as a user typed it, on one line."""
+    import shlex
+
+    argv = list(sys.argv) or ["?"]
+    head = Path(argv[0])
+    if head.name == "edgexfer" or (head.name == "__main__.py" and "edgexfer" in head.parts):
+        argv[0] = "edgexfer"
+    text = shlex.join(argv)
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class RunFolder:
     # what a killed process can leave inside a run folder: atomic writes' `.NAME.XXXX.tmp` files, and the
     # temporary folders of export (`.export-`), quantize (`.quantize-`, `.guard-`, `.dynamic-`, `.qat-`) and INC (`.inc-`)
@@ -50,6 +69,79 @@ class RunFolder:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+
+    @contextlib.contextmanager
+    def lock(self, stage: str):
+        """One writer per run folder: an advisory lock (flock) on RUN/.lock for as long as the block runs,
+        holding the pid, host and command of the process, so a second writer refuses in one line naming
+        them. The kernel drops the lock when its process dies, however it dies, so a killed run's lock is
+        simply taken over. Re-entrant within a process (`run` holds it around its stages). On release the
+        file goes, and so do the folders the lock had to create, if nothing else was written in them."""
+        try:
+            import fcntl
+        except ImportError:  # no flock (Windows): no lock
+            yield
+            return
+        key = str(self.path.resolve())
+        if key in _HELD:
+            yield
+            return
+        if self.path.exists() and not self.path.is_dir():
+            raise RunFolderError(f"{self.path} is not a folder")
+        created = [p for p in (self.path, *self.path.parents) if not p.exists()]
+        path = self.file(LOCK_FILE)
+        while True:
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except FileNotFoundError:  # a holder that created the folder removed it as it let go: again
+                continue
+            except (FileExistsError, NotADirectoryError) as e:
+                raise RunFolderError(f"cannot create {self.path}: {e.strerror} ({e.filename})") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _holder(path)
+                os.close(fd)
+                raise RunFolderError(f"{self.path} is in use by another edgexfer process ({holder}); one writer per "
+                                     "run folder: wait for it to finish, or stop it") from None
+            try:
+                a, b = os.fstat(fd), os.stat(path)
+                same = (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # locked a file its holder removed as it let go: lock the one there now
+        import socket
+
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "stage": stage, "command": _command(),
+                "started": _now()}
+        os.ftruncate(fd, 0)
+        os.write(fd, (json.dumps(info) + "\n").encode())
+        _HELD[key] = info
+        try:
+            yield
+        finally:
+            del _HELD[key]
+            with contextlib.suppress(OSError):
+                os.unlink(path)  # still holding it: a process waiting on this file sees it gone and retries
+            os.close(fd)
+            for p in created:  # the folders the lock made, if they hold nothing (a data error wrote nothing)
+                with contextlib.suppress(OSError):
+                    p.rmdir()
+
+    def clear(self) -> None:
+        """Remove everything in the folder but the lock (`run --force`, holding it)."""
+        import shutil
+
+        for p in self.path.iterdir():
+            if p.name == LOCK_FILE:
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
 
     def is_run(self) -> bool:
         """Does the folder hold an edgexfer run: a config.json that parses as one of ours?"""
@@ -71,7 +163,7 @@ class RunFolder:
         here, cwd = p.resolve(), Path.cwd().resolve()
         if here == cwd or here in cwd.parents:
             return "it is the working directory or holds it"
-        if not self.is_run() and any(p.iterdir()):
+        if not self.is_run() and any(c.name != LOCK_FILE for c in p.iterdir()):
             return "it is not an edgexfer run folder (no config.json of ours)"
         return None
 
@@ -217,6 +309,15 @@ class RunFolder:
         return p
 
 
+def _holder(path: Path) -> str:
+    """Who holds the lock at `path`, as its file says: 'pid N on HOST, since T: COMMAND'."""
+    try:
+        d = json.loads(path.read_text())
+        return f"pid {d['pid']} on {d['host']}, since {d['started']}: {d['command']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "it has not recorded its pid yet"
+
+
 def _deep_merge(a: dict, b: dict) -> dict:
     out = dict(a)
     for k, v in b.items():
@@ -246,7 +347,8 @@ class Workspace:
 
         d = self.cfg.data
         return load_dataset(d.source, shots=d.shots, val_fraction=d.val_fraction, test_size=d.test_size,
-                            test_fraction=d.test_fraction, seed=d.seed, strict=d.strict)
+                            test_fraction=d.test_fraction, seed=d.seed, strict=d.strict,
+                            follow_symlinks=d.follow_symlinks)
 
     @cached_property
     def preprocessing(self):

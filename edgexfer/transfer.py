@@ -305,7 +305,7 @@ def curve(cfg, shots: list[int], out_dir: str | Path, *, scratch: bool = True, o
     if res.get("key") != key:
         res = {"schema": "edgexfer.curve/1", "key": key, "points": {}}
     ds = load_dataset(d.source, shots=max(shots), val_fraction=d.val_fraction, test_size=d.test_size,
-                      test_fraction=d.test_fraction, seed=d.seed, strict=d.strict)
+                      test_fraction=d.test_fraction, seed=d.seed, strict=d.strict, follow_symlinks=d.follow_symlinks)
     pool = _concat(ds.train, ds.val)
     have = np.bincount(pool.labels, minlength=len(ds.classes))
     pp = preprocessing_for(m.backbone, m.image_size)
