@@ -131,7 +131,7 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def _call(self, method: str, request, context, answer):
         """Authorise, answer, map a failure onto its gRPC status, log one access line."""
-        t0, status = time.perf_counter(), 200
+        t0, status, code = time.perf_counter(), 200, None
         try:
             if method not in OPEN:
                 auth = dict(context.invocation_metadata() or ()).get("authorization")
@@ -140,14 +140,16 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
                 raise HTTPError(400, f"malformed {method} request: {str(request.error)[:200]}")
             return await answer()
         except GRPCError as e:
-            status = e.status
-            await context.abort(e.code, str(e))
+            status, code, message = e.status, e.code, str(e)
         except Exception as e:
             status, message, _ = self.dp.failure(e)
-            await context.abort(CODES.get(status, grpc.StatusCode.UNKNOWN), message)
+            code = CODES.get(status, grpc.StatusCode.UNKNOWN)
         finally:
             model = getattr(request, "model_name", "") or getattr(request, "name", "")
             self.dp.log_access(context.peer() or "-", "GRPC", SERVICE + method, status, time.perf_counter() - t0, model)
+        # aborted outside the except clause: raised inside it, the abort would tie this frame to the exception
+        # in a cycle that keeps a request's bytes until the cyclic collector runs
+        await context.abort(code, message)
 
     async def ServerLive(self, request, context):
         async def answer():

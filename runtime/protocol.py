@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import gc
 import json
 import math
+import os
 import threading
 
 import numpy as np
@@ -18,6 +20,7 @@ HEADER_LEN = "Inference-Header-Content-Length"
 MAX_BODY = 16 * 1024 * 1024
 MAX_BODIES_IN_FLIGHT = 128 * 1024 * 1024  # request-body bytes held at once, server-wide, before 503
 TRIM_AFTER = 64 * 1024 * 1024  # body bytes released, then none held: the freed heap goes back to the OS
+TRIM_DELAY_S = 0.25            # ... once no body was taken or given for this long
 MAX_CACHED_HEADER = 4096  # a binary request's JSON header longer than this is checked but not kept
 DTYPES = {"FP32": np.float32}
 
@@ -34,8 +37,11 @@ _libc = None
 def malloc_trim() -> bool:
     """Hand the heap's free pages back to the OS (glibc's `malloc_trim(0)`); False without glibc. Freed
     request bodies of several MB otherwise stay in the process: glibc raises its mmap threshold after the
-    first large free, so later ones come from arenas that are rarely given back."""
+    first large free, so later ones come from arenas that are rarely given back. EDGEXFER_MALLOC_TRIM=0
+    turns it off (for A/B measurements: benchmarks/bench_hostile.py)."""
     global _libc
+    if _libc is None and os.environ.get("EDGEXFER_MALLOC_TRIM", "1") == "0":
+        _libc = False
     if _libc is None:
         try:
             _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -45,15 +51,24 @@ def malloc_trim() -> bool:
     return bool(_libc) and bool(_libc.malloc_trim(0))
 
 
+def release_memory() -> None:
+    """After a burst of large requests: collect reference cycles (an exception raised while handling one
+    keeps its frames, and through them its body, until the cyclic collector runs, which counts objects, not
+    bytes), then `malloc_trim`."""
+    gc.collect()
+    malloc_trim()
+
+
 class BodyBudget:
     """The request-body bytes a server holds at once (read, or promised by a Content-Length), shared by
     all its requests: past `limit`, a request gets 503 and Retry-After before its body is held. Plain
     integers, for one thread (the batching server's event loop, its gRPC front end too); `LockedBodyBudget`
     for several. Once TRIM_AFTER bytes were given back and none are held, the freed memory goes back to the
-    OS (`malloc_trim`, a moment later: the callers still hold the last bodies when they give them back)."""
+    OS (`release_memory`, once quiet: the callers still hold the last bodies when they give them back)."""
 
     def __init__(self, limit: int = MAX_BODIES_IN_FLIGHT):
         self.limit, self.used, self.released = int(limit), 0, 0
+        self._trim_wanted, self._trim = False, None
 
     def take(self, n: int) -> None:
         if self.used + n > self.limit:
@@ -69,18 +84,26 @@ class BodyBudget:
         """Count `n` bytes back; True when the heap should be trimmed now."""
         self.used -= n
         self.released += n
-        if self.used or self.released < TRIM_AFTER:
-            return False
-        self.released = 0
-        return True
+        if self.released >= TRIM_AFTER:
+            self.released, self._trim_wanted = 0, True
+        return self._trim_wanted and not self.used
 
     def idle(self) -> None:
+        """None held after many bytes released: trim once things stay quiet for TRIM_DELAY_S (a burst's
+        every gap would otherwise trim before its last bodies are freed)."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            malloc_trim()
+            self._trim_wanted = False
+            release_memory()
             return
-        loop.call_later(0.05, loop.run_in_executor, None, malloc_trim)
+        if self._trim is not None:
+            self._trim.cancel()
+        self._trim = loop.call_later(TRIM_DELAY_S, self._trim_now, loop)
+
+    def _trim_now(self, loop) -> None:
+        self._trim, self._trim_wanted = None, False
+        loop.run_in_executor(None, release_memory)
 
 
 class LockedBodyBudget(BodyBudget):
@@ -98,7 +121,7 @@ class LockedBodyBudget(BodyBudget):
         with self._lock:
             trim = self._give(n)
         if trim:
-            malloc_trim()  # outside the lock; the request thread's body is freed by now
+            release_memory()  # outside the lock; the request thread's body is freed by now
 
 
 def log_safe(s: str) -> str:

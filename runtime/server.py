@@ -102,6 +102,7 @@ class ModelServer:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
             timeout = IDLE_TIMEOUT_S
+            disable_nagle_algorithm = True  # an answer's head and body are two writes: no 40 ms delayed-ACK stall
 
             def log_message(self, fmt, *args):
                 pass  # one access-log line per request comes from _dispatch, with its duration

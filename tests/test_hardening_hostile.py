@@ -21,7 +21,6 @@ from edgexfer.runtime.protocol import HTTPError
 from edgexfer.runtime.server import make_server, resolve_models
 from tests._live import free_port
 from tests._onnx_model import good_meta, onnx_bytes
-from tests.test_fuzz import Errors
 from tests.test_hardening_server import SERVERS, parse, read_all, serving
 
 B = "XyZzy"
@@ -144,6 +143,8 @@ def test_rfc2231_and_nesting_are_400():
 def test_hostile_uploads_on_both_servers(kind, models, capfd):
     """The issue's probes against each server: 400 (or 431 for a header line over the server's own cap),
     quickly, no 500, no traceback, and a valid upload still answered."""
+    from tests.test_fuzz import Errors  # (test_fuzz imports this module's fixtures)
+
     nest, nest_type = nested(2000)
     cases = [(flood(10_000), CTYPE), (flood(100_000), CTYPE), (nest, nest_type),
              (curl_body(png_bytes()), rfc2231_header(3000)),  # under the stdlib server's 64 KiB header line
@@ -280,6 +281,8 @@ def infer_request(model: str, rows: int) -> bytes:
 
 
 def test_grpc_malformed_message_is_invalid_argument(grpc_served, caplog, capfd):
+    from tests.test_fuzz import Errors
+
     address, _ = grpc_served
     caplog.set_level(logging.INFO, logger="edgexfer.access")
     with Errors() as errors:
