@@ -202,8 +202,8 @@ def ranked_case(dataset: str, guard_images: int, test_images: int, iters: int) -
 
     run = _ensure_run(*RANKED_RUNS[dataset])
     cfg, ws, fp32, recipe, target, calib = load_case(run)
-    xg, info = agreement_set(ws, seed=cfg.data.seed, min_images=guard_images,
-                             max_bytes=guard_images * 4 * 3 * 224 * 224)
+    xg, _, info = agreement_set(ws, seed=cfg.data.seed, min_images=guard_images,
+                                max_bytes=guard_images * 4 * 3 * 224 * 224)
     xt, yt = ws.tensors("test")
     idx = np.random.default_rng(0).permutation(len(yt))[:test_images]
     xt, yt = xt[idx], yt[idx]

@@ -120,11 +120,15 @@ def fold_temperature(linear, t: float) -> None:
         linear.bias.data.div_(t)
 
 
-def out_of_fold_logits(f: np.ndarray, y: np.ndarray, C: float, balanced: bool, folds: int, seed: int,
-                       views: np.ndarray | None = None) -> np.ndarray:
-    """Logits of each image from a multinomial logistic regression (strength C) fitted without it: the
-    stratified `folds`-fold split `cv_probe` chose C with (same seed, same folds; with `views` (V, N, D),
-    the augmented views of the training images fitted too, as cv_probe does). (N, K)."""
+def fold_heads(f: np.ndarray, y: np.ndarray, C: float, balanced: bool, folds: int, seed: int,
+               views: np.ndarray | None = None) -> dict:
+    """The heads of the stratified `folds`-fold split `cv_probe` chose C with (same seed, same folds; with
+    `views` (V, N, D), the augmented views of each fold's training images fitted too, as cv_probe does): a
+    multinomial logistic regression (strength C) per fold, fitted without the images of that fold.
+
+    {"fold": (N,) the fold that holds each image out, "weight": (k, K, D), "bias": (k, K)}: image i's
+    out-of-fold logits are weight[fold[i]] @ f[i] + bias[fold[i]], the answer of a head that never saw it
+    (two classes: logits (0, w.x + b), as `cv_probe` writes them)."""
     import warnings
 
     from sklearn.linear_model import LogisticRegression
@@ -135,16 +139,38 @@ def out_of_fold_logits(f: np.ndarray, y: np.ndarray, C: float, balanced: bool, f
     x = np.asarray(f, np.float64)
     xs = np.concatenate([x, np.asarray(views, np.float64).reshape(-1, x.shape[1])]) if v else x
     ys = np.tile(y, v + 1)
-    d = None
+    fold, weights, biases = np.zeros(len(x), np.int64), [], []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # convergence chatter at weak regularisation
-        for tr, te in view_folds(np.asarray(y), folds, seed, v):
+        for j, (tr, te) in enumerate(view_folds(np.asarray(y), folds, seed, v)):
             clf = LogisticRegression(C=C, max_iter=2000, class_weight="balanced" if balanced else None)
-            z = clf.fit(xs[tr], ys[tr]).decision_function(xs[te])
-            if d is None:
-                d = np.zeros((len(x),) + z.shape[1:])
-            d[te] = z
-    return np.stack([np.zeros_like(d), d], 1) if d.ndim == 1 else d  # two classes: logits (0, w.x + b)
+            clf.fit(xs[tr], ys[tr])
+            w, b = clf.coef_, clf.intercept_
+            if len(clf.classes_) == 2:
+                w, b = np.stack([np.zeros_like(w[0]), w[0]]), np.array([0.0, b[0]])
+            weights.append(w)
+            biases.append(b)
+            fold[te] = j
+    return {"fold": fold, "weight": np.stack(weights), "bias": np.stack(biases)}
+
+
+def fold_logits(heads: dict, f: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+    """Out-of-fold logits (N, K) of features `f` (N, D) by `fold_heads`' heads; `rows` (N,): the labelled image
+    each row of `f` shows (default: row i is image i)."""
+    fold = np.asarray(heads["fold"])[np.arange(len(f)) if rows is None else np.asarray(rows)]
+    w, b = np.asarray(heads["weight"]), np.asarray(heads["bias"])
+    out = np.empty((len(f), w.shape[1]), w.dtype)
+    for j in range(len(w)):
+        m = fold == j
+        out[m] = np.asarray(f[m], w.dtype) @ w[j].T + b[j]
+    return out
+
+
+def out_of_fold_logits(f: np.ndarray, y: np.ndarray, C: float, balanced: bool, folds: int, seed: int,
+                       views: np.ndarray | None = None) -> np.ndarray:
+    """Logits of each image from a multinomial logistic regression (strength C) fitted without it (`fold_heads`).
+    (N, K)."""
+    return fold_logits(fold_heads(f, y, C, balanced, folds, seed, views), f)
 
 
 def held_out_summary(z: np.ndarray, y: np.ndarray, t: float) -> dict:

@@ -54,6 +54,7 @@ class RunConfig:
     calibration: str = "auto"       # auto | train | adapt-bn: which images set the INT8 ranges
     min_target_agreement: float = 0.90  # with --adapt-bn: INT8/FP32 top-1 agreement on the target images
     qat: str = "auto"               # auto | off: quantization-aware fine-tuning when PTQ misses (edgexfer/qat.py)
+    guard_data: str | None = None   # unlabelled images of the domain the INT8 guard measures on (edgexfer/guard.py)
 
     def __post_init__(self):
         if self.train is None:
@@ -68,7 +69,7 @@ class RunConfig:
                 "train": asdict(self.train), "quantize": self.quantize.to_dict(), "bench": asdict(self.bench),
                 "max_accuracy_drop": self.max_accuracy_drop, "target": self.target, "tuner": self.tuner,
                 "extra_formats": list(self.extra_formats), "calibration": self.calibration,
-                "min_target_agreement": self.min_target_agreement, "qat": self.qat}
+                "min_target_agreement": self.min_target_agreement, "qat": self.qat, "guard_data": self.guard_data}
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
@@ -81,7 +82,8 @@ class RunConfig:
         return cls(DataConfig(**d["data"]), ModelConfig(**d["model"]), TrainConfig(**d["train"]),
                    Int8Recipe(**q), BenchConfig(**d["bench"]), d.get("max_accuracy_drop", 0.01),
                    d.get("target", "host"), d.get("tuner", "auto"), tuple(d.get("extra_formats", ())),
-                   d.get("calibration", "auto"), d.get("min_target_agreement", 0.90), d.get("qat", "auto"))
+                   d.get("calibration", "auto"), d.get("min_target_agreement", 0.90), d.get("qat", "auto"),
+                   d.get("guard_data"))
 
     def training_key(self) -> dict:
         """What determines the checkpoint: a run folder may be resumed only under the same key."""

@@ -64,6 +64,7 @@ class Dataset:
     extra_classes: dict[str, list[str]] = field(default_factory=dict)  # the other tasks' classes
     unreadable: list[str] = field(default_factory=list)  # image files that could not be read, left out
     left_out: int = 0          # labelled images not used because --shots limited them (0: every one used)
+    unused: Split | None = None  # those images (where the loader keeps them): never fitted, the INT8 guard's too
 
     @property
     def tasks(self) -> dict[str, list[str]]:
@@ -188,10 +189,12 @@ def load_fashion_mnist(*, shots: int | None = 100, val_fraction: float = 0.2, te
     tr, va = split_labelled(y_tr, shots, val_fraction, rng)
     te = np.arange(len(y_te)) if test_size is None else stratified_take(y_te, max(1, test_size // 10), rng)
     as_split = lambda x, y, idx: Split([x[i] for i in idx], y[idx])  # noqa: E731
+    unused = np.setdiff1d(np.arange(len(y_tr)), np.concatenate([tr, va]))
     return Dataset(
         source=f"fashion-mnist:{root}",
         classes=list(FASHION_MNIST_CLASSES),
         train=as_split(x_tr, y_tr, tr), val=as_split(x_tr, y_tr, va), test=as_split(x_te, y_te, te),
+        unused=as_split(x_tr, y_tr, unused),
     )
 
 
@@ -320,22 +323,24 @@ def load_image_folder(root: str | os.PathLike, *, shots: int | None = None, val_
         classes, p_tr, y_tr, sk, un = scan_image_folder(root / "train", strict=strict, **links)
         if (root / "val").is_dir():
             _, p_va, y_va, sk2, un2 = scan_image_folder(root / "val", strict=strict, classes=classes, **links)
-            tr = stratified_take(y_tr, shots, rng)
+            tr = va = stratified_take(y_tr, shots, rng)
             train, val = Split([p_tr[i] for i in tr], y_tr[tr]), Split(p_va, y_va)
         else:
             sk2, un2 = [], []
             tr, va = split_labelled(y_tr, shots, val_fraction, rng)
             train, val = Split([p_tr[i] for i in tr], y_tr[tr]), Split([p_tr[i] for i in va], y_tr[va])
         _, p_te, y_te, sk3, un3 = scan_image_folder(root / "test", strict=strict, classes=classes, **links)
+        unused = np.setdiff1d(np.arange(len(y_tr)), np.concatenate([tr, va]).astype(np.int64))
         return Dataset(f"imagefolder:{root}", classes, train, val, Split(p_te, y_te), sk + sk2 + sk3,
-                       unreadable=un + un2 + un3,
-                       left_out=len(y_tr) - len(train) - (0 if (root / "val").is_dir() else len(val)))
+                       unreadable=un + un2 + un3, left_out=len(unused),
+                       unused=Split([p_tr[i] for i in unused], y_tr[unused]))
 
     classes, paths, labels, skipped, unreadable = scan_image_folder(root, strict=strict, **links)
     tr, va, te = three_way_split(labels, classes, shots, val_fraction, test_fraction, rng)
     sub = lambda idx: Split([paths[i] for i in idx], labels[idx])  # noqa: E731
+    unused = np.setdiff1d(np.arange(len(labels)), np.concatenate([tr, va, te]).astype(np.int64))
     return Dataset(f"imagefolder:{root}", classes, sub(tr), sub(va), sub(te), skipped, unreadable=unreadable,
-                   left_out=len(labels) - len(tr) - len(va) - len(te))
+                   left_out=len(unused), unused=sub(unused))
 
 
 # -- CSV files: path,label[,label2,...] -----------------------------------------------------------

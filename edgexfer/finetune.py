@@ -130,6 +130,9 @@ class TrainResult:
     probe_selection: dict | None = None  # how the probe's strength was chosen when validation was too small
     calibration: dict | None = None  # temperature per head (already folded into the weights), ECE before/after
     augmentation: dict | None = None  # what fine-tuning's augmentation did to the training images, and why
+    # the cross-validated probe's fold heads (`calibration.fold_heads`, temperature folded in): saved in the
+    # checkpoint for the INT8 guard, never in the report
+    probe_folds: dict | None = field(default=None, repr=False)
 
 
 def tensorize(split: Split, pp: Preprocessing, desc: str = "preprocess") -> tuple[torch.Tensor, torch.Tensor]:
@@ -448,9 +451,13 @@ def train(model: EdgeNet, data: Dataset, pp: Preprocessing, cfg: TrainConfig, wo
         if not len(x_va):  # the weights were chosen on the training loss: there is no accuracy to report
             best_acc = probe_acc = None
         calibration = calibrate(model, data, val_logits, y_va, oof, cfg)
+        if folds is not None:  # the fold heads give the same scores as the head they stand in for
+            t = calibration["tasks"][next(iter(data.tasks))]
+            scale = t["temperature"] if t.get("folded") else 1.0
+            folds.update(weight=folds["weight"] / scale, bias=folds["bias"] / scale)
         return TrainResult(strategy, best_epoch, best_acc, probe_acc, time.perf_counter() - t_start, probe_s,
                            history, resumed, reason, trainable, per_task, device, selection, calibration,
-                           None if aug is None else aug.describe())
+                           None if aug is None else aug.describe(), folds)
 
     if cfg.source_bn and _bn_layers(model):
         # AdaBN swaps source-domain statistics for target-domain ones, so the source model must be built on
@@ -458,7 +465,7 @@ def train(model: EdgeNet, data: Dataset, pp: Preprocessing, cfg: TrainConfig, wo
         # (Kept frozen at the pretraining data's statistics, the fine-tuned layers co-adapt to those, and
         # swapping in any data set's statistics breaks them: measured in benchmarks/RESULTS.md.)
         adapt_batchnorm(model, x_tr)
-    probe_acc = probe_s = selection = f_va = oof = aug = None
+    probe_acc = probe_s = selection = f_va = oof = aug = folds = None
     if strategy in ("linear", "lpft", "partial"):
         t0 = time.perf_counter()
         f_tr = extract_features(model, x_tr, desc="features train")
@@ -488,11 +495,13 @@ def train(model: EdgeNet, data: Dataset, pp: Preprocessing, cfg: TrainConfig, wo
                          "fitted on %s", selection["C"], selection["folds"], selection["images"],
                          selection["cv_accuracy"], selection["cv_stderr"], selection["refit_on"])
                 # val is in the refit, so not held out: calibration is measured (and T fitted) on out-of-fold logits
-                from edgexfer.calibration import out_of_fold_logits
+                # and the fold heads behind those logits go with the checkpoint: the INT8 guard scores every
+                # labelled image by the head that did not see it (edgexfer.guard)
+                from edgexfer.calibration import fold_heads, fold_logits
 
-                oof = (out_of_fold_logits(f_fit.numpy(), y_fit.numpy(), selection["C"], cw[0] is not None,
-                                          selection["folds"], cfg.seed, views=None if views is None else views.numpy()),
-                       y_fit.numpy(), selection["folds"])
+                folds = fold_heads(f_fit.numpy(), y_fit.numpy(), selection["C"], cw[0] is not None,
+                                   selection["folds"], cfg.seed, views=None if views is None else views.numpy())
+                oof = (fold_logits(folds, f_fit.numpy()), y_fit.numpy(), selection["folds"])
         if selection:  # fitted on val too: its cross-validated accuracy is the one to report
             probe_acc = selection["cv_accuracy"]
         else:

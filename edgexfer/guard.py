@@ -74,12 +74,29 @@ def augmentation(of: str, seed: int) -> str:
             f"{CROP_ASPECT[1]:.2f}) and horizontal flip of the {of} images, seed {seed}, through the run's preprocessing")
 
 
-def agreement_set(ws, unlabelled: np.ndarray | None = None, *, seed: int = 0, min_images: int | None = None,
-                  max_bytes: int | None = None) -> tuple[np.ndarray, dict]:
-    """(N, C, H, W) float32 images for the guard's INT8/FP32 agreement, and what they are.
+def _views_origin(n: int, m: int) -> np.ndarray:
+    """Which of `m` images each of `n` views from `augmented_views` shows (it spreads them evenly, in order)."""
+    return np.repeat(np.arange(m), [n // m + (i < n % m) for i in range(m)]) if m else np.zeros(0, np.int64)
 
-    `ws` is the run's `Workspace` (its cached train and validation tensors and its data set's images);
-    `unlabelled`: preprocessed target-domain images (--adapt-bn) or None."""
+
+def agreement_set(ws, unlabelled: np.ndarray | None = None, *, seed: int = 0, out_of_fold: bool = False,
+                  min_images: int | None = None, max_bytes: int | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(N, C, H, W) float32 images for the guard's INT8/FP32 agreement, the labelled image each row shows, and
+    what they are. Every image is one the model was not fitted on:
+
+    - `out_of_fold` (the cross-validated probe, refitted on train + validation, whose fold heads score each
+      labelled image by the head that did not see it: `Agreement`): every labelled image; else the validation
+      split (training fits the train split; validation only picks among its steps);
+    - `unlabelled`: preprocessed images of the domain that no stage fitted (--guard-data, --adapt-bn), or None;
+    - while that is fewer than `min_images`, seeded augmented views of those labelled images (a view of an
+      image is scored by the same head as the image: none that saw it).
+
+    Only when there is none of these (no validation split, no fold heads, no unlabelled images) are the
+    training images used, and the record says that they were fitted on (`info["fitted"]`).
+
+    rows (N,): which image a row is or is a view of: the labelled image's index (train, then validation, order),
+    or the number of labelled images plus the unlabelled image's. `ws` is the run's `Workspace`."""
     min_images = GUARD_IMAGES if min_images is None else min_images
     max_bytes = GUARD_MAX_BYTES if max_bytes is None else max_bytes
     xt, _ = ws.tensors("train")
@@ -87,33 +104,45 @@ def agreement_set(ws, unlabelled: np.ndarray | None = None, *, seed: int = 0, mi
     shape = xt.shape[1:] if len(xt) else xv.shape[1:]
     cap = max(1, int(max_bytes // (4 * int(np.prod(shape)))))
     rng = np.random.default_rng(seed)
-    labelled = [(xt, i) for i in range(len(xt))] + [(xv, i) for i in range(len(xv))]
-    if len(labelled) > cap:  # a seeded sample of them, in their order
-        labelled = [labelled[i] for i in np.sort(rng.choice(len(labelled), cap, replace=False))]
-    u = np.zeros((0, *shape), np.float32) if unlabelled is None else unlabelled[:max(0, cap - len(labelled))]
-    want = min(cap, max(min_images, len(labelled) + len(u)))
-    n_aug = want - len(labelled) - len(u)
-    sources = list(ws.dataset.train.images) + list(ws.dataset.val.images)
-    if not sources:
-        n_aug = 0
-    x = np.empty((len(labelled) + len(u) + n_aug, *shape), np.float32)  # filled in place: one copy in memory
-    for j, (arr, i) in enumerate(labelled):
-        x[j] = arr[i]
-    x[len(labelled):len(labelled) + len(u)] = u
-    for j, view in enumerate(augmented_views(sources, ws.preprocessing, n_aug, seed), start=len(labelled) + len(u)):
+    u = np.zeros((0, *shape), np.float32) if unlabelled is None else unlabelled
+    images = list(ws.dataset.train.images) + list(ws.dataset.val.images)
+    fitted = False
+    if out_of_fold:
+        held, how = np.arange(len(xt) + len(xv)), "out-of-fold"
+    elif len(xv):
+        held, how = len(xt) + np.arange(len(xv)), "validation"
+    elif len(u):
+        held, how = np.zeros(0, np.int64), None
+    else:
+        held, how, fitted = np.arange(len(xt)), "train", True
+    if len(held) > cap:  # a seeded sample of them, in their order
+        held = np.sort(rng.choice(held, cap, replace=False))
+    u = u[:max(0, cap - len(held))]
+    want = min(cap, max(min_images, len(held) + len(u)))
+    n_aug = want - len(held) - len(u) if len(held) else 0
+    x = np.empty((len(held) + len(u) + n_aug, *shape), np.float32)  # filled in place: one copy in memory
+    for j, i in enumerate(held):
+        x[j] = xt[i] if i < len(xt) else xv[i - len(xt)]
+    x[len(held):len(held) + len(u)] = u
+    for j, view in enumerate(augmented_views([images[i] for i in held], ws.preprocessing, n_aug, seed),
+                             start=len(held) + len(u)):
         x[j] = view
     total = len(xt) + len(xv)
-    info = {"images": int(len(x)), "labelled": len(labelled), "unlabelled": int(len(u)), "augmented": int(n_aug),
-            "labelled_available": int(total), "bytes": int(x.nbytes), "max_bytes": int(max_bytes),
-            "augmentation": augmentation("labelled", seed) if n_aug else None}
-    return x, info
+    rows = np.concatenate([held, total + np.arange(len(u)), held[_views_origin(n_aug, len(held))]]).astype(np.int64)
+    info = {"images": int(len(x)), "unseen": int(len(held) + len(u)) if not fitted else 0,
+            "labelled": int(len(held)), "labelled_from": how, "fitted": fitted, "unlabelled": int(len(u)),
+            "augmented": int(n_aug), "labelled_available": int(total), "bytes": int(x.nbytes),
+            "max_bytes": int(max_bytes), "augmentation": augmentation("labelled", seed) if n_aug else None}
+    return x, rows, info
 
 
 def target_set(x_target: np.ndarray, files: list, pp, *, seed: int = 0, min_images: int | None = None,
-               max_bytes: int | None = None) -> tuple[np.ndarray, dict]:
+               max_bytes: int | None = None, order: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     """The agreement set of a model adapted to a target domain (--adapt-bn kept): `x_target`, its unlabelled
-    images preprocessed (a seeded order of `files`, the folder's image files), and, while that is fewer than
-    `min_images`, seeded augmented views of `files`; at most `max_bytes` in all."""
+    images preprocessed (`files[order[i]]` for row i: a seeded order of the folder's image files; default their
+    own order), and, while that is fewer than `min_images`, seeded augmented views of `files`; at most
+    `max_bytes` in all. Rows as `agreement_set`'s, by file (no labelled images)."""
+    order = np.arange(len(x_target)) if order is None else np.asarray(order)
     min_images = GUARD_IMAGES if min_images is None else min_images
     max_bytes = GUARD_MAX_BYTES if max_bytes is None else max_bytes
     cap = max(1, int(max_bytes // (4 * int(np.prod(x_target.shape[1:])))))
@@ -123,10 +152,149 @@ def target_set(x_target: np.ndarray, files: list, pp, *, seed: int = 0, min_imag
     x[:len(u)] = u
     for j, view in enumerate(augmented_views(list(files), pp, n_aug, seed), start=len(u)):
         x[j] = view
-    info = {"images": int(len(x)), "domain": "target", "labelled": 0, "unlabelled": int(len(u)),
-            "augmented": int(n_aug), "labelled_available": 0, "bytes": int(x.nbytes), "max_bytes": int(max_bytes),
+    rows = np.concatenate([order[:len(u)], _views_origin(n_aug, len(files))]).astype(np.int64)
+    info = {"images": int(len(x)), "domain": "target", "unseen": int(len(u)), "labelled": 0, "labelled_from": None,
+            "fitted": False, "unlabelled": int(len(u)), "augmented": int(n_aug), "labelled_available": 0,
+            "bytes": int(x.nbytes), "max_bytes": int(max_bytes),
             "augmentation": augmentation("target", seed) if n_aug else None}
-    return x, info
+    return x, rows, info
+
+
+def head_inputs(model) -> list[str]:
+    """The tensor each output of an ONNX model (a ModelProto) computes its logits from: the first input of the
+    Gemm (or MatMul) its output is made by, through any Quantize/DequantizeLinear, Add or Identity after it."""
+    made_by = {o: n for n in model.graph.node for o in n.output}
+    out = []
+    for o in model.graph.output:
+        n = made_by.get(o.name)
+        while n is not None and n.op_type not in ("Gemm", "MatMul"):
+            n = next((made_by[i] for i in n.input if i in made_by), None)
+        if n is None:
+            raise ValueError(f"no Gemm or MatMul makes output {o.name!r}")
+        out.append(n.input[0])
+    return out
+
+
+def with_head_inputs(path: Path) -> bytes:
+    """The ONNX file `path` with its first head's input (the pooled features) as one more output."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(str(path))
+    model.graph.output.append(helper.make_tensor_value_info(head_inputs(model)[0], TensorProto.FLOAT, None))
+    return model.SerializeToString()
+
+
+class Agreement:
+    """The guard's figure: how often an INT8 candidate gives FP32's top-1 on the agreement set's images, as
+    the model answers images it was not fitted on.
+
+    `rows` (from `agreement_set`) says which image each row of `x` is or is a view of. With `folds` (the
+    cross-validated probe's fold heads, `calibration.fold_heads`; `head` the refitted head (W, b) they stand in
+    for), a row of a labelled image is answered by the fold head that held that image out: the candidate's
+    features through it, plus the candidate's own head error (its logits minus W f + b), so both the features
+    and the quantized head count. Without, each file's own answers.
+
+    The rate is the mean over images of the share of an image's rows (the image and its views) that disagree;
+    `detail` gives it with a 95% Wilson upper bound over the images, the independent units (views of one image
+    are not independent of it). Several tasks: the worst task's rate decides. Results are cached by file
+    (path, size, mtime), so the agreement and the labelled evidence of one candidate cost one pass."""
+
+    def __init__(self, fp32: Path, x: np.ndarray, rows: np.ndarray, *, folds: dict | None = None,
+                 head: tuple[np.ndarray, np.ndarray] | None = None, labels: np.ndarray | None = None,
+                 threads: int | None = None):
+        self.x, self.rows, self.folds, self.head, self.threads = x, np.asarray(rows), folds, head, threads
+        self.labels = labels  # (labelled images,) or (labelled images, tasks), train then validation order
+        self._cache: dict = {}
+        _, self.cluster = np.unique(self.rows, return_inverse=True)
+        self.images = int(self.cluster.max()) + 1 if len(self.cluster) else 0
+        self.refit_top1 = [lg.argmax(1) for lg in self._outputs(fp32)[0]]
+        self.top1 = self.refit_top1  # INC's labels: FP32's own answers, as the file gives them
+        self.ref_logits = self._logits(fp32)
+        self.ref = [lg.argmax(1) for lg in self.ref_logits]
+
+    @property
+    def out_of_fold(self) -> bool:
+        return self.folds is not None
+
+    def _outputs(self, path) -> tuple[list[np.ndarray], np.ndarray | None]:
+        import onnxruntime as ort
+
+        from edgexfer.runtime.model import session_options
+
+        st = Path(path).stat()
+        key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+        if key not in self._cache:
+            if len(self._cache) > 2:
+                self._cache.clear()
+            src = with_head_inputs(Path(path)) if self.folds is not None else str(path)
+            sess = ort.InferenceSession(src, sess_options=session_options(self.threads),
+                                        providers=["CPUExecutionProvider"])
+            name = sess.get_inputs()[0].name
+            chunks = [sess.run(None, {name: self.x[i:i + 64]}) for i in range(0, len(self.x), 64)]
+            outs = [np.concatenate([c[k] for c in chunks]) for k in range(len(chunks[0]))] if chunks else []
+            self._cache[key] = (outs[:-1], outs[-1]) if self.folds is not None else (outs, None)
+        return self._cache[key]
+
+    def _logits(self, path) -> list[np.ndarray]:
+        """Each row's logits per task: a labelled image's from the fold head that held it out, when there are
+        fold heads."""
+        logits, f = self._outputs(path)
+        if self.folds is None:
+            return logits
+        from edgexfer.calibration import fold_logits
+
+        w, b = self.head
+        lab = self.rows < len(self.folds["fold"])
+        z = logits[0].astype(np.float64)
+        own_error = z[lab] - (f[lab].astype(np.float64) @ w.T + b)
+        z[lab] = fold_logits(self.folds, f[lab], self.rows[lab]) + own_error
+        return [z, *logits[1:]]
+
+    def rates(self, path) -> list[float]:
+        """Each task's disagreement with FP32: the mean over images of the share of their rows that disagree."""
+        out = []
+        for r, lg in zip(self.ref, self._logits(path)):
+            per_image = np.bincount(self.cluster, weights=(lg.argmax(1) != r), minlength=self.images)
+            out.append(float(np.mean(per_image / np.bincount(self.cluster, minlength=self.images))))
+        return out
+
+    def __call__(self, path) -> float:
+        return 1.0 - max(self.rates(path))
+
+    def detail(self, path) -> dict:
+        from edgexfer.exporters.quantize import wilson_upper
+
+        rates = self.rates(path)
+        rate = max(rates)
+        return {"rate": rate, "images": self.images, "rows": int(len(self.rows)),
+                "disagreeing": round(rate * self.images, 1), "upper95": wilson_upper(rate, self.images),
+                "interval": "Wilson score, 95%, over images (an image and its views are one unit)",
+                **({"per_task": rates} if len(rates) > 1 else {})}
+
+    def labelled(self) -> np.ndarray:
+        """The rows of the labelled images themselves (an image's first row; its views follow it)."""
+        first = np.zeros(len(self.rows), bool)
+        first[np.unique(self.cluster, return_index=True)[1]] = True
+        return first & (self.rows < (0 if self.labels is None else len(self.labels)))
+
+    def fp32_accuracy(self) -> float:
+        from edgexfer.evaluate import mean_task_accuracy
+
+        m = self.labelled()
+        return mean_task_accuracy([lg[m] for lg in self.ref_logits], np.asarray(self.labels)[self.rows[m]])
+
+    def evidence(self, path) -> dict:
+        """The labelled images' paired accuracy drop, each answered as `_logits` answers it (out of fold): the
+        evidence beside agreement (`guard_decision`). The images themselves, not their views."""
+        from edgexfer.evaluate import mean_task_accuracy
+        from edgexfer.exporters.quantize import paired_drop
+
+        m = self.labelled()
+        y = np.asarray(self.labels)[self.rows[m]]
+        got = [lg[m] for lg in self._logits(path)]
+        drop, se = paired_drop([lg[m] for lg in self.ref_logits], got, y)
+        return {"val_accuracy": mean_task_accuracy(got, y), "val_drop": drop, "val_drop_se": se}
 
 
 HALF_LEVEL = 0.5  # pixel levels: the rounding by which two decoders or resizers differ
@@ -166,35 +334,41 @@ def fp32_stability(fp32: Path, x: np.ndarray, pp, threads: int | None = None, se
 
 
 def describe(info: dict) -> str:
-    """'1000 images: 150 labelled (train + validation), 850 augmented views of them'."""
+    """'1000 images: 150 labelled, out-of-fold (each answered by a cross-validation fold head that did not see
+    it), 850 augmented views of the labelled images'."""
     if info.get("domain") == "target":
         s = f"{info['images']} images of the target domain (--adapt-bn kept): {info['unlabelled']} unlabelled"
         return s + (f", {info['augmented']} augmented views of them" if info["augmented"] else "")
-    parts = [f"{info['labelled']} labelled (train + validation"
-             + (f", a sample of {info['labelled_available']}" if info["labelled"] < info["labelled_available"] else "")
-             + ")"]
+    how = {"out-of-fold": "out-of-fold (each answered by a cross-validation fold head that did not see it)",
+           "validation": "the validation split (not fitted)",
+           "train": "training images, which the model was fitted on: no held-out images to measure on"}
+    parts = []
+    if info["labelled"]:
+        parts.append(f"{info['labelled']} labelled, {how.get(info.get('labelled_from'), 'train + validation')}"
+                     + (f", a sample of {info['labelled_available']}"
+                        if info.get("labelled_from") == "out-of-fold" and info["labelled"] < info["labelled_available"]
+                        else ""))
     if info["unlabelled"]:
-        parts.append(f"{info['unlabelled']} unlabelled (--adapt-bn)")
+        parts.append(f"{info['unlabelled']} unlabelled ("
+                     + (", ".join(info["unlabelled_from"]) if info.get("unlabelled_from") else "--guard-data, --adapt-bn")
+                     + ")")
     if info["augmented"]:
         parts.append(f"{info['augmented']} augmented views of the labelled images")
     return f"{info['images']} images: " + ", ".join(parts)
 
 
-def labelled_evidence(fp32: Path, xv: np.ndarray, yv: np.ndarray, threads: int | None
-                      ) -> tuple[float, Callable[[Path], dict]]:
-    """FP32's validation accuracy, and evidence(path): a candidate's validation accuracy, its paired drop
-    from FP32 and that drop's standard error (recorded beside agreement; see `guard_decision`)."""
-    from edgexfer.evaluate import mean_task_accuracy, onnx_logits
-    from edgexfer.exporters.quantize import paired_drop
+def images_needed(rate: float, max_drop: float, have: int, limit: int = 100_000) -> int | None:
+    """How many unseen images the same disagreement `rate` needs for its 95% Wilson upper bound to fit `max_drop`
+    (None: not even `limit`, or the rate itself is over)."""
+    from edgexfer.exporters.quantize import wilson_upper
 
-    ref = onnx_logits(fp32, xv, threads=threads)
-
-    def evidence(path) -> dict:
-        lg = onnx_logits(path, xv, threads=threads)
-        drop, se = paired_drop(ref, lg, yv)
-        return {"val_accuracy": mean_task_accuracy(lg, yv), "val_drop": drop, "val_drop_se": se}
-
-    return mean_task_accuracy(ref, yv), evidence
+    if not within(rate, max_drop) or not within(wilson_upper(rate, limit), max_drop):
+        return None
+    lo, hi = have, limit
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if within(wilson_upper(rate, mid), max_drop) else (mid + 1, hi)
+    return lo
 
 
 def shipped_row(g: dict) -> dict:
@@ -210,34 +384,45 @@ def shipped_row(g: dict) -> dict:
                  and "inc_trial" not in c), g.get("shipped", {}))
 
 
-def summarize(g: dict, info: dict, val_images: int, fp32_val_accuracy: float | None, shipped: dict,
-              no_validation: str = "no labelled validation images to compare") -> None:
-    """Add to the guard record `g` how sure it is: the agreement set, the shipped file's disagreement with a
-    95% Wilson upper bound, its labelled validation drop with the standard error, and one plain sentence.
-    `shipped` holds the shipped file's "agreement" and, with a validation split, "val_accuracy", "val_drop"
-    and "val_drop_se"."""
-    from edgexfer.exporters.quantize import wilson_upper
-
-    n = info["images"]
-    rate = max(0.0, 1.0 - shipped["agreement"])
-    upper = wilson_upper(rate, n)
+def summarize(g: dict, info: dict, detail: dict, labelled: int, fp32_accuracy: float | None, shipped: dict,
+              no_labelled: str = "no labelled images held out to compare") -> None:
+    """Add to the guard record `g` how sure it is: the agreement set, the shipped file's disagreement with FP32
+    (`detail`, from `Agreement.detail`: the rate over unseen images and its 95% Wilson upper bound), its labelled
+    drop with the standard error (`shipped`: "val_accuracy", "val_drop", "val_drop_se", on `labelled` images
+    held out as `info` says), whether the bound is proven (`g["proven"]`: the upper bound within it, on images
+    the model was not fitted on), and one plain sentence that says on which images each figure was measured."""
+    md = g["max_accuracy_drop"]
+    rate, n, upper = detail["rate"], detail["images"], detail["upper95"]
     g["decides_on"] = "top-1 agreement with FP32 (label-free): an accuracy drop cannot exceed the disagreement rate"
     g["agreement_set"] = info
-    g["disagreement"] = {"rate": rate, "images": n, "disagreeing": int(round(rate * n)), "upper95": upper,
-                         "interval": "Wilson score, 95%"}
+    g["disagreement"] = detail
+    on = {"out-of-fold": "out-of-fold", "validation": "validation"}.get(info.get("labelled_from"))
     v = None
-    if val_images and "val_drop" in shipped:
-        v = {"images": val_images, "fp32_accuracy": fp32_val_accuracy, "int8_accuracy": shipped["val_accuracy"],
-             "drop": shipped["val_drop"], "drop_se": shipped["val_drop_se"]}
+    if labelled and "val_drop" in shipped and on:
+        v = {"images": labelled, "held_out_as": on, "fp32_accuracy": fp32_accuracy,
+             "int8_accuracy": shipped["val_accuracy"], "drop": shipped["val_drop"], "drop_se": shipped["val_drop_se"]}
     g["validation"] = v
-    md = g["max_accuracy_drop"]
-    s = (f"INT8 gives FP32's top-1 on {1 - rate:.1%} of {n} images, so it loses at most {rate:.1%} of accuracy on "
-         f"images like these (at most {upper:.1%} with 95% confidence")
-    s += ", within the bound)" if within(upper, md) else (
-        f"; the {md:.1%} bound holds on the measured rate, not with 95% confidence)" if within(rate, md) else ")")
+    fitted = bool(info.get("fitted"))
+    g["proven"] = bool(g.get("within_bound") and within(upper, md) and not fitted)
+    views = f", with {info['augmented']} augmented views of them" if info.get("augmented") else ""
+    where = ("training images, which the model was fitted on (no validation split, no fold heads, no --guard-data)"
+             if fitted else f"images the model was not fitted on{views}")
+    s = (f"INT8 gives FP32's top-1 on {1 - rate:.1%} of {n} {where}, so it loses at most {rate:.1%} of accuracy on "
+         f"new images like these (at most {upper:.1%} with 95% confidence")
+    if g["proven"]:
+        s += ", within the bound)"
+    elif fitted:
+        s += "; no promise about new photos: pass unlabelled photos of the domain with --guard-data DIR)"
+    elif within(rate, md):
+        need = images_needed(rate, md, n)
+        s += (f"; the {md:.1%} bound holds on the measured rate, not with 95% confidence: unproven"
+              + (f"; about {need} unseen images at this rate would prove it (--guard-data DIR: unlabelled photos "
+                 f"of the domain)" if need else "") + ")")
+    else:
+        s += f"; over the {md:.1%} bound)"
     if v:
-        s += (f"; on {val_images} labelled validation images it scores {v['int8_accuracy']:.1%} vs FP32 "
+        s += (f"; on {labelled} labelled images, {on}, it scores {v['int8_accuracy']:.1%} vs FP32 "
               f"{v['fp32_accuracy']:.1%} (drop {100 * v['drop']:+.1f} ± {100 * v['drop_se']:.1f} points).")
     else:
-        s += f"; {no_validation}."
+        s += f"; {no_labelled}."
     g["confidence"] = s

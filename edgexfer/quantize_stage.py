@@ -22,17 +22,18 @@ log = logging.getLogger(__name__)
 def quantize(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | None = None) -> dict:
     """model.onnx -> model.int8.onnx: static INT8 QDQ calibrated on training images, under the accuracy guard.
 
-    The guard keeps early layers in FP32 until INT8 gives FP32's top-1 on all but `max_accuracy_drop` of
-    an agreement set (every labelled image but the test split's, the --adapt-bn images, augmented views
-    up to ~1000 images: `edgexfer.guard`): an accuracy drop cannot exceed the disagreement rate. Labelled
-    validation accuracy is recorded beside it and rejects a candidate only on a significant drop.
+    The guard keeps layers in FP32 until INT8 gives FP32's top-1 on all but `max_accuracy_drop` of an agreement
+    set of images the model was not fitted on (`edgexfer.guard.agreement_set`: the labelled images out of fold
+    when the cross-validated probe was refitted on all of them, else the validation split; --guard-data and
+    --adapt-bn images; augmented views of those): an accuracy drop cannot exceed the disagreement rate. The
+    labelled images' paired drop is recorded beside it and rejects a candidate only when significant; the record
+    says whether the rate's 95% upper bound proves the bound (`guard.proven`).
     """
     from edgexfer.exporters.quantize import (convert_fp16, guarded_quantize, quantize_dynamic_int8, quantize_int8,
                                              recipe_for)
     from edgexfer.exporters import e2e as _e2e
     from edgexfer.data import list_images
-    from edgexfer.guard import (GUARD_IMAGES, agreement_set, describe, fp32_stability, labelled_evidence, summarize,
-                                target_set)
+    from edgexfer.guard import GUARD_IMAGES, Agreement, agreement_set, describe, fp32_stability, summarize, target_set
 
     run = RunFolder(run_dir)
     cfg = cfg or run.config()
@@ -53,15 +54,22 @@ def quantize(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | 
         rec = _arm64_guard(cfg, fp32, run.file(FILES["int8"]), recipe, calib, xv, yv)
     elif len(ws.dataset.train) + len(yv):
         adapted = bool(cfg.train.adapt_bn and (run.report().get("adaptation") or {}).get("kept"))
+        folds = None if adapted else probe_folds(run)
         if adapted:  # the model is for the target domain now: its images decide, the source's labels do not
-            xg, info = target_set(target_images(cfg, ws, GUARD_IMAGES), list_images(cfg.train.adapt_bn),
-                                  ws.preprocessing, seed=cfg.data.seed)
+            files = list_images(cfg.train.adapt_bn)
+            xg, rows, info = target_set(target_images(cfg, ws, GUARD_IMAGES), files, ws.preprocessing,
+                                        seed=cfg.data.seed, order=target_order(cfg, len(files)))
         else:
-            xg, info = agreement_set(ws, target_images(cfg, ws) if cfg.train.adapt_bn else None, seed=cfg.data.seed)
-        agreement = agreement_with(fp32, xg, cfg.bench.threads)  # FP32 scores 1.0 against its own top-1
+            unlabelled, sources = unlabelled_images(cfg, ws)
+            xg, rows, info = agreement_set(ws, unlabelled, seed=cfg.data.seed, out_of_fold=folds is not None)
+            info["unlabelled_from"] = sources
+        labels = np.concatenate([ws.tensors("train")[1], yv])
+        agreement = Agreement(fp32, xg, rows, labels=labels, threads=cfg.bench.threads,
+                              **(folds or {}))  # FP32 scores 1.0 against its own top-1
         stability = fp32_stability(fp32, xg, ws.preprocessing, cfg.bench.threads, seed=cfg.data.seed)
-        fp32_val, evidence = labelled_evidence(fp32, xv, yv, cfg.bench.threads) if len(yv) and not adapted \
-            else (None, None)
+        held_out = info["labelled"] if info["labelled_from"] in ("out-of-fold", "validation") else 0
+        evidence = agreement.evidence if held_out else None
+        fp32_val = agreement.fp32_accuracy() if held_out else None
         # INC tunes one accuracy only, so with a second bound it sits this out
         at_least = ("target_agreement", agree, cfg.min_target_agreement) if agree else None
         rec = (_inc_quantize(run, cfg, fp32, recipe, calib, xg, agreement, evidence)
@@ -79,9 +87,9 @@ def quantize(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | 
         g["guard_set"] = describe(info) + " (top-1 agreement with FP32)"
         g["host_measures_faithfully"] = target["host_measures_faithfully"]
         g["fp32_stability"] = stability
-        summarize(g, info, 0 if adapted else len(yv), fp32_val, {"agreement": g["shipped_accuracy"], **shipped_row(g)},
-                  **({"no_validation": "the labelled validation images are of the source domain, which the adapted "
-                                       "model is no longer for: not used"} if adapted else {}))
+        summarize(g, info, agreement.detail(run.file(FILES["int8"])), held_out, fp32_val, shipped_row(g),
+                  **({"no_labelled": "the labelled images are of the source domain, which the adapted model is no "
+                                     "longer for: not used"} if adapted else {}))
         if stability["agreement"] < 1 - cfg.max_accuracy_drop:
             note = (f"FP32 itself gives its own top-1 again on only {stability['agreement']:.1%} of these images when "
                     f"every pixel moves by up to half a level: below the {1 - cfg.max_accuracy_drop:.0%} agreement "
@@ -143,7 +151,58 @@ def _arm64_emulation(target: dict) -> bool:
     return ok
 
 
+def probe_folds(run: RunFolder) -> dict | None:
+    """The cross-validated probe's fold heads and the refitted head they stand in for, from the checkpoint
+    ({"folds", "head"} for `guard.Agreement`), or None (no cross-validated probe; fine-tuned; adapted)."""
+    import torch
+
+    payload = torch.load(run.checkpoint, map_location="cpu", weights_only=True)
+    folds = payload.get("probe_folds")
+    if not folds:
+        return None
+    task = next(iter(payload["model_config"]["tasks"]))
+    sd = payload["state_dict"]
+    return {"folds": {k: v.numpy().astype(np.float64) if v.is_floating_point() else v.numpy()
+                      for k, v in folds.items()},
+            "head": (sd[f"heads.{task}.weight"].double().numpy(), sd[f"heads.{task}.bias"].double().numpy())}
+
+
+def unlabelled_images(cfg: RunConfig, ws: Workspace) -> tuple[np.ndarray | None, list[str]]:
+    """The images of the domain that no stage fitted, besides the labelled splits, preprocessed, and where they
+    came from: --guard-data's, the labelled images --shots left out (their labels unused), each a seeded sample
+    of up to GUARD_IMAGES, and --adapt-bn's when the adaptation was not kept; (None, []) when there are none."""
+    from edgexfer.data import list_images
+    from edgexfer.guard import GUARD_IMAGES
+    from edgexfer.runtime.preprocess import preprocess
+
+    parts, sources = [], []
+
+    def sample(images: list, what: str) -> None:
+        order = np.random.default_rng(cfg.data.seed).permutation(len(images))[:GUARD_IMAGES - sum(map(len, parts))]
+        if len(order):
+            parts.append(np.stack([preprocess(images[i], ws.preprocessing) for i in order]))
+            sources.append(f"{len(order)} {what}")
+
+    if cfg.guard_data:
+        files = list_images(cfg.guard_data)
+        if not files:
+            raise RunFolderError(f"--guard-data {cfg.guard_data}: no images found")
+        sample(files, "from --guard-data")
+    unused = ws.dataset.unused
+    if unused is not None and len(unused):
+        sample(list(unused.images), "left out by --shots")
+    if cfg.train.adapt_bn:
+        parts.append(target_images(cfg, ws))
+        sources.append(f"{len(parts[-1])} from --adapt-bn")
+    return (np.concatenate(parts) if parts else None), sources
+
+
 TARGET_IMAGES = 500  # of the --adapt-bn folder, for the agreement check
+
+
+def target_order(cfg: RunConfig, n: int) -> np.ndarray:
+    """The seeded order in which the --adapt-bn folder's `n` image files are taken."""
+    return np.random.default_rng(cfg.data.seed).permutation(n)
 
 
 def target_images(cfg: RunConfig, ws: Workspace, limit: int = TARGET_IMAGES) -> np.ndarray:
@@ -154,7 +213,7 @@ def target_images(cfg: RunConfig, ws: Workspace, limit: int = TARGET_IMAGES) -> 
     have, every = ws.__dict__.get("_target_images", (None, False))
     if have is None or (len(have) < limit and not every):
         files = list_images(cfg.train.adapt_bn)
-        order = np.random.default_rng(cfg.data.seed).permutation(len(files))[:max(limit, TARGET_IMAGES)]
+        order = target_order(cfg, len(files))[:max(limit, TARGET_IMAGES)]
         have = np.stack([preprocess(files[i], ws.preprocessing) for i in order])
         ws.__dict__["_target_images"] = (have, len(order) == len(files))
     return have[:limit]

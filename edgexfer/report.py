@@ -20,9 +20,12 @@ def checks(rep: dict, max_drop: float) -> list[Check]:
     g = rep.get("quantize", {}).get("guard", {})
     if g.get("disagreement") and g.get("measured_on", "this host") == "this host":
         d = g["disagreement"]
-        out.append({"name": "INT8 accuracy guard: disagreement with FP32 top-1 (validation side, decides what ships)",
+        proven = "" if "proven" not in g else (
+            f"; 95% bound {fmt.pct(d['upper95'])}: " + ("proven" if g["proven"] else "unproven"))
+        out.append({"name": "INT8 accuracy guard: disagreement with FP32 top-1 on images the model was not fitted on "
+                            "(decides what ships)",
                     "value": d["rate"], "kind": "pct",
-                    "bound": f"<= {fmt.pct(g['max_accuracy_drop'])} of {d['images']} images",
+                    "bound": f"<= {fmt.pct(g['max_accuracy_drop'])} of {d['images']} images{proven}",
                     "ok": bool(g["within_bound"]), "note": g.get("confidence")})
     if "accuracy" in fp and "accuracy" in q:
         drop = fp["accuracy"] - q["accuracy"]
@@ -47,11 +50,11 @@ def checks(rep: dict, max_drop: float) -> list[Check]:
     if eager and "latency_ms" in fp:
         r = fp["latency_ms"]["p50"] / eager
         out.append({"name": "ONNX FP32 p50 latency / PyTorch eager", "value": round(r, 3), "kind": "ratio",
-                    "bound": "<= 0.5", "ok": r <= 0.5})
+                    "bound": "reported: both move with the host's load", "ok": None})
     if "latency_ms" in fp and "latency_ms" in q:
         r = fp["latency_ms"]["p50"] / q["latency_ms"]["p50"]
         out.append({"name": "INT8 speed-up over FP32 (p50, batch 1)", "value": round(r, 2), "kind": "ratio",
-                    "bound": "> 1.0", "ok": r > 1.0})
+                    "bound": "reported: the recommendation ships the faster file", "ok": None})
     ad = rep.get("adaptation")
     if ad and "kept" in ad:
         state = "reverted" if not ad["kept"] else "kept by --adapt-bn-force" if ad.get("forced") else "kept"

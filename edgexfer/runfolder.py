@@ -33,10 +33,16 @@ FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.on
 # recorded (their report.json sections) and removes the later stages' files, which were derived from the old.
 STAGE_SETTINGS = {"finetune": ("data", "model", "train"), "export": (),
                   "quantize": ("quantize", "max_accuracy_drop", "target", "tuner", "extra_formats", "calibration",
-                               "min_target_agreement", "qat"),
+                               "min_target_agreement", "qat", "guard_data"),
                   "evaluate": ("max_accuracy_drop",), "bench": ("bench",)}
 STAGE_INPUTS = {"finetune": (), "export": ("checkpoint.pt",), "quantize": (FILES["fp32"], "checkpoint.pt"),
                 "evaluate": tuple(FILES.values()), "bench": tuple(FILES.values())}  # model files: those present
+# which earlier stages' outputs a stage reads: running a stage again clears the later stages that read it (evaluate
+# writes test metrics, which bench never reads: bench's latencies outlive a new evaluation)
+STAGE_READS = {"finetune": (), "export": ("finetune",), "quantize": ("finetune", "export"),
+               "evaluate": ("finetune", "export", "quantize"), "bench": ("finetune", "export", "quantize")}
+# fields of a report.json "models" entry that bench writes (the rest are evaluate's)
+BENCH_MODEL_FIELDS = ("threads", "batch", "latency_ms", "throughput")
 STAGE_SECTIONS = {"finetune": (), "export": ("export",), "quantize": ("quantize", "quantize_fp16", "quantize_dynamic"),
                   "evaluate": ("models", "quantization_impact"),
                   "bench": ("machine", "bench", "reference", "checks", "recommendation")}
@@ -281,13 +287,17 @@ class RunFolder:
         """A stage starts writing: what it and the later stages recorded no longer holds. Their records and
         report sections go, and the files of the later stages (derived from what this stage replaces), so
         no file in the folder is described by settings it was not built with."""
-        later = STAGES[STAGES.index(stage):]
+        later = [stage] + [s for s in STAGES[STAGES.index(stage) + 1:] if stage in STAGE_READS[s]]
         rep = self.report()
         before = json.dumps(rep, sort_keys=True)
         for s in later:
             rep.get("stages", {}).pop(s, None)
             for section in STAGE_SECTIONS[s]:
-                rep.pop(section, None)
+                if not (section == "models" and "bench" not in later):
+                    rep.pop(section, None)
+        if "bench" not in later and isinstance(rep.get("models"), dict):  # evaluate again: bench's figures stay
+            rep["models"] = {k: {f: v for f, v in m.items() if f in ("file", "size_bytes", *BENCH_MODEL_FIELDS)}
+                             for k, m in rep["models"].items() if isinstance(m, dict) and "latency_ms" in m}
         if json.dumps(rep, sort_keys=True) != before and self.file("report.json").is_file():
             self._write_report(rep)
         for s in later[1:]:

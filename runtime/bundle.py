@@ -56,15 +56,16 @@ def guard_evidence(g: dict) -> str:
                      + (f" on {g['measured_on']}" if g.get("measured_on", "this host") != "this host" else ""))
     v = g.get("validation")
     if v:
-        parts.append(f"validation drop {100 * v['drop']:+.1f} ± {100 * v['drop_se']:.1f} points on "
-                     f"{v['images']} images")
+        parts.append(f"labelled drop {100 * v['drop']:+.1f} ± {100 * v['drop_se']:.1f} points on "
+                     f"{v['images']} {v.get('held_out_as', 'validation')} images")
     return "; ".join(parts) or "no figures recorded"
 
 
 def int8_verdict(rep: dict, *, on_this_host: bool = False) -> tuple[bool, str]:
     """Whether validation-side evidence lets the INT8 file ship, and why: the accuracy guard's decision in
-    report.json `quantize.guard` (label-free INT8/FP32 agreement on train, validation and augmented images,
-    with validation accuracy beside it). The test split is never read. `on_this_host`: also require that
+    report.json `quantize.guard` (label-free INT8/FP32 agreement on images the model was not fitted on, the
+    labelled images' drop beside it), and that its 95% upper bound proves the bound (`proven`; records made
+    before it existed are taken at their decision). The test split is never read. `on_this_host`: also require that
     the guard measured on this host (an arm64 guard measured under emulation speaks for the device)."""
     g = (rep.get("quantize") or {}).get("guard")
     if not g or "within_bound" not in g:
@@ -73,6 +74,9 @@ def int8_verdict(rep: dict, *, on_this_host: bool = False) -> tuple[bool, str]:
     bound = g.get("max_accuracy_drop")
     if not g["within_bound"]:
         return False, f"the accuracy guard found no INT8 candidate within the {bound} bound ({guard_evidence(g)})"
+    if g.get("proven") is False:  # within the bound on the measured rate, not with the stated 95% confidence
+        return False, (f"INT8, unproven: within the {bound} bound on the measured rate but not with 95% confidence "
+                       f"({guard_evidence(g)}); more unseen images (--guard-data DIR) can prove it")
     where = g.get("measured_on", "this host")
     if on_this_host and where != "this host":
         return False, f"the accuracy guard passed INT8 on {where}, not on this host ({guard_evidence(g)})"

@@ -179,6 +179,20 @@ def test_refitted_linear_probe_calibrates_on_out_of_fold_logits(tmp_path):
     assert res.probe_selection and res.probe_selection["refit_on"] == "train + val"
     f = res.calibration["tasks"]["label"]["fitted_on"]
     assert "out-of-fold" in f["split"] and f["images"] == len(ds.train) + len(ds.val)
+    # the fold heads behind those logits, for the INT8 guard (issue 23): one per fold, each image held out by one,
+    # the temperature folded in as in the refitted head
+    folds, k = res.probe_folds, res.probe_selection["folds"]
+    n = len(ds.train) + len(ds.val)
+    assert folds["weight"].shape[:2] == (k, 3) and folds["bias"].shape == (k, 3) and folds["fold"].shape == (n,)
+    assert sorted(set(folds["fold"].tolist())) == list(range(k))
+    from edgexfer.calibration import fold_heads
+
+    t = res.calibration["tasks"]["label"]["temperature"]
+    assert res.calibration["tasks"]["label"]["folded"]
+    f_all = np.random.default_rng(0).standard_normal((n, folds["weight"].shape[2]))
+    again = fold_heads(f_all, np.concatenate([ds.train.labels, ds.val.labels]), res.probe_selection["C"], False, k, 0)
+    np.testing.assert_array_equal(again["fold"], folds["fold"])  # the same stratified split as cv_probe's
+    assert not np.allclose(folds["weight"] * t, 0)
 
 
 def test_no_calibrate_changes_the_training_key():

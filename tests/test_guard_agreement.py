@@ -108,29 +108,47 @@ class _FakeWorkspace:
         return self._t[split]
 
 
-def test_agreement_set_labelled_then_augmented_within_memory():
+def test_agreement_set_holds_only_images_the_model_was_not_fitted_on():
+    """Issue 23: the guard scores no image the model was fitted on. Out of fold (the cross-validated probe,
+    refitted on every labelled image): all labelled images; else the validation split only; unlabelled images
+    of the domain always; then seeded views of the labelled ones, each row naming the image it shows."""
     from edgexfer.guard import agreement_set, describe
 
     ws = _FakeWorkspace()
-    x, info = agreement_set(ws, seed=3, min_images=40)
-    assert x.shape == (40, 3, 16, 16) and x.dtype == np.float32
+    x, rows, info = agreement_set(ws, seed=3, out_of_fold=True, min_images=40)
+    assert x.shape == (40, 3, 16, 16) and x.dtype == np.float32 and rows.shape == (40,)
     assert (info["labelled"], info["unlabelled"], info["augmented"]) == (8, 0, 32) and info["bytes"] == x.nbytes
+    assert info["labelled_from"] == "out-of-fold" and not info["fitted"] and info["unseen"] == 8
     np.testing.assert_array_equal(x[:6], ws.tensors("train")[0])
     np.testing.assert_array_equal(x[6:8], ws.tensors("val")[0])
+    np.testing.assert_array_equal(rows[:8], np.arange(8))
+    assert sorted(np.bincount(rows[8:])) == [4] * 8  # 32 views, 4 of each labelled image, named by their image
     assert not any(np.array_equal(x[j], x[i]) for j in range(8, 40) for i in range(8))  # views, not copies
-    again, _ = agreement_set(ws, seed=3, min_images=40)
+    again, again_rows, _ = agreement_set(ws, seed=3, out_of_fold=True, min_images=40)
     np.testing.assert_array_equal(x, again)  # seeded
-    assert "8 labelled" in describe(info) and "32 augmented" in describe(info)
-    # the unlabelled --adapt-bn images come before any augmentation, all of them (a minimum, not a cap)
+    np.testing.assert_array_equal(rows, again_rows)
+    assert "8 labelled, out-of-fold" in describe(info) and "32 augmented" in describe(info)
+    # no fold heads: the training images were fitted on, so only the validation split (and views of it)
+    x, rows, info = agreement_set(ws, seed=3, min_images=40)
+    assert (info["labelled"], info["augmented"], info["labelled_from"]) == (2, 38, "validation")
+    np.testing.assert_array_equal(x[:2], ws.tensors("val")[0])
+    assert set(rows) == {6, 7}
+    # the unlabelled images come before any augmentation, all of them (a minimum, not a cap), each its own image
     u = np.ones((5, 3, 16, 16), np.float32)
-    x, info = agreement_set(ws, u, min_images=10)
+    x, rows, info = agreement_set(ws, u, out_of_fold=True, min_images=10)
     assert (info["labelled"], info["unlabelled"], info["augmented"]) == (8, 5, 0) and len(x) == 13
-    x, info = agreement_set(ws, u, min_images=20)
+    np.testing.assert_array_equal(rows[8:], 8 + np.arange(5))
+    x, rows, info = agreement_set(ws, u, out_of_fold=True, min_images=20)
     assert (info["labelled"], info["unlabelled"], info["augmented"]) == (8, 5, 7) and (x[8:13] == 1).all()
     # the memory bound wins: a seeded sample of the labelled images, nothing added
-    x, info = agreement_set(ws, u, min_images=40, max_bytes=5 * 3 * 16 * 16 * 4)
+    x, rows, info = agreement_set(ws, u, out_of_fold=True, min_images=40, max_bytes=5 * 3 * 16 * 16 * 4)
     assert len(x) == 5 and (info["labelled"], info["unlabelled"], info["augmented"]) == (5, 0, 0)
     assert info["labelled_available"] == 8 and "a sample of 8" in describe(info)
+    # nothing held out at all: the training images, and the record says they were fitted on
+    ws = _FakeWorkspace(n_val=0)
+    x, rows, info = agreement_set(ws, min_images=10)
+    assert info["fitted"] and info["unseen"] == 0 and info["labelled_from"] == "train" and len(x) == 10
+    assert "fitted on" in describe(info)
 
 
 def test_quantize_stage_decides_on_agreement_and_reports_it(tiny_run, tmp_path, monkeypatch):
@@ -145,11 +163,8 @@ def test_quantize_stage_decides_on_agreement_and_reports_it(tiny_run, tmp_path, 
     shutil.copytree(tiny_run, run)
     monkeypatch.setattr(guard, "GUARD_IMAGES", 200)
     drop, se = paired_drop([_one_hot([0, 1, 2, 0])], [_one_hot([0, 1, 2, 1])], np.array([0, 1, 2, 0]))
-
-    def one_flip(fp32, xv, yv, threads):
-        return 1.0, lambda path: {"val_accuracy": 0.75, "val_drop": drop, "val_drop_se": se}
-
-    monkeypatch.setattr(guard, "labelled_evidence", one_flip)
+    monkeypatch.setattr(guard.Agreement, "evidence",
+                        lambda self, path: {"val_accuracy": 0.75, "val_drop": drop, "val_drop_se": se})
     from edgexfer.pipeline import RunFolder
 
     cfg = RunFolder(run).config()
@@ -157,16 +172,20 @@ def test_quantize_stage_decides_on_agreement_and_reports_it(tiny_run, tmp_path, 
     quantize(run, cfg)
     rep = json.loads((run / "report.json").read_text())
     g = rep["quantize"]["guard"]
-    assert g["agreement_set"]["images"] == 200 and g["agreement_set"]["augmented"] > 0
-    assert g["guard_set"].startswith("200 images")
+    val = rep["data"]["val"]  # the tiny run fine-tunes (lpft): its validation split is what it was not fitted on
+    info = g["agreement_set"]
+    u = info["unlabelled"]  # the labelled images --shots left out, never fitted
+    assert info["images"] == 200 and info["augmented"] == 200 - val - u and info["labelled"] == val
+    assert info["labelled_from"] == "validation" and g["guard_set"].startswith("200 images")
     d = g["disagreement"]
     first = g["candidates"][0]  # plain INT8: agreement alone decides, the 25-point validation flip does not
     assert first["fp32_layers"] == 0 and first["within_bound"] == (first["drop"] <= 0.01)
     if d["rate"] <= 0.01:  # the tiny model's INT8 agrees (it does on the shapes): ships plain INT8
         assert g["within_bound"] and g["chosen_fp32_layers"] == 0
-    assert d["images"] == 200 and d["rate"] <= d["upper95"] <= 1
+    assert d["images"] == val + u and d["rows"] == 200 and d["rate"] <= d["upper95"] <= 1
+    assert g["proven"] is False  # a dozen unseen images cannot prove a 1% bound, whatever they show
     assert g["validation"]["drop"] == pytest.approx(0.25) and g["validation"]["drop_se"] == pytest.approx(se)
-    assert "of 200 images" in g["confidence"] and "95% confidence" in g["confidence"]
+    assert f"of {val + u} images the model was not fitted on" in g["confidence"] and "95% confidence" in g["confidence"]
     md = report_md(rep)
     assert "How sure: INT8 gives FP32's top-1" in md and "agreement with FP32 (decides)" in md
 
@@ -177,10 +196,12 @@ def test_tiny_run_reports_how_sure_the_guard_is(tiny_run):
     g = rep["quantize"]["guard"]
     info = g["agreement_set"]
     assert info["images"] == info["labelled"] + info["unlabelled"] + info["augmented"] >= 1000
-    assert info["labelled"] == rep["data"]["train"] + rep["data"]["val"]
+    assert info["labelled"] == rep["data"]["val"] and info["labelled_from"] == "validation"  # lpft: train is fitted
+    assert g["disagreement"]["images"] == rep["data"]["val"] + info["unlabelled"]
+    assert info["unlabelled"] == min(rep["data"]["labelled_left_out"], 1000)  # --shots left them out: unseen
     assert 0 <= g["disagreement"]["rate"] <= g["disagreement"]["upper95"] <= 1
     v = g["validation"]
-    assert v["images"] == rep["data"]["val"] and v["drop_se"] >= 0 and 0 <= v["int8_accuracy"] <= 1
+    assert v["images"] == rep["data"]["val"] and v["held_out_as"] == "validation" and v["drop_se"] >= 0
     assert g["confidence"] and g["decides_on"].startswith("top-1 agreement")
     assert "How sure:" in (tiny_run / "report.md").read_text()
 
@@ -196,16 +217,17 @@ def test_target_set_is_the_target_images_then_views_of_them():
     rng = np.random.default_rng(1)
     files = [rng.integers(0, 255, (20, 24, 3), dtype=np.uint8) for _ in range(5)]
     xt = np.stack([preprocess(f, pp) for f in files])
-    x, info = target_set(xt, files, pp, seed=2, min_images=12)
+    x, rows, info = target_set(xt, files, pp, seed=2, min_images=12)
     assert x.shape == (12, 3, 16, 16) and info["domain"] == "target"
+    assert sorted(np.bincount(rows)) == [2, 2, 2, 3, 3]  # each file once, and its views, named by file
     assert (info["labelled"], info["unlabelled"], info["augmented"]) == (0, 5, 7)
     np.testing.assert_array_equal(x[:5], xt)
     assert not any(np.array_equal(x[j], x[i]) for j in range(5, 12) for i in range(5))  # views, not copies
     np.testing.assert_array_equal(x, target_set(xt, files, pp, seed=2, min_images=12)[0])  # seeded
     assert describe(info) == "12 images of the target domain (--adapt-bn kept): 5 unlabelled, 7 augmented views of them"
-    x, info = target_set(xt, files, pp, min_images=3)  # a minimum, not a cap
+    x, _, info = target_set(xt, files, pp, min_images=3)  # a minimum, not a cap
     assert len(x) == 5 and info["augmented"] == 0
-    x, info = target_set(xt, files, pp, min_images=40, max_bytes=4 * 3 * 16 * 16 * 4)  # the memory bound wins
+    x, _, info = target_set(xt, files, pp, min_images=40, max_bytes=4 * 3 * 16 * 16 * 4)  # the memory bound wins
     assert len(x) == 4 and info["augmented"] == 0
 
 

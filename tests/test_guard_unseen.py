@@ -1,0 +1,205 @@
+"""Issue 23: the INT8 guard's promise is measured on images the model was not fitted on. A labelled image the
+cross-validated probe was refitted on is answered by the fold head that held it out (features and the file's
+own head error both count), the rate is over images (an image and its views are one unit), a bound that the
+95% interval cannot prove is 'unproven' and nothing recommends the file on it, and re-evaluating a run keeps
+what bench measured."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+
+def _head_model(path, w: np.ndarray, b: np.ndarray, gain: float = 1.0) -> None:
+    """input (N, 3, 4, 4) -> x gain -> global average pool -> Flatten -> Gemm(w, b, transB) -> logits (N, K)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("Mul", ["input", "gain"], ["scaled"]),
+             helper.make_node("GlobalAveragePool", ["scaled"], ["pooled"]),
+             helper.make_node("Flatten", ["pooled"], ["features"], axis=1),
+             helper.make_node("Gemm", ["features", "w", "b"], ["logits"], transB=1)]
+    g = helper.make_graph(nodes, "head", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 4, 4])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", len(w)])],
+                          [numpy_helper.from_array(w.astype(np.float32), "w"),
+                           numpy_helper.from_array(b.astype(np.float32), "b"),
+                           numpy_helper.from_array(np.array(gain, np.float32), "gain")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def _images(features: np.ndarray) -> np.ndarray:
+    """Images whose pooled features are `features` (N, 3): each channel constant."""
+    return np.broadcast_to(features[:, :, None, None], (len(features), 3, 4, 4)).astype(np.float32).copy()
+
+
+def test_head_inputs_walks_back_through_quantize_dequantize(tmp_path):
+    import onnx
+
+    from edgexfer.guard import head_inputs, with_head_inputs
+
+    rng = np.random.default_rng(0)
+    _head_model(tmp_path / "m.onnx", rng.standard_normal((3, 3)), np.zeros(3))
+    assert head_inputs(onnx.load(str(tmp_path / "m.onnx"))) == ["features"]
+    extended = onnx.load_from_string(with_head_inputs(tmp_path / "m.onnx"))
+    assert [o.name for o in extended.graph.output] == ["logits", "features"]
+    m = onnx.load(str(tmp_path / "m.onnx"))  # an INT8 file's output: Gemm -> QuantizeLinear -> DequantizeLinear
+    from onnx import helper, numpy_helper
+    m.graph.node[-1].output[0] = "pre"
+    m.graph.node.extend([helper.make_node("QuantizeLinear", ["pre", "s"], ["q"]),
+                         helper.make_node("DequantizeLinear", ["q", "s"], ["logits"])])
+    m.graph.initializer.append(numpy_helper.from_array(np.array(0.1, np.float32), "s"))
+    assert head_inputs(m) == ["features"]
+
+
+def test_labelled_rows_are_answered_by_the_fold_head_that_held_them_out(tmp_path):
+    from edgexfer.guard import Agreement
+
+    rng = np.random.default_rng(1)
+    k, d = 3, 3
+    w_r, b_r = rng.standard_normal((k, d)), rng.standard_normal(k)
+    _head_model(tmp_path / "fp32.onnx", w_r, b_r)
+    delta = 0.3 * rng.standard_normal((k, d))
+    _head_model(tmp_path / "int8.onnx", w_r + delta, b_r)  # a candidate whose head alone differs
+    f = rng.standard_normal((6, d)).astype(np.float32)
+    rows = np.array([0, 1, 2, 3, 4, 0])  # four labelled images, one unlabelled (4), a view of image 0
+    folds = {"fold": np.array([0, 1, 0, 1]), "weight": rng.standard_normal((2, k, d)), "bias": rng.standard_normal((2, k))}
+    ag = Agreement(tmp_path / "fp32.onnx", _images(f), rows, folds=folds, head=(w_r, b_r), labels=np.array([0, 1, 2, 0]))
+    z = ag._logits(tmp_path / "fp32.onnx")[0]
+    for i, image in enumerate(rows):
+        if image < 4:  # the fold head that held the image out, never the refitted head
+            j = folds["fold"][image]
+            np.testing.assert_allclose(z[i], folds["weight"][j] @ f[i] + folds["bias"][j], rtol=1e-4, atol=1e-4)
+        else:  # no head saw an unlabelled image: the file's own answer
+            np.testing.assert_allclose(z[i], w_r @ f[i] + b_r, rtol=1e-4, atol=1e-4)
+    zc = ag._logits(tmp_path / "int8.onnx")[0]  # the candidate's own head error rides on the fold head
+    np.testing.assert_allclose(zc[0], folds["weight"][0] @ f[0] + folds["bias"][0] + delta @ f[0], rtol=1e-4, atol=1e-4)
+    assert ag(tmp_path / "fp32.onnx") == 1.0 and ag.images == 5
+    assert ag.detail(tmp_path / "fp32.onnx")["rate"] == 0.0
+    # the labelled evidence is on the labelled images themselves (4), not their views or the unlabelled one
+    assert set(ag.evidence(tmp_path / "fp32.onnx")) == {"val_accuracy", "val_drop", "val_drop_se"}
+    assert ag.labelled().sum() == 4
+
+
+class _Fixed:
+    """An Agreement whose candidates' answers are given: rows (image ids), FP32's top-1, each file's top-1."""
+
+    def __init__(self, rows, ref, answers):
+        from edgexfer.guard import Agreement
+
+        self.ag = Agreement.__new__(Agreement)
+        self.ag.rows = np.asarray(rows)
+        _, self.ag.cluster = np.unique(self.ag.rows, return_inverse=True)
+        self.ag.images = int(self.ag.cluster.max()) + 1
+        self.ag.ref = [np.asarray(r) for r in ref]
+        self.ag._logits = lambda path: [np.eye(4)[np.asarray(a)] for a in answers[path]]
+
+
+def test_rate_is_over_images_and_the_worst_task_decides():
+    rows = [0, 1, 2, 3, 0, 0, 0]  # image 0 and three views of it, images 1-3 once
+    ref = [[0, 1, 2, 3, 0, 0, 0]]
+    fx = _Fixed(rows, ref, {"a": [[0, 1, 2, 3, 1, 1, 0]], "b": [[1, 1, 2, 3, 1, 1, 1]]})
+    # two of image 0's four rows disagree: half an image of four
+    assert fx.ag.rates("a") == [pytest.approx(0.5 / 4)]
+    assert fx.ag.rates("b") == [pytest.approx(1 / 4)]
+    d = fx.ag.detail("a")
+    assert d["images"] == 4 and d["rows"] == 7 and d["rate"] == pytest.approx(0.125) and d["upper95"] > 0.125
+    two = _Fixed([0, 1, 2, 3], [[0, 1, 2, 3], [0, 0, 0, 0]], {"c": [[0, 1, 2, 3], [0, 1, 0, 0]]})
+    assert two.ag("c") == pytest.approx(0.75)  # the second task disagrees on one image of four: it decides
+    assert len(two.ag.detail("c")["per_task"]) == 2
+
+
+def _guard(within=True, rate=0.002, images=2000, fitted=False, md=0.01):
+    from edgexfer.exporters.quantize import wilson_upper
+    from edgexfer.guard import summarize
+
+    g = {"max_accuracy_drop": md, "within_bound": within}
+    info = {"images": images, "labelled": images, "labelled_from": "train" if fitted else "out-of-fold",
+            "fitted": fitted, "unlabelled": 0, "augmented": 0, "labelled_available": images}
+    detail = {"rate": rate, "images": images, "rows": images, "upper95": wilson_upper(rate, images)}
+    summarize(g, info, detail, images, 0.9, {"val_accuracy": 0.9, "val_drop": 0.0, "val_drop_se": 0.0})
+    return g
+
+
+def test_proven_only_when_the_95_percent_bound_fits_on_unseen_images():
+    from edgexfer.guard import images_needed
+
+    g = _guard(rate=0.002, images=2000)
+    assert g["proven"] and "within the bound)" in g["confidence"]
+    assert "2000 images the model was not fitted on" in g["confidence"] and "out-of-fold" in g["confidence"]
+    g = _guard(rate=0.0, images=150)  # nothing disagrees, but 150 images cannot prove 1%
+    assert not g["proven"] and "unproven" in g["confidence"]
+    need = images_needed(0.0, 0.01, 150)
+    assert f"about {need} unseen images" in g["confidence"] and 370 < need < 390
+    g = _guard(rate=0.0, images=5000, fitted=True)  # fitted images prove nothing, however many
+    assert not g["proven"] and "fitted on" in g["confidence"]
+    g = _guard(within=False, rate=0.05, images=150)
+    assert not g["proven"] and "over the 1.0% bound" in g["confidence"]
+    assert images_needed(0.05, 0.01, 150) is None
+
+
+def _report(g: dict, p50=(4.0, 2.0)) -> dict:
+    return {"models": {"fp32": {"file": "model.onnx", "size_bytes": 100, "accuracy": 0.9,
+                                "latency_ms": {"p50": p50[0], "p90": p50[0], "p99": p50[0]}},
+                       "int8": {"file": "model.int8.onnx", "size_bytes": 30, "accuracy": 0.9,
+                                "latency_ms": {"p50": p50[1], "p90": p50[1], "p99": p50[1]}}},
+            "quantize": {"guard": g, "target": {"host_measures_faithfully": True}}}
+
+
+def test_unproven_int8_is_neither_recommended_nor_bundled(tmp_path):
+    from edgexfer.report import recommend
+    from edgexfer.runtime.bundle import choose_model, int8_verdict
+
+    proven = _guard(rate=0.002, images=2000)
+    assert int8_verdict(_report(proven))[0]
+    assert recommend(_report(proven), 0.01)["model"] == "int8"
+    unproven = _guard(rate=0.0, images=150)
+    ok, why = int8_verdict(_report(unproven))
+    assert not ok and why.startswith("INT8, unproven")
+    r = recommend(_report(unproven), 0.01)
+    assert r["model"] == "fp32" and "unproven" in r["why"]
+    for name in ("model.onnx", "model.int8.onnx"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "report.json").write_text(json.dumps(_report(unproven)))
+    path, why, _ = choose_model(tmp_path)
+    assert path.name == "model.onnx" and "unproven" in why
+
+
+def test_no_recommended_int8_beside_a_warning(tmp_path, capsys):
+    """A run whose test split disagrees with the guard does not print 'Recommended here: model.int8.onnx'."""
+    from edgexfer.cli import print_headline
+
+    rep = _report(_guard(rate=0.002, images=2000))
+    rep["recommendation"] = {"model": "int8", "file": "model.int8.onnx", "why": "fastest", "p50_ms": 2.0,
+                             "size_bytes": 30, "test_disagrees": "INT8 drops 4 points on test"}
+    print_headline(tmp_path, rep)
+    out = capsys.readouterr().out
+    assert "Recommended here: model.int8.onnx" not in out and "Not recommended with confidence" in out
+    assert "model.onnx is the safe choice" in out
+
+
+def test_host_load_comparisons_are_reported_not_failed():
+    from edgexfer.report import checks
+
+    rep = _report(_guard(), p50=(4.0, 5.0))
+    rep["reference"] = {"pytorch_eager": {"latency_ms": {"p50": 3.0}}}
+    c = {x["name"]: x for x in checks(rep, 0.01)}
+    assert c["ONNX FP32 p50 latency / PyTorch eager"]["ok"] is None
+    assert c["INT8 speed-up over FP32 (p50, batch 1)"]["ok"] is None
+    guard_row = next(x for n, x in c.items() if n.startswith("INT8 accuracy guard"))
+    assert "proven" in guard_row["bound"] and guard_row["ok"] is True
+
+
+def test_evaluate_again_keeps_what_bench_measured(run_copy):
+    """`edgexfer evaluate RUN` updates the test figures and leaves bench's section and latencies as they were."""
+    from edgexfer.pipeline import evaluate
+
+    before = json.loads((run_copy / "report.json").read_text())
+    assert before["stages"]["bench"]["done"]
+    evaluate(run_copy)
+    after = json.loads((run_copy / "report.json").read_text())
+    assert json.dumps(after["bench"], sort_keys=True) == json.dumps(before["bench"], sort_keys=True)
+    assert after["stages"]["bench"] == before["stages"]["bench"] and after["machine"] == before["machine"]
+    for k, m in before["models"].items():
+        assert after["models"][k]["latency_ms"] == m["latency_ms"] and after["models"][k]["accuracy"] == m["accuracy"]
+    assert after["stages"]["evaluate"]["done"]
