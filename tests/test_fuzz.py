@@ -270,3 +270,163 @@ def test_metadata_fuzz():
 
     one()
     assert outcomes.count("refused") >= 20 and outcomes.count("loaded") >= 5, outcomes
+
+
+# -- multipart structure (issue 26) ----------------------------------------------------------------
+
+MP_BOUNDARY = "fuzzB0und"
+part_header = st.one_of(
+    st.sampled_from(['Content-Disposition: form-data; name="image"; filename="x.png"',
+                     'Content-Disposition: form-data; name="image"', 'Content-Disposition: form-data; name=file',
+                     'Content-Disposition: form-data; name="other"; filename="a;b \\"c\\".png"',
+                     "Content-Disposition: form-data; filename*=UTF-8''x.png", "Content-Disposition: attachment",
+                     'Content-Disposition: form-data; name="image"; name="x"', "Content-Disposition: form-data; ;;=",
+                     'Content-Disposition: form-data; name="unclosed', "Content-Type: image/png",
+                     f"Content-Type: multipart/mixed; boundary={MP_BOUNDARY}", "Content-Type: multipart/mixed",
+                     "Content-Transfer-Encoding: base64", "Content-Transfer-Encoding: binary", " folded", "no colon",
+                     "X-Long: " + "a" * 9000, ":empty name"]),
+    st.text(st.characters(codec="latin-1"), max_size=30))
+part_content = st.one_of(st.binary(max_size=40), st.sampled_from([
+    f"\r\n--{MP_BOUNDARY}".encode(), f"--{MP_BOUNDARY}--".encode(), b"\r\n\r\n", png_bytes(3, 2, "RGB")]))
+content_type = st.one_of(
+    st.just(f"multipart/form-data; boundary={MP_BOUNDARY}"),
+    st.sampled_from([f"multipart/form-data; boundary={MP_BOUNDARY}", f'multipart/form-data; boundary="{MP_BOUNDARY}"',
+                     f"MULTIPART/FORM-DATA;boundary={MP_BOUNDARY}; charset=utf-8", "multipart/form-data",
+                     "multipart/form-data; boundary=", f"multipart/form-data; boundary*0={MP_BOUNDARY}",
+                     f"multipart/form-data; boundary={MP_BOUNDARY}; boundary=x", "multipart/form-data; boundary=" + "b" * 80,
+                     "multipart/form-data; " + "; ".join(f"boundary*{i}=x" for i in range(3000)),
+                     f"multipart/form-data; boundary={MP_BOUNDARY}" + "; a=b" * 20]),
+    st.text(max_size=60).map(lambda t: "multipart/form-data; " + t))
+
+
+@st.composite
+def multipart_body(draw):
+    """(body, Content-Type, the image part's content when the body is well formed, else None)."""
+    ctype = draw(content_type) if draw(st.integers(0, 2)) == 0 else f"multipart/form-data; boundary={MP_BOUNDARY}"
+    good = ['Content-Disposition: form-data; name="image"; filename="x.png"', "Content-Type: image/png"]
+    parts = draw(st.lists(st.tuples(st.one_of(st.just(good), st.lists(part_header, max_size=4)),
+                                    st.one_of(st.binary(max_size=40), part_content)), max_size=20))
+    dash = f"--{MP_BOUNDARY}".encode()
+    sep = draw(st.sampled_from([b"\r\n"] * 6 + [b"\n", b"  \r\n", b"x\r\n", b""]))
+    body = draw(st.sampled_from([b"", b"preamble\r\n"]))
+    for headers, content in parts:
+        body += dash + sep + b"".join(h.encode("latin-1", "replace") + b"\r\n" for h in headers) + b"\r\n"
+        body += content + b"\r\n"
+    body += draw(st.sampled_from([dash + b"--\r\n", dash + b"--", b"", dash]))
+    if draw(st.integers(0, 3)) == 0:  # a few bytes changed
+        for _ in range(draw(st.integers(1, 4))):
+            i = draw(st.integers(0, max(0, len(body) - 1)))
+            body = body[:i] + draw(st.binary(max_size=3)) + body[i + draw(st.integers(0, 3)):]
+    return body, ctype
+
+
+def test_multipart_fuzz():
+    """The upload parser on mutated structure: bytes or a one-line 400, never another exception; bounded."""
+    from edgexfer.runtime.multipart import multipart_file
+    from edgexfer.runtime.protocol import HTTPError
+
+    outcomes = []
+
+    @given(case=multipart_body())
+    @SETTINGS
+    def one(case):
+        body, ctype = case
+        try:
+            got = multipart_file(body, ctype)
+        except HTTPError as e:
+            assert e.status == 400 and str(e) and "\n" not in str(e), e
+            outcomes.append("400")
+            return
+        assert isinstance(got, bytes) and len(got) <= len(body)
+        outcomes.append("file")
+
+    one()
+    assert outcomes.count("400") >= 20 and outcomes.count("file") >= 3, outcomes
+
+
+def test_multipart_well_formed_roundtrip():
+    """A well-formed body of up to 16 parts: the part named image comes back exactly, whatever it holds."""
+    from edgexfer.runtime.multipart import MAX_PARTS, multipart_file
+
+    @given(before=st.integers(0, MAX_PARTS - 1), data=st.binary(max_size=200), quoted=st.booleans())
+    @SETTINGS
+    def one(before, data, quoted):
+        if f"\r\n--{MP_BOUNDARY}".encode() in b"\r\n" + data + b"\r\n":
+            return
+        other = f'--{MP_BOUNDARY}\r\nContent-Disposition: form-data; name="f"\r\n\r\nv\r\n'.encode()
+        body = other * before + (f'--{MP_BOUNDARY}\r\nContent-Disposition: form-data; name="image"; '
+                                 f'filename="x.png"\r\nContent-Type: image/png\r\n\r\n').encode() + data
+        body += f"\r\n--{MP_BOUNDARY}--\r\n".encode()
+        b = f'"{MP_BOUNDARY}"' if quoted else MP_BOUNDARY
+        assert multipart_file(body, f"multipart/form-data; boundary={b}") == data
+
+    one()
+
+
+# -- gRPC messages (issue 26) ----------------------------------------------------------------------
+
+from tests.test_hardening_hostile import grpc_served, models  # noqa: E402,F401 (fixtures)
+
+GRPC_METHODS = ["ModelInfer"] * 6 + ["ModelMetadata", "ModelReady", "ServerMetadata", "ServerLive"]
+
+
+@st.composite
+def grpc_message(draw):
+    from edgexfer.runtime import grpc_predict_v2_pb2 as pb
+
+    rows = draw(st.integers(0, 3))
+    x = np.zeros((rows, 3, 8, 8), "<f4")
+    t = pb.ModelInferRequest.InferInputTensor(name=draw(st.sampled_from(["input", "x", ""])),
+                                              datatype=draw(st.sampled_from(["FP32", "FP32", "INT8", ""])),
+                                              shape=draw(st.one_of(st.just(list(x.shape)),
+                                                                   st.lists(st.integers(-2, 2**40), max_size=5))))
+    req = pb.ModelInferRequest(model_name=draw(st.sampled_from(["tiny", "tiny", "nope", ""])),
+                               model_version=draw(st.sampled_from(["", "1", "9"])), id=draw(st.text(max_size=4)))
+    req.inputs.append(t)
+    if draw(st.booleans()):
+        req.raw_input_contents.append(x.tobytes())
+    else:
+        t.contents.fp32_contents.extend(x.ravel().tolist())
+    if draw(st.booleans()):
+        req.outputs.add(name=draw(st.sampled_from(["logits", "nope"])))
+    data = req.SerializeToString()
+    how = draw(st.sampled_from(["keep", "keep", "truncate", "flip", "insert", "random"]))
+    if how == "truncate":
+        data = data[:draw(st.integers(0, len(data)))]
+    elif how in ("flip", "insert") and data:
+        i = draw(st.integers(0, len(data) - 1))
+        data = data[:i] + draw(st.binary(min_size=1, max_size=6)) + data[i + (how == "flip"):]
+    elif how == "random":
+        data = draw(st.binary(max_size=64))
+    return draw(st.sampled_from(GRPC_METHODS)), data
+
+
+def test_grpc_fuzz(grpc_served, capfd):
+    """Mutated and random messages to every method: OK or a protocol status (never UNKNOWN or INTERNAL), no
+    error logged, the byte budget whole again, and a valid request answered afterwards."""
+    import grpc
+
+    from tests.test_hardening_hostile import grpc_call, infer_request
+
+    address, app = grpc_served
+    seen = []
+    allowed = {"OK", "INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED"}
+    with grpc.insecure_channel(address) as ch, Errors() as errors:
+        @given(msg=grpc_message())
+        @SETTINGS
+        def one(msg):
+            method, data = msg
+            try:
+                ch.unary_unary(f"/inference.GRPCInferenceService/{method}")(data, timeout=30)
+                code = "OK"
+            except grpc.RpcError as e:
+                code = e.code().name
+            seen.append(code)
+            assert code in allowed, (code, method, data[:80])
+
+        one()
+        assert grpc_call(address, "ModelInfer", infer_request("tiny", 2))[0] == "OK"
+        assert not errors.records, errors.records[:5]
+    assert app.budget.used == 0
+    assert "Traceback" not in capfd.readouterr().err
+    assert {"OK", "INVALID_ARGUMENT", "NOT_FOUND"} <= set(seen), sorted(set(seen))
