@@ -263,8 +263,8 @@ def run(name, runs, force, bench_iters, target, calibration_method, calibration_
         max_accuracy_drop, guard_data, min_target_agreement, tuner, fp16, dynamic, qat, **kw):
     """The whole pipeline: finetune, export, quantize, evaluate, bench -> runs/NAME.
 
-    With no options: ImageNet-pretrained EfficientNet-Lite0 on 100 labelled Fashion-MNIST images per
-    class (offline). An interrupted run resumes where it stopped.
+    With no options: 100 labelled Fashion-MNIST images per class (offline), on the ImageNet-pretrained
+    backbone --backbone auto picks of those whose weights are here. An interrupted run resumes where it stopped.
     """
     from edgexfer import pipeline
 
@@ -521,6 +521,9 @@ def rank(data, shots, seed, strict, follow_symlinks, image_size, candidates, out
         atomic.write_json(out, res)
 
 
+CURVE_BACKBONE = "efficientnet_lite0"
+
+
 @click.command()
 @data_options
 @click.option("--labels", "shots_list", default="1,5,10,50,100", show_default=True,
@@ -531,7 +534,8 @@ def rank(data, shots, seed, strict, follow_symlinks, image_size, candidates, out
 @click.pass_context
 def curve(ctx, shots_list, out, no_scratch, **kw):
     """Accuracy against labels per class, pretrained vs the same network from scratch with the same budget
-    (table, JSON and PNG). --strategy defaults to auto here. A killed curve resumes."""
+    (table, JSON and PNG). --strategy defaults to auto here; --backbone auto means EfficientNet-Lite0 (one
+    backbone for every point). A killed curve resumes."""
     from edgexfer.transfer import curve as curve_fn, curve_markdown
 
     try:
@@ -544,9 +548,8 @@ def curve(ctx, shots_list, out, no_scratch, **kw):
         kw["strategy"] = "auto"
     kw["all_labels"] = False
     if kw["backbone"] == "auto":  # the curve compares label counts on one backbone, not backbones
-        if ctx.get_parameter_source("backbone") != click.core.ParameterSource.DEFAULT:
-            raise EdgexferError("curve takes a named --backbone (see `edgexfer backbones`), not auto")
-        kw["backbone"] = "efficientnet_lite0"
+        kw["backbone"] = CURVE_BACKBONE
+        click.echo(f"--backbone auto: the curve compares label counts on one backbone, {CURVE_BACKBONE}", err=True)
     cfg = build_config(**kw)
 
     from edgexfer.runtime import fmt

@@ -84,13 +84,16 @@ AUTO_PARTIAL_BELOW = 16
 
 
 def choose_strategy(train_labels: np.ndarray, n_classes: int, weights: str,
-                    val_labels: np.ndarray | None = None) -> tuple[str, str]:
-    """What `--strategy auto` picks for this data, and why (the report quotes the reason).
+                    val_labels: np.ndarray | None = None, *, tasks: int = 1, lr_decay: float = 1.0,
+                    backbone_lr_mult: float = 1.0) -> tuple[str, str]:
+    """What `--strategy auto` picks for this data, and why (the report quotes the reason, which says only what
+    the settings make true: `tasks` heads, the learning rates' `lr_decay` and `backbone_lr_mult`).
 
     A small validation split (under SMALL_VAL_IMAGES images or SMALL_VAL_PER_CLASS per class) cannot
     choose fine-tuning's epoch, nor tell whether fine-tuning beat the probe: one image moves its accuracy
     by 100/N points. Then the probe is the strategy, its strength chosen by cross-validation over every
-    labelled image (cv_probe), and refitted on all of them."""
+    labelled image (cv_probe), and refitted on all of them: one task only; with several, each head's probe
+    stops at its best step on the validation split."""
     counts = np.bincount(train_labels, minlength=n_classes)
     per_class = float(np.median(counts[counts > 0])) if counts.any() else 0.0
     if weights == "none":
@@ -98,10 +101,13 @@ def choose_strategy(train_labels: np.ndarray, n_classes: int, weights: str,
     if val_labels is not None and len(val_labels):
         vc = np.bincount(val_labels[val_labels >= 0], minlength=n_classes)
         if vc.sum() < SMALL_VAL_IMAGES or vc.min() < SMALL_VAL_PER_CLASS:
+            how = ("a linear probe whose strength is chosen by cross-validation over all labelled images, "
+                   "refitted on them" if tasks == 1 else
+                   f"a linear probe per task ({tasks} heads; cross-validation chooses a single task's probe only), "
+                   "each head stopped at its best step on these few validation images")
             return "linear", (f"the validation split has {int(vc.sum())} images ({int(vc.min())} in its smallest "
                               f"class; one image is {100 / max(int(vc.sum()), 1):.1f} points): too few to choose "
-                              "fine-tuning's epochs or to tell fine-tuning from the probe, so a linear probe whose "
-                              "strength is chosen by cross-validation over all labelled images, refitted on them")
+                              f"fine-tuning's epochs or to tell fine-tuning from the probe, so {how}")
     if per_class < AUTO_LINEAR_BELOW:
         return "linear", (f"{per_class:g} labelled training images per class (median) < {AUTO_LINEAR_BELOW}: "
                           "fine-tuning the backbone would over-fit; a linear probe on cached features is as "
@@ -109,8 +115,11 @@ def choose_strategy(train_labels: np.ndarray, n_classes: int, weights: str,
     if per_class < AUTO_PARTIAL_BELOW:
         return "partial", (f"{per_class:g} labelled training images per class (median) < {AUTO_PARTIAL_BELOW}: "
                            "probe, then fine-tune only the last blocks (fewer weights to fit to few images)")
+    rates = ("earlier layers at lower rates" if lr_decay < 1 else
+             "the backbone at a lower rate than the head" if backbone_lr_mult < 1 else
+             "one learning rate for every layer")
     return "lpft", (f"{per_class:g} labelled training images per class (median) >= {AUTO_PARTIAL_BELOW}: "
-                    "linear probe, then fine-tune every layer (LP-FT), earlier layers at lower rates")
+                    f"linear probe, then fine-tune every layer (LP-FT), {rates}")
 
 
 @dataclass
@@ -304,6 +313,11 @@ def view_folds(t: np.ndarray, k: int, seed: int, views: int) -> list[tuple[np.nd
             for tr, te in StratifiedKFold(k, shuffle=True, random_state=seed).split(np.zeros(n), t)]
 
 
+# the probe's L2 strengths: 25 from 1e-4 to 1e4, a step of x2.2 (scikit-learn's Cs=10 steps by x7.7, too coarse
+# to tell neighbouring strengths apart)
+PROBE_CS = np.logspace(-4, 4, 25)
+
+
 def cv_probe(head: torch.nn.Linear, f: torch.Tensor, y: torch.Tensor, balanced: bool, seed: int,
              views: torch.Tensor | None = None) -> dict | None:
     """Fit `head` as multinomial logistic regression on features `f` (N, D) and labels `y` (N,), its L2
@@ -327,21 +341,29 @@ def cv_probe(head: torch.nn.Linear, f: torch.Tensor, y: torch.Tensor, balanced: 
         t = np.tile(t, v + 1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # convergence chatter at the weakest regularisation
-        clf = LogisticRegressionCV(Cs=10, cv=folds, max_iter=2000,
+        clf = LogisticRegressionCV(Cs=PROBE_CS, cv=folds, max_iter=2000,
                                    class_weight="balanced" if balanced else None).fit(x, t)
     scores = np.asarray(next(iter(clf.scores_.values())))  # (folds, Cs): held-out accuracy of each strength
     best = int(np.argmin(np.abs(clf.Cs_ - clf.C_[0])))
     fold = scores[:, best]
+    edge = None
+    if best in (0, len(clf.Cs_) - 1):
+        edge = (f"the cross-validated strength C={clf.C_[0]:.3g} is the {'strongest' if best == 0 else 'weakest'} "
+                f"regularisation searched ({PROBE_CS[0]:g}-{PROBE_CS[-1]:g}): the best may lie beyond it; with "
+                f"{int(counts.min())} labelled images in the smallest class the folds say little")
+        log.warning("linear probe: %s", edge)
     w, b = clf.coef_, clf.intercept_
     if len(clf.classes_) == 2:  # scikit-learn keeps one row for two classes: logits (0, w.x + b)
         w, b = np.stack([np.zeros_like(w[0]), w[0]]), np.array([0.0, b[0]])
     with torch.no_grad():
         head.weight.copy_(torch.as_tensor(w, dtype=head.weight.dtype))
         head.bias.copy_(torch.as_tensor(b, dtype=head.bias.dtype))
-    return {"method": f"LogisticRegressionCV, stratified {k}-fold cross-validation over {len(clf.Cs_)} strengths"
+    return {"method": f"LogisticRegressionCV, stratified {k}-fold cross-validation over {len(clf.Cs_)} strengths "
+                      f"({PROBE_CS[0]:g} to {PROBE_CS[-1]:g}, log-spaced)"
                       + (f", fitted on each image and {v} augmented views of it" if v else ""),
             "images": len(f), "views": v, "folds": k, "C": float(clf.C_[0]), "cv_accuracy": float(fold.mean()),
-            "cv_stderr": float(fold.std(ddof=1) / np.sqrt(k))}
+            "cv_stderr": float(fold.std(ddof=1) / np.sqrt(k)), "C_range": [float(PROBE_CS[0]), float(PROBE_CS[-1])],
+            "C_at_edge": edge}
 
 
 def block_groups(model: EdgeNet) -> list[list[torch.nn.Parameter]]:
@@ -425,7 +447,8 @@ def train(model: EdgeNet, data: Dataset, pp: Preprocessing, cfg: TrainConfig, wo
     n_cls = [len(c) for c in data.tasks.values()]
     strategy, reason = cfg.strategy, None
     if strategy == "auto":
-        strategy, reason = choose_strategy(data.train.labels, n_cls[0], weights, data.val.labels)
+        strategy, reason = choose_strategy(data.train.labels, n_cls[0], weights, data.val.labels, tasks=len(n_cls),
+                                           lr_decay=cfg.lr_decay, backbone_lr_mult=cfg.backbone_lr_mult)
         log.info("--strategy auto chose %s: %s", strategy, reason)
     x_tr, y_tr = tensorize(data.train, pp, "preprocess train")
     x_va, y_va = tensorize(data.val, pp, "preprocess val") if len(data.val) else (x_tr[:0], y_tr[:0])

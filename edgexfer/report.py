@@ -158,6 +158,8 @@ def report_md(rep: dict) -> str:
                       f"(CV accuracy {fmt.accuracy(sel['cv_accuracy'])} ± {fmt.accuracy(sel['cv_stderr'])}), fitted on "
                       f"{sel['refit_on']}: "
                       f"{sel['reason']}.", ""]
+            if sel.get("C_at_edge"):
+                lines += [f"**Warning:** {sel['C_at_edge']}.", ""]
     lines += calibration_lines(rep)
     lines += adaptation_lines(rep)
     tr = rep.get("transfer")

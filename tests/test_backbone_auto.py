@@ -69,11 +69,13 @@ def test_run_backbone_auto_records_and_resumes(tmp_path):
     assert p.returncode == 1 and "another configuration" in p.stderr
 
 
-def test_latency_limit_needs_auto_and_curve_needs_a_name(tmp_path):
+def test_latency_limit_needs_auto_and_curve_takes_auto_as_its_default(tmp_path):
     p = run_cli("run", "--backbone", "efficientnet_lite0", "--max-latency-ms", "5", "--runs", tmp_path)
     assert p.returncode == 1 and "--max-latency-ms goes with --backbone auto" in p.stderr
     assert "Traceback" not in p.stderr
     p = run_cli("run", "--weights", "none", "--runs", tmp_path)
     assert p.returncode == 1 and "name the backbone" in p.stderr and "Traceback" not in p.stderr
-    p = run_cli("curve", "--backbone", "auto", "--out", tmp_path / "c")
-    assert p.returncode == 1 and "named --backbone" in p.stderr and "Traceback" not in p.stderr
+    # `curve --help` shows auto as the default, so auto is accepted: one backbone for every point (issue 23)
+    p = run_cli("curve", "--backbone", "auto", "--data", tmp_path / "missing", "--out", tmp_path / "c")
+    assert "--backbone auto: the curve compares label counts on one backbone, efficientnet_lite0" in p.stderr
+    assert p.returncode == 1 and "not found" in p.stderr and "Traceback" not in p.stderr

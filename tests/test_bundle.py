@@ -13,8 +13,14 @@ from tests.conftest import run_cli
 def test_bundle_contents(tiny_run, tmp_path):
     out = tmp_path / "bundle"
     run_cli("bundle", tiny_run, out, check=True)
+    # the tiny run's INT8 is within the bound on a dozen unseen images, which cannot prove it: FP32 ships
+    assert not json.loads((tiny_run / "report.json").read_text())["quantize"]["guard"]["proven"]
+    assert json.loads((out / "bundle.json").read_text())["why"].startswith("FP32: INT8, unproven")
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "bundle.json", "edgexfer", "example.py", "labels.txt",
-                                                    "model.int8.e2e.onnx", "model.int8.onnx", "requirements.txt"]
+                                                    "model.e2e.onnx", "model.onnx", "requirements.txt"]
+    # INT8 anyway: the file itself
+    run_cli("bundle", tiny_run / "model.int8.onnx", tmp_path / "int8", check=True)
+    assert {"model.int8.onnx", "model.int8.e2e.onnx"} <= {p.name for p in (tmp_path / "int8").iterdir()}
     reqs = (out / "requirements.txt").read_text().split()
     assert [r.split("==")[0] for r in reqs] == ["numpy", "onnxruntime", "Pillow", "click"] and all("==" in r for r in reqs)
     again = run_cli("bundle", tiny_run, out)
@@ -25,7 +31,7 @@ def test_bundle_contents(tiny_run, tmp_path):
 @pytest.mark.skipif(os.environ.get("EDGEXFER_SKIP_VENV_TEST") == "1", reason="EDGEXFER_SKIP_VENV_TEST=1")
 def test_bundle_runs_in_fresh_venv(tiny_run, image_folder, tmp_path):
     out = tmp_path / "bundle"
-    run_cli("bundle", tiny_run, out, check=True)
+    run_cli("bundle", tiny_run / "model.int8.onnx", out, check=True)  # the INT8 file itself (the run's is unproven)
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=True).create(env_dir)
     py = str(env_dir / "bin" / "python")

@@ -3,6 +3,7 @@ labelled image, fitted beside it, and never a view of a held-out image in its ow
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from edgexfer.data import Split
@@ -55,3 +56,30 @@ def test_cv_probe_fits_views_beside_the_originals():
     assert sel["images"] == 24 and sel["views"] == 2 and "2 augmented views" in sel["method"]
     assert sel["cv_accuracy"] > 0.9
     assert (head(f).argmax(1).numpy() == y).mean() > 0.9
+
+
+def test_probe_strength_search_is_fine_and_warns_at_its_edge(caplog):
+    """Issue 23: 25 strengths a step of x2.2 apart (not 10 at x7.7), and a warning when the chosen one is an end of
+    the range, where the best may lie beyond it."""
+    import logging
+
+    import torch
+
+    from edgexfer.finetune import PROBE_CS, cv_probe
+
+    assert len(PROBE_CS) == 25 and PROBE_CS[1] / PROBE_CS[0] < 2.2
+    rng = np.random.default_rng(0)
+    y = torch.as_tensor(np.repeat([0, 1], 20))
+    # classes apart by a hundred-thousandth: no strength tells them apart better than another, and ties go to
+    # the first (strongest) strength, as with --shots 2
+    tiny = torch.as_tensor(1e-5 * (2 * y.numpy()[:, None] - 1) + 1e-7 * rng.standard_normal((40, 16)),
+                           dtype=torch.float32)
+    with caplog.at_level(logging.WARNING, logger="edgexfer.finetune"):
+        sel = cv_probe(torch.nn.Linear(16, 2), tiny, y, False, 0)
+    assert sel["C"] == pytest.approx(PROBE_CS[0]) and sel["C_at_edge"] and "strongest" in sel["C_at_edge"]
+    assert "strongest regularisation searched" in caplog.text
+    # two separable clusters with some overlap: an interior strength, no warning
+    g = torch.as_tensor(rng.standard_normal((40, 16)) + 0.8 * np.repeat([[-1], [1]], 20, axis=0), dtype=torch.float32)
+    sel = cv_probe(torch.nn.Linear(16, 2), g, y, False, 0)
+    assert (sel["C_at_edge"] is None) == (PROBE_CS[0] < sel["C"] < PROBE_CS[-1])
+    assert sel["C_range"] == [pytest.approx(1e-4), pytest.approx(1e4)]

@@ -76,12 +76,18 @@ def test_auto_strategy_follows_labels_per_class():
     assert choose_strategy(many, 5, "imagenet")[0] == "lpft"
     assert choose_strategy(few, 5, "none")[0] == "finetune"
     assert "per class" in choose_strategy(many, 5, "imagenet")[1]
+    # every sentence true (issue 23): the reason says what the settings make true
+    assert "one learning rate for every layer" in choose_strategy(many, 5, "imagenet")[1]
+    assert "earlier layers at lower rates" in choose_strategy(many, 5, "imagenet", lr_decay=0.7)[1]
+    assert "lower rate than the head" in choose_strategy(many, 5, "imagenet", backbone_lr_mult=0.1)[1]
     # a validation split too small to choose epochs on (6 per class, 30 images): the cross-validated probe
     small_val, big_val = np.repeat(np.arange(5), 6), np.repeat(np.arange(5), 20)
     strategy, why = choose_strategy(many, 5, "imagenet", small_val)
     assert strategy == "linear" and "30 images" in why and "cross-validation" in why
     assert choose_strategy(many, 5, "imagenet", big_val)[0] == "lpft"
     assert choose_strategy(many, 5, "none", small_val)[0] == "finetune"
+    strategy, why = choose_strategy(many, 5, "imagenet", small_val, tasks=2)  # CV is the single-task probe's
+    assert strategy == "linear" and "cross-validation chooses a single task's probe only" in why
 
 
 class _Blocks(nn.Module):
