@@ -148,7 +148,7 @@ def main() -> int:
         wanted.append((name, int(seed or 0)))
     cases = []
     for name, seed in wanted:
-        c = done.get((name, seed)) or {**case(name, seed), "commit": prov["commit"]}
+        c = done.get((name, seed)) or {**case(name, seed), "commit": provenance()["commit"]}
         cases.append(c)
         res = {"command": "python benchmarks/bench_guard.py", **prov, "cores": os.cpu_count(), "cases": cases,
                "summary": summary(cases)}
