@@ -297,7 +297,10 @@ def print_headline(out: Path, rep: dict) -> None:
     click.secho(f"Results in {out}/  (report.md, report.json, model_card.md, model.onnx, model.int8.onnx)", bold=True)
     for k, m in models.items():
         lat = m.get("latency_ms", {})
-        click.echo(f"  {k:5s} {m['file']:17s} {m['size_bytes'] / 1e6:6.2f} MB  test accuracy {fmt.accuracy(m.get('accuracy'))}"
+        tasks = m.get("tasks") or {}  # several heads: each task's accuracy, named (the top level is the first's)
+        acc = (", ".join(f"{t} {fmt.accuracy(v['accuracy'])}" for t, v in tasks.items()) if len(tasks) > 1
+               else fmt.accuracy(m.get("accuracy")))
+        click.echo(f"  {k:5s} {m['file']:17s} {m['size_bytes'] / 1e6:6.2f} MB  test accuracy {acc}"
                    f"  p50 {fmt.ms(lat.get('p50'))} ms")
     ref = rep.get("reference", {}).get("pytorch_eager")
     if ref:

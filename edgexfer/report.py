@@ -229,12 +229,12 @@ def report_md(rep: dict) -> str:
                           f"{fmt.accuracy(c['host_accuracy'])} | {fmt.accuracy_delta(c['drop'])} | {c['within_bound']} |"
                           for c in g["candidates"] if "fp32_layers" in c]
             elif g.get("decides_on"):
-                lines += [f"| {c['fp32_layers']} layers FP32 | {fmt.accuracy(c['guard_accuracy'])} | "
+                lines += [f"| {candidate_name(g, i)} | {fmt.accuracy(c['guard_accuracy'])} | "
                           f"{fmt.accuracy(c['drop'])} | "
                           + (f"{fmt.accuracy(c['val_accuracy'])} ({fmt.points(100 * c['val_drop'])} ± "
                              f"{fmt.points(100 * c['val_drop_se'], signed=False)} points)" if "val_drop" in c else "–")
                           + f" | {c['within_bound']} |"
-                          for c in g["candidates"] if "fp32_layers" in c]
+                          for i, c in enumerate(g["candidates"]) if "fp32_layers" in c]
                 lines += ["", f"How sure: {g['confidence']}"]
             else:
                 lines += [f"| {c['fp32_layers']} layers FP32 | {fmt.accuracy(c['guard_accuracy'])} | "
@@ -265,6 +265,14 @@ def report_md(rep: dict) -> str:
     return "\n".join(lines)
 
 
+def candidate_name(g: dict, i: int) -> str:
+    """'3 layers FP32 (ranked by harm per ms), shipped': a guard candidate, its search order, and whether it shipped."""
+    c = g["candidates"][i]
+    k = c["fp32_layers"]
+    name = f"{k} layer{'' if k == 1 else 's'} FP32" + (f" ({c['order']})" if c.get("order") else "")
+    return name + (", **shipped**" if g.get("chosen_candidate") == i and not (g.get("qat") or {}).get("chosen") else "")
+
+
 def task_table(rep: dict) -> str:
     """Per-task accuracy of every file, when the model has several tasks (one output each)."""
     models = rep.get("models", {})
@@ -284,19 +292,28 @@ def task_table(rep: dict) -> str:
 
 
 def per_class_table(rep: dict) -> str:
+    """FP32 and INT8 per class on the test split: one table per task when the model has several."""
     models = rep.get("models", {})
     fp, q = models.get("fp32", {}), models.get("int8", {})
     if "per_class" not in fp:
         return ""
-    delta = rep.get("quantization_impact", {}).get("recall_delta_points", {})
-    lines = ["## Per class (test split)", "",
-             "| class | support | FP32 precision | FP32 recall | INT8 recall | INT8 − FP32 (points) |",
-             "|---|---|---|---|---|---|"]
-    for c, v in fp["per_class"].items():
-        qr = q.get("per_class", {}).get(c, {}).get("recall")
-        lines.append(f"| {markdown(c)} | {v['support']} | {fmt.accuracy(v['precision'])} | {fmt.accuracy(v['recall'])} | "
-                     f"{'' if qr is None else fmt.accuracy(qr)} | {fmt.points(delta[c]) if c in delta else ''} |")
-    return "\n".join(lines)
+    tasks = {name: (v, (q.get("tasks") or {}).get(name, {})) for name, v in (fp.get("tasks") or {}).items()
+             if "per_class" in v}
+    if not tasks:
+        tasks = {None: (fp, q)}
+    out = []
+    for name, (f, i8) in tasks.items():
+        lines = [f"## Per class (test split{'' if name is None else f', task {markdown(name)}'})", "",
+                 "| class | support | FP32 precision | FP32 recall | INT8 recall | INT8 − FP32 (points) |",
+                 "|---|---|---|---|---|---|"]
+        for c, v in f["per_class"].items():
+            qr = i8.get("per_class", {}).get(c, {}).get("recall")
+            delta = None if qr is None else 100 * (qr - v["recall"])
+            lines.append(f"| {markdown(c)} | {v['support']} | {fmt.accuracy(v['precision'])} | "
+                         f"{fmt.accuracy(v['recall'])} | {'' if qr is None else fmt.accuracy(qr)} | "
+                         f"{'' if delta is None else fmt.points(round(delta, 2))} |")
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
 
 
 def _ece(x) -> str:

@@ -203,3 +203,31 @@ def test_evaluate_again_keeps_what_bench_measured(run_copy):
     for k, m in before["models"].items():
         assert after["models"][k]["latency_ms"] == m["latency_ms"] and after["models"][k]["accuracy"] == m["accuracy"]
     assert after["stages"]["evaluate"]["done"]
+
+
+def test_multi_task_reports_name_every_task(tmp_path, capsys):
+    """Issue 23: a multi-task run's headline names each task's accuracy, and report.md has a per-class table
+    per task; guard candidates carry their search order and the shipped one is marked."""
+    from edgexfer.cli import print_headline
+    from edgexfer.report import candidate_name, per_class_table
+
+    def metrics(recalls):
+        return {"per_class": {c: {"precision": r, "recall": r, "f1": r, "support": 10} for c, r in recalls.items()}}
+
+    fp = {"file": "model.onnx", "size_bytes": 100, "accuracy": 0.9, **metrics({"cat": 0.9, "dog": 0.9}),
+          "tasks": {"species": {"accuracy": 0.9, **metrics({"cat": 0.9, "dog": 0.9})},
+                    "colour": {"accuracy": 0.7, **metrics({"black": 0.8, "white": 0.6})}}}
+    q = {"file": "model.int8.onnx", "size_bytes": 30, "accuracy": 0.9, **metrics({"cat": 0.9, "dog": 0.9}),
+         "tasks": {"species": {"accuracy": 0.9, **metrics({"cat": 0.9, "dog": 0.9})},
+                   "colour": {"accuracy": 0.65, **metrics({"black": 0.8, "white": 0.5})}}}
+    rep = {"models": {"fp32": fp, "int8": q}}
+    md = per_class_table(rep)
+    assert "## Per class (test split, task species)" in md and "## Per class (test split, task colour)" in md
+    assert "| white | 10 | 0.6000 | 0.6000 | 0.5000 | -10.0 |" in md  # the second task's own INT8 loss
+    print_headline(tmp_path, rep)
+    out = capsys.readouterr().out
+    assert "species 0.9000, colour 0.7000" in out
+    g = {"candidates": [{"fp32_layers": 0, "order": "plain"}, {"fp32_layers": 1, "order": "graph prefix"},
+                        {"fp32_layers": 1, "order": "ranked by harm"}], "chosen_candidate": 2}
+    names = [candidate_name(g, i) for i in range(3)]
+    assert names == ["0 layers FP32 (plain)", "1 layer FP32 (graph prefix)", "1 layer FP32 (ranked by harm), **shipped**"]
