@@ -3,7 +3,8 @@ plane): a parser whose work is bounded by the body's size and small. The boundar
 Content-Type (its length and parameter count capped; RFC 2231 continuations refused), parts are found with
 `bytes.find` on the delimiter (linear), at most MAX_PARTS of them, each with at most MAX_PART_HEAD bytes of
 headers; a nested multipart part is bytes, not a file, and is never descended into. Every mistake is an
-`HTTPError` 400 with one sentence. Standard library only.
+`HTTPError` 400 with one sentence. `PartScanner` walks a body as it arrives, so that a server refuses a
+flood from its first bytes without reading the rest. Standard library only.
 """
 from __future__ import annotations
 
@@ -53,31 +54,84 @@ def boundary(content_type: str) -> bytes:
     return found
 
 
+class PartScanner:
+    """`parts` as the body arrives: `feed` it the body read so far (one buffer that only grows, its first `n`
+    bytes valid) after each read, and a refusal (more than MAX_PARTS parts, a part's headers past
+    MAX_PART_HEAD, a malformed delimiter line) is raised as soon as the bytes in hand make it certain, so
+    that a server can answer it without reading the rest. Each byte is searched about once over all feeds."""
+
+    def __init__(self, bound: bytes):
+        self.dash = b"--" + bound
+        self.delim = b"\r\n" + self.dash
+        self.pos: int | None = None  # just after the last delimiter; None: the first one not yet found
+        self.search = 0              # where the search for the next delimiter resumes
+        self.start: int | None = None  # the open part's first byte (its headers); None: after a delimiter
+        self.checked = False         # the open part's headers checked
+        self.parts: list[tuple[int, int]] = []
+        self.done = False            # the closing delimiter seen: the epilogue is ignored
+
+    def feed(self, buf, n: int | None = None, final: bool = False) -> list[tuple[int, int]]:
+        """Walk `buf[:n]` on from where the last feed stopped; with `final`, it is the whole body. The
+        (start, end) of each part found so far."""
+        n = len(buf) if n is None else n
+        dash, delim = self.dash, self.delim
+        while not self.done:
+            if self.pos is None:  # the first delimiter, maybe after a preamble
+                if buf.startswith(dash, 0, n):
+                    self.pos = len(dash)
+                    continue
+                if n < len(dash) and not final:
+                    return self.parts
+                i = buf.find(delim, self.search, n)
+                if i < 0:
+                    if final:
+                        raise HTTPError(400, "multipart body without its boundary")
+                    self.search = max(0, n - len(delim) + 1)
+                    return self.parts
+                self.pos = i + len(delim)
+            elif self.start is None:  # after a delimiter: "--" closes the body, else padding and CRLF
+                pos = self.pos
+                if n < pos + 2 and not final:
+                    return self.parts
+                if buf.startswith(b"--", pos, n):
+                    self.done = True
+                    break
+                eol = buf.find(b"\r\n", pos, min(n, pos + MAX_PADDING + 2))
+                if eol < 0 and n < pos + MAX_PADDING + 2 and not final:
+                    return self.parts
+                if eol < 0 or buf[pos:eol].strip(b" \t"):
+                    raise HTTPError(400, "malformed multipart body: a boundary line does not end in CRLF")
+                if len(self.parts) == MAX_PARTS:
+                    raise HTTPError(400, f"multipart body with more than {MAX_PARTS} parts")
+                self.start = self.search = eol + 2
+                self.checked = False
+            else:  # in a part: its end, the next delimiter
+                start = self.start
+                end = buf.find(delim, self.search, n)
+                if not self.checked and (end >= 0 or final or n >= start + MAX_PART_HEAD + 4):
+                    part_headers(buf, start, end if end >= 0 else n)  # raises when they are too long
+                    self.checked = True
+                if end < 0:
+                    if final:
+                        raise HTTPError(400, "multipart body without its closing boundary")
+                    self.search = max(start, n - len(delim) + 1)
+                    return self.parts
+                self.parts.append((start, end))
+                self.pos, self.start = end + len(delim), None
+        return self.parts
+
+
+def scanner(content_type: str) -> PartScanner | None:
+    """A `PartScanner` for a multipart/form-data request (its Content-Type checked now, before any of the
+    body is read: 400), else None."""
+    if content_type[:19].lower() != "multipart/form-data":
+        return None
+    return PartScanner(boundary(content_type))
+
+
 def parts(body: bytes, bound: bytes) -> list[tuple[int, int]]:
     """The (start, end) of each part of `body` (headers and content), at most MAX_PARTS; one pass, linear."""
-    dash = b"--" + bound
-    delim = b"\r\n" + dash
-    if body.startswith(dash):
-        pos = len(dash)
-    else:  # a preamble before the first delimiter
-        i = body.find(delim)
-        if i < 0:
-            raise HTTPError(400, "multipart body without its boundary")
-        pos = i + len(delim)
-    out: list[tuple[int, int]] = []
-    while not body.startswith(b"--", pos):  # "--" after a delimiter closes the body; the epilogue is ignored
-        eol = body.find(b"\r\n", pos, pos + MAX_PADDING + 2)
-        if eol < 0 or body[pos:eol].strip(b" \t"):
-            raise HTTPError(400, "malformed multipart body: a boundary line does not end in CRLF")
-        if len(out) == MAX_PARTS:
-            raise HTTPError(400, f"multipart body with more than {MAX_PARTS} parts")
-        start = eol + 2
-        end = body.find(delim, start)
-        if end < 0:
-            raise HTTPError(400, "multipart body without its closing boundary")
-        out.append((start, end))
-        pos = end + len(delim)
-    return out
+    return PartScanner(bound).feed(body, final=True)
 
 
 def part_headers(body: bytes, start: int, end: int) -> tuple[dict[str, str], int]:
@@ -137,4 +191,4 @@ def multipart_file(body: bytes, content_type: str, field: str = "image") -> byte
     coding = fields.get("content-transfer-encoding", "").lower()
     if coding not in _IDENTITY:
         raise HTTPError(400, f"Content-Transfer-Encoding {coding[:20]!r} is not supported; send the file's bytes")
-    return body[content:end]
+    return bytes(body[content:end])  # a server may read the body into a bytearray

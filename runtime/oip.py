@@ -33,6 +33,7 @@ from types import SimpleNamespace
 
 from edgexfer.runtime.batcher import BatchConfig, DynamicBatcher, QueueFull  # noqa: F401 (public here too)
 from edgexfer.runtime.dataplane import DataPlane
+from edgexfer.runtime.multipart import PartScanner, scanner
 from edgexfer.runtime.preprocess import ImageLimits
 from edgexfer.runtime.protocol import HEADER_LEN, MAX_BODIES_IN_FLIGHT, MAX_BODY, BodyBudget, HeaderCache, HTTPError
 from edgexfer.runtime.transport import CoalescingTransport, http_protocol  # noqa: F401 (public here too)
@@ -50,10 +51,12 @@ def failure(e: BaseException, timeout_s: float) -> tuple[int, str, dict]:
     return DataPlane.failure(SimpleNamespace(timeout_s=timeout_s), e)
 
 
-async def read_body(receive, content_length: bytes | None, budget: BodyBudget | None = None) -> bytes:
+async def read_body(receive, content_length: bytes | None, budget: BodyBudget | None = None,
+                    scan: PartScanner | None = None) -> bytes | bytearray:
     """The request body from ASGI `receive`, 413 past MAX_BODY (counted as it comes, for chunked bodies).
     With `budget`, its bytes are charged there first (a Content-Length's before any is read; 503 when
-    spent); the caller gives back len(body) once the request is answered."""
+    spent); the caller gives back len(body) once the request is answered. With `scan`, a multipart body is
+    checked as it comes: refused part-way, the rest is not read (400 with Connection: close)."""
     try:
         declared = 0 if content_length is None else int(content_length)
     except ValueError:
@@ -86,12 +89,22 @@ async def read_body(receive, content_length: bytes | None, budget: BodyBudget | 
                         await discard_body(receive, size)
                     raise
                 taken = size
-            chunks.append(chunk)
+            if scan is None:
+                chunks.append(chunk)
+            else:  # one growing buffer to scan
+                chunks = chunks or [bytearray()]
+                chunks[0] += chunk
+                try:
+                    scan.feed(chunks[0], size, final=not msg.get("more_body", False))
+                except HTTPError as e:
+                    if msg.get("more_body", False):
+                        e.headers["Connection"] = "close"  # uvicorn closes after the answer: the rest unread
+                    raise
             if not msg.get("more_body", False):
                 break
     except BaseException:
         if taken:
-            budget.give(taken)
+            budget.give(taken, size)  # only the bytes read were held (a flood refused early)
         raise
     if taken != size:
         budget.give(taken - size)
@@ -234,7 +247,7 @@ class Edge:
                     data, headers = dp.infer_answer(name, h, await self.batchers[name].submit(x))
                 elif call.kind == "classify":
                     top_k = dp.top_k(call.query)
-                    body = await read_body(receive, content_length, self.budget)
+                    body = await read_body(receive, content_length, self.budget, scanner(content_type))
                     charged = len(body)
                     # decoded off the event loop: a large image must not stall every other endpoint
                     x = await asyncio.get_running_loop().run_in_executor(self.decoder, dp.image_input, name, body,

@@ -76,14 +76,16 @@ class BodyBudget:
                             {"Retry-After": "1"})
         self.used += n
 
-    def give(self, n: int) -> None:
-        if self._give(n):
+    def give(self, n: int, freed: int | None = None) -> None:
+        """`n` bytes back; `freed` of them were ever held in memory (a body refused part-way: its bytes
+        read), counted towards the next trim (default: all `n`)."""
+        if self._give(n, freed):
             self.idle()
 
-    def _give(self, n: int) -> bool:
+    def _give(self, n: int, freed: int | None = None) -> bool:
         """Count `n` bytes back; True when the heap should be trimmed now."""
         self.used -= n
-        self.released += n
+        self.released += n if freed is None else freed
         if self.released >= TRIM_AFTER:
             self.released, self._trim_wanted = 0, True
         return self._trim_wanted and not self.used
@@ -117,9 +119,9 @@ class LockedBodyBudget(BodyBudget):
         with self._lock:
             super().take(n)
 
-    def give(self, n: int) -> None:
+    def give(self, n: int, freed: int | None = None) -> None:
         with self._lock:
-            trim = self._give(n)
+            trim = self._give(n, freed)
         if trim:
             release_memory()  # outside the lock; the request thread's body is freed by now
 

@@ -18,7 +18,10 @@ Bound to 127.0.0.1 unless told otherwise. With a token, every endpoint but /v2/h
 Request handling, as in the batching server: a body is framed by a valid Content-Length or chunked
 Transfer-Encoding (anything else, another transfer coding included: 400), at most MAX_BODY bytes (413),
 and bodies held at once are capped server-wide (`BodyBudget`: 503); a body left unread by an error is
-read and dropped (up to MAX_BODY) or the connection closed, so it is never taken for a request; every
+read and dropped (up to MAX_BODY) or the connection closed, so it is never taken for a request; a
+multipart /classify body is checked as it is read (`multipart.PartScanner`), and one refused part-way (more
+than 16 parts, a part's headers too long) is answered 400 after REFUSED_DELAY_S, its connection closed and
+the rest of it never read (a client looping such floods gets little of the server); every
 error is a one-line JSON `{"error": ...}`, never a traceback; images are bounded by the model's limits
 before decoding (413, 400); a request's head (its line and headers) must arrive within `head_timeout_s`
 of the connection's opening or its last answer (an idle keep-alive connection closes then; a head begun
@@ -30,6 +33,7 @@ request in flight, then returns.
 """
 from __future__ import annotations
 
+import gc
 import io
 import json
 import logging
@@ -42,6 +46,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from edgexfer.runtime.dataplane import PREFERRED_FILES, DataPlane, resolve_models  # noqa: F401 (public here too)
+from edgexfer.runtime.multipart import scanner
 from edgexfer.runtime.preprocess import ImageLimits
 from edgexfer.runtime.protocol import (HEADER_LEN, MAX_BODIES_IN_FLIGHT, MAX_BODY, BodyBudget, HTTPError,
                                        LockedBodyBudget, log_safe)
@@ -54,6 +59,9 @@ MAX_CONNECTIONS = 256      # connections (threads) served at once; past them 503
 DRAIN_TIMEOUT_S = 30.0     # on SIGTERM, how long requests in flight may take to finish
 DRAIN_CHUNK = 64 * 1024
 LINGER_S = 10.0            # closing with a body unread: how long what the client still sends is read and dropped
+LINGER_REFUSED = 256 * 1024  # ... at most this much of a body refused part-way (a multipart flood): then closed
+REFUSED_DELAY_S = 0.1      # a body refused part-way is answered after this (its connection then closes)
+READ_CHUNK = 64 * 1024     # a multipart body is read and checked (`multipart.PartScanner`) this much at a time
 
 
 IDLE, HEAD, BUSY = 0, 1, 2  # a connection waits for a request, reads its head, or has one in hand
@@ -92,7 +100,8 @@ class ModelServer:
             return dp.infer_answer(name, h, dp.models[name].run(x))
         if call.kind == "classify":
             top_k = dp.top_k(call.query)
-            x = self.decoder.submit(dp.image_input, name, body(), content_type).result()
+            scan = scanner(content_type)  # a multipart body is checked as it is read: a flood is refused early
+            x = self.decoder.submit(dp.image_input, name, body(scan), content_type).result()
             return dp.classify_answer(name, dp.models[name].run(x), top_k)
         return dp.simple(call)
 
@@ -121,6 +130,7 @@ class ModelServer:
                 """The standard library's, with the request counted in flight from its first line to its
                 answer (SIGTERM waits for it), and an unknown method answered 405 in JSON."""
                 self._unread, self._charged, self._length, self._authorized = False, 0, None, False
+                self._refused, self._held = False, None  # a body refused part-way, the bytes of it read
                 self._reader.deadline = time.monotonic() + self.server.head_timeout
                 try:
                     self.raw_requestline = self.rfile.readline(65537)
@@ -187,23 +197,46 @@ class ModelServer:
                     return
                 self._bad_frame = raise_now
 
-            def _body(self) -> bytes:
+            def _body(self, scan=None) -> bytes | bytearray:
+                """The request body. With `scan` (a `multipart.PartScanner`), it is fed the body READ_CHUNK
+                at a time, and once it refuses, the rest is never read: 400, and the connection closes."""
                 if self._length is None:
-                    return self._chunked()
+                    return self._chunked(scan)
                 n = self._length
                 if n > MAX_BODY:
                     raise HTTPError(413, f"body of {n} bytes exceeds {MAX_BODY}")
                 self.server.budget.take(n)
                 self._charged = n
-                data = self.rfile.read(n)
-                if len(data) < n:
+                if scan is None:
+                    data = self.rfile.read(n)
+                    got = len(data)
+                else:  # grown as it comes: a flood refused early never has its declared size allocated
+                    data, got = bytearray(), 0
+                    while got < n:
+                        piece = self.rfile.read1(min(n - got, READ_CHUNK))
+                        if not piece:
+                            break
+                        data += piece
+                        got = self._held = len(data)
+                        self._scan(scan, data, got, final=got == n)
+                if got < n:
                     self.close_connection = True
-                    raise HTTPError(400, f"body ended after {len(data)} of {n} bytes")
+                    raise HTTPError(400, f"body ended after {got} of {n} bytes")
                 self._unread = False
                 return data
 
-            def _chunked(self) -> bytes:
-                """A chunked body, within MAX_BODY and the server's budget; a framing error closes."""
+            def _scan(self, scan, data, n: int, final: bool) -> None:
+                try:
+                    scan.feed(data, n, final)
+                except HTTPError:
+                    self._refused = not final  # the rest of the body stays unread
+                    if final:
+                        self._unread = False
+                    raise
+
+            def _chunked(self, scan=None) -> bytes | bytearray:
+                """A chunked body, within MAX_BODY and the server's budget; a framing error closes. With
+                `scan`, checked as it comes (`_body`)."""
                 chunks, size, keep = [], 0, self.close_connection
                 self.close_connection = True  # until the whole body is read
                 while True:
@@ -222,7 +255,13 @@ class ModelServer:
                     data = self.rfile.read(n)
                     if len(data) < n or self.rfile.readline(3) not in (b"\r\n", b"\n"):
                         raise HTTPError(400, "malformed chunked body")
-                    chunks.append(data)
+                    self._held = size
+                    if scan is None:
+                        chunks.append(data)
+                    else:  # one growing buffer to scan
+                        chunks = chunks or [bytearray()]
+                        chunks[0] += data
+                        self._scan(scan, chunks[0], size, final=False)
                 for _ in range(64):  # trailer fields, dropped
                     line = self.rfile.readline(8194)
                     if line in (b"\r\n", b"\n"):
@@ -232,7 +271,7 @@ class ModelServer:
                 else:
                     raise HTTPError(400, "too many trailer fields")
                 self._unread, self.close_connection = False, keep
-                return b"".join(chunks)
+                return chunks[0] if scan is not None and chunks else b"".join(chunks)
 
             def _settle_body(self) -> None:
                 """Before an answer: a body nobody read (an error, 503 past the budget) is read and dropped
@@ -241,8 +280,12 @@ class ModelServer:
                 if not self._unread:
                     return
                 n = self._length
+                if self._refused:  # a multipart flood: what it still sends is dropped, within LINGER_REFUSED
+                    self.close_connection, self._linger = True, LINGER_REFUSED
+                    time.sleep(REFUSED_DELAY_S)  # the GIL released: a client looping floods loops slowly
+                    return
                 if n is None or n > MAX_BODY or not self._authorized:
-                    self.close_connection = self._linger = True
+                    self.close_connection, self._linger = True, float("inf")
                     return
                 try:
                     while n > 0:
@@ -258,14 +301,18 @@ class ModelServer:
 
             def finish(self):
                 super().finish()
-                if getattr(self, "_linger", False):  # the body sent on while the answer is read: drop it
+                left = getattr(self, "_linger", 0)
+                if left:  # the body sent on while the answer is read: drop it (at most `left` bytes, LINGER_S)
                     c = self.connection
                     try:
                         c.shutdown(socket.SHUT_WR)
                         c.settimeout(LINGER_S / 5)
                         deadline = time.monotonic() + LINGER_S
-                        while time.monotonic() < deadline and c.recv(DRAIN_CHUNK):
-                            pass
+                        while left > 0 and time.monotonic() < deadline:
+                            got = len(c.recv(min(left, DRAIN_CHUNK)))
+                            if not got:
+                                break
+                            left -= got
                     except OSError:
                         pass
 
@@ -320,8 +367,8 @@ class ModelServer:
                         status, message, extra = dp.failure(e)
                         answer = dp.error_body(status, message, extra)
                     finally:
-                        if self._charged:
-                            self.server.budget.give(self._charged)
+                        if self._charged:  # a flood refused early: only the bytes read count towards a trim
+                            self.server.budget.give(self._charged, self._held)
                             self._charged = 0
                     self._settle_body()
                     self._send(status, dp.encode(answer))
@@ -460,6 +507,10 @@ def serve(models: dict[str, Path], host: str = "127.0.0.1", port: int = 8000, th
     """Serve until SIGTERM or Ctrl-C, then drain: stop accepting, answer what is in flight, return."""
     httpd = make_server(models, host, port, threads, token, access_log, image_limits, max_bytes_in_flight,
                         head_timeout_s=head_timeout_s)
+    # what was loaded so far (modules, models) lives as long as the server: out of the cyclic collector's
+    # sight, each full collection under load takes microseconds, not the ~7 ms of walking all of it
+    gc.collect()
+    gc.freeze()
     log.info("serving %s on http://%s:%d/v2", ", ".join(models), host, httpd.server_address[1])
 
     def on_term(signum, frame):  # shutdown() waits for serve_forever, which runs in this very thread

@@ -44,7 +44,10 @@ class Served:
     def raw(self, data: bytes, half_close: bool = False, timeout: float = 10.0) -> bytes:
         """Send `data`, read until the server closes (or `timeout`): every byte answered."""
         with self.connect(timeout) as s:
-            s.sendall(data)
+            try:
+                s.sendall(data)
+            except (BrokenPipeError, ConnectionResetError):  # answered and closed before the body was all sent
+                return read_all(s)
             if half_close:
                 s.shutdown(socket.SHUT_WR)
             return read_all(s)
