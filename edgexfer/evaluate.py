@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from edgexfer.runtime import fmt
+
 
 def onnx_logits(path: str | Path, x: np.ndarray, *, threads: int | None = None, batch: int = 64,
                 desc: str | None = None) -> list[np.ndarray]:
@@ -339,7 +341,7 @@ def format_evaluation(doc: dict, *, max_table_classes: int = 20) -> str:
     """The evaluation for people: per file accuracy ± SE, per-class table and confusion matrix."""
     d, lines = doc["data"], []
     labels = d["labels"]
-    lines.append(f"{d['images']} images of {len(d['per_class_images'])} classes in {d['scored_folder']}"
+    lines.append(f"{fmt.count(d['images'], 'image')} of {fmt.count(len(d['per_class_images']), 'class')} in {d['scored_folder']}"
                  + (f"; skipped {d['skipped_corrupt']} unreadable or corrupt" if d["skipped_corrupt"] else "")
                  + (f"; left out unknown classes {', '.join(d['skipped_unknown_classes'])}"
                     if d["skipped_unknown_classes"] else ""))
@@ -360,5 +362,5 @@ def format_evaluation(doc: dict, *, max_table_classes: int = 20) -> str:
         for c, row in zip(labels, m["confusion_matrix"]):
             lines.append(f"  {short(c):{w}s}" + "".join(f" {n:>{w}d}" for n in row))
     for k, a in doc.get("agreement_with_fp32", {}).items():
-        lines += ["", f"{k.upper()}/FP32 top-1 agreement: {a['top1_agreement']:.4f} ± {a['se']:.4f} on {a['n']} images"]
+        lines += ["", f"{k.upper()}/FP32 top-1 agreement: {a['top1_agreement']:.4f} ± {a['se']:.4f} on {fmt.count(a['n'], 'image')}"]
     return "\n".join(lines)

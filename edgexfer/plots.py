@@ -9,9 +9,23 @@ from edgexfer.runtime.labels import figure_text
 from edgexfer.runtime.plotting import save_plot
 
 
+def learning_curve_points(history: list[dict] | None) -> list[tuple[int, float]]:
+    """(epoch, validation accuracy) of each epoch that has one (epoch 0: the linear probe)."""
+    return [(h["epoch"], h["val_accuracy"]) for h in history or () if h.get("val_accuracy") is not None]
+
+
+def has_learning_curve(history: list[dict] | None) -> bool:
+    """Is there a curve to draw? One point (a linear probe alone) is no curve: matplotlib would draw it on an
+    axis of its own invention (-0.04 to 0.04), so none is drawn and report.md says why instead."""
+    return len(learning_curve_points(history)) >= 2
+
+
 def learning_curve(path: Path, history: list[dict]) -> None:
-    pts = [(h["epoch"], h["val_accuracy"]) for h in history if h["val_accuracy"] is not None]
-    if not pts:
+    """learning_curve.png: validation accuracy by epoch; with fewer than two points, no figure (and an
+    earlier run's figure at `path` goes: it would describe another model)."""
+    pts = learning_curve_points(history)
+    if not has_learning_curve(history):
+        Path(path).unlink(missing_ok=True)
         return
 
     def draw(plt):

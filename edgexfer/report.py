@@ -25,7 +25,7 @@ def checks(rep: dict, max_drop: float) -> list[Check]:
         out.append({"name": "INT8 accuracy guard: disagreement with FP32 top-1 on images the model was not fitted on "
                             "(decides what ships)",
                     "value": d["rate"], "kind": "pct",
-                    "bound": f"<= {fmt.pct(g['max_accuracy_drop'])} of {d['images']} images{proven}",
+                    "bound": f"<= {fmt.pct(g['max_accuracy_drop'])} of {fmt.count(d['images'], 'image')}{proven}",
                     "ok": bool(g["within_bound"]), "note": g.get("confidence")})
     if "accuracy" in fp and "accuracy" in q:
         drop = fp["accuracy"] - q["accuracy"]
@@ -135,7 +135,7 @@ def report_md(rep: dict) -> str:
     lines = ["# edgexfer run report", "",
              f"Data: {code_span(d.get('source'))} — {len(d.get('classes', []))} classes; train {d.get('train')}, "
              f"val {d.get('val')}, test {d.get('test')}"
-             + (f"; {d['labelled_left_out']} labelled images left out by --shots." if d.get("labelled_left_out") else "."),
+             + (f"; {fmt.count(d['labelled_left_out'], 'labelled image')} left out by --shots." if d.get("labelled_left_out") else "."),
              f"Backbone: `{b.get('name')}` ({b.get('weights')} weights), strategy `{b.get('strategy')}`, "
              f"input {b.get('image_size')}×{b.get('image_size')}.", ""]
     if b.get("selection"):
@@ -154,7 +154,7 @@ def report_md(rep: dict) -> str:
                   + ".", ""]
         sel = t.get("probe_selection")
         if sel:
-            lines += [f"Probe strength C={sel['C']:.3g} chosen by {sel['method']} on {sel['images']} labelled images "
+            lines += [f"Probe strength C={sel['C']:.3g} chosen by {sel['method']} on {fmt.count(sel['images'], 'labelled image')} "
                       f"(CV accuracy {fmt.accuracy(sel['cv_accuracy'])} ± {fmt.accuracy(sel['cv_stderr'])}), fitted on "
                       f"{sel['refit_on']}: "
                       f"{sel['reason']}.", ""]
@@ -261,8 +261,22 @@ def report_md(rep: dict) -> str:
         lines += ["", f"INT8 target: {t['target']} (host: {t['host']}). {t['why']}"
                   + (f" **Warning:** {t['warning']}." if t.get("warning") else "")]
     lines += ["", task_table(rep), "", per_class_table(rep), "", "![confusion matrix](confusion_matrix.png)",
-              "![learning curve](learning_curve.png)", ""]
+              learning_curve_line(rep), ""]
     return "\n".join(lines)
+
+
+def learning_curve_line(rep: dict) -> str:
+    """The learning curve's image, or why there is none (plots.learning_curve draws it from two epochs on)."""
+    from edgexfer.plots import has_learning_curve, learning_curve_points
+
+    history = (rep.get("training") or {}).get("history")
+    if has_learning_curve(history):
+        return "![learning curve](learning_curve.png)"
+    pts = learning_curve_points(history)
+    if pts:
+        return (f"No learning curve: validation accuracy was measured once ({fmt.accuracy(pts[0][1])}, "
+                + ("the linear probe" if pts[0][0] == 0 else f"epoch {pts[0][0]}") + "), so there is no curve to draw.")
+    return "No learning curve: no validation accuracy was measured (no validation split)."
 
 
 def candidate_name(g: dict, i: int) -> str:
@@ -326,7 +340,7 @@ def adaptation_lines(rep: dict) -> list[str]:
     ad = rep.get("adaptation")
     if not ad:
         return []
-    where = f"{ad['batchnorm_layers']} BatchNorm layers on {ad['images']} unlabelled images from {code_span(ad['folder'])}"
+    where = f"{ad['batchnorm_layers']} BatchNorm layers on {fmt.count(ad['images'], 'unlabelled image')} from {code_span(ad['folder'])}"
     why = "; ".join(ad.get("reasons", []))
     if not ad.get("kept", True):
         head = (f"**AdaBN REVERTED: {where} looked harmful without target labels, so the model keeps its unadapted "
@@ -341,7 +355,7 @@ def adaptation_lines(rep: dict) -> list[str]:
     if src:
         lines += [f"Source validation accuracy {fmt.accuracy(src['before'])} before, {fmt.accuracy(src['after'])} after "
                   f"({fmt.points(100 * src['change'])} points ± {fmt.points(100 * src['stderr'], signed=False)} paired s.e., "
-                  f"{src['images']} images: {src['fixed']} fixed, {src['broken']} broken"
+                  f"{fmt.count(src['images'], 'image')}: {src['fixed']} fixed, {src['broken']} broken"
                   + (f"; {src['note']}" if src.get("note") else "") + ").", ""]
     elif "source_val_accuracy_before" in ad and "target" not in ad:  # a report written before the checks
         lines += [f"Source validation accuracy {fmt.accuracy(ad.get('source_val_accuracy_before'))} before, "
@@ -388,7 +402,7 @@ def calibration_lines(rep: dict) -> list[str]:
                 f"{r['temperature_interval_90'][0]:.2f}–{r['temperature_interval_90'][1]:.2f}) fitted on "
                 if r.get("folded") else f"not applied ({r['not_folded']}); measured on " if r.get("not_folded")
                 else "not calibrated (--no-calibrate); measured on ")
-        line = (f"Calibration{name}: {what}{f['images']} images ({f['split']})"
+        line = (f"Calibration{name}: {what}{fmt.count(f['images'], 'image')} ({f['split']})"
                 + (", **uncertain: few images**" if f.get("uncertain") else "")
                 + f"; ECE ({cal.get('bins', 15)} bins, top-1) {_ece(f['ece_before'])} → {_ece(f['ece_after'])} there")
         line += "".join(f"; test split, {k} (report only): {_ece(v['ece_before'])} → {_ece(v['ece_after'])}"
@@ -439,7 +453,7 @@ def thresholds_section(rep: dict) -> list[str]:
             floor = int(tf["threshold"] * 100) / 100  # shown rounded down: a threshold set to it keeps those images
             lines += ["", f"On the held-out images, answers scoring at least {floor:.2f} were "
                           f"{tf['accuracy']:.1%} accurate (target {tf['target_accuracy']:.0%}): {tf['accepted']} of "
-                          f"{tf['images']} images kept."]
+                          f"{fmt.count(tf['images'], 'image')} kept."]
         lines.append("")
     lines += ["**Images of something else.** This is a closed-set classifier: it always answers with one of its "
               "classes, whatever the image shows. Calibration makes the scores honest on images like the training "
@@ -473,7 +487,7 @@ def model_card(rep: dict) -> str:
         f"Source {code_span(d.get('source'))}; train {d.get('train')}, validation {d.get('val')}, held-out test {d.get('test')} "
         f"images. Training images per class: {markdown(d.get('train_per_class'))}. Imbalance (max/min): "
         f"{fmt.ratio(d.get('imbalance_ratio'))}."
-        + (f" {d['labelled_left_out']} labelled images were left out (--shots)." if d.get("labelled_left_out") else ""), "",
+        + (f" {fmt.count(d['labelled_left_out'], 'labelled image')} {'was' if d['labelled_left_out'] == 1 else 'were'} left out (--shots)." if d.get("labelled_left_out") else ""), "",
         "## Metrics (held-out test split, ONNX Runtime)", "",
         "| model | accuracy | macro-F1 |", "|---|---|---|",
         *[f"| {k} | {fmt.accuracy(m.get('accuracy'))} | {fmt.accuracy(m.get('macro_f1'))} |" for k, m in models.items()], "",
@@ -500,7 +514,7 @@ def model_card(rep: dict) -> str:
         lines += ["## Domain adaptation", "",
                   (f"{ad['method']}: {ad['batchnorm_layers']} BatchNorm layers re-estimated on {ad['images']} unlabelled "
                    f"images from {code_span(ad['folder'])}" if ad.get("kept", True) else
-                   f"**{ad['method']} on {ad['images']} unlabelled images from {code_span(ad['folder'])} was tried and reverted** "
+                   f"**{ad['method']} on {fmt.count(ad['images'], 'unlabelled image')} from {code_span(ad['folder'])} was tried and reverted** "
                    "(label-free checks said it hurt; see report.md): this model carries the training images' BatchNorm "
                    "statistics") + ". The test metrics above are on the source data's test split; measure on labelled "
                   "target-domain images before relying on it there.", ""]
@@ -511,7 +525,7 @@ def model_card(rep: dict) -> str:
         "- Served worst: " + ", ".join(f"{markdown(c)} (recall {fmt.accuracy(v['recall'])})" for c, v in worst) + ".",
         f"- The backbone's pretrained weights come from {b.get('pretrained_on')}; biases of that data set "
         "(what it over- and under-represents) can be inherited by this model.",
-        f"- Measured on {d.get('test')} test images from the same source as the training data; accuracy on images "
+        f"- Measured on {fmt.count(d.get('test'), 'test image')} from the same source as the training data; accuracy on images "
         "from another camera, lighting or domain can be lower.",
         "- A closed-set classifier: an image of none of its classes still gets one of them, sometimes with a high "
         "score (see Confidence scores and thresholds).",
@@ -590,7 +604,7 @@ def _selection_lines(sel: dict) -> list[str]:
     lead = sel.get("lead")
     if lead and 0 < lead["points"] < 2 * lead["paired_stderr_points"]:
         lines.append(f"\nThe lead over {lead['over']} ({fmt.points(lead['points'])} points) is within two paired standard "
-                     f"errors ({fmt.points(lead['paired_stderr_points'], signed=False)}): on {sel['images']} images the "
+                     f"errors ({fmt.points(lead['paired_stderr_points'], signed=False)}): on {fmt.count(sel['images'], 'image')} the "
                      "two are not told "
                      "apart with confidence; either would do.")
     return lines + [""]

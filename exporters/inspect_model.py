@@ -172,7 +172,7 @@ def format_text(info: dict) -> str:
         if meta.get("metrics"):
             mt = meta["metrics"]
             lines.append(f"metrics: accuracy {fmt.accuracy(mt.get('accuracy'))}, macro-F1 {fmt.accuracy(mt.get('macro_f1'))} "
-                         f"on {mt.get('n')} {mt.get('split')} images")
+                         f"on {fmt.count(mt.get('n'), str(mt.get('split')) + ' image')}")
         q = meta.get("quantization")
         if q:
             lines.append("quantization: " + ", ".join(f"{k}={v}" for k, v in q.items()

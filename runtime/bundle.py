@@ -31,6 +31,7 @@ from importlib import metadata
 from pathlib import Path
 
 from edgexfer.runtime.errors import RuntimeInputError
+from edgexfer.runtime.fmt import count
 from edgexfer.runtime.labels import lines
 
 RUNTIME_REQUIREMENTS = ("numpy", "onnxruntime", "Pillow", "click")  # click: `python -m edgexfer.runtime ...`
@@ -49,7 +50,7 @@ def guard_evidence(g: dict) -> str:
     parts = []
     d = g.get("disagreement")
     if d:
-        parts.append(f"disagrees with FP32's top-1 on {_pct(d['rate'])} of {d['images']} images, at most "
+        parts.append(f"disagrees with FP32's top-1 on {_pct(d['rate'])} of {count(d['images'], 'image')}, at most "
                      f"{_pct(d['upper95'])} with 95% confidence")
     elif "shipped_accuracy" in g:
         parts.append(f"guard accuracy {g['shipped_accuracy']:.4f} vs FP32 {g['fp32_accuracy']:.4f}"
@@ -57,7 +58,7 @@ def guard_evidence(g: dict) -> str:
     v = g.get("validation")
     if v:
         parts.append(f"labelled drop {100 * v['drop']:+.1f} ± {100 * v['drop_se']:.1f} points on "
-                     f"{v['images']} {v.get('held_out_as', 'validation')} images")
+                     + count(v['images'], f"{v.get('held_out_as', 'validation')} image"))
     return "; ".join(parts) or "no figures recorded"
 
 
@@ -97,7 +98,7 @@ def disagreement_on_test(rep: dict) -> str | None:
     if bool(g["within_bound"]) == bool(impact["within_bound"]):
         return None
     n = (rep.get("models", {}).get("int8") or {}).get("n")
-    on = f"the {n} test images (one image is {100 / n:.1f} points)" if n else "the test split"
+    on = f"the {count(n, 'test image')} (one image is {100 / n:.1f} points)" if n else "the test split"
     pts, bound = 100 * impact["accuracy_drop"], impact.get("max_accuracy_drop", g.get("max_accuracy_drop"))
     if g["within_bound"]:
         return (f"the test split disagrees with the accuracy guard: INT8 loses {pts:+.1f} points of accuracy on {on}, "

@@ -7,6 +7,7 @@ the CLI's headline, `edgexfer inspect` and `edgexfer bench`.
     ratio(0.2824)                -> "0.28"       one figure over another (size, latency, speed-up)
     pct(0.9785)                  -> "97.9%"      a share (agreement, coverage)
     img_s(245.6)                 -> "246"        images per second
+    count(1, "image")            -> "1 image"    a count with its noun, singular for 1 ("2 images", "3 classes")
 
 None (not measured) reads "n/a" in each.
 """
@@ -42,6 +43,16 @@ def pct(x) -> str:
 
 def img_s(x) -> str:
     return f"{x:.0f}" if _num(x) else NA
+
+
+def count(n, noun: str, plural: str | None = None) -> str:
+    """`n` and its noun, in the singular for exactly one: "1 image", "0 images", "2 classes"."""
+    many = plural or _plural(noun)
+    return f"{n if isinstance(n, int) else format(n, 'g')} {noun if n == 1 else many}" if _num(n) else f"{NA} {many}"
+
+
+def _plural(noun: str) -> str:
+    return noun + ("es" if noun.endswith(("s", "sh", "ch", "x")) else "s")
 
 
 def accuracy_delta(x) -> str:

@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from edgexfer.runtime.errors import RuntimeInputError
+from edgexfer.runtime.fmt import count
 
 SCHEMA = "edgexfer.verify/1"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -93,7 +94,7 @@ def verify_arm64(models: Sequence[Path], images: Sequence, labels: np.ndarray | 
         files = _as_files(images, Path(td))
         x = host[0].preprocess(files)  # (N, C, H, W)
         ref = [m.run(x) for m in host]
-        log(f"running {len(models)} model(s) on {len(files)} images under emulated arm64")
+        log(f"running {count(len(models), 'model')} on {count(len(files), 'image')} under emulated arm64")
         arm = emulate.run_models(models, images=files, threads=threads)
     rows = {}
     for m, hm, h, a in zip(models, host, ref, arm["outputs"]):
@@ -131,7 +132,7 @@ def _host_versions() -> dict:
 
 def to_markdown(res: dict) -> str:
     s = res["sample"]
-    lines = [f"arm64 (emulated) vs {res['host']['arch']} host — {s['n']} images from {s['source']}; "
+    lines = [f"arm64 (emulated) vs {res['host']['arch']} host — {count(s['n'], 'image')} from {s['source']}; "
              f"check took {res['check_seconds']:.0f} s (not latency)", "",
              "| model | n | top-1 agreement | max abs diff | accuracy arm64 | accuracy host | ok |",
              "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
