@@ -22,8 +22,8 @@ from edgexfer.config import BenchConfig, DataConfig, ModelConfig, RunConfig  # n
 from edgexfer.errors import EdgexferError, RunFolderError
 from edgexfer.quantize_stage import (TARGET_IMAGES, _arm64_emulation, _arm64_guard, _inc_quantize,  # noqa: F401
                                      agreement_with, calibration_set, target_agreement, target_images)
-from edgexfer.runfolder import FILES, REPORT_SCHEMA, STAGES, RunFolder, Workspace, _now  # noqa: F401
-from edgexfer.runtime import atomic
+from edgexfer.runfolder import FILES, LOCK_FILE, REPORT_SCHEMA, STAGES, RunFolder, Workspace, _now  # noqa: F401
+from edgexfer.runtime import atomic, fmt
 
 log = logging.getLogger(__name__)
 
@@ -307,7 +307,7 @@ def export(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | No
         atol = get_backbone_info(mcfg["backbone"]).export_atol
     with atomic.writing(run.file(FILES["fp32"])):
         val = export_onnx(model, meta, run.file(FILES["fp32"]), sample, atol=atol)
-        val["validated_on"] = f"{len(sample)} {split} images"
+        val["validated_on"] = fmt.count(len(sample), f"{split} image")
         val["e2e"] = write_beside(run.file(FILES["fp32"]))  # model.e2e.onnx: preprocessing in the graph
     run.update_report(export=val)
     run.mark_done("export", time.perf_counter() - t0, cfg)
@@ -431,7 +431,8 @@ def bench(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | Non
         return {"threads": b.threads, "batch": 1, "latency_ms": r["latency_ms"],
                 "throughput": {"batch": b.batch, "images_per_s": r["throughput_img_s"][str(b.batch)]}}
 
-    models = {k: {"file": p.name, "size_bytes": p.stat().st_size, **entry(rows[p.name])} for k, p in files.items()}
+    by_file = {str(r["file"]): r for r in rows.values() if r.get("backend") == "onnxruntime"}  # rows: RUN/FILE
+    models = {k: {"file": p.name, "size_bytes": p.stat().st_size, **entry(by_file[str(p)])} for k, p in files.items()}
     out: dict = {"models": models, "machine": res["machine"],
                  "bench": {"interleaved": True, "iters": b.iters, "warmup": b.warmup, "threads": b.threads,
                            "onnxruntime_spinning": rb.spinning, "block_calls": rb.block if rb.spinning else 1}}
@@ -484,6 +485,23 @@ def run(run_dir: str | Path, cfg: RunConfig, *, force: bool = False,
         return _run(run, cfg, force, on_stage)
 
 
+def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Each setting that differs between two config dicts, as `section.key: old -> new` (config.json's names)."""
+    import json
+
+    def show(d: dict, k: str) -> str:
+        return "(not set)" if k not in d else d[k] if isinstance(d[k], str) else json.dumps(d[k])
+
+    out = []
+    for k in list(old) + [k for k in new if k not in old]:
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_changes(a, b, f"{prefix}{k}.")
+        elif a != b or (k in old) != (k in new):
+            out.append(f"{prefix}{k}: {show(old, k)} -> {show(new, k)}")
+    return out
+
+
 def _run(run: RunFolder, cfg: RunConfig, force: bool, on_stage) -> dict:
     from edgexfer.report import finalize
 
@@ -491,29 +509,46 @@ def _run(run: RunFolder, cfg: RunConfig, force: bool, on_stage) -> dict:
     if cfg.model.backbone == "auto" and old.get("model", {}).get("requested_backbone") == "auto":
         _adopt_selection(cfg, old["model"])  # the choice this run folder made already stands
     if old and old.get("data") is not None and RunConfig.from_dict(old).training_key() != cfg.training_key():
-        raise RunFolderError(f"{run.path} holds a run made with another configuration; "
-                             "pass --force to replace it, or choose another --name")
+        changes = config_changes(RunConfig.from_dict(old).training_key(), cfg.training_key())
+        raise RunFolderError(f"{run.path} holds a run made with another configuration ({'; '.join(changes)}): "
+                             "pass --force to replace it, or --name NEW to make a new run beside it")
     ws = Workspace(run, cfg)
     if force or not run.path.is_dir() or any(run.why_stale(stage, cfg) for stage in STAGES):
         ws.dataset  # noqa: B018  load (and check) the data first: a data error writes nothing, removes nothing
     if force and any(run.path.iterdir()):
         run.clear()  # all but the lock this process holds
     run.path.mkdir(parents=True, exist_ok=True)
+    fresh = all(p.name == LOCK_FILE for p in run.path.iterdir())  # nothing here but what this command writes
     run.remove_temporaries()  # what a killed run left: resume starts clean
     run.write_config(cfg)
-    for stage in STAGES:  # a stage that runs clears the later stages' records (RunFolder.begin): they run too
-        why = run.why_stale(stage, cfg)
-        if why is None:
+    try:
+        for stage in STAGES:  # a stage that runs clears the later stages' records (RunFolder.begin): they run too
+            why = run.why_stale(stage, cfg)
+            if why is None:
+                if on_stage:
+                    on_stage(stage, "done already (resumed)")
+                continue
+            if run.done(stage):
+                log.warning("%s runs again: %s", stage, why)
+                if on_stage:
+                    on_stage(stage, f"runs again: {why}")
+            elif on_stage:
+                on_stage(stage, "start")
+            STAGE_FUNCS[stage](run.path, cfg, ws)
             if on_stage:
-                on_stage(stage, "done already (resumed)")
-            continue
-        if run.done(stage):
-            log.warning("%s runs again: %s", stage, why)
-            if on_stage:
-                on_stage(stage, f"runs again: {why}")
-        elif on_stage:
-            on_stage(stage, "start")
-        STAGE_FUNCS[stage](run.path, cfg, ws)
-        if on_stage:
-            on_stage(stage, "end")
+                on_stage(stage, "end")
+    except Exception:
+        if fresh:
+            _forget_failed_start(run)
+        raise
     return finalize(run, cfg)
+
+
+def _forget_failed_start(run: RunFolder) -> None:
+    """A new run that failed before it saved anything to resume from (a backbone whose weights are missing, a
+    model too large for memory) leaves no run folder: this command's config.json and report.json go, and the
+    folder with them when the lock created it. A folder holding anything else is left as it is."""
+    names = {p.name for p in run.path.iterdir()}
+    if names <= {LOCK_FILE, "config.json", "report.json"}:
+        for n in names - {LOCK_FILE}:
+            run.file(n).unlink(missing_ok=True)

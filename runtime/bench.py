@@ -279,7 +279,10 @@ def run_benchmark(targets: Sequence[str | os.PathLike], cfg: BenchConfig = Bench
                  "input_shape": [1, *c.shape],
                  "threads": cfg.threads, "latency_ms": lat[c.name], "throughput_img_s": thr[c.name],
                  "p50_ratio_to_first": lat[c.name]["p50"] / base}
+        if f and f.is_file():
+            entry["sha256"] = _sha256(f)
         if f in metas:
+            entry["model_id"] = model_id(metas[f])
             q = metas[f].meta.quantization
             entry["quantization"] = q and {k: q.get(k) for k in ("format", "activation_type", "weight_type",
                                                                   "per_channel", "reduce_range")}
@@ -355,7 +358,7 @@ def e2e_comparison(path, cfg: BenchConfig, log: Callable[[str], None] = lambda s
              Candidate(e2e_file.name, lambda a: sess.run(None, {INPUT_NAME: a}), file=str(e2e_file))]
     feeds = {cands[0].name: x, cands[1].name: img, cands[2].name: arr}
     log(f"end-to-end: {e2e_file.name} against {name} + Python preprocessing, from a decoded "
-        f"{cfg.e2e_image[1]}x{cfg.e2e_image[0]} photo, interleaved")
+        f"{cfg.e2e_image[1]}x{cfg.e2e_image[0]} photo, interleaved (--no-e2e skips it)")
     lat = interleaved(cands, feeds, warmup=cfg.warmup, iters=cfg.iters, duration=cfg.duration, **cfg.timing())
     alone, python, e2e = (lat[c.name] for c in cands)
     return {"file": e2e_file.name, "size_bytes": e2e_file.stat().st_size, "image_hw": list(cfg.e2e_image),
@@ -374,11 +377,33 @@ def _why_no_reference(run_dir: Path) -> str:
     return "the reference could not be built from the run folder"
 
 
+def row_name(f: Path) -> str:
+    """A model's row: its run folder's name and its file name, `demo/model.int8.onnx`, so that files of the same
+    name from two runs are told apart."""
+    return f"{f.resolve().parent.name}/{f.name}"
+
+
 def _unique_names(files: list[Path]) -> dict[Path, str]:
-    names = {f: f.name for f in files}
-    if len(set(names.values())) < len(files):
-        names = {f: str(f) for f in files}
-    return names
+    """Each file's row name (`row_name`); files whose folders share a name too get their path as given."""
+    names = {f: row_name(f) for f in files}
+    seen = list(names.values())
+    return {f: n if seen.count(n) == 1 else str(f) for f, n in names.items()}
+
+
+def model_id(model) -> str:
+    """What makes two files the same model (`edgexfer compare` matches rows by it): the sha256 of the file's
+    edgexfer metadata less its metrics, which names the checkpoint (its sha256), the export and, for a quantized
+    file, its recipe and source. A copy of the file has it; so has the file after `evaluate` wrote its metrics."""
+    from edgexfer.runtime.e2e import meta_key
+    from edgexfer.runtime.metadata import META_KEY
+
+    return "meta:" + meta_key(model.session.get_modelmeta().custom_metadata_map.get(META_KEY, ""))
+
+
+def _sha256(path: Path) -> str:
+    from edgexfer.runtime.atomic import sha256_file
+
+    return sha256_file(path)
 
 
 # -- output ----------------------------------------------------------------------------------------------
@@ -423,7 +448,8 @@ def to_markdown(res: dict) -> str:
                   "|---|---|---|---|---|---|---|---|"]
         for n, r in res["e2e"].items():
             lat, pre = r["latency_ms"], r["preprocessing_ms"]
-            lines.append(f"| {r['file']} | {r['image_hw'][1]}×{r['image_hw'][0]} | {fmt.ms(lat['model_alone']['p50'])} | "
+            e2e_name = f"{n.rsplit('/', 1)[0]}/{r['file']}" if "/" in n else r["file"]
+            lines.append(f"| {e2e_name} | {r['image_hw'][1]}×{r['image_hw'][0]} | {fmt.ms(lat['model_alone']['p50'])} | "
                          f"{fmt.ms(lat['plain_plus_python_preprocessing']['p50'])} | {fmt.ms(lat['e2e']['p50'])} | "
                          f"{fmt.ms(pre['in_graph'])} | {fmt.ms(pre['python'])} | {fmt.pct(r['in_graph_share_of_model_p50'])} |")
     sweeps = {n: r["thread_sweep_p50_ms"] for n, r in res["models"].items() if "thread_sweep_p50_ms" in r}

@@ -2,7 +2,8 @@
 
 Run `edgexfer bench MODEL --json pi5.json` on each board (the runtime install is enough), bring the
 JSON files back, and compare them. Each result carries its machine info (`edgexfer.runtime.machine`);
-rows are keyed by it, and each model's p50 is also given as a ratio to the fastest machine for it.
+rows are keyed by it, and each model's p50 is also given as a ratio to the fastest machine for the same model
+(the same file, by its metadata or bytes: never another model's latency).
 
     edgexfer compare laptop.json pi5.json jetson.json --markdown fleet.md --plot fleet.png
 
@@ -47,8 +48,18 @@ def load(paths: Sequence[str | os.PathLike]) -> list[tuple[str, dict]]:
     return [(f"{n} [{p.name}]" if counts[n] > 1 else n, r) for n, r, p in out]
 
 
+def identity(name: str, r: dict) -> str:
+    """What makes rows of two machines the same model, so that one's latency is only ever divided by the
+    same model's: the backend (onnxruntime, openvino, pytorch) and the file's model id (bench's `model_id`:
+    its metadata less metrics), else its content hash, else (results of an older edgexfer) the row's name."""
+    backend = str(r.get("backend") or "?").split()[0]
+    return f"{backend}:{r.get('model_id') or r.get('sha256') or 'name:' + name}"
+
+
 def compare(paths: Sequence[str | os.PathLike]) -> dict:
-    """The merged document: machines, and one row per (model, machine)."""
+    """The merged document: machines, and one row per (model, machine). A row's p50 is compared with the
+    same model's (`identity`) on the other machines; a model measured on one machine only is said to have no
+    counterpart (`p50_ratio_to_fastest` None)."""
     results = load(paths)
     machines = {name: {**res["machine"], "created": res.get("created"), "threads": res.get("config", {}).get("threads"),
                        "input_shape": res.get("input_shape")} for name, res in results}
@@ -57,19 +68,26 @@ def compare(paths: Sequence[str | os.PathLike]) -> dict:
         for model, r in res["models"].items():
             thr = r.get("throughput_img_s") or {}
             best_b = max(thr, key=lambda b: int(b)) if thr else None
-            rows.append({"model": Path(model).name if r.get("backend") == "onnxruntime" else model,
+            rows.append({"model": model, "identity": identity(model, r),
                          "machine": name, "backend": r.get("backend"), "threads": r.get("threads"),
                          "p50_ms": r["latency_ms"]["p50"], "p90_ms": r["latency_ms"]["p90"],
                          "p99_ms": r["latency_ms"]["p99"], "accuracy": r.get("accuracy"),
                          "throughput": {"batch": int(best_b), "img_s": thr[best_b]} if best_b else None,
                          "first_result_s": (r.get("cold_start") or {}).get("first_result_s"),
                          "peak_rss_mb": (r.get("cold_start") or {}).get("peak_rss_mb")})
-    for model in {r["model"] for r in rows}:
-        same = [r for r in rows if r["model"] == model]
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["identity"], []).append(r)
+    order = {}
+    for ident, same in groups.items():
         best = min(r["p50_ms"] for r in same)
+        alone = len({r["machine"] for r in same}) < 2 <= len(machines)
         for r in same:
-            r["p50_ratio_to_fastest"] = r["p50_ms"] / best
-    rows.sort(key=lambda r: (r["model"], r["p50_ms"]))
+            r["p50_ratio_to_fastest"] = None if alone else r["p50_ms"] / best
+            if alone:
+                r["no_counterpart"] = True
+        order[ident] = min(r["model"] for r in same)
+    rows.sort(key=lambda r: (order[r["identity"]], r["identity"], r["p50_ms"]))
     return {"schema": SCHEMA, "sources": [str(p) for p in paths], "machines": machines, "rows": rows}
 
 
@@ -90,10 +108,16 @@ def to_markdown(doc: dict) -> str:
     for r in doc["rows"]:
         t = r["throughput"]
         thr = f"{t['img_s']:.0f} ({t['batch']})" if t else ""
+        ratio = "no counterpart" if r["p50_ratio_to_fastest"] is None else f"{r['p50_ratio_to_fastest']:.2f}"
         lines.append(f"| {r['model']} | {r['machine']} | {r['backend']} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | "
-                     f"{r['p99_ms']:.2f} | {r['p50_ratio_to_fastest']:.2f} | "
+                     f"{r['p99_ms']:.2f} | {ratio} | "
                      f"{thr} | {_f(r['first_result_s'], '.2f')} | "
                      f"{_f(r['peak_rss_mb'], '.0f')} | {_f(r['accuracy'], '.4f')} |")
+    lines += ["", "× fastest (p50): this row's p50 over the fastest machine's for the same model (the same file: its "
+                  "metadata less metrics, or its bytes; results of an older edgexfer, without them: the same row name)."]
+    alone = [f"{r['model']} on {r['machine']}" for r in doc["rows"] if r.get("no_counterpart")]
+    if alone:
+        lines.append("No counterpart (a model measured on one machine only, compared with none): " + "; ".join(alone) + ".")
     return "\n".join(lines) + "\n"
 
 
@@ -103,17 +127,20 @@ def plot(doc: dict, path) -> bool:
 
     from edgexfer.runtime.plotting import save_plot
 
-    models = sorted({r["model"] for r in doc["rows"]})
+    labels: dict[str, str] = {}  # one bar group per model (identity), labelled by its first row's name
+    for r in doc["rows"]:
+        labels.setdefault(r.get("identity", r["model"]), r["model"])
+    models = list(labels)
     machines = list(doc["machines"])
     width = 0.8 / max(1, len(machines))
 
     def draw(plt):
         fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(models) + 2), 3.8))
         for k, mach in enumerate(machines):
-            vals = [next((r["p50_ms"] for r in doc["rows"] if r["model"] == m and r["machine"] == mach), np.nan)
-                    for m in models]
+            vals = [next((r["p50_ms"] for r in doc["rows"] if r.get("identity", r["model"]) == m and r["machine"] == mach),
+                         np.nan) for m in models]
             ax.bar(np.arange(len(models)) + (k - (len(machines) - 1) / 2) * width, vals, width, label=mach)
-        ax.set_xticks(range(len(models)), models, rotation=20, ha="right", fontsize=8)
+        ax.set_xticks(range(len(models)), [labels[m] for m in models], rotation=20, ha="right", fontsize=8)
         ax.set_ylabel("batch-1 p50 latency, ms")
         ax.set_yscale("log")
         ax.legend(fontsize=7)

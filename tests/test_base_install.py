@@ -39,7 +39,7 @@ def test_base_install_predicts_without_torch(tmp_path, tiny_run, image_folder):
     b = subprocess.run([exe, "bench", str(tiny_run / "model.int8.onnx"), "--iters", "3", "--batches", "1",
                         "--no-cold-start", "--json", str(tmp_path / "b.json")], capture_output=True, text=True, cwd=tmp_path)
     assert b.returncode == 0, b.stderr
-    assert json.loads((tmp_path / "b.json").read_text())["models"]["model.int8.onnx"]["latency_ms"]["p50"] > 0
+    assert json.loads((tmp_path / "b.json").read_text())["models"][f"{tiny_run.name}/model.int8.onnx"]["latency_ms"]["p50"] > 0
     c = subprocess.run([exe, "compare", str(tmp_path / "b.json"), str(tmp_path / "b.json")],
                        capture_output=True, text=True, cwd=tmp_path)
     assert c.returncode == 0 and "[b.json]" in c.stdout and "model.int8.onnx" in c.stdout, c.stderr

@@ -17,7 +17,7 @@ def test_runtime_bench_document(tiny_run, tmp_path):
     assert res["schema"] == "edgexfer.bench/1"
     assert res["input_shape"] == [1, 3, 64, 64]
     assert "cpu" in res["machine"] and "flags" in res["machine"] and res["machine"]["onnxruntime"]
-    first, second = res["models"]["model.onnx"], res["models"]["model.int8.onnx"]
+    first, second = res["models"]["tiny/model.onnx"], res["models"]["tiny/model.int8.onnx"]  # rows: RUN/FILE
     for r in (first, second):
         lat = r["latency_ms"]
         assert lat["n"] == 5 and lat["p50"] <= lat["p90"] <= lat["p95"] <= lat["p99"] <= lat["max"]
@@ -31,7 +31,7 @@ def test_runtime_bench_document(tiny_run, tmp_path):
     # ONNX Runtime's default session (spinning threads), the models in alternating blocks (capped at --iters)
     assert res["config"]["spinning"] is True and res["config"]["block"] == 20
     assert "spinning threads on" in p.stdout
-    assert "| model.int8.onnx |" in (tmp_path / "b.md").read_text() and "| model.int8.onnx |" in p.stdout
+    assert "| tiny/model.int8.onnx |" in (tmp_path / "b.md").read_text() and "| tiny/model.int8.onnx |" in p.stdout
     assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -39,7 +39,7 @@ def test_bench_run_folder_adds_pytorch_reference(tiny_run, tmp_path):
     p = run_cli("bench", tiny_run, "--iters", "3", "--warmup", "1", "--batches", "1", "--no-cold-start",
                 "--json", tmp_path / "b.json", check=True)
     res = json.loads((tmp_path / "b.json").read_text())
-    assert {"model.onnx", "model.int8.onnx", "pytorch_eager"} <= set(res["models"])
+    assert {"tiny/model.onnx", "tiny/model.int8.onnx", "pytorch_eager"} <= set(res["models"])
     assert res["models"]["pytorch_eager"]["backend"].startswith("pytorch")
     assert "pytorch_eager" in p.stdout
 
@@ -49,7 +49,7 @@ def test_bench_duration_mode(tiny_run, tmp_path):
                         "--duration", "0.5", "--batches", "1", "--no-cold-start", "--no-reference",
                         "--json", str(tmp_path / "d.json")], capture_output=True, text=True, check=True)
     res = json.loads((tmp_path / "d.json").read_text())
-    assert res["models"]["model.int8.onnx"]["latency_ms"]["n"] >= 5
+    assert res["models"]["tiny/model.int8.onnx"]["latency_ms"]["n"] >= 5
 
 
 def test_bench_bad_input(tmp_path):
@@ -76,13 +76,14 @@ def test_models_of_different_input_sizes_are_one_interleaved_run(tmp_path):
     small, big = _tiny_files(tmp_path)
     res = run_benchmark([small, big], BenchConfig(warmup=1, iters=5, batches=(1, 2), cold_start=False))
     assert "input_shape" not in res  # no one shape for the whole run
-    assert res["models"]["m8.onnx"]["input_shape"] == [1, 3, 8, 8]
-    assert res["models"]["m16.onnx"]["input_shape"] == [1, 3, 16, 16]
+    m8, m16 = f"{tmp_path.name}/m8.onnx", f"{tmp_path.name}/m16.onnx"  # rows: the folder and the file
+    assert res["models"][m8]["input_shape"] == [1, 3, 8, 8]
+    assert res["models"][m16]["input_shape"] == [1, 3, 16, 16]
     for r in res["models"].values():
         if r["backend"] == "onnxruntime":
             assert r["latency_ms"]["n"] == 5 and set(r["throughput_img_s"]) == {"1", "2"}
     md = to_markdown(res)
-    assert "| input |" in md and "| m8.onnx | onnxruntime | 3×8×8 |" in md and "| m16.onnx | onnxruntime | 3×16×16 |" in md
+    assert "| input |" in md and f"| {m8} | onnxruntime | 3×8×8 |" in md and f"| {m16} | onnxruntime | 3×16×16 |" in md
     same = run_benchmark([small, small], BenchConfig(warmup=1, iters=3, batches=(1,), cold_start=False))
     assert same["input_shape"] == [1, 3, 8, 8] and "| input |" not in to_markdown(same)
 
@@ -93,7 +94,7 @@ def test_batch_1_throughput_is_the_single_stream_p50(tmp_path):
 
     (small,) = _tiny_files(tmp_path, sides=(8,))
     res = run_benchmark([small], BenchConfig(warmup=1, iters=7, batches=(1, 4), cold_start=False, openvino=False))
-    r = res["models"]["m8.onnx"]
+    r = res["models"][f"{tmp_path.name}/m8.onnx"]
     assert r["throughput_img_s"]["1"] == 1e3 / r["latency_ms"]["p50"]
     md = to_markdown(res)
     assert "- img/s @1: 1000 / p50, from the same single-stream run." in md

@@ -293,7 +293,8 @@ def test_bench_times_the_e2e_file_beside_the_plain_one(tmp_path):
     assert set(r["latency_ms"]) == {"model_alone", "plain_plus_python_preprocessing", "e2e"}
     assert r["latency_ms"]["e2e"]["n"] == 3 and r["image_hw"] == [30, 40]
     res = run_benchmark([tmp_path], cfg)
-    assert list(res["models"]) == ["model.onnx"] and "model.onnx" in res["e2e"]  # the e2e file is no model row
+    row = f"{tmp_path.name}/model.onnx"  # rows: the folder and the file
+    assert list(res["models"]) == [row] and row in res["e2e"]  # the e2e file is no model row
     assert "model.e2e.onnx" in to_markdown(res)
 
 

@@ -106,7 +106,7 @@ def test_stage_commands(tiny_run, tmp_path):
     p = run_cli("bench", tiny_run / "model.onnx", tiny_run / "model.int8.onnx", "--iters", "5", "--no-cold-start",
                 "--no-reference", "--batches", "1", "--json", tmp_path / "b.json", check=True)
     res = json.loads((tmp_path / "b.json").read_text())
-    assert set(res["models"]) == {"model.onnx", "model.int8.onnx"} and "cpu" in res["machine"]
+    assert set(res["models"]) == {"tiny/model.onnx", "tiny/model.int8.onnx"} and "cpu" in res["machine"]  # RUN/FILE
 
 
 def test_scratch_baseline_is_measured(image_folder, tmp_path):
