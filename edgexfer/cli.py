@@ -179,7 +179,11 @@ def build_config(*, data, shots, all_labels, test_size, seed, strict, backbone, 
     from edgexfer.pipeline import BenchConfig, DataConfig, ModelConfig, RunConfig
 
     if backbone != "auto":
-        get_backbone_info(backbone)  # unknown names fail here, before any data is read
+        info = get_backbone_info(backbone)  # unknown names fail here, before any data is read
+        if weights == "imagenet" and not info.offline():  # weights not in the cache: the backbone's own error
+            from edgexfer.backbones import build_backbone  # (naming the file and the folder), before anything
+
+            build_backbone(backbone, weights="imagenet")  # is written (it downloads them where it can)
         if max_latency_ms is not None:
             raise EdgexferError("--max-latency-ms goes with --backbone auto")
     elif weights != "imagenet":
@@ -281,11 +285,100 @@ def run(name, runs, force, bench_iters, target, calibration_method, calibration_
         elif what != "end":
             click.secho(f"==> {stage}: {what}", fg="cyan", err=True)
 
-    rep = pipeline.run(out, cfg, force=force, on_stage=on_stage)
+    with explain_interrupt(out):
+        rep = pipeline.run(out, cfg, force=force, on_stage=on_stage)
     print_headline(out, rep)
 
 
 FP32_FILE = "model.onnx"
+
+
+@contextlib.contextmanager
+def explain_interrupt(run_dir: Path):
+    """Ctrl-C in a command that writes `run_dir`: say what the folder keeps and the command that resumes
+    (printed by the command tree's main instead of a bare "aborted"; exit 130)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise click.exceptions.Abort(interrupted(run_dir)) from None
+
+
+def interrupted(run_dir: Path) -> str:
+    """What an interrupted command left in `run_dir` for the next one, and that command: this one again."""
+    from edgexfer.pipeline import SELECTION_FILE
+    from edgexfer.runfolder import STAGES, RunFolder, _command
+
+    run, again = RunFolder(run_dir), _command()
+    if not run.path.is_dir() or not run.is_run():
+        return f"interrupted: nothing saved in {run_dir}. Run the same command to start again: {again}"
+    done = [s for s in STAGES if run.done(s)]
+    kept = [f"stages done: {', '.join(done)}" if done else "no stage finished"]
+    if run.file(SELECTION_FILE).is_file() and not done:
+        kept.append(f"the backbone choice ({SELECTION_FILE})")
+    state = run.file("train_state.pt")
+    if state.is_file():
+        epoch = _saved_epoch(state)
+        kept.append(f"fine-tuning state after epoch {epoch} (train_state.pt)" if epoch
+                    else "a per-epoch fine-tuning state (train_state.pt)")
+    elif "finetune" not in done:
+        kept.append("no per-epoch fine-tuning state (finetune starts over)")
+    nxt = next((s for s in STAGES if s not in done), None)
+    return (f"interrupted: {run_dir} keeps {'; '.join(kept)}.\n"
+            f"To resume{f' from {nxt}' if nxt else ''}, run the same command again: {again}")
+
+
+def _saved_epoch(state: Path) -> int | None:
+    """The last epoch a per-epoch training state holds (None when it cannot be read)."""
+    try:
+        import torch
+
+        return int(torch.load(state, map_location="cpu", weights_only=True)["epoch"])
+    except Exception:  # a state being written as the process stopped, or of another version: just say it exists
+        return None
+
+
+def _accuracy_se(m: dict) -> str:
+    """A test accuracy with its binomial standard error when the image count is known: "0.9000 ± 0.0300"."""
+    from edgexfer.runtime import fmt
+
+    acc, n = m.get("accuracy"), m.get("n")
+    if not isinstance(acc, (int, float)) or not n:
+        return fmt.accuracy(acc)
+    return f"{fmt.accuracy(acc)} ± {fmt.accuracy((acc * (1 - acc) / n) ** 0.5)}"
+
+
+def test_accuracy(m: dict) -> str:
+    """A model's test accuracy ± its standard error, each task's for a multi-task model (the top level is the
+    first task's)."""
+    tasks = m.get("tasks") or {}
+    if len(tasks) > 1:
+        return ", ".join(f"{t} {_accuracy_se(v)}" for t, v in tasks.items())
+    return _accuracy_se(m)
+
+
+def next_commands(out: Path, file: str | None) -> list[tuple[str, str]]:
+    """The commands that use this run next, with the run's own path and `file` (the recommended file) where a
+    command takes a file: (command, what it does)."""
+    import shlex
+
+    from edgexfer.runtime.dataplane import PREFERRED_FILES
+
+    from edgexfer.runtime.bundle import choose_model
+
+    run = shlex.quote(str(out))
+    served = next((f for f in PREFERRED_FILES if (out / f).is_file()), None)  # what `serve RUN` serves
+    try:
+        shipped = choose_model(out)[0].name  # what `bundle RUN` ships: INT8 only when its guard proved it
+    except (OSError, ValueError):
+        shipped = None
+    file = file or served or FP32_FILE
+    model = shlex.quote(str(out / file))
+    return [(f"edgexfer evaluate {run} --data DIR", "score every file on more labelled photos (one folder per class)"),
+            (f"edgexfer predict {model} IMAGE", "classify images or folders of them (JSON lines)"),
+            (f"edgexfer serve {run if served in (None, file) else model}",
+             f"serve {file} over HTTP on 127.0.0.1:8000 (Open Inference Protocol)"),
+            (f"edgexfer bundle {run} OUT", f"write what to copy to a board: {shipped or 'the chosen file'}, pinned "
+                                           "requirements, the runtime and an example")]
 
 
 def print_headline(out: Path, rep: dict) -> None:
@@ -297,11 +390,9 @@ def print_headline(out: Path, rep: dict) -> None:
     click.secho(f"Results in {out}/  (report.md, report.json, model_card.md, model.onnx, model.int8.onnx)", bold=True)
     for k, m in models.items():
         lat = m.get("latency_ms", {})
-        tasks = m.get("tasks") or {}  # several heads: each task's accuracy, named (the top level is the first's)
-        acc = (", ".join(f"{t} {fmt.accuracy(v['accuracy'])}" for t, v in tasks.items()) if len(tasks) > 1
-               else fmt.accuracy(m.get("accuracy")))
-        click.echo(f"  {k:5s} {m['file']:17s} {m['size_bytes'] / 1e6:6.2f} MB  test accuracy {acc}"
-                   f"  p50 {fmt.ms(lat.get('p50'))} ms")
+        n = m.get("n")
+        click.echo(f"  {k:5s} {m['file']:17s} {m['size_bytes'] / 1e6:6.2f} MB  test accuracy {test_accuracy(m)}"
+                   + (f" ({fmt.count(n, 'image')})" if n else "") + f"  p50 {fmt.ms(lat.get('p50'))} ms")
     ref = rep.get("reference", {}).get("pytorch_eager")
     if ref:
         click.echo(f"  PyTorch eager reference: p50 {fmt.ms(ref['latency_ms']['p50'])} ms")
@@ -310,17 +401,27 @@ def print_headline(out: Path, rep: dict) -> None:
                 click.style("ok", fg="green") if c["ok"] else click.style("NO", fg="red", bold=True))
         click.echo(f"  [{mark}] {c['name']}: {check_value(c)} ({c['bound']})")
     r = rep.get("recommendation")
+    file = None
     if r and r.get("test_disagrees") and r["model"] != "fp32":
         # the test split chooses nothing, but no file is recommended beside a warning about it
         click.secho(f"  Not recommended with confidence: {r['file']} passed the accuracy guard, but the test split "
                     f"disagrees: {r['test_disagrees']}. Check it on more labelled photos (edgexfer evaluate "
                     f"{out} --data DIR) before shipping it; {FP32_FILE} is the safe choice.", fg="red", bold=True)
+        file = FP32_FILE
     elif r:
-        click.secho(f"  Recommended here: {r['file']} ({r['why']})", bold=True)
+        m = models.get(r["model"], {})
+        click.secho(f"  Recommended here: {out / r['file']}, test accuracy {test_accuracy(m) if m else fmt.accuracy(r.get('test_accuracy'))} "
+                    f"({r['why']})", bold=True)
         if r.get("note"):
             click.secho(f"  {r['note']}", fg="yellow")
         if r.get("test_disagrees"):
             click.secho(f"  WARNING: {r['test_disagrees']}.", fg="red", bold=True)
+        file = r["file"]
+    cmds = next_commands(out, file)
+    width = max(len(c) for c, _ in cmds)
+    click.secho("\nWhat next:", bold=True)
+    for c, what in cmds:
+        click.echo(f"  {c:{width}s}  # {what}")
 
 
 @click.command()
@@ -330,7 +431,9 @@ def finetune(out, **kw):
     """Fine-tune a pretrained backbone; write OUT/checkpoint.pt (resumes after a kill)."""
     from edgexfer import pipeline
 
-    res = pipeline.finetune(out, build_config(**kw))
+    cfg = build_config(**kw)
+    with explain_interrupt(out):
+        res = pipeline.finetune(out, cfg)
     acc = res["val_accuracy"]
     click.echo(f"{out}/checkpoint.pt: validation accuracy {'n/a (no validation split)' if acc is None else f'{acc:.4f}'} "
                f"(strategy {res['strategy']})")
@@ -382,7 +485,7 @@ def quantize(run_dir, **kw):
 
     run = pipeline.RunFolder(run_dir)
     cfg = apply_quant_options(run.config(), **kw)
-    with run.lock("quantize"):
+    with explain_interrupt(run_dir), run.lock("quantize"):
         with Progress("quantize").ticking() as progress:
             progress.log("calibrating and searching for an INT8 file within the accuracy guard")
             rec = pipeline.quantize(run_dir, cfg)
@@ -433,12 +536,14 @@ def evaluate(run_dir, data, out, skip_unknown, as_json, threads, max_image_pixel
     if not run_dir.is_dir():
         raise EdgexferError(f"{run_dir} is a file: without --data, evaluate scores a run folder's test split "
                             "(give --data DIR to score a model file on a labelled folder)")
+    from edgexfer.runtime import fmt
+
     run = pipeline.RunFolder(run_dir)
     with run.lock("evaluate"):
         out = pipeline.evaluate(run_dir)
         finalize(run, run.config())
     for k, m in out["models"].items():
-        click.echo(f"{k}: accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f} on {m['n']} test images")
+        click.echo(f"{k}: accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f} on {fmt.count(m['n'], 'test image')}")
 
 
 def _evaluate_data(target: Path, data: Path, out: Path | None, *, skip_unknown, as_json, threads, max_image_pixels,

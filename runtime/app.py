@@ -1,6 +1,6 @@
 """An application embedding the edgexfer runtime: classify images, or watch a folder as a camera loop would.
 
-    python example.py model.int8.onnx photo.jpg [more.jpg ...]     # classify, one JSON line each
+    python example.py model.int8.onnx photo.jpg [more.jpg|folder/ ...]   # classify, one JSON line each
     python example.py model.int8.onnx --watch incoming/            # loop: classify new images as they land
 
 Needs numpy, onnxruntime and Pillow only. `edgexfer bundle` copies this file next to the model.
@@ -16,8 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # a bundle carries edgexfer/runtime beside this file
 
 from edgexfer.runtime import EdgeModel, ImageError, MetadataError  # noqa: E402
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+from edgexfer.runtime.preprocess import IMAGE_SUFFIXES, image_files  # noqa: E402,F401  (IMAGE_SUFFIXES: importable here)
 
 
 def classify(model: EdgeModel, paths: list[Path], top_k: int) -> int:
@@ -68,7 +67,8 @@ def main(argv=None) -> int:
         return 0
     if not a.images:
         ap.error("give images to classify, or --watch FOLDER")
-    return 1 if classify(model, a.images, a.top_k) else 0
+    images = [f for p in a.images for f in (image_files(p) if p.is_dir() else [p])]  # folders: their images
+    return 1 if classify(model, images, a.top_k) else 0
 
 
 if __name__ == "__main__":

@@ -137,6 +137,20 @@ class Tree(click.Group):
     def list_commands(self, ctx):
         return [*COMMANDS, *(TRAINING if _find("edgexfer.cli") else ())]
 
+    def resolve_command(self, ctx, args):
+        """An unknown command name gets click's "Did you mean ...?" over every command, the training ones
+        included (click's own suggestion knows only the commands registered up front): `evalute` -> evaluate."""
+        try:
+            return super().resolve_command(ctx, args)
+        except click.UsageError as e:
+            import difflib
+
+            name = str(args[0]) if args else ""
+            close = difflib.get_close_matches(name, self.list_commands(ctx))
+            if close and e.message.startswith("No such command") and "Did you mean" not in e.format_message():
+                raise click.UsageError(f"{e.message} Did you mean {' or '.join(map(repr, close))}?", ctx) from None
+            raise
+
     def get_command(self, ctx, name):
         if name not in TRAINING:
             return super().get_command(ctx, name)
@@ -209,6 +223,9 @@ def _ns(**kw) -> SimpleNamespace:
                    "models are then timed in alternating blocks of 20 calls. --no-spinning: call by call.")
 @click.option("--no-cold-start", is_flag=True, help="Skip the fresh-process cold-start measurement.")
 @click.option("--no-reference", is_flag=True, help="Skip the PyTorch and OpenVINO references.")
+@click.option("--no-e2e", is_flag=True, help="Skip the end-to-end phase: each model's *.e2e.onnx file beside it "
+              "(preprocessing in the graph) timed against the model plus Python preprocessing, from a decoded "
+              "photo: three more timed candidates per such file, at --iters calls each.")
 @click.option("--json", "json_", type=click.Path(path_type=Path), default=None, show_default="none",
               help="Write the result document (schema edgexfer.bench/1).")
 @click.option("--markdown", type=click.Path(path_type=Path), default=None, show_default="none",
@@ -217,9 +234,11 @@ def _ns(**kw) -> SimpleNamespace:
               help="Write a PNG plot (needs matplotlib).")
 def bench(models, sweep, json_, **kw):
     """Benchmark ONNX files (or every ONNX file of run folders), interleaved, with ratios to the first
-    model; models of different input sizes each get an input of their own size. PyTorch eager (from a run
-    folder's checkpoint, when torch is installed) and OpenVINO (when installed) are measured beside; the
-    output says why when one is not. A progress line per step on stderr."""
+    model; rows are named RUN/FILE (the folder and the file). Models of different input sizes each get an input
+    of their own size. PyTorch eager (from a run folder's checkpoint, when torch is installed) and OpenVINO
+    (when installed) are measured beside; the output says why when one is not. Then, for each model with an
+    end-to-end file beside it (model.e2e.onnx: preprocessing in the graph), that file against the model plus
+    Python preprocessing (--no-e2e skips it). A progress line per step on stderr."""
     references = ()
     if not kw["no_reference"] and _find("torch"):
         from edgexfer.pipeline import pytorch_reference
@@ -230,7 +249,7 @@ def bench(models, sweep, json_, **kw):
 
 @cli.command(short_help="Classify images; JSON lines or CSV.")
 @click.argument("model", metavar="MODEL|RUN", type=click.Path(exists=True, path_type=Path))
-@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1, required=True, metavar="IMAGE|FOLDER...", type=click.Path(path_type=Path))
 @click.option("--top-k", type=POS, default=3, help="Classes per image, best first.")
 @click.option("--format", "format_", type=click.Choice(["jsonl", "csv"]), default="jsonl",
               help="jsonl: one JSON object per image; csv: a header, then one row per image and class "
@@ -240,8 +259,10 @@ def bench(models, sweep, json_, **kw):
               help="Execution provider to prefer, e.g. CUDAExecutionProvider (repeatable; CPU is the fallback).")
 @image_limit_options
 def predict(model, images, format_, provider, **kw):
-    """Classify IMAGES with an edgexfer ONNX file, or a run folder's chosen file (its INT8 file if present,
-    else FP32)."""
+    """Classify images with an edgexfer ONNX file, or a run folder's chosen file (its INT8 file if present,
+    else FP32). A FOLDER means every image file under it, recursively, in sorted order. An image that cannot
+    be read is reported on stderr and skipped; the others are still classified, and the exit status is 1 at
+    the end when any was skipped."""
     predict_cmd(_ns(model=model, images=list(images), format=format_, provider=list(provider), **kw))
 
 
@@ -357,8 +378,13 @@ def bench_cmd(a, references) -> None:
     sweep = () if a.sweep is None else (a.sweep or tuple(sorted({1, 2, 4, cores} & set(range(1, cores + 1)))))
     cfg = BenchConfig(threads=a.threads, warmup=a.warmup, iters=a.iters, duration=a.duration, batches=a.batches,
                       sweep=sweep, cold_start=not a.no_cold_start, openvino=not a.no_reference,
-                      references=not a.no_reference, spinning=a.spinning)
+                      references=not a.no_reference, spinning=a.spinning, e2e=not a.no_e2e)
     steps = 1 + bool(cfg.batches) + cfg.cold_start + bool(cfg.sweep)  # single stream, offline, cold start, sweep
+    if cfg.e2e:  # and one end-to-end comparison per model with an end-to-end file beside it
+        from edgexfer.runtime.bench import model_files
+        from edgexfer.runtime.e2e import e2e_path
+
+        steps += sum(e2e_path(f).is_file() for f in model_files(a.models)[0])
     with Progress("bench", of=steps).ticking() as progress:
         res = run_benchmark(a.models, cfg, references=references, log=progress.log)
     _emit(a, res, to_markdown(res), plot)
@@ -432,21 +458,41 @@ def verify_cmd(a, held_out) -> None:
 
 
 def predict_cmd(a) -> None:
+    """Classify each image (folders: every image under them); an image that cannot be read is reported on stderr
+    in one line and skipped, the others are still classified, and the exit status is 1 when any was skipped."""
     import csv
 
     from edgexfer.runtime.dataplane import resolve_models
+    from edgexfer.runtime.fmt import count
     from edgexfer.runtime.model import EdgeModel
+    from edgexfer.runtime.preprocess import IMAGE_SUFFIXES, image_files
 
     limits = _limits(a)
     path = next(iter(resolve_models([a.model]).values()))  # a run folder: its INT8 file if present, else FP32
+    images, skipped = [], 0
+    for p in a.images:
+        found = image_files(p) if p.is_dir() else [p]
+        if not found:
+            skipped += 1
+            print(f"skipped {p}: no image file in it or its subfolders ({', '.join(sorted(IMAGE_SUFFIXES))})",
+                  file=sys.stderr)
+        images += found
     m = EdgeModel(path, threads=a.threads, providers=a.provider or None, max_image_pixels=limits.max_pixels,
                   max_aspect_ratio=limits.max_aspect)
     writer = None
     if a.format == "csv":
         writer = csv.writer(sys.stdout, lineterminator="\n")
         writer.writerow(["image", "task", "rank", "label", "index", "score"])
-    for img in a.images:
-        pred = m.predict(img, top_k=a.top_k)
+    failed = 0
+    for img in images:
+        try:
+            pred = m.predict(img, top_k=a.top_k)
+        except ImageError as e:  # unreadable, undecodable or over the limits: this image only
+            if len(images) == 1 and not skipped:  # one image named: its error is the command's
+                raise
+            skipped, failed = skipped + 1, failed + 1
+            print(f"skipped {img}: {_image_reason(e, img)}", file=sys.stderr, flush=True)
+            continue
         if writer is None:
             print(json.dumps({"image": str(img), "predictions": pred}), flush=True)
             continue
@@ -455,6 +501,17 @@ def predict_cmd(a) -> None:
             for rank, r in enumerate(rows, 1):
                 writer.writerow([str(img), task, rank, r["label"], r["index"], "" if r["score"] is None else r["score"]])
         sys.stdout.flush()
+    if skipped:
+        raise RuntimeInputError(f"{count(len(images) - failed, 'image')} classified; {skipped} skipped "
+                                "(listed above)")
+
+
+def _image_reason(e: ImageError, img: Path) -> str:
+    """The error without the path the line already names: "cannot decode image X: cannot identify image file 'X'"
+    -> "cannot decode: cannot identify image file"; "image not found: X" -> "image not found"."""
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    text = text.replace(f" image {img}:", ":").replace(f" '{img}'", "").replace(f"image {img} ", "image ")
+    return text.removesuffix(f": {img}")
 
 
 def serve_cmd(a) -> None:
@@ -529,8 +586,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         args = ["--help"]
     try:
         cli.main(args=args, prog_name="edgexfer", standalone_mode=False)
-    except click.exceptions.Abort:
-        print("aborted", file=sys.stderr)
+    except click.exceptions.Abort as e:  # Ctrl-C; a command that wrote a run folder says what it keeps
+        print(str(e) or "aborted", file=sys.stderr)
         sys.exit(130)
     except click.UsageError as e:
         where = e.ctx.command_path if e.ctx else "edgexfer"

@@ -64,6 +64,16 @@ def _reason(e: Exception) -> str:
     return re.sub(r"<[\w.]+ object at 0x[0-9a-fA-F]+>", "the data", str(e))
 
 
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
+
+
+def image_files(folder: str | os.PathLike) -> list[Path]:
+    """The image files (by suffix) in `folder` and its subfolders, sorted; hidden files and folders left out."""
+    root = Path(folder)
+    return sorted(f for f in root.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES
+                  and not any(part.startswith(".") for part in f.relative_to(root).parts) and f.is_file())
+
+
 def load_image(src: Any, limits: ImageLimits | None = None) -> Image.Image:
     """Open a path, bytes, file object, PIL image or HWC/HW uint8 array as a PIL image. With `limits`,
     the size in the header is checked before the pixels are decoded. Anything Pillow cannot decode,
