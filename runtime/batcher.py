@@ -155,6 +155,7 @@ class DynamicBatcher:
             except Exception as e:  # one bad batch must not stop the instance
                 outs, err = None, e
             self.loop.call_soon_threadsafe(self._answer, items, len(xb), outs, err)
+            del items, xb, outs, err  # not held while this thread waits for the next batch (16 MB of a request)
 
     def _answer(self, items, rows: int, outs, err) -> None:
         """On the event loop: each request its own rows (the batch's bookkeeping too, off the instance thread)."""

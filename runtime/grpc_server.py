@@ -202,7 +202,10 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
                 return self.response(request, h, outs, bool(raw))
             finally:
                 self.budget.give(len(data))
-        return await self._call("ModelInfer", _Named(state), context, answer)
+        try:
+            return await self._call("ModelInfer", _Named(state), context, answer)
+        finally:  # a refusal's abort exception stays with grpc (its frames, this one's too): not the bytes
+            del data
 
     def tensor(self, request, raw: list[memoryview]) -> tuple[np.ndarray, object]:
         """The request's one input as an array, checked by the data plane exactly as a REST infer header

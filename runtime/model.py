@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -19,6 +20,30 @@ log = logging.getLogger(__name__)
 def softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - x.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
+
+
+# ONNX Runtime's CPU arena keeps the largest activations it ever held (a 16 MB request's: ~100 MB for a small
+# CNN) for the rest of the process. A session that ran an input this large is remembered, and `shrink_arenas`
+# (a server's, once quiet after a burst: protocol.release_memory) gives its arena's free chunks back.
+SHRINK_AFTER_BYTES = 4 * 1024 * 1024
+_SHRINK = ort.RunOptions()
+_SHRINK.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+_grown: set = set()  # EdgeModels whose arena may have grown since the last shrink_arenas
+_grown_lock = threading.Lock()
+
+
+def shrink_arenas() -> int:
+    """A one-row run with arena shrinkage for each session that ran an input of SHRINK_AFTER_BYTES or more
+    since the last call: its CPU arena's unused chunks go back to the allocator. How many were shrunk."""
+    with _grown_lock:
+        grown = list(_grown)
+        _grown.clear()
+    for m in grown:
+        try:
+            m.session.run(m.output_names, {m.input_name: np.zeros((1, *m.input_shape), np.float32)}, _SHRINK)
+        except Exception as e:  # memory housekeeping must never fail a request
+            log.debug("arena shrink failed: %s", e)
+    return len(grown)
 
 
 def session_options(threads: int | None = None, graph_optimization: str = "all",
@@ -215,6 +240,9 @@ class EdgeModel:
             raise RuntimeInputError(f"run() takes a float32 numpy array; got {getattr(x, 'dtype', type(x).__name__)}")
         if x.ndim != 4 or x.shape[1:] != self.input_shape:
             raise RuntimeInputError(f"expected shape (N, {', '.join(map(str, self.input_shape))}); got {x.shape}")
+        if x.nbytes >= SHRINK_AFTER_BYTES:
+            with _grown_lock:
+                _grown.add(self)
         outs = self.session.run(self.output_names, {self.input_name: x})
         return {t.name: o for t, o in zip(self.meta.tasks, outs)}
 

@@ -35,7 +35,8 @@ from edgexfer.runtime.batcher import BatchConfig, DynamicBatcher, QueueFull  # n
 from edgexfer.runtime.dataplane import DataPlane
 from edgexfer.runtime.multipart import PartScanner, scanner
 from edgexfer.runtime.preprocess import ImageLimits
-from edgexfer.runtime.protocol import HEADER_LEN, MAX_BODIES_IN_FLIGHT, MAX_BODY, BodyBudget, HeaderCache, HTTPError
+from edgexfer.runtime.protocol import (HEADER_LEN, MAX_BODIES_IN_FLIGHT, MAX_BODY, BodyBudget, HeaderCache, HTTPError,
+                                       tune_malloc)
 from edgexfer.runtime.transport import CoalescingTransport, http_protocol  # noqa: F401 (public here too)
 
 log = logging.getLogger(__name__)
@@ -305,6 +306,7 @@ def serve(models: dict[str, Path], host: str = "127.0.0.1", port: int = 8000, th
     # time (Python's default: 5 ms). For a fast model that wait costs much of its throughput; the A/B of
     # intervals is in benchmarks/RESULTS.md, "The GIL switch interval".
     sys.setswitchinterval((switch_interval_us or SWITCH_INTERVAL_US) / 1e6)
+    tune_malloc()  # freed bodies of a burst go back to the OS, not into heaps that keep them
     app = create_app(models, threads=threads, batch=batch, token=token, access_log=access_log,
                      image_limits=image_limits, max_bytes_in_flight=max_bytes_in_flight)
     # uvicorn's own access log is replaced by ours (with the duration and the model)

@@ -14,7 +14,7 @@ import threading
 
 import numpy as np
 
-from edgexfer.runtime.model import EdgeModel
+from edgexfer.runtime.model import EdgeModel, shrink_arenas
 
 HEADER_LEN = "Inference-Header-Content-Length"
 MAX_BODY = 16 * 1024 * 1024
@@ -32,13 +32,12 @@ class HTTPError(Exception):
 
 
 _libc = None
+TRIM_THRESHOLD = 4 * 1024 * 1024   # a server's malloc (`tune_malloc`): a heap's free top past this goes back to the OS
+MMAP_THRESHOLD = 32 * 1024 * 1024  # ... and allocations this large get pages of their own (none of a request's)
 
 
-def malloc_trim() -> bool:
-    """Hand the heap's free pages back to the OS (glibc's `malloc_trim(0)`); False without glibc. Freed
-    request bodies of several MB otherwise stay in the process: glibc raises its mmap threshold after the
-    first large free, so later ones come from arenas that are rarely given back. EDGEXFER_MALLOC_TRIM=0
-    turns it off (for A/B measurements: benchmarks/bench_hostile.py)."""
+def _glibc():
+    """glibc through ctypes, or False (another libc, or EDGEXFER_MALLOC_TRIM=0)."""
     global _libc
     if _libc is None and os.environ.get("EDGEXFER_MALLOC_TRIM", "1") == "0":
         _libc = False
@@ -46,16 +45,39 @@ def malloc_trim() -> bool:
         try:
             _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
             _libc.malloc_trim.argtypes, _libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+            _libc.mallopt.argtypes, _libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
         except (OSError, AttributeError):
             _libc = False
-    return bool(_libc) and bool(_libc.malloc_trim(0))
+    return _libc
+
+
+def tune_malloc() -> bool:
+    """For a server, once: glibc's trim threshold fixed at TRIM_THRESHOLD (`mallopt`). Left to itself glibc
+    raises it to twice the largest body freed so far (up to 64 MB), and a thread's own heap (gRPC's and the
+    worker threads' each have one) is shrunk only on a free past it, never by `malloc_trim`: after a burst of
+    16 MB requests each such heap kept 8-16 MB. Fixing it fixes the mmap threshold too, at MMAP_THRESHOLD,
+    so that bodies keep coming from the heaps (an mmap per 16 MB body costs page faults, and under a burst
+    gRPC then held more of them at once). False without glibc or with EDGEXFER_MALLOC_TRIM=0."""
+    libc = _glibc()
+    # M_TRIM_THRESHOLD (-1), M_MMAP_THRESHOLD (-3)
+    return bool(libc) and bool(libc.mallopt(-1, TRIM_THRESHOLD)) and bool(libc.mallopt(-3, MMAP_THRESHOLD))
+
+
+def malloc_trim() -> bool:
+    """Hand the heap's free pages back to the OS (glibc's `malloc_trim(0)`); False without glibc. Freed
+    request bodies of several MB otherwise stay in the process: glibc raises its mmap threshold after the
+    first large free, so later ones come from arenas that are rarely given back. EDGEXFER_MALLOC_TRIM=0
+    turns it off, and `tune_malloc` with it (for A/B measurements: benchmarks/bench_hostile.py)."""
+    libc = _glibc()
+    return bool(libc) and bool(libc.malloc_trim(0))
 
 
 def release_memory() -> None:
     """After a burst of large requests: collect reference cycles (an exception raised while handling one
     keeps its frames, and through them its body, until the cyclic collector runs, which counts objects, not
-    bytes), then `malloc_trim`."""
+    bytes), give back ONNX Runtime's arenas grown by large inputs (`model.shrink_arenas`), then `malloc_trim`."""
     gc.collect()
+    shrink_arenas()
     malloc_trim()
 
 

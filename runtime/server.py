@@ -49,7 +49,7 @@ from edgexfer.runtime.dataplane import PREFERRED_FILES, DataPlane, resolve_model
 from edgexfer.runtime.multipart import scanner
 from edgexfer.runtime.preprocess import ImageLimits
 from edgexfer.runtime.protocol import (HEADER_LEN, MAX_BODIES_IN_FLIGHT, MAX_BODY, BodyBudget, HTTPError,
-                                       LockedBodyBudget, log_safe)
+                                       LockedBodyBudget, log_safe, tune_malloc)
 
 log = logging.getLogger(__name__)
 _CHUNK_SIZE = re.compile(rb"^[0-9A-Fa-f]{1,8}$")
@@ -505,6 +505,7 @@ def serve(models: dict[str, Path], host: str = "127.0.0.1", port: int = 8000, th
           token: str | None = None, access_log: bool = True, image_limits: ImageLimits = ImageLimits(),
           max_bytes_in_flight: int = MAX_BODIES_IN_FLIGHT, head_timeout_s: float = HEAD_TIMEOUT_S) -> None:
     """Serve until SIGTERM or Ctrl-C, then drain: stop accepting, answer what is in flight, return."""
+    tune_malloc()  # freed bodies of a burst go back to the OS, not into heaps that keep them
     httpd = make_server(models, host, port, threads, token, access_log, image_limits, max_bytes_in_flight,
                         head_timeout_s=head_timeout_s)
     # what was loaded so far (modules, models) lives as long as the server: out of the cyclic collector's
