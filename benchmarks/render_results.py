@@ -709,17 +709,26 @@ def section_hostile() -> str:
         f"Issue 26's bounds, on 127.0.0.1; the model: {h['model']}.", "",
         "**Multipart floods.** Two client processes loop the worst multipart bodies (10,000 parts in 0.55 MB, "
         "100,000 parts in 5.4 MB, a Content-Type of 20,000 RFC 2231 continuations) while one client posts a valid "
-        "multipart `/classify` after another. Bound: its p50 within 3× its p50 unloaded, no valid request failing.", "",
+        "multipart `/classify` after another. Bound: its p50 within 3× its p50 unloaded, no valid request failing. "
+        "Both servers check a multipart body as it arrives and refuse a flood from its first bytes without reading the "
+        "rest (400, `Connection: close`; a client still sending then meets a reset: `BrokenPipeError`); the "
+        "standard-library server answers such a refusal after 0.1 s, so that a client looping floods gets little of "
+        "its GIL.", "",
         table(["server", "valid p50 ms, unloaded", "valid p50 ms, loaded", "loaded / unloaded", "valid requests",
                "valid failed", "hostile requests", "hostile answers", "bound"], flood_rows), "",
         "**48 concurrent 16 MB requests**, each burst on a fresh server (uvicorn with `--grpc-port`, "
         "`--max-inflight-mib 128`): RSS idle (after warm-up), peak (VmHWM) and 3 s after the burst. Bounds: gRPC's "
-        f"peak within 1.5× REST's — {ratio(m['grpc_peak_over_rest_peak'])}, {met(m['bound_grpc_peak_within_1_5x_rest_met'])}; "
+        f"peak within 1.5× REST's — {ratio(m['grpc_peak_over_rest_peak'])}, {met(m['bound_grpc_peak_within_1_5x_rest_met'])} "
+        "(at the edge: the same bursts three times on this host in one session gave 1.49-1.57×); "
         f"RSS after within 20% of idle — {met(m['bound_after_within_20pct_of_idle_met'])}.", "",
         table(["burst", "answers", "RSS idle MiB", "RSS peak MiB", "RSS after MiB", "after / idle"], mem_rows), "",
         "The budget bounds what the servicer holds, but grpcio receives every concurrent message in full before the "
         "servicer sees it, so gRPC's peak follows the burst (the burst to an unknown model, each refused at once, "
-        "shows that part alone); the REST server reads a body only as it consumes it.", "",
+        "shows that part alone); the REST server reads a body only as it consumes it. Tried against it, on the same "
+        "burst: a stream-unary ModelInfer reading at most two messages at a time, `grpc.http2.bdp_probe=0` with a "
+        "16-64 KiB `grpc.http2.lookahead_bytes` (grpcio's C core still took in every stream's message: 490-650 MiB "
+        "peak to an unknown model), and `maximum_concurrent_rpcs=8` (peak 420-450 MiB, 560-700 to an unknown model, "
+        "but every call past 8 refused, small ones too, which the batching front end exists to serve).", "",
         f"**Slow heads on the standard-library server.** {s['slow_sockets']} sockets each send one header byte every "
         f"5 s for {s['seconds']:.0f} s (reopened at the next tick when closed: {s['attacker_reopened']:,} times), while a "
         f"valid request on a new connection goes every 0.5 s: {s['probes']} probes, answers {codes(s['probe_codes'])}, "
