@@ -496,18 +496,27 @@ def auto_image_size(data: str | None, pretrained_size: int, *, sample: int = 64,
     return pretrained_size, f"{what}: photos, so the backbone's pretraining resolution, {pretrained_size} px"
 
 
-def list_images(root: str | os.PathLike) -> list[str]:
-    """Every readable image under `root` (recursively), sorted: unlabelled images, e.g. for --adapt-bn."""
+def list_images(root: str | os.PathLike, *, follow_symlinks: bool = False) -> list[str]:
+    """Every readable image under `root` (recursively), sorted: unlabelled images, e.g. for --adapt-bn and
+    --guard-data. Symbolic links that lead out of `root` are skipped (and counted in the log) unless
+    `follow_symlinks`: the data stays inside the data folder, as for labelled data."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"image folder not found: {root}")
     files, skipped, unreadable = [], [], []
+    real_root, away = root.resolve(), 0
     for p in sorted((p for p in root.rglob("*") if _is_image(p)), key=str):
+        if not follow_symlinks and leads_outside(p, real_root):
+            away += 1
+            continue
         problem = _image_problem(p)
         if problem is None:
             files.append(str(p))
         else:
             _refuse_or_note(p, problem, False, skipped, unreadable)
+    if away:
+        log.warning("%s: skipped %d symbolic link(s) that lead out of the folder (--follow-symlinks to use them)",
+                    root, away)
     if not files:
         raise DataError(f"{root} holds no readable images")
     return files

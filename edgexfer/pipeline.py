@@ -206,7 +206,7 @@ def adapt_bn(model, folder: str, ws: Workspace, force: bool = False, val_fitted:
     from edgexfer.runtime.preprocess import preprocess
 
     t0 = time.perf_counter()
-    files = list_images(folder)
+    files = list_images(folder, follow_symlinks=ws.cfg.data.follow_symlinks)
     x = torch.from_numpy(np.stack([preprocess(p, ws.preprocessing) for p in files]))
     xv, yv = ws.tensors("val")
     yv = yv.reshape(len(yv), -1)

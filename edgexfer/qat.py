@@ -340,7 +340,8 @@ def training_images(cfg, ws, adapted: bool = False) -> tuple[np.ndarray, np.ndar
         from edgexfer.quantize_stage import target_images
 
         x = target_images(cfg, ws, MAX_LABELLED)
-        views = list(augmented_views(list_images(cfg.train.adapt_bn), ws.preprocessing, VIEWS, cfg.data.seed + 1))
+        files = list_images(cfg.train.adapt_bn, follow_symlinks=cfg.data.follow_symlinks)
+        views = list(augmented_views(files, ws.preprocessing, VIEWS, cfg.data.seed + 1))
         y0 = ws.tensors("train")[1][:0]
         return x[:0], y0, np.concatenate([x, np.stack(views)]) if views else x
     xt, yt = ws.tensors("train")

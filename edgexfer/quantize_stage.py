@@ -56,7 +56,7 @@ def quantize(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | 
         adapted = bool(cfg.train.adapt_bn and (run.report().get("adaptation") or {}).get("kept"))
         folds = None if adapted else probe_folds(run)
         if adapted:  # the model is for the target domain now: its images decide, the source's labels do not
-            files = list_images(cfg.train.adapt_bn)
+            files = list_images(cfg.train.adapt_bn, follow_symlinks=cfg.data.follow_symlinks)
             xg, rows, info = target_set(target_images(cfg, ws, GUARD_IMAGES), files, ws.preprocessing,
                                         seed=cfg.data.seed, order=target_order(cfg, len(files)))
         else:
@@ -184,7 +184,7 @@ def unlabelled_images(cfg: RunConfig, ws: Workspace) -> tuple[np.ndarray | None,
             sources.append(f"{len(order)} {what}")
 
     if cfg.guard_data:
-        files = list_images(cfg.guard_data)
+        files = list_images(cfg.guard_data, follow_symlinks=cfg.data.follow_symlinks)
         if not files:
             raise RunFolderError(f"--guard-data {cfg.guard_data}: no images found")
         sample(files, "from --guard-data")
@@ -212,7 +212,7 @@ def target_images(cfg: RunConfig, ws: Workspace, limit: int = TARGET_IMAGES) -> 
 
     have, every = ws.__dict__.get("_target_images", (None, False))
     if have is None or (len(have) < limit and not every):
-        files = list_images(cfg.train.adapt_bn)
+        files = list_images(cfg.train.adapt_bn, follow_symlinks=cfg.data.follow_symlinks)
         order = target_order(cfg, len(files))[:max(limit, TARGET_IMAGES)]
         have = np.stack([preprocess(files[i], ws.preprocessing) for i in order])
         ws.__dict__["_target_images"] = (have, len(order) == len(files))

@@ -148,3 +148,26 @@ def test_the_setting_is_recorded_and_changing_it_is_another_configuration(tmp_pa
     assert rf.provenance("finetune", cfg)["settings"]["data"] != rf.provenance("finetune", build_config(**kw))["settings"]["data"]
     with pytest.raises(RunFolderError, match="holds a run made with another configuration"):
         pipeline.run(run, build_config(**kw))
+
+
+def test_unlabelled_folders_stay_inside_too(tmp_path, caplog):
+    """--adapt-bn and --guard-data folders (list_images): a symbolic link out of the folder is skipped and counted,
+    unless follow_symlinks."""
+    import logging
+
+    from PIL import Image
+
+    from edgexfer.data import list_images
+
+    inside, outside = tmp_path / "target", tmp_path / "elsewhere"
+    inside.mkdir()
+    outside.mkdir()
+    for d, name in ((inside, "a.png"), (inside, "b.png"), (outside, "secret.png")):
+        Image.new("RGB", (8, 8)).save(d / name)
+    (inside / "c.png").symlink_to(outside / "secret.png")
+    (inside / "d.png").symlink_to(inside / "a.png")  # stays inside: fine
+    with caplog.at_level(logging.WARNING, logger="edgexfer.data"):
+        files = list_images(inside)
+    assert [p.rsplit("/", 1)[1] for p in files] == ["a.png", "b.png", "d.png"]
+    assert "skipped 1 symbolic link(s) that lead out of the folder" in caplog.text
+    assert len(list_images(inside, follow_symlinks=True)) == 4
