@@ -17,22 +17,28 @@ from edgexfer.runtime.labels import lines
 from edgexfer.runtime.model import EdgeModel
 
 
+def quoted(s: str) -> str:
+    """A protobuf text-format string literal: backslashes, quotes and control characters escaped."""
+    return '"' + "".join({"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(c, c)
+                         for c in s) + '"'
+
+
 def config_pbtxt(model: EdgeModel, name: str, *, max_batch_size: int = 32, max_queue_delay_us: int = 1000,
                  instances: int = 1) -> str:
     i = model.meta.input
     outputs = "\n".join(
         f"""  {{
-    name: "{t.output}"
+    name: {quoted(t.output)}
     data_type: TYPE_FP32
     dims: [ {len(t.labels)} ]
-    label_filename: "labels_{t.output}.txt"
+    label_filename: {quoted(f"labels_{t.output}.txt")}
   }}""" for t in model.meta.tasks)
-    return f"""name: "{name}"
+    return f"""name: {quoted(name)}
 platform: "onnxruntime_onnx"
 max_batch_size: {max_batch_size}
 input [
   {{
-    name: "{i.name}"
+    name: {quoted(i.name)}
     data_type: TYPE_FP32
     format: FORMAT_NCHW
     dims: [ {i.channels}, {i.height}, {i.width} ]

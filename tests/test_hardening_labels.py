@@ -95,6 +95,9 @@ def test_labels_txt_and_triton_label_files_round_trip(tmp_path):
     assert read_lines((tmp_path / "out" / "labels.txt").read_text(encoding="utf-8")) == HOSTILE
     dest = write_triton_repo(m, tmp_path / "repo", "m")
     assert read_lines((dest / "labels_logits.txt").read_text(encoding="utf-8")) == HOSTILE
+    # a run folder's name is the Triton model's name: quoted as protobuf text, a quote in it cannot end the string
+    dest = write_triton_repo(m, tmp_path / "repo", 'say "hi" \\o')
+    assert (dest / "config.pbtxt").read_text().startswith('name: "say \\"hi\\" \\\\o"\n')
 
 
 def _rep(classes) -> dict:
