@@ -217,6 +217,15 @@ class Agreement:
     def out_of_fold(self) -> bool:
         return self.folds is not None
 
+    def without(self, fp32: Path, images: np.ndarray) -> "Agreement | None":
+        """The same measure on the rows that show none of `images` (labelled image indices): for a candidate
+        that was itself trained on them (QAT trains on the train split). None when no row is left."""
+        keep = ~np.isin(self.rows, images)
+        if not keep.any():
+            return None
+        return Agreement(fp32, self.x[keep], self.rows[keep], folds=self.folds, head=self.head, labels=self.labels,
+                         threads=self.threads)
+
     def _outputs(self, path) -> tuple[list[np.ndarray], np.ndarray | None]:
         import onnxruntime as ort
 

@@ -83,7 +83,15 @@ def quantize(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | 
             if inc:
                 rec["guard"]["inc"] = inc
         g = rec["guard"]
-        rec = _qat(run, cfg, ws, fp32, recipe, calib, rec, agreement, at_least, evidence, adapted)
+        # QAT trains on the train split: it is judged on the images it did not train on
+        trained = np.arange(len(ws.tensors("train")[0])) if not adapted else np.zeros(0, np.int64)
+        qat_agreement = agreement.without(fp32, trained) if agreement.out_of_fold else agreement
+        rec, judge = _qat(run, cfg, ws, fp32, recipe, calib, rec, qat_agreement, at_least, adapted)
+        if judge is not None:  # QAT shipped: its figures are those of the images it did not train on
+            agreement, held_out = judge, int(judge.labelled().sum())
+            fp32_val = judge.fp32_accuracy() if held_out else None
+            info = {**info, "unseen": judge.images, "qat_judged_on": f"{judge.images} of the images, those QAT did "
+                                                                      "not train on"}
         g["guard_set"] = describe(info) + " (top-1 agreement with FP32)"
         g["host_measures_faithfully"] = target["host_measures_faithfully"]
         g["fp32_stability"] = stability
@@ -118,23 +126,31 @@ def quantize(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | 
     return rec
 
 
-def _qat(run, cfg, ws, fp32, recipe, calib, rec, agreement, at_least, evidence, adapted: bool = False) -> dict:
+def _qat(run, cfg, ws, fp32, recipe, calib, rec, agreement, at_least, adapted: bool = False) -> tuple[dict, object]:
     """Quantization-aware fine-tuning as one more candidate (edgexfer/qat.py: when it runs and when it ships),
-    scored like the post-training ones; records guard.qat and returns the quantize record of what ships."""
+    scored like the post-training ones on `agreement` (a `guard.Agreement` over images QAT does not train on, or
+    None when there is none); records guard.qat and returns the quantize record of what ships, and the
+    Agreement that judged it when QAT shipped (else None)."""
     from edgexfer.exporters.quantize import _legacy_scorers, _score
     from edgexfer.qat import compete
 
     g = rec["guard"]
+    if agreement is None:
+        g["qat"] = {"tried": False, "reason": "every image the guard measures on is one QAT would train on (the "
+                                              "out-of-fold training images): none left to judge it on; --guard-data "
+                                              "DIR gives some"}
+        return rec, None
+    evidence = agreement.evidence if agreement.labelled().any() else None
     scorers = _legacy_scorers(accuracy=agreement, fp32_accuracy=1.0, at_least=at_least, evidence=evidence)
     g["qat"], shipped = compete(run, cfg, ws, fp32, recipe, calib, g,
                                 lambda p: _score(Path(p), scorers, cfg.max_accuracy_drop), adapted=adapted)
     if shipped is None:
-        return rec
+        return rec, None
     row = g["qat"]["row"]
     g.update(tuner=g.get("tuner", "") + "; then quantization-aware fine-tuning (shipped)", within_bound=True,
              shipped_accuracy=row["guard_accuracy"], chosen_fp32_layers=0, layers_kept_fp32=[],
              decision=row.get("decision"))
-    return {**shipped, "guard": g}
+    return {**shipped, "guard": g}, agreement
 
 
 def _arm64_emulation(target: dict) -> bool:

@@ -231,3 +231,55 @@ def test_multi_task_reports_name_every_task(tmp_path, capsys):
                         {"fp32_layers": 1, "order": "ranked by harm"}], "chosen_candidate": 2}
     names = [candidate_name(g, i) for i in range(3)]
     assert names == ["0 layers FP32 (plain)", "1 layer FP32 (graph prefix)", "1 layer FP32 (ranked by harm), **shipped**"]
+
+
+def test_without_drops_the_rows_of_given_images(tmp_path):
+    from edgexfer.guard import Agreement
+
+    rng = np.random.default_rng(2)
+    w, b = rng.standard_normal((3, 3)), rng.standard_normal(3)
+    _head_model(tmp_path / "fp32.onnx", w, b)
+    f = rng.standard_normal((5, 3)).astype(np.float32)
+    ag = Agreement(tmp_path / "fp32.onnx", _images(f), np.array([0, 1, 2, 0, 7]), labels=np.array([0, 1, 2]))
+    sub = ag.without(tmp_path / "fp32.onnx", np.array([0, 1]))  # QAT trained on images 0 and 1
+    assert sub.rows.tolist() == [2, 7] and sub.images == 2 and sub(tmp_path / "fp32.onnx") == 1.0
+    assert ag.without(tmp_path / "fp32.onnx", np.array([0, 1, 2, 7])) is None
+
+
+@pytest.fixture(scope="module")
+def probe_run(tmp_path_factory, image_folder):
+    """A cross-validated linear probe (refitted on every labelled image) on the tiny images, exported and
+    quantized with QAT forced (one epoch): the out-of-fold path of the guard, end to end."""
+    from tests.conftest import run_cli
+
+    run = tmp_path_factory.mktemp("probe") / "run"
+    run_cli("finetune", "--data", image_folder, "--backbone", "efficientnet_lite0", "--strategy", "linear",
+            "--image-size", "64", "--shots", "12", "--out", run, check=True)
+    run_cli("export", run, check=True)
+    env = {"EDGEXFER_QAT_FORCE": "1", "EDGEXFER_QAT_EPOCHS": "1", "EDGEXFER_QAT_VIEWS": "16",
+           "EDGEXFER_GUARD_IMAGES": "120"}
+    run_cli("quantize", run, "--tuner", "builtin", "--calibration-samples", "16", env=env, check=True)
+    return run
+
+
+def test_a_refitted_probe_is_guarded_out_of_fold_end_to_end(probe_run):
+    import torch
+
+    rep = json.loads((probe_run / "report.json").read_text())
+    assert rep["training"]["probe_selection"]["refit_on"] == "train + val"
+    payload = torch.load(probe_run / "checkpoint.pt", weights_only=True)
+    n = rep["data"]["train"] + rep["data"]["val"]
+    assert payload["probe_folds"]["fold"].shape == (n,)  # the fold heads went with the checkpoint
+    g = rep["quantize"]["guard"]
+    info = g["agreement_set"]
+    assert info["labelled_from"] == "out-of-fold" and info["labelled"] == n and not info["fitted"]
+    assert "out-of-fold" in g["guard_set"] and "out-of-fold" in g["confidence"]
+    assert g["validation"]["held_out_as"] == "out-of-fold"
+    # QAT trains on the train split, so it was judged on the other images only (validation, left out by --shots)
+    q = g["qat"]
+    assert q["tried"], q
+    if q["chosen"]:
+        assert info["qat_judged_on"].endswith("those QAT did not train on")
+        assert g["disagreement"]["images"] == info["unseen"] < n + info["unlabelled"]
+    else:
+        assert g["disagreement"]["images"] == n + info["unlabelled"]
