@@ -215,8 +215,9 @@ def report_md(rep: dict) -> str:
                       + ".", "", "| candidate | guard accuracy | drop | within bound |", "|---|---|---|---|"]
             inc = g.get("inc") or {}
             if g.get("decides_on"):  # top-1 agreement with FP32 decides; labelled validation beside it
-                lines[-2:] = ["| candidate | agreement with FP32 (decides) | disagreement | validation accuracy "
-                              "(drop ± s.e.) | within bound |", "|---|---|---|---|---|"]
+                held = (g.get("validation") or {}).get("held_out_as", "validation")
+                lines[-2:] = ["| candidate | agreement with FP32 (decides) | disagreement | labelled accuracy, "
+                              f"{held} (drop ± s.e.) | within bound |", "|---|---|---|---|---|"]
             lines += [f"| INC trial {i + 1} | {fmt.accuracy(a)} | {fmt.accuracy_delta(g['fp32_accuracy'] - a)} | "
                       + ("(INC's own run) | " if g.get("decides_on") else "")
                       + f"{within(g['fp32_accuracy'] - a, g['max_accuracy_drop'])} |"
@@ -274,7 +275,8 @@ def learning_curve_line(rep: dict) -> str:
         return "![learning curve](learning_curve.png)"
     pts = learning_curve_points(history)
     if pts:
-        return (f"No learning curve: validation accuracy was measured once ({fmt.accuracy(pts[0][1])}, "
+        return (f"No learning curve: {accuracy_name(rep.get('training') or {})} was measured once "
+                f"({fmt.accuracy(pts[0][1])}, "
                 + ("the linear probe" if pts[0][0] == 0 else f"epoch {pts[0][0]}") + "), so there is no curve to draw.")
     return "No learning curve: no validation accuracy was measured (no validation split)."
 
@@ -552,6 +554,13 @@ def class_losses(impact: dict) -> str:
                if losing.get("classes") else f"No class lost more than {bound:g} points."))
 
 
+def accuracy_name(t: dict) -> str:
+    """What a run's `val_accuracy` is: the validation split's, or, when the probe was refitted on train + val
+    (so validation is not held out), the cross-validation's out-of-fold accuracy."""
+    refit = "val" in ((t.get("probe_selection") or {}).get("refit_on") or "")
+    return "cross-validated (out-of-fold) accuracy" if refit else "validation accuracy"
+
+
 def kept_weights(t: dict) -> str:
     """Which weights training kept and why it stopped, in words that agree with the epoch log: epoch 0 is the
     linear probe (kept when no fine-tuning epoch beat it on validation); early stopping compares fine-tuning
@@ -564,7 +573,7 @@ def kept_weights(t: dict) -> str:
                 if ft else "no validation split; the linear probe's weights")
     if best == 0:
         if not ft:
-            return f"linear probe only (epoch 0, no fine-tuning epochs), validation accuracy {fmt.accuracy(acc)}"
+            return f"linear probe only (epoch 0, no fine-tuning epochs), {accuracy_name(t)} {fmt.accuracy(acc)}"
         out = (f"validation accuracy {fmt.accuracy(acc)} from the linear probe (epoch 0), kept because none of the "
                f"{len(ft)} fine-tuning epochs beat it")
     else:

@@ -257,6 +257,9 @@ def test_a_one_point_learning_curve_is_a_sentence_not_a_figure(tmp_path):
     assert learning_curve_line(rep) == ("No learning curve: validation accuracy was measured once (0.8000, the "
                                         "linear probe), so there is no curve to draw.")
     assert "learning_curve.png" not in report_md(rep)
+    refit = {"training": {"history": probe_only, "probe_selection": {"refit_on": "train + val"}}}
+    assert learning_curve_line(refit).startswith("No learning curve: cross-validated (out-of-fold) accuracy was "
+                                                 "measured once")  # not 'validation': the probe was fitted on it
     two = probe_only + [{"epoch": 1, "val_accuracy": 0.9}]
     assert "![learning curve](learning_curve.png)" in report_md({"training": {"history": two}})
 

@@ -78,6 +78,10 @@ def test_training_line_explains_epoch_0_the_tie_and_the_early_stop():
     # the linear strategy: no fine-tuning at all
     assert "linear probe only (epoch 0, no fine-tuning epochs)" in kept_weights(
         {"best_epoch": 0, "val_accuracy": 0.85, "history": probe, "config": {"epochs": 8}})
+    # refitted on train + val, the probe's figure is its cross-validation's, not the (fitted) validation split's
+    assert kept_weights({"best_epoch": 0, "val_accuracy": 0.85, "history": probe, "config": {"epochs": 8},
+                         "probe_selection": {"refit_on": "train + val"}}).endswith(
+        "cross-validated (out-of-fold) accuracy 0.8500")
     # "best epoch 6" beside "no better validation accuracy in 4 epochs": epoch 6 tied epoch 2 (ties keep the
     # later weights), early stopping counts from epoch 2 (only a strictly better epoch resets it)
     t = {"best_epoch": 6, "val_accuracy": 0.9, "history": probe + _ft(0.88, 0.9, 0.89, 0.87, 0.88, 0.9),
