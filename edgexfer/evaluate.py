@@ -175,7 +175,7 @@ def image_limits(max_pixels: int | None = None, max_aspect: float | None = None)
 
 
 def evaluate_folder(models: dict[str, str | Path], data: str | Path | LabelledFolder, *, threads: int | None = 2,
-                    skip_unknown: bool = False, limits=None, batch: int = 32) -> dict:
+                    skip_unknown: bool = False, limits=None, batch: int = 32, progress=None) -> dict:
     """Score each edgexfer ONNX file in `models` (key -> path) on a labelled folder, with the file's own
     preprocessing and `predict`'s image limits; corrupt or over-limit images are skipped and counted.
 
@@ -183,7 +183,8 @@ def evaluate_folder(models: dict[str, str | Path], data: str | Path | LabelledFo
     unless `skip_unknown`, which leaves their images out and says so. Returns the evaluation document
     (schema edgexfer.evaluation/1): per file accuracy with its binomial standard error, macro-F1, per-class
     precision/recall/F1, the confusion matrix over the model's labels and every misclassified image (most
-    confident mistake first); with FP32 among the files, each other file's top-1 agreement with it."""
+    confident mistake first); with FP32 among the files, each other file's top-1 agreement with it.
+    `progress(done, total)`: called after each batch of images (the command's progress line)."""
     from edgexfer.errors import DataError
     from edgexfer.runtime.errors import ImageError, RuntimeInputError
     from edgexfer.runtime.model import EdgeModel, softmax
@@ -216,7 +217,7 @@ def evaluate_folder(models: dict[str, str | Path], data: str | Path | LabelledFo
     kept, skipped = [], list(folder.outside)
     logits: dict[str, list[np.ndarray]] = {k: [] for k in loaded}
     t0 = time.perf_counter()
-    for i in tqdm(range(0, len(paths), batch), desc="evaluate", leave=False, disable=None):
+    for i in tqdm(range(0, len(paths), batch), desc="evaluate", leave=False, disable=None if progress is None else True):
         xs: dict = {pp: [] for pp in pps}
         for j in range(i, min(i + batch, len(paths))):
             try:
@@ -231,6 +232,8 @@ def evaluate_folder(models: dict[str, str | Path], data: str | Path | LabelledFo
             continue
         for k, m in loaded.items():
             logits[k].append(m.run(np.stack(xs[m.meta.preprocessing]))[task].astype(np.float32))
+        if progress is not None:
+            progress(min(i + batch, len(paths)), len(paths))
     if not kept:
         raise DataError(f"none of the {len(paths)} images under {folder.root} could be read "
                         f"(first: {skipped[0]['path']}: {skipped[0]['why']})")

@@ -289,6 +289,7 @@ def probe_augmented_views(split: Split, pp: Preprocessing, view: int, seed: int)
         ops.append(T.ColorJitter(0.2, 0.2, 0.2))
     tf = T.Compose([*ops, T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(pp.mean, pp.std)])
     out = []
+    log.info("linear probe: augmented view %d of %d images", view + 1, len(split))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed * 1009 + view)
         for src in split.images:
@@ -339,6 +340,7 @@ def cv_probe(head: torch.nn.Linear, f: torch.Tensor, y: torch.Tensor, balanced: 
     if v:
         x = np.concatenate([x, views.reshape(-1, x.shape[1]).numpy().astype(np.float64)])
         t = np.tile(t, v + 1)
+    log.info("linear probe: cross-validating the strength (%d strengths, %d folds, %d rows)", len(PROBE_CS), k, len(x))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # convergence chatter at the weakest regularisation
         clf = LogisticRegressionCV(Cs=PROBE_CS, cv=folds, max_iter=2000,
@@ -491,6 +493,7 @@ def train(model: EdgeNet, data: Dataset, pp: Preprocessing, cfg: TrainConfig, wo
     probe_acc = probe_s = selection = f_va = oof = aug = folds = None
     if strategy in ("linear", "lpft", "partial"):
         t0 = time.perf_counter()
+        log.info("linear probe: features of %d training and %d validation images", len(x_tr), len(x_va))
         f_tr = extract_features(model, x_tr, desc="features train")
         f_va = extract_features(model, x_va, desc="features val") if len(x_va) else f_tr[:0]
         if strategy == "linear" and len(n_cls) == 1 and (not len(x_va) or small_validation(y_va, n_cls[0])):
@@ -522,6 +525,8 @@ def train(model: EdgeNet, data: Dataset, pp: Preprocessing, cfg: TrainConfig, wo
                 # labelled image by the head that did not see it (edgexfer.guard)
                 from edgexfer.calibration import fold_heads, fold_logits
 
+                log.info("linear probe: fitting the %d fold heads (out-of-fold answers for calibration and the INT8 guard)",
+                         selection["folds"])
                 folds = fold_heads(f_fit.numpy(), y_fit.numpy(), selection["C"], cw[0] is not None,
                                    selection["folds"], cfg.seed, views=None if views is None else views.numpy())
                 oof = (fold_logits(folds, f_fit.numpy()), y_fit.numpy(), selection["folds"])

@@ -306,8 +306,12 @@ def export(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | No
 
         atol = get_backbone_info(mcfg["backbone"]).export_atol
     with atomic.writing(run.file(FILES["fp32"])):
+        log.info("export: %s to ONNX, validated against PyTorch on %s, cleaned up with onnxslim where that helps",
+                 ckpt.name, fmt.count(len(sample), f"{split} image"))
         val = export_onnx(model, meta, run.file(FILES["fp32"]), sample, atol=atol)
         val["validated_on"] = fmt.count(len(sample), f"{split} image")
+        log.info("export: max abs diff %.2e (atol %g); writing %s (preprocessing in the graph)", val["max_abs_diff"],
+                 atol, FILES["fp32"].replace(".onnx", ".e2e.onnx"))
         val["e2e"] = write_beside(run.file(FILES["fp32"]))  # model.e2e.onnx: preprocessing in the graph
     run.update_report(export=val)
     run.mark_done("export", time.perf_counter() - t0, cfg)
@@ -355,6 +359,7 @@ def evaluate(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | 
     files = {k: run.file(f) for k, f in FILES.items() if run.file(f).is_file()}
     if not files:
         raise RunFolderError(f"no ONNX file in {run.path}; run `edgexfer export {run.path}` first")
+    log.info("evaluate: preprocessing the test split")
     x, y = ws.tensors("test")
     classes = ws.dataset.classes
     temps = {t: r["temperature"] for t, r in (run.report().get("calibration") or {}).get("tasks", {}).items()}
@@ -365,6 +370,7 @@ def evaluate(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | 
     logits = {}
     source = content_sha256(files["fp32"]) if "fp32" in files else None
     for key, path in files.items():
+        log.info("evaluate: %s on %s", path.name, fmt.count(len(x), "test image"))
         m = evaluate_file(path, x, y, classes, threads=cfg.bench.threads, tasks=tasks)
         preds[key] = m.pop("predictions")
         logits[key] = m.pop("logits")
@@ -424,7 +430,7 @@ def bench(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | Non
     rb = RuntimeBench(threads=b.threads, warmup=b.warmup, iters=b.iters, batches=(1, b.batch), cold_start=False,
                       openvino=False)
     res = run_benchmark(list(files.values()), rb, references=[pytorch_reference] if b.pytorch_reference else [],
-                        run_dir=run.path)
+                        run_dir=run.path, log=lambda what: log.info("bench: %s", what))
     rows = res["models"]
 
     def entry(r: dict) -> dict:

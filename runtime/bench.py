@@ -7,7 +7,7 @@ model are what to trust. Each model gets an input of its own size, so a 96 px an
 interleaved run.
 
     edgexfer bench runs/demo                          # every ONNX file of a run folder (+ references)
-    edgexfer bench a.onnx b.onnx --duration 20 --sweep --json out.json --markdown out.md --plot out.png
+    edgexfer bench a.onnx b.onnx --duration 20 --sweep --json-out out.json --markdown out.md --plot out.png
 """
 from __future__ import annotations
 
@@ -47,7 +47,8 @@ class Candidate:
 
 
 def interleaved(candidates: list[Candidate], x: np.ndarray | Mapping[str, np.ndarray], *, warmup: int = 10,
-                iters: int = 100, duration: float = 0.0, block: int = 1, pause: float = 0.0) -> dict[str, dict]:
+                iters: int = 100, duration: float = 0.0, block: int = 1, pause: float = 0.0,
+                on_warm: Callable[[dict[str, float]], None] | None = None) -> dict[str, dict]:
     """Latency of each candidate on input `x` (one array for all, or one per candidate name), interleaved,
     after `warmup` calls each.
 
@@ -55,11 +56,20 @@ def interleaved(candidates: list[Candidate], x: np.ndarray | Mapping[str, np.nda
     > 1 each round gives each candidate `block` calls in a row (about `iters` calls each in all), after a
     `pause` of that many seconds: what sessions with spinning threads need (ONNX Runtime's default), whose
     workers busy-wait after a call and would take the cores from the next candidate timed call by call.
+    `on_warm`: called after the warm-up with each candidate's seconds per call (the mean of the warm-up's
+    second half), which the benchmark's ETA is made of.
     """
     xs = x if isinstance(x, Mapping) else {c.name: x for c in candidates}
+    per_call: dict[str, float] = {}
     for c in candidates:
-        for _ in range(warmup):
+        for i in range(warmup):
+            if i == warmup // 2:
+                t_half = time.perf_counter()
             c.fn(xs[c.name])
+        if warmup:
+            per_call[c.name] = (time.perf_counter() - t_half) / (warmup - warmup // 2)
+    if on_warm is not None and per_call:
+        on_warm(per_call)
     block = max(1, min(int(block), iters) if duration <= 0 else int(block))
     times: dict[str, list[float]] = {c.name: [] for c in candidates}
     start = time.perf_counter()
@@ -200,12 +210,47 @@ def model_files(targets: Sequence[str | os.PathLike]) -> tuple[list[Path], Path 
     return files, run_dir
 
 
+class Plan:
+    """The seconds a benchmark has left, made of measured times only: each phase's calls times the seconds per
+    call its candidates took after warm-up (`interleaved(on_warm=...)`), a fresh process's cold start as the
+    first one took, session creation as this process's took. Phases whose calls are not measured yet are
+    estimated from the single-stream calls (batch b: b times a batch-1 call; n threads: threads/n times), and
+    re-estimated after their own warm-up. Timed interleaved calls take longer than warm-up calls in a row (each
+    block starts after a pause, on threads gone to sleep): the time a timed phase took over its estimate scales
+    every estimate after it. `eta(seconds)` gets the total at each phase and each refinement."""
+
+    def __init__(self, eta: Callable[[float | None], None]):
+        self.left: dict[str, float] = {}
+        self._eta = eta
+        self.measured = False  # nothing is said before the single-stream warm-up measured the calls
+        self.factor = 1.0
+        self._timed: dict[str, tuple[float, float]] = {}  # phase -> (its estimate after warm-up, when)
+
+    def set(self, phase: str, seconds: float, timed: bool = False) -> None:
+        self.left[phase] = max(0.0, seconds)
+        if timed:
+            self._timed[phase] = (self.left[phase], time.perf_counter())
+        self.say()
+
+    def done(self, phase: str) -> None:
+        self.left.pop(phase, None)
+        est, t0 = self._timed.pop(phase, (0.0, 0.0))
+        if est > 0.05:
+            self.factor = min(3.0, max(0.5, (time.perf_counter() - t0) / est))
+        self.say()
+
+    def say(self) -> None:
+        if self.measured:
+            self._eta(self.factor * sum(self.left.values()))
+
+
 def run_benchmark(targets: Sequence[str | os.PathLike], cfg: BenchConfig = BenchConfig(),
                   references: Sequence[ReferenceFactory] = (), log: Callable[[str], None] = lambda s: None,
-                  run_dir: Path | None = None) -> dict:
+                  run_dir: Path | None = None, eta: Callable[[float | None], None] = lambda s: None) -> dict:
     """Benchmark every model in `targets` (files or run folders) and return the result document.
 
-    `references` are measured for the run folder among `targets` (or `run_dir`)."""
+    `references` are measured for the run folder among `targets` (or `run_dir`). `log`: a line as each phase
+    starts; `eta`: the seconds left, from measured time per call (`Plan`), from the single-stream warm-up on."""
     from edgexfer.runtime.machine import machine_info
     from edgexfer.runtime.model import EdgeModel
 
@@ -213,7 +258,9 @@ def run_benchmark(targets: Sequence[str | os.PathLike], cfg: BenchConfig = Bench
     run_dir = run_dir or found_dir
     metas = {f: EdgeModel(f) for f in files}
     names = _unique_names(files)
+    t_sessions = time.perf_counter()
     cands = [onnx_candidate(names[f], f, cfg.threads, spinning=cfg.spinning) for f in files]
+    session_s = (time.perf_counter() - t_sessions) / len(files)  # an e2e comparison makes two sessions per file
     for f, c in zip(files, cands):
         c.shape = metas[f].input_shape
     not_measured: dict[str, str] = {}
@@ -251,15 +298,52 @@ def run_benchmark(targets: Sequence[str | os.PathLike], cfg: BenchConfig = Bench
         per_shape = {s: rng.standard_normal((batch, *s)).astype(np.float32) for s in sorted(shapes)}
         return {c.name: per_shape[c.shape] for c in cands}
 
+    plan = Plan(eta)
+    cold: dict[str, dict] = {}
+    if cfg.cold_start:  # first: its time per process is then measured when the first ETA is given
+        log("cold start (fresh process per model)")
+        for i, f in enumerate(files):
+            t = time.perf_counter()
+            cold[names[f]] = cold_start(f, cfg.threads)
+            plan.set("cold start", (len(files) - i - 1) * (time.perf_counter() - t))
+        plan.done("cold start")
     x1 = inputs(1)
+    e2e_files = [f for f in files if cfg.e2e and _e2e_current(f)]
+    pre_s = _python_preprocessing_s(metas[e2e_files[0]], cfg) if e2e_files else 0.0
+    offline = [b for b in cfg.batches if b != 1]
+
+    def calls(n: int, per: dict[str, float], scale: float = 1.0, rounds_of: int | None = None) -> float:
+        """Seconds for `n` calls of each candidate at `per` seconds per call (times `scale`), with the pauses."""
+        rounds = -(-n // max(1, min(cfg.block, rounds_of or n))) if cfg.spinning else 0
+        return n * scale * sum(per.values()) + rounds * len(per) * (cfg.pause if cfg.spinning else 0.0)
+
+    def planned(per: dict[str, float]) -> None:
+        """Every phase after the single-stream one, from the single-stream calls `per`."""
+        plan.measured = True
+        for b in offline:
+            plan.left[f"batch {b}"] = calls(2 + cfg.offline_iters, per, b)
+        for t in cfg.sweep:
+            own = {names[f]: per[names[f]] for f in files}
+            plan.left[f"sweep {t}"] = session_s * len(files) + calls(5 + max(20, cfg.iters // 4), own, cfg.threads / t)
+        for f in e2e_files:
+            t = per[names[f]]
+            per3 = {"alone": t, "python": t + pre_s, "e2e": t + pre_s}
+            plan.left[f"e2e {names[f]}"] = 2 * session_s + calls(cfg.warmup + cfg.iters, per3)
+
+    def single_warm(per: dict[str, float]) -> None:
+        planned(per)
+        left = cfg.duration if cfg.duration > 0 else calls(cfg.iters, per)
+        plan.set("single-stream", left, timed=cfg.duration <= 0)
+
     log(f"single-stream: {', '.join(c.name for c in cands)} interleaved, "
         + (f"{cfg.duration:g} s" if cfg.duration > 0 else f"{cfg.iters} calls each") + f", {cfg.threads} threads"
         + (f", ONNX Runtime's spinning threads on (blocks of {cfg.block} calls)" if cfg.spinning else ", no spinning"))
-    lat = interleaved(cands, x1, warmup=cfg.warmup, iters=cfg.iters, duration=cfg.duration, **cfg.timing())
+    lat = interleaved(cands, x1, warmup=cfg.warmup, iters=cfg.iters, duration=cfg.duration, **cfg.timing(),
+                      on_warm=single_warm)
+    plan.done("single-stream")
     # Batch 1 is the single-stream run itself: img/s = 1000 / p50. (It used to be a separate run of
     # offline_iters calls after 2 warm-ups, which on a shared machine could read half of 1000 / p50.)
     thr: dict[str, dict] = {c.name: {} for c in cands}
-    offline = [b for b in cfg.batches if b != 1]
     if offline:
         log(f"offline throughput at batch {', '.join(map(str, offline))}")
     for b in cfg.batches:
@@ -267,7 +351,9 @@ def run_benchmark(targets: Sequence[str | os.PathLike], cfg: BenchConfig = Bench
             for c in cands:
                 thr[c.name]["1"] = 1e3 / lat[c.name]["p50"]
             continue
-        r = interleaved(cands, inputs(b), warmup=2, iters=cfg.offline_iters, **cfg.timing())
+        r = interleaved(cands, inputs(b), warmup=2, iters=cfg.offline_iters, **cfg.timing(),
+                        on_warm=lambda per, b=b: plan.set(f"batch {b}", calls(cfg.offline_iters, per)))
+        plan.done(f"batch {b}")
         for c in cands:
             thr[c.name][str(b)] = b / (r[c.name]["p50"] / 1e3)
 
@@ -288,21 +374,24 @@ def run_benchmark(targets: Sequence[str | os.PathLike], cfg: BenchConfig = Bench
                                                                   "per_channel", "reduce_range")}
             entry["accuracy"] = metas[f].meta.metrics.get("accuracy")
         results[c.name] = entry
-    if cfg.cold_start:
-        log("cold start (fresh process per model)")
-        for f in files:
-            results[names[f]]["cold_start"] = cold_start(f, cfg.threads)
+    for name, c in cold.items():
+        results[name]["cold_start"] = c
     if cfg.sweep:
         log(f"thread sweep {', '.join(map(str, cfg.sweep))}")
         for t in cfg.sweep:
             cs = [onnx_candidate(names[f], f, t, spinning=cfg.spinning) for f in files]
-            r = interleaved(cs, {c.name: x1[c.name] for c in cs}, warmup=5, iters=max(20, cfg.iters // 4), **cfg.timing())
+            n = max(20, cfg.iters // 4)
+            r = interleaved(cs, {c.name: x1[c.name] for c in cs}, warmup=5, iters=n, **cfg.timing(),
+                            on_warm=lambda per, t=t, n=n: plan.set(f"sweep {t}", calls(n, per)))
+            plan.done(f"sweep {t}")
             for f in files:
                 results[names[f]].setdefault("thread_sweep_p50_ms", {})[str(t)] = r[names[f]]["p50"]
     e2e = {}
     if cfg.e2e:
         for f in files:
-            r = e2e_comparison(f, cfg, log=log)
+            r = e2e_comparison(f, cfg, log=log,
+                               on_warm=lambda per, f=f: plan.set(f"e2e {names[f]}", calls(cfg.iters, per), timed=True))
+            plan.done(f"e2e {names[f]}")
             if r:
                 e2e[names[f]] = r
     doc = {"schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -326,7 +415,28 @@ def bench_photo(height: int, width: int, seed: int = 0):
     return Image.fromarray(a)
 
 
-def e2e_comparison(path, cfg: BenchConfig, log: Callable[[str], None] = lambda s: None) -> dict | None:
+def _e2e_current(path) -> bool:
+    """Whether an end-to-end file is beside `path` (`e2e_comparison` times it unless it is stale)."""
+    from edgexfer.runtime.e2e import e2e_path
+
+    return e2e_path(path).is_file()
+
+
+def _python_preprocessing_s(model, cfg: BenchConfig) -> float:
+    """Seconds the Python preprocessing of the end-to-end phase's photo takes here (the best of 3)."""
+    from edgexfer.runtime.preprocess import normalize, resize_crop
+
+    pp, img = model.meta.preprocessing, bench_photo(*cfg.e2e_image, seed=cfg.seed)
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        normalize(resize_crop(img, pp), pp)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def e2e_comparison(path, cfg: BenchConfig, log: Callable[[str], None] = lambda s: None,
+                   on_warm: Callable[[dict[str, float]], None] | None = None) -> dict | None:
     """The end-to-end file beside `path` (preprocessing in the graph) against `path` plus the Python
     preprocessing, from one decoded photo of `cfg.e2e_image` (decoding excluded from both), and `path` on
     its preprocessed tensor (the model alone), interleaved at batch 1. None when no current end-to-end
@@ -359,7 +469,8 @@ def e2e_comparison(path, cfg: BenchConfig, log: Callable[[str], None] = lambda s
     feeds = {cands[0].name: x, cands[1].name: img, cands[2].name: arr}
     log(f"end-to-end: {e2e_file.name} against {name} + Python preprocessing, from a decoded "
         f"{cfg.e2e_image[1]}x{cfg.e2e_image[0]} photo, interleaved (--no-e2e skips it)")
-    lat = interleaved(cands, feeds, warmup=cfg.warmup, iters=cfg.iters, duration=cfg.duration, **cfg.timing())
+    lat = interleaved(cands, feeds, warmup=cfg.warmup, iters=cfg.iters, duration=cfg.duration, **cfg.timing(),
+                      on_warm=on_warm)
     alone, python, e2e = (lat[c.name] for c in cands)
     return {"file": e2e_file.name, "size_bytes": e2e_file.stat().st_size, "image_hw": list(cfg.e2e_image),
             "input_shape": [1, *m.input_shape],
