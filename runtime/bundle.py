@@ -1,4 +1,4 @@
-"""`edgexfer bundle RUN_DIR OUT`: what to copy to a board.
+"""`edgexfer bundle RUN OUT`: what to copy to a board.
 
     OUT/
       model.int8.onnx      the chosen model: INT8 when the run's accuracy guard passed it (validation-side
@@ -14,9 +14,11 @@
       bundle.json          what was bundled (model, why, a warning where the test split disagrees with the
                            choice, requirements, arch): marks the folder as a bundle,
                            the only kind of folder `--force` replaces
-      wheels/              with --arch arm64: aarch64 wheels (CPython 3.11, manylinux_2_28: Debian bookworm,
-                           Raspberry Pi OS bookworm) of the requirements and their dependencies, so the
-                           board installs with no network: pip install --no-index --find-links wheels -r requirements.txt
+      wheels/              the requirements and their dependencies as wheels, so the machine installs with no
+                           network: pip install --no-index --find-links wheels -r requirements.txt. For the host
+                           (the default): this interpreter's platform (pip download here); with --arch arm64:
+                           aarch64 wheels (CPython 3.11, manylinux_2_28: Debian bookworm, Raspberry Pi OS
+                           bookworm). --no-wheels leaves it out (the machine then installs from the package index).
 
 Standard library only; written to a temporary folder beside OUT, then renamed. Files get the umask's
 mode (0644 under 022), whatever the mode of the run folder's files.
@@ -26,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from importlib import metadata
 from pathlib import Path
@@ -127,7 +130,7 @@ def choose_model(run_dir: Path) -> tuple[Path, str, str | None]:
             return int8, f"INT8: {why}", warning
         if fp32.is_file():
             return fp32, (f"FP32: {why}; to ship INT8 anyway, bundle the file itself "
-                          "(edgexfer bundle RUN_DIR/model.int8.onnx OUT)"), warning
+                          "(edgexfer bundle RUN/model.int8.onnx OUT)"), warning
         raise FileNotFoundError(f"no model.onnx in {run_dir}, and model.int8.onnx has no passing accuracy guard "
                                 f"({why}); bundle {int8} itself to ship it anyway")
     if fp32.is_file():
@@ -145,9 +148,39 @@ def pinned_requirements() -> list[str]:
     return out
 
 
-def bundle(source: str | os.PathLike, out: str | os.PathLike, *, force: bool = False, arch: str = "host") -> dict:
-    """Write the bundle for a run folder (or a single ONNX file) to `out`; `arch="arm64"` adds the
-    aarch64 wheels of the pinned requirements (downloaded with pip from the package index)."""
+def download_host_wheels(dest: Path, reqs: list[str], python: str = sys.executable) -> list[Path]:
+    """Wheels of `reqs` and their dependencies for this interpreter's platform (pip download, binary only: an
+    install from them builds nothing and needs no network)."""
+    import subprocess
+
+    dest.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run([python, "-m", "pip", "download", "-q", "--disable-pip-version-check", "--only-binary=:all:",
+                        "-d", str(dest), *reqs], capture_output=True, text=True)
+    if r.returncode:
+        if "[Errno 28]" in r.stderr or "No space left on device" in r.stderr:  # atomic.writing names OUT
+            import errno
+
+            raise OSError(errno.ENOSPC, "No space left on device", str(dest))
+        tail = ((r.stderr or r.stdout).strip().splitlines() or [f"exit {r.returncode}"])[-1]
+        raise RuntimeInputError(f"pip download of this platform's wheels failed ({tail}); pass --no-wheels to bundle "
+                                "without them (the machine then installs from the package index)")
+    return sorted(dest.glob("*.whl"))
+
+
+def platform_name() -> str:
+    """This interpreter's platform in words: "CPython 3.12, linux x86_64"."""
+    import platform
+
+    return (f"{platform.python_implementation()} {sys.version_info.major}.{sys.version_info.minor}, "
+            f"{sys.platform} {platform.machine()}")
+
+
+def bundle(source: str | os.PathLike, out: str | os.PathLike, *, force: bool = False, arch: str = "host",
+           wheels: bool | None = None, log=lambda s: None) -> dict:
+    """Write the bundle for a run folder (or a single ONNX file) to `out`; `wheels`: with the wheels of the pinned
+    requirements (downloaded with pip from the package index) for this host's platform, or with `arch="arm64"`
+    for aarch64 boards (default: only for arm64; `edgexfer bundle` carries them unless --no-wheels)."""
+    wheels = arch == "arm64" if wheels is None else wheels
     source, out = Path(source), Path(out)
     warning = None
     if source.is_dir():
@@ -176,10 +209,11 @@ def bundle(source: str | os.PathLike, out: str | os.PathLike, *, force: bool = F
 
     with atomic.writing(out, needed):
         out.parent.mkdir(parents=True, exist_ok=True)
-        return _write(model, out, why, warning, arch, runtime_dir)
+        return _write(model, out, why, warning, arch, runtime_dir, wheels, log)
 
 
-def _write(model: Path, out: Path, why: str, warning: str | None, arch: str, runtime_dir: Path) -> dict:
+def _write(model: Path, out: Path, why: str, warning: str | None, arch: str, runtime_dir: Path, with_wheels: bool,
+           log) -> dict:
     """The bundle, written into a temporary folder beside `out`, then renamed to it."""
     import edgexfer
     from edgexfer.runtime.model import EdgeModel
@@ -199,13 +233,19 @@ def _write(model: Path, out: Path, why: str, warning: str | None, arch: str, run
         reqs = pinned_requirements()
         (tmp / "requirements.txt").write_text("\n".join(reqs) + "\n")
         wheels = []
-        if arch == "arm64":
+        if arch not in ("host", "arm64"):
+            raise RuntimeInputError(f"unknown --arch {arch!r}; choose host or arm64")
+        if with_wheels:
+            log(f"downloading the {'aarch64' if arch == 'arm64' else platform_name()} wheels of "
+                f"{', '.join(reqs)} (pip download)")
+        if with_wheels and arch == "arm64":
             from edgexfer.runtime.emulate import download_wheels
 
             wheels = [p.name for p in download_wheels(tmp / "wheels", reqs)]
-        elif arch != "host":
-            raise RuntimeInputError(f"unknown --arch {arch!r}; choose host or arm64")
-        (tmp / "README.md").write_text(_readme(model.name, why, reqs, arch, warning) + _e2e_readme(e2e_name, e2e_why))
+        elif with_wheels:
+            wheels = [p.name for p in download_host_wheels(tmp / "wheels", reqs)]
+        (tmp / "README.md").write_text(_readme(model.name, why, reqs, arch, warning, bool(wheels))
+                                       + _e2e_readme(e2e_name, e2e_why))
         result = {"out": str(out), "model": model.name, "why": why, **({"warning": warning} if warning else {}),
                   "e2e": e2e_name, **({"e2e_why_not": e2e_why} if e2e_why else {}),
                   "requirements": reqs, "arch": arch, "wheels": wheels}
@@ -349,12 +389,20 @@ Only the Python and Node.js calls are run by edgexfer's tests; the others follow
 """
 
 
-def _readme(model: str, why: str, reqs: list[str], arch: str = "host", warning: str | None = None) -> str:
+def _readme(model: str, why: str, reqs: list[str], arch: str = "host", warning: str | None = None,
+            wheels: bool = False) -> str:
     install = ("python3 -m venv .venv && .venv/bin/pip install --no-index --find-links wheels -r requirements.txt"
-               if arch == "arm64" else "python3 -m venv .venv && .venv/bin/pip install -r requirements.txt")
+               if wheels else "python3 -m venv .venv && .venv/bin/pip install -r requirements.txt")
     warn = f"\n**Warning:** {warning}.\n" if warning else ""
-    board = ("\nFor arm64 boards with CPython 3.11 (Debian bookworm, Raspberry Pi OS bookworm): `wheels/` holds every "
-             "package, so the install needs no network.\n" if arch == "arm64" else "")
+    if not wheels:
+        board = "\nThe install downloads the requirements from the package index (bundled with --no-wheels).\n"
+    elif arch == "arm64":
+        board = ("\nFor arm64 boards with CPython 3.11 (Debian bookworm, Raspberry Pi OS bookworm): `wheels/` holds every "
+                 "package, so the install needs no network.\n")
+    else:
+        board = (f"\nFor machines like the one that wrote it ({platform_name()}): `wheels/` holds every package, so the "
+                 "install needs no network. For another platform, bundle again there, or with --arch arm64 for "
+                 "aarch64 boards.\n")
     return f"""# edgexfer bundle: {model}
 
 Chosen: {why}.

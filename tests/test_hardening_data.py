@@ -73,10 +73,10 @@ def test_bundle_force_refuses_the_working_directory(tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     (work / "precious.txt").write_text("keep me")
-    p = cli("bundle", run, ".", "--force", cwd=work)
+    p = cli("bundle", "--no-wheels", run, ".", "--force", cwd=work)
     assert_user_error(p, "--force will not replace")
     assert (work / "precious.txt").read_text() == "keep me" and listing(work) == ["precious.txt"]
-    p = cli("bundle", run, "..", "--force", cwd=work)  # a folder above the working directory
+    p = cli("bundle", "--no-wheels", run, "..", "--force", cwd=work)  # a folder above the working directory
     assert_user_error(p, "working directory")
     assert (work / "precious.txt").is_file() and (run / "model.int8.onnx").is_file()
 
@@ -84,9 +84,9 @@ def test_bundle_force_refuses_the_working_directory(tmp_path):
 def test_bundle_force_refuses_the_source_and_its_parent(tmp_path):
     run = fake_run(tmp_path / "run")
     before = listing(run)
-    p = run_cli("bundle", run / "model.int8.onnx", run, "--force")
+    p = run_cli("bundle", "--no-wheels", run / "model.int8.onnx", run, "--force")
     assert_user_error(p, "source")
-    p = run_cli("bundle", run, run, "--force")
+    p = run_cli("bundle", "--no-wheels", run, run, "--force")
     assert_user_error(p, "source")
     assert listing(run) == before
 
@@ -96,29 +96,29 @@ def test_bundle_force_refuses_a_folder_it_did_not_write(tmp_path):
     other = tmp_path / "photos"
     other.mkdir()
     (other / "holiday.jpg").write_bytes(b"not mine to delete")
-    p = run_cli("bundle", run, other, "--force")
+    p = run_cli("bundle", "--no-wheels", run, other, "--force")
     assert_user_error(p, "not an edgexfer bundle")
     assert listing(other) == ["holiday.jpg"]
     afile = tmp_path / "notes.txt"
     afile.write_text("x")
-    assert_user_error(run_cli("bundle", run, afile, "--force"), "not a folder")
+    assert_user_error(run_cli("bundle", "--no-wheels", run, afile, "--force"), "not a folder")
     assert afile.read_text() == "x"
 
 
 def test_bundle_force_replaces_a_bundle(tmp_path):
     run = fake_run(tmp_path / "run")
     out = tmp_path / "bundle"
-    run_cli("bundle", run, out, check=True)
+    run_cli("bundle", "--no-wheels", run, out, check=True)
     manifest = json.loads((out / "bundle.json").read_text())
     assert manifest["schema"] == "edgexfer.bundle/1" and manifest["model"] == "model.int8.onnx"
     (out / "stale.txt").write_text("from the last bundle")
-    run_cli("bundle", run, out, "--force", check=True)
+    run_cli("bundle", "--no-wheels", run, out, "--force", check=True)
     assert not (out / "stale.txt").exists() and (out / "model.int8.onnx").is_file()
     # a bundle written before bundle.json existed (it had no end-to-end file and no labels.txt either) is
     # still recognised
     for p in [out / "bundle.json", out / "labels.txt", *out.glob("*.e2e.onnx")]:
         p.unlink(missing_ok=True)
-    run_cli("bundle", run, out, "--force", check=True)
+    run_cli("bundle", "--no-wheels", run, out, "--force", check=True)
     assert (out / "bundle.json").is_file()
 
 
@@ -150,7 +150,7 @@ def test_bundle_files_do_not_copy_0600(tmp_path):
     out = tmp_path / "bundle"
     old = os.umask(0o022)
     try:
-        run_cli("bundle", run, out, check=True)
+        run_cli("bundle", "--no-wheels", run, out, check=True)
     finally:
         os.umask(old)
     assert mode(out) == 0o755

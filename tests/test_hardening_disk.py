@@ -115,7 +115,7 @@ def test_bundle_on_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
 
     m = tiny_model(tmp_path / "m.onnx")
     monkeypatch.setattr(bundle_mod.shutil, "copytree", enospc)
-    code, out, err = cli(capsys, "bundle", m, tmp_path / "out")
+    code, out, err = cli(capsys, "bundle", "--no-wheels", m, tmp_path / "out")
     assert code == 1 and err.startswith(f"error: disk full: {tmp_path / 'out'} (No space left on device; needs about ")
     assert listing(tmp_path) == ["m.onnx"]  # no bundle, no temporary folder
 
@@ -125,7 +125,7 @@ def test_bundle_checks_the_space_first(tmp_path, capsys, monkeypatch):
 
     m = tiny_model(tmp_path / "m.onnx")
     monkeypatch.setattr(atomic, "free_bytes", lambda p: 1000)
-    code, out, err = cli(capsys, "bundle", m, tmp_path / "out")
+    code, out, err = cli(capsys, "bundle", "--no-wheels", m, tmp_path / "out")
     assert code == 1 and err.startswith(f"error: disk full: {tmp_path / 'out'} needs about ")
     assert err.endswith(", 1 kB free") and listing(tmp_path) == ["m.onnx"]
 
@@ -148,11 +148,11 @@ def test_bundle_on_a_real_full_disk(tmp_path, capsys, monkeypatch, small_disk):
     from edgexfer.runtime import atomic
 
     m = tiny_model(tmp_path / "m.onnx")
-    code, _, err = cli(capsys, "bundle", m, small_disk / "out")  # the check before writing
+    code, _, err = cli(capsys, "bundle", "--no-wheels", m, small_disk / "out")  # the check before writing
     assert code == 1 and err.startswith(f"error: disk full: {small_disk / 'out'} needs about ")
     assert err.endswith(" kB free") and listing(small_disk) == []
     monkeypatch.setattr(atomic, "require_space", lambda path, needed: None)  # met while writing, for real
-    code, _, err = cli(capsys, "bundle", m, small_disk / "out")
+    code, _, err = cli(capsys, "bundle", "--no-wheels", m, small_disk / "out")
     assert code == 1 and err.startswith(f"error: disk full: {small_disk / 'out'} needs about ")
     assert listing(small_disk) == []  # the temporary folder went with the error
 
@@ -160,7 +160,7 @@ def test_bundle_on_a_real_full_disk(tmp_path, capsys, monkeypatch, small_disk):
 def test_bundle_out_under_a_file_is_one_line(tmp_path, capsys):
     m = tiny_model(tmp_path / "m.onnx")
     (tmp_path / "some_file").write_text("x")
-    code, _, err = cli(capsys, "bundle", m, tmp_path / "some_file" / "deeper" / "out")
+    code, _, err = cli(capsys, "bundle", "--no-wheels", m, tmp_path / "some_file" / "deeper" / "out")
     assert code == 1 and err == (f"error: cannot write {tmp_path / 'some_file' / 'deeper' / 'out'}: "
                                  f"{tmp_path / 'some_file'} is a file, not a folder")
     assert (tmp_path / "some_file").read_text() == "x"
@@ -235,6 +235,6 @@ def test_disk_full_anywhere_is_one_line(tmp_path, capsys, monkeypatch):
     from edgexfer.runtime import bundle as bundle_mod
 
     m = tiny_model(tmp_path / "m.onnx")
-    monkeypatch.setattr(bundle_mod, "bundle", enospc)
-    code, _, err = cli(capsys, "bundle", m, tmp_path / "out")
+    monkeypatch.setattr(bundle_mod, "bundle", "--no-wheels", enospc)
+    code, _, err = cli(capsys, "bundle", "--no-wheels", m, tmp_path / "out")
     assert code == 1 and err == "error: disk full: ? (No space left on device)"
