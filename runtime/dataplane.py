@@ -48,6 +48,25 @@ OPENAPI_PATHS = frozenset({"/v2/openapi.json", "/openapi.json"})
 _GET_PATHS = frozenset({"/v2/health/live", "/v2/health/ready", "/v2", *OPENAPI_PATHS})
 
 
+def served_urls(models, host: str, port: int, grpc_port: int | None = None) -> str:
+    """What `serve` prints at start: each model's REST URLs (and gRPC address), and the browser page's."""
+    from edgexfer.runtime.webpage import web_dir
+
+    shown = "127.0.0.1" if host in ("0.0.0.0", "") else "[::1]" if host == "::" else \
+        f"[{host}]" if ":" in host else host
+    base = f"http://{shown}:{port}"
+    lines = [f"serving {len(models)} model{'s' if len(models) != 1 else ''} on {base}"
+             + (f" (listening on all addresses, {host})" if shown != host and not shown.startswith("[") else "")
+             + (f" and gRPC {shown}:{grpc_port}" if grpc_port else "") + "; Ctrl-C stops"]
+    for name, path in models.items():
+        lines.append(f"  {name} ({Path(path).name}): POST {base}/v2/models/{name}/classify (an image), "
+                     f"POST {base}/v2/models/{name}/infer, GET {base}/v2/models/{name}"
+                     + (f"; gRPC {shown}:{grpc_port} model_name {name!r}" if grpc_port else ""))
+    lines.append(f"  browser page: {base}/" if web_dir() else f"  browser page: not installed ({base}/ says how)")
+    lines.append(f"  API description: {base}/v2/openapi.json")
+    return "\n".join(lines)
+
+
 class QueueFull(Exception):
     """A model's batch queue is full (503 with Retry-After)."""
 
@@ -166,6 +185,10 @@ class DataPlane:
                 page = self.static(path or "/")
                 if page is not None:
                     return Call("static", body=page[0], content_type=page[1])
+                if path in ("", "/index.html"):  # a person at the server's address: how to get the page
+                    from edgexfer.runtime.webpage import PAGE_MISSING
+
+                    raise HTTPError(404, PAGE_MISSING)
         if path in _GET_PATHS:
             raise HTTPError(405, f"no route {log_safe(method)[:20]} {path}; it answers GET")
         r = _MODEL_ROUTE.match(path)

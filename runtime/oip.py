@@ -333,7 +333,12 @@ def uvicorn_server(config, grpc_port: int | None = None):
 
                 self.grpc, self.grpc_port = make_server(app.dp, app.batchers, config.host, grpc_port, app.budget)
                 await self.grpc.start()
-                log.info("OIP gRPC on %s:%d", config.host, self.grpc_port)
+            if not self.should_exit:
+                from edgexfer.runtime.dataplane import served_urls
+
+                socks = [s for srv in getattr(self, "servers", []) for s in srv.sockets]
+                port = socks[0].getsockname()[1] if socks else config.port
+                log.info("%s", served_urls(app.dp.paths, config.host, port, getattr(self, "grpc_port", None)))
 
         async def shutdown(self, sockets=None):
             if self.grpc is not None:

@@ -512,7 +512,9 @@ def serve(models: dict[str, Path], host: str = "127.0.0.1", port: int = 8000, th
     # sight, each full collection under load takes microseconds, not the ~7 ms of walking all of it
     gc.collect()
     gc.freeze()
-    log.info("serving %s on http://%s:%d/v2", ", ".join(models), host, httpd.server_address[1])
+    from edgexfer.runtime.dataplane import served_urls
+
+    log.info("%s", served_urls(models, host, httpd.server_address[1]))
 
     def on_term(signum, frame):  # shutdown() waits for serve_forever, which runs in this very thread
         threading.Thread(target=httpd.shutdown, daemon=True).start()

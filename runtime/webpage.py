@@ -23,6 +23,8 @@ PAGE_FILES = {  # URL path -> (file under examples/web, content type)
     "/vendor/ort-wasm-simd-threaded.wasm": ("vendor/ort-wasm-simd-threaded.wasm", "application/wasm"),
 }
 MODEL_PATH = "/model.e2e.onnx"
+PAGE_MISSING = ("the browser page is not installed with this edgexfer: in a clone of its repository run `make web`, "
+                "then serve from the clone or set EDGEXFER_WEB_DIR to its examples/web folder (the API is under /v2)")
 
 
 def web_dir() -> Path | None:
