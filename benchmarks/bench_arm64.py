@@ -73,7 +73,7 @@ def main() -> None:
         print(f"==> 3. edgexfer verify --arch arm64 of the shipped file on {TEST_SAMPLES} test images", file=sys.stderr)
         out = Path(td) / "verify.json"
         subprocess.run([sys.executable, "-m", "edgexfer", "verify", "--arch", "arm64", str(arm), "--samples",
-                        str(TEST_SAMPLES), "--min-agreement", "0", "--json", str(out)], cwd=ROOT, check=True)
+                        str(TEST_SAMPLES), "--min-agreement", "0", "--json-out", str(out)], cwd=ROOT, check=True)
         v = json.loads(out.read_text())
         res["test_verify"] = {k: v[k] for k in ("sample", "models", "check_seconds", "arm64", "note")}
     OUT.mkdir(parents=True, exist_ok=True)

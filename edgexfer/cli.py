@@ -4,7 +4,7 @@ when it is missing). Importing this module imports click and light modules only.
 
     edgexfer run                       # the offline default: few-shot Fashion-MNIST -> runs/demo
     edgexfer run --data DIR --name mine --backbone mobilenet_v3_small
-    edgexfer finetune|export|quantize|evaluate RUN_DIR
+    edgexfer finetune|export|quantize|evaluate RUN
     edgexfer predict MODEL|RUN IMAGE...    edgexfer serve MODEL|RUN
 """
 from __future__ import annotations
@@ -19,6 +19,7 @@ import click
 
 from edgexfer.errors import EdgexferError
 from edgexfer.runtime import atomic
+from edgexfer.runtime.cli import quiet_option, threads_option
 
 log = logging.getLogger("edgexfer")
 
@@ -105,12 +106,12 @@ def data_options(f):
         click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
                      help="Images per training step."),
         click.option("--lr", type=float, default=3e-4, show_default=True, help="Peak learning rate (AdamW)."),
-        click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True,
-                     help="Threads for evaluation and benchmarks."),
+        threads_option("Threads of ONNX Runtime (evaluation, benchmarks, the INT8 guard) and of the backbone "
+                       "comparison."),
         click.option("--no-calibrate", is_flag=True,
                      help="Keep the softmax scores as trained: no temperature fitted on held-out images and folded "
                           "into the heads (the report still gives their calibration error)."),
-        click.option("--compare-scratch", is_flag=True,
+        click.option("--compare-scratch/--no-compare-scratch", default=False, show_default=True,
                      help="Also train the same network from random init with the same budget; the report says "
                           "how much the pretrained start beat it, and flags negative transfer."),
     ]
@@ -237,7 +238,7 @@ def default_run_name(data: str | None) -> str:
 
 
 def run_dir_arg(f):
-    return click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))(f)
+    return click.argument("run_dir", metavar="RUN", type=click.Path(exists=True, file_okay=False, path_type=Path))(f)
 
 
 # -- commands ----------------------------------------------------------------------------------------
@@ -263,6 +264,7 @@ def _plain_name(ctx, param, value: str) -> str:
 @click.option("--bench-iters", type=click.IntRange(min=1), default=200, show_default=True,
               help="Interleaved batch-1 runs per model in the bench stage.")
 @click.option("--force", is_flag=True, help="Replace an existing run folder made with another configuration.")
+@quiet_option
 def run(name, runs, force, bench_iters, target, calibration_method, calibration_samples, calibration_data,
         max_accuracy_drop, guard_data, min_target_agreement, tuner, fp16, dynamic, qat, **kw):
     """The whole pipeline: finetune, export, quantize, evaluate, bench -> runs/NAME.
@@ -279,13 +281,15 @@ def run(name, runs, force, bench_iters, target, calibration_method, calibration_
     cfg.bench.iters = bench_iters
     out = runs / (name or default_run_name(kw["data"]))
 
-    def on_stage(stage, what):
-        if what == "start":
-            click.secho(f"==> {stage}", fg="cyan", err=True)
-        elif what != "end":
-            click.secho(f"==> {stage}: {what}", fg="cyan", err=True)
+    from edgexfer.runtime.cli import Progress
 
-    with explain_interrupt(out):
+    progress = Progress("run")
+
+    def on_stage(stage, what):
+        if what != "end":
+            progress.begin(stage, None if what == "start" else what)
+
+    with explain_interrupt(out), progress.ticking():  # a line at least every few seconds, whatever the stage
         rep = pipeline.run(out, cfg, force=force, on_stage=on_stage)
     print_headline(out, rep)
 
@@ -427,12 +431,14 @@ def print_headline(out: Path, rep: dict) -> None:
 @click.command()
 @data_options
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run folder to write.")
+@quiet_option
 def finetune(out, **kw):
     """Fine-tune a pretrained backbone; write OUT/checkpoint.pt (resumes after a kill)."""
     from edgexfer import pipeline
+    from edgexfer.runtime.cli import Progress
 
     cfg = build_config(**kw)
-    with explain_interrupt(out):
+    with explain_interrupt(out), Progress("finetune").ticking():
         res = pipeline.finetune(out, cfg)
     acc = res["val_accuracy"]
     from edgexfer.report import accuracy_name
@@ -452,8 +458,9 @@ def finetune(out, **kw):
               help="The Triton repository entry's max_batch_size.")
 @click.option("--force", is_flag=True, help="Export again even when model.onnx is current (this removes the "
               "files quantize derived from the old one).")
+@quiet_option
 def export(run_dir, atol, triton_repo, triton_model, max_batch_size, force):
-    """RUN_DIR/checkpoint.pt -> RUN_DIR/model.onnx (opset 17, dynamic batch), validated against PyTorch,
+    """RUN/checkpoint.pt -> RUN/model.onnx (opset 17, dynamic batch), validated against PyTorch,
     cleaned up with onnxslim when that is smaller or faster, metadata inside. A model.onnx already exported
     from this checkpoint.pt is kept (and the INT8 file derived from it with it) unless --force or --atol."""
     from edgexfer import pipeline
@@ -463,7 +470,10 @@ def export(run_dir, atol, triton_repo, triton_model, max_batch_size, force):
         if not force and atol is None and run.why_stale("export", run.config()) is None:
             click.echo(f"{run_dir}/model.onnx is current (exported from this checkpoint.pt); --force exports again")
         else:
-            v = pipeline.export(run_dir, atol=atol)
+            from edgexfer.runtime.cli import Progress
+
+            with Progress("export").ticking():
+                v = pipeline.export(run_dir, atol=atol)
             click.echo(f"{run_dir}/model.onnx: max abs diff {v['max_abs_diff']:.2e} (atol {v['atol']:g}), "
                        f"top-1 agreement {v['top1_agreement']:.4f}")
     if triton_repo:
@@ -477,8 +487,9 @@ def export(run_dir, atol, triton_repo, triton_model, max_batch_size, force):
 @click.command()
 @run_dir_arg
 @quant_options
+@quiet_option
 def quantize(run_dir, **kw):
-    """RUN_DIR/model.onnx -> RUN_DIR/model.int8.onnx: static INT8 QDQ for --target, calibrated on training
+    """RUN/model.onnx -> RUN/model.int8.onnx: static INT8 QDQ for --target, calibrated on training
     images, under the accuracy guard (INT8 must give FP32's top-1 on all but --max-accuracy-drop of images the
     model was not fitted on; layers are kept in FP32 until it does)."""
     from edgexfer import pipeline
@@ -502,27 +513,28 @@ def quantize(run_dir, **kw):
 
 
 @click.command()
-@click.argument("run_dir", metavar="RUN_DIR|MODEL", type=click.Path(exists=True, path_type=Path))
+@click.argument("run_dir", metavar="RUN|MODEL", type=click.Path(exists=True, path_type=Path))
 @click.option("--data", type=click.Path(path_type=Path), default=None, show_default="the run's test split",
               help="Score this labelled folder instead of the run's test split: one subfolder per class (or a "
                    "test/ subfolder of them). Works on a run folder or one edgexfer .onnx file.")
-@click.option("--out", type=click.Path(path_type=Path), default=None, show_default="RUN_DIR/evaluations/DATA",
+@click.option("--out", type=click.Path(path_type=Path), default=None, show_default="RUN/evaluations/DATA",
               help="With --data: folder for evaluation.json, misclassified.csv and misclassified.png. Default: "
-                   "RUN_DIR/evaluations/<data folder name>/, or evaluations/<data folder name>-<model name>/ "
+                   "RUN/evaluations/<data folder name>/, or evaluations/<data folder name>-<model name>/ "
                    "beside a MODEL file.")
 @click.option("--skip-unknown", is_flag=True,
               help="With --data: leave out class folders the model does not know (default: an error naming them).")
-@click.option("--json", "as_json", is_flag=True, help="With --data: print the evaluation as JSON.")
-@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True, help="With --data: ONNX "
-              "Runtime threads.")
+@click.option("--json", "as_json", is_flag=True, help="With --data: print the evaluation (schema "
+              "edgexfer.evaluation/1) to stdout instead of the table.")
+@threads_option("With --data: ONNX Runtime intra-op threads (a run's test split is scored with the run's own).")
 @click.option("--max-image-pixels", type=click.IntRange(min=1), default=None, show_default="predict's",
               help="With --data: largest image decoded, as for predict (larger ones are skipped and counted).")
 @click.option("--max-aspect-ratio", type=click.FloatRange(1, 1e6), default=None, show_default="predict's",
               help="With --data: largest longer/shorter side ratio, as for predict.")
 @click.option("--follow-symlinks", is_flag=True, help="With --data: follow symbolic links that lead out of the "
               "folder (without it they are skipped and counted).")
+@quiet_option
 def evaluate(run_dir, data, out, skip_unknown, as_json, threads, max_image_pixels, max_aspect_ratio, follow_symlinks):
-    """Accuracy of every ONNX file in RUN_DIR with ONNX Runtime on the run's test split; per-class metrics
+    """Accuracy of every ONNX file in RUN with ONNX Runtime on the run's test split; per-class metrics
     in report.json. With --data DIR: a run folder's files, or one MODEL file, on any labelled folder
     (per-class metrics, confusion matrix, misclassified images on a contact sheet); report.json is left
     as it is."""
@@ -540,9 +552,12 @@ def evaluate(run_dir, data, out, skip_unknown, as_json, threads, max_image_pixel
                             "(give --data DIR to score a model file on a labelled folder)")
     from edgexfer.runtime import fmt
 
+    from edgexfer.runtime.cli import Progress
+
     run = pipeline.RunFolder(run_dir)
     with run.lock("evaluate"):
-        out = pipeline.evaluate(run_dir)
+        with Progress("evaluate").ticking():
+            out = pipeline.evaluate(run_dir)
         finalize(run, run.config())
     for k, m in out["models"].items():
         click.echo(f"{k}: accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f} on {fmt.count(m['n'], 'test image')}")
@@ -572,7 +587,11 @@ def _evaluate_data(target: Path, data: Path, out: Path | None, *, skip_unknown, 
         if folder.used_test:
             click.echo(f"scoring {folder.root} ({data} has a test/ folder of classes)", err=True)
         limits = image_limits(max_image_pixels, max_aspect_ratio)
-        doc = evaluate_folder(models, folder, threads=threads, skip_unknown=skip_unknown, limits=limits)
+        from edgexfer.runtime.cli import Progress
+
+        with Progress("evaluate").ticking() as progress:
+            doc = evaluate_folder(models, folder, threads=threads, skip_unknown=skip_unknown, limits=limits,
+                                  progress=lambda done, total: progress.count(done, total, "images scored"))
         paths = write_evaluation(doc, out, limits=limits)
     for s in doc["data"]["skipped"][:5]:
         click.echo(f"skipped {s['path']}: {s['why']}", err=True)
@@ -588,20 +607,26 @@ def _evaluate_data(target: Path, data: Path, out: Path | None, *, skip_unknown, 
 @click.command()
 @click.option("--data", type=click.Path(path_type=str), default=None,
               help="ImageFolder tree or CSV file (default: offline Fashion-MNIST).")
-@click.option("--shots", type=click.IntRange(min=1), default=100, show_default=True,
-              help="Labelled images per class to score on (validation included).")
+@click.option("--shots", type=click.IntRange(min=1), default=None, show_default="all; 100 for Fashion-MNIST",
+              help="At most this many labelled images per class to score on, as for run. Default: all of --data's "
+                   "images; 100 for Fashion-MNIST.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sample of images scored.")
 @click.option("--strict", is_flag=True, help="Refuse corrupt images instead of skipping them.")
 @click.option("--follow-symlinks", is_flag=True, help="Follow symbolic links that lead out of the --data folder "
               "(without it they are skipped and counted with the unreadable images).")
-@click.option("--image-size", type=click.IntRange(min=32), default=96, show_default=True,
-              help="Input size in pixels the features are computed at.")
+@click.option("--image-size", type=ImageSize(), default="auto", show_default=True,
+              help="Input size in pixels the features are computed at, or auto: as run chooses it for the first "
+                   "candidate (its pretraining resolution for photos, 96 for small images).")
 @click.option("--candidates", default=None, show_default="every offline backbone, and one from scratch",
               help="Comma-separated backbones, each NAME or NAME@WEIGHTS (WEIGHTS: imagenet, none or a checkpoint "
                    "path). Default: every backbone with offline ImageNet weights, and the first from random init.")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, show_default="none",
-              help="Also write the ranking as JSON here.")
-def rank(data, shots, seed, strict, follow_symlinks, image_size, candidates, out):
+@click.option("--json", "as_json", is_flag=True, help="Print the ranking (JSON) to stdout instead of the table.")
+@click.option("--json-out", "out", type=click.Path(dir_okay=False, path_type=Path), default=None, show_default="none",
+              help="Write the ranking (JSON) to this file.")
+@click.option("--out", "out_old", type=click.Path(dir_okay=False, path_type=Path), default=None, hidden=True,
+              help="Former name of --json-out.")
+@quiet_option
+def rank(data, shots, seed, strict, follow_symlinks, image_size, candidates, as_json, out, out_old):
     """Score candidate backbones on your data before any fine-tuning (LogME on frozen features): higher
     predicts better transfer. Seconds per candidate, no training."""
     from edgexfer.data import load_dataset
@@ -622,11 +647,26 @@ def rank(data, shots, seed, strict, follow_symlinks, image_size, candidates, out
             raise EdgexferError(f"weights file not found: {w} (candidate {spec})")
         if w == "imagenet" and not get_backbone_info(name).offline():
             build_backbone(name, weights="imagenet")  # raises the backbone's own "how to get the weights" error
+    out = out or out_old
+    if shots is None and data is None:
+        shots = 100  # the Fashion-MNIST demo, as run
+    if image_size == "auto":
+        from edgexfer.data import auto_image_size
+
+        image_size, why = auto_image_size(data, get_backbone_info(parse_candidate(specs[0])[0]).default_size, seed=seed,
+                                          follow_symlinks=follow_symlinks)
+        log.info("--image-size auto: %d px (%s)", image_size, why)
     ds = load_dataset(data, shots=shots, val_fraction=0.2, test_size=10, seed=seed, strict=strict,
                       follow_symlinks=follow_symlinks)
-    res = rank_fn(ds, specs, image_size=image_size, seed=seed)
-    click.echo(rank_markdown(res))
-    click.echo(f"\n{len(specs)} candidates scored in {res['total_seconds']:.1f} s.")
+    from edgexfer.runtime.cli import Progress
+
+    with Progress("rank").ticking():
+        res = rank_fn(ds, specs, image_size=image_size, seed=seed)
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+    else:
+        click.echo(rank_markdown(res))
+        click.echo(f"\n{len(specs)} candidates scored in {res['total_seconds']:.1f} s.")
     if out:
         atomic.write_json(out, res)
 
@@ -640,11 +680,12 @@ CURVE_BACKBONE = "efficientnet_lite0"
               help="Comma-separated labelled images per class, one point each.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/curve"),
               show_default=True, help="Folder for curve.json, curve.md and curve.png.")
-@click.option("--no-scratch", is_flag=True, help="Skip the from-scratch baseline (half the time).")
+@click.option("--no-scratch", is_flag=True, hidden=True, help="Former name of --no-compare-scratch.")
+@quiet_option
 @click.pass_context
 def curve(ctx, shots_list, out, no_scratch, **kw):
     """Accuracy against labels per class, pretrained vs the same network from scratch with the same budget
-    (table, JSON and PNG). --strategy defaults to auto here; --backbone auto means EfficientNet-Lite0 (one
+    (table, JSON and PNG; --no-compare-scratch skips the scratch half). --strategy defaults to auto here; --backbone auto means EfficientNet-Lite0 (one
     backbone for every point). A killed curve resumes."""
     from edgexfer.transfer import curve as curve_fn, curve_markdown
 
@@ -657,6 +698,10 @@ def curve(ctx, shots_list, out, no_scratch, **kw):
     if ctx.get_parameter_source("strategy") == click.core.ParameterSource.DEFAULT:
         kw["strategy"] = "auto"
     kw["all_labels"] = False
+    # one scratch flag: --compare-scratch is on by default here (the curve's comparison), off with
+    # --no-compare-scratch (or the former --no-scratch); each point's training itself trains no second baseline
+    scratch = kw["compare_scratch"] and not no_scratch
+    kw["compare_scratch"] = False
     if kw["backbone"] == "auto":  # the curve compares label counts on one backbone, not backbones
         kw["backbone"] = CURVE_BACKBONE
         click.echo(f"--backbone auto: the curve compares label counts on one backbone, {CURVE_BACKBONE}", err=True)
@@ -674,9 +719,12 @@ def curve(ctx, shots_list, out, no_scratch, **kw):
     from edgexfer.runfolder import RunFolder
 
     with RunFolder(out).lock("curve"):  # a killed curve resumes from its folder: one writer at a time
-        res = curve_fn(cfg, shots, out, scratch=not no_scratch, on_point=on_point)
+        res = curve_fn(cfg, shots, out, scratch=scratch, on_point=on_point)
     click.echo(curve_markdown(res))
     click.echo(f"{out}/curve.json, curve.md, curve.png")
+
+
+next(p for p in curve.params if p.name == "compare_scratch").default = True  # the curve's own comparison
 
 
 @click.command()

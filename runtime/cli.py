@@ -7,13 +7,10 @@ one line. `edgexfer ...` and `python -m edgexfer.runtime ...` both land here.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import sys
-import threading
-import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Sequence
@@ -21,6 +18,7 @@ from typing import Sequence
 import click
 
 from edgexfer.runtime.errors import ImageError, MetadataError, ModelFileError, RuntimeInputError
+from edgexfer.runtime.progress import Progress  # noqa: F401  (the one progress helper; edgexfer/cli.py uses it from here)
 
 COMMANDS = ("bench", "predict", "serve", "bundle", "compare", "verify")
 # training commands (edgexfer/cli.py) -> the extra they need and the modules that extra brings
@@ -31,44 +29,19 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100, "sho
 log = logging.getLogger("edgexfer")
 
 
-class Progress:
-    """A progress line on stderr for a long stage: `==> what` as each step starts, with the elapsed time and,
-    given `of` steps, an ETA from the mean step so far."""
+def quiet_option(f):
+    """--quiet, the same on every command that shows progress: no progress lines and no INFO log lines (warnings,
+    errors and the result still print)."""
 
-    def __init__(self, stage: str, of: int | None = None):
-        self.stage, self.of, self.done, self.t0 = stage, of, 0, time.monotonic()
+    def set_quiet(ctx, param, value):
+        if value:
+            Progress.quiet_all = True
+            log.setLevel(logging.WARNING)
+        return value
 
-    def _eta(self) -> str:
-        el = time.monotonic() - self.t0
-        if self.of and 0 < self.done < self.of:
-            return f"{el:.0f} s, ETA {el / self.done * (self.of - self.done):.0f} s"
-        return f"{el:.0f} s"
-
-    def log(self, what: str) -> None:
-        """A step starts (the ETA counts the steps before it as done)."""
-        self.step = what
-        print(f"==> {self.stage} [{self._eta()}] {what}", file=sys.stderr, flush=True)
-        self.done += 1
-
-    @contextlib.contextmanager
-    def ticking(self, every: float = 10.0):
-        """While the block runs, a line every `every` seconds (a long step that logs nothing is not a hang)."""
-        stop = threading.Event()
-
-        def tick():
-            while not stop.wait(every):
-                self.done -= 1  # the step in progress is not done
-                print(f"==> {self.stage} [{self._eta()}] still {getattr(self, 'step', 'working')}", file=sys.stderr,
-                      flush=True)
-                self.done += 1
-
-        t = threading.Thread(target=tick, daemon=True, name="edgexfer-progress")
-        t.start()
-        try:
-            yield self
-        finally:
-            stop.set()
-            t.join()
+    return click.option("-q", "--quiet", is_flag=True, expose_value=False, is_eager=True, callback=set_quiet,
+                        help="No progress lines and no informational log lines; warnings, errors and the "
+                             "result still print.")(f)
 
 
 class Port(click.ParamType):
@@ -102,6 +75,34 @@ class Ints(click.ParamType):
 
 
 POS = click.IntRange(min=1)
+# One --threads default for every command (ONNX Runtime's intra-op threads, and PyTorch's where it runs): 2, the
+# count every benchmark in benchmarks/RESULTS.md was measured at; more cores help a large model at batch 1 little.
+THREADS = 2
+
+
+def threads_option(what: str = "ONNX Runtime intra-op threads."):
+    """--threads, the same name, type and default in every command; `what` says what the threads do there."""
+    return click.option("--threads", type=POS, default=THREADS, show_default=True, help=what)
+
+
+def json_options(what: str, out_default: str = "none"):
+    """--json (print the result document to stdout instead of the table, as every command's --json does) and
+    --json-out FILE (write it)."""
+
+    def deco(f):
+        f = click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                         show_default=out_default, help=f"Write the result document ({what}) to this file.")(f)
+        return click.option("--json", "json_", is_flag=True,
+                            help=f"Print the result document ({what}) to stdout instead of the table.")(f)
+    return deco
+
+
+def _json_file_given(json_: bool, args) -> None:
+    """`--json FILE` of earlier versions: --json is a flag now and FILE would be read as an input."""
+    given = [str(a) for a in args if str(a).endswith(".json")]
+    if json_ and given and not all(Path(a).is_file() for a in given):
+        raise click.UsageError(f"--json prints the result to stdout; to write it to {given[-1]}, use --json-out "
+                               f"{given[-1]}")
 
 
 def image_limit_options(f):
@@ -202,6 +203,7 @@ def cli(ctx, verbose: bool):
         logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s",
                             stream=sys.stderr)
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    Progress.quiet_all = False  # a command's --quiet sets it again (in-process callers run several commands)
     ctx.ensure_object(dict)
 
 
@@ -211,7 +213,7 @@ def _ns(**kw) -> SimpleNamespace:
 
 @cli.command(short_help="Latency, throughput, cold start and memory of models, side by side.")
 @click.argument("models", nargs=-1, required=True, metavar="MODEL|RUN...")
-@click.option("--threads", type=POS, default=2, help="Intra-op threads.")
+@threads_option()
 @click.option("--warmup", type=POS, default=20, help="Warm-up calls per model.")
 @click.option("--iters", type=POS, default=200, help="Single-stream rounds.")
 @click.option("--duration", type=float, default=0.0, help="Single-stream seconds instead of --iters (0: use --iters).")
@@ -226,19 +228,21 @@ def _ns(**kw) -> SimpleNamespace:
 @click.option("--no-e2e", is_flag=True, help="Skip the end-to-end phase: each model's *.e2e.onnx file beside it "
               "(preprocessing in the graph) timed against the model plus Python preprocessing, from a decoded "
               "photo: three more timed candidates per such file, at --iters calls each.")
-@click.option("--json", "json_", type=click.Path(path_type=Path), default=None, show_default="none",
-              help="Write the result document (schema edgexfer.bench/1).")
+@json_options("schema edgexfer.bench/1")
 @click.option("--markdown", type=click.Path(path_type=Path), default=None, show_default="none",
               help="Write the table as markdown.")
 @click.option("--plot", type=click.Path(path_type=Path), default=None, show_default="none",
               help="Write a PNG plot (needs matplotlib).")
+@quiet_option
 def bench(models, sweep, json_, **kw):
     """Benchmark ONNX files (or every ONNX file of run folders), interleaved, with ratios to the first
     model; rows are named RUN/FILE (the folder and the file). Models of different input sizes each get an input
     of their own size. PyTorch eager (from a run folder's checkpoint, when torch is installed) and OpenVINO
     (when installed) are measured beside; the output says why when one is not. Then, for each model with an
     end-to-end file beside it (model.e2e.onnx: preprocessing in the graph), that file against the model plus
-    Python preprocessing (--no-e2e skips it). A progress line per step on stderr."""
+    Python preprocessing (--no-e2e skips it). A progress line per step on stderr, with an ETA from the time
+    each call took after warm-up."""
+    _json_file_given(json_, models)
     references = ()
     if not kw["no_reference"] and _find("torch"):
         from edgexfer.pipeline import pytorch_reference
@@ -254,7 +258,7 @@ def bench(models, sweep, json_, **kw):
 @click.option("--format", "format_", type=click.Choice(["jsonl", "csv"]), default="jsonl",
               help="jsonl: one JSON object per image; csv: a header, then one row per image and class "
                    "(image, task, rank, label, index, score).")
-@click.option("--threads", type=POS, default=None, show_default="ONNX Runtime's choice", help="Intra-op threads.")
+@threads_option()
 @click.option("--provider", multiple=True, show_default="CPU",
               help="Execution provider to prefer, e.g. CUDAExecutionProvider (repeatable; CPU is the fallback).")
 @image_limit_options
@@ -276,8 +280,7 @@ def predict(model, images, format_, provider, **kw):
               show_default="$EDGEXFER_GRPC_PORT, else no gRPC",
               help="Also serve the protocol's gRPC API (inference.GRPCInferenceService) on this port, over the "
                    "same models and batchers (uvicorn server; pip install 'edgexfer[serve]').")
-@click.option("--threads", type=POS, default=None, show_default="ONNX Runtime's choice",
-              help="ONNX Runtime intra-op threads per model instance.")
+@threads_option("ONNX Runtime intra-op threads per model instance.")
 @click.option("--server", type=click.Choice(["auto", "uvicorn", "stdlib"]), default="auto",
               help="uvicorn: uvicorn with dynamic batching and the binary tensor extension "
                    "(pip install 'edgexfer[serve]'); stdlib: the standard library's, no batching; auto: uvicorn "
@@ -317,25 +320,29 @@ def serve(models, no_access_log, **kw):
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--force", is_flag=True, help="Replace OUT if it is an earlier bundle.")
 @click.option("--arch", type=click.Choice(["host", "arm64"]), default="host",
-              help="arm64: carry aarch64 wheels (Python 3.11, manylinux_2_28) so it installs with no network.")
-def bundle(source, out, force, arch):
+              help="The wheels/ it carries, so it installs with no network: host: this interpreter's platform; "
+                   "arm64: aarch64 (Python 3.11, manylinux_2_28).")
+@click.option("--no-wheels", is_flag=True, help="Carry no wheels/ (the machine installs the requirements from the "
+              "package index); no download here.")
+@quiet_option
+def bundle(source, out, force, arch, no_wheels):
     """Write OUT: RUN's chosen model (its INT8 file when the accuracy guard passed) or MODEL, pinned
-    runtime requirements, the runtime itself and an example program."""
-    bundle_cmd(_ns(source=source, out=out, force=force, arch=arch))
+    runtime requirements with their wheels (pip download), the runtime itself and an example program. It
+    installs offline: pip install --no-index --find-links wheels -r requirements.txt (OUT/README.md)."""
+    bundle_cmd(_ns(source=source, out=out, force=force, arch=arch, wheels=not no_wheels))
 
 
-@cli.command(short_help="`edgexfer bench --json` results of several machines in one table and plot.")
+@cli.command(short_help="`edgexfer bench --json-out` results of several machines in one table and plot.")
 @click.argument("results", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--markdown", type=click.Path(path_type=Path), default=None, show_default="none",
               help="Write the table as markdown.")
-@click.option("--json", "json_", type=click.Path(path_type=Path), default=None, show_default="none",
-              help="Write the merged document (schema edgexfer.compare/1).")
+@json_options("schema edgexfer.compare/1")
 @click.option("--plot", type=click.Path(path_type=Path), default=None, show_default="none",
               help="Write a PNG plot (needs matplotlib).")
-def compare(results, markdown, json_, plot):
-    """Merge bench results (schema edgexfer.bench/1) from several machines, keyed by the machine info each
-    carries."""
-    compare_cmd(_ns(results=list(results), markdown=markdown, json=json_, plot=plot))
+def compare(results, markdown, json_, json_out, plot):
+    """Merge bench results (schema edgexfer.bench/1, from `bench --json-out FILE`) from several machines, keyed by
+    the machine info each carries."""
+    compare_cmd(_ns(results=list(results), markdown=markdown, json=json_, json_out=json_out, plot=plot))
 
 
 @cli.command(short_help="Run a model under emulated arm64 and compare it with this host.")
@@ -345,11 +352,11 @@ def compare(results, markdown, json_, plot):
 @click.option("--images", type=click.Path(path_type=Path), default=None, show_default="RUN's test split",
               help="An ImageFolder tree (labelled) or a folder of images; needed for a MODEL file.")
 @click.option("--seed", type=int, default=0, help="Sample seed.")
-@click.option("--threads", type=POS, default=1, help="Intra-op threads on both sides.")
+@threads_option("Intra-op threads on both sides.")
 @click.option("--min-agreement", type=float, default=0.995, help="Exit 1 below this top-1 agreement.")
-@click.option("--json", "json_", type=click.Path(path_type=Path), default=None, show_default="RUN/verify_arm64.json",
-              help="Where to write the result.")
-def verify(json_, **kw):
+@json_options("schema edgexfer.verify/1", out_default="RUN/verify_arm64.json; none for a MODEL")
+@quiet_option
+def verify(json_, json_out, **kw):
     """Run the runtime install (aarch64 wheels) in an arm64 Debian root filesystem under qemu user-mode
     emulation (needs root; cached in ~/.cache/edgexfer/arm64) on a sample of held-out images: top-1
     agreement with this host, max abs difference of outputs, arm64-measured accuracy. Emulated timing is
@@ -357,18 +364,20 @@ def verify(json_, **kw):
     held_out = None
     if _find("torch"):
         from edgexfer.heldout import test_split as held_out
-    verify_cmd(_ns(json=json_, **kw), held_out)
+    verify_cmd(_ns(json=json_, json_out=json_out, **kw), held_out)
 
 
 def bundle_cmd(a) -> None:
     from edgexfer.runtime.bundle import bundle
 
-    r = bundle(a.source, a.out, force=a.force, arch=a.arch)
+    with Progress("bundle").ticking() as progress:
+        r = bundle(a.source, a.out, force=a.force, arch=a.arch, wheels=a.wheels, log=progress.log)
     print(f"{r['out']}: {r['model']} ({r['why']}); requirements {', '.join(r['requirements'])}")
     if r.get("warning"):
         print(f"WARNING: {r['warning']}.", file=sys.stderr)
     if r["wheels"]:
-        print(f"{len(r['wheels'])} {r['arch']} wheels in {r['out']}/wheels: installs with no network")
+        print(f"{len(r['wheels'])} {r['arch']} wheels in {r['out']}/wheels: installs with no network "
+              f"(pip install --no-index --find-links wheels -r requirements.txt)")
 
 
 def bench_cmd(a, references) -> None:
@@ -379,24 +388,19 @@ def bench_cmd(a, references) -> None:
     cfg = BenchConfig(threads=a.threads, warmup=a.warmup, iters=a.iters, duration=a.duration, batches=a.batches,
                       sweep=sweep, cold_start=not a.no_cold_start, openvino=not a.no_reference,
                       references=not a.no_reference, spinning=a.spinning, e2e=not a.no_e2e)
-    steps = 1 + bool(cfg.batches) + cfg.cold_start + bool(cfg.sweep)  # single stream, offline, cold start, sweep
-    if cfg.e2e:  # and one end-to-end comparison per model with an end-to-end file beside it
-        from edgexfer.runtime.bench import model_files
-        from edgexfer.runtime.e2e import e2e_path
-
-        steps += sum(e2e_path(f).is_file() for f in model_files(a.models)[0])
-    with Progress("bench", of=steps).ticking() as progress:
-        res = run_benchmark(a.models, cfg, references=references, log=progress.log)
+    with Progress("bench").ticking() as progress:  # the ETA: measured time per call after warm-up (bench.Plan)
+        res = run_benchmark(a.models, cfg, references=references, log=progress.log, eta=progress.eta)
     _emit(a, res, to_markdown(res), plot)
 
 
 def _emit(a, doc: dict, md: str, plot) -> None:
-    """Print the table; write --json, --markdown and --plot where asked (atomically)."""
+    """Print the table (with --json: the document instead); write --json-out, --markdown and --plot where asked
+    (atomically)."""
     from edgexfer.runtime import atomic
 
-    print(md)
-    if a.json:
-        atomic.write_json(a.json, doc)
+    print(json.dumps(doc, indent=2) if a.json else md)
+    if a.json_out:
+        atomic.write_json(a.json_out, doc)
     if a.markdown:
         atomic.write_text(a.markdown, md)
     if a.plot and not plot(doc, a.plot):
@@ -406,6 +410,7 @@ def _emit(a, doc: dict, md: str, plot) -> None:
 def compare_cmd(a) -> None:
     from edgexfer.runtime.compare import compare, plot, to_markdown
 
+    _json_file_given(a.json, a.results)
     doc = compare(a.results)
     _emit(a, doc, to_markdown(doc), plot)
 
@@ -417,7 +422,7 @@ def verify_cmd(a, held_out) -> None:
     from edgexfer.runtime.model import EdgeModel
     from edgexfer.runtime.verify import sample, scan_images, to_markdown, verify_arm64
 
-    out = a.json
+    out = a.json_out
     if a.target.is_dir():
         models = sorted((p for p in a.target.glob("model*.onnx") if not p.name.endswith(".e2e.onnx")),
                         key=lambda p: (p.name != "model.onnx", p.name))
@@ -446,8 +451,8 @@ def verify_cmd(a, held_out) -> None:
     images = [images[i] for i in idx]
     labels = None if labels is None else np.asarray(labels)[idx]
     res = verify_arm64(models, images, labels, source=f"{source}, {len(idx)} sampled with seed {a.seed}",
-                       threads=a.threads, min_agreement=a.min_agreement, log=lambda s: print(f"==> {s}", file=sys.stderr))
-    print(to_markdown(res))
+                       threads=a.threads, min_agreement=a.min_agreement, log=Progress("verify").log)
+    print(json.dumps(res, indent=2) if a.json else to_markdown(res))
     if out:
         atomic.write_json(out, res)
         print(f"written: {out}", file=sys.stderr)

@@ -1,6 +1,6 @@
 """`edgexfer compare RESULT.json...`: `edgexfer bench` results from several machines in one table and plot.
 
-Run `edgexfer bench MODEL --json pi5.json` on each board (the runtime install is enough), bring the
+Run `edgexfer bench MODEL --json-out pi5.json` on each board (the runtime install is enough), bring the
 JSON files back, and compare them. Each result carries its machine info (`edgexfer.runtime.machine`);
 rows are keyed by it, and each model's p50 is also given as a ratio to the fastest machine for the same model
 (the same file, by its metadata or bytes: never another model's latency).
@@ -38,7 +38,7 @@ def load(paths: Sequence[str | os.PathLike]) -> list[tuple[str, dict]]:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise RuntimeInputError(f"{p} is not JSON: {e}") from None
         if not isinstance(res, dict) or res.get("schema") != BENCH_SCHEMA:
-            raise RuntimeInputError(f"{p} is not an `edgexfer bench --json` result (schema {BENCH_SCHEMA})")
+            raise RuntimeInputError(f"{p} is not an `edgexfer bench --json-out` result (schema {BENCH_SCHEMA})")
         if not isinstance(res.get("machine"), dict) or not isinstance(res.get("models"), dict):
             raise RuntimeInputError(f"{p} has no machine info or no models")
         out.append((machine_key(res["machine"]), res, p))

@@ -1,4 +1,4 @@
-"""`edgexfer verify --arch arm64 RUN_DIR|MODEL`: does the model predict the same on an arm64 board?
+"""`edgexfer verify --arch arm64 RUN|MODEL`: does the model predict the same on an arm64 board?
 
 Runs the runtime install (aarch64 wheels, the Docker image's pins) under qemu user-mode emulation
 (`edgexfer.runtime.emulate`) on a sample of held-out images and compares it with this host:

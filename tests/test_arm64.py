@@ -178,7 +178,7 @@ def test_verify_bare_model_with_image_folder(tiny_run, image_folder, tmp_path):
     _arm64_or_skip()
     out = tmp_path / "v.json"
     run_cli("verify", "--arch", "arm64", tiny_run / "model.int8.onnx", "--images", image_folder, "--samples", "4",
-            "--json", out, check=True)
+            "--json-out", out, check=True)
     res = json.loads(out.read_text())
     assert list(res["models"]) == ["model.int8.onnx"] and res["sample"]["labelled"] and res["sample"]["n"] == 4
 

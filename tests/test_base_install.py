@@ -37,7 +37,7 @@ def test_base_install_predicts_without_torch(tmp_path, tiny_run, image_folder):
     # the console script works without the training toolchain: runtime commands run, others explain
     exe = str(env_dir / "bin" / "edgexfer")
     b = subprocess.run([exe, "bench", str(tiny_run / "model.int8.onnx"), "--iters", "3", "--batches", "1",
-                        "--no-cold-start", "--json", str(tmp_path / "b.json")], capture_output=True, text=True, cwd=tmp_path)
+                        "--no-cold-start", "--json-out", str(tmp_path / "b.json")], capture_output=True, text=True, cwd=tmp_path)
     assert b.returncode == 0, b.stderr
     assert json.loads((tmp_path / "b.json").read_text())["models"][f"{tiny_run.name}/model.int8.onnx"]["latency_ms"]["p50"] > 0
     c = subprocess.run([exe, "compare", str(tmp_path / "b.json"), str(tmp_path / "b.json")],

@@ -10,7 +10,7 @@ def test_runtime_bench_document(tiny_run, tmp_path):
     out = tmp_path / "b.json"
     p = subprocess.run([sys.executable, "-m", "edgexfer.runtime", "bench", str(tiny_run / "model.onnx"),
                         str(tiny_run / "model.int8.onnx"), "--iters", "5", "--warmup", "2", "--batches", "1,4",
-                        "--sweep", "1,2", "--no-reference", "--json", str(out), "--markdown", str(tmp_path / "b.md"),
+                        "--sweep", "1,2", "--no-reference", "--json-out", str(out), "--markdown", str(tmp_path / "b.md"),
                         "--plot", str(tmp_path / "b.png")],
                        capture_output=True, text=True, check=True)
     res = json.loads(out.read_text())
@@ -37,7 +37,7 @@ def test_runtime_bench_document(tiny_run, tmp_path):
 
 def test_bench_run_folder_adds_pytorch_reference(tiny_run, tmp_path):
     p = run_cli("bench", tiny_run, "--iters", "3", "--warmup", "1", "--batches", "1", "--no-cold-start",
-                "--json", tmp_path / "b.json", check=True)
+                "--json-out", tmp_path / "b.json", check=True)
     res = json.loads((tmp_path / "b.json").read_text())
     assert {"tiny/model.onnx", "tiny/model.int8.onnx", "pytorch_eager"} <= set(res["models"])
     assert res["models"]["pytorch_eager"]["backend"].startswith("pytorch")
@@ -47,7 +47,7 @@ def test_bench_run_folder_adds_pytorch_reference(tiny_run, tmp_path):
 def test_bench_duration_mode(tiny_run, tmp_path):
     subprocess.run([sys.executable, "-m", "edgexfer.runtime", "bench", str(tiny_run / "model.int8.onnx"),
                         "--duration", "0.5", "--batches", "1", "--no-cold-start", "--no-reference",
-                        "--json", str(tmp_path / "d.json")], capture_output=True, text=True, check=True)
+                        "--json-out", str(tmp_path / "d.json")], capture_output=True, text=True, check=True)
     res = json.loads((tmp_path / "d.json").read_text())
     assert res["models"]["tiny/model.int8.onnx"]["latency_ms"]["n"] >= 5
 
@@ -106,7 +106,7 @@ def test_every_column_is_explained_and_skipped_backends_say_why(tmp_path):
 
     (small,) = _tiny_files(tmp_path, sides=(8,))
     p = subprocess.run([sys.executable, "-m", "edgexfer.runtime", "bench", str(small), "--iters", "3", "--warmup", "1",
-                        "--batches", "1,2", "--json", str(tmp_path / "b.json")], capture_output=True, text=True, check=True)
+                        "--batches", "1,2", "--json-out", str(tmp_path / "b.json")], capture_output=True, text=True, check=True)
     header = next(l for l in p.stdout.splitlines() if l.startswith("| model |"))
     notes = p.stdout.split(header, 1)[1]
     columns = [c.strip() for c in header.strip("|").split("|")][2:]  # after model and backend
@@ -131,7 +131,7 @@ def test_bench_no_spinning_times_call_by_call(tiny_run, tmp_path):
     from edgexfer.runtime.bench import Candidate, interleaved
 
     p = run_cli("bench", tiny_run / "model.onnx", tiny_run / "model.int8.onnx", "--no-spinning", "--iters", "4",
-                "--warmup", "1", "--batches", "1", "--no-cold-start", "--no-reference", "--json", tmp_path / "b.json",
+                "--warmup", "1", "--batches", "1", "--no-cold-start", "--no-reference", "--json-out", tmp_path / "b.json",
                 check=True)
     res = json.loads((tmp_path / "b.json").read_text())
     assert res["config"]["spinning"] is False and "no spinning, interleaved call by call" in p.stdout

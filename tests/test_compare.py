@@ -40,7 +40,7 @@ def test_compare_merges_by_machine(tmp_path):
 
 def test_compare_cli_writes_table_json_and_plot(tmp_path):
     a, b, *_ = _results(tmp_path)
-    p = run_cli("compare", a, b, "--markdown", tmp_path / "fleet.md", "--json", tmp_path / "fleet.json",
+    p = run_cli("compare", a, b, "--markdown", tmp_path / "fleet.md", "--json-out", tmp_path / "fleet.json",
                 "--plot", tmp_path / "fleet.png", check=True)
     assert "Cortex-A76" in p.stdout and (tmp_path / "fleet.md").read_text() in p.stdout
     assert json.loads((tmp_path / "fleet.json").read_text())["schema"] == "edgexfer.compare/1"
@@ -58,7 +58,7 @@ def test_compare_same_machine_twice_names_files(tmp_path):
 
 @pytest.mark.parametrize("content, message", [
     ("not json", "is not JSON"),
-    ('{"schema": "edgexfer.report/1"}', "is not an `edgexfer bench --json` result"),
+    ('{"schema": "edgexfer.report/1"}', "is not an `edgexfer bench --json-out` result"),
     (None, "bench result not found"),
 ])
 def test_compare_bad_input(tmp_path, content, message):

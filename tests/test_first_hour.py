@@ -201,13 +201,13 @@ def test_bench_rows_are_named_by_run_and_file_and_no_e2e_skips_that_phase(tmp_pa
     for f in (a, b):
         e2e.write(f)
     common = ("--iters", "3", "--warmup", "1", "--batches", "1", "--no-cold-start", "--no-reference")
-    code, out, _ = _main(capsys, "bench", a.parent, b.parent, *common, "--json", tmp_path / "b.json")
+    code, out, _ = _main(capsys, "bench", a.parent, b.parent, *common, "--json-out", tmp_path / "b.json")
     res = json.loads((tmp_path / "b.json").read_text())
     assert code == 0 and list(res["models"]) == ["a/model.onnx", "b/model.onnx"]
     assert res["models"]["a/model.onnx"]["model_id"] != res["models"]["b/model.onnx"]["model_id"]
     assert set(res["e2e"]) == {"a/model.onnx", "b/model.onnx"}
     assert "| a/model.e2e.onnx |" in out and "| b/model.e2e.onnx |" in out
-    code, out, _ = _main(capsys, "bench", a.parent, *common, "--no-e2e", "--json", tmp_path / "n.json")
+    code, out, _ = _main(capsys, "bench", a.parent, *common, "--no-e2e", "--json-out", tmp_path / "n.json")
     assert code == 0 and "e2e" not in json.loads((tmp_path / "n.json").read_text())
     assert "End-to-end files" not in out
     code, out, _ = _main(capsys, "bench", "--help")

@@ -104,7 +104,7 @@ def test_stage_commands(tiny_run, tmp_path):
     out = json.loads(p.stdout.strip().splitlines()[0])
     assert len(out["predictions"]) == 2 and out["predictions"][0]["label"] in CLASSES
     p = run_cli("bench", tiny_run / "model.onnx", tiny_run / "model.int8.onnx", "--iters", "5", "--no-cold-start",
-                "--no-reference", "--batches", "1", "--json", tmp_path / "b.json", check=True)
+                "--no-reference", "--batches", "1", "--json-out", tmp_path / "b.json", check=True)
     res = json.loads((tmp_path / "b.json").read_text())
     assert set(res["models"]) == {"tiny/model.onnx", "tiny/model.int8.onnx"} and "cpu" in res["machine"]  # RUN/FILE
 
