@@ -235,6 +235,6 @@ def test_disk_full_anywhere_is_one_line(tmp_path, capsys, monkeypatch):
     from edgexfer.runtime import bundle as bundle_mod
 
     m = tiny_model(tmp_path / "m.onnx")
-    monkeypatch.setattr(bundle_mod, "bundle", "--no-wheels", enospc)
+    monkeypatch.setattr(bundle_mod, "bundle", enospc)
     code, _, err = cli(capsys, "bundle", "--no-wheels", m, tmp_path / "out")
     assert code == 1 and err == "error: disk full: ? (No space left on device)"
