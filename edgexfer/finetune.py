@@ -491,7 +491,24 @@ def train(model: EdgeNet, data: Dataset, pp: Preprocessing, cfg: TrainConfig, wo
         # swapping in any data set's statistics breaks them: measured in benchmarks/RESULTS.md.)
         adapt_batchnorm(model, x_tr)
     probe_acc = probe_s = selection = f_va = oof = aug = folds = None
-    if strategy in ("linear", "lpft", "partial"):
+    state_path = work_dir / "train_state.pt"
+    # `calibrate` acts after the last epoch (on the final weights, never on this per-epoch state), so it is left
+    # out: the state resumes under either setting, and the temperature is folded exactly once, at the end
+    epoch_cfg = {k: v for k, v in asdict(cfg).items() if k != "calibrate"}
+    cfg_key = json.dumps({**epoch_cfg, "resolved_strategy": strategy}, sort_keys=True)
+    st = None
+    if strategy != "linear" and state_path.is_file():
+        st = torch.load(state_path, map_location="cpu", weights_only=True)
+        if st.get("cfg_key") != cfg_key:
+            log.info("ignoring %s: made with another training config", state_path)
+            st = None
+    probe_done = next((h for h in json.loads(st["history"]) if h.get("phase") == "probe"), None) if st else None
+    if probe_done is not None:  # resuming: the state holds the weights the probe started from; not fitted again
+        probe_acc, probe_s = probe_done["val_accuracy"], probe_done["seconds"]
+        history.append(probe_done)
+        log.info("linear probe: done before the interruption (val accuracy %s), not fitted again",
+                 "n/a" if probe_acc is None else f"{probe_acc:.4f}")
+    elif strategy in ("linear", "lpft", "partial"):
         t0 = time.perf_counter()
         log.info("linear probe: features of %d training and %d validation images", len(x_tr), len(x_va))
         f_tr = extract_features(model, x_tr, desc="features train")
@@ -560,11 +577,6 @@ def train(model: EdgeNet, data: Dataset, pp: Preprocessing, cfg: TrainConfig, wo
             return -float(np.mean(losses))
         return float(np.nanmean(task_accuracies(predict_logits(model, x_va.to(device), task=None), y_va.to(device))))
 
-    state_path = work_dir / "train_state.pt"
-    # `calibrate` acts after the last epoch (on the final weights, never on this per-epoch state), so it is left
-    # out: the state resumes under either setting, and the temperature is folded exactly once, at the end
-    epoch_cfg = {k: v for k, v in asdict(cfg).items() if k != "calibrate"}
-    cfg_key = json.dumps({**epoch_cfg, "resolved_strategy": strategy}, sort_keys=True)
     # best_* pick the weights to keep (the probe's included); ft_best and bad drive early stopping, which
     # compares fine-tuning epochs with each other only: the first epochs often dip below the probe.
     start_epoch, best_acc, best_epoch, best_state, bad = 1, probe_acc if probe_acc is not None else -1.0, 0, None, 0
@@ -572,20 +584,17 @@ def train(model: EdgeNet, data: Dataset, pp: Preprocessing, cfg: TrainConfig, wo
     resumed = None
     if probe_acc is not None:
         best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    if state_path.is_file():
-        st = torch.load(state_path, map_location=device, weights_only=True)
-        if st.get("cfg_key") == cfg_key:
-            model.load_state_dict(st["model"])
-            opt.load_state_dict(st["optimizer"])
-            sched.load_state_dict(st["scheduler"])
-            start_epoch, best_acc, best_epoch, bad = st["epoch"] + 1, st["best_acc"], st["best_epoch"], st["bad"]
-            ft_best = st.get("ft_best", ft_best)
-            best_state = st["best_state"]
-            history = json.loads(st["history"])
-            resumed = st["epoch"]
-            log.info("resuming fine-tuning after epoch %d (best val %.4f at epoch %d)", st["epoch"], best_acc, best_epoch)
-        else:
-            log.info("ignoring %s: made with another training config", state_path)
+    if st is not None:
+        st = torch.load(state_path, map_location=device, weights_only=True)  # on the training device
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        start_epoch, best_acc, best_epoch, bad = st["epoch"] + 1, st["best_acc"], st["best_epoch"], st["bad"]
+        ft_best = st.get("ft_best", ft_best)
+        best_state = st["best_state"]
+        history = json.loads(st["history"])
+        resumed = st["epoch"]
+        log.info("resuming fine-tuning after epoch %d (best val %.4f at epoch %d)", st["epoch"], best_acc, best_epoch)
 
     for epoch in range(start_epoch, cfg.epochs + 1):
         if bad >= cfg.patience:

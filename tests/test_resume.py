@@ -8,7 +8,7 @@ import time
 
 from tests.conftest import make_image_folder
 
-ARGS = ("--backbone", "efficientnet_lite0", "--image-size", "64", "--epochs", "4", "--batch-size", "4", "--shots", "24", "--strategy", "finetune")
+ARGS = ("--backbone", "efficientnet_lite0", "--image-size", "64", "--epochs", "4", "--batch-size", "4", "--shots", "24", "--strategy", "lpft")
 
 
 def test_killed_finetune_resumes(tmp_path):
@@ -27,6 +27,8 @@ def test_killed_finetune_resumes(tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resuming fine-tuning after epoch" in r.stderr
+    assert "linear probe: done before the interruption" in r.stderr  # issue 27: the probe is not fitted again
+    assert "linear probe: features of" not in r.stderr
     rep = json.loads((out / "report.json").read_text())
     t = rep["training"]
     assert t["resumed_after_epoch"] >= 1
