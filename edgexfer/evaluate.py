@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from edgexfer.runtime.progress import bars_off
+
 from edgexfer.runtime import fmt
 
 
@@ -29,7 +31,7 @@ def onnx_logits(path: str | Path, x: np.ndarray, *, threads: int | None = None, 
 
     sess = ort.InferenceSession(str(path), sess_options=session_options(threads), providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
-    chunks = [sess.run(None, {name: x[i:i + batch]}) for i in tqdm(range(0, len(x), batch), desc=desc, leave=False, disable=None)]
+    chunks = [sess.run(None, {name: x[i:i + batch]}) for i in tqdm(range(0, len(x), batch), desc=desc, leave=False, disable=bars_off())]
     return [np.concatenate([c[k] for c in chunks]) for k in range(len(chunks[0]))]
 
 
@@ -217,7 +219,7 @@ def evaluate_folder(models: dict[str, str | Path], data: str | Path | LabelledFo
     kept, skipped = [], list(folder.outside)
     logits: dict[str, list[np.ndarray]] = {k: [] for k in loaded}
     t0 = time.perf_counter()
-    for i in tqdm(range(0, len(paths), batch), desc="evaluate", leave=False, disable=None if progress is None else True):
+    for i in tqdm(range(0, len(paths), batch), desc="evaluate", leave=False, disable=bars_off() if progress is None else True):
         xs: dict = {pp: [] for pp in pps}
         for j in range(i, min(i + batch, len(paths))):
             try:

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from edgexfer.runtime.progress import bars_off
+
 from edgexfer.data import Dataset, Split
 from edgexfer.model import EdgeNet
 from edgexfer.runtime import atomic
@@ -151,7 +153,7 @@ def tensorize(split: Split, pp: Preprocessing, desc: str = "preprocess") -> tupl
         x = np.zeros((0, 1 if pp.color == "L" else 3, pp.crop, pp.crop), np.float32)
         y = split.targets() if split.extra else split.labels
         return torch.from_numpy(x), torch.as_tensor(y, dtype=torch.int64)
-    x = np.stack([preprocess(im, pp) for im in tqdm(split.images, desc=desc, leave=False, disable=True if len(split) < 200 else None)])
+    x = np.stack([preprocess(im, pp) for im in tqdm(split.images, desc=desc, leave=False, disable=True if len(split) < 200 else bars_off())])
     y = split.targets() if split.extra else split.labels
     return torch.from_numpy(x), torch.as_tensor(y, dtype=torch.int64)
 
@@ -196,7 +198,7 @@ def predict_logits(model: EdgeNet, x: torch.Tensor, batch_size: int = 128, task:
 def extract_features(model: EdgeNet, x: torch.Tensor, batch_size: int = 128, desc: str = "features") -> torch.Tensor:
     model.eval()
     chunks = range(0, len(x), batch_size)
-    return torch.cat([model.features(x[i:i + batch_size]) for i in tqdm(chunks, desc=desc, leave=False, disable=None)])
+    return torch.cat([model.features(x[i:i + batch_size]) for i in tqdm(chunks, desc=desc, leave=False, disable=bars_off())])
 
 
 def _cols(y: torch.Tensor) -> torch.Tensor:
@@ -605,7 +607,7 @@ def train(model: EdgeNet, data: Dataset, pp: Preprocessing, cfg: TrainConfig, wo
         perm = torch.randperm(len(x_tr), generator=g)
         losses = []
         bar = tqdm(range(steps_per_epoch), desc=f"fine-tune epoch {epoch}/{cfg.epochs}", leave=False,
-                   disable=None)
+                   disable=bars_off())
         for s in bar:
             idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
             xb, yb = (x_tr[idx] if aug is None else aug.batch(idx, x_tr, g)), y_tr[idx]

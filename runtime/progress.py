@@ -129,3 +129,9 @@ class _Listener(logging.Handler):
             return
         self.progress.step = msg if len(msg) <= 120 else msg[:117] + "..."
         self.progress.last = time.monotonic()
+
+
+def bars_off() -> bool | None:
+    """tqdm's `disable` for the training package's progress bars: True under --quiet (`Progress.quiet_all`),
+    else None (tqdm's own rule: a bar on a terminal, none in a log)."""
+    return True if Progress.quiet_all else None

@@ -245,3 +245,14 @@ def test_serve_prints_its_urls_and_get_root_answers_the_page_or_how_to_get_it(tm
     finally:
         p.terminate()
         p.wait(30)
+
+
+def test_quiet_turns_the_training_bars_off_too(monkeypatch):
+    """--quiet (Progress.quiet_all) also silences tqdm's bars in training and evaluation on a terminal; without it
+    tqdm decides (a bar on a terminal, none in a log)."""
+    from edgexfer.runtime.progress import Progress, bars_off
+
+    monkeypatch.setattr(Progress, "quiet_all", True)
+    assert bars_off() is True
+    monkeypatch.setattr(Progress, "quiet_all", False)
+    assert bars_off() is None
