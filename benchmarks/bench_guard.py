@@ -154,8 +154,9 @@ def main() -> int:
     for name, seed in wanted:
         c = done.get((name, seed)) or {**case(name, seed), "commit": provenance()["commit"]}
         cases.append(c)
-        res = {"command": "python benchmarks/bench_guard.py", **prov, "cores": os.cpu_count(), "cases": cases,
-               "summary": summary(cases)}
+        kept = cases + [d for k, d in done.items() if k not in {(x["set"], x["seed"]) for x in cases}]
+        res = {"command": "python benchmarks/bench_guard.py", **prov, "cores": os.cpu_count(), "cases": kept,
+               "summary": summary(kept)}  # cases measured before and not asked for yet stay in the file
         OUT.parent.mkdir(parents=True, exist_ok=True)
         OUT.write_text(json.dumps(res, indent=2) + "\n")  # after every case: an interrupted run goes on from here
         print(f"{name} seed {seed}: guard {100 * c['guard_rate']:.1f}% (<= {100 * c['guard_upper95']:.1f}%), test "
