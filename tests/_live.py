@@ -36,6 +36,29 @@ def live(app):
         t.join(timeout=30)
 
 
+@contextlib.contextmanager
+def live_with_grpc(app):
+    """Yields (gRPC "127.0.0.1:PORT", REST "http://127.0.0.1:PORT") while one uvicorn server serves `app` over REST
+    and the Open Inference Protocol's gRPC API on a free port (as `edgexfer serve --grpc-port` does)."""
+    import uvicorn
+
+    from edgexfer.runtime.oip import http_protocol, uvicorn_server
+
+    config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning", http=http_protocol())
+    server = uvicorn_server(config, grpc_port=0)
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    deadline = time.time() + 30
+    while getattr(server, "grpc", None) is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert server.grpc is not None, "the gRPC server did not start"
+    try:
+        yield f"127.0.0.1:{server.grpc_port}", f"http://127.0.0.1:{config.port}"
+    finally:
+        server.should_exit = True
+        t.join(timeout=30)
+
+
 def infer_concurrently(url: str, model: str, xs, workers: int) -> list:
     """Each array of `xs` sent as its own tritonclient request (binary), `workers` at a time -> logits."""
     from concurrent.futures import ThreadPoolExecutor

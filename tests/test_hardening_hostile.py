@@ -19,7 +19,6 @@ from PIL import Image
 from edgexfer.runtime.multipart import MAX_PART_HEAD, MAX_PARTS, multipart_file
 from edgexfer.runtime.protocol import HTTPError
 from edgexfer.runtime.server import make_server, resolve_models
-from tests._live import free_port
 from tests._onnx_model import good_meta, onnx_bytes
 from tests.test_hardening_server import SERVERS, parse, read_all, serving
 
@@ -241,23 +240,13 @@ def grpc_served(models):
     """REST and gRPC in one uvicorn server, sharing a 1 MiB in-flight budget: (gRPC address, app)."""
     pytest.importorskip("grpc")
     pytest.importorskip("uvicorn")
-    import uvicorn
-
-    from edgexfer.runtime.oip import BatchConfig, create_app, http_protocol, uvicorn_server
+    from edgexfer.runtime.oip import BatchConfig, create_app
+    from tests._live import live_with_grpc
 
     app = create_app(models, threads=1, max_bytes_in_flight=1 << 20,
                      batch=BatchConfig(max_batch_size=8, max_queue_delay_ms=1))
-    config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning", http=http_protocol())
-    server = uvicorn_server(config, grpc_port=0)
-    t = threading.Thread(target=server.run, daemon=True)
-    t.start()
-    deadline = time.time() + 30
-    while getattr(server, "grpc", None) is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert server.grpc is not None, "the gRPC server did not start"
-    yield f"127.0.0.1:{server.grpc_port}", app
-    server.should_exit = True
-    t.join(timeout=30)
+    with live_with_grpc(app) as (grpc_address, _):
+        yield grpc_address, app
 
 
 def grpc_call(address: str, method: str, data: bytes):

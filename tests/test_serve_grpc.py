@@ -2,8 +2,6 @@
 batchers: tritonclient.grpc against EdgeModel (raw tensor contents), typed contents through the generated
 stub, the protocol's error statuses for bad requests, and the REST answer's message for the same mistake."""
 import json
-import threading
-import time
 import urllib.error
 import urllib.request
 
@@ -17,9 +15,9 @@ grpcclient = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from edgexfer.runtime import EdgeModel  # noqa: E402
-from edgexfer.runtime.oip import BatchConfig, create_app, http_protocol, uvicorn_server  # noqa: E402
+from edgexfer.runtime.oip import BatchConfig, create_app  # noqa: E402
 from edgexfer.runtime.server import resolve_models  # noqa: E402
-from tests._live import free_port  # noqa: E402
+from tests._live import live_with_grpc  # noqa: E402
 
 TOKEN = "grpc-t0ken"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
@@ -27,21 +25,10 @@ AUTH = {"authorization": f"Bearer {TOKEN}"}
 
 @pytest.fixture(scope="module")
 def served(tiny_run):
-    import uvicorn
-
     app = create_app(resolve_models([tiny_run]), threads=1, token=TOKEN, access_log=False,
                      batch=BatchConfig(max_batch_size=8, max_queue_delay_ms=1))
-    config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning", http=http_protocol())
-    server = uvicorn_server(config, grpc_port=0)
-    t = threading.Thread(target=server.run, daemon=True)
-    t.start()
-    deadline = time.time() + 30
-    while getattr(server, "grpc", None) is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert server.grpc is not None, "the gRPC server did not start"
-    yield f"127.0.0.1:{server.grpc_port}", f"http://127.0.0.1:{config.port}", app
-    server.should_exit = True
-    t.join(timeout=30)
+    with live_with_grpc(app) as (grpc_address, rest_url):
+        yield grpc_address, rest_url, app
 
 
 def _x(n=2, seed=0):
