@@ -33,7 +33,8 @@ def quantize(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | 
                                              recipe_for)
     from edgexfer.exporters import e2e as _e2e
     from edgexfer.data import list_images
-    from edgexfer.guard import GUARD_IMAGES, Agreement, agreement_set, describe, fp32_stability, summarize, target_set
+    from edgexfer.guard import (GUARD_IMAGES, Agreement, agreement_set, describe, fp32_stability, search_and_certify,
+                                summarize, target_set)
 
     run = RunFolder(run_dir)
     cfg = cfg or run.config()
@@ -64,15 +65,27 @@ def quantize(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | 
             xg, rows, info = agreement_set(ws, unlabelled, seed=cfg.data.seed, out_of_fold=folds is not None)
             info["unlabelled_from"] = sources
         labels = np.concatenate([ws.tensors("train")[1], yv])
-        agreement = Agreement(fp32, xg, rows, labels=labels, threads=cfg.bench.threads,
-                              **(folds or {}))  # FP32 scores 1.0 against its own top-1
         stability = fp32_stability(fp32, xg, ws.preprocessing, cfg.bench.threads, seed=cfg.data.seed)
+        # the search chooses on some images, the chosen file is certified on the others (guard.search_and_certify)
+        split = search_and_certify(rows, len(labels) if not adapted else 0, seed=cfg.data.seed)
+        def scorer(m):  # FP32 scores 1.0 against its own top-1
+            return Agreement(fp32, xg if m is None else xg[m], rows if m is None else rows[m], labels=labels,
+                             threads=cfg.bench.threads, **(folds or {}))
+
+        if split:
+            agreement, certify = (scorer(np.isin(rows, ids)) for ids in split)
+        else:
+            agreement = certify = scorer(None)
+        info["certified"] = bool(split)
+        info["certified_on"] = (f"{certify.images} of the {len(np.unique(rows))} images, held out of the search "
+                                f"that chose among the candidates on the other {agreement.images}" if split else
+                                "the images the search chose on (too few to hold some out): biased low")
+        del xg
         held_out = info["labelled"] if info["labelled_from"] in ("out-of-fold", "validation") else 0
-        evidence = agreement.evidence if held_out else None
-        fp32_val = agreement.fp32_accuracy() if held_out else None
+        evidence = agreement.evidence if held_out and agreement.labelled().any() else None
         # INC tunes one accuracy only, so with a second bound it sits this out
         at_least = ("target_agreement", agree, cfg.min_target_agreement) if agree else None
-        rec = (_inc_quantize(run, cfg, fp32, recipe, calib, xg, agreement, evidence)
+        rec = (_inc_quantize(run, cfg, fp32, recipe, calib, agreement.x, agreement, evidence)
                if cfg.tuner != "builtin" and at_least is None else None)
         if rec is None or not rec["guard"]["within_bound"]:
             inc = rec["guard"].get("inc") if rec else None
@@ -83,19 +96,21 @@ def quantize(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | 
             if inc:
                 rec["guard"]["inc"] = inc
         g = rec["guard"]
-        # QAT trains on the train split: it is judged on the images it did not train on
+        # QAT trains on the train split: it is judged (and certified) on the images it did not train on
         trained = np.arange(len(ws.tensors("train")[0])) if not adapted else np.zeros(0, np.int64)
         qat_agreement = agreement.without(fp32, trained) if agreement.out_of_fold else agreement
-        rec, judge = _qat(run, cfg, ws, fp32, recipe, calib, rec, qat_agreement, at_least, adapted)
-        if judge is not None:  # QAT shipped: its figures are those of the images it did not train on
-            agreement, held_out = judge, int(judge.labelled().sum())
-            fp32_val = judge.fp32_accuracy() if held_out else None
-            info = {**info, "unseen": judge.images, "qat_judged_on": f"{judge.images} of the images, those QAT did "
-                                                                      "not train on"}
+        rec, shipped_qat = _qat(run, cfg, ws, fp32, recipe, calib, rec, qat_agreement, at_least, adapted)
+        if shipped_qat and certify.out_of_fold:
+            judge = certify.without(fp32, trained)
+            certify = judge if judge is not None else qat_agreement
+            info = {**info, "qat_judged_on": f"{certify.images} images QAT did not train on"}
+        held = int(certify.labelled().sum()) if held_out else 0
+        fp32_val = certify.fp32_accuracy() if held else None
+        shipped = {**shipped_row(g), **(certify.evidence(run.file(FILES["int8"])) if held else {})}
         g["guard_set"] = describe(info) + " (top-1 agreement with FP32)"
         g["host_measures_faithfully"] = target["host_measures_faithfully"]
         g["fp32_stability"] = stability
-        summarize(g, info, agreement.detail(run.file(FILES["int8"])), held_out, fp32_val, shipped_row(g),
+        summarize(g, info, certify.detail(run.file(FILES["int8"])), held, fp32_val, shipped,
                   **({"no_labelled": "the labelled images are of the source domain, which the adapted model is no "
                                      "longer for: not used"} if adapted else {}))
         if stability["agreement"] < 1 - cfg.max_accuracy_drop:
@@ -126,11 +141,11 @@ def quantize(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | 
     return rec
 
 
-def _qat(run, cfg, ws, fp32, recipe, calib, rec, agreement, at_least, adapted: bool = False) -> tuple[dict, object]:
+def _qat(run, cfg, ws, fp32, recipe, calib, rec, agreement, at_least, adapted: bool = False) -> tuple[dict, bool]:
     """Quantization-aware fine-tuning as one more candidate (edgexfer/qat.py: when it runs and when it ships),
     scored like the post-training ones on `agreement` (a `guard.Agreement` over images QAT does not train on, or
-    None when there is none); records guard.qat and returns the quantize record of what ships, and the
-    Agreement that judged it when QAT shipped (else None)."""
+    None when there is none); records guard.qat and returns the quantize record of what ships, and whether QAT
+    shipped."""
     from edgexfer.exporters.quantize import _legacy_scorers, _score
     from edgexfer.qat import compete
 
@@ -139,18 +154,18 @@ def _qat(run, cfg, ws, fp32, recipe, calib, rec, agreement, at_least, adapted: b
         g["qat"] = {"tried": False, "reason": "every image the guard measures on is one QAT would train on (the "
                                               "out-of-fold training images): none left to judge it on; --guard-data "
                                               "DIR gives some"}
-        return rec, None
+        return rec, False
     evidence = agreement.evidence if agreement.labelled().any() else None
     scorers = _legacy_scorers(accuracy=agreement, fp32_accuracy=1.0, at_least=at_least, evidence=evidence)
     g["qat"], shipped = compete(run, cfg, ws, fp32, recipe, calib, g,
                                 lambda p: _score(Path(p), scorers, cfg.max_accuracy_drop), adapted=adapted)
     if shipped is None:
-        return rec, None
+        return rec, False
     row = g["qat"]["row"]
     g.update(tuner=g.get("tuner", "") + "; then quantization-aware fine-tuning (shipped)", within_bound=True,
              shipped_accuracy=row["guard_accuracy"], chosen_fp32_layers=0, layers_kept_fp32=[],
              decision=row.get("decision"))
-    return {**shipped, "guard": g}, agreement
+    return {**shipped, "guard": g}, True
 
 
 def _arm64_emulation(target: dict) -> bool:

@@ -278,8 +278,25 @@ def test_a_refitted_probe_is_guarded_out_of_fold_end_to_end(probe_run):
     # QAT trains on the train split, so it was judged on the other images only (validation, left out by --shots)
     q = g["qat"]
     assert q["tried"], q
+    # the search chose on half the images; the other half, never used to choose, certify the shipped file
+    assert info["certified"] and "held out of the search" in g["confidence"]
+    half = round(n / 2) + round(info["unlabelled"] / 2)
     if q["chosen"]:
-        assert info["qat_judged_on"].endswith("those QAT did not train on")
-        assert g["disagreement"]["images"] == info["unseen"] < n + info["unlabelled"]
+        assert info["qat_judged_on"].endswith("images QAT did not train on")
+        assert g["disagreement"]["images"] < half
     else:
-        assert g["disagreement"]["images"] == n + info["unlabelled"]
+        assert g["disagreement"]["images"] == half
+
+
+def test_search_and_certify_split_images_not_rows():
+    """The search and the certificate never share an image (an image's views go with it), each kind (labelled,
+    unlabelled) is split in half, and too few images are not split."""
+    from edgexfer.guard import search_and_certify
+
+    rows = np.concatenate([np.arange(60), 60 + np.arange(40), np.repeat(np.arange(60), 4)])
+    search, cert = search_and_certify(rows, labelled=60, seed=3)
+    assert not set(search) & set(cert) and set(search) | set(cert) == set(range(100))
+    assert (cert < 60).sum() == 30 and (cert >= 60).sum() == 20
+    again = search_and_certify(rows, labelled=60, seed=3)
+    assert (again[1] == cert).all()  # seeded
+    assert search_and_certify(np.arange(30), labelled=30) is None  # 15 a side: too few to hold out
