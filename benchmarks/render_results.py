@@ -686,11 +686,12 @@ def section_guard() -> str:
         "## Does the INT8 guard's promise hold on new photos? (issue 23; `python benchmarks/bench_guard.py` → "
         "results/guard.json)", "", prov("guard.json", d) + f" (cases measured at {', '.join(commits)})", "",
         "Each case runs `edgexfer finetune`, `export`, `quantize` (built-in search, no QAT) and `evaluate` with "
-        "EfficientNet-Lite0; the guard's disagreement with FP32 is measured on images the model was not fitted on "
+        "EfficientNet-Lite0 (flowers-dev-default: every default, `--backbone auto` included); the guard's disagreement with FP32 is measured on images the model was not fitted on "
         "(out of fold, validation, unlabelled images and views of them) with its 95% Wilson interval over images, "
         "and set against the same INT8 file's disagreement on the run's test split, which nothing fitted or chose "
         "on. The last column is what the guard measured before issue 23: the same file on the images the model "
-        "was fitted on.", "", bench_guard.markdown(d)])
+        "was fitted on. Each figure is the guard of the commit the case records: before 2cc4e85 the guard certified "
+        "the chosen file on the same images its search chose on.", "", bench_guard.markdown(d)])
 
 
 def section_hostile() -> str:
