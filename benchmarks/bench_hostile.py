@@ -202,6 +202,25 @@ def big_input() -> np.ndarray:
     return np.random.default_rng(1).standard_normal((rows, 3, 32, 32)).astype("<f4")
 
 
+def at_once(n: int, call) -> dict[str, int]:
+    """`call(go)` in `n` threads, each connecting, then waiting on the barrier `go` so that every request is in
+    flight together, then returning its status; how many got each status."""
+    codes: dict[str, int] = {}
+    lock, go = threading.Lock(), threading.Barrier(n)
+
+    def one():
+        code = call(go)
+        with lock:
+            codes[code] = codes.get(code, 0) + 1
+
+    ts = [threading.Thread(target=one) for _ in range(n)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return codes
+
+
 def burst_grpc(port: int, model: str, x: np.ndarray, n: int = 48) -> dict[str, int]:
     import grpc
 
@@ -210,30 +229,21 @@ def burst_grpc(port: int, model: str, x: np.ndarray, n: int = 48) -> dict[str, i
 
     req = pb.ModelInferRequest(model_name=model, inputs=[pb.ModelInferRequest.InferInputTensor(
         name="input", datatype="FP32", shape=x.shape)], raw_input_contents=[x.tobytes()])
-    codes: dict[str, int] = {}
-    lock, go = threading.Lock(), threading.Barrier(n)
     opts = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20),
             ("grpc.use_local_subchannel_pool", 1)]
 
-    def one():
+    def one(go) -> str:
         with grpc.insecure_channel(f"127.0.0.1:{port}", options=opts) as ch:
             stub = pb_grpc.GRPCInferenceServiceStub(ch)
             grpc.channel_ready_future(ch).result(timeout=30)
             go.wait()
             try:
                 stub.ModelInfer(req, timeout=120)
-                code = "OK"
+                return "OK"
             except grpc.RpcError as e:
-                code = e.code().name
-        with lock:
-            codes[code] = codes.get(code, 0) + 1
+                return e.code().name
 
-    ts = [threading.Thread(target=one) for _ in range(n)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    return codes
+    return at_once(n, one)
 
 
 def burst_rest(port: int, x: np.ndarray, n: int = 48) -> dict[str, int]:
@@ -241,10 +251,8 @@ def burst_rest(port: int, x: np.ndarray, n: int = 48) -> dict[str, int]:
                                    "parameters": {"binary_data_size": x.nbytes}}],
                        "outputs": [{"name": "logits", "parameters": {"binary_data": True}}]}).encode()
     body = head + x.tobytes()
-    codes: dict[str, int] = {}
-    lock, go = threading.Lock(), threading.Barrier(n)
 
-    def one():
+    def one(go) -> str:
         c = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
         c.connect()
         go.wait()
@@ -253,19 +261,13 @@ def burst_rest(port: int, x: np.ndarray, n: int = 48) -> dict[str, int]:
                                                                  "Content-Type": "application/octet-stream"})
             r = c.getresponse()
             r.read()
-            code = str(r.status)
+            return str(r.status)
         except (OSError, http.client.HTTPException) as e:
-            code = type(e).__name__
-        c.close()
-        with lock:
-            codes[code] = codes.get(code, 0) + 1
+            return type(e).__name__
+        finally:
+            c.close()
 
-    ts = [threading.Thread(target=one) for _ in range(n)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    return codes
+    return at_once(n, one)
 
 
 def memory(model: Path, how: str, trim: bool = True) -> dict:
