@@ -230,8 +230,7 @@ class Agreement:
         self._cache: dict = {}
         _, self.cluster = np.unique(self.rows, return_inverse=True)
         self.images = int(self.cluster.max()) + 1 if len(self.cluster) else 0
-        self.refit_top1 = [lg.argmax(1) for lg in self._outputs(fp32)[0]]
-        self.top1 = self.refit_top1  # INC's labels: FP32's own answers, as the file gives them
+        self.top1 = [lg.argmax(1) for lg in self._outputs(fp32)[0]]  # INC's labels: FP32's answers, as the file gives them
         self.ref_logits = self._logits(fp32)
         self.ref = [lg.argmax(1) for lg in self.ref_logits]
 
