@@ -115,3 +115,33 @@ def test_the_readme_is_short():
     """The README is what a newcomer reads in five minutes; the reference lives in docs/."""
     lines = (ROOT / "README.md").read_text().count("\n")
     assert lines <= 160, f"README.md has {lines} lines: move reference material to docs/"
+
+
+def test_the_report_table_names_every_field_of_the_schema():
+    """docs/run-folder.md's report.json table against edgexfer/schemas/report.schema.json: each top-level
+    section of the schema has a row, and a section's row names each field the schema gives it."""
+    import json
+
+    schema = json.loads((ROOT / "edgexfer" / "schemas" / "report.schema.json").read_text())
+    defs = schema.get("$defs", {})
+
+    def resolve(node):
+        while "$ref" in node:
+            node = defs[node["$ref"].rsplit("/", 1)[-1]]
+        return node
+
+    rows: dict[str, str] = {}
+    for line in (ROOT / "docs" / "run-folder.md").read_text().splitlines():
+        if line.startswith("| `"):
+            _, first, *rest = line.split("|")
+            rows[first.strip()] = rows.get(first.strip(), "") + "|".join(rest)
+    named = {name for first in rows for name in re.findall(r"`([a-z_0-9]+)", first)}
+    bad = [f"section {k!r} has no row" for k in schema["properties"] if k not in named]
+    for first, meaning in rows.items():
+        keys = re.findall(r"`([a-z_0-9]+)`", first)
+        if len(keys) != 1 or keys[0] not in schema["properties"]:
+            continue
+        for field in resolve(schema["properties"][keys[0]]).get("properties", {}):
+            if f"`{field}`" not in meaning:
+                bad.append(f"{keys[0]}.{field} is not in its row")
+    assert not bad, "docs/run-folder.md's report table vs the schema:\n" + "\n".join(bad)
