@@ -33,13 +33,14 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "hostile.json"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_serve import small_model, wait_ready  # noqa: E402  (one server start, one model)
 B = "bench0boundary"
 HEADER = "Inference-Header-Content-Length"
 
@@ -58,19 +59,7 @@ def start(model: Path, kind: str, grpc: bool = False, env: dict | None = None) -
                           "--port", str(port), "--threads", "1", "--no-access-log",
                           *(["--grpc-port", str(gport)] if grpc else [])],
                          stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, **(env or {})})
-    deadline = time.time() + 60
-    while time.time() < deadline and p.poll() is None:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1)
-            if grpc:
-                time.sleep(1.0)  # the gRPC port opens after the REST one
-            return p, port, gport
-        except OSError:
-            time.sleep(0.2)
-    p.kill()
-    p.wait()
-    log.seek(0)
-    raise RuntimeError("server did not start: " + log.read().decode(errors="replace")[-500:])
+    return wait_ready(p, port, log, settle_s=1.0 if grpc else 0.0), port, gport  # gRPC opens after REST
 
 
 def stop(p: subprocess.Popen) -> None:
@@ -377,8 +366,6 @@ def main() -> int:
     ap.add_argument("--slow-seconds", type=float, default=60, help="(c): how long the 300 slow sockets stay")
     ap.add_argument("--out", type=Path, default=OUT)
     a = ap.parse_args()
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from bench_serve import small_model
     from render_results import provenance
 
     cmd = "python benchmarks/bench_hostile.py" + ("" if a.seconds == 20 else f" --seconds {a.seconds:g}") + \

@@ -186,10 +186,17 @@ def start_server(model: Path, port: int, max_batch: int, threads: int, delay_ms:
                           "--max-batch-size", str(max_batch),
                           "--max-queue-delay-ms", str(delay_ms), "--no-access-log", *extra],
                          stdout=subprocess.DEVNULL, stderr=log)
+    return wait_ready(p, port, log)
+
+
+def wait_ready(p: subprocess.Popen, port: int, log, settle_s: float = 0.0) -> subprocess.Popen:
+    """`p` once its REST port answers /v2/health/ready (then `settle_s` more, e.g. for a gRPC port that opens
+    after it); killed, with the tail of its `log` in the error, when it does not within 60 s."""
     deadline = time.time() + 60
     while time.time() < deadline and p.poll() is None:
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1)
+            time.sleep(settle_s)
             return p
         except OSError:
             time.sleep(0.2)
@@ -256,12 +263,18 @@ def _client_proc(port, path, body, header_len, threads, stop_at, q):
 
 
 def run_python(port: int, path: str, body: bytes, header_len: int, clients: int, seconds: float) -> dict:
+    return load(_client_proc, (port, path, body, header_len), clients, seconds)
+
+
+def load(client_proc, args: tuple, clients: int, seconds: float) -> dict:
+    """`clients` closed-loop clients for `seconds`, spread over up to 4 processes running
+    `client_proc(*args, n_clients, stop_at, queue)`, each putting (latencies in s, failures) on the queue."""
     procs_n = min(4, clients)
     q = mp.Queue()
     t0 = time.perf_counter()
     stop_at = time.time() + seconds
-    procs = [mp.Process(target=_client_proc, args=(port, path, body, header_len, len(range(i, clients, procs_n)),
-                                                   stop_at, q)) for i in range(procs_n)]
+    procs = [mp.Process(target=client_proc, args=(*args, len(range(i, clients, procs_n)), stop_at, q))
+             for i in range(procs_n)]
     for p in procs:
         p.start()
     parts = [q.get() for _ in procs]
@@ -325,21 +338,7 @@ def _grpc_client_proc(port, name, x, threads, stop_at, q):
 
 def run_grpc(port: int, name: str, x: np.ndarray, clients: int, seconds: float) -> dict:
     """As run_python, over gRPC: the same processes and clients, the same request."""
-    procs_n = min(4, clients)
-    q = mp.Queue()
-    t0 = time.perf_counter()
-    stop_at = time.time() + seconds
-    procs = [mp.Process(target=_grpc_client_proc, args=(port, name, x, len(range(i, clients, procs_n)), stop_at, q))
-             for i in range(procs_n)]
-    for p in procs:
-        p.start()
-    parts = [q.get() for _ in procs]
-    for p in procs:
-        p.join()
-    wall = time.perf_counter() - t0
-    ms = np.concatenate([np.asarray(lat) for lat, _ in parts]) * 1e3
-    return {"requests": len(ms), "failed": sum(f for _, f in parts), "throughput_rps": len(ms) / wall,
-            "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)), "max_ms": float(ms.max())}
+    return load(_grpc_client_proc, (port, name, x), clients, seconds)
 
 
 def process_cpu_s(pid: int) -> float:
