@@ -1,6 +1,7 @@
-"""The training commands of `edgexfer` (the [train] extra): thin click commands over the library's stage
-functions, in the one command tree of runtime/cli.py (which lists them, and says which extra they need
-when it is missing). Importing this module imports click and light modules only.
+"""The `edgexfer` command: the runtime's command tree (runtime/cli.py) with the training commands (the [train]
+extra) added to it, thin click commands over the library's stage functions. They are listed in every `--help`
+whatever is installed; run without their extra, they say which in one line. Importing this module imports
+click and light modules only, so the tree starts with the runtime install alone.
 
     edgexfer run                       # the offline default: few-shot Fashion-MNIST -> runs/demo
     edgexfer run --data DIR --name mine --backbone mobilenet_v3_small
@@ -19,17 +20,54 @@ import click
 
 from edgexfer.errors import EdgexferError
 from edgexfer.runtime import atomic
-from edgexfer.runtime.cli import quiet_option, threads_option
+from edgexfer.runtime.cli import Lent, command_tree, quiet_option, threads_option
+from edgexfer.runtime.cli import main as tree_main
 
 log = logging.getLogger("edgexfer")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that are the user's to fix: printed as one line, exit 1, no traceback."""
-    from edgexfer.exporters.errors import ExportError
     from edgexfer.runtime.errors import ImageError, MetadataError, ModelFileError, RuntimeInputError
 
-    return (EdgexferError, ExportError, MetadataError, ImageError, RuntimeInputError, FileNotFoundError, ModelFileError)
+    runtime = (MetadataError, ImageError, RuntimeInputError, FileNotFoundError, ModelFileError)
+    try:
+        from edgexfer.exporters.errors import ExportError
+    except ImportError:  # the exporters need onnx ([train]); without it no command gets as far as raising theirs
+        return (EdgexferError, *runtime)
+    return (EdgexferError, ExportError, *runtime)
+
+
+EXTRA = "train"
+EXTRA_MODULES = ("torch", "torchvision", "onnx", "sklearn")  # what the [train] extra brings, checked before a command runs
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+class TrainingCommand(click.Command):
+    """A command of the [train] extra: "[train]" before its line in `edgexfer --help`; its own --help works without
+    the extra, and run without it, it says in one line what to install."""
+
+    def get_short_help_str(self, limit: int = 45) -> str:
+        return f"[{EXTRA}] {super().get_short_help_str(limit=200)}"
+
+    def invoke(self, ctx):
+        missing = [m for m in EXTRA_MODULES if not _installed(m)]
+        if missing:
+            from edgexfer.runtime.cli import COMMANDS
+            from edgexfer.runtime.errors import RuntimeInputError
+
+            raise RuntimeInputError(
+                f"`edgexfer {self.name}` needs the training toolchain: pip install 'edgexfer[{EXTRA}]' "
+                f"(missing: {', '.join(missing)}; this install has the runtime commands: {', '.join(COMMANDS)})")
+        return super().invoke(ctx)
 
 
 # -- shared options --------------------------------------------------------------------------------
@@ -253,7 +291,7 @@ def _plain_name(ctx, param, value: str) -> str:
     return value
 
 
-@click.command()
+@click.command(cls=TrainingCommand)
 @data_options
 @click.option("--name", default=None, callback=_plain_name, show_default="the data's name, or demo",
               help="Run folder name under --runs (a plain name, no '/'). Default: the --data folder's name "
@@ -428,7 +466,7 @@ def print_headline(out: Path, rep: dict) -> None:
         click.echo(f"  {c:{width}s}  # {what}")
 
 
-@click.command()
+@click.command(cls=TrainingCommand)
 @data_options
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run folder to write.")
 @quiet_option
@@ -447,7 +485,7 @@ def finetune(out, **kw):
                f"(strategy {res['strategy']})")
 
 
-@click.command()
+@click.command(cls=TrainingCommand)
 @run_dir_arg
 @click.option("--atol", type=float, default=None, help="Max abs difference allowed vs PyTorch (default: the backbone's).")
 @click.option("--triton-repo", type=click.Path(file_okay=False, path_type=Path), default=None, show_default="none",
@@ -484,7 +522,7 @@ def export(run_dir, atol, triton_repo, triton_model, max_batch_size, force):
         click.echo(f"{dest}: Triton model repository entry ({src.name}, max_batch_size {max_batch_size})")
 
 
-@click.command()
+@click.command(cls=TrainingCommand)
 @run_dir_arg
 @quant_options
 @quiet_option
@@ -512,7 +550,7 @@ def quantize(run_dir, **kw):
                   "outside the bound" if g else "no accuracy guard"))
 
 
-@click.command()
+@click.command(cls=TrainingCommand)
 @click.argument("run_dir", metavar="RUN|MODEL", type=click.Path(exists=True, path_type=Path))
 @click.option("--data", type=click.Path(path_type=Path), default=None, show_default="the run's test split",
               help="Score this labelled folder instead of the run's test split: one subfolder per class (or a "
@@ -604,7 +642,7 @@ def _evaluate_data(target: Path, data: Path, out: Path | None, *, skip_unknown, 
     click.echo(f"\n{out}/: evaluation.json, misclassified.csv, misclassified.png (misclassified shown: {shown})")
 
 
-@click.command()
+@click.command(cls=TrainingCommand)
 @click.option("--data", type=click.Path(path_type=str), default=None,
               help="ImageFolder tree or CSV file (default: offline Fashion-MNIST).")
 @click.option("--shots", type=click.IntRange(min=1), default=None, show_default="all; 100 for Fashion-MNIST",
@@ -674,7 +712,7 @@ def rank(data, shots, seed, strict, follow_symlinks, image_size, candidates, as_
 CURVE_BACKBONE = "efficientnet_lite0"
 
 
-@click.command()
+@click.command(cls=TrainingCommand)
 @data_options
 @click.option("--labels", "shots_list", default="1,5,10,50,100", show_default=True,
               help="Comma-separated labelled images per class, one point each.")
@@ -727,7 +765,7 @@ def curve(ctx, shots_list, out, no_scratch, **kw):
 next(p for p in curve.params if p.name == "compare_scratch").default = True  # the curve's own comparison
 
 
-@click.command()
+@click.command(cls=TrainingCommand)
 @click.argument("models", nargs=-1, required=True, metavar="MODEL|RUN...", type=click.Path(exists=True, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def inspect(models, as_json):
@@ -752,7 +790,7 @@ def inspect(models, as_json):
         click.echo("\n\n".join(format_text(i) for i in infos))
 
 
-@click.command()
+@click.command(cls=TrainingCommand)
 def backbones():
     """List the registered backbones: parameters, feature size, blocks, and whether ImageNet weights are
     available offline. timm/<name> works too when timm is installed."""
@@ -767,11 +805,43 @@ def backbones():
                    f"{'yes' if info.offline() else 'no (needs download or a local path)'}")
 
 
-def main(argv=None) -> None:
-    """The one command tree (runtime/cli.py), these commands included."""
-    from edgexfer.runtime.cli import main as tree_main
+# -- the tree ------------------------------------------------------------------------------------------
 
-    tree_main(argv)
+def _bench_references() -> tuple:
+    """bench RUN's reference backends: PyTorch eager from the run's checkpoint, where torch is installed."""
+    if not _installed("torch"):
+        return ()
+    from edgexfer.pipeline import pytorch_reference
+
+    return (pytorch_reference,)
+
+
+def _held_out():
+    """verify RUN's images: the run's test split, rebuilt from its config (where torch is installed, as before)."""
+    if not _installed("torch"):
+        return None
+    from edgexfer.heldout import test_split
+
+    return test_split
+
+
+def _e2e_writer():
+    """bundle's end-to-end writer (the exporters', which needs onnx); None without it: bundle copies the file."""
+    try:
+        from edgexfer.exporters.e2e import write
+    except ImportError:  # the runtime install: no onnx
+        return None
+    return write
+
+
+TRAINING_COMMANDS = (run, finetune, export, quantize, evaluate, rank, curve, inspect, backbones)
+cli = command_tree(*TRAINING_COMMANDS,
+                   lent=Lent(bench_references=_bench_references, held_out=_held_out, write_e2e=_e2e_writer))
+
+
+def main(argv=None) -> None:
+    """`edgexfer`: the runtime's command tree with the training commands."""
+    tree_main(argv, tree=cli, user_errors=_user_errors())
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
                            evidence, report.json quantize.guard), else FP32; the test split never chooses
       model.int8.e2e.onnx  the same model with its preprocessing in the graph (edgexfer.exporters.e2e):
                            decoded uint8 image in, probabilities out, for any ONNX Runtime binding; built
-                           afresh when the onnx package is here, else copied when current with the model
+                           afresh by the writer the caller passes (`edgexfer bundle` passes the exporters'
+                           where onnx is installed), else copied when current with the model
       labels.txt           the class names, one per line, in the model's output order
       requirements.txt     numpy, onnxruntime, Pillow pinned to the versions this was tested with
       edgexfer/            the runtime package itself (pure Python), so nothing else needs installing
@@ -32,6 +33,7 @@ import sys
 import tempfile
 from importlib import metadata
 from pathlib import Path
+from typing import Callable
 
 from edgexfer.runtime.errors import RuntimeInputError
 from edgexfer.runtime.fmt import count
@@ -176,10 +178,14 @@ def platform_name() -> str:
 
 
 def bundle(source: str | os.PathLike, out: str | os.PathLike, *, force: bool = False, arch: str = "host",
-           wheels: bool | None = None, log=lambda s: None) -> dict:
+           wheels: bool | None = None, log=lambda s: None, write_e2e: Callable[[Path, Path], object] | None = None
+           ) -> dict:
     """Write the bundle for a run folder (or a single ONNX file) to `out`; `wheels`: with the wheels of the pinned
     requirements (downloaded with pip from the package index) for this host's platform, or with `arch="arm64"`
-    for aarch64 boards (default: only for arm64; `edgexfer bundle` carries them unless --no-wheels)."""
+    for aarch64 boards (default: only for arm64; `edgexfer bundle` carries them unless --no-wheels).
+    `write_e2e(model, dest)`: builds the model's end-to-end file at dest (edgexfer.exporters.e2e.write, which
+    needs onnx: `edgexfer bundle` passes it where onnx is installed), so that it carries the model's current
+    metrics; None: the end-to-end file beside the model is copied when current with it."""
     wheels = arch == "arm64" if wheels is None else wheels
     source, out = Path(source), Path(out)
     warning = None
@@ -209,11 +215,11 @@ def bundle(source: str | os.PathLike, out: str | os.PathLike, *, force: bool = F
 
     with atomic.writing(out, needed):
         out.parent.mkdir(parents=True, exist_ok=True)
-        return _write(model, out, why, warning, arch, runtime_dir, wheels, log)
+        return _write(model, out, why, warning, arch, runtime_dir, wheels, log, write_e2e)
 
 
 def _write(model: Path, out: Path, why: str, warning: str | None, arch: str, runtime_dir: Path, with_wheels: bool,
-           log) -> dict:
+           log, write_e2e) -> dict:
     """The bundle, written into a temporary folder beside `out`, then renamed to it."""
     import edgexfer
     from edgexfer.runtime.model import EdgeModel
@@ -223,7 +229,7 @@ def _write(model: Path, out: Path, why: str, warning: str | None, arch: str, run
         tmp.mkdir()
         # copyfile, not copy2: the copies get the umask's mode, not the source's (an artifact written 0600)
         shutil.copyfile(model, tmp / model.name)
-        e2e_name, e2e_why = _e2e_file(model, tmp)
+        e2e_name, e2e_why = _e2e_file(model, tmp, write_e2e)
         (tmp / "labels.txt").write_text(lines(EdgeModel(model).labels, f"{model}"), encoding="utf-8")
         pkg = tmp / "edgexfer"
         shutil.copytree(runtime_dir, pkg / "runtime", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
@@ -257,16 +263,13 @@ def _write(model: Path, out: Path, why: str, warning: str | None, arch: str, run
     return result
 
 
-def _e2e_file(model: Path, folder: Path) -> tuple[str | None, str | None]:
-    """The end-to-end file of `model` into `folder`: built from it when the onnx package is installed (so
-    it carries the model's current metrics), else copied from beside it when current. (name, None), or
-    (None, why not)."""
+def _e2e_file(model: Path, folder: Path, write) -> tuple[str | None, str | None]:
+    """The end-to-end file of `model` into `folder`: built from it by `write` when given (so it carries the
+    model's current metrics), else copied from beside it when current. (name, None), or (None, why not)."""
     from edgexfer.runtime.e2e import e2e_path
 
     dest = folder / e2e_path(model).name
-    try:
-        from edgexfer.exporters.e2e import write
-    except ImportError:  # the runtime install: no onnx
+    if write is None:  # the runtime install: no onnx, no writer
         from edgexfer.runtime.model import EdgeModel
 
         m = EdgeModel(model)

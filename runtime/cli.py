@@ -1,19 +1,23 @@
-"""The `edgexfer` command tree (click): the runtime's commands — `bench`, `predict`, `serve`, `bundle`,
-`compare`, `verify` — defined here and working with the runtime install alone (numpy, onnxruntime,
-Pillow, click; nothing heavy is imported until a command runs), and the training commands (`run`,
-`finetune`, `export`, `quantize`, `evaluate`, `rank`, `curve`, `inspect`, `backbones`) from
-edgexfer/cli.py, listed in every `--help` whatever is installed; without their extra they say which in
-one line. `edgexfer ...` and `python -m edgexfer.runtime ...` both land here.
+"""The runtime's command tree (click): `bench`, `predict`, `serve`, `bundle`, `compare`, `verify`, working
+with the runtime install alone (numpy, onnxruntime, Pillow, click; nothing heavy is imported until a command
+runs). `python -m edgexfer.runtime ...` (what a bundle runs) is this tree alone.
+
+The runtime imports nothing from the packages above it. The `edgexfer` command is the full tree that the
+training package builds on this one (edgexfer/cli.py: `command_tree` with its commands, and a `Lent` with
+what the runtime's commands use from above where it is installed: bench's PyTorch reference, verify's
+test split, bundle's end-to-end writer).
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import click
 
@@ -21,10 +25,9 @@ from edgexfer.runtime.errors import ImageError, MetadataError, ModelFileError, R
 from edgexfer.runtime.progress import Progress  # noqa: F401  (the one progress helper; edgexfer/cli.py uses it from here)
 
 COMMANDS = ("bench", "predict", "serve", "bundle", "compare", "verify")
-# training commands (edgexfer/cli.py) -> the extra they need and the modules that extra brings
-TRAINING = {"run": "train", "finetune": "train", "export": "train", "quantize": "train", "evaluate": "train",
-            "rank": "train", "curve": "train", "inspect": "train", "backbones": "train"}
-EXTRA_MODULES = {"train": ("torch", "torchvision", "onnx", "sklearn")}
+# The commands the training package adds to the full tree (edgexfer/cli.py), by name only: this tree alone (a
+# bundle, `python -m edgexfer.runtime`) says where they are instead of "No such command".
+TRAINING = ("run", "finetune", "export", "quantize", "evaluate", "rank", "curve", "inspect", "backbones")
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100, "show_default": True}
 log = logging.getLogger("edgexfer")
 
@@ -130,13 +133,27 @@ def _limits(a):
     return ImageLimits(a.max_image_pixels, a.max_aspect_ratio)
 
 
+@dataclass(frozen=True)
+class Lent:
+    """What the layer above lends the runtime's commands in the full `edgexfer` tree (edgexfer/cli.py fills it;
+    the runtime imports nothing from above). Each is called as its command runs and gives nothing where what it
+    lends is not installed; this tree alone (a bundle, `python -m edgexfer.runtime`) is lent nothing."""
+    # bench RUN: reference backends, each (run_dir, threads) -> bench.Candidate or None (PyTorch eager)
+    bench_references: Callable[[], Sequence[Callable]] = tuple
+    # verify RUN: run_dir -> (images, labels, classes, source), the run's test split rebuilt from its config
+    held_out: Callable[[], Optional[Callable]] = lambda: None
+    # bundle: (model, dest) -> writes the model's end-to-end file at dest (preprocessing in the graph)
+    write_e2e: Callable[[], Optional[Callable]] = lambda: None
+
+
 class Tree(click.Group):
-    """One command tree: the runtime's commands (here) and the training ones (edgexfer/cli.py, loaded when
-    listed or called: click and the standard library only at import). A training command called without
-    its extra installed says which in one line."""
+    """A command tree: its commands listed in the order they were added, the training commands' names known to
+    this tree alone (it says where they are), and `lent` for the runtime's commands (`command_tree`)."""
+
+    lent = Lent()
 
     def list_commands(self, ctx):
-        return [*COMMANDS, *(TRAINING if _find("edgexfer.cli") else ())]
+        return list(self.commands)
 
     def resolve_command(self, ctx, args):
         """An unknown command name gets click's "Did you mean ...?" over every command, the training ones
@@ -153,38 +170,17 @@ class Tree(click.Group):
             raise
 
     def get_command(self, ctx, name):
-        if name not in TRAINING:
-            return super().get_command(ctx, name)
-        if not _find("edgexfer.cli"):  # the runtime alone, as a bundle or the Docker image's emulated job ships it
+        cmd = super().get_command(ctx, name)
+        if cmd is None and name in TRAINING:  # the runtime alone, as a bundle or the Docker image's emulated job ships it
             raise RuntimeInputError(f"`edgexfer {name}` is a training command; this is the runtime alone (commands: "
                                     f"{', '.join(COMMANDS)}): install the edgexfer package with 'edgexfer[train]'")
-        from edgexfer import cli as training  # click and light modules only; the commands import the rest
-
-        cmd = getattr(training, name)
-        if not getattr(cmd, "_edgexfer_extra", None):  # once: the extra in its help line, checked before it runs
-            extra = cmd._edgexfer_extra = TRAINING[name]
-            cmd.short_help = f"[{extra}] {cmd.get_short_help_str(limit=200)}"
-            run = cmd.invoke
-
-            def invoke(ctx, _run=run, _name=name, _extra=extra):
-                missing = [m for m in EXTRA_MODULES[_extra] if not _find(m)]
-                if missing:
-                    raise RuntimeInputError(
-                        f"`edgexfer {_name}` needs the training toolchain: pip install 'edgexfer[{_extra}]' "
-                        f"(missing: {', '.join(missing)}; this install has the runtime commands: {', '.join(COMMANDS)})")
-                return _run(ctx)
-
-            cmd.invoke = invoke
         return cmd
 
 
-def _find(module: str) -> bool:
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
+def _lent() -> Lent:
+    """What the tree the running command belongs to was lent (nothing: the runtime alone)."""
+    ctx = click.get_current_context(silent=True)
+    return getattr(ctx.find_root().command, "lent", Lent()) if ctx else Lent()
 
 
 @click.group(cls=Tree, context_settings=CONTEXT)
@@ -243,11 +239,7 @@ def bench(models, sweep, json_, **kw):
     Python preprocessing (--no-e2e skips it). A progress line per step on stderr, with an ETA from the time
     each call took after warm-up."""
     _json_file_given(json_, models)
-    references = ()
-    if not kw["no_reference"] and _find("torch"):
-        from edgexfer.pipeline import pytorch_reference
-
-        references = [pytorch_reference]
+    references = () if kw["no_reference"] else _lent().bench_references()
     bench_cmd(_ns(models=list(models), sweep=sweep, json=json_, **kw), references)
 
 
@@ -361,17 +353,25 @@ def verify(json_, json_out, **kw):
     emulation (needs root; cached in ~/.cache/edgexfer/arm64) on a sample of held-out images: top-1
     agreement with this host, max abs difference of outputs, arm64-measured accuracy. Emulated timing is
     not latency."""
-    held_out = None
-    if _find("torch"):
-        from edgexfer.heldout import test_split as held_out
-    verify_cmd(_ns(json=json_, json_out=json_out, **kw), held_out)
+    verify_cmd(_ns(json=json_, json_out=json_out, **kw), _lent().held_out())
+
+
+def command_tree(*commands: click.Command, lent: Lent = Lent()) -> Tree:
+    """A new command tree: the runtime's commands (this module's `cli`, which stays the runtime alone), then
+    `commands`, with `lent` for the runtime's commands. The training package builds the `edgexfer` command
+    with it (edgexfer/cli.py)."""
+    tree = copy.copy(cli)
+    tree.commands = {**cli.commands, **{c.name: c for c in commands}}
+    tree.lent = lent
+    return tree
 
 
 def bundle_cmd(a) -> None:
     from edgexfer.runtime.bundle import bundle
 
     with Progress("bundle").ticking() as progress:
-        r = bundle(a.source, a.out, force=a.force, arch=a.arch, wheels=a.wheels, log=progress.log)
+        r = bundle(a.source, a.out, force=a.force, arch=a.arch, wheels=a.wheels, log=progress.log,
+                   write_e2e=_lent().write_e2e())
     print(f"{r['out']}: {r['model']} ({r['why']}); requirements {', '.join(r['requirements'])}")
     if r.get("warning"):
         print(f"WARNING: {r['warning']}.", file=sys.stderr)
@@ -578,19 +578,18 @@ def serve_cmd(a) -> None:
             raise RuntimeInputError(f"cannot listen on {a.host}:{a.port}: {e.strerror or e}") from None
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Run a command; user mistakes print one line (`error: ...`) and exit 1 (usage mistakes 2)."""
-    user = (FileNotFoundError, MetadataError, ImageError, RuntimeInputError, ModelFileError)
-    for module, name in (("edgexfer.errors", "EdgexferError"), ("edgexfer.exporters.errors", "ExportError")):
-        try:  # absent where the runtime ships alone (a bundle): its commands raise only the runtime's errors
-            user += (getattr(__import__(module, fromlist=[name]), name),)
-        except ImportError:
-            pass
+def main(argv: Sequence[str] | None = None, *, tree: click.Group | None = None,
+         user_errors: tuple[type[BaseException], ...] = ()) -> None:
+    """Run a command of `tree` (default: the runtime's own, `cli`); user mistakes print one line (`error: ...`)
+    and exit 1 (usage mistakes 2). `user_errors`: more exception types that are the user's to fix (the training
+    package's, for its commands)."""
+    user = (FileNotFoundError, MetadataError, ImageError, RuntimeInputError, ModelFileError, *user_errors)
+    tree = cli if tree is None else tree
     args = sys.argv[1:] if argv is None else list(argv)
     if not args:
         args = ["--help"]
     try:
-        cli.main(args=args, prog_name="edgexfer", standalone_mode=False)
+        tree.main(args=args, prog_name="edgexfer", standalone_mode=False)
     except click.exceptions.Abort as e:  # Ctrl-C; a command that wrote a run folder says what it keeps
         print(str(e) or "aborted", file=sys.stderr)
         sys.exit(130)

@@ -1,4 +1,4 @@
-"""One command tree (runtime/cli.py, click): `edgexfer --help` lists every command and exits 0 with the
+"""One command tree (edgexfer/cli.py's, on runtime/cli.py's; click): `edgexfer --help` lists every command and exits 0 with the
 runtime install alone (torch & co. blocked in a subprocess), the training commands name their extra in one
 line, every option has help and shows its default, and `predict` takes a run folder and writes CSV too."""
 import csv
@@ -10,7 +10,8 @@ import sys
 import click
 import pytest
 
-from edgexfer.runtime.cli import COMMANDS, TRAINING, cli
+from edgexfer.cli import cli
+from edgexfer.runtime.cli import COMMANDS, TRAINING
 
 HEAVY = ("torch", "torchvision", "onnx", "onnxslim", "sklearn", "matplotlib", "timm", "optimum", "tqdm")
 BLOCKED = f"""

@@ -245,12 +245,13 @@ def test_edgemodel_predicts_with_the_e2e_file_when_current(tmp_path, imagenet_fi
 
 
 def test_bundle_carries_the_e2e_file_and_labels(tmp_path):
+    from edgexfer.exporters.e2e import write
     from edgexfer.runtime.bundle import bundle
 
     src = tmp_path / "m" / "model.onnx"
     src.parent.mkdir()
     src.write_bytes(onnx_bytes(good_meta(classes=3, side=8), classes=3, side=8))
-    res = bundle(src, tmp_path / "out")
+    res = bundle(src, tmp_path / "out", write_e2e=write)  # as `edgexfer bundle` passes it where onnx is installed
     out = tmp_path / "out"
     assert res["e2e"] == "model.e2e.onnx" and (out / "model.e2e.onnx").is_file()
     assert (out / "labels.txt").read_text().split() == ["c0", "c1", "c2"]

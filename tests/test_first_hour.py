@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from edgexfer.runtime.cli import cli, main
+from edgexfer.cli import cli, main
 from tests._onnx_model import good_meta, onnx_bytes
 
 

@@ -18,7 +18,7 @@ from tests.test_hardening_data import listing, tiny_model
 
 def cli(capsys, *args) -> tuple[int, str, str]:
     """`edgexfer ARGS` in this process: (exit code, stdout, the last line of stderr)."""
-    from edgexfer.runtime.cli import main
+    from edgexfer.cli import main
 
     try:
         main([str(a) for a in args])

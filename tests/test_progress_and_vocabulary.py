@@ -18,7 +18,8 @@ from pathlib import Path
 import click
 import pytest
 
-from edgexfer.runtime.cli import COMMANDS, THREADS, TRAINING, cli, main
+from edgexfer.cli import cli, main
+from edgexfer.runtime.cli import COMMANDS, THREADS, TRAINING
 from tests._onnx_model import good_meta, onnx_bytes
 from tests.conftest import make_image_folder
 
