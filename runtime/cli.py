@@ -47,18 +47,21 @@ def quiet_option(f):
                              "result still print.")(f)
 
 
-class Port(click.ParamType):
-    """A TCP port, 0-65535 (0: any free port)."""
+class Port(click.IntRange):
+    """A TCP port: click's IntRange(0, 65535) (0: any free port), with one message for every wrong value (not a
+    number, out of range, or from `envvar`) that names the range and the environment variable."""
     name = "PORT"
+
+    def __init__(self, envvar: str):
+        super().__init__(0, 65535)
+        self.envvar = envvar
 
     def convert(self, value, param, ctx):
         try:
-            v = int(value)
-        except (TypeError, ValueError):
-            v = -1
-        if not 0 <= v <= 65535:
-            self.fail(f"a port is a whole number from 0 to 65535 (--port or $EDGEXFER_PORT); got {value!r}", param, ctx)
-        return v
+            return super().convert(value, param, ctx)
+        except click.BadParameter:
+            where = f"{param.opts[0]} or ${self.envvar}" if param is not None else f"${self.envvar}"
+            self.fail(f"a port is a whole number from 0 to 65535 ({where}); got {value!r}", param, ctx)
 
 
 class Ints(click.ParamType):
@@ -266,9 +269,9 @@ def predict(model, images, format_, provider, **kw):
 @click.argument("models", nargs=-1, required=True, metavar="MODEL|RUN...", type=click.Path(path_type=Path))
 @click.option("--host", default=lambda: os.environ.get("EDGEXFER_HOST", "127.0.0.1"),
               show_default="$EDGEXFER_HOST, else 127.0.0.1", help="Address to listen on.")
-@click.option("--port", type=Port(), default=lambda: os.environ.get("EDGEXFER_PORT", "8000"),
-              show_default="$EDGEXFER_PORT, else 8000", help="REST port, 0-65535 (0: any free port).")
-@click.option("--grpc-port", type=Port(), default=lambda: os.environ.get("EDGEXFER_GRPC_PORT") or None,
+@click.option("--port", type=Port("EDGEXFER_PORT"), default=lambda: os.environ.get("EDGEXFER_PORT", "8000"),
+              show_default="$EDGEXFER_PORT, else 8000", help="REST port (0: any free port).")
+@click.option("--grpc-port", type=Port("EDGEXFER_GRPC_PORT"), default=lambda: os.environ.get("EDGEXFER_GRPC_PORT") or None,
               show_default="$EDGEXFER_GRPC_PORT, else no gRPC",
               help="Also serve the protocol's gRPC API (inference.GRPCInferenceService) on this port, over the "
                    "same models and batchers (uvicorn server; pip install 'edgexfer[serve]').")
