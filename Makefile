@@ -1,5 +1,6 @@
 # The two commands a newcomer needs:  make demo   (the main job)   make test   (the test suite).
 # Both set themselves up: a virtual environment in .venv, the packages, the Debian data package.
+# A developer's command after every edit:  make test-fast  (the fast tier: a tiny random backbone, in-process).
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -10,10 +11,11 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 INC    := .venv-inc/.edgexfer-inc-installed
 
-.PHONY: demo test install data bench inc arm64 verify-arm64 node web browser clean help
+.PHONY: demo test test-fast install data bench inc arm64 verify-arm64 node web browser clean help
 help:
 	@echo "make demo   - fine-tune, export, quantize, evaluate and benchmark the default -> runs/demo"
-	@echo "make test   - run the test suite"
+	@echo "make test   - run the test suite (all of it: the system tests too)"
+	@echo "make test-fast - the fast tier only (no real weights, subprocesses, venvs, arm64, Node, browser): a minute or two"
 	@echo "make bench  - the benchmarks in benchmarks/ (see benchmarks/RESULTS.md)"
 	@echo "make verify-arm64 - the demo's FP32 and INT8 files and an arm64 bundle under emulated arm64 (root)"
 
@@ -88,6 +90,11 @@ browser: install web
 
 test: install data inc arm64 node browser
 	$(PY) -m pytest -q
+
+# The fast tier (tests/conftest.py marks the rest `system`): every module's logic on a tiny random backbone, in
+# this process; a test that hangs fails after 120 s.
+test-fast: install data
+	$(PY) -m pytest -q -m "not system" --timeout=120
 
 bench: install data
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[openvino]"

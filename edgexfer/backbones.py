@@ -322,3 +322,52 @@ def _timm_info(arch: str) -> BackboneInfo:
                         tuple(pc.get("std", IMAGENET_STD)), default_size=size,
                         pretrained_on=f"timm pretrained tag {pc.get('tag') or 'default'} ({pc.get('hf_hub_id', 'n/a')})",
                         offline=lambda: _timm_cached(arch), block_attr="blocks")
+
+
+# -- a tiny random network for the fast test tier (tests/conftest.py registers it; never offered to users) --
+
+TEST_BACKBONE = "tiny_test"
+
+
+def _tiny_builder(*, weights: str, image_size: int):
+    """Three strided conv blocks, 16 features: a forward pass costs microseconds at 32 px, so a whole run
+    (fine-tune, export, quantize, evaluate) takes seconds. "imagenet" is a fixed random init (seed 0) standing
+    in for pretrained weights, so the pretrained code paths (probe, LP-FT, guard) run on it; "none" is a
+    random init from torch's global generator, as for any backbone."""
+    import torch
+    from torch import nn
+
+    def block(cin, cout, stride):
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout),
+                             nn.ReLU())
+
+    class TinyFeatures(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.b1, self.b2 = block(3, 8, 2), block(8, 16, 2), block(16, 16, 1)
+            self.pool = nn.AdaptiveAvgPool2d(1)
+
+        @property
+        def blocks(self) -> list[nn.Module]:
+            return [self.stem, self.b1, self.b2]
+
+        def forward(self, x):  # (B, 3, H, W) -> (B, 16)
+            return self.pool(self.b2(self.b1(self.stem(x)))).flatten(1)
+
+    if weights == "imagenet":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return TinyFeatures()
+    net = TinyFeatures()
+    if weights != "none":
+        _load_local(net, weights)
+    return net
+
+
+def register_test_backbone() -> BackboneInfo:
+    """Register `tiny_test` (idempotent): for tests only, so neither `--backbone auto` nor `rank` ever sees it
+    (its offline() is False) and a user's `edgexfer backbones` does not list it."""
+    return _REGISTRY.get(TEST_BACKBONE) or register(BackboneInfo(
+        TEST_BACKBONE, _tiny_builder, 16, IMAGENET_MEAN, IMAGENET_STD, default_size=32,
+        pretrained_on="nothing: a fixed random init standing in for pretrained weights (tests only)",
+        block_attr="blocks"))

@@ -1,10 +1,23 @@
-"""Shared fixtures: a tiny synthetic ImageFolder and one pipeline run over it (built once per session)."""
+"""Shared fixtures: a tiny synthetic ImageFolder and pipeline runs over it (built once per session), and the
+two tiers of the suite.
+
+Two tiers (issue 25): `make test` (plain `pytest`) runs everything; `make test-fast` (`pytest -m "not system"`)
+runs the fast tier, in this process on a tiny random backbone (`fast_run`, `tiny_test`, `invoke`), in a minute or
+two. A test is marked `system` here, centrally (`pytest_collection_modifyitems`), when it uses the real-weights
+run (`tiny_run`, `run_copy`); when its source, a helper of tests/ it calls or a fixture it uses starts a
+subprocess (`run_cli`, `subprocess`, `sys.executable`: edgexfer, a venv's pip, qemu, Node), drives a browser or
+builds a real backbone with its ImageNet weights; when it is marked `slow`; or when SYSTEM_TESTS or SYSTEM_MODULES
+name it. A new test needs no marker: it lands in its tier by what it uses.
+"""
 from __future__ import annotations
 
+import inspect
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -95,3 +108,123 @@ def every_report_matches_its_schema(tmp_path_factory):
         if isinstance(rep, dict) and rep.get("schema") == SCHEMA_ID:
             bad += [f"{p}: {e}" for e in errors(rep)[:3]]
     assert not bad, "report.json files that do not match edgexfer/schemas/report.schema.json:\n" + "\n".join(bad)
+
+
+# -- the fast tier: a tiny random backbone, in-process commands ------------------------------------------------
+
+from edgexfer.backbones import TEST_BACKBONE, register_test_backbone  # noqa: E402
+
+register_test_backbone()  # `tiny_test`: in this process only (a subprocess `edgexfer` does not know it)
+
+# `edgexfer run` on the tiny backbone at 32 px with the built-in tuner: the whole pipeline in seconds
+FAST_RUN_ARGS = ("--backbone", TEST_BACKBONE, "--image-size", "32", "--epochs", "2", "--batch-size", "16",
+                 "--shots", "20", "--calibration-samples", "16", "--bench-iters", "5", "--tuner", "builtin",
+                 "--qat", "off", "--threads", "1")
+
+
+class Invoked(NamedTuple):
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+def invoke(*args) -> Invoked:
+    """`edgexfer ARGS` in this process, as the console script runs it (`edgexfer.entry.main`: its one-line
+    `error: ...` and exit codes), with stdin, stdout and stderr swapped by click's CliRunner: the fast tier's
+    run_cli."""
+    from click.testing import CliRunner
+
+    from edgexfer.entry import main
+
+    with CliRunner().isolation() as streams:
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        sys.stdout.flush(), sys.stderr.flush()  # the swapped streams are text wrappers over byte buffers
+        out, err = (s.getvalue() for s in streams[:2])
+    return Invoked(code, *(b.decode(errors="replace") if isinstance(b, bytes) else b for b in (out, err)))
+
+
+@pytest.fixture(scope="session")
+def fast_run(tmp_path_factory, image_folder) -> Path:
+    """One whole `edgexfer run` in this process on the tiny random backbone (32 px, the built-in tuner): the
+    fast tier's shared run. Never change it: `fast_run_copy` is a copy to change."""
+    runs = tmp_path_factory.mktemp("fast-runs")
+    r = invoke("run", "--data", image_folder, "--runs", runs, "--name", "fast", *FAST_RUN_ARGS)
+    assert r.exit_code == 0, f"edgexfer run (tiny_test) failed ({r.exit_code}):\n{r.stderr[-3000:]}"
+    return runs / "fast"
+
+
+@pytest.fixture
+def fast_run_copy(fast_run, tmp_path) -> Path:
+    import shutil
+
+    dst = tmp_path / "fast"
+    shutil.copytree(fast_run, dst)
+    return dst
+
+
+# -- the two tiers: which tests are `system` (run by `make test`, skipped by `make test-fast`) -------------------
+
+SYSTEM_FIXTURES = {"tiny_run", "run_copy"}  # the real-weights run (pretrained EfficientNet-Lite0, a subprocess)
+# in a test's source, its helpers' or its fixtures': a subprocess (edgexfer, Python, a tool), a browser, a real
+# backbone built with its ImageNet weights in this process (seconds each: the fast tier uses `tiny_test`)
+SYSTEM_SOURCE = re.compile(r'run_cli\(|subprocess\.|Popen\(|sys\.executable|sync_playwright'
+                           r'|(build_backbone|model_config)\([^)]*weights="imagenet"')
+SYSTEM_MODULES: set[str] = set()  # whole files (none today: what each test uses decides)
+SYSTEM_TESTS = {  # single tests the rule above misses
+    "test_backbone_auto.py::test_select_backbone_ranks_and_honours_the_latency_limit",  # Lite0 and Lite1, ImageNet
+}
+_TESTS = str(Path(__file__).resolve().parent)
+
+
+def _ours(fn) -> bool:
+    f = getattr(getattr(fn, "__code__", None), "co_filename", "")
+    return f.startswith(_TESTS)
+
+
+def _runs_subprocess(fn, seen: set, depth: int = 3) -> bool:
+    """Whether `fn` (a test, a fixture, a helper in tests/) starts a subprocess, itself or through the helpers of
+    tests/ it names (followed `depth` calls deep)."""
+    fn = inspect.unwrap(fn)
+    if fn in seen or not _ours(fn):
+        return False
+    seen.add(fn)
+    try:
+        src = inspect.getsource(fn)
+    except (OSError, TypeError):
+        return False
+    if SYSTEM_SOURCE.search(src):
+        return True
+    if depth == 0:
+        return False
+    codes, names = [fn.__code__], set()
+    while codes:
+        c = codes.pop()
+        names.update(c.co_names)
+        codes += [k for k in c.co_consts if inspect.iscode(k)]
+    g = fn.__globals__
+    return any(_runs_subprocess(g[n], seen, depth - 1) for n in names if inspect.isfunction(g.get(n)))
+
+
+def _is_system(item) -> bool:
+    if item.get_closest_marker("slow") or item.get_closest_marker("system"):
+        return True
+    file = Path(str(item.fspath)).name
+    if file in SYSTEM_MODULES or f"{file}::{item.originalname}" in SYSTEM_TESTS:
+        return True
+    if SYSTEM_FIXTURES & set(item.fixturenames):
+        return True
+    seen: set = set()
+    if _runs_subprocess(getattr(item, "obj", None), seen):
+        return True
+    defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {}) or {}
+    return any(_runs_subprocess(d.func, seen) for name in item.fixturenames for d in defs.get(name, ()))
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _is_system(item):
+            item.add_marker(pytest.mark.system)
