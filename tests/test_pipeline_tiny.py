@@ -1,0 +1,145 @@
+"""The whole pipeline in this process on the tiny random backbone (`tiny_test`, 32 px, the built-in tuner): the run
+folder, report.json and the metadata inside each ONNX file, the INT8 guard's decision end to end, stage provenance
+(what a changed setting runs again), resume, the stage commands and the CLI's one-line errors. Fast tier: the
+session's `fast_run` takes seconds; tests that change a run work on `fast_run_copy`."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from edgexfer.runtime.metadata import META_KEY
+from tests.conftest import CLASSES, FAST_RUN_ARGS, TEST_BACKBONE, invoke, make_image
+
+
+def report(run) -> dict:
+    return json.loads((run / "report.json").read_text())
+
+
+def meta_of(path) -> dict:
+    return json.loads({p.key: p.value for p in onnx.load(str(path)).metadata_props}[META_KEY])
+
+
+def rerun(run, image_folder, *extra):
+    """`edgexfer run` again on the run folder `run`, with the fast run's options and `extra`."""
+    return invoke("run", "--data", image_folder, "--runs", run.parent, "--name", run.name, *FAST_RUN_ARGS, *extra)
+
+
+def stage_lines(stderr: str) -> dict[str, str]:
+    """What the progress said of each stage: {stage: its `==> stage` line}."""
+    out = {}
+    for line in stderr.splitlines():
+        if line.startswith("==> "):
+            stage = line[4:].split()[0].rstrip(":")
+            out[stage] = line
+    return out
+
+
+def test_run_folder_report_and_metadata(fast_run):
+    for f in ("checkpoint.pt", "model.onnx", "model.int8.onnx", "report.json", "report.md", "model_card.md",
+              "config.json"):
+        assert (fast_run / f).is_file(), f
+    assert not [p.name for p in fast_run.iterdir() if p.suffix == ".tmp"]
+    rep = report(fast_run)
+    from edgexfer.report_schema import errors
+
+    assert errors(rep) == []
+    assert rep["backbone"]["name"] == TEST_BACKBONE and rep["data"]["classes"] == sorted(CLASSES)
+    assert rep["data"]["train"] + rep["data"]["val"] <= 20 * len(CLASSES)
+    for k, f in (("fp32", "model.onnx"), ("int8", "model.int8.onnx")):
+        m = rep["models"][k]
+        cm = np.array(m["confusion_matrix"])
+        assert m["file"] == f and m["size_bytes"] == (fast_run / f).stat().st_size
+        assert m["n"] == cm.sum() == rep["data"]["test"] == sum(c["support"] for c in m["per_class"].values())
+        assert m["accuracy"] == pytest.approx(np.trace(cm) / cm.sum())  # the fraction of the test split right
+        meta = meta_of(fast_run / f)
+        assert meta["labels"] == sorted(CLASSES) and meta["provenance"]["backbone"] == TEST_BACKBONE
+        assert meta["input"]["height"] == meta["input"]["width"] == 32 and meta["preprocessing"]["resize"] == 32
+        assert meta["metrics"]["split"] == "test" and meta["metrics"]["accuracy"] == pytest.approx(m["accuracy"])
+    assert rep["models"]["fp32"]["accuracy"] >= 0.8  # the shapes are easy, even for 16 random features
+    assert {n.op_type for n in onnx.load(str(fast_run / "model.int8.onnx")).graph.node} >= {"QuantizeLinear",
+                                                                                             "DequantizeLinear"}
+    assert json.loads((fast_run / "config.json").read_text())["model"]["image_size"] == 32
+
+
+def test_guard_ships_int8_within_its_bound(fast_run):
+    g = report(fast_run)["quantize"]["guard"]
+    row = g["candidates"][g["chosen_candidate"]]
+    assert g["within_bound"] and row["within_bound"] and row["drop"] <= g["max_accuracy_drop"]
+    assert (fast_run / "model.int8.onnx").is_file()
+
+
+def test_guard_keeps_layers_in_fp32_when_plain_int8_disagrees(tmp_path):
+    """Labels that say nothing of the picture leave a model with small margins, where plain INT8 disagrees with
+    FP32 on a few percent of the guard's images: over the bound, so the guard keeps layers in FP32 until it holds."""
+    rng = np.random.default_rng(1)
+    for i in range(36):
+        (tmp_path / "data" / CLASSES[i % 3]).mkdir(parents=True, exist_ok=True)
+        make_image(int(rng.integers(3)), rng).save(tmp_path / "data" / CLASSES[i % 3] / f"{i}.png")
+    r = invoke("run", "--data", tmp_path / "data", "--runs", tmp_path, "--name", "hard", *FAST_RUN_ARGS)
+    assert r.exit_code == 0, r.stderr[-2000:]
+    g = report(tmp_path / "hard")["quantize"]["guard"]
+    rows, bound = g["candidates"], g["max_accuracy_drop"]
+    plain = next(c for c in rows if c["fp32_layers"] == 0)
+    assert plain["drop"] > bound and not plain["within_bound"], plain
+    chosen = rows[g["chosen_candidate"]]
+    assert chosen["within_bound"] and 0 < chosen["fp32_layers"] and chosen["drop"] <= bound, rows
+    assert g["within_bound"] and g["chosen_fp32_layers"] == chosen["fp32_layers"]
+    assert all(not c["within_bound"] for c in rows if c["fp32_layers"] < chosen["fp32_layers"])
+
+
+def test_resumes_and_reruns_only_what_a_changed_setting_touches(fast_run_copy, image_folder):
+    ckpt = fast_run_copy / "checkpoint.pt"
+    before = ckpt.stat().st_mtime_ns
+    r = rerun(fast_run_copy, image_folder)
+    assert r.exit_code == 0, r.stderr[-2000:]
+    lines = stage_lines(r.stderr)
+    assert set(lines) == {"finetune", "export", "quantize", "evaluate", "bench"}
+    assert all("done already" in line for line in lines.values()), lines
+    assert ckpt.stat().st_mtime_ns == before
+
+    r = rerun(fast_run_copy, image_folder, "--max-accuracy-drop", "0.02")  # quantize and evaluate read it
+    assert r.exit_code == 0, r.stderr[-2000:]
+    lines = stage_lines(r.stderr)
+    assert {s for s, line in lines.items() if "done already" in line} == {"finetune", "export"}, lines
+    assert "max_accuracy_drop" in lines["quantize"]
+    assert report(fast_run_copy)["quantize"]["guard"]["max_accuracy_drop"] == 0.02
+
+    r = rerun(fast_run_copy, image_folder, "--max-accuracy-drop", "0.02", "--bench-iters", "3")  # bench alone
+    assert r.exit_code == 0, r.stderr[-2000:]
+    lines = stage_lines(r.stderr)
+    assert {s for s, line in lines.items() if "done already" not in line} == {"bench"}, lines
+    assert ckpt.stat().st_mtime_ns == before
+
+
+def test_another_training_configuration_is_refused(fast_run_copy, image_folder):
+    r = rerun(fast_run_copy, image_folder, "--epochs", "1")
+    assert r.exit_code == 1 and r.stderr.startswith("error: ") and "another configuration" in r.stderr
+    assert "train.epochs: 2 -> 1" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_predict_and_bench_on_the_run(fast_run, tmp_path):
+    img = tmp_path / "x.png"
+    make_image(2, np.random.default_rng(3)).save(img)
+    r = invoke("predict", fast_run / "model.int8.onnx", img, "--top-k", "2")
+    assert r.exit_code == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[0])
+    assert len(out["predictions"]) == 2 and {p["label"] for p in out["predictions"]} <= set(CLASSES)
+    r = invoke("bench", fast_run / "model.onnx", fast_run / "model.int8.onnx", "--iters", "5", "--no-cold-start",
+               "--no-reference", "--batches", "1", "--json-out", tmp_path / "b.json")
+    assert r.exit_code == 0, r.stderr
+    assert set(json.loads((tmp_path / "b.json").read_text())["models"]) == {"fast/model.onnx", "fast/model.int8.onnx"}
+
+
+@pytest.mark.parametrize("args, code, says", [
+    (("run", "--data", "/nonexistent/photos", "--backbone", TEST_BACKBONE), 1, "not found"),
+    (("run", "--backbone", "no_such_net", "--data", "."), 1, "unknown backbone 'no_such_net'"),
+    (("run", "--shots", "0"), 2, "--shots"),
+    (("predict", "/nonexistent/model.onnx", "x.png"), 2, "does not exist"),
+])
+def test_mistakes_get_one_line(args, code, says):
+    r = invoke(*args)
+    assert r.exit_code == code, (r.exit_code, r.stderr)
+    assert r.stderr.startswith("error: ") and says in r.stderr and "Traceback" not in r.stderr
