@@ -16,7 +16,6 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Callable, Optional, Sequence
 
 import click
@@ -122,7 +121,7 @@ def image_limit_options(f):
                              "also the resized image); over it: an error, 413 when serving.")(f)
 
 
-def _limits(a):
+def _limits(max_image_pixels: int, max_aspect_ratio: float):
     """The image limits of `predict` and `serve`, with Pillow's own decompression-bomb check moved out of
     their way (they check the header's size before decoding)."""
     import warnings
@@ -131,9 +130,9 @@ def _limits(a):
 
     from edgexfer.runtime.preprocess import ImageLimits
 
-    Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, a.max_image_pixels)
+    Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, max_image_pixels)
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-    return ImageLimits(a.max_image_pixels, a.max_aspect_ratio)
+    return ImageLimits(max_image_pixels, max_aspect_ratio)
 
 
 @dataclass(frozen=True)
@@ -206,10 +205,6 @@ def cli(ctx, verbose: bool):
     ctx.ensure_object(dict)
 
 
-def _ns(**kw) -> SimpleNamespace:
-    return SimpleNamespace(**kw)
-
-
 @cli.command(short_help="Latency, throughput, cold start and memory of models, side by side.")
 @click.argument("models", nargs=-1, required=True, metavar="MODEL|RUN...")
 @threads_option()
@@ -233,7 +228,8 @@ def _ns(**kw) -> SimpleNamespace:
 @click.option("--plot", type=click.Path(path_type=Path), default=None, show_default="none",
               help="Write a PNG plot (needs matplotlib).")
 @quiet_option
-def bench(models, sweep, json_, **kw):
+def bench(models, threads, warmup, iters, duration, batches, sweep, spinning, no_cold_start, no_reference, no_e2e,
+          json_, json_out, markdown, plot):
     """Benchmark ONNX files (or every ONNX file of run folders), interleaved, with ratios to the first
     model; rows are named RUN/FILE (the folder and the file). Models of different input sizes each get an input
     of their own size. PyTorch eager (from a run folder's checkpoint, when torch is installed) and OpenVINO
@@ -241,9 +237,18 @@ def bench(models, sweep, json_, **kw):
     end-to-end file beside it (model.e2e.onnx: preprocessing in the graph), that file against the model plus
     Python preprocessing (--no-e2e skips it). A progress line per step on stderr, with an ETA from the time
     each call took after warm-up."""
+    from edgexfer.runtime.bench import BenchConfig, plot as plot_png, run_benchmark, to_markdown
+
     _json_file_given(json_, models)
-    references = () if kw["no_reference"] else _lent().bench_references()
-    bench_cmd(_ns(models=list(models), sweep=sweep, json=json_, **kw), references)
+    references = () if no_reference else _lent().bench_references()
+    cores = os.cpu_count() or 1
+    sweep = () if sweep is None else (sweep or tuple(sorted({1, 2, 4, cores} & set(range(1, cores + 1)))))
+    cfg = BenchConfig(threads=threads, warmup=warmup, iters=iters, duration=duration, batches=batches, sweep=sweep,
+                      cold_start=not no_cold_start, openvino=not no_reference, references=not no_reference,
+                      spinning=spinning, e2e=not no_e2e)
+    with Progress("bench").ticking() as progress:  # the ETA: measured time per call after warm-up (bench.Plan)
+        res = run_benchmark(list(models), cfg, references=references, log=progress.log, eta=progress.eta)
+    _emit(res, to_markdown(res), plot_png, json_=json_, json_out=json_out, markdown=markdown, plot=plot)
 
 
 @cli.command(short_help="Classify images; JSON lines or CSV.")
@@ -257,12 +262,55 @@ def bench(models, sweep, json_, **kw):
 @click.option("--provider", multiple=True, show_default="CPU",
               help="Execution provider to prefer, e.g. CUDAExecutionProvider (repeatable; CPU is the fallback).")
 @image_limit_options
-def predict(model, images, format_, provider, **kw):
+def predict(model, images, top_k, format_, threads, provider, max_image_pixels, max_aspect_ratio):
     """Classify images with an edgexfer ONNX file, or a run folder's chosen file (its INT8 file if present,
     else FP32). A FOLDER means every image file under it, recursively, in sorted order. An image that cannot
     be read is reported on stderr and skipped; the others are still classified, and the exit status is 1 at
     the end when any was skipped."""
-    predict_cmd(_ns(model=model, images=list(images), format=format_, provider=list(provider), **kw))
+    import csv
+
+    from edgexfer.runtime.dataplane import resolve_models
+    from edgexfer.runtime.fmt import count
+    from edgexfer.runtime.model import EdgeModel
+    from edgexfer.runtime.preprocess import IMAGE_SUFFIXES, image_files
+
+    limits = _limits(max_image_pixels, max_aspect_ratio)
+    path = next(iter(resolve_models([model]).values()))  # a run folder: its INT8 file if present, else FP32
+    files, skipped = [], 0
+    for p in images:
+        found = image_files(p) if p.is_dir() else [p]
+        if not found:
+            skipped += 1
+            print(f"skipped {p}: no image file in it or its subfolders ({', '.join(sorted(IMAGE_SUFFIXES))})",
+                  file=sys.stderr)
+        files += found
+    m = EdgeModel(path, threads=threads, providers=list(provider) or None, max_image_pixels=limits.max_pixels,
+                  max_aspect_ratio=limits.max_aspect)
+    writer = None
+    if format_ == "csv":
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(["image", "task", "rank", "label", "index", "score"])
+    failed = 0
+    for img in files:
+        try:
+            pred = m.predict(img, top_k=top_k)
+        except ImageError as e:  # unreadable, undecodable or over the limits: this image only
+            if len(files) == 1 and not skipped:  # one image named: its error is the command's
+                raise
+            skipped, failed = skipped + 1, failed + 1
+            print(f"skipped {img}: {_image_reason(e, img)}", file=sys.stderr, flush=True)
+            continue
+        if writer is None:
+            print(json.dumps({"image": str(img), "predictions": pred}), flush=True)
+            continue
+        per_task = pred if isinstance(pred, dict) else {m.meta.tasks[0].name: pred}
+        for task, rows in per_task.items():
+            for rank, r in enumerate(rows, 1):
+                writer.writerow([str(img), task, rank, r["label"], r["index"], "" if r["score"] is None else r["score"]])
+        sys.stdout.flush()
+    if skipped:
+        raise RuntimeInputError(f"{count(len(files) - failed, 'image')} classified; {skipped} skipped "
+                                "(listed above)")
 
 
 @cli.command(short_help="Serve models over HTTP (Open Inference Protocol v2) and, with --grpc-port, gRPC.")
@@ -303,11 +351,47 @@ def predict(model, images, format_, provider, **kw):
 @click.option("--header-timeout", type=float, default=10.0,
               help="Seconds a request's line and headers may take to arrive, from the connection's opening or its "
                    "last answer; an idle keep-alive connection closes then (stdlib server).")
-def serve(models, no_access_log, **kw):
+def serve(models, host, port, grpc_port, threads, server, max_batch_size, max_queue_delay_ms, instances, timeout,
+          token, switch_interval_us, no_access_log, max_image_pixels, max_aspect_ratio, max_inflight_mib,
+          header_timeout):
     """Serve run folders or ONNX files over the Open Inference Protocol v2: REST (JSON and binary tensors,
     plus an image endpoint: POST /v2/models/NAME/classify), and gRPC with --grpc-port. Bound to 127.0.0.1
     unless --host says otherwise; drains on SIGTERM."""
-    serve_cmd(_ns(models=list(models), access_log=not no_access_log, **kw))
+    import importlib.util
+
+    from edgexfer.runtime.protocol import MAX_BODY
+    from edgexfer.runtime.server import resolve_models
+
+    kind = server
+    if kind == "auto":
+        kind = "uvicorn" if all(importlib.util.find_spec(m) for m in ("uvicorn", "prometheus_client")) else "stdlib"
+    if timeout <= 0 or max_queue_delay_ms < 0 or not header_timeout > 0:
+        raise RuntimeInputError("--timeout and --header-timeout must be > 0 and --max-queue-delay-ms >= 0")
+    if switch_interval_us is not None and not 1 <= switch_interval_us <= 1e6:
+        raise RuntimeInputError(f"--switch-interval-us must be between 1 and 1000000, got {switch_interval_us:g}")
+    served = resolve_models(models)
+    limits, inflight = _limits(max_image_pixels, max_aspect_ratio), max_inflight_mib * 1024 * 1024
+    if inflight < MAX_BODY:
+        raise RuntimeInputError(f"--max-inflight-mib must hold one largest body ({MAX_BODY >> 20} MiB)")
+    if grpc_port is not None:
+        if kind != "uvicorn":
+            raise RuntimeInputError("--grpc-port runs beside the batching server: --server uvicorn "
+                                    "(pip install 'edgexfer[serve]')")
+        if not (importlib.util.find_spec("grpc") and importlib.util.find_spec("google.protobuf")):
+            raise RuntimeInputError("--grpc-port needs grpcio and protobuf: pip install 'edgexfer[serve]'")
+    if kind == "uvicorn":
+        from edgexfer.runtime.oip import BatchConfig, serve as serve_oip
+
+        serve_oip(served, host=host, port=port, threads=threads, token=token, access_log=not no_access_log,
+                  batch=BatchConfig(max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms,
+                                    timeout_s=timeout, instances=instances),
+                  switch_interval_us=switch_interval_us, image_limits=limits, max_bytes_in_flight=inflight,
+                  grpc_port=grpc_port)
+    else:
+        from edgexfer.runtime.server import serve as serve_stdlib
+
+        serve_stdlib(served, host=host, port=port, threads=threads, token=token, access_log=not no_access_log,
+                     image_limits=limits, max_bytes_in_flight=inflight, head_timeout_s=header_timeout)
 
 
 @cli.command(short_help="What to copy to a board: model, pinned requirements, runtime, example.")
@@ -324,7 +408,17 @@ def bundle(source, out, force, arch, no_wheels):
     """Write OUT: RUN's chosen model (its INT8 file when the accuracy guard passed) or MODEL, pinned
     runtime requirements with their wheels (pip download), the runtime itself and an example program. It
     installs offline: pip install --no-index --find-links wheels -r requirements.txt (OUT/README.md)."""
-    bundle_cmd(_ns(source=source, out=out, force=force, arch=arch, wheels=not no_wheels))
+    from edgexfer.runtime.bundle import bundle as write_bundle
+
+    with Progress("bundle").ticking() as progress:
+        r = write_bundle(source, out, force=force, arch=arch, wheels=not no_wheels, log=progress.log,
+                         write_e2e=_lent().write_e2e())
+    print(f"{r['out']}: {r['model']} ({r['why']}); requirements {', '.join(r['requirements'])}")
+    if r.get("warning"):
+        print(f"WARNING: {r['warning']}.", file=sys.stderr)
+    if r["wheels"]:
+        print(f"{len(r['wheels'])} {r['arch']} wheels in {r['out']}/wheels: installs with no network "
+              f"(pip install --no-index --find-links wheels -r requirements.txt)")
 
 
 @cli.command(short_help="`edgexfer bench --json-out` results of several machines in one table and plot.")
@@ -337,7 +431,11 @@ def bundle(source, out, force, arch, no_wheels):
 def compare(results, markdown, json_, json_out, plot):
     """Merge bench results (schema edgexfer.bench/1, from `bench --json-out FILE`) from several machines, keyed by
     the machine info each carries."""
-    compare_cmd(_ns(results=list(results), markdown=markdown, json=json_, json_out=json_out, plot=plot))
+    from edgexfer.runtime.compare import compare as merge, plot as plot_png, to_markdown
+
+    _json_file_given(json_, results)
+    doc = merge(list(results))
+    _emit(doc, to_markdown(doc), plot_png, json_=json_, json_out=json_out, markdown=markdown, plot=plot)
 
 
 @cli.command(short_help="Run a model under emulated arm64 and compare it with this host.")
@@ -351,12 +449,29 @@ def compare(results, markdown, json_, json_out, plot):
 @click.option("--min-agreement", type=float, default=0.995, help="Exit 1 below this top-1 agreement.")
 @json_options("schema edgexfer.verify/1", out_default="RUN/verify_arm64.json; none for a MODEL")
 @quiet_option
-def verify(json_, json_out, **kw):
+def verify(target, arch, samples, images, seed, threads, min_agreement, json_, json_out):
     """Run the runtime install (aarch64 wheels) in an arm64 Debian root filesystem under qemu user-mode
     emulation (needs root; cached in ~/.cache/edgexfer/arm64) on a sample of held-out images: top-1
     agreement with this host, max abs difference of outputs, arm64-measured accuracy. Emulated timing is
     not latency."""
-    verify_cmd(_ns(json=json_, json_out=json_out, **kw), _lent().held_out())
+    from edgexfer.runtime import atomic
+    from edgexfer.runtime.verify import sample, to_markdown, verify_arm64, verify_inputs
+
+    models, pictures, labels, source, out = verify_inputs(target, images, _lent().held_out())
+    out = json_out or out
+    idx = sample(len(pictures), samples, seed)
+    pictures = [pictures[i] for i in idx]
+    labels = None if labels is None else labels[idx]
+    res = verify_arm64(models, pictures, labels, source=f"{source}, {len(idx)} sampled with seed {seed}",
+                       threads=threads, min_agreement=min_agreement, log=Progress("verify").log)
+    print(json.dumps(res, indent=2) if json_ else to_markdown(res))
+    if out:
+        atomic.write_json(out, res)
+        print(f"written: {out}", file=sys.stderr)
+    if not res["passed"]:
+        print(f"error: top-1 agreement below {min_agreement} for "
+              f"{', '.join(n for n, r in res['models'].items() if not r['passed'])}", file=sys.stderr)
+        sys.exit(1)
 
 
 def command_tree(*commands: click.Command, lent: Lent = Lent()) -> Tree:
@@ -369,149 +484,18 @@ def command_tree(*commands: click.Command, lent: Lent = Lent()) -> Tree:
     return tree
 
 
-def bundle_cmd(a) -> None:
-    from edgexfer.runtime.bundle import bundle
-
-    with Progress("bundle").ticking() as progress:
-        r = bundle(a.source, a.out, force=a.force, arch=a.arch, wheels=a.wheels, log=progress.log,
-                   write_e2e=_lent().write_e2e())
-    print(f"{r['out']}: {r['model']} ({r['why']}); requirements {', '.join(r['requirements'])}")
-    if r.get("warning"):
-        print(f"WARNING: {r['warning']}.", file=sys.stderr)
-    if r["wheels"]:
-        print(f"{len(r['wheels'])} {r['arch']} wheels in {r['out']}/wheels: installs with no network "
-              f"(pip install --no-index --find-links wheels -r requirements.txt)")
-
-
-def bench_cmd(a, references) -> None:
-    from edgexfer.runtime.bench import BenchConfig, plot, run_benchmark, to_markdown
-
-    cores = os.cpu_count() or 1
-    sweep = () if a.sweep is None else (a.sweep or tuple(sorted({1, 2, 4, cores} & set(range(1, cores + 1)))))
-    cfg = BenchConfig(threads=a.threads, warmup=a.warmup, iters=a.iters, duration=a.duration, batches=a.batches,
-                      sweep=sweep, cold_start=not a.no_cold_start, openvino=not a.no_reference,
-                      references=not a.no_reference, spinning=a.spinning, e2e=not a.no_e2e)
-    with Progress("bench").ticking() as progress:  # the ETA: measured time per call after warm-up (bench.Plan)
-        res = run_benchmark(a.models, cfg, references=references, log=progress.log, eta=progress.eta)
-    _emit(a, res, to_markdown(res), plot)
-
-
-def _emit(a, doc: dict, md: str, plot) -> None:
+def _emit(doc: dict, md: str, write_plot, *, json_: bool, json_out, markdown, plot) -> None:
     """Print the table (with --json: the document instead); write --json-out, --markdown and --plot where asked
     (atomically)."""
     from edgexfer.runtime import atomic
 
-    print(json.dumps(doc, indent=2) if a.json else md)
-    if a.json_out:
-        atomic.write_json(a.json_out, doc)
-    if a.markdown:
-        atomic.write_text(a.markdown, md)
-    if a.plot and not plot(doc, a.plot):
+    print(json.dumps(doc, indent=2) if json_ else md)
+    if json_out:
+        atomic.write_json(json_out, doc)
+    if markdown:
+        atomic.write_text(markdown, md)
+    if plot and not write_plot(doc, plot):
         print("note: --plot needs matplotlib (pip install matplotlib)", file=sys.stderr)
-
-
-def compare_cmd(a) -> None:
-    from edgexfer.runtime.compare import compare, plot, to_markdown
-
-    _json_file_given(a.json, a.results)
-    doc = compare(a.results)
-    _emit(a, doc, to_markdown(doc), plot)
-
-
-def verify_cmd(a, held_out) -> None:
-    import numpy as np
-
-    from edgexfer.runtime import atomic
-    from edgexfer.runtime.model import EdgeModel
-    from edgexfer.runtime.verify import sample, scan_images, to_markdown, verify_arm64
-
-    out = a.json_out
-    if a.target.is_dir():
-        models = sorted((p for p in a.target.glob("model*.onnx") if not p.name.endswith(".e2e.onnx")),
-                        key=lambda p: (p.name != "model.onnx", p.name))
-        if not models:
-            raise FileNotFoundError(f"no model*.onnx in {a.target}")
-        if a.images:
-            images, labels, source = scan_images(a.images, EdgeModel(models[0]).labels)
-        elif held_out is None:
-            raise RuntimeInputError("reading a run folder's test split needs the edgexfer package's data module; "
-                                    "pass --images FOLDER")
-        else:
-            images, labels, classes, source = held_out(a.target)
-            names = list(EdgeModel(models[0]).labels)
-            if classes != names:  # map the data set's class order onto the model's
-                labels = np.asarray([names.index(classes[k]) for k in labels])
-        out = out or a.target / "verify_arm64.json"
-    elif a.target.is_file():
-        models = [a.target]
-        if a.images:
-            images, labels, source = scan_images(a.images, EdgeModel(a.target).labels)
-        else:
-            raise RuntimeInputError("verifying a bare ONNX file needs --images FOLDER (ImageFolder or plain images)")
-    else:
-        raise FileNotFoundError(f"run folder or model not found: {a.target}")
-    idx = sample(len(images), a.samples, a.seed)
-    images = [images[i] for i in idx]
-    labels = None if labels is None else np.asarray(labels)[idx]
-    res = verify_arm64(models, images, labels, source=f"{source}, {len(idx)} sampled with seed {a.seed}",
-                       threads=a.threads, min_agreement=a.min_agreement, log=Progress("verify").log)
-    print(json.dumps(res, indent=2) if a.json else to_markdown(res))
-    if out:
-        atomic.write_json(out, res)
-        print(f"written: {out}", file=sys.stderr)
-    if not res["passed"]:
-        print(f"error: top-1 agreement below {a.min_agreement} for "
-              f"{', '.join(n for n, r in res['models'].items() if not r['passed'])}", file=sys.stderr)
-        sys.exit(1)
-
-
-def predict_cmd(a) -> None:
-    """Classify each image (folders: every image under them); an image that cannot be read is reported on stderr
-    in one line and skipped, the others are still classified, and the exit status is 1 when any was skipped."""
-    import csv
-
-    from edgexfer.runtime.dataplane import resolve_models
-    from edgexfer.runtime.fmt import count
-    from edgexfer.runtime.model import EdgeModel
-    from edgexfer.runtime.preprocess import IMAGE_SUFFIXES, image_files
-
-    limits = _limits(a)
-    path = next(iter(resolve_models([a.model]).values()))  # a run folder: its INT8 file if present, else FP32
-    images, skipped = [], 0
-    for p in a.images:
-        found = image_files(p) if p.is_dir() else [p]
-        if not found:
-            skipped += 1
-            print(f"skipped {p}: no image file in it or its subfolders ({', '.join(sorted(IMAGE_SUFFIXES))})",
-                  file=sys.stderr)
-        images += found
-    m = EdgeModel(path, threads=a.threads, providers=a.provider or None, max_image_pixels=limits.max_pixels,
-                  max_aspect_ratio=limits.max_aspect)
-    writer = None
-    if a.format == "csv":
-        writer = csv.writer(sys.stdout, lineterminator="\n")
-        writer.writerow(["image", "task", "rank", "label", "index", "score"])
-    failed = 0
-    for img in images:
-        try:
-            pred = m.predict(img, top_k=a.top_k)
-        except ImageError as e:  # unreadable, undecodable or over the limits: this image only
-            if len(images) == 1 and not skipped:  # one image named: its error is the command's
-                raise
-            skipped, failed = skipped + 1, failed + 1
-            print(f"skipped {img}: {_image_reason(e, img)}", file=sys.stderr, flush=True)
-            continue
-        if writer is None:
-            print(json.dumps({"image": str(img), "predictions": pred}), flush=True)
-            continue
-        per_task = pred if isinstance(pred, dict) else {m.meta.tasks[0].name: pred}
-        for task, rows in per_task.items():
-            for rank, r in enumerate(rows, 1):
-                writer.writerow([str(img), task, rank, r["label"], r["index"], "" if r["score"] is None else r["score"]])
-        sys.stdout.flush()
-    if skipped:
-        raise RuntimeInputError(f"{count(len(images) - failed, 'image')} classified; {skipped} skipped "
-                                "(listed above)")
 
 
 def _image_reason(e: ImageError, img: Path) -> str:
@@ -520,65 +504,6 @@ def _image_reason(e: ImageError, img: Path) -> str:
     text = str(e).splitlines()[0] if str(e) else type(e).__name__
     text = text.replace(f" image {img}:", ":").replace(f" '{img}'", "").replace(f"image {img} ", "image ")
     return text.removesuffix(f": {img}")
-
-
-def serve_cmd(a) -> None:
-    from edgexfer.runtime.protocol import MAX_BODY
-    from edgexfer.runtime.server import resolve_models, serve
-
-    kind = a.server
-    if kind == "auto":
-        import importlib.util
-
-        needs = ("uvicorn", "prometheus_client")
-        kind = "uvicorn" if all(importlib.util.find_spec(m) for m in needs) else "stdlib"
-    if a.timeout <= 0 or a.max_queue_delay_ms < 0 or not a.header_timeout > 0:
-        raise RuntimeInputError("--timeout and --header-timeout must be > 0 and --max-queue-delay-ms >= 0")
-    if a.switch_interval_us is not None and not 1 <= a.switch_interval_us <= 1e6:
-        raise RuntimeInputError(f"--switch-interval-us must be between 1 and 1000000, got {a.switch_interval_us:g}")
-    models = resolve_models(a.models)
-    limits, inflight = _limits(a), a.max_inflight_mib * 1024 * 1024
-    if inflight < MAX_BODY:
-        raise RuntimeInputError(f"--max-inflight-mib must hold one largest body ({MAX_BODY >> 20} MiB)")
-    if a.grpc_port is not None:
-        import importlib.util
-
-        if kind != "uvicorn":
-            raise RuntimeInputError("--grpc-port runs beside the batching server: --server uvicorn "
-                                    "(pip install 'edgexfer[serve]')")
-        if not (importlib.util.find_spec("grpc") and importlib.util.find_spec("google.protobuf")):
-            raise RuntimeInputError("--grpc-port needs grpcio and protobuf: pip install 'edgexfer[serve]'")
-    if kind == "uvicorn":
-        from edgexfer.runtime.oip import BatchConfig, serve as serve_oip
-
-        import socket
-
-        for port in (a.port, a.grpc_port):  # uvicorn would log a bind error and exit 3, after loading the models
-            if not port:
-                continue
-            with socket.socket(socket.AF_INET6 if ":" in a.host else socket.AF_INET) as probe:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                try:
-                    probe.bind((a.host, port))
-                except OSError as e:
-                    raise RuntimeInputError(f"cannot listen on {a.host}:{port}: {e.strerror or e}") from None
-        if a.grpc_port and a.grpc_port == a.port:
-            raise RuntimeInputError(f"--grpc-port {a.grpc_port} is the REST --port too; give another")
-        serve_oip(models, host=a.host, port=a.port, threads=a.threads, token=a.token, access_log=a.access_log,
-                  batch=BatchConfig(max_batch_size=a.max_batch_size, max_queue_delay_ms=a.max_queue_delay_ms,
-                                    timeout_s=a.timeout, instances=a.instances),
-                  switch_interval_us=a.switch_interval_us, image_limits=limits, max_bytes_in_flight=inflight,
-                  grpc_port=a.grpc_port)
-    else:
-        import errno
-
-        try:
-            serve(models, host=a.host, port=a.port, threads=a.threads, token=a.token, access_log=a.access_log,
-                  image_limits=limits, max_bytes_in_flight=inflight, head_timeout_s=a.header_timeout)
-        except OSError as e:  # binding: one line, not a traceback
-            if isinstance(e, FileNotFoundError) or e.errno not in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
-                raise
-            raise RuntimeInputError(f"cannot listen on {a.host}:{a.port}: {e.strerror or e}") from None
 
 
 def main(argv: Sequence[str] | None = None, *, tree: click.Group | None = None,

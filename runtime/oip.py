@@ -296,9 +296,14 @@ def serve(models: dict[str, Path], host: str = "127.0.0.1", port: int = 8000, th
           max_bytes_in_flight: int = MAX_BODIES_IN_FLIGHT, grpc_port: int | None = None) -> None:
     """REST on `port`, and with `grpc_port` the OIP gRPC service too (grpc_server.py), both in one event
     loop over one data plane and the same batchers. SIGTERM: the gRPC server stops (answering what it
-    accepted), then the REST one drains."""
+    accepted), then the REST one drains. A port it cannot listen on is an error before any model loads."""
     import sys
 
+    from edgexfer.runtime.errors import RuntimeInputError
+
+    check_listen(host, port, grpc_port)  # uvicorn would log a bind error and exit 3, after loading the models
+    if grpc_port and grpc_port == port:
+        raise RuntimeInputError(f"--grpc-port {grpc_port} is the REST --port too; give another")
     import uvicorn
 
     # An inference thread needs the GIL for a moment after each batch (ONNX Runtime's outputs, the answers,
@@ -313,6 +318,24 @@ def serve(models: dict[str, Path], host: str = "127.0.0.1", port: int = 8000, th
     config = uvicorn.Config(app, host=host, port=port, log_level="info", access_log=False, server_header=False,
                             proxy_headers=False, timeout_graceful_shutdown=30, http=http_protocol())
     uvicorn_server(config, grpc_port).run()
+
+
+def check_listen(host: str, *ports: int | None) -> None:
+    """Bind each port (0 and None: none to check) on `host` once and let it go: a port in use, or one this
+    process may not have, is a RuntimeInputError naming it."""
+    import socket
+
+    from edgexfer.runtime.errors import RuntimeInputError
+
+    for port in ports:
+        if not port:
+            continue
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError as e:
+                raise RuntimeInputError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
 def uvicorn_server(config, grpc_port: int | None = None):

@@ -504,10 +504,20 @@ def make_server(models: dict[str, Path], host: str = "127.0.0.1", port: int = 80
 def serve(models: dict[str, Path], host: str = "127.0.0.1", port: int = 8000, threads: int | None = None,
           token: str | None = None, access_log: bool = True, image_limits: ImageLimits = ImageLimits(),
           max_bytes_in_flight: int = MAX_BODIES_IN_FLIGHT, head_timeout_s: float = HEAD_TIMEOUT_S) -> None:
-    """Serve until SIGTERM or Ctrl-C, then drain: stop accepting, answer what is in flight, return."""
+    """Serve until SIGTERM or Ctrl-C, then drain: stop accepting, answer what is in flight, return. A port it
+    cannot listen on is a RuntimeInputError naming it."""
+    import errno
+
+    from edgexfer.runtime.errors import RuntimeInputError
+
     tune_malloc()  # freed bodies of a burst go back to the OS, not into heaps that keep them
-    httpd = make_server(models, host, port, threads, token, access_log, image_limits, max_bytes_in_flight,
-                        head_timeout_s=head_timeout_s)
+    try:
+        httpd = make_server(models, host, port, threads, token, access_log, image_limits, max_bytes_in_flight,
+                            head_timeout_s=head_timeout_s)
+    except OSError as e:  # binding: one line, not a traceback
+        if isinstance(e, FileNotFoundError) or e.errno not in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
+            raise
+        raise RuntimeInputError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     # what was loaded so far (modules, models) lives as long as the server: out of the cyclic collector's
     # sight, each full collection under load takes microseconds, not the ~7 ms of walking all of it
     gc.collect()

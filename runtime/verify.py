@@ -63,6 +63,39 @@ def scan_images(folder: Path, labels: Sequence[str]) -> tuple[list[Path], np.nda
     return paths, y, kind
 
 
+def verify_inputs(target: Path, images: Path | None, held_out: Callable | None = None
+                  ) -> tuple[list[Path], list, np.ndarray | None, str, Path | None]:
+    """What `edgexfer verify TARGET` checks: (models, images, labels or None, where the images come from, where the
+    result goes unless told: RUN/verify_arm64.json, None for a MODEL file). A run folder's models are its
+    model*.onnx files (model.onnx first); a MODEL file needs `images`. `images`: an ImageFolder tree (labelled)
+    or a folder of images; without it, a run folder's test split as `held_out(run_dir)` reads it (images,
+    labels, classes, source; the training package lends it, the runtime alone has none)."""
+    from edgexfer.runtime.model import EdgeModel
+
+    if target.is_dir():
+        models = sorted((p for p in target.glob("model*.onnx") if not p.name.endswith(".e2e.onnx")),
+                        key=lambda p: (p.name != "model.onnx", p.name))
+        if not models:
+            raise FileNotFoundError(f"no model*.onnx in {target}")
+        if images:
+            found, labels, source = scan_images(images, EdgeModel(models[0]).labels)
+        elif held_out is None:
+            raise RuntimeInputError("reading a run folder's test split needs the edgexfer package's data module; "
+                                    "pass --images FOLDER")
+        else:
+            found, labels, classes, source = held_out(target)
+            names = list(EdgeModel(models[0]).labels)
+            if classes != names:  # map the data set's class order onto the model's
+                labels = np.asarray([names.index(classes[k]) for k in labels])
+        return models, found, None if labels is None else np.asarray(labels), source, target / "verify_arm64.json"
+    if target.is_file():
+        if not images:
+            raise RuntimeInputError("verifying a bare ONNX file needs --images FOLDER (ImageFolder or plain images)")
+        found, labels, source = scan_images(images, EdgeModel(target).labels)
+        return [target], found, labels, source, None
+    raise FileNotFoundError(f"run folder or model not found: {target}")
+
+
 def _as_files(images: Sequence, folder: Path) -> list[Path]:
     """Paths stay; uint8 arrays (Fashion-MNIST) become lossless PNG files, so both sides read the same bytes."""
     from PIL import Image
