@@ -160,16 +160,19 @@ def test_emulated_venv_has_the_pins():
         assert got.get(name) == version, (name, got.get(name))
 
 
-def test_verify_run_folder_under_arm64(tiny_run):
+def test_verify_run_folder_under_arm64(run_copy):
     """CI's smoke check: the tiny run's FP32 and INT8 files under emulated arm64 on a few test images."""
     _arm64_or_skip()
     p = run_cli("verify", "--arch", "arm64", tiny_run, "--samples", "6", check=True)
+    tiny_run = run_copy  # verify writes verify_arm64.json into the run folder: a copy, not the session's run
     res = json.loads((tiny_run / "verify_arm64.json").read_text())
     assert res["schema"] == "edgexfer.verify/1" and res["passed"] and res["sample"]["n"] == 6
     assert set(res["models"]) == {"model.onnx", "model.int8.onnx"}
     fp32, int8 = res["models"]["model.onnx"], res["models"]["model.int8.onnx"]
     assert fp32["top1_agreement"] == 1.0 and fp32["max_abs_diff"] < 1e-3
-    assert int8["top1_agreement"] == 1.0 and 0 <= int8["accuracy_arm64"] <= 1 and "accuracy_host" in int8
+    # the same top-1 on the same 6 labelled images: the same accuracy, a count of 6
+    assert int8["top1_agreement"] == 1.0 and int8["accuracy_arm64"] == int8["accuracy_host"]
+    assert int8["accuracy_arm64"] * 6 == pytest.approx(round(int8["accuracy_arm64"] * 6))
     assert res["arm64"]["arch"] == "aarch64" and res["input_max_abs_diff"] < 1e-6
     assert _no_latency(res) and "not latency" in p.stdout
 
@@ -200,8 +203,11 @@ def test_quantize_target_arm64_guard_on_emulated_arm64(tiny_run, tmp_path):
         assert g["measured_on"] == "this host" and "arm64_emulation" not in q["target"]
         return
     assert g["measured_on"] == "arm64 (emulated)" and g["guard_set"].startswith("8 validation images")
-    assert all(0 <= c["host_accuracy"] <= 1 and 0 <= c["guard_accuracy"] <= 1 for c in g["candidates"])
-    assert 0 <= g["fp32_host_accuracy"] <= 1 and 0 <= g["shipped_host_accuracy"] <= 1
+    def of_8(a: float) -> bool:  # an accuracy on the 8 sampled validation images: a count of 8
+        return a * 8 == pytest.approx(round(a * 8))
+
+    assert all(of_8(c["host_accuracy"]) and of_8(c["guard_accuracy"]) for c in g["candidates"])
+    assert of_8(g["fp32_host_accuracy"]) and g["shipped_host_accuracy"] in [c["host_accuracy"] for c in g["candidates"]]
     from edgexfer.report import checks, report_md
 
     assert "| accuracy on arm64 (emulated) (decides) | accuracy on this host |" in report_md(rep)

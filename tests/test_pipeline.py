@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import onnx
+import pytest
 
 from edgexfer.runtime import EdgeModel
 from edgexfer.runtime.metadata import META_KEY
@@ -30,7 +31,8 @@ def test_report_json(tiny_run):
     for k, f in (("fp32", "model.onnx"), ("int8", "model.int8.onnx")):
         m = rep["models"][k]
         assert m["file"] == f and m["size_bytes"] == (tiny_run / f).stat().st_size
-        assert 0.0 <= m["accuracy"] <= 1.0
+        cm = np.array(m["confusion_matrix"])  # the fraction of the test split it got right, of every test image
+        assert m["n"] == cm.sum() == rep["data"]["test"] and m["accuracy"] == pytest.approx(np.trace(cm) / cm.sum())
         assert set(m["per_class"]) == set(CLASSES)
         assert m["latency_ms"]["p50"] > 0 and m["latency_ms"]["p99"] >= m["latency_ms"]["p50"]
         assert m["threads"] == 2 and m["batch"] == 1
@@ -48,7 +50,8 @@ def test_report_json(tiny_run):
 
 
 def test_metadata_inside_onnx(tiny_run):
-    for f in ("model.onnx", "model.int8.onnx"):
+    rep = json.loads((tiny_run / "report.json").read_text())
+    for k, f in (("fp32", "model.onnx"), ("int8", "model.int8.onnx")):
         props = {p.key: p.value for p in onnx.load(str(tiny_run / f)).metadata_props}
         meta = json.loads(props[META_KEY])
         assert meta["labels"] == sorted(CLASSES)
@@ -57,7 +60,8 @@ def test_metadata_inside_onnx(tiny_run):
         assert meta["preprocessing"]["resize"] == 64 and meta["preprocessing"]["interpolation"] == "bilinear"
         assert len(meta["provenance"]["checkpoint_sha256"]) == 64
         assert meta["provenance"]["backbone"] == "efficientnet_lite0"
-        assert 0 <= meta["metrics"]["accuracy"] <= 1 and meta["metrics"]["split"] == "test"
+        # each file carries its own test accuracy (the INT8 file's is not copied from its FP32 source)
+        assert meta["metrics"]["accuracy"] == pytest.approx(rep["models"][k]["accuracy"]) and meta["metrics"]["split"] == "test"
     q = json.loads({p.key: p.value for p in onnx.load(str(tiny_run / "model.int8.onnx")).metadata_props}[META_KEY])
     # the host's recipe: reduce_range on AVX2/AVX-512 without VNNI, the full 8-bit range on VNNI and arm64
     from edgexfer.exporters.quantize import recipe_for
@@ -82,16 +86,17 @@ def test_dynamic_batch_and_runtime_predict(tiny_run, tmp_path):
     correct = sum(p[0]["label"] == CLASSES[k] for k, p in enumerate(preds))
     assert correct >= 2, preds
 
-def test_run_resumes_instead_of_redoing(tiny_run, image_folder):
-    before = (tiny_run / "checkpoint.pt").stat().st_mtime_ns
+def test_run_resumes_instead_of_redoing(run_copy, image_folder):
+    before = (run_copy / "checkpoint.pt").stat().st_mtime_ns
     from tests.conftest import TINY_RUN_ARGS
-    p = run_cli("run", "--data", image_folder, "--runs", tiny_run.parent, "--name", "tiny", *TINY_RUN_ARGS, check=True)
+    p = run_cli("run", "--data", image_folder, "--runs", run_copy.parent, "--name", run_copy.name, *TINY_RUN_ARGS,
+                check=True)
     assert "done already" in p.stderr
-    assert (tiny_run / "checkpoint.pt").stat().st_mtime_ns == before
+    assert (run_copy / "checkpoint.pt").stat().st_mtime_ns == before
 
 
-def test_other_config_refuses_without_force(tiny_run, image_folder):
-    p = run_cli("run", "--data", image_folder, "--runs", tiny_run.parent, "--name", "tiny", "--epochs", "1")
+def test_other_config_refuses_without_force(run_copy, image_folder):
+    p = run_cli("run", "--data", image_folder, "--runs", run_copy.parent, "--name", run_copy.name, "--epochs", "1")
     assert p.returncode != 0
     assert "another configuration" in p.stderr and "Traceback" not in p.stderr
 
@@ -114,7 +119,9 @@ def test_scratch_baseline_is_measured(image_folder, tmp_path):
                 "--batch-size", "16", "--shots", "20", "--compare-scratch", "--backbone", "efficientnet_lite0", check=True)
     rep = json.loads((tmp_path / "r" / "report.json").read_text())
     t = rep["transfer"]
-    assert 0 <= t["scratch_test_accuracy"] <= 1 and 0 <= t["pretrained_test_accuracy"] <= 1
+    n = rep["data"]["test"]  # both are fractions of the same test images: k / n
+    for acc in (t["scratch_test_accuracy"], t["pretrained_test_accuracy"]):
+        assert acc * n == pytest.approx(round(acc * n), abs=1e-6), (acc, n)
     assert t["gain_points"] == round(100 * (t["pretrained_test_accuracy"] - t["scratch_test_accuracy"]), 2)
     assert t["negative_transfer"] == (t["gain_points"] <= 0)
     assert ("NEGATIVE TRANSFER" in p.stderr) == t["negative_transfer"]

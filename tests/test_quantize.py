@@ -147,15 +147,16 @@ def test_export_cleanup_recorded(tiny_run):
     assert shipped == (c["nodes_after"] if c["kept"] else c["nodes_before"])
 
 
-def test_triton_repository_parses_back(tiny_run, tmp_path):
+def test_triton_repository_parses_back(run_copy, tmp_path):
     model_config_pb2 = _model_config_pb2()
     from google.protobuf import text_format
 
+    tiny_run = run_copy  # `export` writes into the run folder: a copy, not the session's run
     run_cli("export", tiny_run, "--triton-repo", tmp_path / "repo", "--triton-model", "int8", "--max-batch-size", "16",
             check=True)
-    entry = tmp_path / "repo" / "tiny"
+    entry = tmp_path / "repo" / tiny_run.name
     cfg = text_format.Parse((entry / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
-    assert cfg.name == "tiny" and cfg.platform == "onnxruntime_onnx" and cfg.max_batch_size == 16
+    assert cfg.name == tiny_run.name and cfg.platform == "onnxruntime_onnx" and cfg.max_batch_size == 16
     assert list(cfg.input[0].dims) == [3, 64, 64] and cfg.input[0].name == "input"
     assert list(cfg.output[0].dims) == [3] and cfg.output[0].name == "logits"
     assert cfg.HasField("dynamic_batching")

@@ -51,8 +51,10 @@ def test_run_with_two_shots_quantizes(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     rep = json.loads((tmp_path / "runs" / "two" / "report.json").read_text())
     assert rep["data"]["val"] == 3
-    assert 0 <= rep["training"]["val_accuracy"] <= 1
-    assert all(h["val_accuracy"] is None or 0 <= h["val_accuracy"] <= 1 for h in rep["training"]["history"])
+    t = rep["training"]  # 3 validation images choose nothing: the probe's strength is cross-validated over all 6
+    sel = t["probe_selection"]
+    assert t["strategy"] == "linear" and sel["images"] == rep["data"]["train"] + rep["data"]["val"] == 6
+    assert t["val_accuracy"] == sel["cv_accuracy"] >= 0.5  # the reported figure is the CV's; the shapes are easy
     assert (tmp_path / "runs" / "two" / "model.int8.onnx").is_file()
 
 
@@ -72,7 +74,8 @@ def test_small_validation_cross_validates_the_probe(tmp_path):
     res = train(build_model(mcfg), ds, preprocessing_of(mcfg), TrainConfig(strategy="linear"), tmp_path / "w")
     sel = res.probe_selection
     assert sel and sel["refit_on"] == "train + val" and sel["images"] == len(ds.train) + len(ds.val)
-    assert sel["C"] > 0 and 0 <= sel["cv_accuracy"] <= 1 and sel["cv_stderr"] is not None
+    assert sel["C_range"][0] <= sel["C"] <= sel["C_range"][1] and sel["folds"] == 5 and sel["cv_stderr"] >= 0
+    assert sel["cv_accuracy"] >= 0.8  # the shapes are easy for ImageNet features
     assert res.val_accuracy == sel["cv_accuracy"] and "validation images" in sel["reason"]
 
 
