@@ -206,7 +206,7 @@ def main() -> int:
         "adaptation": {k: rep.get("adaptation", {}).get(k) for k in ("kept", "forced", "reasons", "images",
                                                                      "source_val_accuracy_before",
                                                                      "source_val_accuracy_after")},
-        "min_target_agreement": cfg.min_target_agreement, "max_accuracy_drop": cfg.max_accuracy_drop,
+        "min_target_agreement": cfg.quantize.min_target_agreement, "max_accuracy_drop": cfg.max_accuracy_drop,
     }
     run_ds = Workspace(rf, cfg).dataset
     assert digest([a for sp in (run_ds.train, run_ds.val, run_ds.test) for a in sp.images]) == data["labelled_digest"], \
@@ -217,7 +217,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(dir=RUN, prefix=".bench-") as td:
         plain = Path(td) / "plain_int8.onnx"
         ws = Workspace(rf, cfg)
-        recipe, target = recipe_for(cfg.target, cfg.quantize)
+        recipe, target = recipe_for(cfg.quantize.target, cfg.quantize.recipe)
         calib, calibrated_on = calibration_set(cfg, ws, recipe.calibration_samples)
         assert calibrated_on == rep["quantize"]["calibrated_on"], (calibrated_on, rep["quantize"]["calibrated_on"])
         qrec = quantize_int8(fp32, plain, calib, recipe)
@@ -274,7 +274,7 @@ def main() -> int:
         "shipped_within_1_point_shifted": within(drop, 0.01),
         "guard_within_bound": bool(g.get("within_bound")),
         "target_agreement": ta.get("top1_agreement"),
-        "target_agreement_at_least_min": (at_least(ta["top1_agreement"], cfg.min_target_agreement)
+        "target_agreement_at_least_min": (at_least(ta["top1_agreement"], cfg.quantize.min_target_agreement)
                                           if "top1_agreement" in ta else None),
         "shipped_speedup": s["speedup_vs_fp32"], "shipped_at_least_1_2x": s["speedup_vs_fp32"] >= 1.2,
         "shipped_speedup_no_spinning": s["speedup_no_spinning"],

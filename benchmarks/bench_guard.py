@@ -72,7 +72,7 @@ def fitted_rate(run: Path) -> float:
 
 
 def case(name: str, seed: int) -> dict:
-    from edgexfer.exporters.quantize import wilson_upper
+    from edgexfer.guard import wilson_upper
 
     run = ROOT / "runs" / f"bench-guard-{name}-s{seed}"
     t0 = time.perf_counter()

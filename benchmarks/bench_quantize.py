@@ -77,11 +77,11 @@ def guard_case(name: str = "demo") -> dict:
     cfg = run.config()
     ws = Workspace(run, cfg)
     x, y = ws.tensors("test")
-    calib, _ = ws.tensors("train", limit=cfg.quantize.calibration_samples)
+    calib, _ = ws.tensors("train", limit=cfg.quantize.recipe.calibration_samples)
     rep = run.report()
     with tempfile.TemporaryDirectory() as td:
         plain = Path(td) / "plain.onnx"
-        recipe, _ = recipe_for(cfg.target, cfg.quantize)
+        recipe, _ = recipe_for(cfg.quantize.target, cfg.quantize.recipe)
         quantize_int8(run.file("model.onnx"), plain, calib, recipe)
         acc_plain = evaluate_file(plain, x, y, ws.dataset.classes, threads=2)["accuracy"]
     fp32 = rep["models"]["fp32"]["accuracy"]
@@ -165,7 +165,7 @@ def load_case(run: Path):
     rf = RunFolder(run)
     cfg = rf.config()
     ws = Workspace(rf, cfg)
-    recipe, target = recipe_for("host", cfg.quantize)
+    recipe, target = recipe_for("host", cfg.quantize.recipe)
     recipe = dataclasses.replace(recipe, calibration_samples=100)
     calib, _ = ws.tensors("train", limit=recipe.calibration_samples)
     return cfg, ws, run / "model.onnx", recipe, target, calib
@@ -182,7 +182,7 @@ def _qat_row(run: Path, cfg, ws, fp32: Path, out: Path, recipe, calib, agree) ->
     xl, yl, views = training_images(cfg, ws)
     t0 = time.perf_counter()
     info = make_qat_int8(run / "checkpoint.pt", fp32, out, recipe, x_lab=xl, y_lab=yl, x_unlab=views, calib=calib,
-                         seed=cfg.data.seed, threads=2)
+                         epochs=cfg.quantize.qat_epochs, seed=cfg.data.seed, threads=2)
     a = agree(out)
     return {"guard_seconds": time.perf_counter() - t0, "fp32_layers": 0, "agreement": a,
             "within_bound": within(1.0 - a, cfg.max_accuracy_drop), "calibrations": 1,
@@ -195,8 +195,7 @@ def ranked_case(dataset: str, guard_images: int, test_images: int, iters: int) -
     import numpy as np
 
     from edgexfer.evaluate import mean_task_accuracy, onnx_logits
-    from edgexfer.exporters.quantize import Scorer, guarded_quantize
-    from edgexfer.guard import agreement_set, describe
+    from edgexfer.guard import Judge, Scorer, agreement_set, describe, guarded_quantize
     from edgexfer.pipeline import agreement_with
     from edgexfer.runtime.bench import BenchConfig, interleaved, onnx_candidate, openvino_candidate
 
@@ -220,7 +219,7 @@ def ranked_case(dataset: str, guard_images: int, test_images: int, iters: int) -
                          "ranked_qdq": dict(rank_on=rank_on[:8], ranking="qdq")}.items():
             t0 = time.perf_counter()
             rec = guarded_quantize(fp32, td / f"{name}.onnx", calib, recipe,
-                                   [Scorer("agreement", agree, "decides")], max_drop=cfg.max_accuracy_drop,
+                                   Judge([Scorer("agreement", agree, "decides")], cfg.max_accuracy_drop),
                                    threads=2, **kw)
             g = rec["guard"]
             files[name] = td / f"{name}.onnx"

@@ -159,31 +159,35 @@ def data_options(f):
 
 
 def quant_options(f):
+    from edgexfer.config import QuantizeConfig as _Q, RunConfig  # the defaults (the recipe's two: Int8Recipe's)
+
     opts = [
-        click.option("--target", type=click.Choice(["host", "avx2", "avx512", "avx512_vnni", "arm64"]), default="host",
+        click.option("--target", type=click.Choice(["host", "avx2", "avx512", "avx512_vnni", "arm64"]), default=_Q.target,
                      show_default=True, help="CPU the INT8 recipe is for (optimum's presets); host: this CPU."),
         click.option("--calibration-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
                      show_default=True, help="How INT8 ranges are set from the calibration images' activations."),
         click.option("--calibration-samples", type=click.IntRange(min=1), default=200, show_default=True,
                      help="Calibration images."),
-        click.option("--calibration-data", type=click.Choice(["auto", "train", "adapt-bn"]), default="auto",
+        click.option("--calibration-data", type=click.Choice(["auto", "train", "adapt-bn"]), default=_Q.calibration,
                      show_default=True, help="Images that set the INT8 ranges: train, or adapt-bn (the run's "
                                              "--adapt-bn folder: the target domain); auto: adapt-bn when the run "
                                              "has one, else train."),
-        click.option("--max-accuracy-drop", type=click.FloatRange(0, 1), default=0.01, show_default=True,
+        click.option("--max-accuracy-drop", type=click.FloatRange(0, 1), default=RunConfig.max_accuracy_drop,
+                     show_default=True,
                      help="Accuracy guard: INT8 may lose at most this much accuracy (fraction) against FP32, "
                           "bounded by its top-1 disagreement with FP32 on images the model was not fitted on "
                           "(out-of-fold or validation images, --guard-data, augmented views of them)."),
-        click.option("--guard-data", type=click.Path(exists=True, file_okay=False), default=None,
+        click.option("--guard-data", type=click.Path(exists=True, file_okay=False), default=_Q.guard_data,
                      show_default="none", help="Folder of unlabelled photos of the domain (never used for training): "
                      "the accuracy guard measures INT8 on them too, so its 95%% bound can prove a small drop."),
-        click.option("--min-target-agreement", type=click.FloatRange(0, 1), default=0.90, show_default=True,
+        click.option("--min-target-agreement", type=click.FloatRange(0, 1), default=_Q.min_target_agreement,
+                     show_default=True,
                      help="With --adapt-bn: the guard also wants INT8 to give FP32's top-1 on at least this "
                           "fraction of the unlabelled target-domain images."),
-        click.option("--tuner", type=click.Choice(["auto", "inc", "builtin"]), default="auto", show_default=True,
+        click.option("--tuner", type=click.Choice(["auto", "inc", "builtin"]), default=_Q.tuner, show_default=True,
                      help="Who finds an INT8 file within the bound: Intel Neural Compressor (when `make inc` built "
-                          "it), else the built-in search that keeps early layers in FP32."),
-        click.option("--qat", type=click.Choice(["auto", "off"]), default="auto", show_default=True,
+                          "it), else the built-in search that keeps the layers INT8 hurts most in FP32."),
+        click.option("--qat", type=click.Choice(["auto", "off"]), default=_Q.qat, show_default=True,
                      help="Quantization-aware fine-tuning (a few epochs, fake quantization, distillation from FP32) "
                           "when no post-training INT8 file keeps the bound at >= 1.2x FP32's speed; it ships "
                           "only if within the bound and faster. off: never."),
@@ -199,13 +203,18 @@ def quant_options(f):
 
 def apply_quant_options(cfg, *, target, calibration_method, calibration_samples, max_accuracy_drop, tuner, fp16,
                         dynamic, calibration_data="auto", min_target_agreement=0.90, qat="auto", guard_data=None):
-    cfg.target, cfg.tuner, cfg.calibration, cfg.qat = target, tuner, calibration_data, qat
-    cfg.guard_data = str(Path(guard_data).resolve()) if guard_data else None
-    cfg.min_target_agreement = min_target_agreement
-    cfg.quantize = dataclasses.replace(cfg.quantize, calibration_method=calibration_method,
-                                       calibration_samples=calibration_samples)
+    """`cfg` with its quantize section made from the options, and the EDGEXFER_* variables that change what the
+    quantize stage writes applied here, at the edge (`QuantizeConfig.with_environment`): config.json records
+    them, and the stage's provenance with it."""
+    from edgexfer.config import QuantizeConfig
+
+    recipe = dataclasses.replace(cfg.quantize.recipe, calibration_method=calibration_method,
+                                 calibration_samples=calibration_samples)
+    cfg.quantize = QuantizeConfig(
+        recipe=recipe, target=target, tuner=tuner, calibration=calibration_data, qat=qat,
+        guard_data=str(Path(guard_data).resolve()) if guard_data else None, min_target_agreement=min_target_agreement,
+        extra_formats=tuple(f for f, on in (("fp16", fp16), ("int8_dynamic", dynamic)) if on)).with_environment()
     cfg.max_accuracy_drop = max_accuracy_drop
-    cfg.extra_formats = tuple(f for f, on in (("fp16", fp16), ("int8_dynamic", dynamic)) if on)
     return cfg
 
 
@@ -213,7 +222,6 @@ def build_config(*, data, shots, all_labels, test_size, seed, strict, backbone, 
                  epochs, batch_size, lr, threads, compare_scratch=False, unfreeze_blocks=3, lr_decay=1.0,
                  adapt_bn=None, no_calibrate=False, max_latency_ms=None, adapt_bn_force=False, follow_symlinks=False):
     from edgexfer.backbones import get_backbone_info
-    from edgexfer.exporters.quantize import Int8Recipe
     from edgexfer.finetune import TrainConfig
     from edgexfer.pipeline import BenchConfig, DataConfig, ModelConfig, RunConfig
 
@@ -261,7 +269,6 @@ def build_config(*, data, shots, all_labels, test_size, seed, strict, backbone, 
                           adapt_bn=str(Path(adapt_bn).resolve()) if adapt_bn else None, source_bn=bool(adapt_bn),
                           adapt_bn_force=adapt_bn_force,
                           calibrate=not no_calibrate),
-        quantize=Int8Recipe(),
         bench=BenchConfig(threads=threads),
     )
 

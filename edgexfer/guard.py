@@ -5,7 +5,7 @@ on an *agreement set*: no labels needed, so it can use many more images than the
 
 - every labelled image of the run (train + validation; never test, which only reports),
 - the unlabelled `--adapt-bn` images, if any,
-- and, while that is fewer than GUARD_IMAGES (1000), seeded augmented views of the labelled images
+- and, while that is fewer than `QuantizeConfig.guard_images` (1000), seeded augmented views of the labelled images
   (a random crop of 35-100% of the area, aspect 3/4-4/3, and a horizontal flip half of the time), each
   through the run's own preprocessing (`edgexfer.runtime.preprocess`: colour, resize, crop, normalize).
 
@@ -18,23 +18,31 @@ itself with every pixel moved by up to half a level, the rounding by which two d
 When that changes FP32's own answer on more images than the bound allows, the bound asks a compressed file
 to reproduce differences smaller than a decoder's rounding: the guard says so.
 
-The set is held in memory as float32, bounded by GUARD_MAX_BYTES (768 MiB: 1,333 images at 224x224x3;
-labelled images past it are a seeded sample). Both limits can be set from the environment
-(EDGEXFER_GUARD_IMAGES, EDGEXFER_GUARD_MAX_MB). The statistics are in `edgexfer.exporters.quantize`
-(`guard_decision`, `wilson_upper`, `paired_drop`).
+The set is held in memory as float32, bounded by `QuantizeConfig.guard_max_mb` (768 MiB: 1,333 images at
+224x224x3; labelled images past it are a seeded sample); both limits are quantize settings (`edgexfer.config.
+QuantizeConfig`: EDGEXFER_GUARD_IMAGES and EDGEXFER_GUARD_MAX_MB set them when the CLI builds the config).
+
+This module is the whole guard: the agreement set and the search/certify split (above), the figures
+(`Agreement`, `wilson_upper`, `paired_drop`), the decision on one candidate file (`guard_decision`, `Scorer`,
+`Judge`: post-training candidates and QAT's file are judged alike), the candidate search (`guarded_quantize`,
+over `edgexfer.exporters.quantize`'s `calibrate`/`quantize` pair and `edgexfer.exporters.sensitivity`'s
+ranking) and how sure it is (`summarize`).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
+import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from edgexfer.bounds import within
+from edgexfer.bounds import at_least, within
+from edgexfer.config import QuantizeConfig
 
-GUARD_IMAGES = int(os.environ.get("EDGEXFER_GUARD_IMAGES", "1000"))
-GUARD_MAX_BYTES = int(float(os.environ.get("EDGEXFER_GUARD_MAX_MB", "768")) * 2**20)
 CROP_AREA = (0.35, 1.0)
 CROP_ASPECT = (3 / 4, 4 / 3)
 
@@ -97,8 +105,8 @@ def agreement_set(ws, unlabelled: np.ndarray | None = None, *, seed: int = 0, ou
 
     rows (N,): which image a row is or is a view of: the labelled image's index (train, then validation, order),
     or the number of labelled images plus the unlabelled image's. `ws` is the run's `Workspace`."""
-    min_images = GUARD_IMAGES if min_images is None else min_images
-    max_bytes = GUARD_MAX_BYTES if max_bytes is None else max_bytes
+    min_images = QuantizeConfig.guard_images if min_images is None else min_images
+    max_bytes = int(QuantizeConfig.guard_max_mb * 2**20) if max_bytes is None else max_bytes
     xt, _ = ws.tensors("train")
     xv, _ = ws.tensors("val")
     shape = xt.shape[1:] if len(xt) else xv.shape[1:]
@@ -143,8 +151,8 @@ def target_set(x_target: np.ndarray, files: list, pp, *, seed: int = 0, min_imag
     own order), and, while that is fewer than `min_images`, seeded augmented views of `files`; at most
     `max_bytes` in all. Rows as `agreement_set`'s, by file (no labelled images)."""
     order = np.arange(len(x_target)) if order is None else np.asarray(order)
-    min_images = GUARD_IMAGES if min_images is None else min_images
-    max_bytes = GUARD_MAX_BYTES if max_bytes is None else max_bytes
+    min_images = QuantizeConfig.guard_images if min_images is None else min_images
+    max_bytes = int(QuantizeConfig.guard_max_mb * 2**20) if max_bytes is None else max_bytes
     cap = max(1, int(max_bytes // (4 * int(np.prod(x_target.shape[1:])))))
     u = x_target[:cap]
     n_aug = max(0, min(cap, min_images) - len(u)) if files else 0
@@ -301,8 +309,6 @@ class Agreement:
         return 1.0 - max(self.rates(path))
 
     def detail(self, path) -> dict:
-        from edgexfer.exporters.quantize import wilson_upper
-
         rates = self.rates(path)
         rate = max(rates)
         return {"rate": rate, "images": self.images, "rows": int(len(self.rows)),
@@ -326,7 +332,6 @@ class Agreement:
         """The labelled images' paired accuracy drop, each answered as `_logits` answers it (out of fold): the
         evidence beside agreement (`guard_decision`). The images themselves, not their views."""
         from edgexfer.evaluate import mean_task_accuracy
-        from edgexfer.exporters.quantize import paired_drop
 
         m = self.labelled()
         y = np.asarray(self.labels)[self.rows[m]]
@@ -398,8 +403,6 @@ def describe(info: dict) -> str:
 def images_needed(rate: float, max_drop: float, have: int, limit: int = 100_000) -> int | None:
     """How many unseen images the same disagreement `rate` needs for its 95% Wilson upper bound to fit `max_drop`
     (None: not even `limit`, or the rate itself is over)."""
-    from edgexfer.exporters.quantize import wilson_upper
-
     if not within(rate, max_drop) or not within(wilson_upper(rate, limit), max_drop):
         return None
     lo, hi = have, limit
@@ -466,3 +469,231 @@ def summarize(g: dict, info: dict, detail: dict, labelled: int, fp32_accuracy: f
     else:
         s += f"; {no_labelled}."
     g["confidence"] = s
+
+
+# -- the decision on one candidate ------------------------------------------------------------------------
+# The guard decides on INT8/FP32 top-1 agreement over many images, not on labelled accuracy over a few:
+# where INT8 gives FP32's top-1 it scores what FP32 scores, so each disagreement costs at most one correct
+# answer, and an accuracy drop cannot exceed the disagreement rate. Labelled accuracy on images the model was
+# not fitted on is measured beside it, and only a significant drop (below) overrules agreement.
+
+SIGNIFICANT_SE = 2.0  # a labelled drop counts as evidence past max_drop by this many standard errors
+
+
+def wilson_upper(rate: float, n: int, z: float = 1.96) -> float:
+    """The upper end of the Wilson score interval (95% for z=1.96) of a proportion `rate` seen on `n`
+    trials: with 0 of 1000 images disagreeing it is 0.38%, not 0."""
+    if n <= 0:
+        return 1.0
+    d = 1 + z * z / n
+    c = rate + z * z / (2 * n)
+    h = z * np.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n))
+    return float(min(1.0, (c + h) / d))
+
+
+def paired_drop(ref: list[np.ndarray], cand: list[np.ndarray], y: np.ndarray) -> tuple[float, float]:
+    """FP32 accuracy minus the candidate's on the same labelled images (averaged over tasks, each over its
+    labelled images; -1: unlabelled), and the standard error of that paired difference. Per image the
+    difference d = correct(candidate) - correct(FP32) is -1, 0 or +1; its binomial variance over n images
+    is (b + c)/n - ((c - b)/n)^2 for b losses and c gains, so the standard error is sqrt(that / n): one
+    flip on 4 images is a 25-point drop with a 22-point standard error."""
+    y2 = y[:, None] if y.ndim == 1 else y
+    drops, var = [], 0.0
+    for t, (r, c) in enumerate(zip(ref, cand)):
+        m = y2[:, t] >= 0
+        if not m.any():
+            continue
+        d = (c[m].argmax(1) == y2[m, t]).astype(np.float64) - (r[m].argmax(1) == y2[m, t])
+        drops.append(-float(d.mean()))
+        var += float(d.var()) / len(d)
+    if not drops:
+        return 0.0, 0.0
+    return float(np.mean(drops)), float(np.sqrt(var) / len(drops))
+
+
+def guard_decision(disagreement: float, max_drop: float, val_drop: float | None = None,
+                   val_drop_se: float | None = None) -> tuple[bool, str]:
+    """Whether an INT8 candidate ships, and why, from its top-1 disagreement rate with FP32 on the
+    agreement set and (optionally) its labelled drop (on images the model was not fitted on) with that drop's
+    standard error.
+
+    It passes when the disagreement rate is within `max_drop`: the accuracy drop cannot be larger, on
+    images like those of the set. The labelled images can still reject it, but only on evidence: a drop
+    beyond `max_drop` by more than SIGNIFICANT_SE (2) standard errors of the paired difference (about a
+    one-sided 2.5% test). On 4 labelled images one flipped image is a 25-point drop with a ~22-point standard
+    error: noise, not a reason to throw INT8 away; on 30 images, 10 losses and no gains are evidence
+    (33 points with a 9-point standard error), though agreement on the whole set may look fine when the
+    augmented views outnumber the real images.
+    """
+    if not within(disagreement, max_drop):  # one image at the bound is in
+        return False, f"disagrees with FP32 on {disagreement:.2%} of the agreement set, over {max_drop:.2%}"
+    if val_drop is not None and not within(val_drop, max_drop + SIGNIFICANT_SE * (val_drop_se or 0.0)):
+        return False, (f"validation drop {val_drop:+.2%} is beyond {max_drop:.2%} by more than "
+                       f"{SIGNIFICANT_SE:g} standard errors ({val_drop_se:.2%})")
+    return True, f"disagrees with FP32 on {disagreement:.2%} of the agreement set, within {max_drop:.2%}"
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """One figure the guard measures on every INT8 candidate file (`fn(path)`), and what it does with it.
+
+    role "decides": the guard's own figure (exactly one): a candidate is within the bound when
+        `reference - fn(path) <= max_drop` (the quantize stage: top-1 agreement with FP32, reference 1.0; the
+        arm64 guard: emulated accuracy, reference FP32's). Recorded as the row's guard_accuracy and drop.
+    role "at_least": must also be >= `limit` (e.g. agreement on the unlabelled --adapt-bn images).
+    role "evidence": `fn` returns a dict of labelled figures, recorded in the row ("val_drop" and "val_drop_se"
+        among them); it rejects a candidate only on a significant drop (`guard_decision`).
+    role "record": recorded in the row under `name`, never decides (e.g. this host's accuracy)."""
+    name: str
+    fn: Callable[[Path], object]
+    role: str = "record"
+    reference: float = 1.0
+    limit: float | None = None
+    measured_on: str = "this host"
+
+    def __post_init__(self):
+        if self.role not in ("decides", "at_least", "evidence", "record"):
+            raise ValueError(f"unknown scorer role {self.role!r}")
+
+
+@dataclass(frozen=True)
+class Judge:
+    """How the guard judges one INT8 candidate file, whatever made it (a post-training recipe with some layers
+    kept in FP32, quantization-aware fine-tuning, INC): its `scorers` (exactly one decides) and the bound.
+    `judge(path)` is the candidate's row: guard_accuracy, drop, within_bound (and decision, with evidence),
+    and every other scorer's figure."""
+    scorers: tuple
+    max_drop: float
+
+    def __post_init__(self):
+        object.__setattr__(self, "scorers", tuple(self.scorers))
+        if [s.role for s in self.scorers].count("decides") != 1:
+            raise ValueError("a guard's judge needs exactly one scorer that decides")
+
+    @property
+    def main(self) -> Scorer:
+        return next(s for s in self.scorers if s.role == "decides")
+
+    @property
+    def at_least(self) -> dict:
+        return {s.name: s.limit for s in self.scorers if s.role == "at_least"}
+
+    def __call__(self, path) -> dict:
+        main = self.main
+        acc = float(main.fn(Path(path)))
+        row = {"guard_accuracy": acc, "drop": main.reference - acc,
+               "within_bound": within(main.reference - acc, self.max_drop)}  # one image at the bound is in
+        for s in self.scorers:
+            if s.role == "record":
+                row[s.name] = s.fn(Path(path))
+            elif s.role == "evidence":
+                row.update(s.fn(Path(path)))
+                row["within_bound"], row["decision"] = guard_decision(row["drop"], self.max_drop, row.get("val_drop"),
+                                                                      row.get("val_drop_se"))
+        for s in self.scorers:
+            if s.role == "at_least":
+                row[s.name] = s.fn(Path(path))
+                row["within_bound"] = row["within_bound"] and at_least(row[s.name], s.limit)
+        return row
+
+
+def agreement_judge(agreement: Callable[[Path], float], max_drop: float, *, evidence: Callable | None = None,
+                    target: tuple[str, Callable, float] | None = None) -> Judge:
+    """The quantize stage's judge: top-1 agreement with FP32 decides (FP32 scores 1.0 against itself), the
+    labelled `evidence` (`Agreement.evidence`) can reject on a significant drop, and `target` (name, scorer,
+    limit: the --adapt-bn images' agreement) is a second bound."""
+    return Judge([Scorer("guard_accuracy", agreement, "decides", 1.0),
+                  *([Scorer(target[0], target[1], "at_least", limit=target[2])] if target else []),
+                  *([Scorer("validation", evidence, "evidence")] if evidence else [])], max_drop)
+
+
+# -- the search over post-training candidates ------------------------------------------------------------
+
+PREFIX_STEPS = (0, 1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64, 96, 10**6)
+
+
+def guarded_quantize(fp32_path: str | Path, out_path: str | Path, calib: np.ndarray, recipe, judge: Judge, *,
+                     steps: tuple[int, ...] = PREFIX_STEPS, fallback: str = "ranked", rank_on: np.ndarray | None = None,
+                     rank_images: int = QuantizeConfig.rank_images, ranking: str = "revert",
+                     threads: int | None = None) -> dict:
+    """Static INT8 under an accuracy bound: keep the fewest, cheapest weighted layers in FP32 until `judge`
+    passes a candidate.
+
+    Pre-processing and calibration run once (`edgexfer.exporters.quantize.calibrate`); every candidate is
+    written from those ranges (`quantize`, the recipe with its layers excluded) and judged by `judge` (see
+    `Judge`, `Scorer`). Plain INT8 (every weighted layer quantized) is tried first; when it misses the bound:
+
+    - `fallback` "ranked" (the default): the weighted layers are ranked by their measured effect on the
+      output (`edgexfer.exporters.sensitivity`, `ranking` "revert" or "qdq"), on `rank_on` images (default:
+      up to `rank_images` of the calibration images: label-free, what the model will see), each layer's
+      latency cost in FP32 is estimated, and the candidates are the top k of that ranking, of the
+      ranking per millisecond and of graph order, k in `steps`, tried cheapest first: the first within the
+      bound keeps the most (estimated) speed;
+    - `fallback` "prefix": the first k weighted layers in graph order, k in `steps` (early layers see raw
+      pixels and are, in CNNs, often the most sensitive).
+
+    The first candidate within the bound is written to `out_path`; if none is, the most accurate one,
+    with `within_bound` False. Returns the file's quantization record with the guard's under "guard"."""
+    from edgexfer.exporters import quantize as qz
+    from edgexfer.exporters.metadata_io import read_meta
+
+    main = judge.main
+    out_path = Path(out_path)
+    if fallback not in ("ranked", "prefix"):
+        raise ValueError(f"unknown fallback {fallback!r}; choose ranked or prefix")
+    tried, best = [], None
+    with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".guard-") as td:
+        cal = qz.calibrate(fp32_path, calib, recipe, td)
+        nodes = cal.nodes
+        sens = None
+        queue = [{"fp32_layers": 0, "nodes": (), "order": "plain"}] if 0 in steps else []
+        if fallback == "prefix" or not len(nodes):
+            queue += [{"fp32_layers": k, "nodes": tuple(nodes[:k]), "order": "graph prefix"}
+                      for k in sorted({min(s, len(nodes)) for s in steps} - {0})]
+        i = 0
+        while True:
+            if i == len(queue) and sens is None and fallback == "ranked" and len(nodes):
+                from edgexfer.exporters import sensitivity
+
+                x = calib[:rank_images] if rank_on is None else rank_on
+                sens = sensitivity.rank(cal, x, method=ranking, threads=threads)
+                sens["report"]["images_from"] = "calibration images" if rank_on is None else "given images"
+                queue += [c for c in sensitivity.candidates(sens, steps) if c["nodes"]]
+            if i == len(queue):
+                break
+            c = queue[i]
+            cand = dataclasses.replace(recipe, nodes_to_exclude=tuple(c["nodes"]))
+            path = Path(td) / f"c{i}.onnx"
+            t0 = time.perf_counter()
+            qz.quantize(fp32_path, path, cal, cand)
+            row = {"fp32_layers": c["fp32_layers"], **({k: v for k, v in c.items() if k not in ("nodes", "fp32_layers")}),
+                   "seconds": time.perf_counter() - t0}
+            row = {**row, **judge(path)}
+            tried.append(row)
+            if best is None or row["guard_accuracy"] > best[0]["guard_accuracy"]:
+                best = (row, path, cand)
+            if row["within_bound"]:
+                best = (row, path, cand)
+                break
+            i += 1
+        row, path, cand = best
+        os.replace(path, out_path)
+    bounds = judge.at_least
+    g = {"fp32_accuracy": main.reference, "max_accuracy_drop": judge.max_drop, "candidates": tried,
+         "chosen_fp32_layers": row["fp32_layers"], "layers_kept_fp32": list(cand.nodes_to_exclude),
+         "chosen_candidate": next(i for i, r in enumerate(tried) if r is row),  # two may keep as many layers
+         "shipped_accuracy": row["guard_accuracy"], "measured_on": main.measured_on,
+         "within_bound": row["within_bound"], "quantizable_layers": len(nodes),
+         "calibration": {"calibrations": 1 if cal.ranges is not None else len(tried),
+                         "seconds": cal.seconds, "reused_by_candidates": cal.ranges is not None,
+                         "images": int(min(len(calib), recipe.calibration_samples))},
+         **({"at_least": bounds} if bounds else {})}
+    g["fallback"] = ("sensitivity-ranked" if fallback == "ranked" else "graph prefix (first k weighted layers)")
+    if sens is not None:
+        g["sensitivity"] = sens["report"]
+        if "est_speedup" in row:
+            g["estimated_speedup"] = row["est_speedup"]
+    elif fallback == "ranked":
+        g["sensitivity"] = None  # plain INT8 met the bound: nothing to rank
+    return {**read_meta(out_path).quantization, "guard": g}
+

@@ -33,12 +33,13 @@ from pathlib import Path
 
 import numpy as np
 
+from edgexfer.config import QuantizeConfig
+
 log = logging.getLogger(__name__)
 
 MIN_SPEEDUP = 1.2   # QAT is tried when the PTQ choice keeps less of FP32's batch-1 speed than this
 MIN_GAIN = 0.05     # ...and ships only when faster than the PTQ choice by more than batch-1 timing noise
-EPOCHS = int(os.environ.get("EDGEXFER_QAT_EPOCHS", "2"))
-VIEWS = int(os.environ.get("EDGEXFER_QAT_VIEWS", "256"))  # augmented views (unlabelled) for distillation
+# epochs, views (unlabelled, for distillation), labelled images and forcing: QuantizeConfig.qat_*
 LR, TEMPERATURE, ALPHA, BATCH = 3e-5, 2.0, 0.5, 32
 
 
@@ -194,7 +195,7 @@ def _kl(student, teacher, t: float):
 
 
 def finetune_qat(teacher, recipe, x_lab: np.ndarray, y_lab: np.ndarray, x_unlab: np.ndarray, calib: np.ndarray,
-                 *, epochs: int = EPOCHS, seed: int = 0, threads: int = 2):
+                 *, epochs: int = QuantizeConfig.qat_epochs, seed: int = 0, threads: int = 2):
     """The baked student (a torch.fx GraphModule) and what its training did."""
     import torch
 
@@ -280,7 +281,7 @@ def verify(path: str | Path, workdir: str | Path) -> dict:
 
 def make_qat_int8(checkpoint: str | Path, fp32_path: str | Path, out_path: str | Path, recipe, *,
                   x_lab: np.ndarray, y_lab: np.ndarray, x_unlab: np.ndarray, calib: np.ndarray,
-                  epochs: int = EPOCHS, seed: int = 0, threads: int = 2) -> dict:
+                  epochs: int = QuantizeConfig.qat_epochs, seed: int = 0, threads: int = 2) -> dict:
     """Fine-tune `checkpoint` with fake quantization, and write the INT8 QDQ file to `out_path` with
     `fp32_path`'s metadata (`derived_meta`) and the recipe, its quantization marked "method": "qat".
     Temporaries go in a `.qat-` folder beside `out_path`. Raises QatError when the file is not verified."""
@@ -288,7 +289,7 @@ def make_qat_int8(checkpoint: str | Path, fp32_path: str | Path, out_path: str |
 
     from edgexfer.exporters.metadata_io import read_meta, save_model, set_props
     from edgexfer.exporters.onnx_export import export_onnx
-    from edgexfer.exporters.quantize import derived_meta, quantize_int8
+    from edgexfer.exporters.quantize import derived_meta, quantize
     from edgexfer.model import load_checkpoint
 
     t0 = time.perf_counter()
@@ -300,7 +301,7 @@ def make_qat_int8(checkpoint: str | Path, fp32_path: str | Path, out_path: str |
     with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".qat-") as td:
         fp32_qat, q = Path(td) / "qat.fp32.onnx", Path(td) / "qat.int8.onnx"
         export_onnx(student, dataclasses.replace(read_meta(fp32_path), metrics={}), fp32_qat, calib[:8])
-        quantize_int8(fp32_qat, q, calib, plain)
+        quantize(fp32_qat, q, calib, plain)
         info["verify"] = verify(q, td)
         if not info["verify"]["ok"]:
             raise QatError(f"the QAT file does not run as INT8 in ONNX Runtime: {info['verify']}")
@@ -314,7 +315,6 @@ def make_qat_int8(checkpoint: str | Path, fp32_path: str | Path, out_path: str |
 # -- the competition with the post-training candidates (the quantize stage's policy) -----------------------
 
 LATENCY_ITERS = 60
-MAX_LABELLED = int(os.environ.get("EDGEXFER_QAT_MAX_IMAGES", "1024"))  # a seeded sample beyond this
 
 
 def _latency(paths: dict, threads: int) -> dict[str, float]:
@@ -329,41 +329,44 @@ def _latency(paths: dict, threads: int) -> dict[str, float]:
 
 
 def training_images(cfg, ws, adapted: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """What QAT trains on: the labelled training images (a seeded sample beyond MAX_LABELLED) and VIEWS
-    augmented views of them for distillation (unlabelled). `adapted` (--adapt-bn kept: the model is for the
-    target domain, and the source's labels no longer describe what it should do there): no labelled images,
-    distillation only, on the target images and VIEWS augmented views of them."""
+    """What QAT trains on: the labelled training images (a seeded sample beyond `cfg.quantize.qat_max_images`)
+    and `qat_views` augmented views of them for distillation (unlabelled). `adapted` (--adapt-bn kept: the model
+    is for the target domain, and the source's labels no longer describe what it should do there): no labelled
+    images, distillation only, on the target images and `qat_views` augmented views of them."""
     from edgexfer.guard import augmented_views
+
+    most, n_views = cfg.quantize.qat_max_images, cfg.quantize.qat_views
 
     if adapted:
         from edgexfer.data import list_images
         from edgexfer.quantize_stage import target_images
 
-        x = target_images(cfg, ws, MAX_LABELLED)
+        x = target_images(cfg, ws, most)
         files = list_images(cfg.train.adapt_bn, follow_symlinks=cfg.data.follow_symlinks)
-        views = list(augmented_views(files, ws.preprocessing, VIEWS, cfg.data.seed + 1))
+        views = list(augmented_views(files, ws.preprocessing, n_views, cfg.data.seed + 1))
         y0 = ws.tensors("train")[1][:0]
         return x[:0], y0, np.concatenate([x, np.stack(views)]) if views else x
     xt, yt = ws.tensors("train")
-    if len(xt) > MAX_LABELLED:
-        keep = np.sort(np.random.default_rng(cfg.data.seed).choice(len(xt), MAX_LABELLED, replace=False))
+    if len(xt) > most:
+        keep = np.sort(np.random.default_rng(cfg.data.seed).choice(len(xt), most, replace=False))
         xt, yt = xt[keep], yt[keep]
-    views = list(augmented_views(list(ws.dataset.train.images), ws.preprocessing, VIEWS, cfg.data.seed + 1))
+    views = list(augmented_views(list(ws.dataset.train.images), ws.preprocessing, n_views, cfg.data.seed + 1))
     return xt, yt, (np.stack(views) if views else np.zeros((0, *xt.shape[1:]), np.float32))
 
 
-def compete(run, cfg, ws, fp32: Path, recipe, calib: np.ndarray, guard: dict, score, adapted: bool = False
+def compete(run, cfg, ws, fp32: Path, recipe, calib: np.ndarray, guard: dict, judge, adapted: bool = False
             ) -> tuple[dict, dict | None]:
     """Try QAT when the post-training choice (the run's model.int8.onnx, described by `guard`) misses the bound
-    or keeps less than MIN_SPEEDUP of FP32's batch-1 speed; score its file with `score` (the guard's scorers)
-    and ship it (replace model.int8.onnx) when it is within the bound and either no PTQ candidate is or it is
-    faster than the PTQ choice by MIN_GAIN. Returns guard.qat and, when it shipped, the new quantize record.
-    EDGEXFER_QAT_FORCE=1 tries it whatever the PTQ choice (tests, benchmarks)."""
+    or keeps less than MIN_SPEEDUP of FP32's batch-1 speed; judge its file as the post-training candidates are
+    (`judge`, an `edgexfer.guard.Judge`: `judge(path)` is the candidate's row) and ship it (replace
+    model.int8.onnx) when it is within the bound and either no PTQ candidate is or it is faster than the PTQ
+    choice by MIN_GAIN. Returns guard.qat and, when it shipped, the new quantize record.
+    `cfg.quantize.qat_force` (EDGEXFER_QAT_FORCE=1) tries it whatever the PTQ choice (tests, benchmarks)."""
     from edgexfer.exporters.metadata_io import read_meta
     from edgexfer.runfolder import FILES
 
     int8 = run.file(FILES["int8"])
-    if cfg.qat == "off":
+    if cfg.quantize.qat == "off":
         return {"tried": False, "reason": "--qat off"}, None
     if not run.file("checkpoint.pt").is_file():
         return {"tried": False, "reason": "no checkpoint.pt in the run folder (QAT fine-tunes the PyTorch model)"}, None
@@ -374,7 +377,7 @@ def compete(run, cfg, ws, fp32: Path, recipe, calib: np.ndarray, guard: dict, sc
     entry: dict = {"tried": False, "min_speedup": MIN_SPEEDUP}
     if "estimated_speedup" in guard:
         entry["ptq_estimated_speedup"] = guard["estimated_speedup"]
-    if os.environ.get("EDGEXFER_QAT_FORCE") == "1":
+    if cfg.quantize.qat_force:
         entry["reason"] = "forced (EDGEXFER_QAT_FORCE=1)"
     elif within and kept == 0:
         return {**entry, "reason": "plain INT8 (every weighted layer) met the bound: a QAT file has the same INT8 "
@@ -400,11 +403,12 @@ def compete(run, cfg, ws, fp32: Path, recipe, calib: np.ndarray, guard: dict, sc
         q = Path(td) / "model.qat.int8.onnx"
         try:
             info = make_qat_int8(run.file("checkpoint.pt"), fp32, q, recipe, x_lab=xt, y_lab=yt, x_unlab=x_unlab,
-                                 calib=calib, seed=cfg.data.seed, threads=cfg.bench.threads)
+                                 calib=calib, epochs=cfg.quantize.qat_epochs, seed=cfg.data.seed,
+                                 threads=cfg.bench.threads)
         except QatError as e:
             return {**entry, "chosen": False, "why": str(e)}, None
         entry.update(info)
-        row = score(q)
+        row = judge(q)
         entry.update(agreement=row["guard_accuracy"], within_bound=row["within_bound"], row=row)
         lat = _latency({"fp32": fp32, "ptq": int8, "qat": q}, cfg.bench.threads)
         entry["latency_ms"] = {**lat, "batch": 1, "threads": cfg.bench.threads}

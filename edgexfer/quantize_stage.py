@@ -13,7 +13,7 @@ import numpy as np
 from edgexfer.bounds import within
 from edgexfer.config import RunConfig
 from edgexfer.errors import RunFolderError
-from edgexfer.guard import shipped_row
+from edgexfer.guard import Judge, Scorer, agreement_judge, guard_decision, guarded_quantize, shipped_row
 from edgexfer.runfolder import FILES, RunFolder, Workspace
 
 log = logging.getLogger(__name__)
@@ -22,26 +22,27 @@ log = logging.getLogger(__name__)
 def quantize(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | None = None) -> dict:
     """model.onnx -> model.int8.onnx: static INT8 QDQ calibrated on training images, under the accuracy guard.
 
-    The guard keeps layers in FP32 until INT8 gives FP32's top-1 on all but `max_accuracy_drop` of an agreement
-    set of images the model was not fitted on (`edgexfer.guard.agreement_set`: the labelled images out of fold
-    when the cross-validated probe was refitted on all of them, else the validation split; --guard-data and
-    --adapt-bn images; augmented views of those): an accuracy drop cannot exceed the disagreement rate. The
-    labelled images' paired drop is recorded beside it and rejects a candidate only when significant; the record
-    says whether the rate's 95% upper bound proves the bound (`guard.proven`).
+    The guard (`edgexfer.guard`) keeps the layers INT8 hurts most in FP32 until INT8 gives FP32's top-1 on all but
+    `max_accuracy_drop` of an agreement set of images the model was not fitted on (`guard.agreement_set`: the
+    labelled images out of fold when the cross-validated probe was refitted on all of them, else the validation
+    split; --guard-data and --adapt-bn images; augmented views of those): an accuracy drop cannot exceed the
+    disagreement rate. Half of those images choose among the candidates, the other half certify the choice
+    (`guard.search_and_certify`). The labelled images' paired drop is recorded beside it and rejects a candidate
+    only when significant; the record says whether the rate's 95% upper bound proves the bound (`guard.proven`).
     """
-    from edgexfer.exporters.quantize import (convert_fp16, guarded_quantize, quantize_dynamic_int8, quantize_int8,
-                                             recipe_for)
+    from edgexfer.exporters.quantize import convert_fp16, quantize, quantize_dynamic_int8, recipe_for
     from edgexfer.exporters import e2e as _e2e
     from edgexfer.data import list_images
-    from edgexfer.guard import (GUARD_IMAGES, Agreement, agreement_set, describe, fp32_stability, search_and_certify,
-                                summarize, target_set)
+    from edgexfer.guard import (Agreement, agreement_set, describe, fp32_stability, search_and_certify, summarize,
+                                target_set)
 
     run = RunFolder(run_dir)
     cfg = cfg or run.config()
+    qc = cfg.quantize
     ws = ws or Workspace(run, cfg)
     t0 = time.perf_counter()
     fp32 = run.require(FILES["fp32"], "export")
-    recipe, target = recipe_for(cfg.target, cfg.quantize)
+    recipe, target = recipe_for(qc.target, qc.recipe)
     emulated = _arm64_emulation(target)
     if target.get("warning"):
         log.warning("target %s: %s", target["target"], target["warning"])
@@ -58,11 +59,13 @@ def quantize(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | 
         folds = None if adapted else probe_folds(run)
         if adapted:  # the model is for the target domain now: its images decide, the source's labels do not
             files = list_images(cfg.train.adapt_bn, follow_symlinks=cfg.data.follow_symlinks)
-            xg, rows, info = target_set(target_images(cfg, ws, GUARD_IMAGES), files, ws.preprocessing,
-                                        seed=cfg.data.seed, order=target_order(cfg, len(files)))
+            xg, rows, info = target_set(target_images(cfg, ws, qc.guard_images), files, ws.preprocessing,
+                                        seed=cfg.data.seed, order=target_order(cfg, len(files)),
+                                        min_images=qc.guard_images, max_bytes=qc.guard_max_bytes)
         else:
             unlabelled, sources = unlabelled_images(cfg, ws)
-            xg, rows, info = agreement_set(ws, unlabelled, seed=cfg.data.seed, out_of_fold=folds is not None)
+            xg, rows, info = agreement_set(ws, unlabelled, seed=cfg.data.seed, out_of_fold=folds is not None,
+                                           min_images=qc.guard_images, max_bytes=qc.guard_max_bytes)
             info["unlabelled_from"] = sources
         labels = np.concatenate([ws.tensors("train")[1], yv])
         stability = fp32_stability(fp32, xg, ws.preprocessing, cfg.bench.threads, seed=cfg.data.seed)
@@ -84,15 +87,14 @@ def quantize(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | 
         held_out = info["labelled"] if info["labelled_from"] in ("out-of-fold", "validation") else 0
         evidence = agreement.evidence if held_out and agreement.labelled().any() else None
         # INC tunes one accuracy only, so with a second bound it sits this out
-        at_least = ("target_agreement", agree, cfg.min_target_agreement) if agree else None
-        rec = (_inc_quantize(run, cfg, fp32, recipe, calib, agreement.x, agreement, evidence)
-               if cfg.tuner != "builtin" and at_least is None else None)
+        at_least = ("target_agreement", agree, qc.min_target_agreement) if agree else None
+        judge = agreement_judge(agreement, cfg.max_accuracy_drop, evidence=evidence, target=at_least)
+        rec = (_inc_quantize(run, cfg, fp32, recipe, calib, agreement.x, judge)
+               if qc.tuner != "builtin" and at_least is None else None)
         if rec is None or not rec["guard"]["within_bound"]:
             inc = rec["guard"].get("inc") if rec else None
-            rec = guarded_quantize(fp32, run.file(FILES["int8"]), calib, recipe, accuracy=agreement,
-                                   fp32_accuracy=1.0, max_drop=cfg.max_accuracy_drop, at_least=at_least,
-                                   evidence=evidence)
-            rec["guard"]["tuner"] = "built-in: early layers kept in FP32"
+            rec = guarded_quantize(fp32, run.file(FILES["int8"]), calib, recipe, judge, rank_images=qc.rank_images)
+            rec["guard"]["tuner"] = "built-in: the layers INT8 hurts most kept in FP32"
             if inc:
                 rec["guard"]["inc"] = inc
         g = rec["guard"]
@@ -125,16 +127,16 @@ def quantize(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | 
                  g["quantizable_layers"], g["confidence"])
     else:
         log.warning("no labelled images: quantizing without the accuracy guard")
-        rec = quantize_int8(fp32, run.file(FILES["int8"]), calib, recipe)
+        rec = quantize(fp32, run.file(FILES["int8"]), calib, recipe)
     rec["calibrated_on"] = calibrated_on
     if agree:
         rec["target_agreement"] = target_agreement(cfg, agree, len(target_images(cfg, ws)), run.file(FILES["int8"]))
     rec["target"] = target
     rec["e2e"] = _e2e.write_beside(run.file(FILES["int8"]))  # model.int8.e2e.onnx: preprocessing in the graph
     out = {"quantize": rec}
-    if "fp16" in cfg.extra_formats:
+    if "fp16" in qc.extra_formats:
         out["quantize_fp16"] = convert_fp16(fp32, run.file(FILES["fp16"]))
-    if "int8_dynamic" in cfg.extra_formats:
+    if "int8_dynamic" in qc.extra_formats:
         out["quantize_dynamic"] = quantize_dynamic_int8(fp32, run.file(FILES["int8_dynamic"]))
     run.update_report(**out)
     run.mark_done("quantize", time.perf_counter() - t0, cfg)
@@ -143,10 +145,9 @@ def quantize(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | 
 
 def _qat(run, cfg, ws, fp32, recipe, calib, rec, agreement, at_least, adapted: bool = False) -> tuple[dict, bool]:
     """Quantization-aware fine-tuning as one more candidate (edgexfer/qat.py: when it runs and when it ships),
-    scored like the post-training ones on `agreement` (a `guard.Agreement` over images QAT does not train on, or
-    None when there is none); records guard.qat and returns the quantize record of what ships, and whether QAT
-    shipped."""
-    from edgexfer.exporters.quantize import _legacy_scorers, _score
+    judged like the post-training ones (`guard.agreement_judge`) on `agreement` (a `guard.Agreement` over images
+    QAT does not train on, or None when there is none); records guard.qat and returns the quantize record of what
+    ships, and whether QAT shipped."""
     from edgexfer.qat import compete
 
     g = rec["guard"]
@@ -156,9 +157,8 @@ def _qat(run, cfg, ws, fp32, recipe, calib, rec, agreement, at_least, adapted: b
                                               "DIR gives some"}
         return rec, False
     evidence = agreement.evidence if agreement.labelled().any() else None
-    scorers = _legacy_scorers(accuracy=agreement, fp32_accuracy=1.0, at_least=at_least, evidence=evidence)
-    g["qat"], shipped = compete(run, cfg, ws, fp32, recipe, calib, g,
-                                lambda p: _score(Path(p), scorers, cfg.max_accuracy_drop), adapted=adapted)
+    judge = agreement_judge(agreement, cfg.max_accuracy_drop, evidence=evidence, target=at_least)
+    g["qat"], shipped = compete(run, cfg, ws, fp32, recipe, calib, g, judge, adapted=adapted)
     if shipped is None:
         return rec, False
     row = g["qat"]["row"]
@@ -201,23 +201,23 @@ def probe_folds(run: RunFolder) -> dict | None:
 def unlabelled_images(cfg: RunConfig, ws: Workspace) -> tuple[np.ndarray | None, list[str]]:
     """The images of the domain that no stage fitted, besides the labelled splits, preprocessed, and where they
     came from: --guard-data's, the labelled images --shots left out (their labels unused), each a seeded sample
-    of up to GUARD_IMAGES, and --adapt-bn's when the adaptation was not kept; (None, []) when there are none."""
+    of up to `QuantizeConfig.guard_images` in all, and --adapt-bn's when the adaptation was not kept; (None, [])
+    when there are none."""
     from edgexfer.data import list_images
-    from edgexfer.guard import GUARD_IMAGES
     from edgexfer.runtime.preprocess import preprocess
 
     parts, sources = [], []
 
     def sample(images: list, what: str) -> None:
-        order = np.random.default_rng(cfg.data.seed).permutation(len(images))[:GUARD_IMAGES - sum(map(len, parts))]
+        order = np.random.default_rng(cfg.data.seed).permutation(len(images))[:cfg.quantize.guard_images - sum(map(len, parts))]
         if len(order):
             parts.append(np.stack([preprocess(images[i], ws.preprocessing) for i in order]))
             sources.append(f"{len(order)} {what}")
 
-    if cfg.guard_data:
-        files = list_images(cfg.guard_data, follow_symlinks=cfg.data.follow_symlinks)
+    if cfg.quantize.guard_data:
+        files = list_images(cfg.quantize.guard_data, follow_symlinks=cfg.data.follow_symlinks)
         if not files:
-            raise RunFolderError(f"--guard-data {cfg.guard_data}: no images found")
+            raise RunFolderError(f"--guard-data {cfg.quantize.guard_data}: no images found")
         sample(files, "from --guard-data")
     unused = ws.dataset.unused
     if unused is not None and len(unused):
@@ -253,9 +253,11 @@ def target_images(cfg: RunConfig, ws: Workspace, limit: int = TARGET_IMAGES) -> 
 def calibration_set(cfg: RunConfig, ws: Workspace, limit: int) -> tuple[np.ndarray, str]:
     """The images that set the INT8 activation ranges, and what they were. They should be what the model
     will see: after --adapt-bn that is the target domain (its unlabelled images, whose BatchNorm statistics
-    the model now carries), else the training images. The accuracy guard still scores on validation."""
+    the model now carries), else the training images. The accuracy guard measures on other images: those the
+    model was not fitted on (`guard.agreement_set`)."""
     folder = cfg.train.adapt_bn
-    if cfg.calibration == "adapt-bn" or (cfg.calibration == "auto" and folder):
+    how = cfg.quantize.calibration
+    if how == "adapt-bn" or (how == "auto" and folder):
         if not folder:
             raise RunFolderError("--calibration-data adapt-bn: this run was made without --adapt-bn DIR")
         x = target_images(cfg, ws, limit)
@@ -279,10 +281,10 @@ def agreement_with(reference: Path, x: np.ndarray, threads: int | None = None) -
 
 def target_agreement(cfg: RunConfig, agree: Callable[[Path], float], images: int, int8: Path) -> dict:
     """How often INT8 and FP32 give the same top-1 on the unlabelled target-domain images (`agree`): a
-    label-free check of quantization where the model will run. The accuracy guard scores on the source
-    domain's validation split, and an adapted model can lose far more to INT8 on the target domain."""
-    out = {"images": images, "top1_agreement": agree(int8), "warn_below": cfg.min_target_agreement}
-    if out["top1_agreement"] < cfg.min_target_agreement:
+    label-free check of quantization where the model will run, beside the guard's own set (which holds the
+    target's images only when the adaptation was kept: an adapted model can lose far more to INT8 there)."""
+    out = {"images": images, "top1_agreement": agree(int8), "warn_below": cfg.quantize.min_target_agreement}
+    if out["top1_agreement"] < cfg.quantize.min_target_agreement:
         log.warning("INT8 gives FP32's top-1 on only %.1f%% of %d target-domain images (%s): check INT8 on "
                     "labelled target images, or ship FP32 there", 100 * out["top1_agreement"], images,
                     cfg.train.adapt_bn)
@@ -294,10 +296,10 @@ def _arm64_guard(cfg, fp32: Path, out: Path, recipe, calib, xv, yv) -> dict:
     qemu on a seeded sample of the validation split (emulation is ~250x slower), with this host's
     accuracy on the same sample recorded beside it. INC is not used: it tunes on this host's accuracy."""
     from edgexfer.evaluate import mean_task_accuracy, onnx_logits
-    from edgexfer.exporters.quantize import ARM64_GUARD_SAMPLES, emulated_logits, guarded_quantize
+    from edgexfer.exporters.quantize import emulated_logits
     from edgexfer.runtime.verify import sample
 
-    idx = sample(len(yv), ARM64_GUARD_SAMPLES, seed=cfg.data.seed)
+    idx = sample(len(yv), cfg.quantize.arm64_guard_samples, seed=cfg.data.seed)
     xs, ys = xv[idx], yv[idx]
     arm64_logits = emulated_logits(xs)
 
@@ -308,11 +310,11 @@ def _arm64_guard(cfg, fp32: Path, out: Path, recipe, calib, xv, yv) -> dict:
         return mean_task_accuracy(onnx_logits(path, xs, threads=cfg.bench.threads), ys)
 
     fp32_acc = arm64_accuracy(fp32)
-    rec = guarded_quantize(fp32, out, calib, recipe, accuracy=arm64_accuracy, fp32_accuracy=fp32_acc,
-                           max_drop=cfg.max_accuracy_drop, also={"host_accuracy": host_accuracy},
-                           measured_on="arm64 (emulated)")
+    judge = Judge([Scorer("guard_accuracy", arm64_accuracy, "decides", fp32_acc, measured_on="arm64 (emulated)"),
+                   Scorer("host_accuracy", host_accuracy)], cfg.max_accuracy_drop)
+    rec = guarded_quantize(fp32, out, calib, recipe, judge, rank_images=cfg.quantize.rank_images)
     g = rec["guard"]
-    g["tuner"] = "built-in: early layers kept in FP32, scored on arm64 (INC tunes on this host's accuracy)"
+    g["tuner"] = "built-in: the layers INT8 hurts most kept in FP32, scored on arm64 (INC tunes on this host's accuracy)"
     g["guard_set"] = f"{len(ys)} validation images (seeded sample), scored by the arm64 runtime under qemu"
     g["fp32_host_accuracy"] = host_accuracy(fp32)
     g["shipped_host_accuracy"] = shipped_row(g)["host_accuracy"]
@@ -323,14 +325,15 @@ def _arm64_guard(cfg, fp32: Path, out: Path, recipe, calib, xv, yv) -> dict:
     return rec
 
 
-def _inc_quantize(run, cfg, fp32, recipe, calib, xg, agreement, evidence) -> dict | None:
+def _inc_quantize(run, cfg, fp32, recipe, calib, xg, judge: Judge) -> dict | None:
     """Intel Neural Compressor's accuracy-driven tuning (isolated interpreter) on the agreement set `xg`,
     with FP32's own top-1 as the labels (FP32 scores 1.0); the pick is re-measured here with ONNX Runtime
-    (`agreement`, `evidence`) and judged by `guard_decision`. None when INC is not available."""
+    and judged by the guard's `judge` (its agreement and labelled evidence, `guard_decision`). None when INC is
+    not available."""
     import tempfile
 
     from edgexfer.exporters.inc import inc_python, inc_tune
-    from edgexfer.exporters.quantize import finish_tuned, guard_decision, quantizable_nodes
+    from edgexfer.exporters.quantize import finish_tuned, quantizable_nodes
 
     from edgexfer.exporters.metadata_io import read_meta
 
@@ -338,11 +341,11 @@ def _inc_quantize(run, cfg, fp32, recipe, calib, xg, agreement, evidence) -> dic
         log.info("accuracy guard: several tasks; using the built-in search (INC tunes one task's accuracy)")
         return None
     if inc_python() is None:
-        if cfg.tuner == "inc":
+        if cfg.quantize.tuner == "inc":
             log.warning("--tuner inc: onnx-neural-compressor is not available (make inc); using the built-in search")
         return None
     log.info("accuracy guard: tuning with Intel Neural Compressor on %d images", len(xg))
-    yg = agreement.top1[0]
+    yg = judge.main.fn.top1[0]  # the agreement's FP32 answers
     with tempfile.TemporaryDirectory(dir=run.path, prefix=".inc-") as td:
         tuned = Path(td) / "tuned.onnx"
         res = inc_tune(fp32, tuned, calib, xg, yg, input_name="input", recipe=recipe, fp32_accuracy=1.0,
@@ -359,8 +362,9 @@ def _inc_quantize(run, cfg, fp32, recipe, calib, xg, agreement, evidence) -> dic
 
         def finish(requantize: bool):
             finish_tuned(tuned, fp32, final, recipe, res, requantize_residuals=requantize)
-            acc = agreement(final)  # what counts: ONNX Runtime, here, on the file that ships
-            shipped = {"agreement": acc, **(evidence(final) if evidence else {})}
+            row = judge(final)  # what counts: ONNX Runtime, here, on the file that ships
+            acc = row["guard_accuracy"]
+            shipped = {"agreement": acc, **{k: row[k] for k in ("val_accuracy", "val_drop", "val_drop_se") if k in row}}
             fixed = read_meta(final).quantization.get("residual_adds_requantized", 0)
             return (acc, shipped, *guard_decision(1.0 - acc, cfg.max_accuracy_drop, shipped.get("val_drop"),
                                                   shipped.get("val_drop_se")), fixed)

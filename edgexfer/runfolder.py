@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from edgexfer import __version__
-from edgexfer.config import RunConfig
+from edgexfer.config import QuantizeConfig, RunConfig
 from edgexfer.errors import RunFolderError
 from edgexfer.runtime import atomic
 
@@ -31,9 +31,11 @@ FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.on
 # Stage provenance. A stage is done only if the settings it was run with (these config.json entries) and the
 # files it read (their hashes) still match; running a stage again clears what it and every later stage
 # recorded (their report.json sections) and removes the later stages' files, which were derived from the old.
+# the config.json entries each stage's output depends on ("section.field": one field of a section): every field of
+# the quantize section (the recipe, the guard's and QAT's settings, the EDGEXFER_* variables among them:
+# `config.QuantizeConfig`), so that a changed one marks the stage stale and is named
 STAGE_SETTINGS = {"finetune": ("data", "model", "train"), "export": (),
-                  "quantize": ("quantize", "max_accuracy_drop", "target", "tuner", "extra_formats", "calibration",
-                               "min_target_agreement", "qat", "guard_data"),
+                  "quantize": (*(f"quantize.{f}" for f in QuantizeConfig.__dataclass_fields__), "max_accuracy_drop"),
                   "evaluate": ("max_accuracy_drop",), "bench": ("bench",)}
 STAGE_INPUTS = {"finetune": (), "export": ("checkpoint.pt",), "quantize": (FILES["fp32"], "checkpoint.pt"),
                 "evaluate": tuple(FILES.values()), "bench": tuple(FILES.values())}  # model files: those present
@@ -251,7 +253,7 @@ class RunFolder:
         """What `stage` depends on: a hash of each config.json entry it reads, and of each input file present
         (an ONNX file's content less its metrics, which evaluate writes into it; other files' bytes)."""
         d = cfg.training_key() if stage == "finetune" else cfg.to_dict()
-        settings = {k: _sha(json.dumps(d.get(k), sort_keys=True, default=str).encode()) for k in STAGE_SETTINGS[stage]}
+        settings = {k: _sha(json.dumps(_setting(d, k), sort_keys=True, default=str).encode()) for k in STAGE_SETTINGS[stage]}
         inputs = {}
         for name in STAGE_INPUTS[stage]:
             p = self.file(name)
@@ -274,6 +276,9 @@ class RunFolder:
         if "settings" not in rec or "inputs" not in rec:
             return "recorded before edgexfer tracked each stage's settings and input files"
         now = self.provenance(stage, cfg)
+        if any(k not in rec["settings"] for k in STAGE_SETTINGS[stage]):
+            return "recorded before edgexfer tracked each of its settings (" + ", ".join(
+                k for k in STAGE_SETTINGS[stage] if k not in rec["settings"]) + ")"
         changed = [k for k in STAGE_SETTINGS[stage] if rec["settings"].get(k) != now["settings"][k]]
         if changed:
             return "its settings changed since (" + ", ".join(changed) + ")"
@@ -333,6 +338,12 @@ def _deep_merge(a: dict, b: dict) -> dict:
     for k, v in b.items():
         out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+def _setting(d: dict, key: str):
+    """config.json's entry `key` ("section" or "section.field") in `d`."""
+    section, _, name = key.partition(".")
+    return (d.get(section) or {}).get(name) if name else d.get(section)
 
 
 def _sha(b: bytes) -> str:

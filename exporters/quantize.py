@@ -1,4 +1,12 @@
-"""Static INT8 (QDQ) quantization with ONNX Runtime, calibrated through the artifact's own preprocessing.
+"""Static INT8 (QDQ) quantization with ONNX Runtime, calibrated through the artifact's own preprocessing, at
+the level of recipes, as optimum's quantizer is (`fit` -> `quantize`):
+
+    cal = calibrate(fp32, images, recipe, workdir)     # pre-processed once, activation ranges computed once
+    quantize(fp32, out, cal, recipe_with_exclusions)   # the QDQ file from a recipe + those ranges
+
+plus the targets' recipes (`recipe_for`), FP16 and dynamic INT8, and the finishing of a file another tool
+(INC) quantized. Which candidate ships, and how sure that is, is the accuracy guard's (`edgexfer.guard`):
+nothing here judges accuracy.
 
 The default recipe is U8S8 (uint8 activations, int8 weights), per-channel weights, reduce_range:
 measured on AVX2 CPUs without VNNI it keeps accuracy, where U8S8 without reduce_range saturates and
@@ -7,7 +15,6 @@ S8S8 runs slower than FP32. `edgexfer quantize` then evaluates the file that shi
 from __future__ import annotations
 
 import dataclasses
-import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -16,7 +23,6 @@ from typing import Callable
 
 import numpy as np
 
-from edgexfer.bounds import at_least, within
 from edgexfer.exporters.metadata_io import content_sha256, read_meta, save_model, set_props
 from edgexfer.runtime.metadata import ModelMeta
 
@@ -131,7 +137,7 @@ def _weighted(graph) -> list[str]:
 
 def calibrate(fp32_path: str | Path, calib: np.ndarray, recipe: "Int8Recipe", workdir: str | Path) -> Calibration:
     """Pre-process `fp32_path` and compute its activation ranges on `calib`, once, into `workdir` (which
-    the caller owns and removes): every `quantize_int8(..., calibration, ...)` after it reuses both."""
+    the caller owns and removes): every `quantize(..., calibration, ...)` after it reuses both."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
     import onnx
 
@@ -146,8 +152,8 @@ def calibrate(fp32_path: str | Path, calib: np.ndarray, recipe: "Int8Recipe", wo
                        time.perf_counter() - t0)
 
 
-def quantize_int8(fp32_path: str | Path, out_path: str | Path, calib: "np.ndarray | Calibration",
-                  recipe: Int8Recipe = Int8Recipe()) -> dict:
+def quantize(fp32_path: str | Path, out_path: str | Path, calib: "np.ndarray | Calibration",
+             recipe: Int8Recipe = Int8Recipe()) -> dict:
     """Write a static INT8 QDQ copy of `fp32_path` to `out_path`, calibrated on `calib` (N, C, H, W images,
     pre-processed and calibrated here), or on a `Calibration` of it made once (`calibrate`: its ranges
     are reused, only the quantization runs).
@@ -182,6 +188,9 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calib: "np.ndarra
     return {**meta.quantization, "seconds": time.perf_counter() - t0}
 
 
+quantize_int8 = quantize  # by the name of the other formats' functions (convert_fp16, quantize_dynamic_int8)
+
+
 def quantizable_nodes(fp32_path: str | Path) -> list[str]:
     """Conv/Gemm/MatMul node names in graph order, as `quantize_static` sees them (after pre-processing)."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -191,209 +200,6 @@ def quantizable_nodes(fp32_path: str | Path) -> list[str]:
         pre = Path(td) / "pre.onnx"
         quant_pre_process(str(fp32_path), str(pre))
         return _weighted(onnx.load(str(pre)).graph)
-
-
-# -- how sure the guard is -----------------------------------------------------------------------------
-# The guard decides on INT8/FP32 top-1 agreement over many images, not on labelled accuracy over a few:
-# where INT8 gives FP32's top-1 it scores what FP32 scores, so each disagreement costs at most one correct
-# answer, and an accuracy drop cannot exceed the disagreement rate. Labelled validation accuracy is
-# measured beside it, and only a significant drop (below) overrules agreement.
-
-SIGNIFICANT_SE = 2.0  # a labelled drop counts as evidence past max_drop by this many standard errors
-
-
-def wilson_upper(rate: float, n: int, z: float = 1.96) -> float:
-    """The upper end of the Wilson score interval (95% for z=1.96) of a proportion `rate` seen on `n`
-    trials: with 0 of 1000 images disagreeing it is 0.38%, not 0."""
-    if n <= 0:
-        return 1.0
-    d = 1 + z * z / n
-    c = rate + z * z / (2 * n)
-    h = z * np.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n))
-    return float(min(1.0, (c + h) / d))
-
-
-def paired_drop(ref: list[np.ndarray], cand: list[np.ndarray], y: np.ndarray) -> tuple[float, float]:
-    """FP32 accuracy minus the candidate's on the same labelled images (averaged over tasks, each over its
-    labelled images; -1: unlabelled), and the standard error of that paired difference. Per image the
-    difference d = correct(candidate) - correct(FP32) is -1, 0 or +1; its binomial variance over n images
-    is (b + c)/n - ((c - b)/n)^2 for b losses and c gains, so the standard error is sqrt(that / n): one
-    flip on 4 images is a 25-point drop with a 22-point standard error."""
-    y2 = y[:, None] if y.ndim == 1 else y
-    drops, var = [], 0.0
-    for t, (r, c) in enumerate(zip(ref, cand)):
-        m = y2[:, t] >= 0
-        if not m.any():
-            continue
-        d = (c[m].argmax(1) == y2[m, t]).astype(np.float64) - (r[m].argmax(1) == y2[m, t])
-        drops.append(-float(d.mean()))
-        var += float(d.var()) / len(d)
-    if not drops:
-        return 0.0, 0.0
-    return float(np.mean(drops)), float(np.sqrt(var) / len(drops))
-
-
-def guard_decision(disagreement: float, max_drop: float, val_drop: float | None = None,
-                   val_drop_se: float | None = None) -> tuple[bool, str]:
-    """Whether an INT8 candidate ships, and why, from its top-1 disagreement rate with FP32 on the
-    agreement set and (optionally) its labelled validation drop with that drop's standard error.
-
-    It passes when the disagreement rate is within `max_drop`: the accuracy drop cannot be larger, on
-    images like those of the set. Labelled validation can still reject it, but only on evidence: a drop
-    beyond `max_drop` by more than SIGNIFICANT_SE (2) standard errors of the paired difference (about a
-    one-sided 2.5% test). On a 4-image split one flipped image is a 25-point drop with a ~22-point standard
-    error: noise, not a reason to throw INT8 away; on 30 images, 10 losses and no gains are evidence
-    (33 points with a 9-point standard error), though agreement on the whole set may look fine when the
-    augmented views outnumber the real images.
-    """
-    if not within(disagreement, max_drop):  # one image at the bound is in
-        return False, f"disagrees with FP32 on {disagreement:.2%} of the agreement set, over {max_drop:.2%}"
-    if val_drop is not None and not within(val_drop, max_drop + SIGNIFICANT_SE * (val_drop_se or 0.0)):
-        return False, (f"validation drop {val_drop:+.2%} is beyond {max_drop:.2%} by more than "
-                       f"{SIGNIFICANT_SE:g} standard errors ({val_drop_se:.2%})")
-    return True, f"disagrees with FP32 on {disagreement:.2%} of the agreement set, within {max_drop:.2%}"
-
-
-@dataclass(frozen=True)
-class Scorer:
-    """One figure the guard measures on every INT8 candidate file (`fn(path)`), and what it does with it.
-
-    role "decides": the guard's own figure (exactly one): a candidate is within the bound when
-        `reference - fn(path) <= max_drop` (the pipeline: top-1 agreement with FP32, reference 1.0; the
-        arm64 guard: emulated accuracy, reference FP32's). Recorded as the row's guard_accuracy and drop.
-    role "at_least": must also be >= `limit` (e.g. agreement on the unlabelled --adapt-bn images).
-    role "evidence": `fn` returns a dict of labelled validation figures, recorded in the row ("val_drop"
-        and "val_drop_se" among them); it rejects a candidate only on a significant drop (`guard_decision`).
-    role "record": recorded in the row under `name`, never decides (e.g. this host's accuracy)."""
-    name: str
-    fn: Callable[[Path], object]
-    role: str = "record"
-    reference: float = 1.0
-    limit: float | None = None
-    measured_on: str = "this host"
-
-    def __post_init__(self):
-        if self.role not in ("decides", "at_least", "evidence", "record"):
-            raise ValueError(f"unknown scorer role {self.role!r}")
-
-
-def _score(path: Path, scorers: list[Scorer], max_drop: float) -> dict:
-    (main,) = [s for s in scorers if s.role == "decides"]
-    acc = float(main.fn(path))
-    row = {"guard_accuracy": acc, "drop": main.reference - acc,
-           "within_bound": within(main.reference - acc, max_drop)}  # one image at the bound is in
-    for s in scorers:
-        if s.role == "record":
-            row[s.name] = s.fn(path)
-        elif s.role == "evidence":
-            row.update(s.fn(path))
-            row["within_bound"], row["decision"] = guard_decision(row["drop"], max_drop, row.get("val_drop"),
-                                                                  row.get("val_drop_se"))
-    for s in scorers:
-        if s.role == "at_least":
-            row[s.name] = s.fn(path)
-            row["within_bound"] = row["within_bound"] and at_least(row[s.name], s.limit)
-    return row
-
-
-def _legacy_scorers(accuracy=None, fp32_accuracy=1.0, also=None, at_least=None, evidence=None,
-                    measured_on="this host") -> list[Scorer]:
-    out = [Scorer("guard_accuracy", accuracy, "decides", fp32_accuracy, measured_on=measured_on)] if accuracy else []
-    out += [Scorer(k, f) for k, f in (also or {}).items()]
-    out += [Scorer(at_least[0], at_least[1], "at_least", limit=at_least[2])] if at_least else []
-    return out + ([Scorer("validation", evidence, "evidence")] if evidence else [])
-
-
-RANK_IMAGES = int(os.environ.get("EDGEXFER_RANK_IMAGES", "128"))
-PREFIX_STEPS = (0, 1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64, 96, 10**6)
-
-
-def guarded_quantize(fp32_path: str | Path, out_path: str | Path, calib: np.ndarray, recipe: Int8Recipe,
-                     scorers: list[Scorer] | None = None, *, max_drop: float, steps: tuple[int, ...] = PREFIX_STEPS,
-                     fallback: str = "ranked", rank_on: np.ndarray | None = None, ranking: str = "revert",
-                     threads: int | None = None, **legacy) -> dict:
-    """Static INT8 under an accuracy bound: keep the fewest, cheapest weighted layers in FP32 until it holds.
-
-    Pre-processing and calibration run once (`calibrate`); every candidate reuses the ranges. Each
-    candidate is scored by `scorers` (see `Scorer`: one decides, others bound, reject on evidence, or
-    are recorded). Plain INT8 (every weighted layer quantized) is tried first; when it misses the bound:
-
-    - `fallback` "ranked" (the default): the weighted layers are ranked by their measured effect on the
-      output (`edgexfer.exporters.sensitivity`, `ranking` "revert" or "qdq"), on `rank_on` images (default:
-      up to RANK_IMAGES of the calibration images: label-free, what the model will see), each layer's
-      latency cost in FP32 is estimated, and the candidates are the top k of that ranking, of the
-      ranking per millisecond and of graph order (the old search's), k in `steps`, tried cheapest
-      first: the first within the bound keeps the most (estimated) speed;
-    - `fallback` "prefix": the first k weighted layers in graph order, k in `steps` (the old search: early
-      layers see raw pixels and are, in CNNs, often the most sensitive).
-
-    The first candidate within the bound is written to `out_path`; if none is, the most accurate one,
-    with `within_bound` False. (`accuracy=`, `fp32_accuracy=`, `also=`, `at_least=`, `evidence=`,
-    `measured_on=`: the old separate arguments, read as scorers.)"""
-    scorers = list(scorers or []) + _legacy_scorers(**legacy)
-    (main,) = [s for s in scorers if s.role == "decides"]
-    out_path = Path(out_path)
-    tried, best = [], None
-    with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".guard-") as td:
-        cal = calibrate(fp32_path, calib, recipe, td)
-        nodes = cal.nodes
-        if fallback not in ("ranked", "prefix"):
-            raise ValueError(f"unknown fallback {fallback!r}; choose ranked or prefix")
-        sens = None
-        queue = [{"fp32_layers": 0, "nodes": (), "order": "plain"}] if 0 in steps else []
-        if fallback == "prefix" or not len(nodes):
-            queue += [{"fp32_layers": k, "nodes": tuple(nodes[:k]), "order": "graph prefix"}
-                      for k in sorted({min(s, len(nodes)) for s in steps} - {0})]
-        i = 0
-        while True:
-            if i == len(queue) and sens is None and fallback == "ranked" and len(nodes):
-                from edgexfer.exporters.sensitivity import candidates as ranked_candidates, rank
-
-                x = calib[:RANK_IMAGES] if rank_on is None else rank_on
-                sens = rank(cal, x, method=ranking, threads=threads)
-                sens["report"]["images_from"] = "calibration images" if rank_on is None else "given images"
-                queue += [c for c in ranked_candidates(sens, steps) if c["nodes"]]
-            if i == len(queue):
-                break
-            c = queue[i]
-            cand = dataclasses.replace(recipe, nodes_to_exclude=tuple(c["nodes"]))
-            path = Path(td) / f"c{i}.onnx"
-            t0 = time.perf_counter()
-            quantize_int8(fp32_path, path, cal, cand)
-            row = {"fp32_layers": c["fp32_layers"], **({k: v for k, v in c.items() if k not in ("nodes", "fp32_layers")}),
-                   "seconds": time.perf_counter() - t0}
-            row = {**row, **_score(path, scorers, max_drop)}
-            tried.append(row)
-            if best is None or row["guard_accuracy"] > best[0]["guard_accuracy"]:
-                best = (row, path, cand)
-            if row["within_bound"]:
-                best = (row, path, cand)
-                break
-            i += 1
-        row, path, cand = best
-        os.replace(path, out_path)
-    at_least = {s.name: s.limit for s in scorers if s.role == "at_least"}
-    g = {"fp32_accuracy": main.reference, "max_accuracy_drop": max_drop, "candidates": tried,
-         "chosen_fp32_layers": row["fp32_layers"], "layers_kept_fp32": list(cand.nodes_to_exclude),
-         "chosen_candidate": next(i for i, r in enumerate(tried) if r is row),  # two may keep as many layers
-         "shipped_accuracy": row["guard_accuracy"], "measured_on": main.measured_on,
-         "within_bound": row["within_bound"], "quantizable_layers": len(nodes),
-         "calibration": {"calibrations": 1 if cal.ranges is not None else len(tried),
-                         "seconds": cal.seconds, "reused_by_candidates": cal.ranges is not None,
-                         "images": int(min(len(calib), recipe.calibration_samples))},
-         **({"at_least": at_least} if at_least else {})}
-    g["fallback"] = ("sensitivity-ranked" if fallback == "ranked" else "graph prefix (first k weighted layers)")
-    if sens is not None:
-        g["sensitivity"] = sens["report"]
-        if "est_speedup" in row:
-            g["estimated_speedup"] = row["est_speedup"]
-    elif fallback == "ranked":
-        g["sensitivity"] = None  # plain INT8 met the bound: nothing to rank
-    return {**read_meta(out_path).quantization, "guard": g}
-
-
-# Emulation runs ~250x slower than the host: the arm64 guard scores a seeded sample of the validation split.
-ARM64_GUARD_SAMPLES = int(os.environ.get("EDGEXFER_ARM64_GUARD_SAMPLES", "100"))
 
 
 def emulated_logits(x: np.ndarray, *, threads: int = 1) -> Callable[[Path], list[np.ndarray]]:

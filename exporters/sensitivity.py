@@ -1,6 +1,7 @@
 """Which weighted layers INT8 hurts most, and what keeping each in FP32 costs: the guard's fallback order.
 
-Two measured rankings, on a few hundred of the guard's images (`rank`):
+Two measured rankings, on a few hundred label-free images (`rank`; the guard gives it up to
+`QuantizeConfig.rank_images` of the calibration images):
 
 - "revert" (NNCF accuracy control's): for each weighted layer, the INT8 file with only that layer kept
   in FP32; its harm is how much of plain INT8's output error (the logits' normalized squared error
@@ -49,7 +50,6 @@ def output_error(ref: list[np.ndarray], out: list[np.ndarray]) -> float:
 def layer_macs(model_path: Path) -> dict[str, int]:
     """Multiply-accumulates per weighted node of a shape-inferred ONNX file, at batch 1."""
     import onnx
-    from onnx import numpy_helper
 
     m = onnx.load(str(model_path))
     g = m.graph
@@ -172,7 +172,7 @@ def _revert_harm(cal, x, threads) -> dict[str, float]:
 
     import onnx
 
-    from edgexfer.exporters.quantize import quantize_int8
+    from edgexfer.exporters.quantize import quantize
 
     ref = _logits(cal.model, x, threads)
     e0 = output_error(ref, _logits(cal.plain, x, threads))
@@ -186,7 +186,7 @@ def _revert_harm(cal, x, threads) -> dict[str, float]:
                 harm[n] = e0 - output_error(ref, _logits_of(m, x, threads))
                 continue
             p = Path(td) / f"r{i}.onnx"  # not the expected QDQ shape: quantize with the layer excluded
-            quantize_int8(cal.source, p, cal, dataclasses.replace(cal.recipe, nodes_to_exclude=(n,)))
+            quantize(cal.source, p, cal, dataclasses.replace(cal.recipe, nodes_to_exclude=(n,)))
             harm[n] = e0 - output_error(ref, _logits(p, x, threads))
             p.unlink()
     return harm

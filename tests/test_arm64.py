@@ -128,12 +128,13 @@ def test_verify_flags_disagreement(monkeypatch, tiny_run, image_folder):
 def test_guard_decides_on_the_target_figure(tiny_run, tmp_path):
     """With a target measurement, the guard ships what the target's figure allows and only records the
     host's (here the host 'saturates' to 0 while the target keeps 1.0: plain INT8 ships)."""
-    from edgexfer.exporters.quantize import Int8Recipe, guarded_quantize
+    from edgexfer.exporters.quantize import Int8Recipe
+    from edgexfer.guard import Judge, Scorer, guarded_quantize
 
     calib = np.random.default_rng(0).standard_normal((8, 3, 64, 64)).astype(np.float32)
-    rec = guarded_quantize(tiny_run / "model.onnx", tmp_path / "q.onnx", calib, Int8Recipe(reduce_range=False),
-                           accuracy=lambda p: 1.0, fp32_accuracy=1.0, max_drop=0.01,
-                           also={"host_accuracy": lambda p: 0.0}, measured_on="arm64 (emulated)")
+    judge = Judge([Scorer("guard_accuracy", lambda p: 1.0, "decides", 1.0, measured_on="arm64 (emulated)"),
+                   Scorer("host_accuracy", lambda p: 0.0)], 0.01)
+    rec = guarded_quantize(tiny_run / "model.onnx", tmp_path / "q.onnx", calib, Int8Recipe(reduce_range=False), judge)
     g = rec["guard"]
     assert g["chosen_fp32_layers"] == 0 and g["within_bound"] and g["measured_on"] == "arm64 (emulated)"
     assert g["candidates"] == [dict(g["candidates"][0], host_accuracy=0.0)] and (tmp_path / "q.onnx").is_file()

@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from edgexfer.exporters.quantize import (Int8Recipe, guard_decision, guarded_quantize, paired_drop,
-                                         wilson_upper)
+from edgexfer.exporters.quantize import Int8Recipe
+from edgexfer.guard import Judge, Scorer, agreement_judge, guard_decision, guarded_quantize, paired_drop, wilson_upper
 from edgexfer.runtime import EdgeModel
 
 
@@ -66,14 +66,14 @@ def test_guard_ships_plain_int8_on_agreement_despite_one_flip(tiny_run, tmp_path
         return {"val_accuracy": 0.75, "val_drop": drop, "val_drop_se": se}
 
     rec = guarded_quantize(tiny_run / "model.onnx", tmp_path / "q.onnx", calib, Int8Recipe(calibration_samples=8),
-                           accuracy=lambda p: 0.999, fp32_accuracy=1.0, max_drop=0.01, evidence=evidence)
+                           agreement_judge(lambda p: 0.999, 0.01, evidence=evidence))
     g = rec["guard"]
     assert g["within_bound"] and g["chosen_fp32_layers"] == 0 and len(g["candidates"]) == 1
     c = g["candidates"][0]
     assert c["val_drop"] == pytest.approx(0.25) and c["drop"] == pytest.approx(0.001) and c["within_bound"]
     # the old rule, for contrast: validation accuracy decides, and one flip is over the bound
     old = guarded_quantize(tiny_run / "model.onnx", tmp_path / "old.onnx", calib, Int8Recipe(calibration_samples=8),
-                           accuracy=lambda p: 0.75, fp32_accuracy=1.0, max_drop=0.01, steps=(0, 1))
+                           Judge([Scorer("accuracy", lambda p: 0.75, "decides", 1.0)], 0.01), steps=(0, 1))
     assert not old["guard"]["candidates"][0]["within_bound"]
 
 
@@ -82,8 +82,8 @@ def test_guard_rejects_many_disagreements_with_unchanged_validation(tiny_run, tm
     rejected; keeping one layer in FP32 brings agreement within the bound, and that ships."""
     calib = np.random.default_rng(0).standard_normal((8, 3, 64, 64)).astype(np.float32)
     rec = guarded_quantize(tiny_run / "model.onnx", tmp_path / "q.onnx", calib, Int8Recipe(calibration_samples=8),
-                           accuracy=lambda p: 0.95 if _kept(p) == 0 else 0.999, fp32_accuracy=1.0, max_drop=0.01,
-                           evidence=lambda p: {"val_accuracy": 1.0, "val_drop": 0.0, "val_drop_se": 0.0})
+                           agreement_judge(lambda p: 0.95 if _kept(p) == 0 else 0.999, 0.01,
+                                           evidence=lambda p: {"val_accuracy": 1.0, "val_drop": 0.0, "val_drop_se": 0.0}))
     g = rec["guard"]
     assert [c["within_bound"] for c in g["candidates"]] == [False, True]
     assert "over" in g["candidates"][0]["decision"] and g["chosen_fp32_layers"] == 1 and _kept(tmp_path / "q.onnx") == 1
@@ -155,20 +155,21 @@ def test_quantize_stage_decides_on_agreement_and_reports_it(tiny_run, tmp_path, 
     """The quantize stage with the built-in search on a copy of the tiny run, agreement measured for real
     on 200 images and the labelled evidence injected (one flip of 4 validation images, for every
     candidate): INT8 ships with 0 layers kept, and report.json / report.md say how sure the guard is."""
+    import dataclasses
+
     import edgexfer.guard as guard
     from edgexfer.pipeline import quantize
     from edgexfer.report import report_md
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
-    monkeypatch.setattr(guard, "GUARD_IMAGES", 200)
     drop, se = paired_drop([_one_hot([0, 1, 2, 0])], [_one_hot([0, 1, 2, 1])], np.array([0, 1, 2, 0]))
     monkeypatch.setattr(guard.Agreement, "evidence",
                         lambda self, path: {"val_accuracy": 0.75, "val_drop": drop, "val_drop_se": se})
     from edgexfer.pipeline import RunFolder
 
     cfg = RunFolder(run).config()
-    cfg.tuner = "builtin"
+    cfg.quantize = dataclasses.replace(cfg.quantize, tuner="builtin", guard_images=200)
     quantize(run, cfg)
     rep = json.loads((run / "report.json").read_text())
     g = rep["quantize"]["guard"]

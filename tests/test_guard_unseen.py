@@ -110,8 +110,7 @@ def test_rate_is_over_images_and_the_worst_task_decides():
 
 
 def _guard(within=True, rate=0.002, images=2000, fitted=False, md=0.01):
-    from edgexfer.exporters.quantize import wilson_upper
-    from edgexfer.guard import summarize
+    from edgexfer.guard import summarize, wilson_upper
 
     g = {"max_accuracy_drop": md, "within_bound": within}
     info = {"images": images, "labelled": images, "labelled_from": "train" if fitted else "out-of-fold",

@@ -18,11 +18,9 @@ FAST = {"EDGEXFER_QAT_EPOCHS": "1", "EDGEXFER_QAT_VIEWS": "32", "EDGEXFER_GUARD_
 
 
 @pytest.fixture
-def fast(monkeypatch):
+def fast():
     import edgexfer.qat as qat
 
-    monkeypatch.setattr(qat, "EPOCHS", 1)
-    monkeypatch.setattr(qat, "VIEWS", 32)
     return qat
 
 
@@ -37,7 +35,7 @@ def test_qat_file_is_int8_in_ort_and_agrees(tiny_run, tmp_path, fast):
     run = RunFolder(tiny_run)
     cfg = run.config()
     ws = Workspace(run, cfg)
-    recipe, _ = recipe_for(cfg.target, cfg.quantize)
+    recipe, _ = recipe_for(cfg.quantize.target, cfg.quantize.recipe)
     xt, yt = ws.tensors("train")
     xv, _ = ws.tensors("val")
     out = tmp_path / "model.qat.int8.onnx"
@@ -89,7 +87,7 @@ def test_qat_off_is_never_tried_and_plain_int8_skips_it(tiny_run, tmp_path):
     _quantize(run, "--qat", "off", force=True)
     qat = json.loads((run / "report.json").read_text())["quantize"]["guard"]["qat"]
     assert qat == {"tried": False, "reason": "--qat off"}
-    assert json.loads((run / "config.json").read_text())["qat"] == "off"
+    assert json.loads((run / "config.json").read_text())["quantize"]["qat"] == "off"
     _quantize(run, force=False)  # auto: the tiny run's plain INT8 meets the bound, so QAT cannot be faster
     g = json.loads((run / "report.json").read_text())["quantize"]["guard"]
     if g["within_bound"] and g["chosen_fp32_layers"] == 0:

@@ -5,8 +5,8 @@ import numpy as np
 import onnx
 import pytest
 
-from edgexfer.exporters.quantize import (Int8Recipe, Scorer, convert_fp16, guarded_quantize, host_target,
-                                         quantize_dynamic_int8, recipe_for)
+from edgexfer.exporters.quantize import Int8Recipe, convert_fp16, host_target, quantize_dynamic_int8, recipe_for
+from edgexfer.guard import Judge, Scorer, guarded_quantize
 from edgexfer.runtime import EdgeModel
 from tests.conftest import run_cli
 
@@ -68,7 +68,7 @@ def test_guard_keeps_layers_in_fp32_until_the_bound_holds(tiny_run, tmp_path):
         return float(np.mean(np.abs(EdgeModel(path).run(x)["label"] - ref).max(1) <= tol))
 
     out = tmp_path / "g.int8.onnx"
-    rec = guarded_quantize(fp32, out, calib, recipe, [Scorer("within_tol", within_tol, "decides")], max_drop=0.0,
+    rec = guarded_quantize(fp32, out, calib, recipe, Judge([Scorer("within_tol", within_tol, "decides")], max_drop=0.0),
                            fallback="prefix")  # the ranked fallback: tests/test_quantize_ranked.py
     g = rec["guard"]
     assert g["candidates"][0]["fp32_layers"] == 0 and g["candidates"][0]["within_bound"] is False
@@ -98,9 +98,9 @@ def test_guard_second_bound_must_hold_too(tiny_run, tmp_path):
         return 1.0 if k >= 2 else 0.0
 
     rec = guarded_quantize(fp32, tmp_path / "g.onnx", calib, Int8Recipe(calibration_samples=16),
-                           [Scorer("agreement", lambda p: 1.0, "decides"),
-                            Scorer("target_agreement", second, "at_least", limit=0.5)],
-                           max_drop=0.0, fallback="prefix")
+                           Judge([Scorer("agreement", lambda p: 1.0, "decides"),
+                                  Scorer("target_agreement", second, "at_least", limit=0.5)], max_drop=0.0),
+                           fallback="prefix")
     g = rec["guard"]
     assert [c["within_bound"] for c in g["candidates"]] == [False, False, True]
     assert g["chosen_fp32_layers"] == 2 and g["layers_kept_fp32"] == nodes[:2]

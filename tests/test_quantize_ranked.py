@@ -8,7 +8,8 @@ import pytest
 from onnx import numpy_helper
 
 from edgexfer.exporters import quantize as q
-from edgexfer.exporters.quantize import Int8Recipe, Scorer, calibrate, guarded_quantize, quantize_int8
+from edgexfer.exporters.quantize import Int8Recipe, calibrate, quantize
+from edgexfer.guard import Judge, Scorer, guarded_quantize
 from edgexfer.runtime import EdgeModel
 
 RECIPE = Int8Recipe(calibration_samples=8)
@@ -51,7 +52,7 @@ def test_guard_calibrates_once_for_every_candidate(tiny_run, tmp_path, count_cal
     if not q._reuses_ranges():
         pytest.skip("this onnxruntime cannot reuse calibration ranges (no calibration_cache_path)")
     scorer = Scorer("agreement", lambda p: 1.0 if len(_kept(p)) >= 3 else 0.9, "decides")
-    rec = guarded_quantize(tiny_run / "model.onnx", tmp_path / "q.onnx", _calib(), RECIPE, [scorer], max_drop=0.01,
+    rec = guarded_quantize(tiny_run / "model.onnx", tmp_path / "q.onnx", _calib(), RECIPE, Judge([scorer], 0.01),
                            fallback="prefix")
     g = rec["guard"]
     assert [c["fp32_layers"] for c in g["candidates"]] == [0, 1, 2, 3] and g["within_bound"]
@@ -63,13 +64,13 @@ def test_reused_ranges_give_the_same_file_as_a_fresh_calibration(tiny_run, tmp_p
     fp32 = tiny_run / "model.onnx"
     cal = calibrate(fp32, _calib(), RECIPE, tmp_path)
     one = Int8Recipe(calibration_samples=8, nodes_to_exclude=(cal.nodes[2],))
-    quantize_int8(fp32, tmp_path / "reused.onnx", cal, one)
-    quantize_int8(fp32, tmp_path / "fresh.onnx", _calib(), one)
+    quantize(fp32, tmp_path / "reused.onnx", cal, one)
+    quantize(fp32, tmp_path / "fresh.onnx", _calib(), one)
     a, b = _scales(tmp_path / "reused.onnx"), _scales(tmp_path / "fresh.onnx")
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     assert _kept(tmp_path / "reused.onnx") == (cal.nodes[2],)
     with pytest.raises(ValueError, match="another recipe"):
-        quantize_int8(fp32, tmp_path / "x.onnx", cal, Int8Recipe(calibration_samples=8, reduce_range=False))
+        quantize(fp32, tmp_path / "x.onnx", cal, Int8Recipe(calibration_samples=8, reduce_range=False))
 
 
 def test_scorers_bound_reject_and_record(tiny_run, tmp_path):
@@ -78,8 +79,8 @@ def test_scorers_bound_reject_and_record(tiny_run, tmp_path):
     scorers = [Scorer("agreement", lambda p: 1.0, "decides"),
                Scorer("target_agreement", lambda p: 0.95 if len(_kept(p)) >= 1 else 0.5, "at_least", limit=0.9),
                Scorer("host_accuracy", lambda p: seen.append(p) or 0.25)]
-    g = guarded_quantize(tiny_run / "model.onnx", tmp_path / "q.onnx", _calib(), RECIPE, scorers,
-                         max_drop=0.01, fallback="prefix")["guard"]
+    g = guarded_quantize(tiny_run / "model.onnx", tmp_path / "q.onnx", _calib(), RECIPE, Judge(scorers, 0.01),
+                         fallback="prefix")["guard"]
     assert [c["within_bound"] for c in g["candidates"]] == [False, True]
     assert g["candidates"][0]["target_agreement"] == 0.5 and g["candidates"][1]["host_accuracy"] == 0.25
     assert g["at_least"] == {"target_agreement": 0.9} and len(seen) == 2
@@ -97,7 +98,7 @@ def test_ranked_fallback_keeps_the_harmful_layer_not_the_first(tiny_run, tmp_pat
     monkeypatch.setattr(sensitivity, "_revert_harm",
                         lambda cal, x, threads: {n: (1.0 if n == bad else 0.01 / (1 + i)) for i, n in enumerate(cal.nodes)})
     scorer = Scorer("agreement", lambda p: 1.0 if bad in _kept(p) else 0.9, "decides")
-    g = guarded_quantize(fp32, tmp_path / "q.onnx", _calib(), RECIPE, [scorer], max_drop=0.01,
+    g = guarded_quantize(fp32, tmp_path / "q.onnx", _calib(), RECIPE, Judge([scorer], 0.01),
                          rank_on=_calib(4))["guard"]
     assert g["sensitivity"]["images_from"] == "given images"
     assert g["within_bound"] and g["layers_kept_fp32"] == [bad] and g["chosen_fp32_layers"] == 1
@@ -133,7 +134,7 @@ def test_ranking_waits_until_plain_int8_misses(tiny_run, tmp_path, monkeypatch):
 
     monkeypatch.setattr(sensitivity, "rank", lambda *a, **k: pytest.fail("ranked although plain INT8 passed"))
     g = guarded_quantize(tiny_run / "model.onnx", tmp_path / "q.onnx", _calib(), RECIPE,
-                         [Scorer("agreement", lambda p: 1.0, "decides")], max_drop=0.01)["guard"]
+                         Judge([Scorer("agreement", lambda p: 1.0, "decides")], 0.01))["guard"]
     assert len(g["candidates"]) == 1 and g["sensitivity"] is None and g["fallback"] == "sensitivity-ranked"
 
 
@@ -161,7 +162,7 @@ def test_revert_one_is_the_layer_in_fp32(tiny_run, tmp_path):
     plain, (floats, producers) = onnx.load(str(cal.plain)), float_graph(cal.model)
     assert all(revert_one(plain, floats, n, producers) is not None for n in cal.nodes)
     x = _calib(4)
-    quantize_int8(fp32, tmp_path / "stem.onnx", cal, Int8Recipe(calibration_samples=8, nodes_to_exclude=(cal.nodes[0],)))
+    quantize(fp32, tmp_path / "stem.onnx", cal, Int8Recipe(calibration_samples=8, nodes_to_exclude=(cal.nodes[0],)))
     np.testing.assert_allclose(_logits_of(revert_one(plain, floats, cal.nodes[0], producers), x, 1)[0],
                                _logits(tmp_path / "stem.onnx", x, 1)[0], atol=1e-5)
     assert not np.allclose(_logits(cal.plain, x, 1)[0], _logits(tmp_path / "stem.onnx", x, 1)[0], atol=1e-5)

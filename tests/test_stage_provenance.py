@@ -18,7 +18,8 @@ def test_every_stage_records_its_settings_and_inputs(tiny_run):
 
     stages = report(tiny_run)["stages"]
     assert set(stages) == set(STAGES)
-    assert set(stages["quantize"]["settings"]) >= {"quantize", "max_accuracy_drop", "target", "calibration"}
+    assert set(stages["quantize"]["settings"]) >= {"quantize.recipe", "quantize.target", "quantize.calibration",
+                                                   "quantize.guard_images", "quantize.qat_epochs", "max_accuracy_drop"}
     from edgexfer.runtime.atomic import sha256_file
 
     assert stages["quantize"]["inputs"] == {"model.onnx": content_sha256(tiny_run / "model.onnx"),

@@ -301,7 +301,7 @@ def test_target_calibration_needs_an_adapt_bn_folder():
     from edgexfer.pipeline import RunConfig, calibration_set
 
     cfg = RunConfig()
-    cfg.calibration = "adapt-bn"
+    cfg.quantize.calibration = "adapt-bn"
     with pytest.raises(RunFolderError, match="without --adapt-bn"):
         calibration_set(cfg, ws=None, limit=8)
-    assert RunConfig.from_dict(cfg.to_dict()).calibration == "adapt-bn"
+    assert RunConfig.from_dict(cfg.to_dict()).quantize.calibration == "adapt-bn"
