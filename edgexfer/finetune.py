@@ -7,9 +7,16 @@ backbone runs once per image — then fine-tunes everything with a lower learnin
 backbone, so the pretrained features are not wrecked by a random head's early gradients.
 Each epoch is checkpointed (`train_state.pt`, written atomically); a killed run resumes from the last
 finished epoch, with the same shuffles as an uninterrupted one.
+
+`train` reads like torchvision's references/classification/train.py: the strategy, the probe
+(`edgexfer.probe.fit_probe`), then per epoch `train_one_epoch` and `evaluate`, with `TrainState` keeping
+the best weights and early stopping and saving itself; then `fit_temperatures` (temperature scaling,
+`edgexfer.temperature`). Augmentation is `edgexfer.augment`'s; the learning rate warms up linearly and
+follows a cosine (`warmup_cosine`).
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -24,8 +31,10 @@ from tqdm.auto import tqdm
 
 from edgexfer.runtime.progress import bars_off
 
+from edgexfer.augment import TrainAugment
 from edgexfer.data import Dataset, Split
 from edgexfer.model import EdgeNet
+from edgexfer.probe import SMALL_VAL_IMAGES, SMALL_VAL_PER_CLASS, Probe, fit_probe, label_columns, small_validation
 from edgexfer.runtime import atomic
 from edgexfer.runtime.metadata import Preprocessing
 from edgexfer.runtime.preprocess import preprocess
@@ -59,7 +68,7 @@ class TrainConfig:
     adapt_bn: str | None = None     # folder of unlabelled target-domain images: AdaBN after training
     adapt_bn_force: bool = False    # keep AdaBN's statistics even when the label-free checks say it hurt
     source_bn: bool = False         # BatchNorm statistics from the training images, not the pretraining data
-    calibrate: bool = True          # fit a temperature per head on held-out logits and fold it in (calibration.py)
+    calibrate: bool = True          # temperature scaling: a T per head fitted on held-out logits, folded in (temperature.py)
     probe_views: int = 4            # the cross-validated probe also fits this many augmented views of each image
 
     def __post_init__(self):
@@ -139,9 +148,9 @@ class TrainResult:
     val_accuracy_per_task: dict | None = None
     device: str = "cpu"
     probe_selection: dict | None = None  # how the probe's strength was chosen when validation was too small
-    calibration: dict | None = None  # temperature per head (already folded into the weights), ECE before/after
+    calibration: dict | None = None  # temperature scaling (report.json's name): T per head (already folded into the weights), ECE before/after
     augmentation: dict | None = None  # what fine-tuning's augmentation did to the training images, and why
-    # the cross-validated probe's fold heads (`calibration.fold_heads`, temperature folded in): saved in the
+    # the cross-validated probe's fold heads (`probe.fold_heads`, temperature folded in): saved in the
     # checkpoint for the INT8 guard, never in the report
     probe_folds: dict | None = field(default=None, repr=False)
 
@@ -156,19 +165,6 @@ def tensorize(split: Split, pp: Preprocessing, desc: str = "preprocess") -> tupl
     x = np.stack([preprocess(im, pp) for im in tqdm(split.images, desc=desc, leave=False, disable=True if len(split) < 200 else bars_off())])
     y = split.targets() if split.extra else split.labels
     return torch.from_numpy(x), torch.as_tensor(y, dtype=torch.int64)
-
-
-def augment(x: torch.Tensor, g: torch.Generator, pad_frac: float = 0.08) -> torch.Tensor:
-    """Small-image augmentation on a normalized batch: random horizontal flip and random shift (what
-    `augment.TrainAugment` applies to small images, e.g. Fashion-MNIST upsampled; photos get crops)."""
-    b, _, h, w = x.shape
-    flip = torch.rand(b, generator=g) < 0.5
-    x = torch.where(flip[:, None, None, None], x.flip(3), x)
-    p = max(1, int(round(pad_frac * h)))
-    xp = F.pad(x, (p, p, p, p), mode="reflect")
-    dy = torch.randint(0, 2 * p + 1, (b,), generator=g)
-    dx = torch.randint(0, 2 * p + 1, (b,), generator=g)
-    return torch.stack([xp[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(b)])
 
 
 def _bn_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -194,20 +190,9 @@ def predict_logits(model: EdgeNet, x: torch.Tensor, batch_size: int = 128, task:
     return per_task if task is None else per_task[task]
 
 
-@torch.no_grad()
-def extract_features(model: EdgeNet, x: torch.Tensor, batch_size: int = 128, desc: str = "features") -> torch.Tensor:
-    model.eval()
-    chunks = range(0, len(x), batch_size)
-    return torch.cat([model.features(x[i:i + batch_size]) for i in tqdm(chunks, desc=desc, leave=False, disable=bars_off())])
-
-
-def _cols(y: torch.Tensor) -> torch.Tensor:
-    return y[:, None] if y.ndim == 1 else y
-
-
 def task_accuracies(logits: list[torch.Tensor], y: torch.Tensor) -> list[float]:
     """Top-1 accuracy per task over the images labelled for it."""
-    y = _cols(y)
+    y = label_columns(y)
     out = []
     for t, lg in enumerate(logits):
         m = y[:, t] >= 0
@@ -227,7 +212,7 @@ def class_weights(y: torch.Tensor, n: int) -> torch.Tensor | None:
 
 def multitask_loss(logits, y: torch.Tensor, weights: list, label_smoothing: float) -> torch.Tensor:
     """The sum over tasks of cross-entropy on the images labelled for each task (-1: unlabelled)."""
-    y = _cols(y)
+    y = label_columns(y)
     total = 0.0
     for t, lg in enumerate(logits):
         m = y[:, t] >= 0
@@ -235,139 +220,6 @@ def multitask_loss(logits, y: torch.Tensor, weights: list, label_smoothing: floa
             w = None if weights[t] is None else weights[t].to(lg.device)
             total = total + F.cross_entropy(lg[m], y[m, t], weight=w, label_smoothing=label_smoothing)
     return total
-
-
-def linear_probe(model: EdgeNet, f_tr: torch.Tensor, y_tr: torch.Tensor, f_va: torch.Tensor, y_va: torch.Tensor,
-                 cfg: TrainConfig, weights: list) -> float:
-    """Fit each head on cached features (full batch, AdamW); keep each head's best step by its validation
-    accuracy. Returns the mean validation accuracy over tasks."""
-    y_tr, y_va = _cols(y_tr), _cols(y_va)
-    accs = []
-    for t, head in enumerate(model.heads.values()):
-        mt, mv = y_tr[:, t] >= 0, y_va[:, t] >= 0
-        ft, yt, fv, yv = f_tr[mt], y_tr[mt, t], f_va[mv], y_va[mv, t]
-        opt = torch.optim.AdamW(head.parameters(), lr=cfg.probe_lr, weight_decay=cfg.weight_decay)
-        best, best_state = -float("inf"), None
-        for step in range(cfg.probe_steps):
-            head.train()
-            loss = F.cross_entropy(head(ft), yt, weight=weights[t], label_smoothing=cfg.label_smoothing)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if step % 10 == 9 or step == cfg.probe_steps - 1:
-                with torch.no_grad():
-                    acc = (head(fv).argmax(1) == yv).float().mean().item() if len(yv) else -loss.item()
-                if acc > best:
-                    best, best_state = acc, {k: v.clone() for k, v in head.state_dict().items()}
-        head.load_state_dict(best_state)
-        accs.append(best)
-    return float(np.mean(accs))
-
-
-# A validation split this small cannot decide (one image moves its accuracy by 2+ points): the probe's
-# strength is chosen by k-fold cross-validation on the cached features instead (issue 12).
-SMALL_VAL_IMAGES = 50
-SMALL_VAL_PER_CLASS = 10
-
-
-def small_validation(y_va: torch.Tensor, n_classes: int) -> bool:
-    y = _cols(y_va)[:, 0]
-    counts = np.bincount(y[y >= 0].numpy(), minlength=n_classes)
-    return int(counts.sum()) < SMALL_VAL_IMAGES or int(counts.min()) < SMALL_VAL_PER_CLASS
-
-
-def probe_augmented_views(split: Split, pp: Preprocessing, view: int, seed: int) -> torch.Tensor:
-    """One augmented view of every image of `split` as the model's input (N, C, H, W): a random resized
-    crop (35-100% of the area) at the input size, a horizontal flip, and for colour images a mild colour
-    jitter (torchvision.transforms.v2), seeded by (seed, view). What the probe sees besides the centre crop:
-    a few views per image are cheap more data when labels are few (the features are computed once)."""
-    from PIL import Image
-    from torchvision.transforms import v2 as T
-
-    from edgexfer.runtime.preprocess import load_image, to_8bit
-
-    ops = [T.RandomResizedCrop(pp.crop, scale=(0.35, 1.0), antialias=True), T.RandomHorizontalFlip()]
-    if pp.color == "RGB":
-        ops.append(T.ColorJitter(0.2, 0.2, 0.2))
-    tf = T.Compose([*ops, T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(pp.mean, pp.std)])
-    out = []
-    log.info("linear probe: augmented view %d of %d images", view + 1, len(split))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed * 1009 + view)
-        for src in split.images:
-            img = to_8bit(load_image(src))
-            img = img.convert(pp.color) if img.mode != pp.color else img
-            side = max(pp.crop * 3 // 2, 1)  # decode once, then crop from a modest size: the crop is resized anyway
-            if min(img.size) > side:
-                s = side / min(img.size)
-                img = img.resize((max(1, round(img.width * s)), max(1, round(img.height * s))), Image.BILINEAR)
-            out.append(tf(img))
-    return torch.stack(out)
-
-
-def view_folds(t: np.ndarray, k: int, seed: int, views: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Stratified k folds over N images whose rows are stacked as [originals, view 1, ..., view V]: each
-    fold trains on every row of its training images and scores the held-out images' originals only, so
-    no view of a held-out image is fitted and the score is the centre crop's, as served."""
-    from sklearn.model_selection import StratifiedKFold
-
-    n = len(t)
-    return [(np.concatenate([tr + v * n for v in range(views + 1)]), te)
-            for tr, te in StratifiedKFold(k, shuffle=True, random_state=seed).split(np.zeros(n), t)]
-
-
-# the probe's L2 strengths: 25 from 1e-4 to 1e4, a step of x2.2 (scikit-learn's Cs=10 steps by x7.7, too coarse
-# to tell neighbouring strengths apart)
-PROBE_CS = np.logspace(-4, 4, 25)
-
-
-def cv_probe(head: torch.nn.Linear, f: torch.Tensor, y: torch.Tensor, balanced: bool, seed: int,
-             views: torch.Tensor | None = None) -> dict | None:
-    """Fit `head` as multinomial logistic regression on features `f` (N, D) and labels `y` (N,), its L2
-    strength chosen by stratified k-fold cross-validation (scikit-learn's LogisticRegressionCV, k = min(5,
-    the smallest class)); None when some class has fewer than 2 images (nothing to cross-validate).
-    `views` (V, N, D): features of V augmented views of the same images, fitted beside them (view_folds
-    keeps every view of a held-out image out of its fold)."""
-    import warnings
-
-    from sklearn.linear_model import LogisticRegressionCV
-
-    x, t = f.numpy().astype(np.float64), y.numpy()
-    counts = np.bincount(t, minlength=head.out_features)
-    if counts.min() < 2:
-        return None
-    k = int(min(5, counts.min()))
-    v = 0 if views is None else len(views)
-    folds = view_folds(t, k, seed, v)
-    if v:
-        x = np.concatenate([x, views.reshape(-1, x.shape[1]).numpy().astype(np.float64)])
-        t = np.tile(t, v + 1)
-    log.info("linear probe: cross-validating the strength (%d strengths, %d folds, %d rows)", len(PROBE_CS), k, len(x))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # convergence chatter at the weakest regularisation
-        clf = LogisticRegressionCV(Cs=PROBE_CS, cv=folds, max_iter=2000,
-                                   class_weight="balanced" if balanced else None).fit(x, t)
-    scores = np.asarray(next(iter(clf.scores_.values())))  # (folds, Cs): held-out accuracy of each strength
-    best = int(np.argmin(np.abs(clf.Cs_ - clf.C_[0])))
-    fold = scores[:, best]
-    edge = None
-    if best in (0, len(clf.Cs_) - 1):
-        edge = (f"the cross-validated strength C={clf.C_[0]:.3g} is the {'strongest' if best == 0 else 'weakest'} "
-                f"regularisation searched ({PROBE_CS[0]:g}-{PROBE_CS[-1]:g}): the best may lie beyond it; with "
-                f"{int(counts.min())} labelled images in the smallest class the folds say little")
-        log.warning("linear probe: %s", edge)
-    w, b = clf.coef_, clf.intercept_
-    if len(clf.classes_) == 2:  # scikit-learn keeps one row for two classes: logits (0, w.x + b)
-        w, b = np.stack([np.zeros_like(w[0]), w[0]]), np.array([0.0, b[0]])
-    with torch.no_grad():
-        head.weight.copy_(torch.as_tensor(w, dtype=head.weight.dtype))
-        head.bias.copy_(torch.as_tensor(b, dtype=head.bias.dtype))
-    return {"method": f"LogisticRegressionCV, stratified {k}-fold cross-validation over {len(clf.Cs_)} strengths "
-                      f"({PROBE_CS[0]:g} to {PROBE_CS[-1]:g}, log-spaced)"
-                      + (f", fitted on each image and {v} augmented views of it" if v else ""),
-            "images": len(f), "views": v, "folds": k, "C": float(clf.C_[0]), "cv_accuracy": float(fold.mean()),
-            "cv_stderr": float(fold.std(ddof=1) / np.sqrt(k)), "C_range": [float(PROBE_CS[0]), float(PROBE_CS[-1])],
-            "C_at_edge": edge}
 
 
 def block_groups(model: EdgeNet) -> list[list[torch.nn.Parameter]]:
@@ -429,13 +281,145 @@ def adapt_batchnorm(model: EdgeNet, x: torch.Tensor, batch_size: int = 64) -> in
     return len(bns)
 
 
-def _lr_lambda(total: int, warmup: int):
-    def f(step: int) -> float:
+def warmup_cosine(total: int, warmup: int):
+    """The learning rate's factor at optimizer step `step` (0-based) of `total`: a linear warm-up over the
+    first `warmup` steps ((step + 1) / warmup, reaching 1 at the last of them), then a cosine from 1 down to
+    0 at `total` (torchvision's references: SequentialLR(LinearLR, CosineAnnealingLR)).
+
+    For torch.optim.lr_scheduler.LambdaLR: that composition gives the same rates within ~1e-13 (relative), but
+    its schedulers step the rate recursively (each step multiplies the last rate), so its rates differ from
+    this closed form in the last bits, and so would the trained weights; tests/test_lr_schedule.py compares
+    the two. A plain function (not a callable object): LambdaLR's state_dict, in train_state.pt, stays as it
+    was."""
+    def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
         t = (step - warmup) / max(1, total - warmup)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-    return f
+    return factor
+
+
+def lr_scheduler(opt: torch.optim.Optimizer, total_steps: int, warmup_fraction: float):
+    """LambdaLR over `warmup_cosine`, warming up for `warmup_fraction` of `total_steps` (at least one step)."""
+    warmup = max(1, int(warmup_fraction * total_steps))
+    return torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total_steps, warmup))
+
+
+@dataclass
+class TrainState:
+    """What fine-tuning carries from epoch to epoch, and `train_state.pt` keeps for a resumed run.
+
+    best_* pick the weights to keep (the probe's included: `best_acc` starts at its accuracy); `ft_best` and
+    `bad` drive early stopping, which compares fine-tuning epochs with each other only (the first epochs often
+    dip below the probe)."""
+
+    epoch: int = 0                       # the last finished epoch (0: none)
+    best_acc: float = -1.0
+    best_epoch: int = 0
+    best_state: dict | None = None
+    ft_best: float = -float("inf")
+    bad: int = 0
+    history: list = field(default_factory=list)
+
+    @classmethod
+    def start(cls, model: EdgeNet, probe_accuracy: float | None, history: list) -> "TrainState":
+        """Before the first epoch: the probe's weights (when there was a probe) are the best so far."""
+        if probe_accuracy is None:
+            return cls(history=history)
+        return cls(best_acc=probe_accuracy, history=history,
+                   best_state={k: v.detach().clone() for k, v in model.state_dict().items()})
+
+    def end_epoch(self, epoch: int, losses: list[float], val_acc: float | None, seconds: float, model: EdgeNet,
+                  cfg: TrainConfig) -> None:
+        """Record epoch `epoch` in the history and the log, and `update` by its validation accuracy (without a
+        validation split, by minus its training loss)."""
+        rec = {"epoch": epoch, "phase": "finetune", "train_loss": float(np.mean(losses)), "val_accuracy": val_acc,
+               "seconds": seconds}
+        self.history.append(rec)
+        log.info("epoch %d/%d: loss %.4f, val accuracy %s (%.0f s)", epoch, cfg.epochs, rec["train_loss"],
+                 "n/a" if val_acc is None else f"{val_acc:.4f}", seconds)
+        self.update(epoch, -float(np.mean(losses)) if val_acc is None else val_acc, model, cfg.patience)
+
+    def update(self, epoch: int, score: float, model: EdgeNet, patience: int) -> None:
+        """After epoch `epoch` scored `score` (validation accuracy, or minus the training loss)."""
+        self.epoch = epoch
+        if score >= self.best_acc:  # ties go to the later, fine-tuned weights
+            self.best_acc, self.best_epoch = score, epoch
+            self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if score > self.ft_best:
+            self.ft_best, self.bad = score, 0
+        else:
+            self.bad += 1
+            if self.bad >= patience:
+                log.info("early stop: no better validation accuracy in %d epochs", self.bad)
+
+    def save(self, path: Path, cfg_key: str, model: EdgeNet, opt, sched) -> None:
+        """Written atomically after each epoch."""
+        with atomic.atomic_path(path) as tmp:
+            torch.save({"cfg_key": cfg_key, "epoch": self.epoch, "model": model.state_dict(),
+                        "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "best_acc": self.best_acc,
+                        "best_epoch": self.best_epoch, "bad": self.bad, "ft_best": self.ft_best,
+                        "best_state": self.best_state, "history": json.dumps(self.history)}, tmp)
+
+    @classmethod
+    def restore(cls, saved: dict, model: EdgeNet, opt, sched) -> "TrainState":
+        """Load a `save`d state (on the training device) into `model`, `opt` and `sched`."""
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+        log.info("resuming fine-tuning after epoch %d (best val %.4f at epoch %d)", saved["epoch"], saved["best_acc"],
+                 saved["best_epoch"])
+        return cls(saved["epoch"], saved["best_acc"], saved["best_epoch"], saved["best_state"],
+                   saved.get("ft_best", -float("inf")), saved["bad"], json.loads(saved["history"]))
+
+
+def load_state(path: Path, cfg_key: str) -> dict | None:
+    """`train_state.pt` when it was made with this training config, else None."""
+    if not path.is_file():
+        return None
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if saved.get("cfg_key") != cfg_key:
+        log.info("ignoring %s: made with another training config", path)
+        return None
+    return saved
+
+
+def train_one_epoch(model: EdgeNet, x_tr: torch.Tensor, y_tr: torch.Tensor, class_weights: list, opt, sched, scaler,
+                    epoch: int, cfg: TrainConfig, aug=None, device: str = "cpu") -> list[float]:
+    """One pass over the training images in the epoch's own shuffle (seeded by the seed and the epoch, so a
+    resumed run draws what an uninterrupted one would), `aug` drawing each batch's augmentation from the same
+    generator; one optimizer and scheduler step per batch. Returns the batches' losses."""
+    set_train_mode(model, cfg.freeze_bn)
+    g = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
+    perm = torch.randperm(len(x_tr), generator=g)
+    steps = math.ceil(len(x_tr) / cfg.batch_size)
+    use_amp = device.startswith("cuda")
+    losses = []
+    bar = tqdm(range(steps), desc=f"fine-tune epoch {epoch}/{cfg.epochs}", leave=False, disable=bars_off())
+    for s in bar:
+        idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+        xb, yb = (x_tr[idx] if aug is None else aug.batch(idx, x_tr, g)), y_tr[idx]
+        xb, yb = xb.to(device), yb.to(device)
+        with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=use_amp):
+            loss = multitask_loss(model(xb), yb, class_weights, cfg.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        sched.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+    if not cfg.freeze_bn:
+        # BatchNorm trained: its running averages lag behind weights that moved every step (with a
+        # few dozen steps they are far off, and a from-scratch net then predicts one class in eval
+        # mode). Re-estimate them on the training images before validating ("precise BN").
+        adapt_batchnorm(model, x_tr[:1024].to(device))
+    return losses
+
+
+def evaluate(model: EdgeNet, x: torch.Tensor, y: torch.Tensor, device: str = "cpu") -> float:
+    """Top-1 accuracy on (x, y), the mean over tasks."""
+    return float(np.nanmean(task_accuracies(predict_logits(model, x.to(device), task=None), y.to(device))))
 
 
 def train(model: EdgeNet, data: Dataset, pp: Preprocessing, cfg: TrainConfig, work_dir: Path,
@@ -448,218 +432,126 @@ def train(model: EdgeNet, data: Dataset, pp: Preprocessing, cfg: TrainConfig, wo
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)
-    n_cls = [len(c) for c in data.tasks.values()]
-    strategy, reason = cfg.strategy, None
-    if strategy == "auto":
-        strategy, reason = choose_strategy(data.train.labels, n_cls[0], weights, data.val.labels, tasks=len(n_cls),
-                                           lr_decay=cfg.lr_decay, backbone_lr_mult=cfg.backbone_lr_mult)
-        log.info("--strategy auto chose %s: %s", strategy, reason)
+    strategy, reason = resolve_strategy(cfg, data, weights)
     x_tr, y_tr = tensorize(data.train, pp, "preprocess train")
     x_va, y_va = tensorize(data.val, pp, "preprocess val") if len(data.val) else (x_tr[:0], y_tr[:0])
-    cw = [class_weights(_cols(y_tr)[:, t], n) for t, n in enumerate(n_cls)]
-    history: list[dict] = []
+    cw = [class_weights(label_columns(y_tr)[:, t], len(c)) for t, c in enumerate(data.tasks.values())]
     t_start = time.perf_counter()
     trainable = freeze_for(model, strategy, cfg.unfreeze_blocks) if strategy != "linear" else \
         sum(p.numel() for p in model.heads.parameters())
-
-    def finish(best_epoch, best_acc, probe_acc, probe_s, resumed=None) -> TrainResult:
-        for p in model.parameters():
-            p.requires_grad_(True)
-        per_task = None
-        val_logits = None
-        if len(x_va):
-            model.eval()
-            with torch.no_grad():  # the linear strategy's backbone is frozen: its cached features give the logits
-                val_logits = ([h(f_va) for h in model.heads.values()] if strategy == "linear" and f_va is not None
-                              else predict_logits(model, x_va, task=None))
-        if len(n_cls) > 1 and len(x_va):
-            accs = task_accuracies(val_logits, y_va)
-            per_task = dict(zip(data.tasks, accs))
-        if not len(x_va):  # the weights were chosen on the training loss: there is no accuracy to report
-            best_acc = probe_acc = None
-        calibration = calibrate(model, data, val_logits, y_va, oof, cfg)
-        if folds is not None:  # the fold heads give the same scores as the head they stand in for
-            t = calibration["tasks"][next(iter(data.tasks))]
-            scale = t["temperature"] if t.get("folded") else 1.0
-            folds.update(weight=folds["weight"] / scale, bias=folds["bias"] / scale)
-        return TrainResult(strategy, best_epoch, best_acc, probe_acc, time.perf_counter() - t_start, probe_s,
-                           history, resumed, reason, trainable, per_task, device, selection, calibration,
-                           None if aug is None else aug.describe(), folds)
-
     if cfg.source_bn and _bn_layers(model):
         # AdaBN swaps source-domain statistics for target-domain ones, so the source model must be built on
         # source statistics: re-estimate them on the training images before anything is fitted on top.
         # (Kept frozen at the pretraining data's statistics, the fine-tuned layers co-adapt to those, and
         # swapping in any data set's statistics breaks them: measured in benchmarks/RESULTS.md.)
         adapt_batchnorm(model, x_tr)
-    probe_acc = probe_s = selection = f_va = oof = aug = folds = None
-    state_path = work_dir / "train_state.pt"
-    # `calibrate` acts after the last epoch (on the final weights, never on this per-epoch state), so it is left
-    # out: the state resumes under either setting, and the temperature is folded exactly once, at the end
-    epoch_cfg = {k: v for k, v in asdict(cfg).items() if k != "calibrate"}
-    cfg_key = json.dumps({**epoch_cfg, "resolved_strategy": strategy}, sort_keys=True)
-    st = None
-    if strategy != "linear" and state_path.is_file():
-        st = torch.load(state_path, map_location="cpu", weights_only=True)
-        if st.get("cfg_key") != cfg_key:
-            log.info("ignoring %s: made with another training config", state_path)
-            st = None
-    probe_done = next((h for h in json.loads(st["history"]) if h.get("phase") == "probe"), None) if st else None
-    if probe_done is not None:  # resuming: the state holds the weights the probe started from; not fitted again
-        probe_acc, probe_s = probe_done["val_accuracy"], probe_done["seconds"]
-        history.append(probe_done)
-        log.info("linear probe: done before the interruption (val accuracy %s), not fitted again",
-                 "n/a" if probe_acc is None else f"{probe_acc:.4f}")
-    elif strategy in ("linear", "lpft", "partial"):
-        t0 = time.perf_counter()
-        log.info("linear probe: features of %d training and %d validation images", len(x_tr), len(x_va))
-        f_tr = extract_features(model, x_tr, desc="features train")
-        f_va = extract_features(model, x_va, desc="features val") if len(x_va) else f_tr[:0]
-        if strategy == "linear" and len(n_cls) == 1 and (not len(x_va) or small_validation(y_va, n_cls[0])):
-            # too few validation images to decide on: cross-validate the probe's strength, then refit on
-            # train + val (every label counts). Not (yet) for LP-FT's starting probe: on flowers-dev that start
-            # gave a slightly better FP32 file but a much worse INT8 one that the 30-image guard passed
-            # (benchmarks/RESULTS.md, "Real photos": results/photos_cv_lpft.json); the guard has to decide on
-            # agreement first.
-            f_fit = torch.cat([f_tr, f_va])
-            y_fit = torch.cat([_cols(y_tr)[:, 0], _cols(y_va)[:, 0]])
-            both = Split(list(data.train.images) + list(data.val.images), np.concatenate([data.train.labels,
-                                                                                          data.val.labels]))
-            views = torch.stack([extract_features(model, probe_augmented_views(both, pp, v, cfg.seed),
-                                                  desc=f"features view {v + 1}") for v in range(cfg.probe_views)]) \
-                if cfg.probe_views else None
-            selection = cv_probe(model.heads[next(iter(model.heads))], f_fit, y_fit, cw[0] is not None, cfg.seed,
-                                 views)
-            if selection:
-                selection.update(refit_on="train + val",
-                                 reason="no validation split" if not len(x_va) else
-                                        f"{len(x_va)} validation images (< {SMALL_VAL_IMAGES}, or < "
-                                        f"{SMALL_VAL_PER_CLASS} in some class): one image moves them by "
-                                        f"{100 / len(x_va):.1f} points")
-                log.info("linear probe: C=%.3g by %d-fold cross-validation on %d images, CV accuracy %.4f ± %.4f; "
-                         "fitted on %s", selection["C"], selection["folds"], selection["images"],
-                         selection["cv_accuracy"], selection["cv_stderr"], selection["refit_on"])
-                # val is in the refit, so not held out: calibration is measured (and T fitted) on out-of-fold logits
-                # and the fold heads behind those logits go with the checkpoint: the INT8 guard scores every
-                # labelled image by the head that did not see it (edgexfer.guard)
-                from edgexfer.calibration import fold_heads, fold_logits
-
-                log.info("linear probe: fitting the %d fold heads (out-of-fold answers for calibration and the INT8 guard)",
-                         selection["folds"])
-                folds = fold_heads(f_fit.numpy(), y_fit.numpy(), selection["C"], cw[0] is not None,
-                                   selection["folds"], cfg.seed, views=None if views is None else views.numpy())
-                oof = (fold_logits(folds, f_fit.numpy()), y_fit.numpy(), selection["folds"])
-        if selection:  # fitted on val too: its cross-validated accuracy is the one to report
-            probe_acc = selection["cv_accuracy"]
-        else:
-            probe_acc = linear_probe(model, f_tr, y_tr, f_va, y_va, cfg, cw)
-        probe_s = time.perf_counter() - t0
-        log.info("linear probe: %s accuracy %s in %.1f s", "cross-validated" if selection else "val",
-                 f"{probe_acc:.4f}" if len(x_va) else "n/a (no validation split)", probe_s)
-        history.append({"epoch": 0, "phase": "probe", "val_accuracy": probe_acc if len(x_va) else None,
-                        "seconds": probe_s})
+    state_path, cfg_key = work_dir / "train_state.pt", state_key(cfg, strategy)
+    saved = load_state(state_path, cfg_key) if strategy != "linear" else None
+    probe = _probe_before(saved)
+    if probe is None and strategy in ("linear", "lpft", "partial"):
+        probe = fit_probe(model, data, pp, x_tr, y_tr, x_va, y_va, cw, cfg, strategy)
+    history = [] if probe is None else [probe.record(bool(len(x_va)))]
+    finish = functools.partial(_finish, model, data, x_va, y_va, cfg, strategy, probe, t_start, reason, trainable,
+                               device)
     if strategy == "linear":
-        return finish(0, probe_acc, probe_acc, probe_s)
+        return finish(TrainState(best_acc=probe.accuracy, history=history))
 
+    aug = None
     if cfg.augment:  # photos: decoded once here, cropped anew each epoch; small images: flip and shift
-        from edgexfer.augment import TrainAugment
-
         aug = TrainAugment.build(data.train.images, pp, cfg.photo_augment, (cfg.crop_scale, 1.0))
         log.info("augmentation: %s (%s)", ", ".join(aug.ops), aug.reason)
     model.to(device)
     opt = torch.optim.AdamW(_param_groups(model, cfg))
-    steps_per_epoch = math.ceil(len(x_tr) / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, max(1, int(cfg.warmup_fraction * total))))
-    use_amp = device.startswith("cuda")
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    sched = lr_scheduler(opt, math.ceil(len(x_tr) / cfg.batch_size) * cfg.epochs, cfg.warmup_fraction)
+    scaler = torch.amp.GradScaler("cuda", enabled=device.startswith("cuda"))
+    state = TrainState.start(model, None if probe is None else probe.accuracy, history)
+    if saved is not None:
+        state = TrainState.restore(torch.load(state_path, map_location=device, weights_only=True), model, opt, sched)
 
-    def val_accuracy(losses) -> float:
-        if not len(x_va):
-            return -float(np.mean(losses))
-        return float(np.nanmean(task_accuracies(predict_logits(model, x_va.to(device), task=None), y_va.to(device))))
-
-    # best_* pick the weights to keep (the probe's included); ft_best and bad drive early stopping, which
-    # compares fine-tuning epochs with each other only: the first epochs often dip below the probe.
-    start_epoch, best_acc, best_epoch, best_state, bad = 1, probe_acc if probe_acc is not None else -1.0, 0, None, 0
-    ft_best = -float("inf")
-    resumed = None
-    if probe_acc is not None:
-        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    if st is not None:
-        st = torch.load(state_path, map_location=device, weights_only=True)  # on the training device
-        model.load_state_dict(st["model"])
-        opt.load_state_dict(st["optimizer"])
-        sched.load_state_dict(st["scheduler"])
-        start_epoch, best_acc, best_epoch, bad = st["epoch"] + 1, st["best_acc"], st["best_epoch"], st["bad"]
-        ft_best = st.get("ft_best", ft_best)
-        best_state = st["best_state"]
-        history = json.loads(st["history"])
-        resumed = st["epoch"]
-        log.info("resuming fine-tuning after epoch %d (best val %.4f at epoch %d)", st["epoch"], best_acc, best_epoch)
-
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        if bad >= cfg.patience:
+    for epoch in range(state.epoch + 1, cfg.epochs + 1):
+        if state.bad >= cfg.patience:
             break
         t0 = time.perf_counter()
-        set_train_mode(model, cfg.freeze_bn)
-        g = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)  # same shuffle whether resumed or not
-        perm = torch.randperm(len(x_tr), generator=g)
-        losses = []
-        bar = tqdm(range(steps_per_epoch), desc=f"fine-tune epoch {epoch}/{cfg.epochs}", leave=False,
-                   disable=bars_off())
-        for s in bar:
-            idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
-            xb, yb = (x_tr[idx] if aug is None else aug.batch(idx, x_tr, g)), y_tr[idx]
-            xb, yb = xb.to(device), yb.to(device)
-            with torch.autocast(device_type="cuda", dtype=torch.float16, enabled=use_amp):
-                loss = multitask_loss(model(xb), yb, cw, cfg.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-        if not cfg.freeze_bn:
-            # BatchNorm trained: its running averages lag behind weights that moved every step (with a
-            # few dozen steps they are far off, and a from-scratch net then predicts one class in eval
-            # mode). Re-estimate them on the training images before validating ("precise BN").
-            adapt_batchnorm(model, x_tr[:1024].to(device))
-        val_acc = val_accuracy(losses)
-        rec = {"epoch": epoch, "phase": "finetune", "train_loss": float(np.mean(losses)),
-               "val_accuracy": val_acc if len(x_va) else None, "seconds": time.perf_counter() - t0}
-        history.append(rec)
-        log.info("epoch %d/%d: loss %.4f, val accuracy %s (%.0f s)", epoch, cfg.epochs, rec["train_loss"],
-                 "n/a" if rec["val_accuracy"] is None else f"{val_acc:.4f}", rec["seconds"])
-        if val_acc >= best_acc:  # ties go to the later, fine-tuned weights
-            best_acc, best_epoch = val_acc, epoch
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        if val_acc > ft_best:
-            ft_best, bad = val_acc, 0
-        else:
-            bad += 1
-            if bad >= cfg.patience:
-                log.info("early stop: no better validation accuracy in %d epochs", bad)
-        with atomic.atomic_path(state_path) as tmp:
-            torch.save({"cfg_key": cfg_key, "epoch": epoch, "model": model.state_dict(),
-                        "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "best_acc": best_acc,
-                        "best_epoch": best_epoch, "bad": bad, "ft_best": ft_best, "best_state": best_state,
-                        "history": json.dumps(history)}, tmp)
+        losses = train_one_epoch(model, x_tr, y_tr, cw, opt, sched, scaler, epoch, cfg, aug, device)
+        val_acc = evaluate(model, x_va, y_va, device) if len(x_va) else None
+        state.end_epoch(epoch, losses, val_acc, time.perf_counter() - t0, model, cfg)
+        state.save(state_path, cfg_key, model, opt, sched)
 
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    if state.best_state is not None:
+        model.load_state_dict(state.best_state)
     model.to("cpu").eval()
-    return finish(best_epoch, best_acc, probe_acc, probe_s, resumed)
+    return finish(state, None if saved is None else saved["epoch"], aug)
 
 
-def calibrate(model: EdgeNet, data: Dataset, val_logits: list | None, y_va: torch.Tensor, oof: tuple | None,
-              cfg: TrainConfig) -> dict:
-    """Temperature scaling of every head, folded into its weights (edgexfer/calibration.py). Held out: the
-    out-of-fold logits of the probe's cross-validation when the probe was refitted on train + val (`oof`: logits,
-    labels, folds), else the validation split, reported as uncertain when it is small (a fine-tuned model is
-    not cross-validated: that would train it k times); nothing when there is neither."""
-    from edgexfer.calibration import calibrate_heads
+def resolve_strategy(cfg: TrainConfig, data: Dataset, weights: str) -> tuple[str, str | None]:
+    """`cfg.strategy`, or what `auto` chooses for `data` (`choose_strategy`) and why."""
+    if cfg.strategy != "auto":
+        return cfg.strategy, None
+    n_cls = [len(c) for c in data.tasks.values()]
+    strategy, reason = choose_strategy(data.train.labels, n_cls[0], weights, data.val.labels, tasks=len(n_cls),
+                                       lr_decay=cfg.lr_decay, backbone_lr_mult=cfg.backbone_lr_mult)
+    log.info("--strategy auto chose %s: %s", strategy, reason)
+    return strategy, reason
+
+
+def state_key(cfg: TrainConfig, strategy: str) -> str:
+    """What train_state.pt must have been made with to be resumed: the config and the resolved strategy.
+    `calibrate` (the temperature) acts after the last epoch (on the final weights, never on this per-epoch
+    state), so it is left out: the state resumes under either setting, and T is folded exactly once, at the end."""
+    epoch_cfg = {k: v for k, v in asdict(cfg).items() if k != "calibrate"}
+    return json.dumps({**epoch_cfg, "resolved_strategy": strategy}, sort_keys=True)
+
+
+def _probe_before(saved: dict | None) -> Probe | None:
+    """Resuming: the probe as the saved history records it (the state holds the weights it started fine-tuning
+    from, so it is not fitted again); None when there is no such record."""
+    done = next((h for h in json.loads(saved["history"]) if h.get("phase") == "probe"), None) if saved else None
+    if done is None:
+        return None
+    log.info("linear probe: done before the interruption (val accuracy %s), not fitted again",
+             "n/a" if done["val_accuracy"] is None else f"{done['val_accuracy']:.4f}")
+    return Probe(done["val_accuracy"], done["seconds"])
+
+
+def _finish(model: EdgeNet, data: Dataset, x_va: torch.Tensor, y_va: torch.Tensor, cfg: TrainConfig, strategy: str,
+            probe: Probe | None, t_start: float, reason: str | None, trainable: int, device: str, state: TrainState,
+            resumed: int | None = None, aug: TrainAugment | None = None) -> TrainResult:
+    """The result of training: every parameter trainable again, the validation figures of the weights kept, and
+    a temperature fitted per head and folded in (`fit_temperatures`; the probe's fold heads scaled alike)."""
+    for p in model.parameters():
+        p.requires_grad_(True)
+    f_va = None if probe is None else probe.f_va
+    val_logits = per_task = None
+    if len(x_va):
+        model.eval()
+        with torch.no_grad():  # the linear strategy's backbone is frozen: its cached features give the logits
+            val_logits = ([h(f_va) for h in model.heads.values()] if strategy == "linear" and f_va is not None
+                          else predict_logits(model, x_va, task=None))
+        if len(data.tasks) > 1:
+            per_task = dict(zip(data.tasks, task_accuracies(val_logits, y_va)))
+    best_acc, probe_acc = state.best_acc, None if probe is None else probe.accuracy
+    if not len(x_va):  # the weights were chosen on the training loss: there is no accuracy to report
+        best_acc = probe_acc = None
+    temperature = fit_temperatures(model, data, val_logits, y_va, None if probe is None else probe.oof, cfg)
+    folds = None if probe is None else probe.folds
+    if folds is not None:  # the fold heads give the same scores as the head they stand in for
+        t = temperature["tasks"][next(iter(data.tasks))]
+        scale = t["temperature"] if t.get("folded") else 1.0
+        folds.update(weight=folds["weight"] / scale, bias=folds["bias"] / scale)
+    return TrainResult(strategy, state.best_epoch, best_acc, probe_acc, time.perf_counter() - t_start,
+                       None if probe is None else probe.seconds, state.history, resumed, reason, trainable, per_task,
+                       device, None if probe is None else probe.selection, temperature,
+                       None if aug is None else aug.describe(), folds)
+
+
+def fit_temperatures(model: EdgeNet, data: Dataset, val_logits: list | None, y_va: torch.Tensor, oof: tuple | None,
+                     cfg: TrainConfig) -> dict:
+    """Temperature scaling of every head, folded into its weights (edgexfer/temperature.py): report.json's
+    `calibration` section. Held out: the out-of-fold logits of the probe's cross-validation when the probe was
+    refitted on train + val (`oof`: logits, labels, folds), else the validation split, reported as uncertain when
+    it is small (a fine-tuned model is not cross-validated: that would train it k times); nothing when there is
+    neither."""
+    from edgexfer.temperature import temperature_scale_heads
 
     names, n_cls = list(data.tasks), [len(c) for c in data.tasks.values()]
     held, fitted_on = {}, {}
@@ -672,7 +564,7 @@ def calibrate(model: EdgeNet, data: Dataset, val_logits: list | None, y_va: torc
                                "probe's own cross-validation folds (its chosen strength) give every image a "
                                "held-out logit"}
     elif val_logits is not None:
-        y2 = _cols(y_va)
+        y2 = label_columns(y_va)
         for t, name in enumerate(names):
             m = y2[:, t] >= 0
             held[name] = (val_logits[t][m].numpy(), y2[m, t].numpy())
@@ -683,15 +575,15 @@ def calibrate(model: EdgeNet, data: Dataset, val_logits: list | None, y_va: torc
                                 "bootstrap interval); cross-validating a fine-tuned model would train it k times"
                                 if small else "the validation split, which chose the weights, holds these images out "
                                 "of training")}
-    rec = calibrate_heads(dict(model.heads.items()), held, fitted_on, enabled=cfg.calibrate, seed=cfg.seed)
+    rec = temperature_scale_heads(dict(model.heads.items()), held, fitted_on, enabled=cfg.calibrate, seed=cfg.seed)
     if not cfg.calibrate:
         rec["reason"] = "--no-calibrate: the heads' logits are as trained"
     for name, r in rec["tasks"].items():
         f = r["fitted_on"]
         if r["folded"]:
-            log.info("calibration (%s): T=%.3f on %d %s images%s; ECE %.4f -> %.4f", name, r["temperature"],
+            log.info("temperature scaling (%s): T=%.3f on %d %s images%s; ECE %.4f -> %.4f", name, r["temperature"],
                      f["images"], f["split"], " (uncertain: few images)" if f["uncertain"] else "",
                      f["ece_before"], f["ece_after"])
         elif r.get("not_folded"):
-            log.warning("calibration (%s): not applied: %s", name, r["not_folded"])
+            log.warning("temperature scaling (%s): not applied: %s", name, r["not_folded"])
     return rec

@@ -382,7 +382,7 @@ def evaluate(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | 
         meta.metrics = {"split": "test", "n": m["n"], "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
                         "per_class_recall": {c: v["recall"] for c, v in m["per_class"].items()}}
         if temps:  # this file's own calibration error (first task), and the temperature folded into its weights
-            from edgexfer.calibration import ece, softmax
+            from edgexfer.temperature import ece, softmax
 
             y0 = y if y.ndim == 1 else y[:, 0]
             meta.metrics.update(ece=ece(softmax(logits[key][0][y0 >= 0]), y0[y0 >= 0]),
@@ -405,7 +405,7 @@ def evaluate(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | 
             **per_class_delta(models["fp32"], models["int8"]),
         }
     if temps and list(temps) == list(tasks):  # report only: the test split never fits T
-        from edgexfer.calibration import summary_on_test_split
+        from edgexfer.temperature import summary_on_test_split
 
         out["calibration"] = {"tasks": summary_on_test_split(logits, y, temps)}
     run.update_report(**out)

@@ -199,7 +199,8 @@ def finetune_qat(teacher, recipe, x_lab: np.ndarray, y_lab: np.ndarray, x_unlab:
     """The baked student (a torch.fx GraphModule) and what its training did."""
     import torch
 
-    from edgexfer.finetune import augment, multitask_loss
+    from edgexfer.augment import flip_shift as augment
+    from edgexfer.finetune import multitask_loss
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)

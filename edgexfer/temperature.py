@@ -1,15 +1,19 @@
 """Scores a user can threshold: temperature scaling (Guo et al., 2017) and the expected calibration error.
 
+(Temperature scaling has this module to itself: "calibration" in edgexfer's code is the INT8 activation ranges'
+(`edgexfer.quantize_stage`, `exporters/quantize.py`). report.json keeps its `calibration` section name for the
+temperature, and ECE keeps its name.)
+
 Training with label smoothing leaves softmax scores that are not probabilities: a correct answer can
 sit at 0.6 while a confident wrong one reaches 0.9. One scalar T > 0 per task head, fitted after
 training by minimising the negative log-likelihood of softmax(z / T) on held-out logits, makes them
 closer to probabilities without moving any argmax. T is folded into the head's final Linear layer
 (weight / T, bias / T), so every file made from the checkpoint (FP32, INT8, bundles, the server)
-gives calibrated scores with no runtime change.
+gives the scaled scores with no runtime change.
 
 The held-out logits: the validation split's; or, when the linear probe was refitted on train + val
 because validation was small, the out-of-fold logits of the same stratified k-fold cross-validation
-that chose the probe's strength. A fine-tuned model with a small validation split is fitted on that
+that chose the probe's strength (`edgexfer.probe.fold_heads`). A fine-tuned model with a small validation split is fitted on that
 split and reported as uncertain (a bootstrap interval of T), since cross-validating it would mean
 training it k times.
 
@@ -18,8 +22,7 @@ likelihood keeps rising as T -> 0 (every score -> 1.0): a small validation split
 all correct would ship a model that is certain of everything, unrelated images included. So when T's
 90% bootstrap interval reaches either end of the search range, T stays 1 and the report says why.
 
-numpy and scipy only (scikit-learn for out-of-fold logits), so the evaluate stage applies the same
-functions to ONNX Runtime's logits.
+numpy and scipy only, so the evaluate stage applies the same functions to ONNX Runtime's logits.
 """
 from __future__ import annotations
 
@@ -120,68 +123,15 @@ def fold_temperature(linear, t: float) -> None:
         linear.bias.data.div_(t)
 
 
-def fold_heads(f: np.ndarray, y: np.ndarray, C: float, balanced: bool, folds: int, seed: int,
-               views: np.ndarray | None = None) -> dict:
-    """The heads of the stratified `folds`-fold split `cv_probe` chose C with (same seed, same folds; with
-    `views` (V, N, D), the augmented views of each fold's training images fitted too, as cv_probe does): a
-    multinomial logistic regression (strength C) per fold, fitted without the images of that fold.
-
-    {"fold": (N,) the fold that holds each image out, "weight": (k, K, D), "bias": (k, K)}: image i's
-    out-of-fold logits are weight[fold[i]] @ f[i] + bias[fold[i]], the answer of a head that never saw it
-    (two classes: logits (0, w.x + b), as `cv_probe` writes them)."""
-    import warnings
-
-    from sklearn.linear_model import LogisticRegression
-
-    from edgexfer.finetune import view_folds
-
-    v = 0 if views is None else len(views)
-    x = np.asarray(f, np.float64)
-    xs = np.concatenate([x, np.asarray(views, np.float64).reshape(-1, x.shape[1])]) if v else x
-    ys = np.tile(y, v + 1)
-    fold, weights, biases = np.zeros(len(x), np.int64), [], []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # convergence chatter at weak regularisation
-        for j, (tr, te) in enumerate(view_folds(np.asarray(y), folds, seed, v)):
-            clf = LogisticRegression(C=C, max_iter=2000, class_weight="balanced" if balanced else None)
-            clf.fit(xs[tr], ys[tr])
-            w, b = clf.coef_, clf.intercept_
-            if len(clf.classes_) == 2:
-                w, b = np.stack([np.zeros_like(w[0]), w[0]]), np.array([0.0, b[0]])
-            weights.append(w)
-            biases.append(b)
-            fold[te] = j
-    return {"fold": fold, "weight": np.stack(weights), "bias": np.stack(biases)}
-
-
-def fold_logits(heads: dict, f: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
-    """Out-of-fold logits (N, K) of features `f` (N, D) by `fold_heads`' heads; `rows` (N,): the labelled image
-    each row of `f` shows (default: row i is image i)."""
-    fold = np.asarray(heads["fold"])[np.arange(len(f)) if rows is None else np.asarray(rows)]
-    w, b = np.asarray(heads["weight"]), np.asarray(heads["bias"])
-    out = np.empty((len(f), w.shape[1]), w.dtype)
-    for j in range(len(w)):
-        m = fold == j
-        out[m] = np.asarray(f[m], w.dtype) @ w[j].T + b[j]
-    return out
-
-
-def out_of_fold_logits(f: np.ndarray, y: np.ndarray, C: float, balanced: bool, folds: int, seed: int,
-                       views: np.ndarray | None = None) -> np.ndarray:
-    """Logits of each image from a multinomial logistic regression (strength C) fitted without it (`fold_heads`).
-    (N, K)."""
-    return fold_logits(fold_heads(f, y, C, balanced, folds, seed, views), f)
-
-
 def held_out_summary(z: np.ndarray, y: np.ndarray, t: float) -> dict:
-    """ECE and NLL before and after dividing the logits by t, accuracy, and the threshold table (calibrated)."""
+    """ECE and NLL before and after dividing the logits by t, accuracy, and the threshold table (after T)."""
     p0, p1 = softmax(z), softmax(np.asarray(z, np.float64) / t)
     return {"images": int(len(y)), "accuracy": float(np.mean(p1.argmax(1) == y)),
             "ece_before": ece(p0, y), "ece_after": ece(p1, y), "nll_before": nll(z, y), "nll_after": nll(z, y, t),
             "thresholds": coverage_table(p1, y), "threshold_for_target": threshold_for(p1, y)}
 
 
-def calibrate_heads(heads: dict, held_out: dict, fitted_on: dict, *, enabled: bool = True, seed: int = 0) -> dict:
+def temperature_scale_heads(heads: dict, held_out: dict, fitted_on: dict, *, enabled: bool = True, seed: int = 0) -> dict:
     """Fit one temperature per head on `held_out` {task: (logits (N, K), labels (N,))} and fold it into the head
     (an nn.Linear, `heads` {task: Linear}); record T, where it was fitted and ECE before and after. `fitted_on`
     describes the held-out images ({"split", "uncertain", "reason"}). With `enabled` False, or no held-out image

@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from edgexfer.augment import TrainAugment
-from edgexfer.finetune import TrainConfig, augment
+from edgexfer.augment import TrainAugment, flip_shift
+from edgexfer.finetune import TrainConfig
 from edgexfer.runtime.metadata import Preprocessing
 from edgexfer.runtime.preprocess import preprocess
 
@@ -77,7 +77,7 @@ def test_small_images_keep_flip_and_shift():
     assert aug.kind == "small" and aug.ops == ["horizontal flip", "shift"] and not aug.images
     x = torch.from_numpy(np.stack([preprocess(a, pp) for a in imgs]))
     idx = torch.tensor([4, 1, 2])
-    assert torch.equal(aug.batch(idx, x, epoch_gen(1)), augment(x[idx], epoch_gen(1)))
+    assert torch.equal(aug.batch(idx, x, epoch_gen(1)), flip_shift(x[idx], epoch_gen(1)))
 
 
 def test_config_rejects_unknown_recipes():

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from edgexfer.data import Split
-from edgexfer.finetune import cv_probe, probe_augmented_views, view_folds
+from edgexfer.augment import probe_view
+from edgexfer.probe import cv_probe, view_folds
 from edgexfer.runtime.metadata import Preprocessing
 from tests.conftest import make_image
 
@@ -21,15 +22,15 @@ def _split(n=6, seed=0) -> Split:
 
 def test_views_are_seeded_and_differ_between_views():
     s = _split()
-    a, b, c = (probe_augmented_views(s, PP, v, seed=0) for v in (0, 0, 1))
+    a, b, c = (probe_view(s.images, PP, v, seed=0) for v in (0, 0, 1))
     assert a.shape == (6, 3, 32, 32) and a.dtype == torch.float32
     assert torch.equal(a, b) and not torch.equal(a, c)
-    assert not torch.equal(a, probe_augmented_views(s, PP, 0, seed=1))
+    assert not torch.equal(a, probe_view(s.images, PP, 0, seed=1))
     state = torch.random.get_rng_state()
-    probe_augmented_views(s, PP, 2, seed=0)
+    probe_view(s.images, PP, 2, seed=0)
     assert torch.equal(state, torch.random.get_rng_state())  # the training's own random stream is untouched
     grey = Preprocessing(resize=32, crop=32, color="L", mean=(0.5,), std=(0.25,))
-    assert probe_augmented_views(s, grey, 0, seed=0).shape == (6, 1, 32, 32)
+    assert probe_view(s.images, grey, 0, seed=0).shape == (6, 1, 32, 32)
 
 
 def test_view_folds_hold_out_whole_images():
@@ -65,7 +66,7 @@ def test_probe_strength_search_is_fine_and_warns_at_its_edge(caplog):
 
     import torch
 
-    from edgexfer.finetune import PROBE_CS, cv_probe
+    from edgexfer.probe import PROBE_CS, cv_probe
 
     assert len(PROBE_CS) == 25 and PROBE_CS[1] / PROBE_CS[0] < 2.2
     rng = np.random.default_rng(0)
@@ -74,7 +75,7 @@ def test_probe_strength_search_is_fine_and_warns_at_its_edge(caplog):
     # the first (strongest) strength, as with --shots 2
     tiny = torch.as_tensor(1e-5 * (2 * y.numpy()[:, None] - 1) + 1e-7 * rng.standard_normal((40, 16)),
                            dtype=torch.float32)
-    with caplog.at_level(logging.WARNING, logger="edgexfer.finetune"):
+    with caplog.at_level(logging.WARNING, logger="edgexfer.probe"):
         sel = cv_probe(torch.nn.Linear(16, 2), tiny, y, False, 0)
     assert sel["C"] == pytest.approx(PROBE_CS[0]) and sel["C_at_edge"] and "strongest" in sel["C_at_edge"]
     assert "strongest regularisation searched" in caplog.text

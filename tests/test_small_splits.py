@@ -83,7 +83,7 @@ def test_cv_probe_two_classes_matches_scikit_learn():
     import torch
     from sklearn.linear_model import LogisticRegression
 
-    from edgexfer.finetune import cv_probe
+    from edgexfer.probe import cv_probe
 
     rng = np.random.default_rng(0)
     y = np.repeat([0, 1], 20)

@@ -7,8 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from edgexfer.calibration import (calibrate_heads, coverage_table, ece, fit_temperature, fold_temperature, nll,
-                                  out_of_fold_logits, softmax, summary_on_test_split, threshold_for)
+from edgexfer.probe import out_of_fold_logits
+from edgexfer.temperature import (coverage_table, ece, fit_temperature, fold_temperature, nll, softmax,
+                                  summary_on_test_split, temperature_scale_heads, threshold_for)
 
 
 def test_ece_on_hand_made_cases():
@@ -74,7 +75,7 @@ def test_folding_into_a_linear_layer_is_softmax_of_z_over_t():
     np.testing.assert_allclose(softmax(zf), softmax(z / 1.7), atol=1e-6)
 
 
-def test_calibrate_heads_folds_once_and_records(tmp_path):
+def test_temperature_scale_heads_folds_once_and_records(tmp_path):
     import torch
 
     z, y = _overconfident(n=600, k=3, t_true=3.0, seed=2)
@@ -82,7 +83,7 @@ def test_calibrate_heads_folds_once_and_records(tmp_path):
     with torch.no_grad():                                                 # the identity: logits in, logits out
         head.weight.copy_(torch.eye(3))
         head.bias.zero_()
-    rec = calibrate_heads({"label": head}, {"label": (z, y)}, {"split": "validation", "uncertain": False})
+    rec = temperature_scale_heads({"label": head}, {"label": (z, y)}, {"split": "validation", "uncertain": False})
     r = rec["tasks"]["label"]
     assert r["folded"] and r["temperature"] == pytest.approx(3.0, rel=0.15)
     lo, hi = r["temperature_interval_90"]
@@ -95,10 +96,10 @@ def test_calibrate_heads_folds_once_and_records(tmp_path):
     right[np.arange(len(y)), y] += 50.0
     head2 = torch.nn.Linear(3, 3)
     w = head2.weight.detach().clone()
-    r2 = calibrate_heads({"label": head2}, {"label": (right, y)}, {"split": "validation"})["tasks"]["label"]
+    r2 = temperature_scale_heads({"label": head2}, {"label": (right, y)}, {"split": "validation"})["tasks"]["label"]
     assert not r2["folded"] and r2["temperature"] == 1.0 and "0 of 600" in r2["not_folded"]
     assert r2["fitted_temperature"] < 0.06 and torch.equal(head2.weight, w)
-    off = calibrate_heads({"label": torch.nn.Linear(3, 3)}, {"label": (z, y)}, {"split": "validation"}, enabled=False)
+    off = temperature_scale_heads({"label": torch.nn.Linear(3, 3)}, {"label": (z, y)}, {"split": "validation"}, enabled=False)
     assert off["tasks"]["label"]["temperature"] == 1.0 and not off["tasks"]["label"]["folded"]
     assert off["tasks"]["label"]["fitted_on"]["ece_before"] == off["tasks"]["label"]["fitted_on"]["ece_after"]
     # the test split only reports: logits as shipped (already divided by T) and multiplied back
@@ -144,11 +145,11 @@ def test_resumed_training_folds_the_temperature_once(tmp_path, monkeypatch):
     (folded once, not zero times or twice), and records nothing folded."""
     import torch
 
-    from edgexfer import calibration
+    from edgexfer import temperature
     from edgexfer.finetune import TrainConfig, train
     from edgexfer.model import build_model
 
-    monkeypatch.setattr(calibration, "_inside", lambda t: True)  # fold whatever T these few images give
+    monkeypatch.setattr(temperature, "_inside", lambda t: True)  # fold whatever T these few images give
     ds, mcfg, pp = _tiny(tmp_path, per_class=12)
     heads, results = [], []
     for calibrate in (True, False):
@@ -167,7 +168,7 @@ def test_resumed_training_folds_the_temperature_once(tmp_path, monkeypatch):
     assert torch.allclose(heads[0] * t, heads[1], rtol=1e-4, atol=1e-6)
 
 
-def test_refitted_linear_probe_calibrates_on_out_of_fold_logits(tmp_path):
+def test_refitted_linear_probe_fits_the_temperature_on_out_of_fold_logits(tmp_path):
     import torch
 
     from edgexfer.finetune import TrainConfig, train
@@ -185,7 +186,7 @@ def test_refitted_linear_probe_calibrates_on_out_of_fold_logits(tmp_path):
     n = len(ds.train) + len(ds.val)
     assert folds["weight"].shape[:2] == (k, 3) and folds["bias"].shape == (k, 3) and folds["fold"].shape == (n,)
     assert sorted(set(folds["fold"].tolist())) == list(range(k))
-    from edgexfer.calibration import fold_heads
+    from edgexfer.probe import fold_heads
 
     t = res.calibration["tasks"]["label"]["temperature"]
     assert res.calibration["tasks"]["label"]["folded"]
