@@ -6,8 +6,8 @@ on an *agreement set*: no labels needed, so it can use many more images than the
 - every labelled image of the run (train + validation; never test, which only reports),
 - the unlabelled `--adapt-bn` images, if any,
 - and, while that is fewer than `QuantizeConfig.guard_images` (1000), seeded augmented views of the labelled images
-  (a random crop of 35-100% of the area, aspect 3/4-4/3, and a horizontal flip half of the time), each
-  through the run's own preprocessing (`edgexfer.runtime.preprocess`: colour, resize, crop, normalize).
+  (`edgexfer.augment.crop_flip_views`: a random crop of 35-100% of the area, aspect 3/4-4/3, and a horizontal
+  flip half of the time), each through the run's own preprocessing (`edgexfer.runtime.preprocess`).
 
 When `--adapt-bn` was kept, the model carries the target domain's BatchNorm statistics and is for that
 domain only (on the source domain's labelled images it can score far below what it scored before), so the
@@ -26,7 +26,8 @@ This module is the whole guard: the agreement set and the search/certify split (
 (`Agreement`, `wilson_upper`, `paired_drop`), the decision on one candidate file (`guard_decision`, `Scorer`,
 `Judge`: post-training candidates and QAT's file are judged alike), the candidate search (`guarded_quantize`,
 over `edgexfer.exporters.quantize`'s `calibrate`/`quantize` pair and `edgexfer.exporters.sensitivity`'s
-ranking) and how sure it is (`summarize`).
+ranking), how sure it is (`summarize`) and the verdict it writes once into the record (`verdict`: report.py's
+`recommend` and runtime/bundle.py's `int8_verdict` read it).
 """
 from __future__ import annotations
 
@@ -42,50 +43,6 @@ import numpy as np
 
 from edgexfer.bounds import at_least, within
 from edgexfer.config import QuantizeConfig
-
-CROP_AREA = (0.35, 1.0)
-CROP_ASPECT = (3 / 4, 4 / 3)
-
-
-def augmented_views(images: list, pp, n: int, seed: int):
-    """Yield `n` augmented views (C, H, W) float32 of `images` (paths or uint8 arrays), spread evenly over
-    them, each image decoded once: a random resized crop and a random horizontal flip, then the run's own
-    preprocessing (`resize_crop`, `normalize`)."""
-    from PIL import Image
-
-    from edgexfer.runtime.preprocess import load_image, normalize, resize_crop
-
-    rng = np.random.default_rng(seed)
-    m = len(images)
-    for i, src in enumerate(images):
-        count = n // m + (i < n % m)
-        if not count:
-            continue
-        img = load_image(src)
-        img.load()
-        w, h = img.size
-        for _ in range(count):
-            area = w * h * rng.uniform(*CROP_AREA)
-            aspect = np.exp(rng.uniform(np.log(CROP_ASPECT[0]), np.log(CROP_ASPECT[1])))
-            cw = int(round(min(w, max(1, np.sqrt(area * aspect)))))
-            ch = int(round(min(h, max(1, np.sqrt(area / aspect)))))
-            x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-            view = img.crop((x0, y0, x0 + cw, y0 + ch))
-            if rng.random() < 0.5:
-                view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            yield normalize(resize_crop(view, pp), pp)
-
-
-def augmentation(of: str, seed: int) -> str:
-    """What `augmented_views` does, in words, for the guard record: views of the `of` images."""
-    return (f"random resized crop ({CROP_AREA[0]:.0%}-{CROP_AREA[1]:.0%} of the area, aspect {CROP_ASPECT[0]:.2f}-"
-            f"{CROP_ASPECT[1]:.2f}) and horizontal flip of the {of} images, seed {seed}, through the run's preprocessing")
-
-
-def _views_origin(n: int, m: int) -> np.ndarray:
-    """Which of `m` images each of `n` views from `augmented_views` shows (it spreads them evenly, in order)."""
-    return np.repeat(np.arange(m), [n // m + (i < n % m) for i in range(m)]) if m else np.zeros(0, np.int64)
-
 
 def agreement_set(ws, unlabelled: np.ndarray | None = None, *, seed: int = 0, out_of_fold: bool = False,
                   min_images: int | None = None, max_bytes: int | None = None
@@ -105,6 +62,8 @@ def agreement_set(ws, unlabelled: np.ndarray | None = None, *, seed: int = 0, ou
 
     rows (N,): which image a row is or is a view of: the labelled image's index (train, then validation, order),
     or the number of labelled images plus the unlabelled image's. `ws` is the run's `Workspace`."""
+    from edgexfer.augment import crop_flip_views, describe_crop_flip_views, views_origin
+
     min_images = QuantizeConfig.guard_images if min_images is None else min_images
     max_bytes = int(QuantizeConfig.guard_max_mb * 2**20) if max_bytes is None else max_bytes
     xt, _ = ws.tensors("train")
@@ -132,15 +91,15 @@ def agreement_set(ws, unlabelled: np.ndarray | None = None, *, seed: int = 0, ou
     for j, i in enumerate(held):
         x[j] = xt[i] if i < len(xt) else xv[i - len(xt)]
     x[len(held):len(held) + len(u)] = u
-    for j, view in enumerate(augmented_views([images[i] for i in held], ws.preprocessing, n_aug, seed),
+    for j, view in enumerate(crop_flip_views([images[i] for i in held], ws.preprocessing, n_aug, seed),
                              start=len(held) + len(u)):
         x[j] = view
     total = len(xt) + len(xv)
-    rows = np.concatenate([held, total + np.arange(len(u)), held[_views_origin(n_aug, len(held))]]).astype(np.int64)
+    rows = np.concatenate([held, total + np.arange(len(u)), held[views_origin(n_aug, len(held))]]).astype(np.int64)
     info = {"images": int(len(x)), "unseen": int(len(held) + len(u)) if not fitted else 0,
             "labelled": int(len(held)), "labelled_from": how, "fitted": fitted, "unlabelled": int(len(u)),
             "augmented": int(n_aug), "labelled_available": int(total), "bytes": int(x.nbytes),
-            "max_bytes": int(max_bytes), "augmentation": augmentation("labelled", seed) if n_aug else None}
+            "max_bytes": int(max_bytes), "augmentation": describe_crop_flip_views("labelled", seed) if n_aug else None}
     return x, rows, info
 
 
@@ -150,6 +109,8 @@ def target_set(x_target: np.ndarray, files: list, pp, *, seed: int = 0, min_imag
     images preprocessed (`files[order[i]]` for row i: a seeded order of the folder's image files; default their
     own order), and, while that is fewer than `min_images`, seeded augmented views of `files`; at most
     `max_bytes` in all. Rows as `agreement_set`'s, by file (no labelled images)."""
+    from edgexfer.augment import crop_flip_views, describe_crop_flip_views, views_origin
+
     order = np.arange(len(x_target)) if order is None else np.asarray(order)
     min_images = QuantizeConfig.guard_images if min_images is None else min_images
     max_bytes = int(QuantizeConfig.guard_max_mb * 2**20) if max_bytes is None else max_bytes
@@ -158,13 +119,13 @@ def target_set(x_target: np.ndarray, files: list, pp, *, seed: int = 0, min_imag
     n_aug = max(0, min(cap, min_images) - len(u)) if files else 0
     x = np.empty((len(u) + n_aug, *x_target.shape[1:]), np.float32)
     x[:len(u)] = u
-    for j, view in enumerate(augmented_views(list(files), pp, n_aug, seed), start=len(u)):
+    for j, view in enumerate(crop_flip_views(list(files), pp, n_aug, seed), start=len(u)):
         x[j] = view
-    rows = np.concatenate([order[:len(u)], _views_origin(n_aug, len(files))]).astype(np.int64)
+    rows = np.concatenate([order[:len(u)], views_origin(n_aug, len(files))]).astype(np.int64)
     info = {"images": int(len(x)), "domain": "target", "unseen": int(len(u)), "labelled": 0, "labelled_from": None,
             "fitted": False, "unlabelled": int(len(u)), "augmented": int(n_aug), "labelled_available": 0,
             "bytes": int(x.nbytes), "max_bytes": int(max_bytes),
-            "augmentation": augmentation("target", seed) if n_aug else None}
+            "augmentation": describe_crop_flip_views("target", seed) if n_aug else None}
     return x, rows, info
 
 
@@ -697,3 +658,17 @@ def guarded_quantize(fp32_path: str | Path, out_path: str | Path, calib: np.ndar
         g["sensitivity"] = None  # plain INT8 met the bound: nothing to rank
     return {**read_meta(out_path).quantization, "guard": g}
 
+
+# -- the verdict, written once ---------------------------------------------------------------------------
+
+def verdict(g: dict) -> dict:
+    """The guard's last word on its record `g`, written into it once by the quantize stage: {"shippable": whether
+    validation-side evidence lets the INT8 file ship, "verdict": why}: a candidate within the bound and, where the
+    record says how sure it is, the 95% upper bound proving it (`proven`). report.py's `recommend` and
+    runtime/bundle.py's `int8_verdict` read these; the rule is `edgexfer.runtime.bundle.guard_verdict`, where the
+    runtime also reads records made before the guard wrote it. Where it was measured is `measured_on`: a reader
+    that needs this host's own figure (`recommend`) checks that too."""
+    from edgexfer.runtime.bundle import guard_verdict
+
+    ok, why = guard_verdict(g)
+    return {"shippable": ok, "verdict": why}

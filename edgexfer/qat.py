@@ -334,7 +334,7 @@ def training_images(cfg, ws, adapted: bool = False) -> tuple[np.ndarray, np.ndar
     and `qat_views` augmented views of them for distillation (unlabelled). `adapted` (--adapt-bn kept: the model
     is for the target domain, and the source's labels no longer describe what it should do there): no labelled
     images, distillation only, on the target images and `qat_views` augmented views of them."""
-    from edgexfer.guard import augmented_views
+    from edgexfer.augment import crop_flip_views
 
     most, n_views = cfg.quantize.qat_max_images, cfg.quantize.qat_views
 
@@ -344,14 +344,14 @@ def training_images(cfg, ws, adapted: bool = False) -> tuple[np.ndarray, np.ndar
 
         x = target_images(cfg, ws, most)
         files = list_images(cfg.train.adapt_bn, follow_symlinks=cfg.data.follow_symlinks)
-        views = list(augmented_views(files, ws.preprocessing, n_views, cfg.data.seed + 1))
+        views = list(crop_flip_views(files, ws.preprocessing, n_views, cfg.data.seed + 1))
         y0 = ws.tensors("train")[1][:0]
         return x[:0], y0, np.concatenate([x, np.stack(views)]) if views else x
     xt, yt = ws.tensors("train")
     if len(xt) > most:
         keep = np.sort(np.random.default_rng(cfg.data.seed).choice(len(xt), most, replace=False))
         xt, yt = xt[keep], yt[keep]
-    views = list(augmented_views(list(ws.dataset.train.images), ws.preprocessing, n_views, cfg.data.seed + 1))
+    views = list(crop_flip_views(list(ws.dataset.train.images), ws.preprocessing, n_views, cfg.data.seed + 1))
     return xt, yt, (np.stack(views) if views else np.zeros((0, *xt.shape[1:]), np.float32))
 
 

@@ -13,7 +13,7 @@ import numpy as np
 from edgexfer.bounds import within
 from edgexfer.config import RunConfig
 from edgexfer.errors import RunFolderError
-from edgexfer.guard import Judge, Scorer, agreement_judge, guard_decision, guarded_quantize, shipped_row
+from edgexfer.guard import Judge, Scorer, agreement_judge, guard_decision, guarded_quantize, shipped_row, verdict
 from edgexfer.runfolder import FILES, RunFolder, Workspace
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,8 @@ def quantize(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | 
     split; --guard-data and --adapt-bn images; augmented views of those): an accuracy drop cannot exceed the
     disagreement rate. Half of those images choose among the candidates, the other half certify the choice
     (`guard.search_and_certify`). The labelled images' paired drop is recorded beside it and rejects a candidate
-    only when significant; the record says whether the rate's 95% upper bound proves the bound (`guard.proven`).
+    only when significant; the record says whether the rate's 95% upper bound proves the bound (`guard.proven`)
+    and whether the file ships (`guard.shippable`, `guard.verdict`: what `recommend` and `bundle` read).
     """
     from edgexfer.exporters.quantize import convert_fp16, quantize, quantize_dynamic_int8, recipe_for
     from edgexfer.exporters import e2e as _e2e
@@ -128,6 +129,8 @@ def quantize(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | 
     else:
         log.warning("no labelled images: quantizing without the accuracy guard")
         rec = quantize(fp32, run.file(FILES["int8"]), calib, recipe)
+    if rec.get("guard"):  # the guard's last word, written once: recommend and bundle read it
+        rec["guard"].update(verdict(rec["guard"]))
     rec["calibrated_on"] = calibrated_on
     if agree:
         rec["target_agreement"] = target_agreement(cfg, agree, len(target_images(cfg, ws)), run.file(FILES["int8"]))

@@ -74,9 +74,9 @@ def checks(rep: dict, max_drop: float) -> list[Check]:
 
 def recommend(rep: dict, max_drop: float) -> Recommendation | None:
     """The file to ship on this host, chosen on validation-side evidence only: FP32, or INT8 when the
-    accuracy guard passed it on this host (report.json quantize.guard: label-free INT8/FP32 top-1 agreement
-    on train, validation and augmented images, validation accuracy beside it), whichever is faster at
-    batch 1 in the bench stage, then smaller. Files no guard checked (FP16, dynamic INT8) are not chosen.
+    accuracy guard's verdict (report.json quantize.guard `shippable`, `verdict`, written once by the guard:
+    `edgexfer.guard.verdict`; read through `int8_verdict`) lets it ship and it measured on this host, whichever
+    is faster at batch 1 in the bench stage, then smaller. Files no guard checked (FP16, dynamic INT8) are not chosen.
     The test split is reported (`test_accuracy`) and never read to choose; where it disagrees with the
     guard, `test_disagrees` says so and the choice stands. `max_drop` is the run's bound; the guard
     recorded the one it applied."""

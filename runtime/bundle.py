@@ -67,26 +67,36 @@ def guard_evidence(g: dict) -> str:
     return "; ".join(parts) or "no figures recorded"
 
 
-def int8_verdict(rep: dict, *, on_this_host: bool = False) -> tuple[bool, str]:
-    """Whether validation-side evidence lets the INT8 file ship, and why: the accuracy guard's decision in
-    report.json `quantize.guard` (label-free INT8/FP32 agreement on images the model was not fitted on, the
-    labelled images' drop beside it), and that its 95% upper bound proves the bound (`proven`; records made
-    before it existed are taken at their decision). The test split is never read. `on_this_host`: also require that
-    the guard measured on this host (an arm64 guard measured under emulation speaks for the device)."""
-    g = (rep.get("quantize") or {}).get("guard")
-    if not g or "within_bound" not in g:
-        return False, ("the INT8 file has no accuracy-guard record in report.json (quantized without a "
-                       "validation-side check), so nothing that may choose shows it keeps accuracy")
+def guard_verdict(g: dict) -> tuple[bool, str]:
+    """Whether an accuracy-guard record (report.json `quantize.guard`) lets its INT8 file ship, and why: a
+    candidate within the bound and, where the record says how sure it is, its 95% upper bound proving the bound
+    (`proven`). The guard writes this into its record once (edgexfer.guard.verdict: `shippable`, `verdict`);
+    `int8_verdict` reads that, and derives it here only for records made before."""
     bound = g.get("max_accuracy_drop")
-    if not g["within_bound"]:
+    if not g.get("within_bound"):
         return False, f"the accuracy guard found no INT8 candidate within the {bound} bound ({guard_evidence(g)})"
     if g.get("proven") is False:  # within the bound on the measured rate, not with the stated 95% confidence
         return False, (f"INT8, unproven: within the {bound} bound on the measured rate but not with 95% confidence "
                        f"({guard_evidence(g)}); more unseen images (--guard-data DIR) can prove it")
-    where = g.get("measured_on", "this host")
-    if on_this_host and where != "this host":
-        return False, f"the accuracy guard passed INT8 on {where}, not on this host ({guard_evidence(g)})"
     return True, f"the accuracy guard passed it within the {bound} bound ({guard_evidence(g)})"
+
+
+def int8_verdict(rep: dict, *, on_this_host: bool = False) -> tuple[bool, str]:
+    """Whether validation-side evidence lets the INT8 file ship, and why: the verdict the accuracy guard wrote
+    into report.json `quantize.guard` (`shippable`, `verdict`), from label-free INT8/FP32 agreement on images the
+    model was not fitted on and whether its 95% upper bound proves the bound; records made before the guard
+    wrote it are read as `guard_verdict` (their decision, and `proven` where they have it). The test split is
+    never read. `on_this_host`: also require that the guard measured on this host (an arm64 guard measured
+    under emulation speaks for the device)."""
+    g = (rep.get("quantize") or {}).get("guard")
+    if not g or "within_bound" not in g:
+        return False, ("the INT8 file has no accuracy-guard record in report.json (quantized without a "
+                       "validation-side check), so nothing that may choose shows it keeps accuracy")
+    ok, why = (bool(g["shippable"]), g["verdict"]) if "shippable" in g else guard_verdict(g)
+    where = g.get("measured_on", "this host")
+    if ok and on_this_host and where != "this host":
+        return False, f"the accuracy guard passed INT8 on {where}, not on this host ({guard_evidence(g)})"
+    return ok, why
 
 
 def disagreement_on_test(rep: dict) -> str | None:

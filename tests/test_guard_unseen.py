@@ -299,3 +299,23 @@ def test_search_and_certify_split_images_not_rows():
     again = search_and_certify(rows, labelled=60, seed=3)
     assert (again[1] == cert).all()  # seeded
     assert search_and_certify(np.arange(30), labelled=30) is None  # 15 a side: too few to hold out
+
+
+def test_the_verdict_is_written_once_and_read_not_re_decided(tmp_path):
+    """The guard writes its verdict into the record (guard.verdict: shippable, verdict); int8_verdict, recommend
+    and bundle read it. A record from before the verdict is read as the guard decides."""
+    from edgexfer.guard import verdict
+    from edgexfer.report import recommend
+    from edgexfer.runtime.bundle import int8_verdict
+
+    old = _guard(rate=0.002, images=2000)  # proven, as records were written before the verdict
+    g = {**old, **verdict(old)}
+    assert g["shippable"] is True and int8_verdict(_report(g)) == int8_verdict(_report(old)) == (True, g["verdict"])
+    said_no = {**g, "shippable": False, "verdict": "the guard said no"}  # the figures alone would ship it
+    assert int8_verdict(_report(said_no)) == (False, "the guard said no")
+    r = recommend(_report(said_no), 0.01)
+    assert r["model"] == "fp32" and "the guard said no" in r["why"]
+    unproven = _guard(rate=0.0, images=150)
+    assert verdict(unproven) == {"shippable": False, "verdict": int8_verdict(_report(unproven))[1]}
+    elsewhere = {**g, "measured_on": "arm64 (emulated)"}  # shippable for the device, not measured on this host
+    assert int8_verdict(_report(elsewhere))[0] and not int8_verdict(_report(elsewhere), on_this_host=True)[0]
