@@ -155,3 +155,16 @@ def test_mistakes_get_one_line(args, code, says):
     r = invoke(*args)
     assert r.exit_code == code, (r.exit_code, r.stderr)
     assert r.stderr.startswith("error: ") and says in r.stderr and "Traceback" not in r.stderr
+
+
+def test_the_test_split_is_rebuilt_from_the_run_config(fast_run, tmp_path):
+    """`edgexfer verify` scores a run on its own test split, rebuilt from config.json alone (edgexfer/heldout.py)."""
+    from edgexfer.heldout import test_split
+
+    images, labels, classes, source = test_split(fast_run)
+    rep = report(fast_run)
+    assert classes == rep["data"]["classes"] and len(images) == len(labels) == rep["data"]["test"]
+    assert np.bincount(labels, minlength=len(classes)).tolist() == [rep["data"]["test_per_class"][c] for c in classes]
+    assert str(fast_run) in source
+    with pytest.raises(FileNotFoundError):
+        test_split(tmp_path)
