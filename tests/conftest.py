@@ -17,7 +17,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import pytest
@@ -148,13 +148,21 @@ def invoke(*args) -> Invoked:
 
 
 @pytest.fixture(scope="session")
-def fast_run(tmp_path_factory, image_folder) -> Path:
+def fast_run(tmp_path_factory, image_folder) -> Iterator[Path]:
     """One whole `edgexfer run` in this process on the tiny random backbone (32 px, the built-in tuner): the
     fast tier's shared run. Never change it: `fast_run_copy` is a copy to change."""
     runs = tmp_path_factory.mktemp("fast-runs")
     r = invoke("run", "--data", image_folder, "--runs", runs, "--name", "fast", *FAST_RUN_ARGS)
     assert r.exit_code == 0, f"edgexfer run (tiny_test) failed ({r.exit_code}):\n{r.stderr[-3000:]}"
-    return runs / "fast"
+    before = _files(runs / "fast")
+    yield runs / "fast"
+    assert _files(runs / "fast") == before, "a test changed the session's fast_run: change fast_run_copy instead"
+
+
+def _files(folder: Path) -> dict:
+    """Each file under `folder`: its size and modification time (what a test that writes there changes)."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture
