@@ -136,7 +136,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch
 
 def test_linear_strategy_is_the_probe_alone(tmp_path):
     """A small validation split: the probe's strength by cross-validation, refitted on train + val; no epoch."""
-    res = train(tiny_model(), dataset(), PP, cfg(strategy="linear", probe_views=1), tmp_path)
+    res = train(tiny_model(), dataset(12, 4), PP, cfg(strategy="linear", probe_views=1), tmp_path)
     assert [h["phase"] for h in res.history] == ["probe"] and res.best_epoch == 0
     assert res.probe_selection["refit_on"] == "train + val" and res.probe_selection["views"] == 1
     assert res.val_accuracy == res.probe_val_accuracy == res.probe_selection["cv_accuracy"]
