@@ -181,7 +181,7 @@ class Agreement:
     the model answers images it was not fitted on.
 
     `rows` (from `agreement_set`) says which image each row of `x` is or is a view of. With `folds` (the
-    cross-validated probe's fold heads, `calibration.fold_heads`; `head` the refitted head (W, b) they stand in
+    cross-validated probe's fold heads, `probe.fold_heads`; `head` the refitted head (W, b) they stand in
     for), a row of a labelled image is answered by the fold head that held that image out: the candidate's
     features through it, plus the candidate's own head error (its logits minus W f + b), so both the features
     and the quantized head count. Without, each file's own answers.
@@ -249,7 +249,7 @@ class Agreement:
         logits, f = self._outputs(path)
         if self.folds is None:
             return logits
-        from edgexfer.calibration import fold_logits
+        from edgexfer.probe import fold_logits
 
         w, b = self.head
         lab = self.rows < len(self.folds["fold"])
