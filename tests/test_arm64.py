@@ -164,8 +164,8 @@ def test_emulated_venv_has_the_pins():
 def test_verify_run_folder_under_arm64(run_copy):
     """CI's smoke check: the tiny run's FP32 and INT8 files under emulated arm64 on a few test images."""
     _arm64_or_skip()
-    p = run_cli("verify", "--arch", "arm64", tiny_run, "--samples", "6", check=True)
     tiny_run = run_copy  # verify writes verify_arm64.json into the run folder: a copy, not the session's run
+    p = run_cli("verify", "--arch", "arm64", tiny_run, "--samples", "6", check=True)
     res = json.loads((tiny_run / "verify_arm64.json").read_text())
     assert res["schema"] == "edgexfer.verify/1" and res["passed"] and res["sample"]["n"] == 6
     assert set(res["models"]) == {"model.onnx", "model.int8.onnx"}
@@ -204,6 +204,7 @@ def test_quantize_target_arm64_guard_on_emulated_arm64(tiny_run, tmp_path):
         assert g["measured_on"] == "this host" and "arm64_emulation" not in q["target"]
         return
     assert g["measured_on"] == "arm64 (emulated)" and g["guard_set"].startswith("8 validation images")
+
     def of_8(a: float) -> bool:  # an accuracy on the 8 sampled validation images: a count of 8
         return a * 8 == pytest.approx(round(a * 8))
 
