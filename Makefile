@@ -15,7 +15,7 @@ INC    := .venv-inc/.edgexfer-inc-installed
 help:
 	@echo "make demo   - fine-tune, export, quantize, evaluate and benchmark the default -> runs/demo"
 	@echo "make test   - run the test suite (all of it: the system tests too)"
-	@echo "make test-fast - the fast tier only (no real weights, subprocesses, venvs, arm64, Node, browser): a minute or two"
+	@echo "make test-fast - the fast tier only (no real weights, subprocesses, venvs, arm64, Node, browser): about a minute"
 	@echo "make bench  - the benchmarks in benchmarks/ (see benchmarks/RESULTS.md)"
 	@echo "make verify-arm64 - the demo's FP32 and INT8 files and an arm64 bundle under emulated arm64 (root)"
 

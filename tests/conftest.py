@@ -2,8 +2,8 @@
 two tiers of the suite.
 
 Two tiers (issue 25): `make test` (plain `pytest`) runs everything; `make test-fast` (`pytest -m "not system"`)
-runs the fast tier, in this process on a tiny random backbone (`fast_run`, `tiny_test`, `invoke`), in a minute or
-two. A test is marked `system` here, centrally (`pytest_collection_modifyitems`), when it uses the real-weights
+runs the fast tier, in this process on a tiny random backbone (`fast_run`, `tiny_test`, `invoke`), in about a
+minute. A test is marked `system` here, centrally (`pytest_collection_modifyitems`), when it uses the real-weights
 run (`tiny_run`, `run_copy`); when its source, a helper of tests/ it calls or a fixture it uses starts a
 subprocess (`run_cli`, `subprocess`, `sys.executable`: edgexfer, a venv's pip, qemu, Node), drives a browser or
 builds a real backbone with its ImageNet weights; when it is marked `slow`; or when SYSTEM_TESTS or SYSTEM_MODULES
@@ -132,18 +132,38 @@ def invoke(*args) -> Invoked:
     """`edgexfer ARGS` in this process, as the console script runs it (`edgexfer.entry.main`: its one-line
     `error: ...` and exit codes), with stdin, stdout and stderr swapped by click's CliRunner: the fast tier's
     run_cli."""
+    import random
+
     from click.testing import CliRunner
 
     from edgexfer.entry import main
 
-    with CliRunner().isolation() as streams:
-        try:
-            main([str(a) for a in args])
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        sys.stdout.flush(), sys.stderr.flush()  # the swapped streams are text wrappers over byte buffers
-        out, err = (s.getvalue() for s in streams[:2])
+    # what a command sets for its process stays with the command: torch's threads (bench and QAT set them), the
+    # global random generators and the environment (OMP_WAIT_POLICY), as if it had run in a process of its own
+    try:
+        import torch
+    except ImportError:  # the runtime alone: nothing of torch's to keep
+        torch = None
+    threads = torch.get_num_threads() if torch else None
+    states = (random.getstate(), np.random.get_state(), torch.random.get_rng_state() if torch else None)
+    environ = dict(os.environ)
+    try:
+        with CliRunner().isolation() as streams:
+            try:
+                main([str(a) for a in args])
+                code = 0
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            sys.stdout.flush(), sys.stderr.flush()  # the swapped streams are text wrappers over byte buffers
+            out, err = (s.getvalue() for s in streams[:2])
+    finally:
+        if dict(os.environ) != environ:
+            os.environ.clear()
+            os.environ.update(environ)
+        random.setstate(states[0]), np.random.set_state(states[1])
+        if torch is not None:
+            torch.set_num_threads(threads)
+            torch.random.set_rng_state(states[2])
     return Invoked(code, *(b.decode(errors="replace") if isinstance(b, bytes) else b for b in (out, err)))
 
 
