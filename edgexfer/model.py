@@ -11,23 +11,35 @@ from typing import Any
 import torch
 from torch import nn
 
-from edgexfer.backbones import build_backbone, get_backbone_info, preprocessing_for
+from edgexfer.backbones import build_backbone, get_backbone_info, pooled_taps, preprocessing_for
 from edgexfer.errors import RunFolderError
 from edgexfer.runtime import atomic
 from edgexfer.runtime.metadata import Preprocessing
 
 
 class EdgeNet(nn.Module):
-    """backbone (B, 3, H, W) -> (B, D) -> dropout -> one head per task -> tuple of logits."""
+    """backbone (B, 3, H, W) -> (B, D) -> dropout -> one head per task -> tuple of logits.
 
-    def __init__(self, backbone: nn.Module, feature_dim: int, tasks: dict[str, int], dropout: float = 0.2):
+    `taps` (block indices of `backbone.blocks`): the features are the concatenated global-average-pooled
+    outputs of those blocks (`backbones.pooled_taps`) instead of the backbone's last layer; the probe sets them
+    when its cross-validation chooses multi-layer features (`set_taps`). No parameters of their own."""
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, tasks: dict[str, int], dropout: float = 0.2,
+                 taps: list[int] | None = None):
         super().__init__()
         self.backbone = backbone
+        self.taps = None if taps is None else [int(t) for t in taps]
         self.dropout = nn.Dropout(dropout)
         self.heads = nn.ModuleDict({name: nn.Linear(feature_dim, n) for name, n in tasks.items()})
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone(x)
+        return self.backbone(x) if self.taps is None else pooled_taps(self.backbone, x, self.taps)
+
+    def set_taps(self, taps: list[int] | None, feature_dim: int) -> None:
+        """Read the pooled outputs of blocks `taps` (None: the last layer), `feature_dim` features in all: every
+        head is replaced by a new one of that input width (to be fitted)."""
+        self.taps = None if taps is None else [int(t) for t in taps]
+        self.heads = nn.ModuleDict({name: nn.Linear(feature_dim, h.out_features) for name, h in self.heads.items()})
 
     def classify(self, f: torch.Tensor) -> tuple[torch.Tensor, ...]:
         f = self.dropout(f)
@@ -56,7 +68,8 @@ def build_model(cfg: dict[str, Any], *, pretrained: bool = True) -> EdgeNet:
     """Build from a model config; `pretrained=False` skips loading backbone weights (a checkpoint follows)."""
     weights = cfg["weights"] if pretrained else "none"
     backbone = build_backbone(cfg["backbone"], weights=weights, image_size=cfg["image_size"])
-    return EdgeNet(backbone, cfg["feature_dim"], {k: len(v) for k, v in cfg["tasks"].items()}, cfg["dropout"])
+    return EdgeNet(backbone, cfg["feature_dim"], {k: len(v) for k, v in cfg["tasks"].items()}, cfg["dropout"],
+                   taps=cfg.get("taps"))
 
 
 def preprocessing_of(cfg: dict[str, Any]) -> Preprocessing:
@@ -64,7 +77,10 @@ def preprocessing_of(cfg: dict[str, Any]) -> Preprocessing:
 
 
 def save_checkpoint(path: str | Path, model: EdgeNet, cfg: dict[str, Any], extra: dict | None = None) -> str:
-    """Write atomically; return the file's sha256."""
+    """Write atomically; return the file's sha256. A model reading multi-layer features (`EdgeNet.taps`) records
+    them, and its heads' input width, in the model config."""
+    if getattr(model, "taps", None) is not None:
+        cfg = {**cfg, "taps": list(model.taps), "feature_dim": next(iter(model.heads.values())).in_features}
     payload = {"model_config": cfg, "state_dict": model.state_dict(), **(extra or {})}
     with atomic.atomic_path(path) as tmp:
         torch.save(payload, tmp)
