@@ -13,6 +13,14 @@ Two ways, chosen by how much the validation split can decide (`small_validation`
   refitted on train + val. The fold heads of that cross-validation (`fold_heads`) answer each labelled
   image out of fold: the held-out logits temperature scaling is fitted on, and the INT8 guard's
   (`fold_logits`; they go with the checkpoint).
+
+With a backbone whose blocks can be tapped (`tap_candidates`), that cross-validation also chooses which features
+the head reads (Head2Toe, Evci et al. 2022): the last layer (the plain probe), the stage ends at the final
+resolution, or every stage's end, each concatenated from the blocks' global-average-pooled outputs of one pass
+(`extract_block_features`), standardised per tap on the training folds, with its own strength (`cv_candidate`);
+the best by CV accuracy unless a candidate with fewer features is within one paired standard error of it
+(`choose_candidate`). The standardisation is folded into the refitted head and the fold heads (`cv_taps`), so the
+exported file takes raw images and the guard's head input is the raw concatenated features.
 """
 from __future__ import annotations
 
@@ -205,6 +213,221 @@ def out_of_fold_logits(f: np.ndarray, y: np.ndarray, C: float, balanced: bool, f
     return fold_logits(fold_heads(f, y, C, balanced, folds, seed, views), f)
 
 
+# -- multi-layer candidates (Head2Toe, Evci et al. 2022): which blocks' pooled outputs the head reads ----------
+
+@torch.no_grad()
+def extract_block_features(model: EdgeNet, x: torch.Tensor, batch_size: int = 128,
+                           desc: str = "features") -> list[torch.Tensor]:
+    """The global-average-pooled output of every block of the backbone on `x`, in eval mode, from one forward
+    pass: a list over `backbone.blocks` of (N, C_block)."""
+    from edgexfer.backbones import block_outputs, pool
+
+    model.eval()
+    chunks = [[pool(o) for o in block_outputs(model.backbone, x[i:i + batch_size])]
+              for i in tqdm(range(0, len(x), batch_size), desc=desc, leave=False, disable=bars_off())]
+    return [torch.cat([c[j] for c in chunks]) for j in range(len(chunks[0]))]
+
+
+def tap_candidates(backbone, image_size: int) -> list[dict]:
+    """The feature sets the cross-validated probe chooses among, by a rule on the network's shape (never on the
+    data): the last layer (`head`, today's probe), the stage ends at the final spatial resolution (`late`), every
+    stage's end (`stages`, `backbones.stage_ends`: where the width or the resolution changes). Fewest features
+    first, identical sets once. Only the last layer when the blocks' outputs cannot be tapped, or their last one
+    pooled is not the backbone's features."""
+    from edgexfer.backbones import block_outputs, pool, stage_ends, tap_shapes
+
+    try:
+        shapes = tap_shapes(backbone, image_size)
+        with torch.no_grad():
+            x = torch.rand(1, 3, image_size, image_size)
+            was = backbone.training
+            backbone.eval()
+            same = torch.allclose(pool(block_outputs(backbone, x)[-1]), backbone(x).flatten(1), atol=1e-5)
+            backbone.train(was)
+    except Exception as e:  # noqa: BLE001 - any backbone that cannot be tapped keeps its last layer
+        log.info("linear probe: the backbone's blocks cannot be tapped (%s): its last layer only", e)
+        shapes, same = None, False
+    if not shapes or not same:
+        return [{"name": "head", "taps": None, "rule": "the backbone's last layer (its pooled features)"}]
+    last = len(shapes) - 1
+    ends = stage_ends(shapes)
+    late = [i for i in ends if shapes[i][1:] == shapes[last][1:]]
+    out, seen = [], set()
+    for name, taps, rule in (("head", [last], "the last layer (the backbone's pooled features)"),
+                             ("late", late, "each stage's end at the final spatial resolution"),
+                             ("stages", ends, "each stage's end (where width or resolution changes)")):
+        if tuple(taps) not in seen:
+            seen.add(tuple(taps))
+            out.append({"name": name, "taps": None if taps == [last] else taps, "rule": rule,
+                        "features": int(sum(shapes[i][0] for i in taps))})
+    return sorted(out, key=lambda c: c["features"])
+
+
+def tap_standardiser(f: np.ndarray, dims: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and scale (D,) of rows `f` (N, D) whose columns are taps of widths `dims`: each feature
+    z-scored, then each tap divided by the square root of its width, so every tap weighs alike whatever its width
+    (a constant feature keeps scale 1: its weight is 0 whatever it is)."""
+    mu, sd = f.mean(0), f.std(0)
+    sd = np.where(sd > 1e-8, sd, 1.0) * np.repeat(np.sqrt(np.asarray(dims, np.float64)), dims)
+    return mu, sd
+
+
+def fold_standardiser(w: np.ndarray, b: np.ndarray, mu: np.ndarray, sd: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A linear layer on standardised features, (w, b) on (f - mu) / sd, as one on the raw features:
+    (w / sd, b - (w / sd) mu). Exact."""
+    w2 = w / sd
+    return w2, b - w2 @ mu
+
+
+def _binary_rows(w: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if len(w) == 1:  # scikit-learn keeps one row for two classes: logits (0, w.x + b)
+        return np.stack([np.zeros_like(w[0]), w[0]]), np.array([0.0, b[0]])
+    return w, b
+
+
+def _fit_path(x: np.ndarray, y: np.ndarray, cs: np.ndarray, balanced: bool, x_out: np.ndarray | None = None):
+    """Multinomial logistic regression on rows `x` at each strength of `cs` (strongest first, warm-started), solved
+    in the row space of `x` (an L2-penalised solution lies in it: exact, and fewer columns when D > N).
+    Yields (C, w (K, D), b (K,), predictions on `x_out`)."""
+    from sklearn.linear_model import LogisticRegression
+
+    _, _, vt = np.linalg.svd(x, full_matrices=False)
+    z = x @ vt.T
+    z_out = None if x_out is None else x_out @ vt.T
+    clf = LogisticRegression(max_iter=2000, warm_start=True, class_weight="balanced" if balanced else None)
+    for c in cs:
+        clf.set_params(C=float(c)).fit(z, y)
+        w, b = _binary_rows(clf.coef_ @ vt, clf.intercept_)
+        yield c, w, b, None if z_out is None else clf.predict(z_out)
+
+
+def cv_candidate(blocks: list[np.ndarray], taps: list[int], y: np.ndarray, balanced: bool, k: int, seed: int,
+                 views: list[np.ndarray] | None = None, standardise: bool = True) -> dict:
+    """One candidate's cross-validation: the taps' pooled features (`blocks`: per block (N, C), `views`: per block
+    (V, N, C)) concatenated, standardised per tap on each training fold only (`tap_standardiser`; not the last
+    layer alone, fitted raw as the plain probe is), multinomial logistic regression at every strength of PROBE_CS
+    on `view_folds`' stratified k folds. Keeps, at the strength with the best mean fold accuracy: each image's
+    held-out correctness (for paired comparisons) and the fold heads, folded into the raw features' space."""
+    import warnings
+
+    n = len(y)
+    f = np.concatenate([np.asarray(blocks[t], np.float64) for t in taps], 1)
+    dims = [blocks[t].shape[1] for t in taps]
+    v = 0 if views is None else len(views[0])
+    xs = f if not v else np.concatenate([f, np.concatenate([np.asarray(views[t], np.float64) for t in taps], 2)
+                                         .reshape(-1, f.shape[1])])
+    ys = np.tile(y, v + 1)
+    folds = view_folds(y, k, seed, v)
+    correct = np.zeros((len(PROBE_CS), n), bool)
+    heads = [[None] * len(folds) for _ in PROBE_CS]
+    fold_of = np.zeros(n, np.int64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # convergence chatter at the weakest regularisation
+        for j, (tr, te) in enumerate(folds):
+            fold_of[te] = j
+            mu, sd = tap_standardiser(xs[tr], dims) if standardise else (np.zeros(f.shape[1]), np.ones(f.shape[1]))
+            for i, (_, w, b, pred) in enumerate(_fit_path((xs[tr] - mu) / sd, ys[tr], PROBE_CS, balanced,
+                                                          (f[te] - mu) / sd)):
+                correct[i, te] = pred == y[te]
+                heads[i][j] = fold_standardiser(w, b, mu, sd)
+    per_fold = np.array([[correct[i, te].mean() for _, te in folds] for i in range(len(PROBE_CS))])  # (Cs, k)
+    best = int(per_fold.mean(1).argmax())  # the first best: the strongest regularisation among equals
+    fold = per_fold[best]
+    return {"C_index": best, "C": float(PROBE_CS[best]), "cv_accuracy": float(fold.mean()),
+            "cv_stderr": float(fold.std(ddof=1) / np.sqrt(len(fold))), "correct": correct[best],
+            "folds": {"fold": fold_of, "weight": np.stack([h[0] for h in heads[best]]),
+                      "bias": np.stack([h[1] for h in heads[best]])},
+            "dims": dims, "standardise": standardise}
+
+
+def choose_candidate(results: list[dict]) -> tuple[int, list[dict]]:
+    """The candidate to ship among `results` (fewest features first, each with `cv_accuracy` and per-image
+    held-out `correct`): the best by CV accuracy, unless a cheaper one is within one paired standard error of it
+    (the mean and the standard error over images of the best's correct-minus-that-one's): then the cheapest such.
+    Returns its index and, per candidate, the best's lead over it and that lead's paired standard error."""
+    best = int(np.argmax([r["cv_accuracy"] for r in results]))
+    leads = []
+    for r in results:
+        d = results[best]["correct"].astype(float) - r["correct"].astype(float)
+        leads.append({"lead_of_best": float(d.mean()), "lead_stderr": float(d.std(ddof=1) / np.sqrt(len(d)))})
+    chosen = next(i for i, (r, l) in enumerate(zip(results, leads))
+                  if i == best or l["lead_of_best"] <= l["lead_stderr"])
+    return chosen, leads
+
+
+def cv_taps(model: EdgeNet, blocks: list[torch.Tensor], y: torch.Tensor, balanced: bool, seed: int,
+            views: list[torch.Tensor] | None, candidates: list[dict]) -> tuple[dict, dict, np.ndarray] | None:
+    """Cross-validate each of `candidates` (`tap_candidates`) with its own strength (`cv_candidate`, the same
+    stratified folds for all), choose one (`choose_candidate`), refit it on every labelled image (and views),
+    standardisation folded into the head, and set `model` to read its taps (`EdgeNet.set_taps`).
+    Returns (selection, fold heads, the refitted candidate's raw features of the images) or None (a class under 2)."""
+    import warnings
+
+    t = y.numpy()
+    head = next(iter(model.heads.values()))
+    counts = np.bincount(t, minlength=head.out_features)
+    if counts.min() < 2:
+        return None
+    k = int(min(5, counts.min()))
+    b_np = [b.numpy() for b in blocks]
+    v_np = None if views is None else [v.numpy() for v in views]
+    last = len(blocks) - 1
+    results = []
+    for c in candidates:
+        taps = c["taps"] or [last]
+        log.info("linear probe: cross-validating candidate %s (%s: %d features, blocks %s)", c["name"], c["rule"],
+                 c["features"], taps)
+        results.append(cv_candidate(b_np, taps, t, balanced, k, seed, v_np, standardise=c["taps"] is not None))
+    chosen, leads = choose_candidate(results)
+    c, r = candidates[chosen], results[chosen]
+    taps = c["taps"] or [last]
+    v = 0 if v_np is None else len(v_np[0])
+    f = np.concatenate([b_np[i].astype(np.float64) for i in taps], 1)
+    xs = f if not v else np.concatenate([f, np.concatenate([v_np[i].astype(np.float64) for i in taps], 2)
+                                         .reshape(-1, f.shape[1])])
+    mu, sd = tap_standardiser(xs, r["dims"]) if r["standardise"] else (np.zeros(f.shape[1]), np.ones(f.shape[1]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, w, b, _ = next(_fit_path((xs - mu) / sd, np.tile(t, v + 1), [r["C"]], balanced))
+    w, b = fold_standardiser(w, b, mu, sd)
+    model.set_taps(c["taps"], f.shape[1])
+    head = next(iter(model.heads.values()))
+    with torch.no_grad():
+        head.weight.copy_(torch.as_tensor(w, dtype=head.weight.dtype))
+        head.bias.copy_(torch.as_tensor(b, dtype=head.bias.dtype))
+    edge = None
+    if r["C_index"] in (0, len(PROBE_CS) - 1):
+        edge = (f"the cross-validated strength C={r['C']:.3g} is the "
+                f"{'strongest' if r['C_index'] == 0 else 'weakest'} regularisation searched ({PROBE_CS[0]:g}-"
+                f"{PROBE_CS[-1]:g}): the best may lie beyond it; with {int(counts.min())} labelled images in the "
+                "smallest class the folds say little")
+        log.warning("linear probe: %s", edge)
+    table = [{"name": cc["name"], "rule": cc["rule"], "taps": cc["taps"] or [last], "features": cc["features"],
+              "standardised": rr["standardise"], "C": rr["C"], "cv_accuracy": rr["cv_accuracy"],
+              "cv_stderr": rr["cv_stderr"], **ll} for cc, rr, ll in zip(candidates, results, leads)]
+    best = int(np.argmax([rr["cv_accuracy"] for rr in results]))
+    why = ("it has the best cross-validated accuracy" if chosen == best else
+           f"it is within one paired standard error of {candidates[best]['name']} "
+           f"(its lead {leads[chosen]['lead_of_best']:+.4f} ± {leads[chosen]['lead_stderr']:.4f}) with fewer features")
+    for row in table:
+        log.info("linear probe: candidate %-6s %4d features  C=%.3g  CV %.4f ± %.4f  best's lead %+.4f ± %.4f",
+                 row["name"], row["features"], row["C"], row["cv_accuracy"], row["cv_stderr"], row["lead_of_best"],
+                 row["lead_stderr"])
+    log.info("linear probe: the head reads %s (%s): %s", c["name"], c["rule"], why)
+    selection = {
+        "method": f"multinomial logistic regression on {len(candidates)} feature sets x {len(PROBE_CS)} strengths "
+                  f"({PROBE_CS[0]:g} to {PROBE_CS[-1]:g}, log-spaced), stratified {k}-fold cross-validation, each "
+                  "multi-layer set standardised per tap on its training folds (folded into the head)"
+                  + (f", fitted on each image and {v} augmented views of it" if v else ""),
+        "images": len(t), "views": v, "folds": k, "C": r["C"], "cv_accuracy": r["cv_accuracy"],
+        "cv_stderr": r["cv_stderr"], "C_range": [float(PROBE_CS[0]), float(PROBE_CS[-1])], "C_at_edge": edge,
+        "features": {"name": c["name"], "taps": taps, "count": int(f.shape[1]), "rule": c["rule"], "reason": why},
+        "candidates": table,
+        "tie_rule": "the best cross-validated candidate, unless a candidate with fewer features is within one paired "
+                    "standard error (over images, held-out correct minus correct) of it: then the cheapest such"}
+    return selection, r["folds"], f
+
+
 @dataclass
 class Probe:
     """What fitting the probe gave (the heads themselves are fitted in place)."""
@@ -234,10 +457,20 @@ def fit_probe(model: EdgeNet, data: Dataset, pp: Preprocessing, x_tr: torch.Tens
     n_cls = [len(c) for c in data.tasks.values()]
     t0 = time.perf_counter()
     log.info("linear probe: features of %d training and %d validation images", len(x_tr), len(x_va))
-    f_tr = extract_features(model, x_tr, desc="features train")
-    f_va = extract_features(model, x_va, desc="features val") if len(x_va) else f_tr[:0]
+    cross_validate = strategy == "linear" and len(n_cls) == 1 and (not len(x_va) or small_validation(y_va, n_cls[0]))
+    # the cross-validation also chooses which blocks' pooled outputs the head reads (`tap_candidates`): every
+    # block's, from one pass over the images
+    candidates = tap_candidates(model.backbone, pp.crop) if cross_validate else []
+    b_fit = None
+    if len(candidates) > 1:
+        b_tr = extract_block_features(model, x_tr, desc="features train")
+        b_va = extract_block_features(model, x_va, desc="features val") if len(x_va) else [b[:0] for b in b_tr]
+        f_tr, f_va, b_fit = b_tr[-1], b_va[-1], [torch.cat([a, b]) for a, b in zip(b_tr, b_va)]
+    else:
+        f_tr = extract_features(model, x_tr, desc="features train")
+        f_va = extract_features(model, x_va, desc="features val") if len(x_va) else f_tr[:0]
     selection = oof = folds = None
-    if strategy == "linear" and len(n_cls) == 1 and (not len(x_va) or small_validation(y_va, n_cls[0])):
+    if cross_validate:
         # too few validation images to decide on: cross-validate the probe's strength, then refit on
         # train + val (every label counts). Not (yet) for LP-FT's starting probe: on flowers-dev that start
         # gave a slightly better FP32 file but a much worse INT8 one that the 30-image guard passed
@@ -247,16 +480,28 @@ def fit_probe(model: EdgeNet, data: Dataset, pp: Preprocessing, x_tr: torch.Tens
         y_fit = torch.cat([label_columns(y_tr)[:, 0], label_columns(y_va)[:, 0]])
         both = Split(list(data.train.images) + list(data.val.images), np.concatenate([data.train.labels,
                                                                                       data.val.labels]))
-        views = None
+        views = v_fit = None
         if cfg.probe_views:
             views = []
             for v in range(cfg.probe_views):
                 log.info("linear probe: augmented view %d of %d images", v + 1, len(both))
-                views.append(extract_features(model, probe_view(both.images, pp, v, cfg.seed),
-                                              desc=f"features view {v + 1}"))
-            views = torch.stack(views)
+                x_v = probe_view(both.images, pp, v, cfg.seed)
+                views.append(extract_features(model, x_v, desc=f"features view {v + 1}") if b_fit is None else
+                             extract_block_features(model, x_v, desc=f"features view {v + 1}"))
+            if b_fit is not None:  # per block (V, N, C)
+                v_fit = [torch.stack([vb[j] for vb in views]) for j in range(len(b_fit))]
+                views = v_fit[-1]
+            else:
+                views = torch.stack(views)
         balanced = class_weights[0] is not None
-        selection = cv_probe(model.heads[next(iter(model.heads))], f_fit, y_fit, balanced, cfg.seed, views)
+        f_chosen = f_fit.numpy()
+        if b_fit is not None:
+            out = cv_taps(model, b_fit, y_fit, balanced, cfg.seed, v_fit, candidates)
+            if out:
+                selection, folds, f_chosen = out
+                f_va = torch.as_tensor(f_chosen[len(f_tr):], dtype=f_tr.dtype)  # the chosen head's input
+        else:
+            selection = cv_probe(model.heads[next(iter(model.heads))], f_fit, y_fit, balanced, cfg.seed, views)
         if selection:
             selection.update(refit_on="train + val",
                              reason="no validation split" if not len(x_va) else
@@ -271,9 +516,10 @@ def fit_probe(model: EdgeNet, data: Dataset, pp: Preprocessing, x_tr: torch.Tens
             # scores every labelled image by the head that did not see it (edgexfer.guard)
             log.info("linear probe: fitting the %d fold heads (out-of-fold answers for temperature scaling and "
                      "the INT8 guard)", selection["folds"])
-            folds = fold_heads(f_fit.numpy(), y_fit.numpy(), selection["C"], balanced, selection["folds"], cfg.seed,
-                               views=None if views is None else views.numpy())
-            oof = (fold_logits(folds, f_fit.numpy()), y_fit.numpy(), selection["folds"])
+            if folds is None:  # the tap candidates' cross-validation kept its fold heads (in the raw features' space)
+                folds = fold_heads(f_fit.numpy(), y_fit.numpy(), selection["C"], balanced, selection["folds"],
+                                   cfg.seed, views=None if views is None else views.numpy())
+            oof = (fold_logits(folds, f_chosen), y_fit.numpy(), selection["folds"])
     if selection:  # fitted on val too: its cross-validated accuracy is the one to report
         accuracy = selection["cv_accuracy"]
     else:

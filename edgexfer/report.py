@@ -160,6 +160,7 @@ def report_md(rep: dict) -> str:
                       f"{sel['reason']}.", ""]
             if sel.get("C_at_edge"):
                 lines += [f"**Warning:** {sel['C_at_edge']}.", ""]
+            lines += probe_features_lines(sel)
     lines += calibration_lines(rep)
     lines += adaptation_lines(rep)
     tr = rep.get("transfer")
@@ -469,6 +470,32 @@ def _opt_pct(x) -> str:
     return "–" if x is None else _pct(x)
 
 
+def _card_features(rep: dict) -> str:
+    feat = ((rep.get("training") or {}).get("probe_selection") or {}).get("features")
+    if not feat:
+        return ""
+    return (f"The head reads {feat['count']:,} features: the pooled outputs of blocks "
+            f"{', '.join(map(str, feat['taps']))} ({feat['rule']}; chosen by cross-validation among "
+            f"{len((rep['training']['probe_selection'].get('candidates') or []))} feature sets: {feat['reason']}). ")
+
+
+def probe_features_lines(sel: dict) -> list[str]:
+    """Which blocks' pooled outputs the cross-validated probe's head reads, why, and every candidate's CV figure."""
+    feat = sel.get("features")
+    if not feat:
+        return []
+    lines = [f"The head reads {feat['count']:,} features, `{feat['name']}`: {feat['rule']} (blocks "
+             f"{', '.join(map(str, feat['taps']))}): {feat['reason']}. Candidates, by the same "
+             "cross-validation:", "",
+             "| features | blocks | count | C | CV accuracy ± s.e. | best's lead ± paired s.e. |", "|---|---|---|---|---|---|"]
+    for c in sel.get("candidates") or []:
+        lines.append(f"| {c['name']}{' (chosen)' if c['name'] == feat['name'] else ''} | "
+                     f"{', '.join(map(str, c['taps']))} | {c['features']:,} | {c['C']:.3g} | "
+                     f"{fmt.accuracy(c['cv_accuracy'])} ± {fmt.accuracy(c['cv_stderr'])} | "
+                     f"{fmt.points(100 * c['lead_of_best'])} ± {fmt.points(100 * c['lead_stderr'], signed=False)} |")
+    return lines + [""]
+
+
 def model_card(rep: dict) -> str:
     d, b, models = rep.get("data", {}), rep.get("backbone", {}), rep.get("models", {})
     fp = models.get("fp32", {})
@@ -483,7 +510,7 @@ def model_card(rep: dict) -> str:
         + (f"; {len(d['tasks']) + 1} tasks share the backbone, one head and one ONNX output each"
            if d.get("tasks") else "") + ". "
         + (f"Input {b['image_size']}×{b['image_size']} px ({b['image_size_reason']}). " if b.get("image_size_reason") else "")
-        + "Training took "
+        + _card_features(rep) + "Training took "
         f"{rep.get('training', {}).get('train_seconds', 0):.0f} s. Files: " + ", ".join(f"`{m['file']}`" for m in models.values()) + ".", "",
         "## Data", "",
         f"Source {code_span(d.get('source'))}; train {d.get('train')}, validation {d.get('val')}, held-out test {d.get('test')} "
