@@ -2,16 +2,20 @@
 could write instead, in one go, on each data set:
 
 - `edgexfer run --data DIR` with no other option (the default a user gets; no --data for Fashion-MNIST),
-- `edgexfer run --data DIR --strategy linear` (the probe alone, edgexfer's way),
+- `edgexfer run --data DIR --strategy linear` (the probe alone, edgexfer's way; not run again when the default
+  already chose it: the same command),
 - the twenty-line probe: frozen ImageNet EfficientNet-Lite0 at 224 px (shorter side 224, centre crop),
   pooled features, scikit-learn's LogisticRegressionCV on every labelled image; no fine-tuning.
 
     .venv/bin/python benchmarks/bench_photos.py                 # -> benchmarks/results/photos.json
-    .venv/bin/python benchmarks/bench_photos.py --data DIR      # any train/ test/ ImageFolder of photos
+    .venv/bin/python benchmarks/bench_photos.py --data DIR      # any train/ test/ ImageFolder of photos (repeatable)
     .venv/bin/python benchmarks/bench_photos.py --markdown      # the RESULTS.md section from the JSON
 
-The photos default to ../shared/data/flowers-dev (five flower classes, 30 training + 70 test photos per
-class), read where they lie and never copied. Accuracies are on each data set's own test split, with
+The photos default to the two development sets in ../shared/data: flowers-dev (five flower classes, 30
+training + 70 test photos per class) and aerial-dev (seven aerial-scene classes, 30 + 70 per class, the domain
+farthest from ImageNet), read where they lie and never copied. For each, the default run's cross-validated probe
+records which features its head reads and every candidate's CV accuracy (report.json
+`training.probe_selection.candidates`, issue 28), and each stage's wall time. Accuracies are on each data set's own test split, with
 their binomial standard errors. Bounds (issue 12): on the photos, the default run >= the probe + 3 points,
 INT8 within 1 point of FP32 and faster, the default run within 5 minutes on 2 cores; on Fashion-MNIST
 100-shot, FP32 >= 0.857 and INT8 within 1 point.
@@ -29,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "flowers-dev"
+DEFAULT_DATA = [ROOT.parent / "shared" / "data" / "flowers-dev", ROOT.parent / "shared" / "data" / "aerial-dev"]
 OUT = ROOT / "benchmarks" / "results" / "photos.json"
 
 
@@ -95,6 +99,11 @@ def edgexfer_run(data: Path | None, name: str, *extra: str) -> dict:
                   "latency_p50_ms": m["latency_ms"]["p50"], "size_bytes": m["size_bytes"]}
     g = rep.get("quantize", {}).get("guard", {})
     out["int8_layers_kept_fp32"] = g.get("chosen_fp32_layers")
+    out["stage_seconds"] = {k: v.get("seconds") for k, v in (rep.get("stages") or {}).items() if isinstance(v, dict)}
+    sel = rep["training"].get("probe_selection") or {}
+    if sel:
+        out["probe"] = {"C": sel.get("C"), "cv_accuracy": sel.get("cv_accuracy"), "cv_stderr": sel.get("cv_stderr"),
+                        "features": sel.get("features"), "candidates": sel.get("candidates")}
     if "fp32" in out and "int8" in out:
         out["int8_drop_points"] = round(100 * (out["fp32"]["test_accuracy"] - out["int8"]["test_accuracy"]), 2)
         out["int8_speedup_p50"] = out["fp32"]["latency_p50_ms"] / out["int8"]["latency_p50_ms"]
@@ -102,18 +111,34 @@ def edgexfer_run(data: Path | None, name: str, *extra: str) -> dict:
 
 
 def _section(name: str, r: dict) -> list[str]:
-    p, d, lin = r["probe_twenty_lines"], r["default"], r["linear"]
+    p, d, lin = r["probe_twenty_lines"], r["default"], r.get("linear") or {}
     row = lambda what, x: (f"| {what} | {x['backbone']} | {x['image_size']} | {x['strategy']} | "  # noqa: E731
                            f"{x['fp32']['test_accuracy']:.3f} ± {x['fp32']['stderr']:.3f} | {x['int8']['test_accuracy']:.3f} | "
                            f"{x['int8_layers_kept_fp32']} | {x['int8_speedup_p50']:.2f}x | {x['wall_seconds']:.0f} s |")
     lines = [f"**{name}** ({d['train']} train + {d['val']} val labelled images, {d['test']} test images)", "",
              "| what | backbone | px | strategy | FP32 test | INT8 test | layers kept FP32 | INT8 speed-up (p50) | wall |",
              "|---|---|---|---|---|---|---|---|---|",
-             row("`edgexfer run` (default)", d), row("`--strategy linear`", lin),
+             row("`edgexfer run` (default)", d),
+             *([row("`--strategy linear`", lin)] if "fp32" in lin else []),
              f"| twenty-line probe (LogisticRegressionCV, C={p['C']:.3g}) | efficientnet_lite0 | 224 | linear | "
              f"{p['test_accuracy']:.3f} ± {p['stderr']:.3f} | – | – | – | {p['seconds']:.0f} s |", "",
              f"Default minus probe: {r['default_minus_probe_points']:+.2f} points. Bounds: "
-             + "; ".join(f"{k}: {'met' if v else '**not met**'}" for k, v in r["bounds"].items()) + ".", ""]
+             + "; ".join(f"{k}: {'met' if v else '**not met**'}" for k, v in r["bounds"].items()) + "."
+             + (f" `--strategy linear` not run again: {lin['same_as']}." if lin.get("same_as") else ""), ""]
+    cands = (d.get("probe") or {}).get("candidates")
+    if cands:
+        f = d["probe"]["features"]
+        lines += [f"The default's cross-validated probe ({d['backbone']} at {d['image_size']} px) read `{f['name']}` "
+                  f"({f['count']} features, blocks {', '.join(map(str, f['taps']))}): {f['reason']}. Candidates, "
+                  "CV accuracy on the labelled images (the test split only reports):", "",
+                  "| features | blocks | count | C | CV accuracy ± s.e. | best's lead ± paired s.e. |",
+                  "|---|---|---|---|---|---|",
+                  *[f"| {c['name']}{' (chosen)' if c['name'] == f['name'] else ''} | {', '.join(map(str, c['taps']))} | "
+                    f"{c['features']} | {c['C']:.3g} | {c['cv_accuracy']:.3f} ± {c['cv_stderr']:.3f} | "
+                    f"{100 * c['lead_of_best']:+.1f} ± {100 * c['lead_stderr']:.1f} points |" for c in cands], ""]
+    if d.get("stage_seconds"):
+        lines += ["Default run, wall time by stage: " + ", ".join(f"{k} {v:.0f} s" for k, v in d["stage_seconds"].items()
+                                                               if v is not None) + ".", ""]
     sel = d.get("backbone_selection")
     if sel:
         lines += ["`--backbone auto` on the labelled images: " + ", ".join(
@@ -136,9 +161,10 @@ def markdown(res: dict) -> str:
 
 def measure(data: Path | None) -> dict:
     tag = data.name if data else "fashion-mnist"
-    r = {"probe_twenty_lines": twenty_line_probe(data),
-         "default": edgexfer_run(data, f"bench-photos-{tag}-default"),
-         "linear": edgexfer_run(data, f"bench-photos-{tag}-linear", "--strategy", "linear")}
+    r = {"probe_twenty_lines": twenty_line_probe(data), "default": edgexfer_run(data, f"bench-photos-{tag}-default")}
+    r["linear"] = ({"same_as": "the default run, whose --strategy auto chose linear"}
+                   if r["default"]["strategy"] == "linear" and data is not None else
+                   edgexfer_run(data, f"bench-photos-{tag}-linear", "--strategy", "linear"))
     d, p = r["default"], r["probe_twenty_lines"]
     r["default_minus_probe_points"] = round(100 * (d["fp32"]["test_accuracy"] - p["test_accuracy"]), 2)
     if data is None:  # the demo's bounds
@@ -154,7 +180,8 @@ def measure(data: Path | None) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    ap.add_argument("--data", type=Path, action="append",
+                    help="a train/ test/ ImageFolder of photos; repeat for several (default: flowers-dev and aerial-dev)")
     ap.add_argument("--no-fashion-mnist", action="store_true", help="photos only (skip the Fashion-MNIST rows)")
     ap.add_argument("--note", default="", help="a sentence for the results (e.g. what else ran on the host)")
     ap.add_argument("--markdown", action="store_true", help="print the RESULTS.md section from the results JSON")
@@ -162,15 +189,24 @@ def main() -> int:
     if args.markdown:
         print(markdown(json.loads(OUT.read_text())), end="")
         return 0
-    if not (args.data / "train").is_dir():
-        print(f"bench_photos: {args.data} has no train/ folder (flowers-dev lives in ../shared/data)", file=sys.stderr)
-        return 2
+    datas = args.data or DEFAULT_DATA
+    for data in datas:
+        if not (data / "train").is_dir():
+            print(f"bench_photos: {data} has no train/ folder (the development sets live in ../shared/data)",
+                  file=sys.stderr)
+            return 2
     import os
 
     from edgexfer.runtime.machine import cpu_info
 
-    res = {"command": "python benchmarks/bench_photos.py", "data": str(args.data), "machine": cpu_info(),
-           "cores": os.cpu_count(), "note": args.note, "sets": {args.data.name: measure(args.data)}}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
+    res = {"command": "python benchmarks/bench_photos.py" + "".join(f" --data {d}" for d in (args.data or [])),
+           "data": [str(d) for d in datas], "commit": commit.strip() or None, "machine": cpu_info(),
+           "cores": os.cpu_count(), "note": args.note, "sets": {}}
+    for data in datas:
+        res["sets"][data.name] = measure(data)
+        OUT.parent.mkdir(parents=True, exist_ok=True)
+        OUT.write_text(json.dumps(res, indent=2) + "\n")  # each set as it finishes
     if not args.no_fashion_mnist:
         res["sets"]["Fashion-MNIST 100-shot"] = measure(None)
     OUT.parent.mkdir(parents=True, exist_ok=True)
