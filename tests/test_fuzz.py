@@ -25,7 +25,7 @@ from edgexfer.runtime import EdgeModel, MetadataError
 from edgexfer.runtime.protocol import infer_response, model_metadata, parse_infer
 from edgexfer.runtime.server import resolve_models
 from tests._onnx_model import good_meta, onnx_bytes
-from tests.test_hardening_server import parse, read_all, serving
+from tests.test_serve_framing import parse, read_all, serving
 
 SETTINGS = settings(max_examples=100, deadline=None, derandomize=True, database=None,
                     suppress_health_check=list(HealthCheck))
@@ -365,7 +365,7 @@ def test_multipart_well_formed_roundtrip():
 
 # -- gRPC messages (issue 26) ----------------------------------------------------------------------
 
-from tests.test_hardening_hostile import grpc_served, models  # noqa: E402,F401 (fixtures)
+from tests.test_serve_hostile_uploads import grpc_served, models  # noqa: E402,F401 (fixtures)
 
 GRPC_METHODS = ["ModelInfer"] * 6 + ["ModelMetadata", "ModelReady", "ServerMetadata", "ServerLive"]
 
@@ -406,7 +406,7 @@ def test_grpc_fuzz(grpc_served, capfd):
     error logged, the byte budget whole again, and a valid request answered afterwards."""
     import grpc
 
-    from tests.test_hardening_hostile import grpc_call, infer_request
+    from tests.test_serve_hostile_uploads import grpc_call, infer_request
 
     address, app = grpc_served
     seen = []

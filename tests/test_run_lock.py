@@ -2,7 +2,7 @@
 (flock on RUN/.lock, with the holder's pid, host and command); a second writer refuses in one line naming the
 holder; a killed holder's lock is taken over; read-only commands are not blocked.
 
-Fast: the holder is a small Python process; stages are stubbed (tests/test_hardening_data.py's fake_stages)."""
+Fast: the holder is a small Python process; stages are stubbed (tests/test_data_safety.py's fake_stages)."""
 from __future__ import annotations
 
 import json
@@ -16,8 +16,8 @@ import pytest
 
 from tests.conftest import make_image_folder, run_cli
 from tests.test_errors import assert_user_error
-from tests.test_hardening_data import config, fake_stages, listing, tiny_model  # noqa: F401  (fixture)
-from tests.test_hardening_disk import cli
+from tests.test_data_safety import config, fake_stages, listing, tiny_model  # noqa: F401  (fixture)
+from tests.test_disk_and_inspect_errors import cli
 
 HOLDER = textwrap.dedent("""
     import sys, time

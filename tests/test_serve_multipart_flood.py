@@ -12,8 +12,8 @@ import pytest
 
 from edgexfer.runtime.multipart import MAX_PART_HEAD, MAX_PARTS, PartScanner, boundary, parts
 from edgexfer.runtime.protocol import HTTPError
-from tests.test_hardening_hostile import B, CTYPE, curl_body, flood, models, png_bytes  # noqa: F401 (fixture)
-from tests.test_hardening_server import SERVERS, parse, serving
+from tests.test_serve_hostile_uploads import B, CTYPE, curl_body, flood, models, png_bytes  # noqa: F401 (fixture)
+from tests.test_serve_framing import SERVERS, parse, serving
 
 
 def fed(body: bytes, piece: int) -> tuple[int, list]:
@@ -170,7 +170,7 @@ def test_grpc_refusal_keeps_no_request_bytes(models):  # noqa: F811
 
     from edgexfer.runtime.dataplane import DataPlane
     from edgexfer.runtime.grpc_server import Servicer
-    from tests.test_hardening_hostile import infer_request
+    from tests.test_serve_hostile_uploads import infer_request
 
     class Aborted(Exception):
         pass

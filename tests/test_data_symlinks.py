@@ -10,7 +10,7 @@ import json
 import pytest
 
 from tests.conftest import make_image, make_image_folder
-from tests.test_hardening_data import all_images, fake_stages, tiny_model  # noqa: F401  (fixture)
+from tests.test_data_safety import all_images, fake_stages, tiny_model  # noqa: F401  (fixture)
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import make_image_folder, run_cli
 from tests.test_errors import assert_user_error
-from tests.test_hardening_data import tiny_model
+from tests.test_data_safety import tiny_model
 
 HOSTILE = ["a|b", "<img src=x onerror=alert(1)>", "x`y`z", "Ünï 猫", "back\\slash", "*bold* [l](http://e) _u_ a&amp;"]
 

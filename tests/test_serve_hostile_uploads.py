@@ -20,7 +20,7 @@ from edgexfer.runtime.multipart import MAX_PART_HEAD, MAX_PARTS, multipart_file
 from edgexfer.runtime.protocol import HTTPError
 from edgexfer.runtime.server import make_server, resolve_models
 from tests._onnx_model import good_meta, onnx_bytes
-from tests.test_hardening_server import SERVERS, parse, read_all, serving
+from tests.test_serve_framing import SERVERS, parse, read_all, serving
 
 B = "XyZzy"
 CTYPE = f"multipart/form-data; boundary={B}"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_image_folder
-from tests.test_hardening_data import listing, tiny_model
+from tests.test_data_safety import listing, tiny_model
 
 
 def cli(capsys, *args) -> tuple[int, str, str]:
