@@ -72,8 +72,6 @@ def serve(kind: str, port: int) -> None:
 
 
 def client(port: int, calls: int, q) -> None:
-    import threading
-
     import grpc
 
     pb, pb_grpc = _pb()
@@ -89,11 +87,9 @@ def client(port: int, calls: int, q) -> None:
                 stub.ModelInfer(req, timeout=30)
                 done[0] += 1
 
-    ts = [threading.Thread(target=work) for _ in range(THREADS)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
+    from bench_serve import run_threads  # this script's folder is on sys.path when it runs
+
+    run_threads(work, THREADS)
     q.put(done[0])
 
 

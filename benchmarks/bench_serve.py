@@ -232,9 +232,18 @@ def run_wrk(url: str, body: bytes, header_len: int, clients: int, seconds: float
             "p50_ms": r["p50_us"] / 1e3, "p99_ms": r["p99_us"] / 1e3, "max_ms": r["max_us"] / 1e3}
 
 
-def _client_proc(port, path, body, header_len, threads, stop_at, q):
+def run_threads(target, n: int) -> None:
+    """`n` threads running `target`, started together and joined."""
     import threading
 
+    ts = [threading.Thread(target=target) for _ in range(n)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+
+
+def _client_proc(port, path, body, header_len, threads, stop_at, q):
     lat, failed = [], [0]
 
     def worker():
@@ -254,11 +263,7 @@ def _client_proc(port, path, body, header_len, threads, stop_at, q):
                 c.close()
                 c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
 
-    ts = [threading.Thread(target=worker) for _ in range(threads)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
+    run_threads(worker, threads)
     q.put((lat, failed[0]))
 
 
@@ -308,8 +313,6 @@ def grpc_check_once(port: int, name: str, x: np.ndarray, want: np.ndarray) -> No
 def _grpc_client_proc(port, name, x, threads, stop_at, q):
     """`threads` gRPC clients, each on a connection of its own (as each REST client has its keep-alive
     connection), calling ModelInfer back to back until `stop_at`."""
-    import threading
-
     import grpc
 
     from edgexfer.runtime import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -328,11 +331,7 @@ def _grpc_client_proc(port, name, x, threads, stop_at, q):
                 except grpc.RpcError:
                     failed[0] += 1
 
-    ts = [threading.Thread(target=worker) for _ in range(threads)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
+    run_threads(worker, threads)
     q.put((lat, failed[0]))
 
 
