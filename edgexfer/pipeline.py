@@ -131,7 +131,6 @@ def choose_backbone(run: RunFolder, cfg: RunConfig, ws: Workspace) -> dict:
     from edgexfer.data import auto_image_size
     from edgexfer.transfer import default_candidates, select_backbone
 
-    assert "preprocessing" not in ws.__dict__, "the input size is not chosen yet"
     names = [c for c in default_candidates() if "@" not in c]
     if not names:
         raise EdgexferError("--backbone auto: no backbone has ImageNet weights here offline "

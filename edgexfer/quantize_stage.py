@@ -244,12 +244,13 @@ def target_images(cfg: RunConfig, ws: Workspace, limit: int = TARGET_IMAGES) -> 
     from edgexfer.data import list_images
     from edgexfer.runtime.preprocess import preprocess
 
-    have, every = ws.__dict__.get("_target_images", (None, False))
-    if have is None or (len(have) < limit and not every):
+    def load() -> tuple[np.ndarray, bool]:  # the images, and whether they are all of the folder's
         files = list_images(cfg.train.adapt_bn, follow_symlinks=cfg.data.follow_symlinks)
         order = target_order(cfg, len(files))[:max(limit, TARGET_IMAGES)]
-        have = np.stack([preprocess(files[i], ws.preprocessing) for i in order])
-        ws.__dict__["_target_images"] = (have, len(order) == len(files))
+        return np.stack([preprocess(files[i], ws.preprocessing) for i in order]), len(order) == len(files)
+
+    have, _ = ws.cached(("target_images", cfg.train.adapt_bn, *ws.model_key), load,
+                        enough=lambda kept: len(kept[0]) >= limit or kept[1])
     return have[:limit]
 
 

@@ -11,14 +11,14 @@ import json
 import logging
 import os
 import sys
-from functools import cached_property
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
 from edgexfer import __version__
 from edgexfer.config import QuantizeConfig, RunConfig
-from edgexfer.errors import RunFolderError
+from edgexfer.errors import EdgexferError, RunFolderError
 from edgexfer.runtime import atomic
 
 log = logging.getLogger(__name__)
@@ -359,30 +359,53 @@ def _now() -> str:
 # -- shared state of one process: the data set and its preprocessed tensors, loaded once ----------
 
 class Workspace:
+    """What the stages of one process share, made once: the data set, the preprocessing of the chosen backbone,
+    the preprocessed splits, and whatever a stage keeps through `cached` (the --adapt-bn images). What depends on
+    the backbone and input size is kept under them, so it is never one made before `--backbone auto` chose."""
+
     def __init__(self, run: RunFolder, cfg: RunConfig):
         self.run, self.cfg = run, cfg
+        self._cache: dict[tuple, Any] = {}
 
-    @cached_property
+    def cached(self, key: tuple, make: Callable[[], Any], enough: Callable[[Any], bool] | None = None) -> Any:
+        """`make()`, made once per `key` in this process; made again when `enough(value)` says the value kept
+        falls short (a larger sample asked for)."""
+        if key not in self._cache or (enough is not None and not enough(self._cache[key])):
+            self._cache[key] = make()
+        return self._cache[key]
+
+    @property
+    def model_key(self) -> tuple:
+        """The backbone and input size that preprocessed tensors depend on (a key part for `cached`)."""
+        m = self.cfg.model
+        if m.backbone == "auto":
+            raise EdgexferError("--backbone auto: no backbone chosen yet")
+        return m.backbone, m.image_size
+
+    @property
     def dataset(self):
-        from edgexfer.data import load_dataset
+        def load():
+            from edgexfer.data import load_dataset
 
-        d = self.cfg.data
-        return load_dataset(d.source, shots=d.shots, val_fraction=d.val_fraction, test_size=d.test_size,
-                            test_fraction=d.test_fraction, seed=d.seed, strict=d.strict,
-                            follow_symlinks=d.follow_symlinks)
+            d = self.cfg.data
+            return load_dataset(d.source, shots=d.shots, val_fraction=d.val_fraction, test_size=d.test_size,
+                                test_fraction=d.test_fraction, seed=d.seed, strict=d.strict,
+                                follow_symlinks=d.follow_symlinks)
+        return self.cached(("dataset",), load)
 
-    @cached_property
+    @property
     def preprocessing(self):
         from edgexfer.backbones import preprocessing_for
 
-        return preprocessing_for(self.cfg.model.backbone, self.cfg.model.image_size)
+        key = self.model_key
+        return self.cached(("preprocessing", *key), lambda: preprocessing_for(*key))
 
     def tensors(self, split: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        key = f"_t_{split}"
-        if key not in self.__dict__:
+        def make():
             from edgexfer.finetune import tensorize
 
             x, y = tensorize(getattr(self.dataset, split), self.preprocessing, f"preprocess {split}")
-            self.__dict__[key] = (x.numpy(), y.numpy())
-        x, y = self.__dict__[key]
+            return x.numpy(), y.numpy()
+
+        x, y = self.cached(("tensors", split, *self.model_key), make)
         return (x, y) if limit is None else (x[:limit], y[:limit])
