@@ -16,6 +16,14 @@ LITE0_224 = [(32, 112, 112), (16, 112, 112), (24, 56, 56), (24, 56, 56), (40, 28
              (192, 7, 7), (192, 7, 7), (320, 7, 7), (1280, 7, 7)]
 
 
+@pytest.fixture
+def coarse_grid(monkeypatch):
+    """Five strengths instead of PROBE_CS's 25: the choice among candidates is the point here, not the grid's step."""
+    from edgexfer import probe
+
+    monkeypatch.setattr(probe, "PROBE_CS", np.logspace(-2, 2, 5))
+
+
 def _tiny():
     from edgexfer.backbones import build_backbone, register_test_backbone
 
@@ -99,7 +107,7 @@ def _blocks(rng, y, signal_in: int, n_blocks: int = 3, widths=(6, 8, 10)) -> lis
     return out
 
 
-def test_cv_picks_mid_level_features_when_only_they_separate_the_classes():
+def test_cv_picks_mid_level_features_when_only_they_separate_the_classes(coarse_grid):
     from edgexfer.probe import choose_candidate, cv_candidate
 
     rng = np.random.default_rng(1)
@@ -118,7 +126,7 @@ def test_cv_picks_mid_level_features_when_only_they_separate_the_classes():
     assert np.array_equal(fold_logits(folds, f).argmax(1) == y, multi["correct"])
 
 
-def test_a_tie_goes_to_the_candidate_with_fewer_features():
+def test_a_tie_goes_to_the_candidate_with_fewer_features(coarse_grid):
     from edgexfer.probe import choose_candidate, cv_candidate
 
     rng = np.random.default_rng(2)
@@ -134,7 +142,7 @@ def test_a_tie_goes_to_the_candidate_with_fewer_features():
     assert choose_candidate([a, b])[0] == 0
 
 
-def test_cv_taps_refits_the_chosen_set_into_the_model():
+def test_cv_taps_refits_the_chosen_set_into_the_model(coarse_grid):
     from edgexfer.model import EdgeNet
     from edgexfer.probe import cv_taps, extract_block_features
 
@@ -168,6 +176,7 @@ def taps_run(tmp_path_factory, image_folder):
              {"name": "stages", "taps": [0, 1, 2], "rule": "every block", "features": 40}]
     mp = pytest.MonkeyPatch()
     mp.setattr(probe, "tap_candidates", lambda backbone, size: cands)
+    mp.setattr(probe, "PROBE_CS", np.logspace(-2, 2, 5))
     mp.setattr(probe, "choose_candidate", lambda results: (len(results) - 1, real(results)[1]))
     try:
         runs = tmp_path_factory.mktemp("taps-runs")
