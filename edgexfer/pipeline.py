@@ -1,8 +1,10 @@
-"""The stages and the run folder.
+"""The stages, and `run`, which chains them.
 
-Each stage is `stage(run_dir, config, ws=None) -> dict`: it reads the previous stage's artifacts from
-the run folder, writes its own atomically, and records its numbers in `report.json`. `run` chains
-them; a run folder whose stages finished is resumed, not redone.
+Each stage is `NAME(run_dir, cfg=None, ws=None) -> dict` (finetune, export, quantize, evaluate, bench),
+made by the stage protocol (`runfolder.stage`: the lock, timing, provenance, report sections and done mark), so
+its function here holds only its own work: it reads the earlier stages' files from the run folder, writes its own
+atomically and records its numbers in `report.json`. `run` runs those not done with these settings and inputs
+(`RunFolder.why_stale`): an interrupted run resumes, a finished one is not redone.
 
     runs/<name>/checkpoint.pt  model.onnx  model.int8.onnx  report.json  report.md  model_card.md  config.json
 """
@@ -22,7 +24,8 @@ from edgexfer.config import BenchConfig, DataConfig, ModelConfig, RunConfig  # n
 from edgexfer.errors import EdgexferError, RunFolderError
 from edgexfer.quantize_stage import (TARGET_IMAGES, _arm64_emulation, _arm64_guard, _inc_quantize,  # noqa: F401
                                      agreement_with, calibration_set, target_agreement, target_images)
-from edgexfer.runfolder import FILES, LOCK_FILE, REPORT_SCHEMA, STAGES, RunFolder, Workspace, _now  # noqa: F401
+from edgexfer.runfolder import (FILES, LOCK_FILE, REPORT_SCHEMA, STAGES, RunFolder, Stage, Workspace,  # noqa: F401
+                                 _now, stage)
 from edgexfer.runtime import atomic, fmt
 
 log = logging.getLogger(__name__)
@@ -30,29 +33,15 @@ log = logging.getLogger(__name__)
 
 # -- the stages ----------------------------------------------------------------------------------
 
-def writes_run_folder(stage: str):
-    """A stage writes its run folder under the folder's lock (`RunFolder.lock`): one writer at a time."""
-    import functools
-
-    def wrap(fn):
-        @functools.wraps(fn)
-        def locked(run_dir, *args, **kw):
-            with RunFolder(run_dir).lock(stage):
-                return fn(run_dir, *args, **kw)
-        return locked
-    return wrap
-
-
-@writes_run_folder("finetune")
-def finetune(run_dir: str | Path, cfg: RunConfig, ws: Workspace | None = None) -> dict:
-    """Fine-tune the backbone on the data set; write checkpoint.pt."""
+@stage("finetune", starts_over=True)
+def finetune(st: Stage) -> dict:
+    """Fine-tune the backbone on the data set; write checkpoint.pt. A new model: config.json and a new report.json
+    as it begins."""
     from edgexfer.backbones import get_backbone_info
     from edgexfer.finetune import train
     from edgexfer.model import build_model, model_config, save_checkpoint
 
-    run = RunFolder(run_dir)
-    ws = ws or Workspace(run, cfg)
-    t0 = time.perf_counter()
+    run, cfg, ws = st.run, st.cfg, st.ws
     ds = ws.dataset
     if cfg.model.backbone == "auto":
         choose_backbone(run, cfg, ws)
@@ -63,10 +52,7 @@ def finetune(run_dir: str | Path, cfg: RunConfig, ws: Workspace | None = None) -
 
     torch.manual_seed(cfg.train.seed)  # the head's initialisation, too, follows the seed
     model = build_model(mcfg)
-    run.path.mkdir(parents=True, exist_ok=True)
-    run.begin("finetune")  # a new model: what was derived from the old one goes
-    run.write_config(cfg)
-    atomic.write_json(run.file("report.json"), {"schema": REPORT_SCHEMA, "stages": {}})  # a new model: start over
+    st.begin()  # a new model: what was derived from the old one goes, config.json and report.json start over
     result = train(model, ds, ws.preprocessing, cfg.train, run.path, weights=cfg.model.weights)
     val_fitted = "val" in ((result.probe_selection or {}).get("refit_on") or "")
     adaptation = (adapt_bn(model, cfg.train.adapt_bn, ws, force=cfg.train.adapt_bn_force, val_fitted=val_fitted)
@@ -89,7 +75,7 @@ def finetune(run_dir: str | Path, cfg: RunConfig, ws: Workspace | None = None) -
                     "use them all", cfg.data.shots, ds.left_out)
     if len(ds.skipped):
         log.warning("skipped %d corrupt images (listed in report.json data.skipped_corrupt)", len(ds.skipped))
-    run.update_report(
+    st.report(
         data=ds.summary(),
         backbone={"name": cfg.model.backbone, "weights": cfg.model.weights, "strategy": result.strategy,
                   "strategy_requested": cfg.train.strategy, "strategy_reason": result.strategy_reason,
@@ -103,10 +89,9 @@ def finetune(run_dir: str | Path, cfg: RunConfig, ws: Workspace | None = None) -
         calibration=result.calibration,
     )
     if adaptation:
-        run.update_report(adaptation=adaptation)
+        st.report(adaptation=adaptation)
     if cfg.train.scratch_baseline:
-        run.update_report(transfer=scratch_baseline(run, cfg, ws, model, mcfg))
-    run.mark_done("finetune", time.perf_counter() - t0, cfg)
+        st.report(transfer=scratch_baseline(run, cfg, ws, model, mcfg))
     plots.learning_curve(run.file("learning_curve.png"), result.history)
     return asdict(result)
 
@@ -279,18 +264,14 @@ def build_meta(cfg: dict, sha: str, metrics: dict | None = None):
     )
 
 
-@writes_run_folder("export")
-def export(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | None = None,
-           atol: float | None = None) -> dict:
+@stage("export")
+def export(st: Stage, atol: float | None = None) -> dict:
     """checkpoint.pt -> model.onnx (dynamic batch, metadata inside), validated against PyTorch."""
     from edgexfer.exporters.e2e import write_beside
     from edgexfer.exporters.onnx_export import export_onnx
     from edgexfer.model import load_checkpoint
 
-    run = RunFolder(run_dir)
-    cfg = cfg or run.config()
-    ws = ws or Workspace(run, cfg)
-    t0 = time.perf_counter()
+    run, ws = st.run, st.ws
     ckpt = run.require("checkpoint.pt", "finetune")
     # model.onnx, its cleaned-up candidate and model.e2e.onnx each about the checkpoint's size: checked first,
     # so a full disk is one line before anything is read or replaced
@@ -299,7 +280,7 @@ def export(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | No
     split = "val" if len(ws.dataset.val) else "train"
     sample, _ = ws.tensors(split, limit=64)
     meta = build_meta(mcfg, atomic.sha256_file(run.checkpoint))
-    run.begin("export")
+    st.begin()
     if atol is None:
         from edgexfer.backbones import get_backbone_info
 
@@ -312,34 +293,34 @@ def export(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | No
         log.info("export: max abs diff %.2e (atol %g); writing %s (preprocessing in the graph)", val["max_abs_diff"],
                  atol, FILES["fp32"].replace(".onnx", ".e2e.onnx"))
         val["e2e"] = write_beside(run.file(FILES["fp32"]))  # model.e2e.onnx: preprocessing in the graph
-    run.update_report(export=val)
-    run.mark_done("export", time.perf_counter() - t0, cfg)
+    st.report(export=val)
     return val
 
 
-@writes_run_folder("quantize")
 def quantize(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | None = None) -> dict:
-    """The quantize stage (`edgexfer.quantize_stage.quantize`), on a disk with room for it: a full disk is one
-    line naming the file and the space it needs, before minutes of calibration rather than after them.
+    """The quantize stage (`edgexfer.quantize_stage.quantize`), under the run folder's lock on a disk with room for
+    it: a full disk is one line naming the file and the space it needs, before minutes of calibration rather than
+    after them.
 
     On a full disk the stage was seen to fail late with protobuf's `DecodeError` (a truncated intermediate
     file read back) instead of an OSError; a DecodeError met with less room left than the stage needs is
     reported as the full disk it is."""
     run = RunFolder(run_dir)
-    fp32, out = run.file(FILES["fp32"]), run.file(FILES["int8"])
-    needed = 3 * fp32.stat().st_size if fp32.is_file() else None  # pre-processed copy, candidates, e2e files
-    with atomic.writing(out, needed):
-        try:
-            return quantize_stage.quantize(run_dir, cfg, ws)
-        except Exception as e:
-            free = atomic.free_bytes(out) if needed else None
-            if type(e).__name__ == "DecodeError" and free is not None and free < needed:
-                raise atomic.DiskFull(out, needed, free) from e
-            raise
+    with run.lock("quantize"):
+        fp32, out = run.file(FILES["fp32"]), run.file(FILES["int8"])
+        needed = 3 * fp32.stat().st_size if fp32.is_file() else None  # pre-processed copy, candidates, e2e files
+        with atomic.writing(out, needed):
+            try:
+                return quantize_stage.quantize(run_dir, cfg, ws)
+            except Exception as e:
+                free = atomic.free_bytes(out) if needed else None
+                if type(e).__name__ == "DecodeError" and free is not None and free < needed:
+                    raise atomic.DiskFull(out, needed, free) from e
+                raise
 
 
-@writes_run_folder("evaluate")
-def evaluate(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | None = None) -> dict:
+@stage("evaluate")
+def evaluate(st: Stage) -> dict:
     """Accuracy of each ONNX file with ONNX Runtime on the held-out test split, reported only; each file's
     own metrics into it (derived files start with none: `exporters.quantize.derived_meta`).
 
@@ -351,10 +332,7 @@ def evaluate(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | 
     from edgexfer.exporters.e2e import refresh_metrics as refresh_e2e_metrics
     from edgexfer.exporters.metadata_io import content_sha256, read_meta, write_meta
 
-    run = RunFolder(run_dir)
-    cfg = cfg or run.config()
-    ws = ws or Workspace(run, cfg)
-    t0 = time.perf_counter()
+    run, cfg, ws = st.run, st.cfg, st.ws
     files = {k: run.file(f) for k, f in FILES.items() if run.file(f).is_file()}
     if not files:
         raise RunFolderError(f"no ONNX file in {run.path}; run `edgexfer export {run.path}` first")
@@ -362,7 +340,7 @@ def evaluate(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | 
     x, y = ws.tensors("test")
     classes = ws.dataset.classes
     temps = {t: r["temperature"] for t, r in (run.report().get("calibration") or {}).get("tasks", {}).items()}
-    run.begin("evaluate")
+    st.begin()
     models: dict[str, dict] = {}
     preds = {}
     tasks = ws.dataset.tasks
@@ -407,25 +385,22 @@ def evaluate(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | 
         from edgexfer.temperature import summary_on_test_split
 
         out["calibration"] = {"tasks": summary_on_test_split(logits, y, temps)}
-    run.update_report(**out)
-    run.mark_done("evaluate", time.perf_counter() - t0, cfg)
+    st.report(**out)
     plots.confusion_matrix(run.file("confusion_matrix.png"), models, classes)
     return out
 
 
-@writes_run_folder("bench")
-def bench(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | None = None) -> dict:
+@stage("bench")
+def bench(st: Stage) -> dict:
     """Batch-1 latency and batch throughput of every ONNX file, and PyTorch eager, interleaved."""
     from edgexfer.runtime.bench import BenchConfig as RuntimeBench, run_benchmark
 
-    run = RunFolder(run_dir)
-    cfg = cfg or run.config()
-    b = cfg.bench
-    t0 = time.perf_counter()
+    run = st.run
+    b = st.cfg.bench
     files = {k: run.file(f) for k, f in FILES.items() if run.file(f).is_file()}
     if not files:
         raise RunFolderError(f"no ONNX file in {run.path}; run `edgexfer export {run.path}` first")
-    run.begin("bench")
+    st.begin()
     rb = RuntimeBench(threads=b.threads, warmup=b.warmup, iters=b.iters, batches=(1, b.batch), cold_start=False,
                       openvino=False)
     res = run_benchmark(list(files.values()), rb, references=[pytorch_reference] if b.pytorch_reference else [],
@@ -443,8 +418,7 @@ def bench(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | Non
                            "onnxruntime_spinning": rb.spinning, "block_calls": rb.block if rb.spinning else 1}}
     if "pytorch_eager" in rows:
         out["reference"] = {"pytorch_eager": entry(rows["pytorch_eager"])}
-    run.update_report(**out)
-    run.mark_done("bench", time.perf_counter() - t0, cfg)
+    st.report(**out)
     return out
 
 
@@ -518,7 +492,7 @@ def _run(run: RunFolder, cfg: RunConfig, force: bool, on_stage) -> dict:
         raise RunFolderError(f"{run.path} holds a run made with another configuration ({'; '.join(changes)}): "
                              "pass --force to replace it, or --name NEW to make a new run beside it")
     ws = Workspace(run, cfg)
-    if force or not run.path.is_dir() or any(run.why_stale(stage, cfg) for stage in STAGES):
+    if force or not run.path.is_dir() or any(run.why_stale(name, cfg) for name in STAGES):
         ws.dataset  # noqa: B018  load (and check) the data first: a data error writes nothing, removes nothing
     if force and any(run.path.iterdir()):
         run.clear()  # all but the lock this process holds
@@ -527,21 +501,21 @@ def _run(run: RunFolder, cfg: RunConfig, force: bool, on_stage) -> dict:
     run.remove_temporaries()  # what a killed run left: resume starts clean
     run.write_config(cfg)
     try:
-        for stage in STAGES:  # a stage that runs clears the later stages' records (RunFolder.begin): they run too
-            why = run.why_stale(stage, cfg)
+        for name in STAGES:  # a stage that runs clears the later stages' records (RunFolder.begin): they run too
+            why = run.why_stale(name, cfg)
             if why is None:
                 if on_stage:
-                    on_stage(stage, "done already (resumed)")
+                    on_stage(name, "done already (resumed)")
                 continue
-            if run.done(stage):
-                log.warning("%s runs again: %s", stage, why)
+            if run.done(name):
+                log.warning("%s runs again: %s", name, why)
                 if on_stage:
-                    on_stage(stage, f"runs again: {why}")
+                    on_stage(name, f"runs again: {why}")
             elif on_stage:
-                on_stage(stage, "start")
-            STAGE_FUNCS[stage](run.path, cfg, ws)
+                on_stage(name, "start")
+            STAGE_FUNCS[name](run.path, cfg, ws)
             if on_stage:
-                on_stage(stage, "end")
+                on_stage(name, "end")
     except Exception:
         if fresh:
             _forget_failed_start(run)

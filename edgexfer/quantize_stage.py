@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -14,13 +13,16 @@ from edgexfer.bounds import within
 from edgexfer.config import RunConfig
 from edgexfer.errors import RunFolderError
 from edgexfer.guard import Judge, Scorer, agreement_judge, guard_decision, guarded_quantize, shipped_row, verdict
-from edgexfer.runfolder import FILES, RunFolder, Workspace
+from edgexfer.runfolder import FILES, RunFolder, Stage, Workspace, stage
 
 log = logging.getLogger(__name__)
 
 
-def quantize(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | None = None) -> dict:
-    """model.onnx -> model.int8.onnx: static INT8 QDQ calibrated on training images, under the accuracy guard.
+@stage("quantize")
+def quantize(st: Stage) -> dict:
+    """The quantize stage, `quantize(run_dir, cfg=None, ws=None)` (`runfolder.stage`; `pipeline.quantize` runs it
+    on a disk with room for it). model.onnx -> model.int8.onnx: static INT8 QDQ calibrated on training images,
+    under the accuracy guard.
 
     The guard (`edgexfer.guard`) keeps the layers INT8 hurts most in FP32 until INT8 gives FP32's top-1 on all but
     `max_accuracy_drop` of an agreement set of images the model was not fitted on (`guard.agreement_set`: the
@@ -37,17 +39,14 @@ def quantize(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | 
     from edgexfer.guard import (Agreement, agreement_set, describe, fp32_stability, search_and_certify, summarize,
                                 target_set)
 
-    run = RunFolder(run_dir)
-    cfg = cfg or run.config()
+    run, cfg, ws = st.run, st.cfg, st.ws
     qc = cfg.quantize
-    ws = ws or Workspace(run, cfg)
-    t0 = time.perf_counter()
     fp32 = run.require(FILES["fp32"], "export")
     recipe, target = recipe_for(qc.target, qc.recipe)
     emulated = _arm64_emulation(target)
     if target.get("warning"):
         log.warning("target %s: %s", target["target"], target["warning"])
-    run.begin("quantize")
+    st.begin()
     calib, calibrated_on = calibration_set(cfg, ws, recipe.calibration_samples)
     xv, yv = ws.tensors("val")
     # with --adapt-bn the model is for the target domain, which has no labels: how often INT8 gives FP32's
@@ -141,8 +140,7 @@ def quantize(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | 
         out["quantize_fp16"] = convert_fp16(fp32, run.file(FILES["fp16"]))
     if "int8_dynamic" in qc.extra_formats:
         out["quantize_dynamic"] = quantize_dynamic_int8(fp32, run.file(FILES["int8_dynamic"]))
-    run.update_report(**out)
-    run.mark_done("quantize", time.perf_counter() - t0, cfg)
+    st.report(**out)
     return rec
 
 

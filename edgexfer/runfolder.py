@@ -1,5 +1,6 @@
-"""The run folder: its files, report.json's read-modify-write, which stages are done, and the process's
-shared state (`Workspace`: the data set and its preprocessed tensors, loaded once).
+"""The run folder: its files, report.json's read-modify-write, which stages are done, the stage protocol (`stage`:
+what every stage does around its own work) and the process's shared state (`Workspace`: the data set and its
+preprocessed tensors, loaded once).
 
     runs/<name>/checkpoint.pt  model.onnx  model.int8.onnx  report.json  report.md  model_card.md  config.json
 """
@@ -7,10 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import functools
 import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,7 +40,8 @@ FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.on
 STAGE_SETTINGS = {"finetune": ("data", "model", "train"), "export": (),
                   "quantize": (*(f"quantize.{f}" for f in QuantizeConfig.__dataclass_fields__), "max_accuracy_drop"),
                   "evaluate": ("max_accuracy_drop",), "bench": ("bench",)}
-STAGE_INPUTS = {"finetune": (), "export": ("checkpoint.pt",), "quantize": (FILES["fp32"], "checkpoint.pt"),
+STAGE_INPUTS = {"finetune": (), "export": ("checkpoint.pt",),
+                "quantize": (FILES["fp32"], "checkpoint.pt"),
                 "evaluate": tuple(FILES.values()), "bench": tuple(FILES.values())}  # model files: those present
 # which earlier stages' outputs a stage reads: running a stage again clears the later stages that read it (evaluate
 # writes test metrics, which bench never reads: bench's latencies outlive a new evaluation)
@@ -45,7 +49,8 @@ STAGE_READS = {"finetune": (), "export": ("finetune",), "quantize": ("finetune",
                "evaluate": ("finetune", "export", "quantize"), "bench": ("finetune", "export", "quantize")}
 # fields of a report.json "models" entry that bench writes (the rest are evaluate's)
 BENCH_MODEL_FIELDS = ("threads", "batch", "latency_ms", "throughput")
-STAGE_SECTIONS = {"finetune": (), "export": ("export",), "quantize": ("quantize", "quantize_fp16", "quantize_dynamic"),
+STAGE_SECTIONS = {"finetune": (), "export": ("export",),
+                  "quantize": ("quantize", "quantize_fp16", "quantize_dynamic"),
                   "evaluate": ("models", "quantization_impact"),
                   "bench": ("machine", "bench", "reference", "checks", "recommendation")}
 # files a stage writes; `begin` removes those of later stages (and the optional ones of its own)
@@ -311,6 +316,10 @@ class RunFolder:
         for name in OPTIONAL_OWN.get(stage, ()):
             self._remove(name, f"{stage} writes it again only when asked to")
 
+    def start_report(self, stage: str, cfg: RunConfig) -> None:
+        """`stage` makes a new model (finetune): report.json starts over."""
+        atomic.write_json(self.file("report.json"), {"schema": REPORT_SCHEMA, "stages": {}})
+
     def _remove(self, name: str, why: str) -> None:
         p = self.file(name)
         if p.is_file() and not p.is_symlink():
@@ -354,6 +363,73 @@ def _sha(b: bytes) -> str:
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# -- the stage protocol: what every stage does around its own work ------------------------------------
+
+class Stage:
+    """One stage at work, as `stage` hands it to the stage's function: the run folder (`run`), the config (`cfg`)
+    and the process's shared state (`ws`), and the protocol's one step the stage takes at its own moment, `begin`:
+    from there it replaces what it and the later stages recorded. Everything else is the protocol's: the lock,
+    the timing, clearing the report sections and files (`RunFolder.begin`), the report sections it writes
+    (`report`), and on success its provenance and done mark (`RunFolder.mark_done`)."""
+
+    def __init__(self, name: str, run: RunFolder, cfg: RunConfig, ws: Workspace, *, starts_over: bool = False,
+                 chooses: bool = False):
+        self.name, self.run, self.cfg, self.ws = name, run, cfg, ws
+        self.starts_over, self.chooses = starts_over, chooses
+        self.begun = False
+        self._t0 = time.perf_counter()
+
+    def begin(self) -> None:
+        """The stage starts writing (once; at the latest with its first report section): what it and the later
+        stages recorded goes (`RunFolder.begin`). A stage that `starts_over` (finetune: a new model) also writes
+        config.json and starts report.json afresh. What a stage reads and checks before this leaves the folder
+        as it was when it fails."""
+        if self.begun:
+            return
+        self.begun = True
+        self.run.path.mkdir(parents=True, exist_ok=True)
+        self.run.begin(self.name)
+        if self.starts_over:
+            self.run.write_config(self.cfg)
+            self.run.start_report(self.name, self.cfg)
+
+    def report(self, **sections) -> dict:
+        """Write these report.json sections (merged into what is there: `RunFolder.update_report`)."""
+        self.begin()
+        return self.run.update_report(**sections)
+
+    def finish(self) -> None:
+        """The stage's work succeeded: config.json with what a choosing stage chose, then its record:
+        done, in how many seconds, with the settings and input files it ran on (`RunFolder.provenance`)."""
+        self.begin()
+        if self.chooses:
+            self.run.write_config(self.cfg)
+        self.run.mark_done(self.name, time.perf_counter() - self._t0, self.cfg)
+
+
+def stage(name: str, *, starts_over: bool = False, chooses: bool = False):
+    """The stage protocol, as a decorator: `fn(st: Stage, **kw) -> result` becomes the stage
+    `NAME(run_dir, cfg=None, ws=None, **kw) -> result`, which holds the run folder's lock (`RunFolder.lock`), reads
+    config.json when no `cfg` is given, makes the `Workspace` when none is given, times the stage and, when `fn`
+    returns, records it done with its provenance (`Stage.finish`). A stage that raises leaves no done mark.
+    `starts_over`: the stage makes a new model (config.json and a fresh report.json as it begins);
+    `chooses`: the stage decides settings in `st.cfg` (config.json is written with them as it finishes)."""
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def run_stage(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | None = None, **kw):
+            run = RunFolder(run_dir)
+            with run.lock(name):
+                cfg = cfg or run.config()
+                st = Stage(name, run, cfg, ws or Workspace(run, cfg), starts_over=starts_over, chooses=chooses)
+                result = fn(st, **kw)
+                st.finish()
+                return result
+
+        run_stage.stage = name
+        return run_stage
+    return wrap
 
 
 # -- shared state of one process: the data set and its preprocessed tensors, loaded once ----------
