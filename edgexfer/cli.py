@@ -484,6 +484,8 @@ def finetune(out, **kw):
 
     cfg = build_config(**kw)
     with explain_interrupt(out), Progress("finetune").ticking():
+        if cfg.model.backbone == "auto":
+            pipeline.select(out, cfg)  # the select stage writes its choice into cfg and config.json
         res = pipeline.finetune(out, cfg)
     acc = res["val_accuracy"]
     from edgexfer.report import accuracy_name

@@ -1,6 +1,6 @@
 """The stages, and `run`, which chains them.
 
-Each stage is `NAME(run_dir, cfg=None, ws=None) -> dict` (finetune, export, quantize, evaluate, bench),
+Each stage is `NAME(run_dir, cfg=None, ws=None) -> dict` (select, finetune, export, quantize, evaluate, bench),
 made by the stage protocol (`runfolder.stage`: the lock, timing, provenance, report sections and done mark), so
 its function here holds only its own work: it reads the earlier stages' files from the run folder, writes its own
 atomically and records its numbers in `report.json`. `run` runs those not done with these settings and inputs
@@ -24,8 +24,8 @@ from edgexfer.config import BenchConfig, DataConfig, ModelConfig, RunConfig  # n
 from edgexfer.errors import EdgexferError, RunFolderError
 from edgexfer.quantize_stage import (TARGET_IMAGES, _arm64_emulation, _arm64_guard, _inc_quantize,  # noqa: F401
                                      agreement_with, calibration_set, target_agreement, target_images)
-from edgexfer.runfolder import (FILES, LOCK_FILE, REPORT_SCHEMA, STAGES, RunFolder, Stage, Workspace,  # noqa: F401
-                                 _now, stage)
+from edgexfer.runfolder import (FILES, LOCK_FILE, REPORT_SCHEMA, SELECT, SELECTION_FILE, STAGE_ORDER,  # noqa: F401
+                                 STAGES, RunFolder, Stage, Workspace, _now, stage, stages_for)
 from edgexfer.runtime import atomic, fmt
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 @stage("finetune", starts_over=True)
 def finetune(st: Stage) -> dict:
     """Fine-tune the backbone on the data set; write checkpoint.pt. A new model: config.json and a new report.json
-    as it begins."""
+    (keeping the select stage's record) as it begins. With `--backbone auto` the select stage runs first."""
     from edgexfer.backbones import get_backbone_info
     from edgexfer.finetune import train
     from edgexfer.model import build_model, model_config, save_checkpoint
@@ -44,7 +44,8 @@ def finetune(st: Stage) -> dict:
     run, cfg, ws = st.run, st.cfg, st.ws
     ds = ws.dataset
     if cfg.model.backbone == "auto":
-        choose_backbone(run, cfg, ws)
+        raise EdgexferError("--backbone auto: the select stage chooses the backbone before finetune "
+                            "(`edgexfer run` and `edgexfer finetune` run it)")
     info = get_backbone_info(cfg.model.backbone)
     mcfg = model_config(backbone=cfg.model.backbone, weights=cfg.model.weights, image_size=cfg.model.image_size,
                         tasks=ds.tasks, dropout=cfg.model.dropout)
@@ -96,9 +97,6 @@ def finetune(st: Stage) -> dict:
     return asdict(result)
 
 
-SELECTION_FILE = "backbone_selection.json"
-
-
 def _adopt_selection(cfg: RunConfig, model: dict) -> None:
     """`--backbone auto` on a run folder that already chose: keep its backbone and input size."""
     if model.get("backbone") not in (None, "auto"):
@@ -107,15 +105,18 @@ def _adopt_selection(cfg: RunConfig, model: dict) -> None:
         cfg.model.requested_backbone = "auto"
 
 
-def choose_backbone(run: RunFolder, cfg: RunConfig, ws: Workspace) -> dict:
-    """`--backbone auto`: every backbone with ImageNet weights here offline, each at its own input size
-    (`--image-size auto` per backbone, or the size given), scored by a linear probe's held-out accuracy on the labelled
-    images (transfer.select_backbone); the winner and its size go into the config, the whole comparison into
-    backbone_selection.json and the report."""
+@stage(SELECT, chooses=True)
+def select(st: Stage) -> dict:
+    """`--backbone auto`, the stage before finetune: every backbone with ImageNet weights here offline, each at its
+    own input size (`--image-size auto` per backbone, or the size given), scored by a linear probe's held-out
+    accuracy on the labelled images (transfer.select_backbone); the winner and its size go into config.json (the
+    protocol writes it as the stage finishes), the whole comparison into backbone_selection.json (and finetune puts
+    it in the report). A run folder keeps its choice (`run`)."""
     from edgexfer.backbones import get_backbone_info
     from edgexfer.data import auto_image_size
     from edgexfer.transfer import default_candidates, select_backbone
 
+    run, cfg, ws = st.run, st.cfg, st.ws
     names = [c for c in default_candidates() if "@" not in c]
     if not names:
         raise EdgexferError("--backbone auto: no backbone has ImageNet weights here offline "
@@ -129,11 +130,11 @@ def choose_backbone(run: RunFolder, cfg: RunConfig, ws: Workspace) -> dict:
     log.info("backbone auto: comparing %s on the labelled images", ", ".join(names))
     sel = select_backbone(ws.dataset, names, sizes, threads=cfg.bench.threads, max_latency_ms=cfg.model.max_latency_ms,
                           seed=cfg.data.seed)
+    st.begin()  # a new choice: what finetune and the later stages made from the old one goes
     atomic.write_json(run.file(SELECTION_FILE), sel)
     cfg.model.requested_backbone = "auto"
     cfg.model.backbone, cfg.model.image_size = sel["chosen"], sel["image_size"]
     cfg.model.image_size_reason = reasons[sel["chosen"]]
-    run.write_config(cfg)
     log.info("backbone auto: %s at %d px (%s)", sel["chosen"], sel["image_size"], sel["reason"])
     return sel
 
@@ -446,13 +447,14 @@ def pytorch_reference(run_dir: Path, threads: int):
 
 # -- the whole pipeline --------------------------------------------------------------------------
 
-STAGE_FUNCS: dict[str, Callable] = {"finetune": finetune, "export": export, "quantize": quantize,
+STAGE_FUNCS: dict[str, Callable] = {SELECT: select, "finetune": finetune, "export": export, "quantize": quantize,
                                     "evaluate": evaluate, "bench": bench}
 
 
 def run(run_dir: str | Path, cfg: RunConfig, *, force: bool = False,
         on_stage: Callable[[str, str], None] | None = None) -> dict:
-    """All stages in order into `run_dir`. An unfinished run with the same config resumes where it stopped."""
+    """All stages in order into `run_dir` (`stages_for`: select first with `--backbone auto`). An unfinished run
+    with the same config resumes where it stopped; a run folder that chose its backbone keeps it."""
     run = RunFolder(run_dir)
     if force and (run.path.exists() or run.path.is_symlink()):
         why = run.why_not_remove()
@@ -492,7 +494,7 @@ def _run(run: RunFolder, cfg: RunConfig, force: bool, on_stage) -> dict:
         raise RunFolderError(f"{run.path} holds a run made with another configuration ({'; '.join(changes)}): "
                              "pass --force to replace it, or --name NEW to make a new run beside it")
     ws = Workspace(run, cfg)
-    if force or not run.path.is_dir() or any(run.why_stale(name, cfg) for name in STAGES):
+    if force or not run.path.is_dir() or any(run.why_stale(name, cfg) for name in stages_for(cfg)):
         ws.dataset  # noqa: B018  load (and check) the data first: a data error writes nothing, removes nothing
     if force and any(run.path.iterdir()):
         run.clear()  # all but the lock this process holds
@@ -501,7 +503,7 @@ def _run(run: RunFolder, cfg: RunConfig, force: bool, on_stage) -> dict:
     run.remove_temporaries()  # what a killed run left: resume starts clean
     run.write_config(cfg)
     try:
-        for name in STAGES:  # a stage that runs clears the later stages' records (RunFolder.begin): they run too
+        for name in stages_for(cfg):  # a stage that runs clears the later stages' records (RunFolder.begin)
             why = run.why_stale(name, cfg)
             if why is None:
                 if on_stage:

@@ -27,7 +27,12 @@ from edgexfer.runtime import atomic
 log = logging.getLogger(__name__)
 
 REPORT_SCHEMA = "edgexfer.report/2"  # edgexfer/schemas/report.schema.json (edgexfer/report_schema.py)
-STAGES = ("finetune", "export", "quantize", "evaluate", "bench")
+STAGES = ("finetune", "export", "quantize", "evaluate", "bench")  # every run's stages
+# `--backbone auto`: the select stage chooses the backbone (and its input size) before finetune and writes the
+# choice into config.json; a run folder keeps its choice (`stages_for`)
+SELECT = "select"
+STAGE_ORDER = (SELECT, *STAGES)
+SELECTION_FILE = "backbone_selection.json"  # the select stage's comparison of the candidates
 FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.onnx",
          "int8_dynamic": "model.int8-dynamic.onnx"}
 
@@ -37,26 +42,34 @@ FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.on
 # the config.json entries each stage's output depends on ("section.field": one field of a section): every field of
 # the quantize section (the recipe, the guard's and QAT's settings, the EDGEXFER_* variables among them:
 # `config.QuantizeConfig`), so that a changed one marks the stage stale and is named
-STAGE_SETTINGS = {"finetune": ("data", "model", "train"), "export": (),
+# select: the request (the chosen backbone and size are its output, in the same section)
+STAGE_SETTINGS = {SELECT: ("data", "model.requested_backbone", "model.weights", "model.max_latency_ms"),
+                  "finetune": ("data", "model", "train"), "export": (),
                   "quantize": (*(f"quantize.{f}" for f in QuantizeConfig.__dataclass_fields__), "max_accuracy_drop"),
                   "evaluate": ("max_accuracy_drop",), "bench": ("bench",)}
-STAGE_INPUTS = {"finetune": (), "export": ("checkpoint.pt",),
+STAGE_INPUTS = {SELECT: (), "finetune": (), "export": ("checkpoint.pt",),
                 "quantize": (FILES["fp32"], "checkpoint.pt"),
                 "evaluate": tuple(FILES.values()), "bench": tuple(FILES.values())}  # model files: those present
 # which earlier stages' outputs a stage reads: running a stage again clears the later stages that read it (evaluate
 # writes test metrics, which bench never reads: bench's latencies outlive a new evaluation)
-STAGE_READS = {"finetune": (), "export": ("finetune",), "quantize": ("finetune", "export"),
-               "evaluate": ("finetune", "export", "quantize"), "bench": ("finetune", "export", "quantize")}
+STAGE_READS = {SELECT: (), "finetune": (SELECT,), "export": (SELECT, "finetune"),
+               "quantize": (SELECT, "finetune", "export"), "evaluate": (SELECT, "finetune", "export", "quantize"),
+               "bench": (SELECT, "finetune", "export", "quantize")}
 # fields of a report.json "models" entry that bench writes (the rest are evaluate's)
 BENCH_MODEL_FIELDS = ("threads", "batch", "latency_ms", "throughput")
-STAGE_SECTIONS = {"finetune": (), "export": ("export",),
+STAGE_SECTIONS = {SELECT: (), "finetune": (), "export": ("export",),
                   "quantize": ("quantize", "quantize_fp16", "quantize_dynamic"),
                   "evaluate": ("models", "quantization_impact"),
                   "bench": ("machine", "bench", "reference", "checks", "recommendation")}
 # files a stage writes; `begin` removes those of later stages (and the optional ones of its own)
-STAGE_FILES = {"export": (FILES["fp32"], "model.e2e.onnx"),
+STAGE_FILES = {SELECT: (SELECTION_FILE,), "export": (FILES["fp32"], "model.e2e.onnx"),
                "quantize": (FILES["int8"], "model.int8.e2e.onnx", FILES["fp16"], FILES["int8_dynamic"])}
 OPTIONAL_OWN = {"quantize": (FILES["fp16"], FILES["int8_dynamic"])}  # written only when asked for again
+
+
+def stages_for(cfg: RunConfig) -> tuple[str, ...]:
+    """The stages of a run with `cfg`, in order: select first when the backbone is chosen (`--backbone auto`)."""
+    return STAGE_ORDER if "auto" in (cfg.model.backbone, cfg.model.requested_backbone) else STAGES
 
 
 LOCK_FILE = ".lock"  # one writer per run folder: `RunFolder.lock`
@@ -274,6 +287,8 @@ class RunFolder:
     def why_stale(self, stage: str, cfg: RunConfig) -> str | None:
         """None when `stage` is done with these settings on these files; else why it must run (again)."""
         rec = self.report().get("stages", {}).get(stage, {})
+        if not rec and stage == SELECT and cfg.model.requested_backbone == "auto" and cfg.model.backbone != "auto":
+            return None  # chosen before select was a stage of its own: config.json holds the choice, which stands
         if not rec.get("done"):
             return "not done"
         if stage == "finetune":  # `run` refuses a run folder made with another training configuration
@@ -297,7 +312,7 @@ class RunFolder:
         """A stage starts writing: what it and the later stages recorded no longer holds. Their records and
         report sections go, and the files of the later stages (derived from what this stage replaces), so
         no file in the folder is described by settings it was not built with."""
-        later = [stage] + [s for s in STAGES[STAGES.index(stage) + 1:] if stage in STAGE_READS[s]]
+        later = [stage] + [s for s in STAGE_ORDER[STAGE_ORDER.index(stage) + 1:] if stage in STAGE_READS[s]]
         rep = self.report()
         before = json.dumps(rep, sort_keys=True)
         for s in later:
@@ -317,8 +332,11 @@ class RunFolder:
             self._remove(name, f"{stage} writes it again only when asked to")
 
     def start_report(self, stage: str, cfg: RunConfig) -> None:
-        """`stage` makes a new model (finetune): report.json starts over."""
-        atomic.write_json(self.file("report.json"), {"schema": REPORT_SCHEMA, "stages": {}})
+        """`stage` makes a new model (finetune): report.json starts over, keeping only the records of the stages
+        of this run it reads (the backbone choice)."""
+        kept = self.report().get("stages", {})
+        keep = [s for s in STAGE_READS[stage] if s in stages_for(cfg) and s in kept]
+        atomic.write_json(self.file("report.json"), {"schema": REPORT_SCHEMA, "stages": {s: kept[s] for s in keep}})
 
     def _remove(self, name: str, why: str) -> None:
         p = self.file(name)
@@ -401,7 +419,7 @@ class Stage:
         return self.run.update_report(**sections)
 
     def finish(self) -> None:
-        """The stage's work succeeded: config.json with what a choosing stage chose, then its record:
+        """The stage's work succeeded: config.json with what a choosing stage chose (select), then its record:
         done, in how many seconds, with the settings and input files it ran on (`RunFolder.provenance`)."""
         self.begin()
         if self.chooses:
@@ -437,7 +455,7 @@ def stage(name: str, *, starts_over: bool = False, chooses: bool = False):
 class Workspace:
     """What the stages of one process share, made once: the data set, the preprocessing of the chosen backbone,
     the preprocessed splits, and whatever a stage keeps through `cached` (the --adapt-bn images). What depends on
-    the backbone and input size is kept under them, so it is never one made before `--backbone auto` chose."""
+    the backbone and input size is kept under them, so it is never one made before the select stage chose."""
 
     def __init__(self, run: RunFolder, cfg: RunConfig):
         self.run, self.cfg = run, cfg
@@ -455,7 +473,7 @@ class Workspace:
         """The backbone and input size that preprocessed tensors depend on (a key part for `cached`)."""
         m = self.cfg.model
         if m.backbone == "auto":
-            raise EdgexferError("--backbone auto: no backbone chosen yet")
+            raise EdgexferError("--backbone auto: no backbone chosen yet (the select stage chooses it before finetune)")
         return m.backbone, m.image_size
 
     @property

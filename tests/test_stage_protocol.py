@@ -1,12 +1,14 @@
 """The stage protocol (`edgexfer.runfolder.stage`): the lock, provenance, report sections and done mark around each
 stage's own work; a stage that raises leaves no done mark; a changed setting makes its stage and the later ones
-stale. Fast tier: the tiny random backbone, in this process."""
+stale; `--backbone auto` is a stage of its own (select) whose choice a resumed run keeps, also in a run folder made
+before select was a stage. Fast tier: the tiny random backbone, in this process."""
 from __future__ import annotations
 
 import json
 
 import pytest
 
+from tests.conftest import FAST_RUN_ARGS, TEST_BACKBONE, invoke
 
 
 def report(run) -> dict:
@@ -72,6 +74,83 @@ def test_a_changed_setting_makes_its_stage_and_the_later_ones_run_again(fast_run
     assert all(run.why_stale(s, cfg) is None for s in pipeline.STAGES)
     written = json.loads((fast_run_copy / "config.json").read_text())
     assert written["quantize"]["guard_images"] == cfg.quantize.guard_images
+
+
+@pytest.fixture
+def auto_candidates(monkeypatch):
+    """`--backbone auto` among the tiny test backbone only (no real weights)."""
+    from edgexfer import transfer
+
+    monkeypatch.setattr(transfer, "default_candidates", lambda: [TEST_BACKBONE])
+
+
+def _auto_args(image_folder, runs):
+    i = FAST_RUN_ARGS.index("--backbone")
+    args = FAST_RUN_ARGS[:i] + FAST_RUN_ARGS[i + 2:]
+    return ("run", "--data", image_folder, "--runs", runs, "--name", "auto", "--backbone", "auto", *args)
+
+
+def _stage_lines(stderr: str) -> dict[str, str]:
+    return {line[4:].split()[0].rstrip(":"): line for line in stderr.splitlines() if line.startswith("==> ")}
+
+
+def test_select_is_a_stage_that_records_its_choice_and_a_resumed_run_keeps_it(auto_candidates, image_folder,
+                                                                              tmp_path):
+    from edgexfer.runfolder import SELECTION_FILE, RunFolder
+
+    r = invoke(*_auto_args(image_folder, tmp_path))
+    assert r.exit_code == 0, r.stderr[-3000:]
+    run = tmp_path / "auto"
+    assert list(_stage_lines(r.stderr)) == ["select", "finetune", "export", "quantize", "evaluate", "bench"]
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["model"]["requested_backbone"] == "auto" and cfg["model"]["backbone"] == TEST_BACKBONE
+    assert cfg["model"]["image_size"] == 32 and cfg["model"]["image_size_reason"] == "--image-size 32"
+    rep = report(run)
+    assert list(rep["stages"]) == ["select", "finetune", "export", "quantize", "evaluate", "bench"]
+    sel = rep["stages"]["select"]
+    assert sel["done"] and set(sel["settings"]) == {"data", "model.requested_backbone", "model.weights",
+                                                    "model.max_latency_ms"}
+    assert rep["backbone"]["name"] == TEST_BACKBONE and rep["backbone"]["requested"] == "auto"
+    assert rep["backbone"]["selection"] == json.loads((run / SELECTION_FILE).read_text())
+    folder = RunFolder(run)
+    assert all(folder.why_stale(s, folder.config()) is None for s in rep["stages"])
+
+    # the same command again: the choice stands, nothing runs
+    files = {p.name: p.stat().st_mtime_ns for p in run.iterdir() if p.name in (SELECTION_FILE, "checkpoint.pt")}
+    r = invoke(*_auto_args(image_folder, tmp_path))
+    assert r.exit_code == 0, r.stderr[-3000:]
+    lines = _stage_lines(r.stderr)
+    assert list(lines) == ["select", "finetune", "export", "quantize", "evaluate", "bench"]
+    assert all("done already" in line for line in lines.values()), lines
+    assert {p: (run / p).stat().st_mtime_ns for p in files} == files
+
+    # a run folder made before select was a stage: its choice is in config.json, finetune done, no select record
+    rep = report(run)
+    del rep["stages"]["select"]
+    (run / "report.json").write_text(json.dumps(rep))
+    r = invoke(*_auto_args(image_folder, tmp_path))
+    assert r.exit_code == 0, r.stderr[-3000:]
+    assert all("done already" in line for line in _stage_lines(r.stderr).values()), r.stderr[-3000:]
+    assert {p: (run / p).stat().st_mtime_ns for p in files} == files  # not selected again, not trained again
+
+
+def test_select_runs_again_when_its_record_is_stale_and_clears_what_followed(auto_candidates, image_folder, tmp_path):
+    from edgexfer import pipeline
+    from edgexfer.runfolder import RunFolder
+
+    r = invoke(*_auto_args(image_folder, tmp_path))
+    assert r.exit_code == 0, r.stderr[-3000:]
+    run = RunFolder(tmp_path / "auto")
+    rep = report(run.path)
+    rep["stages"]["select"]["settings"]["model.max_latency_ms"] = "another"  # as if chosen under another budget
+    (run.path / "report.json").write_text(json.dumps(rep))
+    cfg = run.config()
+    assert run.why_stale("select", cfg) == "its settings changed since (model.max_latency_ms)"
+    seen = []
+    pipeline.run(run.path, cfg, on_stage=lambda s, what: seen.append((s, what)))
+    status = {s: what for s, what in seen if what != "end"}
+    assert status["select"].startswith("runs again") and set(status.values()) - {status["select"]} == {"start"}
+    assert list(report(run.path)["stages"]) == ["select", "finetune", "export", "quantize", "evaluate", "bench"]
 
 
 def test_workspace_caches_through_its_api(fast_run):
