@@ -325,7 +325,8 @@ def cv_candidate(blocks: list[np.ndarray], taps: list[int], y: np.ndarray, balan
         warnings.simplefilter("ignore")  # convergence chatter at the weakest regularisation
         for j, (tr, te) in enumerate(folds):
             fold_of[te] = j
-            mu, sd = tap_standardiser(xs[tr], dims) if standardise else (np.zeros(f.shape[1]), np.ones(f.shape[1]))
+            # raw features are only centred: with the intercept unpenalised that is the same model, better conditioned
+            mu, sd = tap_standardiser(xs[tr], dims) if standardise else (xs[tr].mean(0), np.ones(f.shape[1]))
             for i, (_, w, b, pred) in enumerate(_fit_path((xs[tr] - mu) / sd, ys[tr], PROBE_CS, balanced,
                                                           (f[te] - mu) / sd)):
                 correct[i, te] = pred == y[te]
@@ -385,7 +386,7 @@ def cv_taps(model: EdgeNet, blocks: list[torch.Tensor], y: torch.Tensor, balance
     f = np.concatenate([b_np[i].astype(np.float64) for i in taps], 1)
     xs = f if not v else np.concatenate([f, np.concatenate([v_np[i].astype(np.float64) for i in taps], 2)
                                          .reshape(-1, f.shape[1])])
-    mu, sd = tap_standardiser(xs, r["dims"]) if r["standardise"] else (np.zeros(f.shape[1]), np.ones(f.shape[1]))
+    mu, sd = tap_standardiser(xs, r["dims"]) if r["standardise"] else (xs.mean(0), np.ones(f.shape[1]))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         _, w, b, _ = next(_fit_path((xs - mu) / sd, np.tile(t, v + 1), [r["C"]], balanced))
