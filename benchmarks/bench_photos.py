@@ -185,9 +185,10 @@ def main() -> int:
     ap.add_argument("--no-fashion-mnist", action="store_true", help="photos only (skip the Fashion-MNIST rows)")
     ap.add_argument("--note", default="", help="a sentence for the results (e.g. what else ran on the host)")
     ap.add_argument("--markdown", action="store_true", help="print the RESULTS.md section from the results JSON")
+    ap.add_argument("--out", type=Path, default=OUT, help=f"the results JSON (default {OUT.relative_to(ROOT)})")
     args = ap.parse_args()
     if args.markdown:
-        print(markdown(json.loads(OUT.read_text())), end="")
+        print(markdown(json.loads(args.out.read_text())), end="")
         return 0
     datas = args.data or DEFAULT_DATA
     for data in datas:
@@ -205,12 +206,12 @@ def main() -> int:
            "cores": os.cpu_count(), "note": args.note, "sets": {}}
     for data in datas:
         res["sets"][data.name] = measure(data)
-        OUT.parent.mkdir(parents=True, exist_ok=True)
-        OUT.write_text(json.dumps(res, indent=2) + "\n")  # each set as it finishes
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(res, indent=2) + "\n")  # each set as it finishes
     if not args.no_fashion_mnist:
         res["sets"]["Fashion-MNIST 100-shot"] = measure(None)
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(res, indent=2) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(res, indent=2) + "\n")
     print(markdown(res))
     return 0 if all(all(r["bounds"].values()) for r in res["sets"].values()) else 1
 

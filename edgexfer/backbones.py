@@ -133,11 +133,13 @@ def pool(t):
 
 
 def pooled_taps(backbone, x, taps: list[int]):
-    """(B, sum of the taps' widths): the concatenated global-average-pooled outputs of blocks `taps`."""
+    """(B, sum of the taps' widths): the concatenated global-average-pooled outputs of blocks `taps`, each a
+    (B, C, H, W) map (no branch on the tensors: torch.fx traces it, as QAT does)."""
     import torch
+    import torch.nn.functional as F
 
     outs = block_outputs(backbone, x)
-    return torch.cat([pool(outs[t]) for t in taps], 1)
+    return torch.cat([F.adaptive_avg_pool2d(outs[t], 1).flatten(1) for t in taps], 1)
 
 
 def tap_shapes(backbone, image_size: int) -> list[tuple[int, ...]]:

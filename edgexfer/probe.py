@@ -232,10 +232,14 @@ def tap_candidates(backbone, image_size: int) -> list[dict]:
     """The feature sets the cross-validated probe chooses among, by a rule on the network's shape (never on the
     data): the last layer (`head`, today's probe), the stage ends at the final spatial resolution (`late`), every
     stage's end (`stages`, `backbones.stage_ends`: where the width or the resolution changes). Fewest features
-    first, identical sets once. Only the last layer when the blocks' outputs cannot be tapped, or their last one
-    pooled is not the backbone's features."""
+    first, identical sets once. Only the last layer when the backbone has no explicit block path (`block_outputs`:
+    EfficientNet-Lite and the test backbone; the forward hooks that tap the others do not fire under torch.fx, which
+    QAT traces the model with), when its blocks' outputs are not (C, H, W) maps, or their last one pooled is not the
+    backbone's features."""
     from edgexfer.backbones import block_outputs, pool, stage_ends, tap_shapes
 
+    if getattr(backbone, "block_outputs", None) is None:
+        return [{"name": "head", "taps": None, "rule": "the backbone's last layer (no explicit block path to tap)"}]
     try:
         shapes = tap_shapes(backbone, image_size)
         with torch.no_grad():
@@ -247,7 +251,7 @@ def tap_candidates(backbone, image_size: int) -> list[dict]:
     except Exception as e:  # noqa: BLE001 - any backbone that cannot be tapped keeps its last layer
         log.info("linear probe: the backbone's blocks cannot be tapped (%s): its last layer only", e)
         shapes, same = None, False
-    if not shapes or not same:
+    if not shapes or not same or any(len(sh) != 3 for sh in shapes):
         return [{"name": "head", "taps": None, "rule": "the backbone's last layer (its pooled features)"}]
     last = len(shapes) - 1
     ends = stage_ends(shapes)

@@ -72,6 +72,17 @@ def test_hooks_tap_a_backbone_without_its_own_block_outputs():
             assert torch.equal(a, b)
 
 
+def test_a_multi_layer_model_traces_with_torch_fx_as_qat_does():
+    from edgexfer.model import EdgeNet
+    from edgexfer.qat import fold_batchnorm
+
+    net = EdgeNet(_tiny(), 40, {"t": 3}, taps=[0, 1, 2]).eval()
+    gm = fold_batchnorm(net)  # torch.fx.symbolic_trace inside
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(gm(x)[0], net(x)[0], atol=1e-5)
+
+
 def test_candidates_follow_the_networks_shape():
     from edgexfer.backbones import stage_ends
     from edgexfer.probe import tap_candidates
