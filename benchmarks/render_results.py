@@ -151,7 +151,9 @@ def section_photos() -> str:
            bench_photos.markdown(d).split("\n\n", 1)[1].rstrip(), "",
            "What decides here, on the labelled images only: `--backbone auto` ranks the offline backbones by a "
            "linear probe's leave-one-out accuracy (the figures above, ± binomial standard error); `--strategy auto` "
-           "takes the cross-validated probe when validation is small (as on flowers-dev) and LP-FT otherwise; the "
+           "takes the cross-validated probe when validation is small (as on both development sets) and LP-FT otherwise; "
+           "that probe's cross-validation also chooses which blocks' pooled outputs its head reads (issue 28: the last "
+           "layer, the last resolution's stage ends or every stage end, ties within one paired s.e. to fewer features); the "
            "INT8 guard decides on INT8/FP32 agreement over train/validation/augmented images. The test split only "
            "reports, and it is small (± above)."]
     if (RESULTS / "photos_cv_lpft.json").is_file():
