@@ -56,6 +56,14 @@ def default_run(tmp_path_factory):
 
 
 @pytest.mark.slow
+def timing_meaningful() -> None:
+    """Seconds of silence and ETAs are the host's when it is busy: skip, saying so, when the load average (taken
+    after the run) exceeds the cores (CI's fresh clone runs alone; a developer's loaded machine does not)."""
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load > cores:
+        pytest.skip(f"load average {load:.1f} on {cores} cores: wall-clock gaps and ETAs measure the other work")
+
+
 def test_no_stage_of_a_default_run_is_silent_for_10_s(default_run):
     from edgexfer.runfolder import STAGES
 
@@ -63,15 +71,16 @@ def test_no_stage_of_a_default_run_is_silent_for_10_s(default_run):
     starts = {s: next((i for i, (_, l) in enumerate(lines) if l == f"==> {s}"), None) for s in STAGES}
     assert all(i is not None for i in starts.values()), [l for _, l in lines]
     first = starts[STAGES[0]]
-    times = [t for t, _ in lines[first:]] + [end]
-    gaps = [(b - a, lines[first + i][1]) for i, (a, b) in enumerate(zip(times, times[1:]))]
-    worst = max(gaps)
-    assert worst[0] <= 10.0, f"{worst[0]:.1f} s of silence after: {worst[1]}"
     order = [starts[s] for s in STAGES] + [len(lines)]
     for s, a, b in zip(STAGES, order, order[1:]):  # each stage says what it does, not only its name
         assert b - a >= 2, f"{s}: no progress line of its own: {[l for _, l in lines[a:b]]}"
     text = "\n".join(l for _, l in lines)
     assert "linear probe: augmented view" in text and "linear probe: cross-validating" in text
+    times = [t for t, _ in lines[first:]] + [end]
+    gaps = [(b - a, lines[first + i][1]) for i, (a, b) in enumerate(zip(times, times[1:]))]
+    worst = max(gaps)
+    timing_meaningful()
+    assert worst[0] <= 10.0, f"{worst[0]:.1f} s of silence after: {worst[1]}"
 
 
 @pytest.mark.slow
@@ -80,6 +89,7 @@ def test_bench_eta_holds_within_25_percent(default_run):
     lines, end, rc, out = timed_lines(["bench", run, "--iters", "400", "--threads", "1", "--no-reference",
                                        "--batches", "1,8"])
     assert rc == 0, lines
+    timing_meaningful()
     etas = [(t, float(m.group(1))) for t, l in lines if (m := re.search(r"ETA (\d+) s\]", l))]
     assert etas, [l for _, l in lines]
     checked = 0
