@@ -465,7 +465,14 @@ def fit_probe(model: EdgeNet, data: Dataset, pp: Preprocessing, x_tr: torch.Tens
     cross_validate = strategy == "linear" and len(n_cls) == 1 and (not len(x_va) or small_validation(y_va, n_cls[0]))
     # the cross-validation also chooses which blocks' pooled outputs the head reads (`tap_candidates`): every
     # block's, from one pass over the images
-    candidates = tap_candidates(model.backbone, pp.crop) if cross_validate else []
+    # Not with --adapt-bn: AdaBN re-estimates every BatchNorm layer's statistics on the target afterwards, which moves
+    # the intermediate blocks' outputs that a multi-layer head standardises with the source's means and scales, and
+    # the AdaBN safeguard's label-free checks were built on the last layer's probe (a multi-layer head fitted on
+    # separable images answered near-uniformly there and hid a harmful adaptation from the entropy check)
+    candidates = tap_candidates(model.backbone, pp.crop) if cross_validate and not cfg.adapt_bn else []
+    if cross_validate and cfg.adapt_bn:
+        log.info("linear probe: the last layer only (--adapt-bn re-estimates the statistics intermediate features "
+                 "depend on after training)")
     b_fit = None
     if len(candidates) > 1:
         b_tr = extract_block_features(model, x_tr, desc="features train")
