@@ -156,6 +156,10 @@ def section_photos() -> str:
            "layer, the last resolution's stage ends or every stage end, ties within one paired s.e. to fewer features); the "
            "INT8 guard decides on INT8/FP32 agreement over train/validation/augmented images. The test split only "
            "reports, and it is small (± above)."]
+    if (RESULTS / "photos_aerial.json").is_file():  # the second development set, run on its own (--out)
+        a = load("photos_aerial.json")
+        out += ["", prov("photos_aerial.json", a, machine_of={**a["machine"], "cores": a.get("cores")}) + ". "
+                    + a.get("note", ""), "", bench_photos.markdown(a).split("\n\n", 1)[1].rstrip()]
     if (RESULTS / "photos_cv_lpft.json").is_file():
         c = load("photos_cv_lpft.json")
         out += ["", f"Tried and not kept (`results/photos_cv_lpft.json`, same script): {c.get('note', '')} On "
