@@ -27,9 +27,7 @@ BOUND = 0.10
 
 def imagenet_lite0(folder: Path) -> list[Path]:
     """EfficientNet-Lite0 (ImageNet head) as edgexfer FP32 and INT8 files at 224, with their end-to-end files."""
-    import torch
-
-    from edgexfer.backbones import LITE_MEAN, LITE_STD, build_backbone
+    from edgexfer.backbones import LITE_MEAN, LITE_STD, imagenet_classifier
     from edgexfer.exporters.e2e import write
     from edgexfer.exporters.onnx_export import export_onnx
     from edgexfer.exporters.quantize import Int8Recipe, quantize_int8
@@ -37,22 +35,13 @@ def imagenet_lite0(folder: Path) -> list[Path]:
     from edgexfer.runtime.metadata import InputSpec, ModelMeta, Preprocessing, Task
     from edgexfer.runtime.preprocess import preprocess
 
-    class Net(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.f = build_backbone("efficientnet_lite0", weights="imagenet", image_size=224).eval()
-            self.head = self.f.classifier()
-
-        def forward(self, x):
-            return (self.head(self.f(x)),)
-
     pp = Preprocessing(resize=256, crop=224, mean=LITE_MEAN, std=LITE_STD)
     meta = ModelMeta(tasks=[Task("label", "logits", tuple(f"imagenet_{i}" for i in range(1000)))],
                      input=InputSpec("input", 224, 224, 3), preprocessing=pp,
                      provenance={"backbone": "efficientnet_lite0", "weights": "imagenet"})
     x = np.stack([preprocess(bench_photo(300 + 20 * i, 400, seed=i), pp) for i in range(16)])
     fp32, int8 = folder / "model.onnx", folder / "model.int8.onnx"
-    export_onnx(Net().eval(), meta, fp32, x, atol=1e-3)
+    export_onnx(imagenet_classifier(), meta, fp32, x, atol=1e-3)
     quantize_int8(fp32, int8, x, Int8Recipe(calibration_samples=16))
     for f in (fp32, int8):
         write(f)

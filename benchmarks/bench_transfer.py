@@ -82,7 +82,8 @@ def section_curve() -> dict:
     from edgexfer.pipeline import DataConfig, ModelConfig, RunConfig
     from edgexfer.transfer import curve
 
-    cfg = RunConfig(DataConfig(test_size=2000), ModelConfig(image_size=IMAGE_SIZE), TrainConfig(strategy="auto"))
+    cfg = RunConfig(DataConfig(test_size=2000), ModelConfig(backbone="efficientnet_lite0", image_size=IMAGE_SIZE),
+                    TrainConfig(strategy="auto"))
     with tempfile.TemporaryDirectory() as td:
         res = curve(cfg, [1, 5, 10, 50, 100], td,
                     on_point=lambda p: print(f"  curve {p['labels_per_class']}: {p['pretrained']['test_accuracy']:.4f} "

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from edgexfer.config import PHOTO_AUGMENTS  # noqa: F401  (what colour photos get besides crop and flip)
 from edgexfer.data import SMALL_IMAGE_SIDE
 from edgexfer.runtime.metadata import Preprocessing
 
@@ -45,7 +46,6 @@ DECODE_MARGIN = 1.15     # decoded shorter side / input size: room for the crop,
 CROP_AREA = (0.35, 1.0)   # the probe's and the guard's random resized crop: fraction of the image's area
 CROP_ASPECT = (3 / 4, 4 / 3)  # and its aspect ratio (torchvision's default)
 PROBE_JITTER = (0.2, 0.2, 0.2)  # the probe's views: ColorJitter's brightness, contrast, saturation (colour only)
-PHOTO_AUGMENTS = ("trivial", "jitter", "none")   # what colour photos get besides crop and flip
 JITTER = dict(brightness=0.3, contrast=0.3, saturation=0.3)  # no hue: a flower's hue is its class
 
 

@@ -84,6 +84,23 @@ def build_backbone(name: str, *, weights: str = "imagenet", image_size: int = 22
     return info.builder(weights=weights, image_size=image_size)
 
 
+def imagenet_classifier(name: str = "efficientnet_lite0", image_size: int = 224):
+    """The backbone with its own ImageNet head (`classifier()`), returning `(logits,)` as an edgexfer model
+    does: what the end-to-end parity test and benchmark export to check a file against ImageNet's labels."""
+    import torch
+
+    class ImageNetClassifier(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.f = build_backbone(name, weights="imagenet", image_size=image_size).eval()
+            self.head = self.f.classifier()
+
+        def forward(self, x):
+            return (self.head(self.f(x)),)
+
+    return ImageNetClassifier().eval()
+
+
 def _load_local(module, path: str):
     import torch
 

@@ -22,6 +22,7 @@ from edgexfer.errors import EdgexferError
 from edgexfer.runtime import atomic
 from edgexfer.runtime.cli import Lent, command_tree, quiet_option, threads_option
 from edgexfer.runtime.cli import main as tree_main
+from edgexfer.config import build_config  # noqa: F401  (the training options' RunConfig)
 
 log = logging.getLogger("edgexfer")
 
@@ -89,6 +90,9 @@ class ImageSize(click.ParamType):
 
 
 def data_options(f):
+    from edgexfer.config import DataConfig, ModelConfig, TrainConfig  # the defaults
+
+    _D, _M, _T = DataConfig(), ModelConfig(), TrainConfig()
     opts = [
         click.option("--data", type=click.Path(path_type=str), default=None, show_default="offline Fashion-MNIST",
                      help="ImageFolder tree (one folder per class, or train/ val/ test/ subfolders), or a CSV file "
@@ -98,36 +102,36 @@ def data_options(f):
                      help="At most this many labelled images per class (validation included); the log and report "
                           "say how many were left out. Default: all of --data's images; 100 for Fashion-MNIST."),
         click.option("--all-labels", is_flag=True, help="Use every labelled image (ignore --shots)."),
-        click.option("--test-size", type=click.IntRange(min=10), default=2000, show_default=True,
+        click.option("--test-size", type=click.IntRange(min=10), default=_D.test_size, show_default=True,
                      help="Fashion-MNIST only: held-out test images."),
-        click.option("--seed", type=int, default=0, show_default=True,
+        click.option("--seed", type=int, default=_D.seed, show_default=True,
                      help="Seed of the data split, the augmentation and the training."),
         click.option("--strict", is_flag=True, help="Refuse corrupt images instead of skipping them."),
         click.option("--follow-symlinks", is_flag=True,
                      help="Follow symbolic links (class folders or images) that lead out of the --data folder; "
                           "without it they are skipped and counted with the unreadable images."),
-        click.option("--backbone", default="auto", show_default=True,
+        click.option("--backbone", default=_M.backbone, show_default=True,
                      help="Backbone name (see `edgexfer backbones`), or auto: of the backbones with ImageNet "
                           "weights here offline, the one whose features a linear probe classifies best (held out) "
                           "on your labelled images (within --max-latency-ms); the report shows the comparison."),
         click.option("--max-latency-ms", type=click.FloatRange(0, min_open=True), default=None, show_default="no limit",
                      help="--backbone auto: only backbones at most this slow at batch 1 on this host (ONNX Runtime, "
                           "FP32, --threads). Default: no limit."),
-        click.option("--weights", default="imagenet", show_default=True,
+        click.option("--weights", default=_M.weights, show_default=True,
                      help="imagenet | none | path to a local checkpoint."),
-        click.option("--image-size", type=ImageSize(), default="auto", show_default=True,
+        click.option("--image-size", type=ImageSize(), default=_M.image_size, show_default=True,
                      help="Input size in pixels, or auto: the backbone's pretraining resolution (224 for "
                           "EfficientNet-Lite0) for photos, 96 when the images are small (median shorter side "
                           "under 64 px, e.g. Fashion-MNIST); the report says what was chosen and why."),
         click.option("--strategy", type=click.Choice(["auto", "lpft", "finetune", "partial", "linear"]),
-                     default="auto", show_default=True,
+                     default=_T.strategy, show_default=True,
                      help="lpft: linear probe, then fine-tune every layer; finetune: every layer from the start; "
                           "partial: probe, then the last --unfreeze-blocks blocks; linear: the head on cached "
                           "features; auto: linear when the validation split is too small to choose fine-tuning's "
                           "epochs (under 50 images or 10 per class), else by labels per class (the report says why)."),
-        click.option("--unfreeze-blocks", type=click.IntRange(min=1), default=3, show_default=True,
+        click.option("--unfreeze-blocks", type=click.IntRange(min=1), default=_T.unfreeze_blocks, show_default=True,
                      help="partial: how many of the backbone's last blocks train."),
-        click.option("--lr-decay", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
+        click.option("--lr-decay", type=click.FloatRange(0, 1, min_open=True), default=_T.lr_decay, show_default=True,
                      help="Layer-wise learning-rate decay: each earlier block trains at this times the next "
                           "block's rate (1: one rate for the whole backbone)."),
         click.option("--adapt-bn", type=click.Path(exists=True, file_okay=False, path_type=str), default=None,
@@ -139,17 +143,17 @@ def data_options(f):
         click.option("--adapt-bn-force", is_flag=True,
                      help="With --adapt-bn: keep the adapted statistics even when the checks say it hurt "
                           "(the report still says so)."),
-        click.option("--epochs", type=click.IntRange(min=1), default=8, show_default=True,
+        click.option("--epochs", type=click.IntRange(min=1), default=_T.epochs, show_default=True,
                      help="Training epochs (fine-tuning; the linear probe has its own schedule)."),
-        click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+        click.option("--batch-size", type=click.IntRange(min=1), default=_T.batch_size, show_default=True,
                      help="Images per training step."),
-        click.option("--lr", type=float, default=3e-4, show_default=True, help="Peak learning rate (AdamW)."),
+        click.option("--lr", type=float, default=_T.lr, show_default=True, help="Peak learning rate (AdamW)."),
         threads_option("Threads of ONNX Runtime (evaluation, benchmarks, the INT8 guard) and of the backbone "
                        "comparison."),
         click.option("--no-calibrate", is_flag=True,
                      help="Keep the softmax scores as trained: no temperature fitted on held-out images and folded "
                           "into the heads (the report still gives their calibration error)."),
-        click.option("--compare-scratch/--no-compare-scratch", default=False, show_default=True,
+        click.option("--compare-scratch/--no-compare-scratch", default=_T.scratch_baseline, show_default=True,
                      help="Also train the same network from random init with the same budget; the report says "
                           "how much the pretrained start beat it, and flags negative transfer."),
     ]
@@ -159,14 +163,17 @@ def data_options(f):
 
 
 def quant_options(f):
-    from edgexfer.config import QuantizeConfig as _Q, RunConfig  # the defaults (the recipe's two: Int8Recipe's)
+    from edgexfer.config import QuantizeConfig, RunConfig  # the defaults
+
+    _Q = QuantizeConfig()
+    _R = _Q.recipe
 
     opts = [
         click.option("--target", type=click.Choice(["host", "avx2", "avx512", "avx512_vnni", "arm64"]), default=_Q.target,
                      show_default=True, help="CPU the INT8 recipe is for (optimum's presets); host: this CPU."),
-        click.option("--calibration-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
+        click.option("--calibration-method", type=click.Choice(["minmax", "entropy", "percentile"]), default=_R.calibration_method,
                      show_default=True, help="How INT8 ranges are set from the calibration images' activations."),
-        click.option("--calibration-samples", type=click.IntRange(min=1), default=200, show_default=True,
+        click.option("--calibration-samples", type=click.IntRange(min=1), default=_R.calibration_samples, show_default=True,
                      help="Calibration images."),
         click.option("--calibration-data", type=click.Choice(["auto", "train", "adapt-bn"]), default=_Q.calibration,
                      show_default=True, help="Images that set the INT8 ranges: train, or adapt-bn (the run's "
@@ -216,61 +223,6 @@ def apply_quant_options(cfg, *, target, calibration_method, calibration_samples,
         extra_formats=tuple(f for f, on in (("fp16", fp16), ("int8_dynamic", dynamic)) if on)).with_environment()
     cfg.max_accuracy_drop = max_accuracy_drop
     return cfg
-
-
-def build_config(*, data, shots, all_labels, test_size, seed, strict, backbone, weights, image_size, strategy,
-                 epochs, batch_size, lr, threads, compare_scratch=False, unfreeze_blocks=3, lr_decay=1.0,
-                 adapt_bn=None, no_calibrate=False, max_latency_ms=None, adapt_bn_force=False, follow_symlinks=False):
-    from edgexfer.backbones import get_backbone_info
-    from edgexfer.finetune import TrainConfig
-    from edgexfer.pipeline import BenchConfig, DataConfig, ModelConfig, RunConfig
-
-    if backbone != "auto":
-        info = get_backbone_info(backbone)  # unknown names fail here, before any data is read
-        if weights == "imagenet" and not info.offline():  # weights not in the cache: the backbone's own error
-            from edgexfer.backbones import build_backbone  # (naming the file and the folder), before anything
-
-            build_backbone(backbone, weights="imagenet")  # is written (it downloads them where it can)
-        if max_latency_ms is not None:
-            raise EdgexferError("--max-latency-ms goes with --backbone auto")
-    elif weights != "imagenet":
-        raise EdgexferError(f"--backbone auto compares ImageNet-pretrained backbones; with --weights {weights}, name "
-                            "the backbone they belong to (--backbone NAME)")
-    if adapt_bn_force and not adapt_bn:
-        raise EdgexferError("--adapt-bn-force goes with --adapt-bn DIR")
-    if weights not in ("imagenet", "none") and not Path(weights).is_file():
-        raise EdgexferError(f"weights file not found: {weights}")
-    if data is not None and not Path(data).is_dir():
-        if not Path(data).is_file():
-            raise EdgexferError(f"data folder or CSV file not found: {data}")
-        if not data.lower().endswith(".csv"):
-            raise EdgexferError(f"--data takes a folder or a .csv file; got {data}")
-    from edgexfer.data import auto_image_size
-
-    size_reason = None
-    if image_size == "auto" and backbone == "auto":
-        size_reason = "chosen with the backbone (--backbone auto)"
-    elif image_size == "auto":
-        image_size, size_reason = auto_image_size(data, get_backbone_info(backbone).default_size, seed=seed,
-                                                  follow_symlinks=follow_symlinks)
-    else:
-        size_reason = f"--image-size {image_size}"
-    if all_labels or (shots is None and data is not None):
-        shots = None   # a user's own labelled images: every one of them
-    elif shots is None:
-        shots = 100    # the Fashion-MNIST demo: 100 labels per class
-    return RunConfig(
-        data=DataConfig(source=str(Path(data).resolve()) if data else None, shots=shots,
-                        test_size=test_size, seed=seed, strict=strict, follow_symlinks=follow_symlinks),
-        model=ModelConfig(backbone=backbone, weights=str(Path(weights).resolve()) if weights not in ("imagenet", "none") else weights,
-                          image_size=image_size, image_size_reason=size_reason, max_latency_ms=max_latency_ms),
-        train=TrainConfig(strategy=strategy, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                          scratch_baseline=compare_scratch, unfreeze_blocks=unfreeze_blocks, lr_decay=lr_decay,
-                          adapt_bn=str(Path(adapt_bn).resolve()) if adapt_bn else None, source_bn=bool(adapt_bn),
-                          adapt_bn_force=adapt_bn_force,
-                          calibrate=not no_calibrate),
-        bench=BenchConfig(threads=threads),
-    )
 
 
 def default_run_name(data: str | None) -> str:

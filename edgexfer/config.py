@@ -23,9 +23,9 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = "efficientnet_lite0"
+    backbone: str = "auto"        # a name (edgexfer/backbones.py), or auto: the select stage chooses (and the size)
     weights: str = "imagenet"     # imagenet | none | path to a checkpoint
-    image_size: int = 96
+    image_size: int | str = "auto"  # pixels, or auto: the backbone's pretraining size for photos (resolve_image_size)
     dropout: float = 0.2
     image_size_reason: str | None = None  # why --image-size auto chose image_size
     requested_backbone: str | None = None  # "auto": backbone and image_size were chosen (backbone_selection.json)
@@ -39,6 +39,52 @@ class BenchConfig:
     warmup: int = 20
     batch: int = 32
     pytorch_reference: bool = True
+
+
+PHOTO_AUGMENTS = ("trivial", "jitter", "none")   # what colour photos get besides crop and flip (edgexfer/augment.py)
+STRATEGIES = ("auto", "linear", "partial", "finetune", "lpft")
+
+
+@dataclass
+class TrainConfig:
+    """The finetune stage's settings (edgexfer/finetune.py); the CLI's training options take their defaults
+    from here."""
+    strategy: str = "auto"          # auto | linear | partial | finetune | lpft (finetune.choose_strategy)
+    epochs: int = 8                 # fine-tuning epochs
+    batch_size: int = 32
+    lr: float = 3e-4                # head learning rate; the backbone's last block gets lr * backbone_lr_mult
+    backbone_lr_mult: float = 1.0
+    lr_decay: float = 1.0           # layer-wise: each earlier block gets this times the next block's rate
+    unfreeze_blocks: int = 3        # partial: how many of the backbone's last blocks train
+    freeze_bn: bool = True          # BatchNorm statistics stay as pretrained (eval mode) while fine-tuning
+    weight_decay: float = 0.01
+    label_smoothing: float = 0.1
+    warmup_fraction: float = 0.1    # of all fine-tuning steps
+    probe_steps: int = 300          # full-batch AdamW steps of the linear probe
+    probe_lr: float = 3e-3
+    augment: bool = True            # fine-tuning augmentation, drawn anew every epoch (edgexfer/augment.py)
+    photo_augment: str = "trivial"  # photos, besides RandomResizedCrop and flip: trivial (TrivialAugmentWide) | jitter | none
+    crop_scale: float = 0.35        # photos: RandomResizedCrop's smallest fraction of the image's area
+    patience: int = 4               # early stopping on validation accuracy
+    seed: int = 0
+    scratch_baseline: bool = False  # also train the same network from random init, same budget
+    adapt_bn: str | None = None     # folder of unlabelled target-domain images: AdaBN after training
+    adapt_bn_force: bool = False    # keep AdaBN's statistics even when the label-free checks say it hurt
+    source_bn: bool = False         # BatchNorm statistics from the training images, not the pretraining data
+    calibrate: bool = True          # temperature scaling: a T per head fitted on held-out logits, folded in (temperature.py)
+    probe_views: int = 4            # the cross-validated probe also fits this many augmented views of each image
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {self.strategy!r}; choose one of {STRATEGIES}")
+        if not 0 < self.lr_decay <= 1:
+            raise ValueError(f"lr_decay must be in (0, 1]; got {self.lr_decay}")
+        if self.unfreeze_blocks < 1:
+            raise ValueError(f"unfreeze_blocks must be at least 1; got {self.unfreeze_blocks}")
+        if self.photo_augment not in PHOTO_AUGMENTS:
+            raise ValueError(f"unknown photo_augment {self.photo_augment!r}; choose one of {PHOTO_AUGMENTS}")
+        if not 0 < self.crop_scale <= 1:
+            raise ValueError(f"crop_scale must be in (0, 1]; got {self.crop_scale}")
 
 
 # The environment variables that change what the quantize stage writes, and the QuantizeConfig field each
@@ -124,15 +170,10 @@ _MOVED_TO_QUANTIZE = ("target", "tuner", "extra_formats", "calibration", "min_ta
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    train: Any = None             # finetune.TrainConfig (imported lazily: torch)
+    train: TrainConfig = field(default_factory=TrainConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     max_accuracy_drop: float = 0.01  # the run's accuracy bound: the guard (quantize), evaluate and the report
-
-    def __post_init__(self):
-        if self.train is None:
-            from edgexfer.finetune import TrainConfig
-            self.train = TrainConfig()
 
     def __setattr__(self, name, value):
         if name in _MOVED_TO_QUANTIZE:  # an old name would be set and read by nobody
@@ -146,8 +187,6 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
-        from edgexfer.finetune import TrainConfig
-
         return cls(data=DataConfig(**d["data"]), model=ModelConfig(**d["model"]), train=TrainConfig(**d["train"]),
                    quantize=QuantizeConfig.from_dict(d), bench=BenchConfig(**d["bench"]),
                    max_accuracy_drop=d.get("max_accuracy_drop", cls.max_accuracy_drop))
@@ -157,3 +196,78 @@ class RunConfig:
         d = self.to_dict()
         d["model"].pop("image_size_reason", None)  # what the size is matters, not how it was worded
         return {k: d[k] for k in ("data", "model", "train")}
+
+
+_D, _M, _T, _B = DataConfig(), ModelConfig(), TrainConfig(), BenchConfig()
+
+
+def build_config(*, data: str | None = _D.source, shots: int | None = None, all_labels: bool = False,
+                 test_size: int | None = _D.test_size, seed: int = _D.seed, strict: bool = _D.strict,
+                 follow_symlinks: bool = _D.follow_symlinks, backbone: str = _M.backbone, weights: str = _M.weights,
+                 image_size: int | str = _M.image_size, max_latency_ms: float | None = _M.max_latency_ms,
+                 strategy: str = _T.strategy, epochs: int = _T.epochs, batch_size: int = _T.batch_size,
+                 lr: float = _T.lr, unfreeze_blocks: int = _T.unfreeze_blocks, lr_decay: float = _T.lr_decay,
+                 compare_scratch: bool = _T.scratch_baseline, adapt_bn: str | None = _T.adapt_bn,
+                 adapt_bn_force: bool = _T.adapt_bn_force, no_calibrate: bool = not _T.calibrate,
+                 threads: int = _B.threads) -> RunConfig:
+    """The RunConfig of the training options (`edgexfer run/finetune/curve`; their defaults are this module's):
+    checked before anything is read or written, paths made absolute, `--image-size auto` resolved for a named
+    backbone (`resolve_image_size`; with `--backbone auto` the select stage sizes each candidate)."""
+    from pathlib import Path
+
+    from edgexfer.backbones import get_backbone_info
+    from edgexfer.errors import EdgexferError
+
+    if backbone != "auto":
+        info = get_backbone_info(backbone)  # unknown names fail here, before any data is read
+        if weights == "imagenet" and not info.offline():  # weights not in the cache: the backbone's own error
+            from edgexfer.backbones import build_backbone  # (naming the file and the folder), before anything
+
+            build_backbone(backbone, weights="imagenet")  # is written (it downloads them where it can)
+        if max_latency_ms is not None:
+            raise EdgexferError("--max-latency-ms goes with --backbone auto")
+    elif weights != "imagenet":
+        raise EdgexferError(f"--backbone auto compares ImageNet-pretrained backbones; with --weights {weights}, name "
+                            "the backbone they belong to (--backbone NAME)")
+    if adapt_bn_force and not adapt_bn:
+        raise EdgexferError("--adapt-bn-force goes with --adapt-bn DIR")
+    if weights not in ("imagenet", "none") and not Path(weights).is_file():
+        raise EdgexferError(f"weights file not found: {weights}")
+    if data is not None and not Path(data).is_dir():
+        if not Path(data).is_file():
+            raise EdgexferError(f"data folder or CSV file not found: {data}")
+        if not data.lower().endswith(".csv"):
+            raise EdgexferError(f"--data takes a folder or a .csv file; got {data}")
+    if all_labels or (shots is None and data is not None):
+        shots = None   # a user's own labelled images: every one of them
+    elif shots is None:
+        shots = _D.shots  # the Fashion-MNIST demo: 100 labels per class
+    cfg = RunConfig(
+        data=DataConfig(source=str(Path(data).resolve()) if data else None, shots=shots,
+                        test_size=test_size, seed=seed, strict=strict, follow_symlinks=follow_symlinks),
+        model=ModelConfig(backbone=backbone, weights=str(Path(weights).resolve()) if weights not in ("imagenet", "none") else weights,
+                          image_size=image_size, max_latency_ms=max_latency_ms,
+                          image_size_reason=None if image_size == "auto" else f"--image-size {image_size}"),
+        train=TrainConfig(strategy=strategy, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                          scratch_baseline=compare_scratch, unfreeze_blocks=unfreeze_blocks, lr_decay=lr_decay,
+                          adapt_bn=str(Path(adapt_bn).resolve()) if adapt_bn else None, source_bn=bool(adapt_bn),
+                          adapt_bn_force=adapt_bn_force, calibrate=not no_calibrate),
+        bench=BenchConfig(threads=threads),
+    )
+    return resolve_image_size(cfg)
+
+
+def resolve_image_size(cfg: RunConfig) -> RunConfig:
+    """`--image-size auto` with a named backbone: its pretraining size for photos, smaller for small images (the
+    headers of a seeded sample of the data: `data.auto_image_size`); with `--backbone auto` the select stage sizes
+    each candidate and this only records why. A config whose size is a number is returned as it is."""
+    m = cfg.model
+    if m.image_size == "auto" and m.backbone == "auto":
+        m.image_size_reason = "chosen with the backbone (--backbone auto)"
+    elif m.image_size == "auto":
+        from edgexfer.backbones import get_backbone_info
+        from edgexfer.data import auto_image_size
+
+        m.image_size, m.image_size_reason = auto_image_size(cfg.data.source, get_backbone_info(m.backbone).default_size,
+                                                            seed=cfg.data.seed, follow_symlinks=cfg.data.follow_symlinks)
+    return cfg

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from edgexfer.runtime.progress import bars_off
 
 from edgexfer.augment import TrainAugment
+from edgexfer.config import STRATEGIES, TrainConfig  # noqa: F401  (TrainConfig: config.json's training section)
 from edgexfer.data import Dataset, Split
 from edgexfer.model import EdgeNet
 from edgexfer.probe import SMALL_VAL_IMAGES, SMALL_VAL_PER_CLASS, Probe, fit_probe, label_columns, small_validation
@@ -40,51 +41,6 @@ from edgexfer.runtime.metadata import Preprocessing
 from edgexfer.runtime.preprocess import preprocess
 
 log = logging.getLogger(__name__)
-
-STRATEGIES = ("auto", "linear", "partial", "finetune", "lpft")
-
-
-@dataclass
-class TrainConfig:
-    strategy: str = "lpft"          # auto | linear | partial | finetune | lpft
-    epochs: int = 8                 # fine-tuning epochs
-    batch_size: int = 32
-    lr: float = 3e-4                # head learning rate; the backbone's last block gets lr * backbone_lr_mult
-    backbone_lr_mult: float = 1.0
-    lr_decay: float = 1.0           # layer-wise: each earlier block gets this times the next block's rate
-    unfreeze_blocks: int = 3        # partial: how many of the backbone's last blocks train
-    freeze_bn: bool = True          # BatchNorm statistics stay as pretrained (eval mode) while fine-tuning
-    weight_decay: float = 0.01
-    label_smoothing: float = 0.1
-    warmup_fraction: float = 0.1    # of all fine-tuning steps
-    probe_steps: int = 300          # full-batch AdamW steps of the linear probe
-    probe_lr: float = 3e-3
-    augment: bool = True            # fine-tuning augmentation, drawn anew every epoch (edgexfer/augment.py)
-    photo_augment: str = "trivial"  # photos, besides RandomResizedCrop and flip: trivial (TrivialAugmentWide) | jitter | none
-    crop_scale: float = 0.35        # photos: RandomResizedCrop's smallest fraction of the image's area
-    patience: int = 4               # early stopping on validation accuracy
-    seed: int = 0
-    scratch_baseline: bool = False  # also train the same network from random init, same budget
-    adapt_bn: str | None = None     # folder of unlabelled target-domain images: AdaBN after training
-    adapt_bn_force: bool = False    # keep AdaBN's statistics even when the label-free checks say it hurt
-    source_bn: bool = False         # BatchNorm statistics from the training images, not the pretraining data
-    calibrate: bool = True          # temperature scaling: a T per head fitted on held-out logits, folded in (temperature.py)
-    probe_views: int = 4            # the cross-validated probe also fits this many augmented views of each image
-
-    def __post_init__(self):
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"unknown strategy {self.strategy!r}; choose one of {STRATEGIES}")
-        if not 0 < self.lr_decay <= 1:
-            raise ValueError(f"lr_decay must be in (0, 1]; got {self.lr_decay}")
-        if self.unfreeze_blocks < 1:
-            raise ValueError(f"unfreeze_blocks must be at least 1; got {self.unfreeze_blocks}")
-        from edgexfer.augment import PHOTO_AUGMENTS
-
-        if self.photo_augment not in PHOTO_AUGMENTS:
-            raise ValueError(f"unknown photo_augment {self.photo_augment!r}; choose one of {PHOTO_AUGMENTS}")
-        if not 0 < self.crop_scale <= 1:
-            raise ValueError(f"crop_scale must be in (0, 1]; got {self.crop_scale}")
-
 
 # --strategy auto: labelled training images per class (median over classes) -> strategy. The bounds
 # come from benchmarks/bench_transfer.py (Fashion-MNIST, EfficientNet-Lite0; benchmarks/RESULTS.md,

@@ -489,7 +489,8 @@ def guard_decision(disagreement: float, max_drop: float, val_drop: float | None 
     if not within(disagreement, max_drop):  # one image at the bound is in
         return False, f"disagrees with FP32 on {disagreement:.2%} of the agreement set, over {max_drop:.2%}"
     if val_drop is not None and not within(val_drop, max_drop + SIGNIFICANT_SE * (val_drop_se or 0.0)):
-        return False, (f"validation drop {val_drop:+.2%} is beyond {max_drop:.2%} by more than "
+        return False, (f"the drop on the held-out labelled images (out-of-fold or validation) {val_drop:+.2%} is "
+                       f"beyond {max_drop:.2%} by more than "
                        f"{SIGNIFICANT_SE:g} standard errors ({val_drop_se:.2%})")
     return True, f"disagrees with FP32 on {disagreement:.2%} of the agreement set, within {max_drop:.2%}"
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from edgexfer import __version__, plots, quantize_stage
 from edgexfer.bounds import within
-from edgexfer.config import BenchConfig, DataConfig, ModelConfig, RunConfig  # noqa: F401  (importable from here)
+from edgexfer.config import BenchConfig, DataConfig, ModelConfig, RunConfig, resolve_image_size  # noqa: F401
 from edgexfer.errors import EdgexferError, RunFolderError
 from edgexfer.quantize_stage import (TARGET_IMAGES, _arm64_emulation, _arm64_guard, _inc_quantize,  # noqa: F401
                                      agreement_with, calibration_set, target_agreement, target_images)
@@ -47,6 +47,7 @@ def finetune(st: Stage) -> dict:
         raise EdgexferError("--backbone auto: the select stage chooses the backbone before finetune "
                             "(`edgexfer run` and `edgexfer finetune` run it)")
     info = get_backbone_info(cfg.model.backbone)
+    resolve_image_size(cfg)
     mcfg = model_config(backbone=cfg.model.backbone, weights=cfg.model.weights, image_size=cfg.model.image_size,
                         tasks=ds.tasks, dropout=cfg.model.dropout)
     import torch
@@ -486,6 +487,7 @@ def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
 def _run(run: RunFolder, cfg: RunConfig, force: bool, on_stage) -> dict:
     from edgexfer.report import finalize
 
+    resolve_image_size(cfg)  # a config made in Python may leave --image-size auto to the run (build_config resolves it)
     old = {} if force else run.read_json("config.json")
     if cfg.model.backbone == "auto" and old.get("model", {}).get("requested_backbone") == "auto":
         _adopt_selection(cfg, old["model"])  # the choice this run folder made already stands

@@ -38,7 +38,7 @@ from edgexfer.runtime.progress import bars_off
 
 if TYPE_CHECKING:
     from edgexfer.data import Dataset
-    from edgexfer.finetune import TrainConfig
+    from edgexfer.config import TrainConfig
     from edgexfer.model import EdgeNet
     from edgexfer.runtime.metadata import Preprocessing
 

@@ -200,7 +200,7 @@ SYSTEM_FIXTURES = {"tiny_run", "run_copy"}  # the real-weights run (pretrained E
 # in a test's source, its helpers' or its fixtures': a subprocess (edgexfer, Python, a tool), a browser, a real
 # backbone built with its ImageNet weights in this process (seconds each: the fast tier uses `tiny_test`)
 SYSTEM_SOURCE = re.compile(r'run_cli\(|subprocess\.|Popen\(|sys\.executable|sync_playwright'
-                           r'|(build_backbone|model_config)\([^)]*weights="imagenet"')
+                           r'|(build_backbone|model_config)\([^)]*weights="imagenet"|imagenet_classifier\(')
 SYSTEM_MODULES: set[str] = set()  # whole files (none today: what each test uses decides)
 SYSTEM_TESTS = {  # single tests the rule above misses
     "test_backbone_auto.py::test_select_backbone_ranks_and_honours_the_latency_limit",  # Lite0 and Lite1, ImageNet

@@ -259,9 +259,10 @@ def fake_stages(monkeypatch):
 
 
 def config(source) -> "object":
-    from edgexfer.pipeline import DataConfig, RunConfig
+    from edgexfer.pipeline import DataConfig, ModelConfig, RunConfig
 
-    return RunConfig(data=DataConfig(source=str(source), shots=None))
+    return RunConfig(data=DataConfig(source=str(source), shots=None),
+                     model=ModelConfig(backbone="efficientnet_lite0", image_size=96))  # no select stage
 
 
 def test_data_error_leaves_no_config(tmp_path, fake_stages):

@@ -132,7 +132,7 @@ def test_follow_symlinks_is_an_option_wherever_data_is():
 
 def test_the_setting_is_recorded_and_changing_it_is_another_configuration(tmp_path, fake_stages):  # noqa: F811
     from edgexfer import pipeline
-    from edgexfer.cli import build_config
+    from edgexfer.config import build_config
     from edgexfer.errors import RunFolderError
 
     data = make_image_folder(tmp_path / "d", per_class=4)

@@ -153,27 +153,18 @@ def photos() -> list[np.ndarray]:
 @pytest.fixture(scope="module")
 def imagenet_files(tmp_path_factory):
     """EfficientNet-Lite0 with its ImageNet head as an edgexfer FP32 and INT8 file (Resize 256, crop 224)."""
-    torch = pytest.importorskip("torch")
-    from edgexfer.backbones import LITE_MEAN, LITE_STD, build_backbone
+    pytest.importorskip("torch")
+    from edgexfer.backbones import LITE_MEAN, LITE_STD, imagenet_classifier
     from edgexfer.exporters.onnx_export import export_onnx
     from edgexfer.exporters.quantize import Int8Recipe, quantize_int8
     from edgexfer.runtime.metadata import InputSpec, Preprocessing, Task
-
-    class Net(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.f = build_backbone("efficientnet_lite0", weights="imagenet", image_size=224).eval()
-            self.head = self.f.classifier()
-
-        def forward(self, x):
-            return (self.head(self.f(x)),)
 
     pp = Preprocessing(resize=256, crop=224, mean=LITE_MEAN, std=LITE_STD)
     meta = ModelMeta(tasks=[Task("label", "logits", tuple(f"imagenet_{i}" for i in range(1000)))],
                      input=InputSpec("input", 224, 224, 3), preprocessing=pp, provenance={"backbone": "lite0"})
     d = tmp_path_factory.mktemp("imagenet")
     x = np.stack([preprocess(a, pp) for a in photos()[::4][:8]])
-    export_onnx(Net().eval(), meta, d / "model.onnx", x, atol=1e-3)
+    export_onnx(imagenet_classifier(), meta, d / "model.onnx", x, atol=1e-3)
     quantize_int8(d / "model.onnx", d / "model.int8.onnx", x, Int8Recipe(calibration_samples=8))
     return {"fp32": d / "model.onnx", "int8": d / "model.int8.onnx"}
 

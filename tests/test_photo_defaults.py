@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from edgexfer.cli import build_config, default_run_name
+from edgexfer.cli import default_run_name
+from edgexfer.config import build_config
 from edgexfer.data import auto_image_size
 from tests.conftest import make_image_folder, run_cli
 

@@ -85,7 +85,7 @@ def test_multi_task_headline_gives_each_task_its_standard_error(tmp_path, capsys
 # -- 2. interrupt and resume, refused re-runs --------------------------------------------------------------
 
 def _config(folder: Path, **kw):
-    from edgexfer.cli import build_config
+    from edgexfer.config import build_config
 
     args = dict(data=str(folder), shots=None, all_labels=False, test_size=2000, seed=0, strict=False,
                 backbone="efficientnet_lite0", weights="imagenet", image_size=64, strategy="auto", epochs=8,

@@ -197,7 +197,7 @@ def test_refitted_linear_probe_fits_the_temperature_on_out_of_fold_logits(tmp_pa
 
 
 def test_no_calibrate_changes_the_training_key():
-    from edgexfer.cli import build_config
+    from edgexfer.config import build_config
 
     base = dict(data=None, shots=None, all_labels=False, test_size=100, seed=0, strict=False,
                 backbone="efficientnet_lite0", weights="imagenet", image_size=64, strategy="lpft", epochs=1,
