@@ -89,6 +89,29 @@ class ImageSize(click.ParamType):
         return n
 
 
+class Formats(click.ParamType):
+    """--format onnx,openvino: the formats to write, ONNX always among them (`config.FORMATS` besides it)."""
+    name = "FORMAT[,FORMAT...]"
+
+    def convert(self, value, param, ctx):
+        from edgexfer.config import FORMATS
+
+        if isinstance(value, tuple):
+            return value
+        names = [v.strip().lower() for v in str(value).split(",") if v.strip()]
+        bad = [n for n in names if n not in ("onnx", *FORMATS)]
+        if bad or not names:
+            self.fail(f"{bad[0] if bad else value!r} is not a format; choose from onnx, {', '.join(FORMATS)}", param, ctx)
+        return tuple(dict.fromkeys(n for n in names if n != "onnx"))
+
+
+def format_option(f):
+    return click.option("--format", "formats", type=Formats(), default="onnx", show_default=True,
+                        help="Formats to write besides model.onnx and model.int8.onnx: openvino (OpenVINO IR, "
+                             "model.xml and model.int8.xml, with the openvino package: pip install "
+                             "\"edgexfer[openvino]\"), each checked against its ONNX source (report.json formats).")(f)
+
+
 def data_options(f):
     from edgexfer.config import DataConfig, ModelConfig, TrainConfig  # the defaults
 
@@ -258,12 +281,13 @@ def _plain_name(ctx, param, value: str) -> str:
 @click.option("--runs", type=click.Path(file_okay=False, path_type=Path), default=Path("runs"), show_default=True,
               help="Folder the run folder goes in.")
 @quant_options
+@format_option
 @click.option("--bench-iters", type=click.IntRange(min=1), default=200, show_default=True,
               help="Interleaved batch-1 runs per model in the bench stage.")
 @click.option("--force", is_flag=True, help="Replace an existing run folder made with another configuration.")
 @quiet_option
 def run(name, runs, force, bench_iters, target, calibration_method, calibration_samples, calibration_data,
-        max_accuracy_drop, guard_data, min_target_agreement, tuner, fp16, dynamic, qat, **kw):
+        max_accuracy_drop, guard_data, min_target_agreement, tuner, fp16, dynamic, qat, formats, **kw):
     """The whole pipeline: finetune, export, quantize, evaluate, bench -> runs/NAME.
 
     With no options: 100 labelled Fashion-MNIST images per class (offline), on the ImageNet-pretrained
@@ -276,6 +300,9 @@ def run(name, runs, force, bench_iters, target, calibration_method, calibration_
                               tuner=tuner, fp16=fp16, dynamic=dynamic, calibration_data=calibration_data,
                               min_target_agreement=min_target_agreement, qat=qat, guard_data=guard_data)
     cfg.bench.iters = bench_iters
+    cfg.formats = formats
+    if formats:
+        _require_formats(formats)
     out = runs / (name or default_run_name(kw["data"]))
 
     from edgexfer.runtime.cli import Progress
@@ -289,6 +316,15 @@ def run(name, runs, force, bench_iters, target, calibration_method, calibration_
     with explain_interrupt(out), progress.ticking():  # a line at least every few seconds, whatever the stage
         rep = pipeline.run(out, cfg, force=force, on_stage=on_stage)
     print_headline(out, rep)
+
+
+def _require_formats(formats: tuple) -> None:
+    """Each format's converter installed, or one line naming the extra, before anything is written."""
+    if "openvino" in formats:
+        import importlib.util
+
+        if importlib.util.find_spec("openvino") is None:
+            raise EdgexferError('--format openvino needs the openvino package (pip install "edgexfer[openvino]")')
 
 
 FP32_FILE = "model.onnx"
@@ -457,8 +493,9 @@ def finetune(out, **kw):
               help="The Triton repository entry's max_batch_size.")
 @click.option("--force", is_flag=True, help="Export again even when model.onnx is current (this removes the "
               "files quantize derived from the old one).")
+@format_option
 @quiet_option
-def export(run_dir, atol, triton_repo, triton_model, max_batch_size, force):
+def export(run_dir, atol, triton_repo, triton_model, max_batch_size, force, formats):
     """RUN/checkpoint.pt -> RUN/model.onnx (opset 17, dynamic batch), validated against PyTorch,
     cleaned up with onnxslim when that is smaller or faster, metadata inside. A model.onnx already exported
     from this checkpoint.pt is kept (and the INT8 file derived from it with it) unless --force or --atol."""
@@ -475,6 +512,15 @@ def export(run_dir, atol, triton_repo, triton_model, max_batch_size, force):
                 v = pipeline.export(run_dir, atol=atol)
             click.echo(f"{run_dir}/model.onnx: max abs diff {v['max_abs_diff']:.2e} (atol {v['atol']:g}), "
                        f"top-1 agreement {v['top1_agreement']:.4f}")
+        if formats:
+            _require_formats(formats)
+            cfg = run.config()
+            cfg.formats = formats
+            run.write_config(cfg)
+            rec = pipeline.convert(run_dir, cfg)
+            for r in rec["files"]:
+                click.echo(f"{run_dir}/{r['file']}: {r['format']} {r['precision']}, "
+                           f"{'shippable' if r['shippable'] else 'NOT shippable'}: {r['why']}")
     if triton_repo:
         from edgexfer.exporters.triton import write_triton_repo
 

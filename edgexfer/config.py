@@ -163,6 +163,8 @@ class QuantizeConfig:
 
 
 # quantize settings that were RunConfig's own before QuantizeConfig: now under RunConfig.quantize
+FORMATS = ("openvino",)  # what the convert stage writes besides ONNX (edgexfer/exporters/openvino.py)
+
 _MOVED_TO_QUANTIZE = ("target", "tuner", "extra_formats", "calibration", "min_target_agreement", "qat", "guard_data")
 
 
@@ -174,6 +176,13 @@ class RunConfig:
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     max_accuracy_drop: float = 0.01  # the run's accuracy bound: the guard (quantize), evaluate and the report
+    formats: tuple = ()  # besides ONNX, the formats the convert stage writes each model in (FORMATS)
+
+    def __post_init__(self):
+        self.formats = tuple(self.formats)
+        unknown = [f for f in self.formats if f not in FORMATS]
+        if unknown:
+            raise ValueError(f"unknown format {unknown[0]!r}; choose from onnx, {', '.join(FORMATS)}")
 
     def __setattr__(self, name, value):
         if name in _MOVED_TO_QUANTIZE:  # an old name would be set and read by nobody
@@ -183,13 +192,14 @@ class RunConfig:
     def to_dict(self) -> dict:
         return {"edgexfer": __version__, "data": asdict(self.data), "model": asdict(self.model),
                 "train": asdict(self.train), "quantize": self.quantize.to_dict(), "bench": asdict(self.bench),
-                "max_accuracy_drop": self.max_accuracy_drop}
+                "max_accuracy_drop": self.max_accuracy_drop, "formats": list(self.formats)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
         return cls(data=DataConfig(**d["data"]), model=ModelConfig(**d["model"]), train=TrainConfig(**d["train"]),
                    quantize=QuantizeConfig.from_dict(d), bench=BenchConfig(**d["bench"]),
-                   max_accuracy_drop=d.get("max_accuracy_drop", cls.max_accuracy_drop))
+                   max_accuracy_drop=d.get("max_accuracy_drop", cls.max_accuracy_drop),
+                   formats=tuple(d.get("formats", ())))
 
     def training_key(self) -> dict:
         """What determines the checkpoint: a run folder may be resumed only under the same key."""

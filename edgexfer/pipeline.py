@@ -24,7 +24,8 @@ from edgexfer.config import BenchConfig, DataConfig, ModelConfig, RunConfig, res
 from edgexfer.errors import EdgexferError, RunFolderError
 from edgexfer.quantize_stage import (TARGET_IMAGES, _arm64_emulation, _arm64_guard, _inc_quantize,  # noqa: F401
                                      agreement_with, calibration_set, target_agreement, target_images)
-from edgexfer.runfolder import (FILES, LOCK_FILE, REPORT_SCHEMA, SELECT, SELECTION_FILE, STAGE_ORDER,  # noqa: F401
+from edgexfer.runfolder import (CONVERT, FILES, FORMAT_FILES, LOCK_FILE, REPORT_SCHEMA, SELECT, SELECTION_FILE,  # noqa: F401
+                                 STAGE_ORDER,
                                  STAGES, RunFolder, Stage, Workspace, _now, stage, stages_for)
 from edgexfer.runtime import atomic, fmt
 
@@ -321,6 +322,99 @@ def quantize(run_dir: str | Path, cfg: RunConfig | None = None, ws: Workspace | 
                 raise
 
 
+# a converted FP32 file must give model.onnx's top-1 on at least this share of the images checked (issue 24's bound)
+CONVERSION_MIN_AGREEMENT = 0.995
+
+
+def _logits_of(path: Path, x: np.ndarray, threads: int) -> np.ndarray:
+    """The first task's logits of any model file EdgeModel opens (ONNX, OpenVINO IR), in batches of 64."""
+    from edgexfer.runtime.model import EdgeModel
+
+    m = EdgeModel(path, threads=threads, e2e=False)
+    return np.concatenate([m.run(np.ascontiguousarray(x[i:i + 64]))[m.meta.tasks[0].name] for i in range(0, len(x), 64)])
+
+
+def _conversion_check(converted: np.ndarray, source: np.ndarray, fp32: np.ndarray) -> dict:
+    from edgexfer.guard import wilson_upper
+    from edgexfer.temperature import softmax
+
+    n = len(converted)
+    off = float(np.mean(converted.argmax(1) != fp32.argmax(1))) if n else 0.0
+    return {"images": int(n),
+            "top1_agreement_with_source": float(np.mean(converted.argmax(1) == source.argmax(1))) if n else None,
+            "top1_agreement_with_fp32": 1.0 - off if n else None, "disagreement_upper95": wilson_upper(off, n),
+            "max_abs_prob_diff_vs_source": float(np.max(np.abs(softmax(converted) - softmax(source)))) if n else None}
+
+
+def conversion_verdict(key: str, check: dict, unseen: bool, guard: dict, max_drop: float) -> tuple[bool, str]:
+    """Whether a converted file ships, and why. FP32: it gives model.onnx's top-1 on at least
+    CONVERSION_MIN_AGREEMENT of the images checked. INT8: another runtime's INT8 kernels round differently from
+    ONNX Runtime's, so its own answers are judged as the guard judges an INT8 file: its source passed the guard,
+    and its disagreement with FP32's top-1 on images the model was not fitted on is within the bound with 95%
+    confidence (Wilson)."""
+    a, n = check["top1_agreement_with_source"], check["images"]
+    if key == "fp32":
+        ok = a is not None and a >= CONVERSION_MIN_AGREEMENT
+        return ok, f"gives the ONNX file's top-1 on {a:.1%} of {n} images (at least {CONVERSION_MIN_AGREEMENT:.1%} wanted)"
+    off, upper = 1.0 - check["top1_agreement_with_fp32"], check["disagreement_upper95"]
+    said = f"disagrees with FP32's top-1 on {off:.1%} of {n} images, at most {upper:.1%} with 95% confidence"
+    if not guard.get("shippable"):
+        return False, f"its ONNX source is not shippable ({guard.get('verdict') or 'no guard verdict'}); it {said}"
+    if not unseen:
+        return False, (f"it {said}, but those images are the labelled ones the model was fitted on: no promise "
+                       "about new photos (pass unlabelled photos of the domain with --guard-data DIR)")
+    if not within(upper, max_drop):
+        return False, f"it {said}: over the {max_drop:.2%} bound"
+    return True, f"it {said}: within the {max_drop:.2%} bound"
+
+
+@stage(CONVERT)
+def convert(st: Stage) -> dict:
+    """model.onnx and model.int8.onnx in each format of `--format` besides ONNX (OpenVINO IR: model.xml,
+    model.int8.xml; `edgexfer.exporters.openvino`), the metadata inside. Each converted file is checked on the
+    images no stage fitted (--guard-data, the labelled images --shots left out; else the labelled images, and
+    the record says so) and ships by `conversion_verdict`; the test split's figures are reported beside them."""
+    from edgexfer.quantize_stage import unlabelled_images
+
+    run, cfg, ws = st.run, st.cfg, st.ws
+    sources = {k: run.file(FILES[k]) for k in ("fp32", "int8") if run.file(FILES[k]).is_file()}
+    if "fp32" not in sources:
+        raise RunFolderError(f"no {FILES['fp32']} in {run.path}; run `edgexfer export {run.path}` first")
+    guard = (run.report().get("quantize") or {}).get("guard") or {}
+    xu, unseen_from = unlabelled_images(cfg, ws)
+    unseen = xu is not None and len(xu) > 0
+    if unseen:
+        xd, checked_on = xu, "unseen images: " + ", ".join(unseen_from)
+    else:
+        xd = np.concatenate([ws.tensors("train")[0], ws.tensors("val")[0]])
+        checked_on = f"the {len(xd)} labelled images (fitted on: biased low; --guard-data DIR adds unseen ones)"
+    xt, _ = ws.tensors("test")
+    st.begin()
+    threads = cfg.bench.threads
+    ref = {k: (_logits_of(p, xd, threads), _logits_of(p, xt, threads) if len(xt) else None) for k, p in sources.items()}
+    rows = []
+    for fmt_name in cfg.formats:
+        from edgexfer.exporters.openvino import write_ir
+        from edgexfer.runtime import openvino_backend
+
+        for key, src in sources.items():
+            xml = run.file(FORMAT_FILES[fmt_name][key][0])
+            log.info("convert: %s -> %s (OpenVINO %s)", src.name, xml.name, openvino_backend.version())
+            write_ir(src, xml)
+            check = _conversion_check(_logits_of(xml, xd, threads), ref[key][0], ref["fp32"][0])
+            test = (_conversion_check(_logits_of(xml, xt, threads), ref[key][1], ref["fp32"][1])
+                    if len(xt) else None)
+            ok, why = conversion_verdict(key, check, unseen, guard, cfg.max_accuracy_drop)
+            rows.append({"format": fmt_name, "precision": key, "file": xml.name, "weights": xml.with_suffix(".bin").name,
+                         "size_bytes": xml.stat().st_size + xml.with_suffix(".bin").stat().st_size,
+                         "source": src.name, "runtime": f"openvino {openvino_backend.version()}",
+                         "check": check, "test": test, "shippable": ok, "why": why})
+            log.info("convert: %s %s: %s", xml.name, "shippable" if ok else "NOT shippable", why)
+    out = {"checked_on": checked_on, "unseen": unseen, "min_agreement_fp32": CONVERSION_MIN_AGREEMENT, "files": rows}
+    st.report(formats=out)
+    return out
+
+
 @stage("evaluate")
 def evaluate(st: Stage) -> dict:
     """Accuracy of each ONNX file with ONNX Runtime on the held-out test split, reported only; each file's
@@ -449,7 +543,7 @@ def pytorch_reference(run_dir: Path, threads: int):
 # -- the whole pipeline --------------------------------------------------------------------------
 
 STAGE_FUNCS: dict[str, Callable] = {SELECT: select, "finetune": finetune, "export": export, "quantize": quantize,
-                                    "evaluate": evaluate, "bench": bench}
+                                    CONVERT: convert, "evaluate": evaluate, "bench": bench}
 
 
 def run(run_dir: str | Path, cfg: RunConfig, *, force: bool = False,

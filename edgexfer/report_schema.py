@@ -129,6 +129,35 @@ class Recommendation(TypedDict, total=False):
     test_disagrees: str
 
 
+class ConversionCheck(TypedDict, total=False):
+    images: int
+    top1_agreement_with_source: float | None
+    top1_agreement_with_fp32: float | None
+    disagreement_upper95: float | None
+    max_abs_prob_diff_vs_source: float | None
+
+
+class ConvertedFile(TypedDict, total=False):
+    format: str
+    precision: str
+    file: str
+    weights: str
+    size_bytes: int
+    source: str
+    runtime: str
+    check: ConversionCheck
+    test: ConversionCheck | None
+    shippable: bool
+    why: str
+
+
+class Formats(TypedDict, total=False):
+    checked_on: str
+    unseen: bool
+    min_agreement_fp32: float | None
+    files: list[ConvertedFile]
+
+
 class Adaptation(TypedDict, total=False):
     kept: bool
     forced: bool
@@ -149,6 +178,7 @@ class Report(TypedDict, total=False):
     transfer: dict[str, Any]
     export: dict[str, Any]
     quantize: dict[str, Any]
+    formats: Formats
     models: dict[str, Model]
     reference: dict[str, Timing]
     quantization_impact: QuantizationImpact

@@ -31,10 +31,14 @@ STAGES = ("finetune", "export", "quantize", "evaluate", "bench")  # every run's 
 # `--backbone auto`: the select stage chooses the backbone (and its input size) before finetune and writes the
 # choice into config.json; a run folder keeps its choice (`stages_for`)
 SELECT = "select"
-STAGE_ORDER = (SELECT, *STAGES)
+# `--format openvino`: the convert stage writes each ONNX model in the other formats asked for, after quantize
+CONVERT = "convert"
+STAGE_ORDER = (SELECT, "finetune", "export", "quantize", CONVERT, "evaluate", "bench")
 SELECTION_FILE = "backbone_selection.json"  # the select stage's comparison of the candidates
 FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.onnx",
          "int8_dynamic": "model.int8-dynamic.onnx"}
+# the convert stage's files: each format's file of the FP32 and INT8 models (OpenVINO IR: the .xml and its .bin)
+FORMAT_FILES = {"openvino": {"fp32": ("model.xml", "model.bin"), "int8": ("model.int8.xml", "model.int8.bin")}}
 
 # Stage provenance. A stage is done only if the settings it was run with (these config.json entries) and the
 # files it read (their hashes) still match; running a stage again clears what it and every later stage
@@ -46,30 +50,34 @@ FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.on
 STAGE_SETTINGS = {SELECT: ("data", "model.requested_backbone", "model.weights", "model.max_latency_ms"),
                   "finetune": ("data", "model", "train"), "export": (),
                   "quantize": (*(f"quantize.{f}" for f in QuantizeConfig.__dataclass_fields__), "max_accuracy_drop"),
-                  "evaluate": ("max_accuracy_drop",), "bench": ("bench",)}
+                  CONVERT: ("formats",), "evaluate": ("max_accuracy_drop",), "bench": ("bench",)}
 STAGE_INPUTS = {SELECT: (), "finetune": (), "export": ("checkpoint.pt",),
-                "quantize": (FILES["fp32"], "checkpoint.pt"),
+                "quantize": (FILES["fp32"], "checkpoint.pt"), CONVERT: (FILES["fp32"], FILES["int8"]),
                 "evaluate": tuple(FILES.values()), "bench": tuple(FILES.values())}  # model files: those present
 # which earlier stages' outputs a stage reads: running a stage again clears the later stages that read it (evaluate
 # writes test metrics, which bench never reads: bench's latencies outlive a new evaluation)
 STAGE_READS = {SELECT: (), "finetune": (SELECT,), "export": (SELECT, "finetune"),
-               "quantize": (SELECT, "finetune", "export"), "evaluate": (SELECT, "finetune", "export", "quantize"),
+               "quantize": (SELECT, "finetune", "export"), CONVERT: (SELECT, "finetune", "export", "quantize"),
+               "evaluate": (SELECT, "finetune", "export", "quantize"),
                "bench": (SELECT, "finetune", "export", "quantize")}
 # fields of a report.json "models" entry that bench writes (the rest are evaluate's)
 BENCH_MODEL_FIELDS = ("threads", "batch", "latency_ms", "throughput")
 STAGE_SECTIONS = {SELECT: (), "finetune": (), "export": ("export",),
-                  "quantize": ("quantize", "quantize_fp16", "quantize_dynamic"),
+                  "quantize": ("quantize", "quantize_fp16", "quantize_dynamic"), CONVERT: ("formats",),
                   "evaluate": ("models", "quantization_impact"),
                   "bench": ("machine", "bench", "reference", "checks", "recommendation")}
 # files a stage writes; `begin` removes those of later stages (and the optional ones of its own)
 STAGE_FILES = {SELECT: (SELECTION_FILE,), "export": (FILES["fp32"], "model.e2e.onnx"),
-               "quantize": (FILES["int8"], "model.int8.e2e.onnx", FILES["fp16"], FILES["int8_dynamic"])}
+               "quantize": (FILES["int8"], "model.int8.e2e.onnx", FILES["fp16"], FILES["int8_dynamic"]),
+               CONVERT: tuple(f for per in FORMAT_FILES.values() for pair in per.values() for f in pair)}
 OPTIONAL_OWN = {"quantize": (FILES["fp16"], FILES["int8_dynamic"])}  # written only when asked for again
 
 
 def stages_for(cfg: RunConfig) -> tuple[str, ...]:
-    """The stages of a run with `cfg`, in order: select first when the backbone is chosen (`--backbone auto`)."""
-    return STAGE_ORDER if "auto" in (cfg.model.backbone, cfg.model.requested_backbone) else STAGES
+    """The stages of a run with `cfg`, in order: select first when the backbone is chosen (`--backbone auto`), convert
+    after quantize when other formats than ONNX are asked for (`--format`)."""
+    chooses = "auto" in (cfg.model.backbone, cfg.model.requested_backbone)
+    return tuple(s for s in STAGE_ORDER if (s != SELECT or chooses) and (s != CONVERT or cfg.formats))
 
 
 LOCK_FILE = ".lock"  # one writer per run folder: `RunFolder.lock`
@@ -91,7 +99,7 @@ def _command() -> str:
 class RunFolder:
     # what a killed process can leave inside a run folder: atomic writes' `.NAME.XXXX.tmp` files, and the
     # temporary folders of export (`.export-`), quantize (`.quantize-`, `.guard-`, `.dynamic-`, `.qat-`) and INC (`.inc-`)
-    TEMP_DIR_PREFIXES = (".export-", ".quantize-", ".guard-", ".dynamic-", ".inc-", ".qat-")
+    TEMP_DIR_PREFIXES = (".export-", ".quantize-", ".guard-", ".dynamic-", ".inc-", ".qat-", ".openvino-")
 
     def __init__(self, path: str | Path):
         self.path = Path(path)

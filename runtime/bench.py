@@ -107,16 +107,29 @@ OPENVINO_MISSING = 'the openvino package is not installed (pip install "edgexfer
 
 
 def openvino_candidate(name: str, path, threads: int) -> Candidate | None:
-    """OpenVINO on the same ONNX file, when the `openvino` package is installed (else None: OPENVINO_MISSING)."""
+    """OpenVINO on the same ONNX file, when the `openvino` package is installed (else None: OPENVINO_MISSING), in
+    f32 as ONNX Runtime computes it (`openvino_backend.config`: OpenVINO's CPU default may be bfloat16)."""
     try:
         import openvino as ov
     except ImportError:
         return None
-    core = ov.Core()
-    compiled = core.compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": int(threads),
-                                                     "PERFORMANCE_HINT": "LATENCY"})
+    from edgexfer.runtime.openvino_backend import config
+
+    compiled = ov.Core().compile_model(str(path), "CPU", config(threads))
     req = compiled.create_infer_request()
     return Candidate(name, lambda x: req.infer({0: x}), f"openvino {ov.__version__.split('-')[0]}", str(path))
+
+
+def model_candidate(name: str, path, threads: int, spinning: bool = True) -> Candidate:
+    """A model file as its own runtime runs it: an OpenVINO IR file (.xml) with OpenVINO, any other with ONNX
+    Runtime (`onnx_candidate`)."""
+    from edgexfer.runtime import openvino_backend
+
+    if not openvino_backend.is_ir(path):
+        return onnx_candidate(name, path, threads, spinning=spinning)
+    sess = openvino_backend.OpenVINOSession(path, threads=threads)
+    inp = sess.get_inputs()[0].name
+    return Candidate(name, lambda x: sess.run(None, {inp: x}), f"openvino {openvino_backend.version()}", str(path))
 
 
 # Reference backends that need more than the runtime (PyTorch eager from a run's checkpoint) are
@@ -259,13 +272,15 @@ def run_benchmark(targets: Sequence[str | os.PathLike], cfg: BenchConfig = Bench
     metas = {f: EdgeModel(f) for f in files}
     names = _unique_names(files)
     t_sessions = time.perf_counter()
-    cands = [onnx_candidate(names[f], f, cfg.threads, spinning=cfg.spinning) for f in files]
+    cands = [model_candidate(names[f], f, cfg.threads, spinning=cfg.spinning) for f in files]
     session_s = (time.perf_counter() - t_sessions) / len(files)  # an e2e comparison makes two sessions per file
     for f, c in zip(files, cands):
         c.shape = metas[f].input_shape
     not_measured: dict[str, str] = {}
     if not cfg.openvino:
         not_measured["openvino"] = "not asked for (--no-reference)"
+    elif any(c.backend.startswith("openvino") for c in cands):
+        not_measured["openvino"] = "an OpenVINO IR file is among the models: OpenVINO is measured on it"
     else:
         ov = openvino_candidate(f"openvino:{names[files[0]]}", files[0], cfg.threads)
         if ov:
@@ -361,7 +376,9 @@ def run_benchmark(targets: Sequence[str | os.PathLike], cfg: BenchConfig = Bench
     results = {}
     for c in cands:
         f = Path(c.file) if c.file else None
-        entry = {"backend": c.backend, "file": c.file, "size_bytes": f.stat().st_size if f and f.suffix == ".onnx" else None,
+        own = c.backend == "onnxruntime" or (f is not None and f.suffix == ".xml")  # not a reference on another's file
+        size = (f.stat().st_size + (f.with_suffix(".bin").stat().st_size if f.suffix == ".xml" else 0)) if own and f else None
+        entry = {"backend": c.backend, "file": c.file, "size_bytes": size,
                  "input_shape": [1, *c.shape],
                  "threads": cfg.threads, "latency_ms": lat[c.name], "throughput_img_s": thr[c.name],
                  "p50_ratio_to_first": lat[c.name]["p50"] / base}
@@ -586,7 +603,7 @@ def column_notes(res: dict, cold: bool) -> list[str]:
         run = (f"{cfg['duration']:g} s of rounds" if cfg.get("duration", 0) > 0 else f"{cfg['iters']} rounds") + \
             " that call each model once in turn (ONNX Runtime's threads not spinning)"
     big = [b for b in cfg["batches"] if b != 1]
-    out = ["- size MB: the model file on disk (blank for a reference backend).",
+    out = ["- size MB: the model file on disk (an OpenVINO IR: its .xml and .bin; blank for a reference backend).",
            f"- p50 ms, p90 ms, p99 ms, max ms: percentiles of the time of one batch-1 call, over {run}, after "
            f"{cfg['warmup']} warm-up calls each (single stream).",
            "- × first (p50): this row's p50 over the first row's (below 1: faster).",

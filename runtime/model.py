@@ -69,7 +69,8 @@ def session_options(threads: int | None = None, graph_optimization: str = "all",
 
 
 class EdgeModel:
-    """Load an edgexfer ONNX file (path or bytes) and predict from images.
+    """Load an edgexfer ONNX file (path or bytes), or an OpenVINO IR file converted from one (`model.xml`,
+    with the openvino package: `edgexfer.runtime.openvino_backend`), and predict from images.
 
     >>> m = EdgeModel("runs/demo/model.int8.onnx", threads=2)
     >>> m.predict("cat.jpg", top_k=3)      # one image -> list of {label, index, score}
@@ -104,22 +105,18 @@ class EdgeModel:
         if not isinstance(model, (bytes, bytearray)) and not Path(model).is_file():
             raise FileNotFoundError(f"model file not found: {model}")
         self.path = None if source == "<bytes>" else Path(model)
-        available = ort.get_available_providers()
-        wanted = list(providers) if providers else ["CPUExecutionProvider"]
-        chosen = [p for p in wanted if p in available]
-        if len(chosen) < len(wanted):
-            log.warning("execution providers %s not available here (have %s); falling back",
-                        [p for p in wanted if p not in available], available)
-        if "CPUExecutionProvider" not in chosen:
-            chosen.append("CPUExecutionProvider")
-        try:
-            self.session = ort.InferenceSession(
-                bytes(model) if source == "<bytes>" else str(model),
-                sess_options=session_options(threads, graph_optimization, spinning=spinning),
-                providers=chosen,
-            )
-        except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf types
-            raise MetadataError(f"cannot load {source} as an ONNX model: {e}") from None
+        from edgexfer.runtime import openvino_backend
+
+        if openvino_backend.is_ir(model):  # an OpenVINO IR file (edgexfer.exporters.openvino)
+            if e2e:
+                raise MetadataError(f"e2e=True: {source} is an OpenVINO IR file; the end-to-end file is ONNX's")
+            self.session = openvino_backend.OpenVINOSession(model, threads=threads)
+            if not self.session.get_modelmeta().custom_metadata_map:
+                raise MetadataError(f"{source} carries no edgexfer metadata (no '{openvino_backend.RT_INFO}' "
+                                    "rt_info); convert it with `edgexfer export RUN --format openvino`")
+            chosen, e2e = self.session.get_providers(), False
+        else:
+            self.session, chosen = self._onnx_session(model, source, providers, threads, graph_optimization, spinning)
         props = self.session.get_modelmeta().custom_metadata_map
         self.meta = ModelMeta.from_props(props, source)
         self.input_name = self.session.get_inputs()[0].name
@@ -136,6 +133,26 @@ class EdgeModel:
         self._session_args = (threads, graph_optimization, spinning, chosen)
         if e2e:
             self._e2e()
+
+    @staticmethod
+    def _onnx_session(model, source: str, providers, threads, graph_optimization, spinning):
+        available = ort.get_available_providers()
+        wanted = list(providers) if providers else ["CPUExecutionProvider"]
+        chosen = [p for p in wanted if p in available]
+        if len(chosen) < len(wanted):
+            log.warning("execution providers %s not available here (have %s); falling back",
+                        [p for p in wanted if p not in available], available)
+        if "CPUExecutionProvider" not in chosen:
+            chosen.append("CPUExecutionProvider")
+        try:
+            session = ort.InferenceSession(
+                bytes(model) if source == "<bytes>" else str(model),
+                sess_options=session_options(threads, graph_optimization, spinning=spinning),
+                providers=chosen,
+            )
+        except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf types
+            raise MetadataError(f"cannot load {source} as an ONNX model: {e}") from None
+        return session, chosen
 
     def _e2e(self):
         """The end-to-end session, loaded on first use; None (and `e2e_why` says why) when there is no

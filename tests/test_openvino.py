@@ -1,0 +1,129 @@
+"""`--format openvino`: each model as an OpenVINO IR file beside its ONNX file, the metadata inside (rt_info),
+checked against its source and judged as the guard judges (the convert stage); EdgeModel, predict and bench
+open the IR as they open ONNX; a file without its metadata or weights is refused in one line."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+pytest.importorskip("openvino")
+
+from tests.conftest import invoke  # noqa: E402
+
+
+@pytest.fixture
+def converted(fast_run_copy):
+    r = invoke("export", fast_run_copy, "--format", "openvino")
+    assert r.exit_code == 0, r.stderr[-2000:]
+    return fast_run_copy, r
+
+
+def test_export_format_openvino_writes_checked_ir_files_with_the_metadata(converted):
+    run, r = converted
+    for name in ("model.xml", "model.bin", "model.int8.xml", "model.int8.bin"):
+        assert (run / name).is_file(), name
+    rep = json.loads((run / "report.json").read_text())
+    f = rep["formats"]
+    assert [(x["precision"], x["file"], x["source"]) for x in f["files"]] == \
+        [("fp32", "model.xml", "model.onnx"), ("int8", "model.int8.xml", "model.int8.onnx")]
+    fp32, int8 = f["files"]
+    assert fp32["check"]["top1_agreement_with_source"] >= 0.995 and fp32["shippable"]
+    assert fp32["check"]["max_abs_prob_diff_vs_source"] < 1e-3
+    # the fast run's data holds no unseen images (every label used, no --guard-data): no INT8 promise
+    assert f["unseen"] is False and not int8["shippable"]
+    assert "model.xml: openvino fp32, shippable" in r.stdout
+    assert rep["stages"]["convert"] and json.loads((run / "config.json").read_text())["formats"] == ["openvino"]
+
+    from edgexfer.runtime import EdgeModel
+
+    onnx, ir = EdgeModel(run / "model.onnx"), EdgeModel(run / "model.xml")
+    assert ir.meta == onnx.meta and ir.providers == ["OpenVINO:CPU"] and ir.e2e_used is False
+    x = np.random.default_rng(0).standard_normal((5, *onnx.input_shape)).astype(np.float32)
+    a, b = onnx.run(x), ir.run(x)
+    assert np.abs(a["label"] - b["label"]).max() < 1e-3 and (a["label"].argmax(1) == b["label"].argmax(1)).all()
+
+
+def test_predict_and_bench_take_an_ir_file(converted, image_folder):
+    run, _ = converted
+    img = next(p for p in sorted(image_folder.rglob("*.png")))
+    a, b = (invoke("predict", run / name, img, "--top-k", "2") for name in ("model.onnx", "model.xml"))
+    assert a.exit_code == b.exit_code == 0, b.stderr
+    assert json.loads(a.stdout)["predictions"][0]["label"] == json.loads(b.stdout)["predictions"][0]["label"]
+    res = invoke("bench", run / "model.onnx", run / "model.xml", "--iters", "3", "--warmup", "1", "--no-cold-start",
+                 "--no-e2e", "--batches", "1", "--json")
+    assert res.exit_code == 0, res.stderr[-2000:]
+    rows = json.loads(res.stdout)["models"]
+    ir = next(v for v in rows.values() if str(v["file"]).endswith("model.xml"))
+    assert ir["backend"].startswith("openvino") and ir["size_bytes"] == \
+        (run / "model.xml").stat().st_size + (run / "model.bin").stat().st_size
+
+
+def test_an_ir_without_its_metadata_or_weights_is_one_line(converted, tmp_path):
+    import openvino as ov
+
+    run, _ = converted
+    bare = tmp_path / "bare.xml"
+    ov.save_model(ov.convert_model(str(run / "model.onnx")), str(bare), compress_to_fp16=False)
+    r = invoke("predict", bare, next(iter(sorted(run.parent.rglob("*.png"))), run / "none.png"))
+    assert r.exit_code == 1 and "carries no edgexfer metadata" in r.stderr and "Traceback" not in r.stderr
+    lone = tmp_path / "lone.xml"
+    shutil.copy(run / "model.xml", lone)
+    r = invoke("bench", lone, "--iters", "2", "--no-cold-start")
+    assert r.exit_code == 1 and "lone.bin is missing" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_new_int8_file_removes_the_ir_made_from_the_old_one(converted):
+    from edgexfer.runfolder import RunFolder
+
+    run, _ = converted
+    RunFolder(run).begin("quantize")  # what quantize does as it starts writing
+    assert not (run / "model.int8.xml").exists() and not (run / "model.xml").exists()
+    assert "formats" not in json.loads((run / "report.json").read_text())
+
+
+def test_format_option_and_stage_list():
+    from edgexfer.config import RunConfig
+    from edgexfer.runfolder import CONVERT, stages_for
+
+    assert CONVERT not in stages_for(RunConfig())
+    assert stages_for(RunConfig(formats=("openvino",))).index(CONVERT) == stages_for(RunConfig()).index("quantize") + 1
+    with pytest.raises(ValueError, match="unknown format"):
+        RunConfig(formats=("tflite",))
+    assert RunConfig.from_dict(RunConfig(formats=("openvino",)).to_dict()).formats == ("openvino",)
+    r = invoke("export", "nowhere", "--format", "onnx,coreml")
+    assert r.exit_code == 2 and "'coreml' is not a format" in r.stderr
+
+
+@pytest.mark.parametrize("key,check,unseen,guard,ok,words", [
+    ("fp32", {"images": 100, "top1_agreement_with_source": 1.0}, False, {}, True, "100.0% of 100"),
+    ("fp32", {"images": 100, "top1_agreement_with_source": 0.99}, True, {}, False, "at least 99.5%"),
+    ("int8", {"images": 1000, "top1_agreement_with_source": 0.99, "top1_agreement_with_fp32": 0.999,
+              "disagreement_upper95": 0.006}, True, {"shippable": True}, True, "within the 1.00% bound"),
+    ("int8", {"images": 1000, "top1_agreement_with_source": 0.99, "top1_agreement_with_fp32": 0.985,
+              "disagreement_upper95": 0.024}, True, {"shippable": True}, False, "over the 1.00% bound"),
+    ("int8", {"images": 300, "top1_agreement_with_source": 1.0, "top1_agreement_with_fp32": 1.0,
+              "disagreement_upper95": 0.004}, False, {"shippable": True}, False, "fitted on"),
+    ("int8", {"images": 1000, "top1_agreement_with_source": 1.0, "top1_agreement_with_fp32": 1.0,
+              "disagreement_upper95": 0.004}, True, {"shippable": False, "verdict": "INT8, unproven"}, False,
+     "its ONNX source is not shippable (INT8, unproven)"),
+])
+def test_conversion_verdict(key, check, unseen, guard, ok, words):
+    from edgexfer.pipeline import conversion_verdict
+
+    got, why = conversion_verdict(key, check, unseen, guard, 0.01)
+    assert got is ok and words in why
+
+
+def test_run_with_format_openvino_on_a_finished_run_converts_and_keeps_the_rest(fast_run_copy, image_folder):
+    from tests.conftest import FAST_RUN_ARGS
+
+    before = json.loads((fast_run_copy / "report.json").read_text())["stages"]
+    r = invoke("run", "--data", image_folder, "--runs", fast_run_copy.parent, "--name", fast_run_copy.name,
+               *FAST_RUN_ARGS, "--format", "openvino")
+    assert r.exit_code == 0, r.stderr[-2000:]
+    after = json.loads((fast_run_copy / "report.json").read_text())["stages"]
+    assert "convert" in after and all(after[s] == before[s] for s in before)  # nothing else ran again
+    assert (fast_run_copy / "model.int8.xml").is_file()
