@@ -107,9 +107,10 @@ class Formats(click.ParamType):
 
 def format_option(f):
     return click.option("--format", "formats", type=Formats(), default="onnx", show_default=True,
-                        help="Formats to write besides model.onnx and model.int8.onnx: openvino (OpenVINO IR, "
-                             "model.xml and model.int8.xml, with the openvino package: pip install "
-                             "\"edgexfer[openvino]\"), each checked against its ONNX source (report.json formats).")(f)
+                        help="Formats to write besides model.onnx and model.int8.onnx: openvino (OpenVINO IR: "
+                             "model.xml, model.int8.xml), executorch (ExecuTorch with XNNPACK: model.pte, "
+                             "model.int8.pte), each with its package (pip install \"edgexfer[openvino]\", "
+                             "\"edgexfer[executorch]\"), each checked against FP32 (report.json formats).")(f)
 
 
 def data_options(f):
@@ -320,11 +321,11 @@ def run(name, runs, force, bench_iters, target, calibration_method, calibration_
 
 def _require_formats(formats: tuple) -> None:
     """Each format's converter installed, or one line naming the extra, before anything is written."""
-    if "openvino" in formats:
-        import importlib.util
+    import importlib.util
 
-        if importlib.util.find_spec("openvino") is None:
-            raise EdgexferError('--format openvino needs the openvino package (pip install "edgexfer[openvino]")')
+    for f in formats:  # the package of each format's converter (and runtime) is the extra of the same name
+        if importlib.util.find_spec(f) is None:
+            raise EdgexferError(f'--format {f} needs the {f} package (pip install "edgexfer[{f}]")')
 
 
 FP32_FILE = "model.onnx"

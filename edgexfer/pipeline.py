@@ -10,6 +10,8 @@ atomically and records its numbers in `report.json`. `run` runs those not done w
 """
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import time
 from dataclasses import asdict
@@ -346,20 +348,22 @@ def _conversion_check(converted: np.ndarray, source: np.ndarray, fp32: np.ndarra
             "max_abs_prob_diff_vs_source": float(np.max(np.abs(softmax(converted) - softmax(source)))) if n else None}
 
 
-def conversion_verdict(key: str, check: dict, unseen: bool, guard: dict, max_drop: float) -> tuple[bool, str]:
+def conversion_verdict(key: str, check: dict, unseen: bool, source: tuple[bool, str] | None,
+                       max_drop: float) -> tuple[bool, str]:
     """Whether a converted file ships, and why. FP32: it gives model.onnx's top-1 on at least
-    CONVERSION_MIN_AGREEMENT of the images checked. INT8: another runtime's INT8 kernels round differently from
-    ONNX Runtime's, so its own answers are judged as the guard judges an INT8 file: its source passed the guard,
-    and its disagreement with FP32's top-1 on images the model was not fitted on is within the bound with 95%
-    confidence (Wilson)."""
+    CONVERSION_MIN_AGREEMENT of the images checked. INT8 (another runtime's INT8 kernels round differently from
+    ONNX Runtime's, and ExecuTorch's file is a quantization of its own): judged as the guard judges an INT8
+    file, on its own answers: its disagreement with FP32's top-1 on images the model was not fitted on within
+    the bound with 95% confidence (Wilson); `source`, when the file was converted from the guarded INT8 ONNX
+    file, is that file's (shippable, verdict), which must have passed too."""
     a, n = check["top1_agreement_with_source"], check["images"]
     if key == "fp32":
         ok = a is not None and a >= CONVERSION_MIN_AGREEMENT
         return ok, f"gives the ONNX file's top-1 on {a:.1%} of {n} images (at least {CONVERSION_MIN_AGREEMENT:.1%} wanted)"
     off, upper = 1.0 - check["top1_agreement_with_fp32"], check["disagreement_upper95"]
     said = f"disagrees with FP32's top-1 on {off:.1%} of {n} images, at most {upper:.1%} with 95% confidence"
-    if not guard.get("shippable"):
-        return False, f"its ONNX source is not shippable ({guard.get('verdict') or 'no guard verdict'}); it {said}"
+    if source is not None and not source[0]:
+        return False, f"its ONNX source is not shippable ({source[1] or 'no guard verdict'}); it {said}"
     if not unseen:
         return False, (f"it {said}, but those images are the labelled ones the model was fitted on: no promise "
                        "about new photos (pass unlabelled photos of the domain with --guard-data DIR)")
@@ -368,18 +372,49 @@ def conversion_verdict(key: str, check: dict, unseen: bool, guard: dict, max_dro
     return True, f"it {said}: within the {max_drop:.2%} bound"
 
 
+def _write_format(fmt_name: str, key: str, run: RunFolder, cfg: RunConfig, ws: Workspace, xd: np.ndarray) -> dict:
+    """One converted file (`FORMAT_FILES[fmt_name][key]`) written; returns its record's first fields."""
+    from edgexfer.runtime import backends
+
+    out = run.file(FORMAT_FILES[fmt_name][key][0])
+    if fmt_name == "openvino":  # from the ONNX file: the guarded INT8 file for int8
+        from edgexfer.exporters.openvino import write_ir
+
+        src = run.file(FILES[key])
+        log.info("convert: %s -> %s", src.name, out.name)
+        write_ir(src, out)
+        rec = {"source": src.name}
+    else:  # executorch: from the checkpoint; INT8 quantized by PT2E on the INT8 calibration images
+        from edgexfer.exporters.executorch import write_pte
+        from edgexfer.exporters.metadata_io import read_meta
+        from edgexfer.model import load_checkpoint
+
+        model, _, _ = load_checkpoint(run.checkpoint)
+        calib = calibration_set(cfg, ws, cfg.quantize.recipe.calibration_samples)[0] if key == "int8" else None
+        meta = read_meta(run.file(FILES["fp32"]))
+        if key == "int8":
+            meta = dataclasses.replace(meta, metrics={}, quantization={"method": "PT2E (XNNPACK quantizer)",
+                                                                       "source_file": "checkpoint.pt"})
+        log.info("convert: checkpoint.pt -> %s (ExecuTorch, XNNPACK%s)", out.name, ", INT8 PT2E" if calib is not None else "")
+        rec = {"source": "checkpoint.pt", **write_pte(model, meta, out, xd[:2], calib)}
+    files = [run.file(f) for f in FORMAT_FILES[fmt_name][key]]
+    return {"format": fmt_name, "precision": key, "file": out.name,
+            **({"weights": files[1].name} if len(files) > 1 else {}),
+            "size_bytes": sum(f.stat().st_size for f in files), "runtime": backends.runtime_version(out), **rec}
+
+
 @stage(CONVERT)
 def convert(st: Stage) -> dict:
-    """model.onnx and model.int8.onnx in each format of `--format` besides ONNX (OpenVINO IR: model.xml,
-    model.int8.xml; `edgexfer.exporters.openvino`), the metadata inside. Each converted file is checked on the
-    images no stage fitted (--guard-data, the labelled images --shots left out; else the labelled images, and
-    the record says so) and ships by `conversion_verdict`; the test split's figures are reported beside them."""
+    """The run's model in each format of `--format` besides ONNX, the metadata inside: OpenVINO IR (model.xml,
+    model.int8.xml from the ONNX files: `edgexfer.exporters.openvino`), ExecuTorch with XNNPACK (model.pte,
+    model.int8.pte from the checkpoint: `edgexfer.exporters.executorch`). Each file is checked on the images no
+    stage fitted (--guard-data, the labelled images --shots left out; else the labelled images, and the record
+    says so) against FP32 and ships by `conversion_verdict`; the test split's figures are reported beside them."""
     from edgexfer.quantize_stage import unlabelled_images
 
     run, cfg, ws = st.run, st.cfg, st.ws
-    sources = {k: run.file(FILES[k]) for k in ("fp32", "int8") if run.file(FILES[k]).is_file()}
-    if "fp32" not in sources:
-        raise RunFolderError(f"no {FILES['fp32']} in {run.path}; run `edgexfer export {run.path}` first")
+    fp32 = run.require(FILES["fp32"], "export")
+    int8 = run.file(FILES["int8"])
     guard = (run.report().get("quantize") or {}).get("guard") or {}
     xu, unseen_from = unlabelled_images(cfg, ws)
     unseen = xu is not None and len(xu) > 0
@@ -391,25 +426,22 @@ def convert(st: Stage) -> dict:
     xt, _ = ws.tensors("test")
     st.begin()
     threads = cfg.bench.threads
+    sources = {"fp32": fp32, **({"int8": int8} if int8.is_file() else {})}
     ref = {k: (_logits_of(p, xd, threads), _logits_of(p, xt, threads) if len(xt) else None) for k, p in sources.items()}
     rows = []
     for fmt_name in cfg.formats:
-        from edgexfer.exporters.openvino import write_ir
-        from edgexfer.runtime import openvino_backend
-
-        for key, src in sources.items():
-            xml = run.file(FORMAT_FILES[fmt_name][key][0])
-            log.info("convert: %s -> %s (OpenVINO %s)", src.name, xml.name, openvino_backend.version())
-            write_ir(src, xml)
-            check = _conversion_check(_logits_of(xml, xd, threads), ref[key][0], ref["fp32"][0])
-            test = (_conversion_check(_logits_of(xml, xt, threads), ref[key][1], ref["fp32"][1])
-                    if len(xt) else None)
-            ok, why = conversion_verdict(key, check, unseen, guard, cfg.max_accuracy_drop)
-            rows.append({"format": fmt_name, "precision": key, "file": xml.name, "weights": xml.with_suffix(".bin").name,
-                         "size_bytes": xml.stat().st_size + xml.with_suffix(".bin").stat().st_size,
-                         "source": src.name, "runtime": f"openvino {openvino_backend.version()}",
-                         "check": check, "test": test, "shippable": ok, "why": why})
-            log.info("convert: %s %s: %s", xml.name, "shippable" if ok else "NOT shippable", why)
+        for key in ("fp32", "int8"):
+            if fmt_name == "openvino" and key not in sources:
+                continue  # no guarded INT8 ONNX file to convert
+            rec = _write_format(fmt_name, key, run, cfg, ws, xd)
+            out = run.file(rec["file"])
+            src = ref[key] if rec["source"] == FILES.get(key) else ref["fp32"]
+            check = _conversion_check(_logits_of(out, xd, threads), src[0], ref["fp32"][0])
+            test = _conversion_check(_logits_of(out, xt, threads), src[1], ref["fp32"][1]) if len(xt) else None
+            source = (bool(guard.get("shippable")), guard.get("verdict")) if rec["source"] == FILES["int8"] else None
+            ok, why = conversion_verdict(key, check, unseen, source, cfg.max_accuracy_drop)
+            rows.append({**rec, "check": check, "test": test, "shippable": ok, "why": why})
+            log.info("convert: %s %s: %s", out.name, "shippable" if ok else "NOT shippable", why)
     out = {"checked_on": checked_on, "unseen": unseen, "min_agreement_fp32": CONVERSION_MIN_AGREEMENT, "files": rows}
     st.report(formats=out)
     return out

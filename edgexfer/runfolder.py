@@ -38,7 +38,8 @@ SELECTION_FILE = "backbone_selection.json"  # the select stage's comparison of t
 FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.onnx",
          "int8_dynamic": "model.int8-dynamic.onnx"}
 # the convert stage's files: each format's file of the FP32 and INT8 models (OpenVINO IR: the .xml and its .bin)
-FORMAT_FILES = {"openvino": {"fp32": ("model.xml", "model.bin"), "int8": ("model.int8.xml", "model.int8.bin")}}
+FORMAT_FILES = {"openvino": {"fp32": ("model.xml", "model.bin"), "int8": ("model.int8.xml", "model.int8.bin")},
+                "executorch": {"fp32": ("model.pte",), "int8": ("model.int8.pte",)}}
 
 # Stage provenance. A stage is done only if the settings it was run with (these config.json entries) and the
 # files it read (their hashes) still match; running a stage again clears what it and every later stage
@@ -52,7 +53,7 @@ STAGE_SETTINGS = {SELECT: ("data", "model.requested_backbone", "model.weights", 
                   "quantize": (*(f"quantize.{f}" for f in QuantizeConfig.__dataclass_fields__), "max_accuracy_drop"),
                   CONVERT: ("formats",), "evaluate": ("max_accuracy_drop",), "bench": ("bench",)}
 STAGE_INPUTS = {SELECT: (), "finetune": (), "export": ("checkpoint.pt",),
-                "quantize": (FILES["fp32"], "checkpoint.pt"), CONVERT: (FILES["fp32"], FILES["int8"]),
+                "quantize": (FILES["fp32"], "checkpoint.pt"), CONVERT: (FILES["fp32"], FILES["int8"], "checkpoint.pt"),
                 "evaluate": tuple(FILES.values()), "bench": tuple(FILES.values())}  # model files: those present
 # which earlier stages' outputs a stage reads: running a stage again clears the later stages that read it (evaluate
 # writes test metrics, which bench never reads: bench's latencies outlive a new evaluation)

@@ -121,15 +121,17 @@ def openvino_candidate(name: str, path, threads: int) -> Candidate | None:
 
 
 def model_candidate(name: str, path, threads: int, spinning: bool = True) -> Candidate:
-    """A model file as its own runtime runs it: an OpenVINO IR file (.xml) with OpenVINO, any other with ONNX
-    Runtime (`onnx_candidate`)."""
-    from edgexfer.runtime import openvino_backend
+    """A model file as its own runtime runs it: OpenVINO IR (.xml) with OpenVINO, an ExecuTorch program (.pte)
+    with ExecuTorch (`runtime.backends`), ONNX with ONNX Runtime (`onnx_candidate`)."""
+    from edgexfer.runtime import backends
 
-    if not openvino_backend.is_ir(path):
+    if not backends.format_of(path):
         return onnx_candidate(name, path, threads, spinning=spinning)
-    sess = openvino_backend.OpenVINOSession(path, threads=threads)
-    inp = sess.get_inputs()[0].name
-    return Candidate(name, lambda x: sess.run(None, {inp: x}), f"openvino {openvino_backend.version()}", str(path))
+    from edgexfer.runtime.model import EdgeModel
+
+    m = EdgeModel(path, threads=threads, e2e=False)  # its session, described by its metadata
+    sess, inp = m.session, m.input_name
+    return Candidate(name, lambda x: sess.run(None, {inp: x}), backends.runtime_version(path), str(path))
 
 
 # Reference backends that need more than the runtime (PyTorch eager from a run's checkpoint) are
@@ -376,7 +378,7 @@ def run_benchmark(targets: Sequence[str | os.PathLike], cfg: BenchConfig = Bench
     results = {}
     for c in cands:
         f = Path(c.file) if c.file else None
-        own = c.backend == "onnxruntime" or (f is not None and f.suffix == ".xml")  # not a reference on another's file
+        own = c.backend == "onnxruntime" or (f is not None and f.suffix in (".xml", ".pte"))  # not a reference
         size = (f.stat().st_size + (f.with_suffix(".bin").stat().st_size if f.suffix == ".xml" else 0)) if own and f else None
         entry = {"backend": c.backend, "file": c.file, "size_bytes": size,
                  "input_shape": [1, *c.shape],

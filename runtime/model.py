@@ -69,8 +69,9 @@ def session_options(threads: int | None = None, graph_optimization: str = "all",
 
 
 class EdgeModel:
-    """Load an edgexfer ONNX file (path or bytes), or an OpenVINO IR file converted from one (`model.xml`,
-    with the openvino package: `edgexfer.runtime.openvino_backend`), and predict from images.
+    """Load an edgexfer ONNX file (path or bytes), or the same model in another runtime's format (OpenVINO IR
+    `model.xml`, ExecuTorch `model.pte`: `edgexfer.runtime.backends`, with that runtime's package installed),
+    and predict from images.
 
     >>> m = EdgeModel("runs/demo/model.int8.onnx", threads=2)
     >>> m.predict("cat.jpg", top_k=3)      # one image -> list of {label, index, score}
@@ -105,20 +106,22 @@ class EdgeModel:
         if not isinstance(model, (bytes, bytearray)) and not Path(model).is_file():
             raise FileNotFoundError(f"model file not found: {model}")
         self.path = None if source == "<bytes>" else Path(model)
-        from edgexfer.runtime import openvino_backend
+        from edgexfer.runtime import backends
 
-        if openvino_backend.is_ir(model):  # an OpenVINO IR file (edgexfer.exporters.openvino)
+        if backends.format_of(model):  # OpenVINO IR, ExecuTorch (`edgexfer export RUN --format ...`)
             if e2e:
-                raise MetadataError(f"e2e=True: {source} is an OpenVINO IR file; the end-to-end file is ONNX's")
-            self.session = openvino_backend.OpenVINOSession(model, threads=threads)
+                raise MetadataError(f"e2e=True: {source} is a {backends.format_of(model)} file; the end-to-end "
+                                    "file is ONNX's")
+            self.session = backends.open_session(model, threads=threads)
             if not self.session.get_modelmeta().custom_metadata_map:
-                raise MetadataError(f"{source} carries no edgexfer metadata (no '{openvino_backend.RT_INFO}' "
-                                    "rt_info); convert it with `edgexfer export RUN --format openvino`")
+                raise MetadataError(backends.no_metadata(source))
             chosen, e2e = self.session.get_providers(), False
         else:
             self.session, chosen = self._onnx_session(model, source, providers, threads, graph_optimization, spinning)
         props = self.session.get_modelmeta().custom_metadata_map
         self.meta = ModelMeta.from_props(props, source)
+        if hasattr(self.session, "describe"):  # a format whose tensors are named by the metadata (ExecuTorch)
+            self.session.describe(self.meta)
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [t.output for t in self.meta.tasks]
         self.threads = threads

@@ -1,6 +1,7 @@
-"""`--format openvino`: each model as an OpenVINO IR file beside its ONNX file, the metadata inside (rt_info),
-checked against its source and judged as the guard judges (the convert stage); EdgeModel, predict and bench
-open the IR as they open ONNX; a file without its metadata or weights is refused in one line."""
+"""`--format openvino,executorch` (the convert stage): each model as an OpenVINO IR file and an ExecuTorch
+program beside its ONNX file, the metadata inside (rt_info; a second method of the program), checked against
+FP32 and judged as the guard judges; EdgeModel, predict and bench open them as they open ONNX; a file without
+its metadata or weights is refused in one line."""
 from __future__ import annotations
 
 import json
@@ -91,29 +92,31 @@ def test_format_option_and_stage_list():
     assert CONVERT not in stages_for(RunConfig())
     assert stages_for(RunConfig(formats=("openvino",))).index(CONVERT) == stages_for(RunConfig()).index("quantize") + 1
     with pytest.raises(ValueError, match="unknown format"):
-        RunConfig(formats=("tflite",))
+        RunConfig(formats=("coreml",))
     assert RunConfig.from_dict(RunConfig(formats=("openvino",)).to_dict()).formats == ("openvino",)
     r = invoke("export", "nowhere", "--format", "onnx,coreml")
     assert r.exit_code == 2 and "'coreml' is not a format" in r.stderr
 
 
-@pytest.mark.parametrize("key,check,unseen,guard,ok,words", [
-    ("fp32", {"images": 100, "top1_agreement_with_source": 1.0}, False, {}, True, "100.0% of 100"),
-    ("fp32", {"images": 100, "top1_agreement_with_source": 0.99}, True, {}, False, "at least 99.5%"),
+@pytest.mark.parametrize("key,check,unseen,source,ok,words", [
+    ("fp32", {"images": 100, "top1_agreement_with_source": 1.0}, False, None, True, "100.0% of 100"),
+    ("fp32", {"images": 100, "top1_agreement_with_source": 0.99}, True, None, False, "at least 99.5%"),
     ("int8", {"images": 1000, "top1_agreement_with_source": 0.99, "top1_agreement_with_fp32": 0.999,
-              "disagreement_upper95": 0.006}, True, {"shippable": True}, True, "within the 1.00% bound"),
+              "disagreement_upper95": 0.006}, True, (True, "INT8"), True, "within the 1.00% bound"),
+    ("int8", {"images": 1000, "top1_agreement_with_source": 0.99, "top1_agreement_with_fp32": 0.999,
+              "disagreement_upper95": 0.006}, True, None, True, "within the 1.00% bound"),  # its own quantization
     ("int8", {"images": 1000, "top1_agreement_with_source": 0.99, "top1_agreement_with_fp32": 0.985,
-              "disagreement_upper95": 0.024}, True, {"shippable": True}, False, "over the 1.00% bound"),
+              "disagreement_upper95": 0.024}, True, None, False, "over the 1.00% bound"),
     ("int8", {"images": 300, "top1_agreement_with_source": 1.0, "top1_agreement_with_fp32": 1.0,
-              "disagreement_upper95": 0.004}, False, {"shippable": True}, False, "fitted on"),
+              "disagreement_upper95": 0.004}, False, (True, "INT8"), False, "fitted on"),
     ("int8", {"images": 1000, "top1_agreement_with_source": 1.0, "top1_agreement_with_fp32": 1.0,
-              "disagreement_upper95": 0.004}, True, {"shippable": False, "verdict": "INT8, unproven"}, False,
+              "disagreement_upper95": 0.004}, True, (False, "INT8, unproven"), False,
      "its ONNX source is not shippable (INT8, unproven)"),
 ])
-def test_conversion_verdict(key, check, unseen, guard, ok, words):
+def test_conversion_verdict(key, check, unseen, source, ok, words):
     from edgexfer.pipeline import conversion_verdict
 
-    got, why = conversion_verdict(key, check, unseen, guard, 0.01)
+    got, why = conversion_verdict(key, check, unseen, source, 0.01)
     assert got is ok and words in why
 
 
@@ -127,3 +130,36 @@ def test_run_with_format_openvino_on_a_finished_run_converts_and_keeps_the_rest(
     after = json.loads((fast_run_copy / "report.json").read_text())["stages"]
     assert "convert" in after and all(after[s] == before[s] for s in before)  # nothing else ran again
     assert (fast_run_copy / "model.int8.xml").is_file()
+
+
+def test_executorch_programs_carry_the_metadata_and_answer_as_fp32(fast_run_copy):
+    pytest.importorskip("executorch")
+    r = invoke("export", fast_run_copy, "--format", "executorch")
+    assert r.exit_code == 0, r.stderr[-2000:]
+    rows = {x["file"]: x for x in json.loads((fast_run_copy / "report.json").read_text())["formats"]["files"]}
+    assert set(rows) == {"model.pte", "model.int8.pte"}
+    fp32, int8 = rows["model.pte"], rows["model.int8.pte"]
+    assert fp32["source"] == int8["source"] == "checkpoint.pt" and fp32["delegate"] == "XNNPACK"
+    assert fp32["check"]["top1_agreement_with_source"] >= 0.995 and fp32["shippable"]
+    assert int8["quantization"].startswith("PT2E") and int8["calibration_images"] > 0
+    assert not int8["shippable"] and "fitted on" in int8["why"]  # no unseen images in the fast run's data
+
+    from edgexfer.runtime import EdgeModel
+
+    onnx, pte = EdgeModel(fast_run_copy / "model.onnx"), EdgeModel(fast_run_copy / "model.pte")
+    assert pte.meta.tasks == onnx.meta.tasks and pte.providers == ["ExecuTorch:XNNPACK"]
+    x = np.random.default_rng(1).standard_normal((3, *onnx.input_shape)).astype(np.float32)
+    assert np.abs(onnx.run(x)["label"] - pte.run(x)["label"]).max() < 1e-3
+    assert EdgeModel(fast_run_copy / "model.int8.pte").meta.quantization["method"].startswith("PT2E")
+
+
+def test_a_program_without_the_metadata_method_is_one_line(fast_run_copy, tmp_path):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("executorch")
+    from executorch.exir import to_edge_transform_and_lower
+
+    ep = torch.export.export(torch.nn.Linear(4, 2).eval(), (torch.zeros(1, 4),))
+    bare = tmp_path / "bare.pte"
+    bare.write_bytes(to_edge_transform_and_lower(ep).to_executorch().buffer)
+    r = invoke("bench", bare, "--iters", "2", "--no-cold-start")
+    assert r.exit_code == 1 and "no 'edgexfer_meta' method" in r.stderr and "Traceback" not in r.stderr

@@ -1,0 +1,46 @@
+"""Model files other than ONNX, by suffix: OpenVINO IR (`.xml`, `openvino_backend`) and ExecuTorch programs
+(`.pte`, `executorch_backend`), each opened as a session with the part of ONNX Runtime's `InferenceSession`
+interface that `EdgeModel` and `edgexfer bench` use. Each runtime's package is imported only when a file of
+its format is opened (the optional extras `[openvino]`, `[executorch]`)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+SUFFIXES = {".xml": "openvino", ".pte": "executorch"}
+
+
+def format_of(path) -> str | None:
+    """"openvino" or "executorch" for such a file, None for ONNX (or bytes)."""
+    if not isinstance(path, (str, Path)):
+        return None
+    return SUFFIXES.get(Path(path).suffix.lower())
+
+
+def open_session(path, threads: int | None = None):
+    """A session of a non-ONNX model file, with the metadata props it carries (empty when none)."""
+    fmt = format_of(path)
+    if fmt == "openvino":
+        from edgexfer.runtime.openvino_backend import OpenVINOSession
+
+        return OpenVINOSession(path, threads=threads)
+    if fmt == "executorch":
+        from edgexfer.runtime.executorch_backend import ExecuTorchSession
+
+        return ExecuTorchSession(path, threads=threads)
+    raise ValueError(f"not a non-ONNX model file: {path}")
+
+
+def no_metadata(path) -> str:
+    """Where a file of this format keeps edgexfer's metadata, for the one-line refusal when it has none."""
+    where = {"openvino": "no 'edgexfer' rt_info", "executorch": "no 'edgexfer_meta' method"}[format_of(path)]
+    return (f"{path} carries no edgexfer metadata ({where}); convert it with "
+            f"`edgexfer export RUN --format {format_of(path)}`")
+
+
+def runtime_version(path) -> str:
+    fmt = format_of(path)
+    if fmt == "openvino":
+        from edgexfer.runtime.openvino_backend import version
+    else:
+        from edgexfer.runtime.executorch_backend import version
+    return f"{fmt} {version()}"
