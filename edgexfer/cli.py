@@ -187,17 +187,16 @@ def data_options(f):
 
 
 def quant_options(f):
-    from edgexfer.config import QuantizeConfig, RunConfig  # the defaults
-
-    _Q = QuantizeConfig()
-    _R = _Q.recipe
+    # the defaults: QuantizeConfig's class attributes (an instance would import the exporters, and onnx, into
+    # every command's start); the recipe's two are Int8Recipe's (tests/test_config_defaults.py checks them)
+    from edgexfer.config import QuantizeConfig as _Q, RunConfig
 
     opts = [
         click.option("--target", type=click.Choice(["host", "avx2", "avx512", "avx512_vnni", "arm64"]), default=_Q.target,
                      show_default=True, help="CPU the INT8 recipe is for (optimum's presets); host: this CPU."),
-        click.option("--calibration-method", type=click.Choice(["minmax", "entropy", "percentile"]), default=_R.calibration_method,
+        click.option("--calibration-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
                      show_default=True, help="How INT8 ranges are set from the calibration images' activations."),
-        click.option("--calibration-samples", type=click.IntRange(min=1), default=_R.calibration_samples, show_default=True,
+        click.option("--calibration-samples", type=click.IntRange(min=1), default=200, show_default=True,
                      help="Calibration images."),
         click.option("--calibration-data", type=click.Choice(["auto", "train", "adapt-bn"]), default=_Q.calibration,
                      show_default=True, help="Images that set the INT8 ranges: train, or adapt-bn (the run's "
