@@ -202,21 +202,30 @@ class BenchConfig:
     block: int = 20
     pause: float = 0.02
     extra: dict = field(default_factory=dict)
+    formats: tuple = ("onnx",)                  # a run folder's files of these formats ("all": every one there)
 
     def timing(self) -> dict:
         """interleaved()'s block and pause for this configuration."""
         return {"block": self.block, "pause": self.pause} if self.spinning else {}
 
 
-def model_files(targets: Sequence[str | os.PathLike]) -> tuple[list[Path], Path | None]:
-    """ONNX files named directly or found in run folders (FP32 first), and the run folder if one."""
+FORMAT_SUFFIXES = {"onnx": ".onnx", "openvino": ".xml", "executorch": ".pte"}  # `--formats`: what a run folder gives
+
+
+def model_files(targets: Sequence[str | os.PathLike], formats: Sequence[str] = ("onnx",)
+                ) -> tuple[list[Path], Path | None]:
+    """Model files named directly or found in run folders (the ONNX files; with `formats`, those of each format
+    named, or of every one with "all": OpenVINO IR, ExecuTorch; FP32 first within each), and the run folder if one."""
     files, run_dir = [], None
+    wanted = list(FORMAT_SUFFIXES) if "all" in formats else list(formats)
     for t in map(Path, targets):
         if t.is_dir():
             run_dir = t
-            found = sorted((p for p in t.glob("*.onnx") if not is_e2e(p)), key=lambda p: (p.name != "model.onnx", p.name))
+            found = [p for fmt in wanted for p in sorted(
+                (p for p in t.glob(f"*{FORMAT_SUFFIXES[fmt]}") if not is_e2e(p) and not p.name.startswith(".")),
+                key=lambda p, fmt=fmt: (p.name != "model" + FORMAT_SUFFIXES[fmt], p.name))]
             if not found:
-                raise FileNotFoundError(f"no .onnx file in {t}")
+                raise FileNotFoundError(f"no {' or '.join(FORMAT_SUFFIXES[f] for f in wanted)} model file in {t}")
             files += found
         elif t.is_file():
             files.append(t)
@@ -269,7 +278,7 @@ def run_benchmark(targets: Sequence[str | os.PathLike], cfg: BenchConfig = Bench
     from edgexfer.runtime.machine import machine_info
     from edgexfer.runtime.model import EdgeModel
 
-    files, found_dir = model_files(targets)
+    files, found_dir = model_files(targets, cfg.formats)
     run_dir = run_dir or found_dir
     metas = {f: EdgeModel(f) for f in files}
     names = _unique_names(files)

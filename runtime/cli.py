@@ -217,6 +217,9 @@ def cli(ctx, verbose: bool):
 @click.option("--spinning/--no-spinning", default=True, show_default=True,
               help="ONNX Runtime's worker threads spin between calls (its default, as applications run it); the "
                    "models are then timed in alternating blocks of 20 calls. --no-spinning: call by call.")
+@click.option("--formats", type=click.Choice(["onnx", "all"]), default="onnx", show_default=True,
+              help="From a run folder, the ONNX files, or all: its OpenVINO IR and ExecuTorch files too (`edgexfer "
+                   "export RUN --format openvino,executorch`), each in its own runtime, interleaved in one table.")
 @click.option("--no-cold-start", is_flag=True, help="Skip the fresh-process cold-start measurement.")
 @click.option("--no-reference", is_flag=True, help="Skip the PyTorch and OpenVINO references.")
 @click.option("--no-e2e", is_flag=True, help="Skip the end-to-end phase: each model's *.e2e.onnx file beside it "
@@ -228,8 +231,8 @@ def cli(ctx, verbose: bool):
 @click.option("--plot", type=click.Path(path_type=Path), default=None, show_default="none",
               help="Write a PNG plot (needs matplotlib).")
 @quiet_option
-def bench(models, threads, warmup, iters, duration, batches, sweep, spinning, no_cold_start, no_reference, no_e2e,
-          json_, json_out, markdown, plot):
+def bench(models, threads, warmup, iters, duration, batches, sweep, spinning, formats, no_cold_start, no_reference,
+          no_e2e, json_, json_out, markdown, plot):
     """Benchmark ONNX files (or every ONNX file of run folders), interleaved, with ratios to the first
     model; rows are named RUN/FILE (the folder and the file). Models of different input sizes each get an input
     of their own size. PyTorch eager (from a run folder's checkpoint, when torch is installed) and OpenVINO
@@ -245,7 +248,7 @@ def bench(models, threads, warmup, iters, duration, batches, sweep, spinning, no
     sweep = () if sweep is None else (sweep or tuple(sorted({1, 2, 4, cores} & set(range(1, cores + 1)))))
     cfg = BenchConfig(threads=threads, warmup=warmup, iters=iters, duration=duration, batches=batches, sweep=sweep,
                       cold_start=not no_cold_start, openvino=not no_reference, references=not no_reference,
-                      spinning=spinning, e2e=not no_e2e)
+                      spinning=spinning, e2e=not no_e2e, formats=(formats,))
     with Progress("bench").ticking() as progress:  # the ETA: measured time per call after warm-up (bench.Plan)
         res = run_benchmark(list(models), cfg, references=references, log=progress.log, eta=progress.eta)
     _emit(res, to_markdown(res), plot_png, json_=json_, json_out=json_out, markdown=markdown, plot=plot)

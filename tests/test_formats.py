@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -163,3 +164,19 @@ def test_a_program_without_the_metadata_method_is_one_line(fast_run_copy, tmp_pa
     bare.write_bytes(to_edge_transform_and_lower(ep).to_executorch().buffer)
     r = invoke("bench", bare, "--iters", "2", "--no-cold-start")
     assert r.exit_code == 1 and "no 'edgexfer_meta' method" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bench_formats_all_times_every_format_of_a_run_folder(fast_run_copy):
+    pytest.importorskip("executorch")
+    assert invoke("export", fast_run_copy, "--format", "openvino,executorch").exit_code == 0
+    res = invoke("bench", fast_run_copy, "--formats", "all", "--iters", "3", "--warmup", "1", "--no-cold-start",
+                 "--no-e2e", "--no-reference", "--batches", "1", "--json")
+    assert res.exit_code == 0, res.stderr[-2000:]
+    rows = json.loads(res.stdout)["models"]
+    files = [Path(v["file"]).name for v in rows.values()]
+    assert files[:2] == ["model.onnx", "model.int8.onnx"] and set(files[2:]) == \
+        {"model.xml", "model.int8.xml", "model.pte", "model.int8.pte"}
+    assert {v["backend"].split()[0] for v in rows.values()} == {"onnxruntime", "openvino", "executorch"}
+    only_onnx = invoke("bench", fast_run_copy, "--iters", "2", "--warmup", "1", "--no-cold-start", "--no-e2e",
+                       "--no-reference", "--batches", "1", "--json")
+    assert all(Path(v["file"]).suffix == ".onnx" for v in json.loads(only_onnx.stdout)["models"].values())
