@@ -501,6 +501,8 @@ def export(run_dir, atol, triton_repo, triton_model, max_batch_size, force, form
     from this checkpoint.pt is kept (and the INT8 file derived from it with it) unless --force or --atol."""
     from edgexfer import pipeline
 
+    if formats:
+        _require_formats(formats)  # before anything is exported
     run = pipeline.RunFolder(run_dir)
     with run.lock("export"):
         if not force and atol is None and run.why_stale("export", run.config()) is None:
@@ -513,7 +515,6 @@ def export(run_dir, atol, triton_repo, triton_model, max_batch_size, force, form
             click.echo(f"{run_dir}/model.onnx: max abs diff {v['max_abs_diff']:.2e} (atol {v['atol']:g}), "
                        f"top-1 agreement {v['top1_agreement']:.4f}")
         if formats:
-            _require_formats(formats)
             cfg = run.config()
             cfg.formats = formats
             run.write_config(cfg)

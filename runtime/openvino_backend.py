@@ -82,9 +82,10 @@ class OpenVINOSession:
         try:
             model = ov.Core().read_model(str(path))
             self._compiled = ov.Core().compile_model(model, device, config(threads, precision))
-        except Exception as e:  # openvino raises its own RuntimeError subclasses
+        except Exception as e:  # openvino raises its own RuntimeError subclasses, "Exception from FILE:LINE:" first
+            said = [ln for ln in str(e).strip().splitlines() if ln.strip() and not ln.startswith("Exception from ")]
             raise MetadataError(f"cannot load {path} as an OpenVINO IR model: "
-                                f"{(str(e).strip().splitlines() or [type(e).__name__])[0][:300]}") from None
+                                f"{(said or [type(e).__name__])[0][:300]}") from None
         self._props = rt_props(model)
         self._device = device
         self._local = threading.local()

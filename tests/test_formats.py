@@ -180,3 +180,26 @@ def test_bench_formats_all_times_every_format_of_a_run_folder(fast_run_copy):
     only_onnx = invoke("bench", fast_run_copy, "--iters", "2", "--warmup", "1", "--no-cold-start", "--no-e2e",
                        "--no-reference", "--batches", "1", "--json")
     assert all(Path(v["file"]).suffix == ".onnx" for v in json.loads(only_onnx.stdout)["models"].values())
+
+
+def test_a_file_that_is_not_a_model_of_its_format_is_one_line(tmp_path):
+    (tmp_path / "bad.xml").write_text("<net>")
+    (tmp_path / "bad.bin").write_bytes(b"x")
+    r = invoke("predict", tmp_path / "bad.xml", tmp_path / "bad.bin")
+    assert r.exit_code == 1 and "cannot load" in r.stderr and "Unable to read the model" in r.stderr
+    assert "Traceback" not in r.stderr
+    pytest.importorskip("executorch")
+    (tmp_path / "bad.pte").write_bytes(b"garbage")
+    r = invoke("predict", tmp_path / "bad.pte", tmp_path / "bad.bin")
+    assert r.exit_code == 1 and "as an ExecuTorch program" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_format_without_its_package_is_one_line_before_anything_is_written(fast_run_copy, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a))
+    before = sorted(p.name for p in fast_run_copy.iterdir())
+    r = invoke("export", fast_run_copy, "--format", "openvino", "--force")
+    assert r.exit_code == 1 and 'pip install "edgexfer[openvino]"' in r.stderr
+    assert sorted(p.name for p in fast_run_copy.iterdir()) == before
