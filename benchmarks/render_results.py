@@ -697,7 +697,21 @@ def section_guard() -> str:
         "and set against the same INT8 file's disagreement on the run's test split, which nothing fitted or chose "
         "on. The last column is what the guard measured before issue 23: the same file on the images the model "
         "was fitted on. Each figure is the guard of the commit the case records: before 2cc4e85 the guard certified "
-        "the chosen file on the same images its search chose on.", "", bench_guard.markdown(d)])
+        "the chosen file on the same images its search chose on.", "", bench_guard.markdown(d)] + _guard_pool())
+
+
+def _guard_pool() -> list[str]:
+    """Where the Fashion-MNIST misses come from (results/guard_pool.json), when measured."""
+    if not (RESULTS / "guard_pool.json").is_file():
+        return []
+    import bench_guard_pool
+
+    g = load("guard_pool.json")
+    return ["", "### The Fashion-MNIST misses: the guard's pool against images it never saw "
+            "(`python benchmarks/bench_guard_pool.py RUN...` → results/guard_pool.json)", "", prov("guard_pool.json", g),
+            "", "Run folders of bench_guard.py's Fashion-MNIST cases (and one more 30-shot run, fm30-s4, made the same "
+            "way); each part scored with the shipped INT8 file's own head against the FP32 file's.", "",
+            bench_guard_pool.markdown(g)]
 
 
 def section_hostile() -> str:
