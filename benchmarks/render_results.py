@@ -714,6 +714,24 @@ def _guard_pool() -> list[str]:
             bench_guard_pool.markdown(g)]
 
 
+def section_formats() -> str:
+    if not (RESULTS / "formats.json").is_file():
+        return ""
+    import bench_formats
+
+    f = load("formats.json")
+    return "\n".join([
+        "## Every runtime a board runs, side by side (issue 24; `python benchmarks/bench_formats.py` → "
+        "results/formats.json)", "", prov("formats.json", f), "",
+        f"flowers-dev at the default settings with `--format {bench_formats.FORMATS}` ({f['run_seconds']:.0f} s for "
+        f"the whole run), then `edgexfer bench RUN --formats all`: every file in its own runtime, interleaved "
+        f"({f['bench'].get('iters')} batch-1 rounds each, {f['bench'].get('threads')} threads). Agreement and accuracy "
+        f"are on the run's {f['test_images']} test photos; shippable is the run's own word (the guard for "
+        "model.int8.onnx, report.json `formats` for the converted files), the recommended row the fastest shippable "
+        "one on this host. Timed on a host loaded by other benchmarks: the ratios between rows hold better than "
+        "the milliseconds.", "", bench_formats.markdown(f)])
+
+
 def section_hostile() -> str:
     if not (RESULTS / "hostile.json").is_file():
         return ""
@@ -759,7 +777,8 @@ def section_hostile() -> str:
 
 SECTIONS = [section_header, section_demo, section_photos, section_guard, section_quantize, section_quantize_ranked,
             section_runtime, section_transfer,
-            section_adabn_int8, section_serve, section_serve_grpc, section_hostile, section_e2e, section_arm64]
+            section_adabn_int8, section_serve, section_serve_grpc, section_hostile, section_e2e, section_arm64,
+            section_formats]
 
 
 def render() -> str:
