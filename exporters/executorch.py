@@ -9,17 +9,16 @@ weights per channel), calibrated on the images given (the run's INT8 calibration
 a quantization of its own, judged by the convert stage as the guard judges an INT8 file.
 
 The edgexfer metadata travels in the program as a second method, `edgexfer_meta`, that returns the metadata's
-JSON as bytes (`META_METHOD`): one file, no sidecar, read by `edgexfer.runtime.executorch_backend`. A third,
-`edgexfer_max_batch` (`BATCH_METHOD`), returns the largest batch `forward` takes: the XNNPACK delegate's memory
-plan may hold fewer images than the exported bound, so the exporter finds it by running the
-lowered program and the runtime splits larger batches into calls of that size.
+JSON as bytes (`META_METHOD`): one file, no sidecar, read by `edgexfer.runtime.executorch_backend`. The XNNPACK
+delegate's memory plan may hold fewer images than the exported bound: the program's input tensor records the
+largest batch its memory plan holds, which the runtime reads (`MethodMeta`) and splits larger batches by.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from edgexfer.runtime import atomic
-from edgexfer.runtime.executorch_backend import BATCH_METHOD, META_METHOD
+from edgexfer.runtime.executorch_backend import META_METHOD
 from edgexfer.runtime.metadata import ModelMeta
 
 MAX_BATCH = 64  # the largest batch the program takes (its batch dimension is dynamic up to this)
@@ -37,32 +36,6 @@ def _meta_module(blob: bytes):
             return self.blob + 0 * x.sum().to(torch.uint8)
 
     return Meta()
-
-
-def _largest_batch(buffer: bytes, shape: tuple) -> int:
-    """The largest batch (of MAX_BATCH, halving) the lowered program's `forward` runs."""
-    import torch
-    from executorch.runtime import Runtime
-
-    forward = Runtime.get().load_program(buffer).load_method("forward")
-    n = MAX_BATCH
-    while n > 1:
-        try:
-            forward.execute([torch.zeros(n, *shape)])
-            return n
-        except RuntimeError:  # "Attempted to resize a bounded tensor ..."
-            n = n // 2 if n > 16 else n - 1
-    return 1
-
-
-def _constant_module(n: int):
-    import torch
-
-    class Constant(torch.nn.Module):  # forward(x) -> [n] (int64)
-        def forward(self, x):
-            return torch.full((1,), n, dtype=torch.int64) + 0 * x.sum().to(torch.int64)
-
-    return Constant()
 
 
 def _quantized(model, example, calib: np.ndarray):
@@ -93,12 +66,10 @@ def write_pte(model, meta: ModelMeta, out, example: np.ndarray, calib: np.ndarra
         net = _quantized(model, x, calib) if calib is not None else model
         ep = torch.export.export(net, (x,), dynamic_shapes=({0: batch},))
         em = torch.export.export(_meta_module(meta.to_json().encode()), (torch.zeros(1),))
-        methods = {"forward": ep, META_METHOD: em}
-        lower = {"forward": [XnnpackPartitioner()]}
-        cap = _largest_batch(to_edge_transform_and_lower({"forward": ep}, partitioner=lower).to_executorch().buffer,
-                             tuple(x.shape[1:]))
-        methods[BATCH_METHOD] = torch.export.export(_constant_module(cap), (torch.zeros(1),))
-    prog = to_edge_transform_and_lower(methods, partitioner=lower).to_executorch()
+    prog = to_edge_transform_and_lower({"forward": ep, META_METHOD: em},
+                                       partitioner={"forward": [XnnpackPartitioner()]}).to_executorch()
+    plan = next(p for p in prog.executorch_program.execution_plan if p.name == "forward")
+    cap = int(plan.values[plan.inputs[0]].val.sizes[0])  # the batch the memory plan holds
     atomic.write_bytes(out, prog.buffer)
     import executorch
 

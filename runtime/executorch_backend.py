@@ -18,7 +18,6 @@ from edgexfer.runtime.errors import MetadataError
 
 SUFFIX = ".pte"
 META_METHOD = "edgexfer_meta"
-BATCH_METHOD = "edgexfer_max_batch"  # the largest batch `forward` takes (its memory plan's): larger ones are split
 MISSING = 'opening an ExecuTorch .pte file needs the executorch package (pip install "edgexfer[executorch]")'
 NO_META = f"no '{META_METHOD}' method in the program"
 
@@ -63,8 +62,8 @@ class ExecuTorchSession:
             self._props = {META_KEY: bytes(blob.numpy().tobytes()).decode("utf-8", errors="replace")}
         if "forward" not in names:
             raise MetadataError(f"{path}: no 'forward' method in the program")
-        self.max_batch = (int(self._program.load_method(BATCH_METHOD).execute([torch.zeros(1)])[0][0])
-                          if BATCH_METHOD in names else 1)
+        # the largest batch `forward`'s memory plan holds (its input's recorded sizes): larger ones are split
+        self.max_batch = max(1, int(self._program.metadata("forward").input_tensor_meta(0).sizes()[0]))
         self._local = threading.local()
         self._inputs, self._outputs = [], []
 

@@ -151,6 +151,9 @@ def test_executorch_programs_carry_the_metadata_and_answer_as_fp32(fast_run_copy
     assert pte.meta.tasks == onnx.meta.tasks and pte.providers == ["ExecuTorch:XNNPACK"]
     x = np.random.default_rng(1).standard_normal((3, *onnx.input_shape)).astype(np.float32)
     assert np.abs(onnx.run(x)["label"] - pte.run(x)["label"]).max() < 1e-3
+    assert 1 <= pte.session.max_batch == fp32["max_batch"]  # what the memory plan holds, as the program records it
+    big = np.random.default_rng(2).standard_normal((2 * fp32["max_batch"] + 3, *onnx.input_shape)).astype(np.float32)
+    assert np.abs(onnx.run(big)["label"] - pte.run(big)["label"]).max() < 1e-3  # split into calls it takes
     assert EdgeModel(fast_run_copy / "model.int8.pte").meta.quantization["method"].startswith("PT2E")
 
 
