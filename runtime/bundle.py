@@ -126,6 +126,37 @@ def disagreement_on_test(rep: dict) -> str | None:
             "the test split only reports, it never picks what ships")
 
 
+# --runtime: the run folder's files of each runtime (FP32, INT8) and the package that runs them
+RUNTIME_FILES = {"onnxruntime": ("model.onnx", "model.int8.onnx"), "openvino": ("model.xml", "model.int8.xml"),
+                 "executorch": ("model.pte", "model.int8.pte")}
+RUNTIME_PACKAGE = {"onnxruntime": None, "openvino": "openvino", "executorch": "executorch"}
+
+
+def choose_converted(run_dir: Path, runtime: str) -> tuple[Path, str, str | None]:
+    """`choose_model` for a run folder's OpenVINO IR or ExecuTorch files (`edgexfer export RUN --format ...`):
+    INT8 when the run's `formats` record offers it as shippable, else FP32 when that is shippable; the record says
+    why (`pipeline.conversion_verdict`)."""
+    fp32, int8 = (run_dir / n for n in RUNTIME_FILES[runtime])
+    rep_path = run_dir / "report.json"
+    rep = json.loads(rep_path.read_text()) if rep_path.is_file() else {}
+    rows = {r.get("file"): r for r in ((rep.get("formats") or {}).get("files") or []) if isinstance(r, dict)}
+    if not fp32.is_file() or fp32.name not in rows:
+        fmt = "openvino" if runtime == "openvino" else "executorch"
+        raise FileNotFoundError(f"no checked {fp32.name} in {run_dir}: run `edgexfer export {run_dir} --format {fmt}` "
+                                "first")
+    warning = disagreement_on_test(rep)
+    r8 = rows.get(int8.name)
+    if int8.is_file() and r8 and r8.get("shippable"):
+        return int8, f"INT8: {r8.get('why')}", warning
+    r32 = rows[fp32.name]
+    if not r32.get("shippable"):
+        raise RuntimeInputError(f"{fp32.name} is not offered as shippable ({r32.get('why')}); bundle the file itself "
+                                "to ship it anyway")
+    why = (f"FP32: {int8.name} is not shippable ({r8.get('why')})" if r8 else f"FP32: no {int8.name}") + \
+        f"; {fp32.name} {r32.get('why')}"
+    return fp32, why, warning
+
+
 def choose_model(run_dir: Path) -> tuple[Path, str, str | None]:
     """The file to ship from a run folder, why, and a warning where the test split disagrees (or None).
 
@@ -150,9 +181,10 @@ def choose_model(run_dir: Path) -> tuple[Path, str, str | None]:
     raise FileNotFoundError(f"no model.onnx or model.int8.onnx in {run_dir}")
 
 
-def pinned_requirements() -> list[str]:
+def pinned_requirements(runtime: str = "onnxruntime") -> list[str]:
     out = []
-    for name in RUNTIME_REQUIREMENTS:
+    extra = RUNTIME_PACKAGE[runtime]
+    for name in (*RUNTIME_REQUIREMENTS, *((extra,) if extra else ())):
         try:
             out.append(f"{name}=={metadata.version(name)}")
         except metadata.PackageNotFoundError:
@@ -188,8 +220,8 @@ def platform_name() -> str:
 
 
 def bundle(source: str | os.PathLike, out: str | os.PathLike, *, force: bool = False, arch: str = "host",
-           wheels: bool | None = None, log=lambda s: None, write_e2e: Callable[[Path, Path], object] | None = None
-           ) -> dict:
+           wheels: bool | None = None, log=lambda s: None, write_e2e: Callable[[Path, Path], object] | None = None,
+           runtime: str | None = None) -> dict:
     """Write the bundle for a run folder (or a single ONNX file) to `out`; `wheels`: with the wheels of the pinned
     requirements (downloaded with pip from the package index) for this host's platform, or with `arch="arm64"`
     for aarch64 boards (default: only for arm64; `edgexfer bundle` carries them unless --no-wheels).
@@ -198,13 +230,23 @@ def bundle(source: str | os.PathLike, out: str | os.PathLike, *, force: bool = F
     metrics; None: the end-to-end file beside the model is copied when current with it."""
     wheels = arch == "arm64" if wheels is None else wheels
     source, out = Path(source), Path(out)
+    if runtime is not None and runtime not in RUNTIME_FILES:
+        raise RuntimeInputError(f"unknown --runtime {runtime!r}; choose {', '.join(RUNTIME_FILES)}")
     warning = None
     if source.is_dir():
-        model, why, warning = choose_model(source)
+        model, why, warning = (choose_converted(source, runtime) if runtime not in (None, "onnxruntime")
+                               else choose_model(source))
     elif source.is_file():
         model, why = source, "the file given"
     else:
         raise FileNotFoundError(f"run folder or model not found: {source}")
+    from edgexfer.runtime import backends
+
+    fmt = backends.format_of(model)
+    if runtime is None:
+        runtime = fmt or "onnxruntime"
+    elif (fmt or "onnxruntime") != runtime:
+        raise RuntimeInputError(f"{model.name} is not a file for --runtime {runtime}; --runtime {fmt or 'onnxruntime'} bundles it")
     from edgexfer.runtime.model import EdgeModel
 
     EdgeModel(model)  # refuses a file without edgexfer metadata before anything is written
@@ -225,11 +267,11 @@ def bundle(source: str | os.PathLike, out: str | os.PathLike, *, force: bool = F
 
     with atomic.writing(out, needed):
         out.parent.mkdir(parents=True, exist_ok=True)
-        return _write(model, out, why, warning, arch, runtime_dir, wheels, log, write_e2e)
+        return _write(model, out, why, warning, arch, runtime_dir, wheels, log, write_e2e, runtime)
 
 
 def _write(model: Path, out: Path, why: str, warning: str | None, arch: str, runtime_dir: Path, with_wheels: bool,
-           log, write_e2e) -> dict:
+           log, write_e2e, runtime: str = "onnxruntime") -> dict:
     """The bundle, written into a temporary folder beside `out`, then renamed to it."""
     import edgexfer
     from edgexfer.runtime.model import EdgeModel
@@ -239,14 +281,17 @@ def _write(model: Path, out: Path, why: str, warning: str | None, arch: str, run
         tmp.mkdir()
         # copyfile, not copy2: the copies get the umask's mode, not the source's (an artifact written 0600)
         shutil.copyfile(model, tmp / model.name)
-        e2e_name, e2e_why = _e2e_file(model, tmp, write_e2e)
+        if model.suffix == ".xml":  # OpenVINO IR: its weights beside it
+            shutil.copyfile(model.with_suffix(".bin"), tmp / model.with_suffix(".bin").name)
+        e2e_name, e2e_why = (_e2e_file(model, tmp, write_e2e) if runtime == "onnxruntime"
+                             else (None, f"the end-to-end file is ONNX Runtime's (--runtime {runtime})"))
         (tmp / "labels.txt").write_text(lines(EdgeModel(model).labels, f"{model}"), encoding="utf-8")
         pkg = tmp / "edgexfer"
         shutil.copytree(runtime_dir, pkg / "runtime", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
                         copy_function=shutil.copyfile)
         (pkg / "__init__.py").write_text(f'"""edgexfer runtime, bundled."""\n__version__ = "{edgexfer.__version__}"\n')
         shutil.copyfile(runtime_dir / "app.py", tmp / "example.py")
-        reqs = pinned_requirements()
+        reqs = pinned_requirements(runtime)
         (tmp / "requirements.txt").write_text("\n".join(reqs) + "\n")
         wheels = []
         if arch not in ("host", "arm64"):
@@ -264,7 +309,7 @@ def _write(model: Path, out: Path, why: str, warning: str | None, arch: str, run
                                        + _e2e_readme(e2e_name, e2e_why))
         result = {"out": str(out), "model": model.name, "why": why, **({"warning": warning} if warning else {}),
                   "e2e": e2e_name, **({"e2e_why_not": e2e_why} if e2e_why else {}),
-                  "requirements": reqs, "arch": arch, "wheels": wheels}
+                  "requirements": reqs, "arch": arch, "wheels": wheels, "runtime": runtime}
         (tmp / MANIFEST).write_text(json.dumps({"schema": MANIFEST_SCHEMA, "edgexfer": edgexfer.__version__,
                                                 **{k: v for k, v in result.items() if k != "out"}}, indent=2) + "\n")
         if out.exists():
@@ -431,5 +476,6 @@ In your own program (with this folder on `sys.path`, or `edgexfer` installed):
     model.predict("photo.jpg", top_k=3)
 
 Measure it on the board: `python -m edgexfer.runtime bench {model}` (with this folder as the working
-directory). Requirements: {', '.join(reqs)} — nothing else; no PyTorch.
+directory). Requirements: {', '.join(reqs)} — nothing else{"" if any(r.startswith("executorch") for r in reqs)
+                                                             else "; no PyTorch"}.
 """

@@ -406,8 +406,14 @@ def serve(models, host, port, grpc_port, threads, server, max_batch_size, max_qu
                    "arm64: aarch64 (Python 3.11, manylinux_2_28).")
 @click.option("--no-wheels", is_flag=True, help="Carry no wheels/ (the machine installs the requirements from the "
               "package index); no download here.")
+@click.option("--runtime", type=click.Choice(["onnxruntime", "openvino", "executorch"]), default=None,
+              show_default="onnxruntime, or the given file's",
+              help="Which of the run's files to ship and the runtime package it needs: onnxruntime (model.onnx, "
+                   "model.int8.onnx), openvino (model.xml + .bin, model.int8.xml) or executorch (model.pte, "
+                   "model.int8.pte; `edgexfer export RUN --format ...` writes them, report.json formats says which "
+                   "may ship).")
 @quiet_option
-def bundle(source, out, force, arch, no_wheels):
+def bundle(source, out, force, arch, no_wheels, runtime):
     """Write OUT: RUN's chosen model (its INT8 file when the accuracy guard passed) or MODEL, pinned
     runtime requirements with their wheels (pip download), the runtime itself and an example program. It
     installs offline: pip install --no-index --find-links wheels -r requirements.txt (OUT/README.md)."""
@@ -415,7 +421,7 @@ def bundle(source, out, force, arch, no_wheels):
 
     with Progress("bundle").ticking() as progress:
         r = write_bundle(source, out, force=force, arch=arch, wheels=not no_wheels, log=progress.log,
-                         write_e2e=_lent().write_e2e())
+                         write_e2e=_lent().write_e2e(), runtime=runtime)
     print(f"{r['out']}: {r['model']} ({r['why']}); requirements {', '.join(r['requirements'])}")
     if r.get("warning"):
         print(f"WARNING: {r['warning']}.", file=sys.stderr)

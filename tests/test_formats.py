@@ -206,3 +206,22 @@ def test_format_without_its_package_is_one_line_before_anything_is_written(fast_
     r = invoke("export", fast_run_copy, "--format", "openvino", "--force")
     assert r.exit_code == 1 and 'pip install "edgexfer[openvino]"' in r.stderr
     assert sorted(p.name for p in fast_run_copy.iterdir()) == before
+
+
+def test_bundle_runtime_ships_the_formats_file_the_record_offers(converted, tmp_path):
+    run, _ = converted
+    r = invoke("bundle", run, tmp_path / "ov", "--runtime", "openvino", "--no-wheels")
+    assert r.exit_code == 0, r.stderr[-2000:]
+    out = tmp_path / "ov"
+    manifest = json.loads((out / "bundle.json").read_text())
+    # the fast run's INT8 IR is not shippable (no unseen images): FP32, and the record's reason
+    assert manifest["model"] == "model.xml" and manifest["runtime"] == "openvino" and "FP32" in manifest["why"]
+    assert (out / "model.bin").is_file() and any(q.startswith("openvino") for q in manifest["requirements"])
+    assert manifest["e2e"] is None
+    from edgexfer.runtime import EdgeModel
+
+    assert EdgeModel(out / "model.xml").meta == EdgeModel(run / "model.onnx").meta
+    r = invoke("bundle", run, tmp_path / "et", "--runtime", "executorch", "--no-wheels")
+    assert r.exit_code == 1 and "--format executorch" in r.stderr and not (tmp_path / "et").exists()
+    r = invoke("bundle", run / "model.xml", tmp_path / "x", "--runtime", "onnxruntime", "--no-wheels")
+    assert r.exit_code == 1 and "not a file for --runtime onnxruntime" in r.stderr
