@@ -5,6 +5,7 @@ its format is opened (the optional extras `[openvino]`, `[executorch]`)."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 SUFFIXES = {".xml": "openvino", ".pte": "executorch"}
 
@@ -44,3 +45,24 @@ def runtime_version(path) -> str:
     else:
         from edgexfer.runtime.executorch_backend import version
     return f"{fmt} {version()}"
+
+
+class Session:
+    """What every non-ONNX session shares: its input and output descriptions (`name`, `type` as ONNX Runtime spells
+    it, `shape` with None for a dynamic size), the edgexfer metadata props it carries and the provider it names."""
+    _inputs: list = []
+    _outputs: list = []
+    _props: dict = {}
+    provider = "?"
+
+    def get_inputs(self) -> list:
+        return list(self._inputs)
+
+    def get_outputs(self) -> list:
+        return list(self._outputs)
+
+    def get_modelmeta(self):
+        return SimpleNamespace(custom_metadata_map=dict(self._props))
+
+    def get_providers(self) -> list[str]:
+        return [self.provider]

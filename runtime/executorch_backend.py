@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from edgexfer.runtime.backends import Session
 from edgexfer.runtime.errors import MetadataError
 
 SUFFIX = ".pte"
@@ -35,7 +36,7 @@ def version() -> str:
         return "?"
 
 
-class ExecuTorchSession:
+class ExecuTorchSession(Session):
     """A `.pte` program loaded with ExecuTorch's runtime (XNNPACK delegate), with `get_inputs`, `get_outputs`,
     `get_modelmeta`, `run` and `get_providers` as `onnxruntime.InferenceSession` has them. ExecuTorch methods
     are not shared between threads: each thread loads its own."""
@@ -65,6 +66,7 @@ class ExecuTorchSession:
         # the largest batch `forward`'s memory plan holds (its input's recorded sizes): larger ones are split
         self.max_batch = max(1, int(self._program.metadata("forward").input_tensor_meta(0).sizes()[0]))
         self._local = threading.local()
+        self.provider = "ExecuTorch:XNNPACK"
         self._inputs, self._outputs = [], []
 
     def describe(self, meta) -> None:
@@ -73,18 +75,6 @@ class ExecuTorchSession:
         i = meta.input
         self._inputs = [SimpleNamespace(name=i.name, type="tensor(float)", shape=[None, i.channels, i.height, i.width])]
         self._outputs = [SimpleNamespace(name=t.output, type="tensor(float)", shape=[None, None]) for t in meta.tasks]
-
-    def get_inputs(self) -> list:
-        return list(self._inputs)
-
-    def get_outputs(self) -> list:
-        return list(self._outputs)
-
-    def get_modelmeta(self):
-        return SimpleNamespace(custom_metadata_map=dict(self._props))
-
-    def get_providers(self) -> list[str]:
-        return ["ExecuTorch:XNNPACK"]
 
     def run(self, output_names, feed: dict) -> list:
         method = getattr(self._local, "method", None)

@@ -17,6 +17,7 @@ import threading
 from pathlib import Path
 from types import SimpleNamespace
 
+from edgexfer.runtime.backends import Session
 from edgexfer.runtime.errors import MetadataError
 
 SUFFIX = ".xml"
@@ -68,7 +69,7 @@ def _shape(port) -> list:
     return [d.get_length() if d.is_static else None for d in port.get_partial_shape()]
 
 
-class OpenVINOSession:
+class OpenVINOSession(Session):
     """An IR file compiled for a device (CPU), with `get_inputs`, `get_outputs`, `get_modelmeta`, `run` and
     `get_providers` as `onnxruntime.InferenceSession` has them. Each `run` uses an infer request of its own
     thread, so the servers' threads may share one session."""
@@ -89,23 +90,12 @@ class OpenVINOSession:
         self._props = rt_props(model)
         self._device = device
         self._local = threading.local()
+        self.provider = f"OpenVINO:{device}"
         self._inputs = [SimpleNamespace(name=p.get_any_name(), type=_tensor_type(p.get_element_type()), shape=_shape(p))
                         for p in model.inputs]
         self._outputs = [SimpleNamespace(name=p.get_any_name(), type=_tensor_type(p.get_element_type()),
                                          shape=_shape(p)) for p in model.outputs]
         self._out_index = {o.name: i for i, o in enumerate(self._outputs)}
-
-    def get_inputs(self) -> list:
-        return list(self._inputs)
-
-    def get_outputs(self) -> list:
-        return list(self._outputs)
-
-    def get_modelmeta(self):
-        return SimpleNamespace(custom_metadata_map=dict(self._props))
-
-    def get_providers(self) -> list[str]:
-        return [f"OpenVINO:{self._device}"]
 
     def run(self, output_names, feed: dict) -> list:
         req = getattr(self._local, "request", None)
