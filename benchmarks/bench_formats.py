@@ -1,9 +1,9 @@
-"""Every runtime a board runs, side by side (issue 24): the same model as ONNX (ONNX Runtime), OpenVINO IR and
-ExecuTorch (XNNPACK), FP32 and INT8, on this host, in one interleaved benchmark.
+"""Every runtime a board runs, side by side (issue 24): the same model as ONNX (ONNX Runtime), OpenVINO IR,
+ExecuTorch (XNNPACK) and LiteRT, FP32 and INT8, on this host, in one interleaved benchmark.
 
 On flowers-dev (read where it lies, never copied) at the default settings, this runs as a user would:
 
-    edgexfer run --data ../shared/data/flowers-dev --name bench-formats --format openvino,executorch
+    edgexfer run --data ../shared/data/flowers-dev --name bench-formats --format openvino,executorch,litert
     edgexfer bench runs/bench-formats --formats all
 
 then, for every model file of the run folder: its size, its top-1 agreement with the FP32 ONNX model and its
@@ -16,9 +16,8 @@ shippable file on this host.
     .venv/bin/python benchmarks/bench_formats.py --markdown     # the RESULTS.md section from the JSON
 
 Bounds (issue 24): every FP32 file agrees with the FP32 ONNX model on >= 99.5% of the test photos; every INT8
-file offered as shippable is within the guard's bound; the table has ONNX Runtime, OpenVINO and ExecuTorch rows
-from one interleaved run (LiteRT: not yet converted, see the JSON's `not_measured`); the recommended row is the
-fastest shippable one.
+file offered as shippable is within the guard's bound; the table has ONNX Runtime, OpenVINO, ExecuTorch and
+LiteRT rows from one interleaved run; the recommended row is the fastest shippable one.
 """
 from __future__ import annotations
 
@@ -35,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "flowers-dev"
 OUT = ROOT / "benchmarks" / "results" / "formats.json"
 RUN = ROOT / "runs" / "bench-formats"
-FORMATS = "openvino,executorch"
+FORMATS = "openvino,executorch,litert"
 MIN_FP32_AGREEMENT = 0.995  # issue 24's bound
 
 
@@ -96,17 +95,16 @@ def measure(iters: int) -> dict:
     runtimes = {r["runtime"].split()[0] for r in rows}
     return {"command": "python benchmarks/bench_formats.py", "commit": commit(),
             "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": b.get("machine"),
-            "data": "flowers-dev", "test_images": int(len(y)), "run_seconds": round(run_seconds, 1),
+            "data": "flowers-dev", "formats": FORMATS, "test_images": int(len(y)), "run_seconds": round(run_seconds, 1),
             "bench": {k: b["config"][k] for k in ("threads", "iters", "warmup") if k in b.get("config", {})},
             "rows": rows, "recommended": best["file"] if best else None,
-            "not_measured": {"litert": "no converter yet: litert-torch's converter pins typing-extensions<4.13 "
-                                       "(through xdsl), which executorch's coremltools (cattrs) cannot use"},
+            "not_measured": {},
             "bounds": {"every FP32 file agrees with FP32 ONNX on >= 99.5% of the test photos": fp32_ok,
                        "every shippable INT8 file within the guard's bound": all(
                            r["shippable"] is False or r["precision"] == "fp32" or "within" in r["why"] or
                            r["file"] == "model.int8.onnx" for r in rows),
-                       "ONNX Runtime, OpenVINO and ExecuTorch rows in one interleaved run":
-                           {"onnxruntime", "openvino", "executorch"} <= runtimes,
+                       "ONNX Runtime, OpenVINO, ExecuTorch and LiteRT rows in one interleaved run":
+                           {"onnxruntime", "openvino", "executorch", "litert"} <= runtimes,
                        "the recommended row is the fastest shippable one": best is not None}}
 
 
@@ -121,7 +119,8 @@ def markdown(res: dict) -> str:
                      f"{'yes' if r['shippable'] else 'no'} |")
     lines += ["", "Why not shippable: " + "; ".join(f"{r['file']}: {r['why']}" for r in res["rows"] if not r["shippable"])
               if any(not r["shippable"] for r in res["rows"]) else "Every file is shippable.",
-              "", "Not measured: " + "; ".join(f"{k}: {v}" for k, v in res["not_measured"].items()) + ".",
+              *(["", "Not measured: " + "; ".join(f"{k}: {v}" for k, v in res["not_measured"].items()) + "."]
+                if res["not_measured"] else []),
               "", "Bounds: " + "; ".join(f"{k}: {'met' if v else '**not met**'}" for k, v in res["bounds"].items()) + "."]
     return "\n".join(lines)
 

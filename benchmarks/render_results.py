@@ -723,7 +723,8 @@ def section_formats() -> str:
     return "\n".join([
         "## Every runtime a board runs, side by side (issue 24; `python benchmarks/bench_formats.py` → "
         "results/formats.json)", "", prov("formats.json", f), "",
-        f"flowers-dev at the default settings with `--format {bench_formats.FORMATS}` ({f['run_seconds']:.0f} s for "
+        f"flowers-dev at the default settings with `--format {f.get('formats', 'openvino,executorch')}` "
+        f"({f['run_seconds']:.0f} s for "
         f"the whole run), then `edgexfer bench RUN --formats all`: every file in its own runtime, interleaved "
         f"({f['bench'].get('iters')} batch-1 rounds each, {f['bench'].get('threads')} threads). Agreement and accuracy "
         f"are on the run's {f['test_images']} test photos; shippable is the run's own word (the guard for "

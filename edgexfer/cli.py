@@ -109,8 +109,9 @@ def format_option(f):
     return click.option("--format", "formats", type=Formats(), default="onnx", show_default=True,
                         help="Formats to write besides model.onnx and model.int8.onnx: openvino (OpenVINO IR: "
                              "model.xml, model.int8.xml), executorch (ExecuTorch with XNNPACK: model.pte, "
-                             "model.int8.pte), each with its package (pip install \"edgexfer[openvino]\", "
-                             "\"edgexfer[executorch]\"), each checked against FP32 (report.json formats).")(f)
+                             "model.int8.pte), litert (LiteRT: model.tflite, model.int8.tflite), each with its "
+                             "package (pip install \"edgexfer[openvino]\", \"edgexfer[executorch]\", "
+                             "\"edgexfer[litert]\"), each checked against FP32 (report.json formats).")(f)
 
 
 def data_options(f):
@@ -322,9 +323,11 @@ def _require_formats(formats: tuple) -> None:
     """Each format's converter installed, or one line naming the extra, before anything is written."""
     import importlib.util
 
-    for f in formats:  # the package of each format's converter (and runtime) is the extra of the same name
-        if importlib.util.find_spec(f) is None:
-            raise EdgexferError(f'--format {f} needs the {f} package (pip install "edgexfer[{f}]")')
+    converter = {"openvino": "openvino", "executorch": "executorch", "litert": "litert_torch"}
+    for f in formats:  # each format's converter (and its runtime) comes with the extra of the format's name
+        if importlib.util.find_spec(converter[f]) is None:
+            raise EdgexferError(f'--format {f} needs its converter, {converter[f].replace("_", "-")} '
+                                f'(pip install "edgexfer[{f}]")')
 
 
 FP32_FILE = "model.onnx"

@@ -163,7 +163,7 @@ class QuantizeConfig:
 
 
 # quantize settings that were RunConfig's own before QuantizeConfig: now under RunConfig.quantize
-FORMATS = ("openvino", "executorch")  # what the convert stage writes besides ONNX (edgexfer/exporters/)
+FORMATS = ("openvino", "executorch", "litert")  # what the convert stage writes besides ONNX (edgexfer/exporters/)
 
 _MOVED_TO_QUANTIZE = ("target", "tuner", "extra_formats", "calibration", "min_target_agreement", "qat", "guard_data")
 

@@ -384,8 +384,7 @@ def _write_format(fmt_name: str, key: str, run: RunFolder, cfg: RunConfig, ws: W
         log.info("convert: %s -> %s", src.name, out.name)
         write_ir(src, out)
         rec = {"source": src.name}
-    else:  # executorch: from the checkpoint; INT8 quantized by PT2E on the INT8 calibration images
-        from edgexfer.exporters.executorch import write_pte
+    else:  # executorch, litert: from the checkpoint; INT8 quantized by PT2E on the INT8 calibration images
         from edgexfer.exporters.metadata_io import read_meta
         from edgexfer.model import load_checkpoint
 
@@ -393,10 +392,14 @@ def _write_format(fmt_name: str, key: str, run: RunFolder, cfg: RunConfig, ws: W
         calib = calibration_set(cfg, ws, cfg.quantize.recipe.calibration_samples)[0] if key == "int8" else None
         meta = read_meta(run.file(FILES["fp32"]))
         if key == "int8":
-            meta = dataclasses.replace(meta, metrics={}, quantization={"method": "PT2E (XNNPACK quantizer)",
-                                                                       "source_file": "checkpoint.pt"})
-        log.info("convert: checkpoint.pt -> %s (ExecuTorch, XNNPACK%s)", out.name, ", INT8 PT2E" if calib is not None else "")
-        rec = {"source": "checkpoint.pt", **write_pte(model, meta, out, xd[:2], calib)}
+            method = "PT2E (XNNPACK quantizer)" if fmt_name == "executorch" else "PT2E (litert-torch quantizer)"
+            meta = dataclasses.replace(meta, metrics={}, quantization={"method": method, "source_file": "checkpoint.pt"})
+        log.info("convert: checkpoint.pt -> %s (%s%s)", out.name, fmt_name, ", INT8 PT2E" if calib is not None else "")
+        if fmt_name == "executorch":
+            from edgexfer.exporters.executorch import write_pte as write
+        else:
+            from edgexfer.exporters.litert import write_tflite as write
+        rec = {"source": "checkpoint.pt", **write(model, meta, out, xd[:2], calib)}
     files = [run.file(f) for f in FORMAT_FILES[fmt_name][key]]
     return {"format": fmt_name, "precision": key, "file": out.name,
             **({"weights": files[1].name} if len(files) > 1 else {}),
@@ -407,7 +410,8 @@ def _write_format(fmt_name: str, key: str, run: RunFolder, cfg: RunConfig, ws: W
 def convert(st: Stage) -> dict:
     """The run's model in each format of `--format` besides ONNX, the metadata inside: OpenVINO IR (model.xml,
     model.int8.xml from the ONNX files: `edgexfer.exporters.openvino`), ExecuTorch with XNNPACK (model.pte,
-    model.int8.pte from the checkpoint: `edgexfer.exporters.executorch`). Each file is checked on the images no
+    model.int8.pte from the checkpoint: `edgexfer.exporters.executorch`), LiteRT (model.tflite, model.int8.tflite
+    from the checkpoint: `edgexfer.exporters.litert`). Each file is checked on the images no
     stage fitted (--guard-data, the labelled images --shots left out; else the labelled images, and the record
     says so) against FP32 and ships by `conversion_verdict`; the test split's figures are reported beside them."""
     from edgexfer.quantize_stage import unlabelled_images

@@ -39,7 +39,8 @@ FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.on
          "int8_dynamic": "model.int8-dynamic.onnx"}
 # the convert stage's files: each format's file of the FP32 and INT8 models (OpenVINO IR: the .xml and its .bin)
 FORMAT_FILES = {"openvino": {"fp32": ("model.xml", "model.bin"), "int8": ("model.int8.xml", "model.int8.bin")},
-                "executorch": {"fp32": ("model.pte",), "int8": ("model.int8.pte",)}}
+                "executorch": {"fp32": ("model.pte",), "int8": ("model.int8.pte",)},
+                "litert": {"fp32": ("model.tflite",), "int8": ("model.int8.tflite",)}}
 
 # Stage provenance. A stage is done only if the settings it was run with (these config.json entries) and the
 # files it read (their hashes) still match; running a stage again clears what it and every later stage
@@ -100,7 +101,7 @@ def _command() -> str:
 class RunFolder:
     # what a killed process can leave inside a run folder: atomic writes' `.NAME.XXXX.tmp` files, and the
     # temporary folders of export (`.export-`), quantize (`.quantize-`, `.guard-`, `.dynamic-`, `.qat-`) and INC (`.inc-`)
-    TEMP_DIR_PREFIXES = (".export-", ".quantize-", ".guard-", ".dynamic-", ".inc-", ".qat-", ".openvino-")
+    TEMP_DIR_PREFIXES = (".export-", ".quantize-", ".guard-", ".dynamic-", ".inc-", ".qat-", ".openvino-", ".litert-")
 
     def __init__(self, path: str | Path):
         self.path = Path(path)

@@ -1,17 +1,17 @@
-"""Model files other than ONNX, by suffix: OpenVINO IR (`.xml`, `openvino_backend`) and ExecuTorch programs
-(`.pte`, `executorch_backend`), each opened as a session with the part of ONNX Runtime's `InferenceSession`
+"""Model files other than ONNX, by suffix: OpenVINO IR (`.xml`, `openvino_backend`), ExecuTorch programs
+(`.pte`, `executorch_backend`) and LiteRT files (`.tflite`, `litert_backend`), each opened as a session with the part of ONNX Runtime's `InferenceSession`
 interface that `EdgeModel` and `edgexfer bench` use. Each runtime's package is imported only when a file of
-its format is opened (the optional extras `[openvino]`, `[executorch]`)."""
+its format is opened (the optional extras `[openvino]`, `[executorch]`, `[litert]`)."""
 from __future__ import annotations
 
 from pathlib import Path
 from types import SimpleNamespace
 
-SUFFIXES = {".xml": "openvino", ".pte": "executorch"}
+SUFFIXES = {".xml": "openvino", ".pte": "executorch", ".tflite": "litert"}
 
 
 def format_of(path) -> str | None:
-    """"openvino" or "executorch" for such a file, None for ONNX (or bytes)."""
+    """"openvino", "executorch" or "litert" for such a file, None for ONNX (or bytes)."""
     if not isinstance(path, (str, Path)):
         return None
     return SUFFIXES.get(Path(path).suffix.lower())
@@ -28,12 +28,17 @@ def open_session(path, threads: int | None = None):
         from edgexfer.runtime.executorch_backend import ExecuTorchSession
 
         return ExecuTorchSession(path, threads=threads)
+    if fmt == "litert":
+        from edgexfer.runtime.litert_backend import LiteRTSession
+
+        return LiteRTSession(path, threads=threads)
     raise ValueError(f"not a non-ONNX model file: {path}")
 
 
 def no_metadata(path) -> str:
     """Where a file of this format keeps edgexfer's metadata, for the one-line refusal when it has none."""
-    where = {"openvino": "no 'edgexfer' rt_info", "executorch": "no 'edgexfer_meta' method"}[format_of(path)]
+    where = {"openvino": "no 'edgexfer' rt_info", "executorch": "no 'edgexfer_meta' method",
+             "litert": "no edgexfer_meta.json associated file"}[format_of(path)]
     return (f"{path} carries no edgexfer metadata ({where}); convert it with "
             f"`edgexfer export RUN --format {format_of(path)}`")
 
@@ -42,6 +47,8 @@ def runtime_version(path) -> str:
     fmt = format_of(path)
     if fmt == "openvino":
         from edgexfer.runtime.openvino_backend import version
+    elif fmt == "litert":
+        from edgexfer.runtime.litert_backend import version
     else:
         from edgexfer.runtime.executorch_backend import version
     return f"{fmt} {version()}"

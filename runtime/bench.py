@@ -209,7 +209,7 @@ class BenchConfig:
         return {"block": self.block, "pause": self.pause} if self.spinning else {}
 
 
-FORMAT_SUFFIXES = {"onnx": ".onnx", "openvino": ".xml", "executorch": ".pte"}  # `--formats`: what a run folder gives
+FORMAT_SUFFIXES = {"onnx": ".onnx", "openvino": ".xml", "executorch": ".pte", "litert": ".tflite"}  # `--formats`: what a run folder gives
 
 
 def model_files(targets: Sequence[str | os.PathLike], formats: Sequence[str] = ("onnx",)
@@ -387,7 +387,7 @@ def run_benchmark(targets: Sequence[str | os.PathLike], cfg: BenchConfig = Bench
     results = {}
     for c in cands:
         f = Path(c.file) if c.file else None
-        own = c.backend == "onnxruntime" or (f is not None and f.suffix in (".xml", ".pte"))  # not a reference
+        own = c.backend == "onnxruntime" or (f is not None and f.suffix in (".xml", ".pte", ".tflite"))  # not a reference
         size = (f.stat().st_size + (f.with_suffix(".bin").stat().st_size if f.suffix == ".xml" else 0)) if own and f else None
         entry = {"backend": c.backend, "file": c.file, "size_bytes": size,
                  "input_shape": [1, *c.shape],

@@ -128,8 +128,8 @@ def disagreement_on_test(rep: dict) -> str | None:
 
 # --runtime: the run folder's files of each runtime (FP32, INT8) and the package that runs them
 RUNTIME_FILES = {"onnxruntime": ("model.onnx", "model.int8.onnx"), "openvino": ("model.xml", "model.int8.xml"),
-                 "executorch": ("model.pte", "model.int8.pte")}
-RUNTIME_PACKAGE = {"onnxruntime": None, "openvino": "openvino", "executorch": "executorch"}
+                 "executorch": ("model.pte", "model.int8.pte"), "litert": ("model.tflite", "model.int8.tflite")}
+RUNTIME_PACKAGE = {"onnxruntime": None, "openvino": "openvino", "executorch": "executorch", "litert": "ai-edge-litert"}
 
 
 def choose_converted(run_dir: Path, runtime: str) -> tuple[Path, str, str | None]:
@@ -141,7 +141,7 @@ def choose_converted(run_dir: Path, runtime: str) -> tuple[Path, str, str | None
     rep = json.loads(rep_path.read_text()) if rep_path.is_file() else {}
     rows = {r.get("file"): r for r in ((rep.get("formats") or {}).get("files") or []) if isinstance(r, dict)}
     if not fp32.is_file() or fp32.name not in rows:
-        fmt = "openvino" if runtime == "openvino" else "executorch"
+        fmt = runtime
         raise FileNotFoundError(f"no checked {fp32.name} in {run_dir}: run `edgexfer export {run_dir} --format {fmt}` "
                                 "first")
     warning = disagreement_on_test(rep)

@@ -218,8 +218,9 @@ def cli(ctx, verbose: bool):
               help="ONNX Runtime's worker threads spin between calls (its default, as applications run it); the "
                    "models are then timed in alternating blocks of 20 calls. --no-spinning: call by call.")
 @click.option("--formats", type=click.Choice(["onnx", "all"]), default="onnx", show_default=True,
-              help="From a run folder, the ONNX files, or all: its OpenVINO IR and ExecuTorch files too (`edgexfer "
-                   "export RUN --format openvino,executorch`), each in its own runtime, interleaved in one table.")
+              help="From a run folder, the ONNX files, or all: its OpenVINO IR, ExecuTorch and LiteRT files too "
+                   "(`edgexfer export RUN --format openvino,executorch,litert`), each in its own runtime, interleaved "
+                   "in one table.")
 @click.option("--no-cold-start", is_flag=True, help="Skip the fresh-process cold-start measurement.")
 @click.option("--no-reference", is_flag=True, help="Skip the PyTorch and OpenVINO references.")
 @click.option("--no-e2e", is_flag=True, help="Skip the end-to-end phase: each model's *.e2e.onnx file beside it "
@@ -406,12 +407,12 @@ def serve(models, host, port, grpc_port, threads, server, max_batch_size, max_qu
                    "arm64: aarch64 (Python 3.11, manylinux_2_28).")
 @click.option("--no-wheels", is_flag=True, help="Carry no wheels/ (the machine installs the requirements from the "
               "package index); no download here.")
-@click.option("--runtime", type=click.Choice(["onnxruntime", "openvino", "executorch"]), default=None,
+@click.option("--runtime", type=click.Choice(["onnxruntime", "openvino", "executorch", "litert"]), default=None,
               show_default="onnxruntime, or the given file's",
               help="Which of the run's files to ship and the runtime package it needs: onnxruntime (model.onnx, "
-                   "model.int8.onnx), openvino (model.xml + .bin, model.int8.xml) or executorch (model.pte, "
-                   "model.int8.pte; `edgexfer export RUN --format ...` writes them, report.json formats says which "
-                   "may ship).")
+                   "model.int8.onnx), openvino (model.xml + .bin, model.int8.xml), executorch (model.pte, "
+                   "model.int8.pte) or litert (model.tflite, model.int8.tflite; `edgexfer export RUN --format ...` "
+                   "writes them, report.json formats says which may ship).")
 @quiet_option
 def bundle(source, out, force, arch, no_wheels, runtime):
     """Write OUT: RUN's chosen model (its INT8 file when the accuracy guard passed) or MODEL, pinned

@@ -94,6 +94,7 @@ def test_format_option_and_stage_list():
     assert stages_for(RunConfig(formats=("openvino",))).index(CONVERT) == stages_for(RunConfig()).index("quantize") + 1
     with pytest.raises(ValueError, match="unknown format"):
         RunConfig(formats=("coreml",))
+    assert stages_for(RunConfig(formats=("litert",))) == stages_for(RunConfig(formats=("openvino",)))
     assert RunConfig.from_dict(RunConfig(formats=("openvino",)).to_dict()).formats == ("openvino",)
     r = invoke("export", "nowhere", "--format", "onnx,coreml")
     assert r.exit_code == 2 and "'coreml' is not a format" in r.stderr
@@ -225,3 +226,29 @@ def test_bundle_runtime_ships_the_formats_file_the_record_offers(converted, tmp_
     assert r.exit_code == 1 and "--format executorch" in r.stderr and not (tmp_path / "et").exists()
     r = invoke("bundle", run / "model.xml", tmp_path / "x", "--runtime", "onnxruntime", "--no-wheels")
     assert r.exit_code == 1 and "not a file for --runtime onnxruntime" in r.stderr
+
+
+def test_litert_files_carry_the_metadata_and_answer_as_fp32(fast_run_copy, tmp_path):
+    pytest.importorskip("litert_torch")
+    pytest.importorskip("ai_edge_litert")
+    r = invoke("export", fast_run_copy, "--format", "litert")
+    assert r.exit_code == 0, r.stderr[-2000:]
+    rows = {x["file"]: x for x in json.loads((fast_run_copy / "report.json").read_text())["formats"]["files"]}
+    fp32, int8 = rows["model.tflite"], rows["model.int8.tflite"]
+    assert fp32["source"] == "checkpoint.pt" and fp32["check"]["top1_agreement_with_source"] >= 0.995
+    assert fp32["shippable"] and not int8["shippable"] and int8["quantization"].startswith("PT2E")
+
+    from edgexfer.runtime import EdgeModel
+
+    onnx, lite = EdgeModel(fast_run_copy / "model.onnx"), EdgeModel(fast_run_copy / "model.tflite")
+    assert lite.meta.tasks == onnx.meta.tasks and lite.providers == ["LiteRT:XNNPACK"]
+    x = np.random.default_rng(3).standard_normal((5, *onnx.input_shape)).astype(np.float32)
+    assert np.abs(onnx.run(x)["label"] - lite.run(x)["label"]).max() < 1e-3  # batch 5 from a batch-1 file
+    q = EdgeModel(fast_run_copy / "model.int8.tflite")  # full integer or not, it takes and gives float32
+    assert q.run(x)["label"].dtype == np.float32 and q.meta.quantization["method"].startswith("PT2E")
+    # the flatbuffer alone, its appended metadata cut off: refused in one line
+    raw = (fast_run_copy / "model.tflite").read_bytes()
+    end = raw.rfind(b"PK\x03\x04")
+    (tmp_path / "bare.tflite").write_bytes(raw[:end])
+    r = invoke("bench", tmp_path / "bare.tflite", "--iters", "2", "--no-cold-start")
+    assert r.exit_code == 1 and "no edgexfer_meta.json associated file" in r.stderr and "Traceback" not in r.stderr
