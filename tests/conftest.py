@@ -110,6 +110,18 @@ def every_report_matches_its_schema(tmp_path_factory):
     assert not bad, "report.json files that do not match edgexfer/schemas/report.schema.json:\n" + "\n".join(bad)
 
 
+# absl-py (litert-torch brings it; openvino imports absl.logging when it is there) makes its stderr handler at
+# import, on the sys.stderr of that moment: under pytest's capture, a stream closed when that capture ends, which a
+# later log line (a uvicorn test's) then hits ("lost sys.stderr", the run aborted). Import it on the real stderr.
+try:
+    _stderr, sys.stderr = sys.stderr, sys.__stderr__
+    import absl.logging  # noqa: F401,E402
+except ImportError:
+    pass
+finally:
+    sys.stderr = _stderr
+
+
 # -- the fast tier: a tiny random backbone, in-process commands ------------------------------------------------
 
 from edgexfer.backbones import TEST_BACKBONE, register_test_backbone  # noqa: E402
