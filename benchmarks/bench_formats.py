@@ -42,13 +42,6 @@ def edgexfer(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "edgexfer", *args], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
 
 
-def commit() -> str:
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                           text=True).stdout.strip()
-    return sha + ("-dirty" if dirty else "")
-
-
 def shippable(rep: dict, name: str) -> tuple[bool, str]:
     """Whether the run offers a file as shippable, and why, as its record says."""
     if name == "model.onnx":
@@ -93,8 +86,10 @@ def measure(iters: int) -> dict:
     best = min(ship, key=lambda r: r["p50_ms"]) if ship else None
     fp32_ok = all(r["agreement_with_fp32_onnx"] >= MIN_FP32_AGREEMENT for r in rows if r["precision"] == "fp32")
     runtimes = {r["runtime"].split()[0] for r in rows}
-    return {"command": "python benchmarks/bench_formats.py", "commit": commit(),
-            "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": b.get("machine"),
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from render_results import provenance
+
+    return {"command": "python benchmarks/bench_formats.py", **provenance(), "machine": b.get("machine"),
             "data": "flowers-dev", "formats": FORMATS, "test_images": int(len(y)), "run_seconds": round(run_seconds, 1),
             "bench": {k: b["config"][k] for k in ("threads", "iters", "warmup") if k in b.get("config", {})},
             "rows": rows, "recommended": best["file"] if best else None,

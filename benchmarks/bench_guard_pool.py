@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -73,9 +71,11 @@ def main() -> int:
     runs = args.runs or sorted((ROOT / "runs").glob("bench-guard-fashion-mnist-30-s*"))
     cases = [pool_parts(r, args.fresh) for r in runs]
     total = {k: {f: sum(c[k][f] for c in cases) for f in ("disagree", "images")} for k in PARTS}
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    res = {"command": "python benchmarks/bench_guard_pool.py " + " ".join(str(r) for r in args.runs), "commit": sha,
-           "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cases": cases, "total": total}
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from render_results import provenance
+
+    res = {"command": "python benchmarks/bench_guard_pool.py " + " ".join(str(r) for r in args.runs), **provenance(),
+           "cases": cases, "total": total}
     OUT.write_text(json.dumps(res, indent=1) + "\n")
     print(markdown(res))
     return 0

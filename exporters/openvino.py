@@ -5,8 +5,7 @@
 OpenVINO's own converter (`openvino.convert_model`) reads the ONNX file; an INT8 file is the guarded QDQ file,
 whose QuantizeLinear/DequantizeLinear pairs OpenVINO runs as INT8 (its FakeQuantize). The edgexfer metadata
 goes into the IR's `rt_info` (`edgexfer` → `meta`, the ONNX file's `edgexfer.meta` JSON), with the sha256 of
-the ONNX file it came from, so `EdgeModel` configures itself from the IR as from the ONNX file and a stale IR
-is known. Weights are kept in FP32 (no FP16 compression: the FP32 file answers as the ONNX file does).
+the ONNX file it came from (its provenance), so `EdgeModel` configures itself from the IR as from the ONNX file. Weights are kept in FP32 (no FP16 compression: the FP32 file answers as the ONNX file does).
 
 The pair is written so that a killed conversion leaves no mismatched pair: both files go to a temporary
 folder beside the target, the old `.xml` is removed, then the `.bin` and the `.xml` are moved in (a `.bin`
@@ -14,7 +13,6 @@ without its `.xml` is not a model to load).
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
@@ -22,7 +20,7 @@ from pathlib import Path
 
 import onnx
 
-from edgexfer.runtime import openvino_backend
+from edgexfer.runtime import atomic, openvino_backend
 from edgexfer.runtime.metadata import META_KEY
 
 
@@ -30,27 +28,6 @@ def ir_path(onnx_path: str | Path) -> Path:
     """model.onnx -> model.xml, model.int8.onnx -> model.int8.xml."""
     p = Path(onnx_path)
     return p.with_name(p.name[:-len(".onnx")] + ".xml") if p.name.endswith(".onnx") else p.with_suffix(".xml")
-
-
-def sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def source_sha256(xml: str | Path) -> str | None:
-    """The sha256 of the ONNX file an IR was converted from (None: not one of edgexfer's)."""
-    ov = openvino_backend.openvino()
-    m = ov.Core().read_model(str(xml))
-    return str(m.get_rt_info([openvino_backend.RT_INFO, "source_sha256"]).astype(str)) \
-        if m.has_rt_info([openvino_backend.RT_INFO, "source_sha256"]) else None
-
-
-def is_current(onnx_path: str | Path, xml: str | Path | None = None) -> bool:
-    xml = Path(xml) if xml else ir_path(onnx_path)
-    return xml.is_file() and xml.with_suffix(".bin").is_file() and source_sha256(xml) == sha256(onnx_path)
 
 
 def write_ir(onnx_path: str | Path, xml: str | Path | None = None) -> Path:
@@ -63,7 +40,7 @@ def write_ir(onnx_path: str | Path, xml: str | Path | None = None) -> Path:
         raise ValueError(f"{src} carries no edgexfer metadata: export it with `edgexfer export` first")
     model = ov.convert_model(str(src))
     model.set_rt_info(props[META_KEY], [openvino_backend.RT_INFO, "meta"])
-    model.set_rt_info(sha256(src), [openvino_backend.RT_INFO, "source_sha256"])
+    model.set_rt_info(atomic.sha256_file(src), [openvino_backend.RT_INFO, "source_sha256"])
     model.set_rt_info(src.name, [openvino_backend.RT_INFO, "source"])
     tmp = Path(tempfile.mkdtemp(prefix=".openvino-", dir=xml.parent))
     try:

@@ -17,14 +17,8 @@ import numpy as np
 from edgexfer.runtime.backends import Session
 from edgexfer.runtime.errors import MetadataError
 
-SUFFIX = ".pte"
 META_METHOD = "edgexfer_meta"
 MISSING = 'opening an ExecuTorch .pte file needs the executorch package (pip install "edgexfer[executorch]")'
-NO_META = f"no '{META_METHOD}' method in the program"
-
-
-def is_pte(path) -> bool:
-    return isinstance(path, (str, Path)) and Path(path).suffix.lower() == SUFFIX
 
 
 def version() -> str:

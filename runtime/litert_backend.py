@@ -89,6 +89,8 @@ class LiteRTSession(Session):
         if it is None:
             it = local.it = self._make(model_path=self._path, num_threads=self._threads or None)
             it.allocate_tensors()
+            local.input = it.get_input_details()[0]["index"]
+            local.outputs = [d["index"] for d in it.get_output_details()]
             local.batch = int(it.get_input_details()[0]["shape"][0])
         return it
 
@@ -101,7 +103,7 @@ class LiteRTSession(Session):
     def run(self, output_names, feed: dict) -> list:
         it = self._interpreter()
         (x,) = feed.values()
-        inp = it.get_input_details()[0]["index"]
+        inp = self._local.input
         if self._local.batch != len(x):
             it.resize_tensor_input(inp, [len(x), *x.shape[1:]])
             it.allocate_tensors()
@@ -113,7 +115,7 @@ class LiteRTSession(Session):
         it.set_tensor(inp, np.ascontiguousarray(x))
         it.invoke()
         outs = {}
-        for o, d, q in zip(self._outputs, it.get_output_details(), self._out_q):
-            y = it.get_tensor(d["index"])
+        for o, index, q in zip(self._outputs, self._local.outputs, self._out_q):
+            y = it.get_tensor(index)
             outs[o.name] = ((y.astype(np.float32) - q[1]) * q[0]) if q is not None else y.copy()
         return [outs[n] for n in (output_names or [o.name for o in self._outputs])]

@@ -20,13 +20,8 @@ from types import SimpleNamespace
 from edgexfer.runtime.backends import Session
 from edgexfer.runtime.errors import MetadataError
 
-SUFFIX = ".xml"
 RT_INFO = "edgexfer"  # rt_info section: "meta" (the metadata JSON), "source_sha256", "source"
 MISSING = 'opening an OpenVINO IR file needs the openvino package (pip install "edgexfer[openvino]")'
-
-
-def is_ir(path) -> bool:
-    return isinstance(path, (str, Path)) and Path(path).suffix.lower() == SUFFIX
 
 
 def openvino():
