@@ -541,7 +541,8 @@ def bench(st: Stage) -> dict:
 
     def entry(r: dict) -> dict:
         return {"threads": b.threads, "batch": 1, "latency_ms": r["latency_ms"],
-                "throughput": {"batch": b.batch, "images_per_s": r["throughput_img_s"][str(b.batch)]}}
+                "throughput": {"batch": b.batch, "images_per_s": r["throughput_img_s"][str(b.batch)]},
+                **({"p50_by_round_ms": r["p50_by_round_ms"]} if r.get("p50_by_round_ms") else {})}
 
     by_file = {str(r["file"]): r for r in rows.values() if r.get("backend") == "onnxruntime"}  # rows: RUN/FILE
     models = {k: {"file": p.name, "size_bytes": p.stat().st_size, **entry(by_file[str(p)])} for k, p in files.items()}

@@ -48,7 +48,8 @@ class Candidate:
 
 def interleaved(candidates: list[Candidate], x: np.ndarray | Mapping[str, np.ndarray], *, warmup: int = 10,
                 iters: int = 100, duration: float = 0.0, block: int = 1, pause: float = 0.0,
-                on_warm: Callable[[dict[str, float]], None] | None = None) -> dict[str, dict]:
+                on_warm: Callable[[dict[str, float]], None] | None = None,
+                rounds: dict[str, list[float]] | None = None) -> dict[str, dict]:
     """Latency of each candidate on input `x` (one array for all, or one per candidate name), interleaved,
     after `warmup` calls each.
 
@@ -57,7 +58,8 @@ def interleaved(candidates: list[Candidate], x: np.ndarray | Mapping[str, np.nda
     `pause` of that many seconds: what sessions with spinning threads need (ONNX Runtime's default), whose
     workers busy-wait after a call and would take the cores from the next candidate timed call by call.
     `on_warm`: called after the warm-up with each candidate's seconds per call (the mean of the warm-up's
-    second half), which the benchmark's ETA is made of.
+    second half), which the benchmark's ETA is made of. `rounds`: filled with each candidate's median call time
+    (ms) in each round, the paired samples `faster` compares.
     """
     xs = x if isinstance(x, Mapping) else {c.name: x for c in candidates}
     per_call: dict[str, float] = {}
@@ -83,8 +85,63 @@ def interleaved(candidates: list[Candidate], x: np.ndarray | Mapping[str, np.nda
                 t0 = time.perf_counter()
                 c.fn(xc)
                 times[c.name].append(time.perf_counter() - t0)
+            if rounds is not None:
+                rounds.setdefault(c.name, []).append(float(np.median(times[c.name][-block:])) * 1e3)
         calls += block
     return {name: summarize(t) for name, t in times.items()}
+
+
+def faster(a: Sequence[float], b: Sequence[float], alpha: float = 0.05) -> bool:
+    """Whether the model timed as `a` is faster than the one timed as `b` beyond the benchmark's noise: their
+    median call times in the same interleaved rounds (`interleaved(rounds=...)`), paired round by round so that
+    the host's drift cancels, and a two-sided sign test on which was faster in each round at level `alpha`
+    (distribution-free: a busy second of the host slows one round, not the test). Ten rounds need nine wins."""
+    from math import comb
+
+    d = [x - y for x, y in zip(a, b) if x != y]
+    wins, n = sum(x < 0 for x in d), len(d)
+    if n == 0 or wins * 2 <= n:
+        return False
+    tail = sum(comb(n, k) for k in range(wins, n + 1)) / 2 ** n
+    return 2 * tail <= alpha
+
+
+FORMAT_ORDER = ("onnx", "openvino", "executorch", "litert")  # ties of about equal size go to the first
+
+
+def recommend(models: dict[str, dict], rounds: dict[str, list[float]] | None = None) -> dict | None:
+    """The file to ship on this machine among the benchmarked `models` the run offers as shippable (their
+    `shippable`, from `bundle.file_verdicts`): the fastest at batch 1, where it is faster beyond the noise
+    (`faster` on the per-round medians `rounds`, else each entry's `p50_by_round_ms`). Files it is not
+    faster than tie with it; a tie goes to the smallest file (a board's flash, RAM and download), and among files
+    within 5% of that size, to the format listed first in FORMAT_ORDER (ONNX Runtime: the reference). None
+    when no benchmarked file is shippable."""
+    ok = {n: r for n, r in models.items() if r.get("shippable")}
+    if not ok:
+        return None
+    rounds = rounds or {n: r.get("p50_by_round_ms") or [] for n, r in ok.items()}
+    best = min(ok, key=lambda n: ok[n]["latency_ms"]["p50"])
+    tied = [n for n in ok if n == best or not faster(rounds.get(best, []), rounds.get(n, []))]
+    smallest = min(ok[n].get("size_bytes") or 0 for n in tied)
+    near = [n for n in tied if (ok[n].get("size_bytes") or 0) <= 1.05 * smallest]
+
+    def fmt_rank(n: str) -> int:
+        suffix = Path(ok[n].get("file") or n).suffix
+        return next((i for i, f in enumerate(FORMAT_ORDER) if FORMAT_SUFFIXES[f] == suffix), len(FORMAT_ORDER))
+
+    pick = min(near, key=lambda n: (fmt_rank(n), ok[n]["latency_ms"]["p50"]))
+    p50 = ok[pick]["latency_ms"]["p50"]
+    others = [n for n in tied if n != pick]
+    if not others:
+        runner = sorted((r["latency_ms"]["p50"], n) for n, r in ok.items() if n != pick)
+        why = "the fastest shippable file at batch 1 here" + (
+            f", faster than {runner[0][1]} ({runner[0][0]:.2f} ms) in the paired rounds" if runner else "")
+    else:
+        tie = ", ".join(f"{n} {ok[n]['latency_ms']['p50']:.2f} ms" for n in others)
+        why = (f"tied at batch 1 with {tie} (no file faster than the others beyond the noise of the interleaved rounds); "
+               + ("the smallest" if len(near) == 1 else "of about the smallest size, and its runtime listed first"))
+    return {"model": pick, "file": ok[pick].get("file"), "p50_ms": p50, "size_bytes": ok[pick].get("size_bytes"),
+            "why": why, "tied_with": others}
 
 
 # -- candidates ------------------------------------------------------------------------------------
@@ -364,8 +421,9 @@ def run_benchmark(targets: Sequence[str | os.PathLike], cfg: BenchConfig = Bench
     log(f"single-stream: {', '.join(c.name for c in cands)} interleaved, "
         + (f"{cfg.duration:g} s" if cfg.duration > 0 else f"{cfg.iters} calls each") + f", {cfg.threads} threads"
         + (f", ONNX Runtime's spinning threads on (blocks of {cfg.block} calls)" if cfg.spinning else ", no spinning"))
+    rounds: dict[str, list[float]] = {}
     lat = interleaved(cands, x1, warmup=cfg.warmup, iters=cfg.iters, duration=cfg.duration, **cfg.timing(),
-                      on_warm=single_warm)
+                      on_warm=single_warm, rounds=rounds)
     plan.done("single-stream")
     # Batch 1 is the single-stream run itself: img/s = 1000 / p50. (It used to be a separate run of
     # offline_iters calls after 2 warm-ups, which on a shared machine could read half of 1000 / p50.)
@@ -384,6 +442,7 @@ def run_benchmark(targets: Sequence[str | os.PathLike], cfg: BenchConfig = Bench
             thr[c.name][str(b)] = b / (r[c.name]["p50"] / 1e3)
 
     base = lat[cands[0].name]["p50"]
+    verdicts = _verdicts(run_dir)  # the run's word on each of its files: shippable or not, and why
     results = {}
     for c in cands:
         f = Path(c.file) if c.file else None
@@ -392,7 +451,8 @@ def run_benchmark(targets: Sequence[str | os.PathLike], cfg: BenchConfig = Bench
         entry = {"backend": c.backend, "file": c.file, "size_bytes": size,
                  "input_shape": [1, *c.shape],
                  "threads": cfg.threads, "latency_ms": lat[c.name], "throughput_img_s": thr[c.name],
-                 "p50_ratio_to_first": lat[c.name]["p50"] / base}
+                 "p50_ratio_to_first": lat[c.name]["p50"] / base,
+                 "p50_by_round_ms": [round(v, 4) for v in rounds.get(c.name, [])]}
         if f and f.is_file():
             entry["sha256"] = _sha256(f)
         if f in metas:
@@ -401,9 +461,14 @@ def run_benchmark(targets: Sequence[str | os.PathLike], cfg: BenchConfig = Bench
             entry["quantization"] = q and {k: q.get(k) for k in ("format", "activation_type", "weight_type",
                                                                   "per_channel", "reduce_range")}
             entry["accuracy"] = metas[f].meta.metrics.get("accuracy")
+        v = verdicts.get(f.name) if own and f is not None and f.parent.resolve() == Path(run_dir or "").resolve() else None
+        if v is not None:
+            entry.update(shippable=v["shippable"], verdict=v["why"], agreement_with_fp32=v["agreement"],
+                         agreement_images=v["agreement_images"])
         results[c.name] = entry
     for name, c in cold.items():
         results[name]["cold_start"] = c
+
     if cfg.sweep:
         log(f"thread sweep {', '.join(map(str, cfg.sweep))}")
         for t in cfg.sweep:
@@ -423,12 +488,29 @@ def run_benchmark(targets: Sequence[str | os.PathLike], cfg: BenchConfig = Bench
             if r:
                 e2e[names[f]] = r
     doc = {"schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if any("shippable" in r for r in results.values()):
+        doc["recommended"] = recommend(results, rounds)
     if e2e:
         doc["e2e"] = e2e
     if len(shapes) == 1:  # one input size for all; else each model's own is under models.*.input_shape
         doc["input_shape"] = [1, *next(iter(shapes))]
     return {**doc, "config": {k: v for k, v in cfg.__dict__.items() if k != "extra"},
             "machine": machine_info(), "models": results, "not_measured": not_measured}
+
+
+def _verdicts(run_dir: Path | None) -> dict[str, dict]:
+    """The run folder's verdict on each of its model files (`bundle.file_verdicts`), {} without a readable
+    report.json."""
+    from edgexfer.runtime.bundle import file_verdicts
+
+    path = Path(run_dir) / "report.json" if run_dir is not None else None
+    if path is None or not path.is_file():
+        return {}
+    try:
+        rep = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        return {}
+    return file_verdicts(rep) if isinstance(rep, dict) else {}
 
 
 def bench_photo(height: int, width: int, seed: int = 0):
@@ -554,6 +636,8 @@ def to_markdown(res: dict) -> str:
     batches = cfg["batches"]
     mixed = "input_shape" not in res  # models of several input sizes: each row says its own
     cold = any("cold_start" in r for r in res["models"].values())
+    judged = any("shippable" in r for r in res["models"].values())  # a run folder's files, with its verdicts
+    rec = res.get("recommended") or {}
     lines = [f"Machine: {m['cpu']} ({m['arch']}, {m['cores']} cores; flags {', '.join(m['flags']) or 'none'}); "
              f"onnxruntime {m['onnxruntime']}. "
              + ("Each model on an input of its own size (input column)" if mixed else f"Input {res['input_shape']}")
@@ -562,9 +646,10 @@ def to_markdown(res: dict) -> str:
                 if cfg.get("spinning") else "no spinning, interleaved call by call."), "",
              "| model | backend |" + (" input |" if mixed else "") + " size MB | p50 ms | p90 ms | p99 ms | max ms | "
              "× first (p50) | " + " | ".join(f"img/s @{b}" for b in batches)
-             + (" | ready s | first result s | peak RSS MB |" if cold else " |"),
+             + (" | ready s | first result s | peak RSS MB |" if cold else " |")
+             + (" agrees with FP32 | test accuracy | shippable |" if judged else ""),
              "|---|---|" + ("---|" if mixed else "") + "---|---|---|---|---|---|" + "---|" * len(batches)
-             + ("---|---|---|" if cold else "")]
+             + ("---|---|---|" if cold else "") + ("---|---|---|" if judged else "")]
     for name, r in res["models"].items():
         lat, cs = r["latency_ms"], r.get("cold_start", {})
         size = f"{r['size_bytes'] / 1e6:.2f}" if r.get("size_bytes") else ""
@@ -574,8 +659,16 @@ def to_markdown(res: dict) -> str:
                      + f"{size} | {fmt.ms(lat['p50'])} | {fmt.ms(lat['p90'])} | {fmt.ms(lat['p99'])} | "
                      f"{fmt.ms(lat['max'])} | {fmt.ratio(r['p50_ratio_to_first'])} | {thr} |"
                      + (f" {_opt(cs.get('session_ready_s'), 2)} | {_opt(cs.get('first_result_s'), 2)} | "
-                        f"{_opt(cs.get('peak_rss_mb'), 0)} |" if cold else ""))
-    lines += [""] + column_notes(res, cold)
+                        f"{_opt(cs.get('peak_rss_mb'), 0)} |" if cold else "")
+                     + (f" {_agreement(r)} | {_opt(r.get('accuracy'), 4)} | "
+                        f"{'' if 'shippable' not in r else '**yes (recommended)**' if name == rec.get('model') else 'yes' if r['shippable'] else 'no'} |"
+                        if judged else ""))
+    lines += [""] + column_notes(res, cold, judged)
+    if judged:
+        lines += [""] + ([f"Recommended here: {rec['model']} ({fmt.ms(rec['p50_ms'])} ms p50): {rec['why']}."] if rec else
+                         ["Recommended here: none of the benchmarked files is offered as shippable."])
+        lines += [f"Not shippable: {name}: {r['verdict']}." for name, r in res["models"].items()
+                  if r.get("shippable") is False]
     skipped = res.get("not_measured") or {}
     if skipped:
         lines += [""] + [f"Not measured: {_BACKEND_NAMES.get(k, k)} — {why}." for k, why in skipped.items()]
@@ -603,7 +696,12 @@ def to_markdown(res: dict) -> str:
 _BACKEND_NAMES = {"openvino": "OpenVINO", "pytorch_eager": "PyTorch eager"}
 
 
-def column_notes(res: dict, cold: bool) -> list[str]:
+def _agreement(r: dict) -> str:
+    a, n = r.get("agreement_with_fp32"), r.get("agreement_images")
+    return "" if a is None else f"{100 * a:.1f}%" + (f" of {n}" if n else "")
+
+
+def column_notes(res: dict, cold: bool, judged: bool = False) -> list[str]:
     """What each column of the table is, in the words of how it was measured."""
     cfg = res["config"]
     if cfg.get("spinning"):
@@ -625,8 +723,16 @@ def column_notes(res: dict, cold: bool) -> list[str]:
     if cold:
         out += ["- ready s: from starting a fresh Python process to the model loaded and ready (interpreter start, "
                 "`import edgexfer.runtime`, session creation); first result s: the same start to the first batch-1 "
-                "answer; peak RSS MB: that process's peak resident memory after 21 calls. Measured for the ONNX "
-                "files only (blank for reference backends)."]
+                "answer; peak RSS MB: that process's peak resident memory after 21 calls. Measured for the model "
+                "files (blank for reference backends)."]
+    if judged:
+        out += ["- agrees with FP32, shippable: the run folder's record (report.json): each file's top-1 agreement with "
+                "the FP32 model on the images it was checked on (the INT8 ONNX file: the accuracy guard's unseen "
+                "images; converted files: the conversion check's), and whether the run offers it as shippable; test "
+                "accuracy: the file's own metadata (the test split, which only reports).",
+                "- Recommended here: the fastest shippable file at batch 1 on this machine; files it is not faster than "
+                "in a sign test over the interleaved rounds (paired round by round, 5%) tie with it, and a tie goes to "
+                "the smallest file, then to the runtime listed first (ONNX Runtime, OpenVINO, ExecuTorch, LiteRT)."]
     return out
 
 

@@ -99,6 +99,41 @@ def int8_verdict(rep: dict, *, on_this_host: bool = False) -> tuple[bool, str]:
     return ok, why
 
 
+def file_verdicts(rep: dict, *, arch: str | None = None) -> dict[str, dict]:
+    """Every model file a run's record (report.json `rep`) speaks for, by name: whether the run offers it as
+    shippable and why, and its top-1 agreement with the FP32 model on the images it was checked on (`agreement`,
+    over `agreement_images`; None where the record has none). model.onnx is the FP32 model itself; model.int8.onnx
+    ships on the accuracy guard's verdict (`int8_verdict`), which speaks for the machine it was measured on: a
+    guard measured under arm64 emulation counts on an `arch` of aarch64/arm64 only (None: this machine's);
+    FP16 and dynamic INT8 no guard checked; the converted files ship on the `formats` record's verdict
+    (`edgexfer.pipeline.conversion_verdict`)."""
+    import platform
+
+    arch = (arch or platform.machine()).lower()
+    out = {"model.onnx": {"shippable": True, "why": "the FP32 model, which every other file is checked against",
+                          "agreement": 1.0, "agreement_images": None}}
+    q = rep.get("quantize") or {}
+    if q:
+        g = q.get("guard") or {}
+        where = g.get("measured_on", "this host")
+        ok, why = int8_verdict(rep, on_this_host=not ("arm64" in where and arch in ("aarch64", "arm64")))
+        d = g.get("disagreement") or {}
+        out["model.int8.onnx"] = {"shippable": ok, "why": why,
+                                  "agreement": 1 - d["rate"] if isinstance(d.get("rate"), (int, float)) else None,
+                                  "agreement_images": d.get("images")}
+    for key, name in (("quantize_fp16", "model.fp16.onnx"), ("quantize_dynamic", "model.int8-dynamic.onnx")):
+        if rep.get(key):
+            out[name] = {"shippable": False, "agreement": None, "agreement_images": None,
+                         "why": "no accuracy guard checked it (scored on the test split only, which never chooses)"}
+    for r in (rep.get("formats") or {}).get("files") or []:
+        if isinstance(r, dict) and r.get("file"):
+            check = r.get("check") or {}
+            out[r["file"]] = {"shippable": bool(r.get("shippable")), "why": r.get("why") or "",
+                              "agreement": check.get("top1_agreement_with_fp32"),
+                              "agreement_images": check.get("images")}
+    return out
+
+
 def disagreement_on_test(rep: dict) -> str | None:
     """A warning when the test split (reported only) disagrees with the guard's verdict on INT8: INT8 over
     the bound on test while the guard passed it, or within it while the guard rejected it. It never changes

@@ -74,7 +74,9 @@ def compare(paths: Sequence[str | os.PathLike]) -> dict:
                          "p99_ms": r["latency_ms"]["p99"], "accuracy": r.get("accuracy"),
                          "throughput": {"batch": int(best_b), "img_s": thr[best_b]} if best_b else None,
                          "first_result_s": (r.get("cold_start") or {}).get("first_result_s"),
-                         "peak_rss_mb": (r.get("cold_start") or {}).get("peak_rss_mb")})
+                         "peak_rss_mb": (r.get("cold_start") or {}).get("peak_rss_mb"),
+                         "quantized": bool(r.get("quantization")) or ".int8" in str(r.get("file") or model),
+                         **({"shippable": bool(r["shippable"]), "verdict": r.get("verdict")} if "shippable" in r else {})})
     groups: dict[str, list[dict]] = {}
     for r in rows:
         groups.setdefault(r["identity"], []).append(r)
@@ -88,7 +90,47 @@ def compare(paths: Sequence[str | os.PathLike]) -> dict:
                 r["no_counterpart"] = True
         order[ident] = min(r["model"] for r in same)
     rows.sort(key=lambda r: (order[r["identity"]], r["identity"], r["p50_ms"]))
-    return {"schema": SCHEMA, "sources": [str(p) for p in paths], "machines": machines, "rows": rows}
+    _share_verdicts(rows, machines)
+    return {"schema": SCHEMA, "sources": [str(p) for p in paths], "machines": machines, "rows": rows,
+            "recommended": _recommended(results, rows)}
+
+
+def _share_verdicts(rows: list[dict], machines: dict) -> None:
+    """A board's bench of bundled files has no run folder, so no verdict: give its rows the verdict another
+    machine's result holds for the same file (`identity`). A file's FP32 answers do not depend on the machine;
+    an INT8 file's can (other integer kernels), so an INT8 verdict is shared only between machines of the
+    same architecture. Shared verdicts name their machine (`verdict_from`)."""
+    for r in rows:
+        if "shippable" in r:
+            continue
+        arch = machines[r["machine"]].get("arch")
+        for o in rows:
+            if o is r or o["identity"] != r["identity"] or "shippable" not in o or "verdict_from" in o:
+                continue
+            if (o["quantized"] or r["quantized"]) and machines[o["machine"]].get("arch") != arch:
+                continue
+            r.update(shippable=o["shippable"], verdict=o.get("verdict"), verdict_from=o["machine"])
+            break
+
+
+def _recommended(results: list[tuple[str, dict]], rows: list[dict]) -> dict:
+    """Each machine's file to ship: its own bench's recommendation (made with the run folder's verdicts and its
+    interleaved rounds, `bench.recommend`), else one made here from the verdicts its rows were given."""
+    from edgexfer.runtime.bench import recommend
+
+    out = {}
+    for name, res in results:
+        if res.get("recommended"):
+            out[name] = res["recommended"]
+            continue
+        mine = {r["model"]: r for r in rows if r["machine"] == name}
+        models = {m: {**e, **({"shippable": mine[m]["shippable"]} if "shippable" in mine.get(m, {}) else {})}
+                  for m, e in res["models"].items()}
+        rec = recommend(models)
+        if rec:
+            out[name] = {**rec, "why": rec["why"] + " (verdicts from " + ", ".join(sorted(
+                {mine[m]["verdict_from"] for m in mine if "verdict_from" in mine[m]})) + ")"}
+    return out
 
 
 def _f(v, fmt: str) -> str:
@@ -102,9 +144,11 @@ def to_markdown(doc: dict) -> str:
         prov = ", ".join(p.replace("ExecutionProvider", "") for p in m.get("providers") or [])
         lines.append(f"| {name} | {m.get('arch', '')} | {m.get('cores', '')} | {', '.join(m.get('flags') or []) or 'none'} | "
                      f"{m.get('onnxruntime', '')} | {prov} | {_f(m.get('threads'), '')} | {m.get('created') or ''} |")
+    judged = any("shippable" in r for r in doc["rows"])
     lines += ["", "| model | machine | backend | p50 ms | p90 ms | p99 ms | × fastest (p50) | img/s (batch) | "
-                  "first result s | peak RSS MB | accuracy |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "first result s | peak RSS MB | accuracy |" + (" shippable |" if judged else ""),
+              "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if judged else "")]
+    rec = doc.get("recommended") or {}
     for r in doc["rows"]:
         t = r["throughput"]
         thr = f"{t['img_s']:.0f} ({t['batch']})" if t else ""
@@ -112,13 +156,31 @@ def to_markdown(doc: dict) -> str:
         lines.append(f"| {r['model']} | {r['machine']} | {r['backend']} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | "
                      f"{r['p99_ms']:.2f} | {ratio} | "
                      f"{thr} | {_f(r['first_result_s'], '.2f')} | "
-                     f"{_f(r['peak_rss_mb'], '.0f')} | {_f(r['accuracy'], '.4f')} |")
+                     f"{_f(r['peak_rss_mb'], '.0f')} | {_f(r['accuracy'], '.4f')} |"
+                     + (f" {_shippable(r, rec.get(r['machine']))} |" if judged else ""))
     lines += ["", "× fastest (p50): this row's p50 over the fastest machine's for the same model (the same file: its "
                   "metadata less metrics, or its bytes; results of an older edgexfer, without them: the same row name)."]
+    if judged:
+        lines.append("shippable: the run folder's verdict on the file (report.json, as `edgexfer bench RUN` read it); "
+                     "from another machine's result where this one benchmarked the file without its run folder (an "
+                     "INT8 file's only from a machine of the same architecture).")
+        for m in doc["machines"]:
+            r = rec.get(m)
+            lines.append(f"Recommended on {m}: " + (f"{r['model']} ({r['p50_ms']:.2f} ms p50): {r['why']}." if r else
+                                                     "none (no benchmarked file with a verdict that lets it ship)."))
     alone = [f"{r['model']} on {r['machine']}" for r in doc["rows"] if r.get("no_counterpart")]
     if alone:
         lines.append("No counterpart (a model measured on one machine only, compared with none): " + "; ".join(alone) + ".")
     return "\n".join(lines) + "\n"
+
+
+def _shippable(r: dict, rec: dict | None) -> str:
+    if "shippable" not in r:
+        return ""
+    s = "yes" if r["shippable"] else "no"
+    if rec and rec.get("model") == r["model"]:
+        s = f"**{s} (recommended)**"
+    return s + (f" (verdict from {r['verdict_from']})" if r.get("verdict_from") else "")
 
 
 def plot(doc: dict, path) -> bool:

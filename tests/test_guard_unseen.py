@@ -319,3 +319,19 @@ def test_the_verdict_is_written_once_and_read_not_re_decided(tmp_path):
     assert verdict(unproven) == {"shippable": False, "verdict": int8_verdict(_report(unproven))[1]}
     elsewhere = {**g, "measured_on": "arm64 (emulated)"}  # shippable for the device, not measured on this host
     assert int8_verdict(_report(elsewhere))[0] and not int8_verdict(_report(elsewhere), on_this_host=True)[0]
+
+
+def test_a_proven_int8_file_that_ties_fp32_is_recommended_for_its_size():
+    """With the bench's rounds, FP32's lower p50 counts only beyond the noise (`runtime.bench.recommend`): a tie
+    goes to the smaller file; a clear win still goes to the faster one."""
+    from edgexfer.report import recommend
+
+    rep = _report(_guard(rate=0.002, images=2000), p50=(4.0, 4.1))
+    rep["models"]["fp32"]["p50_by_round_ms"] = [4.0, 4.2] * 5
+    rep["models"]["int8"]["p50_by_round_ms"] = [4.2, 4.0] * 5
+    r = recommend(rep, 0.01)
+    assert r["model"] == "int8" and "no faster beyond the noise" in r["why"]
+    rep["models"]["fp32"]["p50_by_round_ms"] = [3.0] * 10
+    rep["models"]["int8"]["p50_by_round_ms"] = [4.1] * 10
+    r = recommend(rep, 0.01)
+    assert r["model"] == "fp32" and "slower here" in r["why"]
