@@ -18,7 +18,7 @@
       wheels/              the requirements and their dependencies as wheels, so the machine installs with no
                            network: pip install --no-index --find-links wheels -r requirements.txt. For the host
                            (the default): this interpreter's platform (pip download here); with --arch arm64:
-                           aarch64 wheels (CPython 3.11, manylinux_2_28: Debian bookworm, Raspberry Pi OS
+                           aarch64 wheels (CPython 3.11, manylinux up to 2_36: Debian bookworm, Raspberry Pi OS
                            bookworm). --no-wheels leaves it out (the machine then installs from the package index).
 
 Standard library only; written to a temporary folder beside OUT, then renamed. Files get the umask's

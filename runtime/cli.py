@@ -404,7 +404,7 @@ def serve(models, host, port, grpc_port, threads, server, max_batch_size, max_qu
 @click.option("--force", is_flag=True, help="Replace OUT if it is an earlier bundle.")
 @click.option("--arch", type=click.Choice(["host", "arm64"]), default="host",
               help="The wheels/ it carries, so it installs with no network: host: this interpreter's platform; "
-                   "arm64: aarch64 (Python 3.11, manylinux_2_28).")
+                   "arm64: aarch64 (Python 3.11, manylinux up to glibc 2.36: Debian bookworm).")
 @click.option("--no-wheels", is_flag=True, help="Carry no wheels/ (the machine installs the requirements from the "
               "package index); no download here.")
 @click.option("--runtime", type=click.Choice(["onnxruntime", "openvino", "executorch", "litert"]), default=None,
@@ -457,9 +457,15 @@ def compare(results, markdown, json_, json_out, plot):
 @click.option("--seed", type=int, default=0, help="Sample seed.")
 @threads_option("Intra-op threads on both sides.")
 @click.option("--min-agreement", type=float, default=0.995, help="Exit 1 below this top-1 agreement.")
+@click.option("--formats", default="onnx", show_default=True, metavar="onnx|litert|all",
+              callback=lambda ctx, p, v: _formats(v),
+              help="From a run folder, its ONNX files, and with litert its LiteRT files too, each run in its own "
+                   "runtime on both sides (ai-edge-litert's aarch64 wheel, at this host's version, is installed into "
+                   "the emulated board the first time). ExecuTorch and OpenVINO files cannot run there (the one-line "
+                   "error says why); all: every file that can, the others listed as not verified.")
 @json_options("schema edgexfer.verify/1", out_default="RUN/verify_arm64.json; none for a MODEL")
 @quiet_option
-def verify(target, arch, samples, images, seed, threads, min_agreement, json_, json_out):
+def verify(target, arch, samples, images, seed, threads, min_agreement, formats, json_, json_out):
     """Run the runtime install (aarch64 wheels) in an arm64 Debian root filesystem under qemu user-mode
     emulation (needs root; cached in ~/.cache/edgexfer/arm64) on a sample of held-out images: top-1
     agreement with this host, max abs difference of outputs, arm64-measured accuracy. Emulated timing is
@@ -467,13 +473,18 @@ def verify(target, arch, samples, images, seed, threads, min_agreement, json_, j
     from edgexfer.runtime import atomic
     from edgexfer.runtime.verify import sample, to_markdown, verify_arm64, verify_inputs
 
-    models, pictures, labels, source, out = verify_inputs(target, images, _lent().held_out())
+    from edgexfer.runtime.emulate import NOT_ON_BOARD, EmulationUnavailable
+
+    for fmt in (f for f in formats if f in NOT_ON_BOARD):  # asked for by name: refused before anything runs
+        raise EmulationUnavailable(f"a {fmt} file cannot be verified under emulated arm64: {NOT_ON_BOARD[fmt]}")
+    models, pictures, labels, source, out = verify_inputs(target, images, _lent().held_out(), formats)
     out = json_out or out
     idx = sample(len(pictures), samples, seed)
     pictures = [pictures[i] for i in idx]
     labels = None if labels is None else labels[idx]
     res = verify_arm64(models, pictures, labels, source=f"{source}, {len(idx)} sampled with seed {seed}",
-                       threads=threads, min_agreement=min_agreement, log=Progress("verify").log)
+                       threads=threads, min_agreement=min_agreement, leave_out_unverifiable="all" in formats,
+                       log=Progress("verify").log)
     print(json.dumps(res, indent=2) if json_ else to_markdown(res))
     if out:
         atomic.write_json(out, res)
@@ -482,6 +493,16 @@ def verify(target, arch, samples, images, seed, threads, min_agreement, json_, j
         print(f"error: top-1 agreement below {min_agreement} for "
               f"{', '.join(n for n, r in res['models'].items() if not r['passed'])}", file=sys.stderr)
         sys.exit(1)
+
+
+def _formats(value: str) -> tuple[str, ...]:
+    """--formats onnx|all|a,b: the formats named, each one the runtime knows."""
+    names = tuple(v.strip() for v in value.split(",") if v.strip())
+    known = ("onnx", "all", "openvino", "executorch", "litert")
+    bad = [n for n in names if n not in known]
+    if bad or not names:
+        raise click.BadParameter(f"{', '.join(bad) or repr(value)}: choose from {', '.join(known)}")
+    return names
 
 
 def command_tree(*commands: click.Command, lent: Lent = Lent()) -> Tree:

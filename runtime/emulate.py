@@ -8,7 +8,7 @@ The root filesystem lives in ~/.cache/edgexfer/arm64/ (EDGEXFER_ARM64_CACHE move
 
     rootfs/                 debootstrap --arch=arm64 --variant=minbase bookworm (a few hundred MB, minutes, once)
     rootfs/opt/edgexfer/venv  python3 -m venv + pip install --no-index of the wheels below
-    wheels/                 `pip download --only-binary=:all: --platform manylinux_2_28_aarch64
+    wheels/                 `pip download --only-binary=:all: --platform manylinux_2_{36..17}_aarch64
                             --python-version 311` of requirements-runtime.txt (the Docker image's pins)
 
 Models run in a plain chroot with neither /proc nor /sys mounted: onnxruntime segfaulted at import
@@ -35,8 +35,8 @@ from edgexfer.runtime.errors import RuntimeInputError
 
 SUITE = "bookworm"               # its python3 is 3.11
 PYTHON_VERSION = "311"
-WHEEL_PLATFORMS = ("manylinux_2_28_aarch64", "manylinux_2_27_aarch64", "manylinux_2_17_aarch64",
-                   "manylinux2014_aarch64")  # bookworm has glibc 2.36
+# bookworm has glibc 2.36: every manylinux tag up to it (OpenVINO's aarch64 wheels are manylinux_2_35)
+WHEEL_PLATFORMS = (*(f"manylinux_2_{v}_aarch64" for v in range(36, 16, -1)), "manylinux2014_aarch64")
 VENV = "/opt/edgexfer/venv"
 BINFMT = "/proc/sys/fs/binfmt_misc"
 QEMU_CONF = "/usr/lib/binfmt.d/qemu-aarch64.conf"
@@ -214,7 +214,7 @@ def setup(log: Callable[[str], None] = lambda s: None) -> Path:
         shutil.copytree(wheels, inside)
         (root / "opt" / "edgexfer" / "requirements.txt").write_text("\n".join(reqs) + "\n")
         log("installing them offline into the emulated venv (pip under emulation: a minute or two)")
-        for old in stamp.parent.glob(".installed-*"):  # a venv holds one set of pins at a time
+        for old in [*stamp.parent.glob(".installed-*"), *stamp.parent.glob(".extra-*")]:  # a venv holds one set of pins
             old.unlink()
         if (root / VENV.lstrip("/")).exists():
             shutil.rmtree(root / VENV.lstrip("/"))
@@ -229,6 +229,145 @@ def setup(log: Callable[[str], None] = lambda s: None) -> Path:
                 raise EmulationUnavailable(f"{what} failed: {tail[0]}")
         stamp.write_text(json.dumps({"requirements": reqs, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}))
     return root
+
+
+# -- the other runtimes: installed into the emulated venv when a file of theirs is verified --------------------
+
+EXTRA_PACKAGES = {"litert": "ai-edge-litert", "executorch": "executorch", "openvino": "openvino"}
+# why a runtime's Python package cannot run on the emulated board (measured: `resolve_wheels` for executorch 1.5.1;
+# `edgexfer verify --formats openvino` with openvino 2026.4.1)
+NOT_ON_BOARD = {"executorch": (
+    "ExecuTorch's Python runtime imports torch, and PyPI's aarch64 torch wheel is a CUDA build that brings several GB "
+    "of NVIDIA libraries (its dependencies also need antlr4-python3-runtime, an sdist only); the torch-free "
+    "executorch-numpy-runtime needs Python >= 3.12, and the emulated board is Debian bookworm's 3.11. Check the .pte "
+    "file on the board with ExecuTorch's own C++ runtime, or verify the LiteRT or ONNX file here"),
+    "openvino": (
+    "OpenVINO's aarch64 wheel installs, but its CPU plugin generates its kernels' machine code at run time, which "
+    "qemu user mode emulates instruction by instruction: 24 images of a 96 px EfficientNet-Lite0 did not finish in 15 "
+    "minutes, where ONNX Runtime and LiteRT took 28 s. Check the IR on the board, or verify the ONNX file here (the IR "
+    "is converted from it)")}
+# the arm64 board's Python (bookworm's 3.11) as environment markers see it
+TARGET_MARKERS = {"implementation_name": "cpython", "implementation_version": "3.11.2", "os_name": "posix",
+                  "platform_machine": "aarch64", "platform_python_implementation": "CPython", "platform_release": "",
+                  "platform_system": "Linux", "platform_version": "", "python_full_version": "3.11.2",
+                  "python_version": "3.11", "sys_platform": "linux", "extra": ""}
+
+
+def resolve_wheels(dest: Path, reqs: Sequence[str], pins: Sequence[str] = (), python: str = sys.executable) -> list[Path]:
+    """The aarch64 wheels of `reqs` and of everything they need on the board, in `dest`.
+
+    `pip download --platform` evaluates the packages' environment markers for this x86 host, not the board: it
+    asks for x86-only dependencies (torch's CUDA libraries, executorch's coremltools) that have no aarch64
+    wheel. So this walks the requirements itself, level by level, keeping those whose markers hold on the board
+    (TARGET_MARKERS), each at the version `pins` name (the runtime's own), else at the version installed here
+    (a set that pip resolved and that this host runs), else the newest; each level is one `pip download
+    --no-deps`. The board's pip then installs them with its own resolver (--no-index), which checks the set."""
+    import email.parser
+    import zipfile
+    from importlib import metadata
+
+    try:
+        from packaging.requirements import Requirement
+    except ImportError:  # pip's own copy
+        from pip._vendor.packaging.requirements import Requirement
+
+    fixed = {canonical(Requirement(p).name): p for p in pins}
+    dest.mkdir(parents=True, exist_ok=True)
+    seen: set[str] = set()
+    level = list(reqs)
+    while level:
+        want = {}
+        for r in level:
+            req = Requirement(r)
+            name = canonical(req.name)
+            if name in seen or (req.marker is not None and not req.marker.evaluate(TARGET_MARKERS)):
+                continue
+            seen.add(name)
+            if name in fixed:
+                want[name] = fixed[name]
+            elif req.specifier and "==" in str(req.specifier):
+                want[name] = f"{req.name}{req.specifier}"
+            else:
+                try:
+                    want[name] = f"{req.name}=={metadata.version(req.name)}"
+                except metadata.PackageNotFoundError:
+                    want[name] = f"{req.name}{req.specifier}"
+        if not want:
+            break
+        before = set(dest.glob("*.whl"))
+        plats = [a for p in WHEEL_PLATFORMS for a in ("--platform", p)]
+        _run([python, "-m", "pip", "download", "-q", "--disable-pip-version-check", "--only-binary=:all:", "--no-deps",
+              *plats, "--python-version", PYTHON_VERSION, "--implementation", "cp", "-d", str(dest),
+              *want.values()], f"pip download of the aarch64 wheels ({', '.join(want.values())})")
+        level = []
+        for whl in sorted(dest.glob("*.whl")):
+            if whl in before and canonical(whl.name.split("-")[0]) not in want:
+                continue
+            if canonical(whl.name.split("-")[0]) not in want:
+                continue
+            with zipfile.ZipFile(whl) as z:
+                meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+                level += email.parser.Parser().parsestr(z.read(meta).decode()).get_all("Requires-Dist") or []
+    return sorted(dest.glob("*.whl"))
+
+
+def extra_pins(fmts: Sequence[str]) -> dict[str, str]:
+    """Each runtime's package pinned to the version installed here ("ai-edge-litert==2.3.0"): the board runs
+    what this host checks against. A runtime not installed here cannot be compared: one line says how."""
+    from importlib import metadata
+
+    out = {}
+    for fmt in fmts:
+        pkg = EXTRA_PACKAGES[fmt]
+        try:
+            out[fmt] = f"{pkg}=={metadata.version(pkg)}"
+        except metadata.PackageNotFoundError:
+            raise EmulationUnavailable(f"verifying a {fmt} file compares it with this host, which lacks {pkg}: "
+                                       f'pip install "edgexfer[{fmt}]" here first') from None
+    return out
+
+
+def _extra_stamp(pin: str) -> Path:
+    return rootfs() / "opt" / "edgexfer" / f".extra-{canonical(pin.replace('==', '-'))}"
+
+
+def setup_extras(fmts: Sequence[str], log: Callable[[str], None] = lambda s: None) -> dict[str, str]:
+    """Install the runtime of each format in `fmts` ("litert", "executorch", "openvino") into the emulated venv,
+    as a board installs it: its aarch64 wheels and their dependencies, resolved against the runtime's own pins
+    (requirements-runtime.txt, so numpy stays the one the runtime was checked with), installed with pip
+    --no-index. Idempotent: a stamp per package and version; the base set-up removes them when it rebuilds the
+    venv. Needs the base set-up (`setup`) first. Returns the pins."""
+    for fmt in sorted(set(fmts) & set(NOT_ON_BOARD)):
+        raise EmulationUnavailable(f"a {fmt} file cannot be verified under emulated arm64: {NOT_ON_BOARD[fmt]}")
+    pins = extra_pins(sorted(set(fmts)))
+    if not pins:
+        return pins
+    if not ready():
+        raise EmulationUnavailable(missing() or "the arm64 root filesystem is not set up: run "
+                                   "`python -m edgexfer.runtime.emulate setup` (or `make arm64`) as root")
+    root = rootfs()
+    for fmt, pin in pins.items():
+        stamp = _extra_stamp(pin)
+        if stamp.is_file():
+            continue
+        name = stamp.name.removeprefix(".extra-")
+        wheels = cache_dir() / "wheels" / f"extra-{name}"
+        log(f"aarch64 wheels for {pin} (the {fmt} runtime) and what it needs on arm64, at this host's versions")
+        resolve_wheels(wheels, [pin], requirements())
+        inside = root / "opt" / "edgexfer" / f"extra-{name}"
+        if inside.exists():
+            shutil.rmtree(inside)
+        shutil.copytree(wheels, inside)
+        log(f"installing {pin} offline into the emulated venv (pip under emulation: minutes for a large one)")
+        r = chroot([f"{VENV}/bin/pip", "install", "-q", "--disable-pip-version-check", "--no-index", "--find-links",
+                    f"/opt/edgexfer/extra-{name}", "--find-links", "/opt/edgexfer/wheels", "-c",
+                    "/opt/edgexfer/requirements.txt", pin], timeout=3600)
+        if r.returncode:
+            tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or [f"exit {r.returncode}"]
+            raise EmulationUnavailable(f"pip install of {pin} in the arm64 root filesystem failed: {tail[0]}")
+        shutil.rmtree(inside, ignore_errors=True)  # installed: the cache keeps the wheels
+        stamp.write_text(json.dumps({"package": pin, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}))
+    return pins
 
 
 def installed_versions() -> dict[str, str]:
@@ -303,6 +442,9 @@ def run_models(models: Sequence[Path], *, images: Sequence[Path] | None = None, 
         raise EmulationUnavailable(missing() or "the arm64 root filesystem is not set up: run "
                                    "`python -m edgexfer.runtime.emulate setup` (or `make arm64`) as root")
     with Job() as job:
+        for i, m in enumerate(models):  # an OpenVINO IR's weights travel beside its .xml
+            if Path(m).suffix == ".xml" and Path(m).with_suffix(".bin").is_file():
+                job.put(Path(m).with_suffix(".bin"), f"m{i}/{Path(m).with_suffix('.bin').name}")
         spec = {"models": [job.put(m, f"m{i}/{Path(m).name}") for i, m in enumerate(models)],
                 "threads": threads, "batch": batch, "out": f"{job.inside}/out.npz", "info": f"{job.inside}/info.json"}
         if images is not None:
@@ -373,7 +515,11 @@ def _worker(job_json: str) -> None:
     import numpy
     import PIL
 
-    info.update(numpy=numpy.__version__, pillow=PIL.__version__)
+    from edgexfer.runtime import backends
+
+    info.update(numpy=numpy.__version__, pillow=PIL.__version__,
+                runtimes={Path(p).name: backends.runtime_version(p) if backends.format_of(p) else
+                          f"onnxruntime {info.get('onnxruntime')}" for p in spec["models"]})
     Path(spec["info"]).write_text(json.dumps(info))
 
 

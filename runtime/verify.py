@@ -63,20 +63,30 @@ def scan_images(folder: Path, labels: Sequence[str]) -> tuple[list[Path], np.nda
     return paths, y, kind
 
 
-def verify_inputs(target: Path, images: Path | None, held_out: Callable | None = None
+def verify_inputs(target: Path, images: Path | None, held_out: Callable | None = None, formats: Sequence[str] = ("onnx",)
                   ) -> tuple[list[Path], list, np.ndarray | None, str, Path | None]:
     """What `edgexfer verify TARGET` checks: (models, images, labels or None, where the images come from, where the
     result goes unless told: RUN/verify_arm64.json, None for a MODEL file). A run folder's models are its
-    model*.onnx files (model.onnx first); a MODEL file needs `images`. `images`: an ImageFolder tree (labelled)
-    or a folder of images; without it, a run folder's test split as `held_out(run_dir)` reads it (images,
-    labels, classes, source; the training package lends it, the runtime alone has none)."""
+    model*.onnx files (model.onnx first), and with `formats` ("all", or some of "openvino", "executorch",
+    "litert") its converted files of those formats; a MODEL file (of any format) needs `images`. `images`: an
+    ImageFolder tree (labelled) or a folder of images; without it, a run folder's test split as
+    `held_out(run_dir)` reads it (images, labels, classes, source; the training package lends it, the runtime
+    alone has none)."""
+    from edgexfer.runtime.bench import FORMAT_SUFFIXES, model_files
     from edgexfer.runtime.model import EdgeModel
 
     if target.is_dir():
-        models = sorted((p for p in target.glob("model*.onnx") if not p.name.endswith(".e2e.onnx")),
-                        key=lambda p: (p.name != "model.onnx", p.name))
-        if not models:
+        wanted = list(FORMAT_SUFFIXES) if "all" in formats else list(dict.fromkeys(["onnx", *formats]))
+        found_files = [p for p in model_files([target], wanted)[0] if p.name.startswith("model")] \
+            if any(target.glob("model*")) else []
+        models = sorted(found_files, key=lambda p: (  # ONNX first, then each format; FP32 first within each
+            wanted.index(next(f for f in wanted if FORMAT_SUFFIXES[f] == p.suffix)), p.name != "model" + p.suffix, p.name))
+        if not any(p.suffix == ".onnx" for p in models):
             raise FileNotFoundError(f"no model*.onnx in {target}")
+        missing = [f for f in formats if f not in ("onnx", "all") and not any(p.suffix == FORMAT_SUFFIXES[f] for p in models)]
+        if missing:
+            raise FileNotFoundError(f"no {', '.join(missing)} file in {target}: run `edgexfer export {target} --format "
+                                    f"{','.join(missing)}` first")
         if images:
             found, labels, source = scan_images(images, EdgeModel(models[0]).labels)
         elif held_out is None:
@@ -112,15 +122,23 @@ def _as_files(images: Sequence, folder: Path) -> list[Path]:
 
 
 def verify_arm64(models: Sequence[Path], images: Sequence, labels: np.ndarray | None, *, source: str,
-                 threads: int = 1, min_agreement: float = 0.995,
+                 threads: int = 1, min_agreement: float = 0.995, leave_out_unverifiable: bool = False,
                  log: Callable[[str], None] = lambda s: None) -> dict:
-    """Run `models` on `images` here and under emulated arm64; the comparison as a result document."""
+    """Run `models` on `images` here and under emulated arm64; the comparison as a result document. A model whose
+    runtime cannot run on the emulated board (`emulate.NOT_ON_BOARD`) is refused in one line, or, with
+    `leave_out_unverifiable` (`--formats all`), left out and listed with why (`not_verified`)."""
     from edgexfer.runtime import emulate
     from edgexfer.runtime.model import EdgeModel
 
     t0 = time.perf_counter()
+    from edgexfer.runtime.backends import format_of, runtime_version
+
     models = [Path(m) for m in models]
+    not_verified = {m.name: emulate.NOT_ON_BOARD[format_of(m)] for m in models
+                    if leave_out_unverifiable and format_of(m) in emulate.NOT_ON_BOARD}
+    models = [m for m in models if m.name not in not_verified]
     host = [EdgeModel(m, threads=threads) for m in models]
+    extras = emulate.setup_extras(sorted({format_of(m) for m in models} - {None}), log=log)
     if labels is not None and len(labels) != len(images):
         raise RuntimeInputError("labels and images differ in number")
     with tempfile.TemporaryDirectory(prefix="edgexfer-verify-") as td:
@@ -147,9 +165,11 @@ def verify_arm64(models: Sequence[Path], images: Sequence, labels: np.ndarray | 
         "sample": {"n": len(x), "source": source, "labelled": labels is not None},
         "min_agreement": min_agreement, "passed": all(r["passed"] for r in rows.values()),
         "input_max_abs_diff": float(np.max(np.abs(x - arm["inputs"]))),  # the runtime's preprocessing, both sides
-        "models": rows,
-        "arm64": {k: info.get(k) for k in ("arch", "python", "onnxruntime", "numpy", "pillow")},
-        "host": {"arch": __import__("platform").machine(), **_host_versions()},
+        "models": rows, **({"not_verified": not_verified} if not_verified else {}),
+        "arm64": {**{k: info.get(k) for k in ("arch", "python", "onnxruntime", "numpy", "pillow")},
+                  **({"runtimes": info["runtimes"]} if extras and info.get("runtimes") else {})},
+        "host": {"arch": __import__("platform").machine(), **_host_versions(),
+                 **({"runtimes": {m.name: runtime_version(m) for m in models if format_of(m)}} if extras else {})},
         "emulation": {"rootfs": str(emulate.rootfs()), "debian": emulate.SUITE, "qemu": "user mode (binfmt_misc)"},
         "check_seconds": round(time.perf_counter() - t0, 1), "emulated_process_seconds": round(arm["seconds"], 1),
         "note": NOTE,
@@ -174,7 +194,10 @@ def to_markdown(res: dict) -> str:
         lines.append(f"| {r['file']} | {r['n']} | {r['top1_agreement']:.4f} | {r['max_abs_diff']:.3g} | "
                      f"{acc('accuracy_arm64')} | {acc('accuracy_host')} | {'yes' if r['passed'] else 'NO'} |")
     a = res["arm64"]
-    lines += ["", f"arm64: Python {a.get('python')}, onnxruntime {a.get('onnxruntime')}, numpy {a.get('numpy')}, "
+    others = sorted({v for k, v in (a.get("runtimes") or {}).items() if not v.startswith("onnxruntime")})
+    lines += ["", f"arm64: Python {a.get('python')}, onnxruntime {a.get('onnxruntime')}"
+                  + "".join(f", {v}" for v in others) + f", numpy {a.get('numpy')}, "
                   f"Pillow {a.get('pillow')}; preprocessing max abs diff {res['input_max_abs_diff']:.3g}; "
                   f"bound: agreement >= {res['min_agreement']}"]
+    lines += [f"Not verified: {name}: {why}." for name, why in (res.get("not_verified") or {}).items()]
     return "\n".join(lines)

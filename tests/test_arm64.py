@@ -178,6 +178,23 @@ def test_verify_run_folder_under_arm64(run_copy):
     assert _no_latency(res) and "not latency" in p.stdout
 
 
+def test_verify_litert_files_under_arm64(run_copy):
+    """A run folder's LiteRT files under the emulated board, in ai-edge-litert's aarch64 wheel (installed into the
+    emulated venv the first time, at this host's version, its dependencies resolved for the board's markers)."""
+    _arm64_or_skip()
+    pytest.importorskip("litert_torch")
+    pytest.importorskip("ai_edge_litert")
+    run_cli("export", run_copy, "--format", "litert", check=True)
+    run_cli("verify", "--arch", "arm64", run_copy, "--formats", "litert", "--samples", "6", check=True)
+    res = json.loads((run_copy / "verify_arm64.json").read_text())
+    assert list(res["models"]) == ["model.onnx", "model.int8.onnx", "model.tflite", "model.int8.tflite"]
+    assert res["models"]["model.tflite"]["top1_agreement"] == 1.0 and res["models"]["model.tflite"]["max_abs_diff"] < 1e-3
+    assert res["arm64"]["runtimes"]["model.tflite"].startswith("litert ") and res["passed"]
+    assert res["host"]["runtimes"]["model.tflite"] == res["arm64"]["runtimes"]["model.tflite"]  # the same version
+    p = run_cli("verify", "--arch", "arm64", run_copy, "--formats", "executorch")
+    assert p.returncode == 1 and "cannot be verified under emulated arm64" in p.stderr and "Traceback" not in p.stderr
+
+
 def test_verify_bare_model_with_image_folder(tiny_run, image_folder, tmp_path):
     _arm64_or_skip()
     out = tmp_path / "v.json"
