@@ -267,6 +267,11 @@ def bundle(source: str | os.PathLike, out: str | os.PathLike, *, force: bool = F
     source, out = Path(source), Path(out)
     if runtime is not None and runtime not in RUNTIME_FILES:
         raise RuntimeInputError(f"unknown --runtime {runtime!r}; choose {', '.join(RUNTIME_FILES)}")
+    if arch == "arm64" and wheels and runtime == "executorch":  # the board's wheels: cp311 aarch64, as emulated
+        from edgexfer.runtime.emulate import NOT_ON_BOARD
+
+        raise RuntimeInputError(f"--runtime executorch --arch arm64 cannot carry its runtime's wheels: "
+                                f"{NOT_ON_BOARD['executorch']} (--no-wheels bundles the file alone)")
     warning = None
     if source.is_dir():
         model, why, warning = (choose_converted(source, runtime) if runtime not in (None, "onnxruntime")

@@ -108,3 +108,11 @@ def test_verify_refuses_executorch_by_name_before_anything_runs(fast_run):
     r = invoke("verify", str(fast_run), "--arch", "arm64", "--formats", "executorch")
     assert r.exit_code == 1 and "executorch file cannot be verified under emulated arm64" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_an_arm64_bundle_of_executorch_says_why_before_anything_is_written(fast_run, tmp_path):
+    from tests.conftest import invoke
+
+    r = invoke("bundle", str(fast_run), str(tmp_path / "out"), "--runtime", "executorch", "--arch", "arm64")
+    assert r.exit_code == 1 and "cannot carry its runtime's wheels" in r.stderr and "CUDA build" in r.stderr
+    assert not (tmp_path / "out").exists()
