@@ -64,18 +64,26 @@ def main() -> int:
     ap.add_argument("runs", nargs="*", type=Path, help="run folders (default: runs/bench-guard-fashion-mnist-30-s*)")
     ap.add_argument("--fresh", type=int, default=3000, help="left-out images beyond the guard's pool")
     ap.add_argument("--markdown", action="store_true", help="print the RESULTS.md paragraph from the JSON")
+    ap.add_argument("--add", action="store_true", help="keep the JSON's cases of other runs and add these (more "
+                    "runs, more evidence; each case records the commit it was scored at)")
     args = ap.parse_args()
     if args.markdown:
         print(markdown(json.loads(OUT.read_text())))
         return 0
     runs = args.runs or sorted((ROOT / "runs").glob("bench-guard-fashion-mnist-30-s*"))
-    cases = [pool_parts(r, args.fresh) for r in runs]
-    total = {k: {f: sum(c[k][f] for c in cases) for f in ("disagree", "images")} for k in PARTS}
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from render_results import provenance
 
-    res = {"command": "python benchmarks/bench_guard_pool.py " + " ".join(str(r) for r in args.runs), **provenance(),
-           "cases": cases, "total": total}
+    prov = provenance()
+    cases = [{**pool_parts(r, args.fresh), "scored_at": prov["commit"]} for r in runs]
+    command = "python benchmarks/bench_guard_pool.py " + " ".join(str(r) for r in args.runs)
+    if args.add and OUT.is_file():
+        old = json.loads(OUT.read_text())
+        new_names = {c["run"] for c in cases}
+        cases = [c for c in old["cases"] if c["run"] not in new_names] + cases
+        command = old["command"] + "; " + command.replace("bench_guard_pool.py", "bench_guard_pool.py --add")
+    total = {k: {f: sum(c[k][f] for c in cases) for f in ("disagree", "images")} for k in PARTS}
+    res = {"command": command, **prov, "cases": cases, "total": total}
     OUT.write_text(json.dumps(res, indent=1) + "\n")
     print(markdown(res))
     return 0
@@ -89,8 +97,26 @@ def _z(a: dict, b: dict) -> float:
     return (p2 - p1) / se if se else 0.0
 
 
+def dispersion(res: dict) -> tuple[float, int, float]:
+    """Whether each run's certify half scatters about its own fresh images' rate as a binomial sample would:
+    Pearson's chi-square of the certify counts against 'images x the fresh rate', its degrees of freedom (one per
+    run) and p-value. Large: the per-run figures vary more than the guard's interval, which assumes independent
+    images, allows for."""
+    from scipy import stats
+
+    chi2 = 0.0
+    for c in res["cases"]:
+        rate = c["fresh"]["disagree"] / c["fresh"]["images"]
+        e = c["certify"]["images"] * rate
+        if e > 0:
+            chi2 += (c["certify"]["disagree"] - e) ** 2 / (e * (1 - rate))
+    k = len(res["cases"])
+    return chi2, k, float(stats.chi2.sf(chi2, k))
+
+
 def markdown(res: dict) -> str:
     t = res["total"]
+    chi2, k, p_disp = dispersion(res)
     rate = {k: 100 * t[k]["disagree"] / t[k]["images"] for k in PARTS}
     rows = [f"| {c['run']} | " + " | ".join(f"{c[k]['disagree']}/{c[k]['images']}" for k in PARTS) +
             f" | {100 * c['guard_upper95']:.1f}% |" for c in res["cases"]]
@@ -103,7 +129,9 @@ def markdown(res: dict) -> str:
         f"its FP32 file): the search half reads {rate['search']:.2f}% (chosen on: biased low, as expected), the certify "
         f"half {rate['certify']:.2f}% against {rate['fresh']:.2f}% on fresh unseen images (z = "
         f"{_z(t['certify'], t['fresh']):.1f}), and the fresh images {rate['fresh']:.2f}% against the test split's "
-        f"{rate['test']:.2f}% (z = {_z(t['fresh'], t['test']):.1f})."])
+        f"{rate['test']:.2f}% (z = {_z(t['fresh'], t['test']):.1f}). Run by run, the certify half's count scatters about "
+        f"its own fresh rate with chi-square {chi2:.1f} on {k} degrees of freedom (p = {p_disp:.3f}; a binomial scatter, "
+        f"as the guard's interval assumes, gives about {k})."])
 
 
 if __name__ == "__main__":
