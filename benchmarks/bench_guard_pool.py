@@ -99,17 +99,18 @@ def _z(a: dict, b: dict) -> float:
 
 def dispersion(res: dict) -> tuple[float, int, float]:
     """Whether each run's certify half scatters about its own fresh images' rate as a binomial sample would:
-    Pearson's chi-square of the certify counts against 'images x the fresh rate', its degrees of freedom (one per
-    run) and p-value. Large: the per-run figures vary more than the guard's interval, which assumes independent
+    Pearson's chi-square of the certify counts against 'images x the fresh rate' (the variance of both samples),
+    its degrees of freedom (one per run) and p-value. Large: the per-run figures vary more than the guard's interval, which assumes independent
     images, allows for."""
     from scipy import stats
 
     chi2 = 0.0
     for c in res["cases"]:
-        rate = c["fresh"]["disagree"] / c["fresh"]["images"]
-        e = c["certify"]["images"] * rate
-        if e > 0:
-            chi2 += (c["certify"]["disagree"] - e) ** 2 / (e * (1 - rate))
+        n, m = c["certify"]["images"], c["fresh"]["images"]
+        rate = c["fresh"]["disagree"] / m
+        e = n * rate
+        if e > 0:  # the fresh rate is itself a sample of m images: its noise adds n/m to the variance
+            chi2 += (c["certify"]["disagree"] - e) ** 2 / (e * (1 - rate) * (1 + n / m))
     k = len(res["cases"])
     return chi2, k, float(stats.chi2.sf(chi2, k))
 
