@@ -714,6 +714,23 @@ def _guard_pool() -> list[str]:
             bench_guard_pool.markdown(g)]
 
 
+def section_early_stop() -> str:
+    if not (RESULTS / "early_stop.json").is_file():
+        return ""
+    import bench_early_stop
+
+    d = load("early_stop.json")
+    return "\n".join([
+        "## Where the INT8 guard stops searching (issue 28; `python benchmarks/bench_early_stop.py RUN...` → "
+        "results/early_stop.json)", "", prov("early_stop.json", d), "",
+        "The guard's search tries candidates cheapest first, each estimated from one FP32 and one plain-INT8 timing "
+        "and the layers' share of the MACs; since this change it leaves out those estimated under "
+        "`QuantizeConfig.min_speedup` (1.2x) on a host that measures the target. Here a spread of each run's "
+        "candidates (the last ones included) is written and timed against FP32, interleaved at batch 1: as the "
+        "estimate is measured (1 thread, call by call) and as the bench stage measures (the run's threads, "
+        "spinning, blocks of 20 calls).", "", bench_early_stop.markdown(d)])
+
+
 def section_formats() -> str:
     if not (RESULTS / "formats.json").is_file():
         return ""
@@ -776,7 +793,8 @@ def section_hostile() -> str:
         f"{met(s['bound_all_200_within_1s_met'])}."])
 
 
-SECTIONS = [section_header, section_demo, section_photos, section_guard, section_quantize, section_quantize_ranked,
+SECTIONS = [section_header, section_demo, section_photos, section_guard, section_early_stop, section_quantize,
+            section_quantize_ranked,
             section_runtime, section_transfer,
             section_adabn_int8, section_serve, section_serve_grpc, section_hostile, section_e2e, section_arm64,
             section_formats]

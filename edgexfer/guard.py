@@ -577,7 +577,7 @@ PREFIX_STEPS = (0, 1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64, 96, 10**6)
 def guarded_quantize(fp32_path: str | Path, out_path: str | Path, calib: np.ndarray, recipe, judge: Judge, *,
                      steps: tuple[int, ...] = PREFIX_STEPS, fallback: str = "ranked", rank_on: np.ndarray | None = None,
                      rank_images: int = QuantizeConfig.rank_images, ranking: str = "revert",
-                     threads: int | None = None) -> dict:
+                     threads: int | None = None, stop_below: float | None = None) -> dict:
     """Static INT8 under an accuracy bound: keep the fewest, cheapest weighted layers in FP32 until `judge`
     passes a candidate.
 
@@ -594,6 +594,12 @@ def guarded_quantize(fp32_path: str | Path, out_path: str | Path, calib: np.ndar
     - `fallback` "prefix": the first k weighted layers in graph order, k in `steps` (early layers see raw
       pixels and are, in CNNs, often the most sensitive).
 
+    `stop_below` (a speed-up, e.g. QAT's MIN_SPEEDUP): the ranked candidates estimated slower than that many
+    times FP32 are not tried. They come last (cheapest first), so the search stops there: an INT8 file that keeps
+    so many layers in FP32 is not worth shipping, and QAT, which keeps none, competes instead. For a host that
+    measures the target's INT8 (`benchmarks/bench_early_stop.py` measures how the estimate holds). The record
+    says how many were left and why (`stopped_early`).
+
     The first candidate within the bound is written to `out_path`; if none is, the most accurate one,
     with `within_bound` False. Returns the file's quantization record with the guard's under "guard"."""
     from edgexfer.exporters import quantize as qz
@@ -603,7 +609,7 @@ def guarded_quantize(fp32_path: str | Path, out_path: str | Path, calib: np.ndar
     out_path = Path(out_path)
     if fallback not in ("ranked", "prefix"):
         raise ValueError(f"unknown fallback {fallback!r}; choose ranked or prefix")
-    tried, best = [], None
+    tried, best, stopped = [], None, None
     with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".guard-") as td:
         cal = qz.calibrate(fp32_path, calib, recipe, td)
         nodes = cal.nodes
@@ -620,7 +626,14 @@ def guarded_quantize(fp32_path: str | Path, out_path: str | Path, calib: np.ndar
                 x = calib[:rank_images] if rank_on is None else rank_on
                 sens = sensitivity.rank(cal, x, method=ranking, threads=threads)
                 sens["report"]["images_from"] = "calibration images" if rank_on is None else "given images"
-                queue += [c for c in sensitivity.candidates(sens, steps) if c["nodes"]]
+                ranked = [c for c in sensitivity.candidates(sens, steps) if c["nodes"]]
+                if stop_below is not None:
+                    left = [c for c in ranked if c["est_speedup"] < stop_below]
+                    ranked = [c for c in ranked if c["est_speedup"] >= stop_below]
+                    stopped = {"below_speedup": stop_below, "candidates_left": len(left),
+                               "why": f"{len(left)} more candidates keep so many layers in FP32 that their estimated "
+                                      f"speed-up is under {stop_below:g}x FP32's: not tried"} if left else None
+                queue += ranked
             if i == len(queue):
                 break
             c = queue[i]
@@ -630,7 +643,8 @@ def guarded_quantize(fp32_path: str | Path, out_path: str | Path, calib: np.ndar
             qz.quantize(fp32_path, path, cal, cand)
             row = {"fp32_layers": c["fp32_layers"], **({k: v for k, v in c.items() if k not in ("nodes", "fp32_layers")}),
                    "seconds": time.perf_counter() - t0}
-            row = {**row, **judge(path)}
+            t0 = time.perf_counter()
+            row = {**row, **judge(path), "judge_seconds": time.perf_counter() - t0}
             tried.append(row)
             if best is None or row["guard_accuracy"] > best[0]["guard_accuracy"]:
                 best = (row, path, cand)
@@ -651,6 +665,8 @@ def guarded_quantize(fp32_path: str | Path, out_path: str | Path, calib: np.ndar
                          "images": int(min(len(calib), recipe.calibration_samples))},
          **({"at_least": bounds} if bounds else {})}
     g["fallback"] = ("sensitivity-ranked" if fallback == "ranked" else "graph prefix (first k weighted layers)")
+    if stopped and not row["within_bound"]:
+        g["stopped_early"] = stopped
     if sens is not None:
         g["sensitivity"] = sens["report"]
         if "est_speedup" in row:

@@ -37,7 +37,7 @@ from edgexfer.config import QuantizeConfig
 
 log = logging.getLogger(__name__)
 
-MIN_SPEEDUP = 1.2   # QAT is tried when the PTQ choice keeps less of FP32's batch-1 speed than this
+MIN_SPEEDUP = QuantizeConfig.min_speedup  # the default: QAT is tried when the PTQ choice keeps less of FP32's speed
 MIN_GAIN = 0.05     # ...and ships only when faster than the PTQ choice by more than batch-1 timing noise
 # epochs, views (unlabelled, for distillation), labelled images and forcing: QuantizeConfig.qat_*
 LR, TEMPERATURE, ALPHA, BATCH = 3e-5, 2.0, 0.5, 32
@@ -355,10 +355,20 @@ def training_images(cfg, ws, adapted: bool = False) -> tuple[np.ndarray, np.ndar
     return xt, yt, (np.stack(views) if views else np.zeros((0, *xt.shape[1:]), np.float32))
 
 
+def plain_speedup(guard: dict) -> float | None:
+    """FP32's batch-1 latency over plain INT8's, as the guard's latency model measured them on this host, where
+    this host measures the target's INT8 (`guard["host_measures_faithfully"]`); None otherwise or unmeasured."""
+    lat = (guard.get("sensitivity") or {}).get("latency_ms") or {}
+    if not guard.get("host_measures_faithfully") or not lat.get("int8_plain") or not lat.get("fp32"):
+        return None
+    return lat["fp32"] / lat["int8_plain"]
+
+
 def compete(run, cfg, ws, fp32: Path, recipe, calib: np.ndarray, guard: dict, judge, adapted: bool = False
             ) -> tuple[dict, dict | None]:
     """Try QAT when the post-training choice (the run's model.int8.onnx, described by `guard`) misses the bound
-    or keeps less than MIN_SPEEDUP of FP32's batch-1 speed; judge its file as the post-training candidates are
+    or keeps less than `QuantizeConfig.min_speedup` of FP32's batch-1 speed, unless plain INT8 itself (the graph
+    a QAT file has) is under it on a host that measures the target (`plain_speedup`); judge its file as the post-training candidates are
     (`judge`, an `edgexfer.guard.Judge`: `judge(path)` is the candidate's row) and ship it (replace
     model.int8.onnx) when it is within the bound and either no PTQ candidate is or it is faster than the PTQ
     choice by MIN_GAIN. Returns guard.qat and, when it shipped, the new quantize record.
@@ -375,7 +385,8 @@ def compete(run, cfg, ws, fp32: Path, recipe, calib: np.ndarray, guard: dict, ju
     if not len(xt):
         return {"tried": False, "reason": "no labelled training images"}, None
     within, kept = bool(guard.get("within_bound")), int(guard.get("chosen_fp32_layers") or 0)
-    entry: dict = {"tried": False, "min_speedup": MIN_SPEEDUP}
+    min_speedup = cfg.quantize.min_speedup
+    entry: dict = {"tried": False, "min_speedup": min_speedup}
     if "estimated_speedup" in guard:
         entry["ptq_estimated_speedup"] = guard["estimated_speedup"]
     if cfg.quantize.qat_force:
@@ -383,15 +394,20 @@ def compete(run, cfg, ws, fp32: Path, recipe, calib: np.ndarray, guard: dict, ju
     elif within and kept == 0:
         return {**entry, "reason": "plain INT8 (every weighted layer) met the bound: a QAT file has the same INT8 "
                                    "graph, so it cannot be faster"}, None
+    elif plain_speedup(guard) is not None and plain_speedup(guard) < min_speedup:
+        return {**entry, "plain_int8_speedup": plain_speedup(guard),
+                "reason": f"plain INT8, the graph a QAT file has, measured {plain_speedup(guard):.2f}x FP32's batch-1 "
+                          f"speed on this host (the guard's latency model), under {min_speedup:g}x: QAT cannot make an "
+                          "INT8 file worth shipping here"}, None
     else:
         lat = _latency({"fp32": fp32, "ptq": int8}, cfg.bench.threads)
         entry["ptq_speedup"] = lat["fp32"] / lat["ptq"]
-        if within and entry["ptq_speedup"] >= MIN_SPEEDUP:
+        if within and entry["ptq_speedup"] >= min_speedup:
             return {**entry, "reason": f"the PTQ choice ({kept} layers in FP32) keeps {entry['ptq_speedup']:.2f}x of "
-                                       f"FP32's batch-1 speed, at least {MIN_SPEEDUP:g}x"}, None
+                                       f"FP32's batch-1 speed, at least {min_speedup:g}x"}, None
         entry["reason"] = ("no post-training candidate within the bound" if not within else
                            f"the PTQ choice ({kept} layers in FP32) keeps only {entry['ptq_speedup']:.2f}x of FP32's "
-                           f"batch-1 speed, under {MIN_SPEEDUP:g}x")
+                           f"batch-1 speed, under {min_speedup:g}x")
     xt, yt, x_unlab = training_images(cfg, ws, adapted)
     if cfg.train.adapt_bn and not adapted:  # the target domain's unlabelled images: distillation only
         from edgexfer.quantize_stage import target_images

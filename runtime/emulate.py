@@ -237,8 +237,9 @@ EXTRA_PACKAGES = {"litert": "ai-edge-litert", "executorch": "executorch", "openv
 # why a runtime's Python package cannot run on the emulated board (measured: `resolve_wheels` for executorch 1.5.1;
 # `edgexfer verify --formats openvino` with openvino 2026.4.1)
 NOT_ON_BOARD = {"executorch": (
-    "ExecuTorch's Python runtime imports torch, and PyPI's aarch64 torch wheel is a CUDA build that brings several GB "
-    "of NVIDIA libraries (its dependencies also need antlr4-python3-runtime, an sdist only); the torch-free "
+    "ExecuTorch's Python runtime imports torch, and PyPI's aarch64 torch wheel is a CUDA build: without the several "
+    "GB of NVIDIA libraries it depends on, `import torch` fails (libcublasLt not found), and one of ExecuTorch's "
+    "dependencies is an sdist only (antlr4-python3-runtime); the torch-free "
     "executorch-numpy-runtime needs Python >= 3.12, and the emulated board is Debian bookworm's 3.11. Check the .pte "
     "file on the board with ExecuTorch's own C++ runtime, or verify the LiteRT or ONNX file here"),
     "openvino": (

@@ -71,9 +71,19 @@ def test_guard_ships_int8_within_its_bound(fast_run):
     assert (fast_run / "model.int8.onnx").is_file()
 
 
-def test_guard_keeps_layers_in_fp32_when_plain_int8_disagrees(tmp_path):
+def _hard_data(tmp_path):
+    rng = np.random.default_rng(1)
+    for i in range(36):
+        (tmp_path / "data" / CLASSES[i % 3]).mkdir(parents=True, exist_ok=True)
+        make_image(int(rng.integers(3)), rng).save(tmp_path / "data" / CLASSES[i % 3] / f"{i}.png")
+    return tmp_path / "data"
+
+
+def test_guard_keeps_layers_in_fp32_when_plain_int8_disagrees(tmp_path, monkeypatch):
     """Labels that say nothing of the picture leave a model with small margins, where plain INT8 disagrees with
-    FP32 on a few percent of the guard's images: over the bound, so the guard keeps layers in FP32 until it holds."""
+    FP32 on a few percent of the guard's images: over the bound, so the guard keeps layers in FP32 until it holds.
+    (On this tiny network INT8 is not faster than FP32, so the search would stop at once: EDGEXFER_MIN_SPEEDUP=0.)"""
+    monkeypatch.setenv("EDGEXFER_MIN_SPEEDUP", "0")
     rng = np.random.default_rng(1)
     for i in range(36):
         (tmp_path / "data" / CLASSES[i % 3]).mkdir(parents=True, exist_ok=True)
@@ -168,3 +178,23 @@ def test_the_test_split_is_rebuilt_from_the_run_config(fast_run, tmp_path):
     assert str(fast_run) in source
     with pytest.raises(FileNotFoundError):
         test_split(tmp_path)
+
+
+def test_the_search_stops_where_no_candidate_can_be_worth_shipping(tmp_path, monkeypatch):
+    """Candidates estimated under QuantizeConfig.min_speedup x FP32's speed are not tried, the record says how many
+    were left and why, and QAT sits out when plain INT8 itself is under it (the same data as above, where plain
+    INT8 misses the bound; a bound no file can reach makes it deterministic on any host)."""
+    monkeypatch.setenv("EDGEXFER_MIN_SPEEDUP", "100")
+    r = invoke("run", "--data", _hard_data(tmp_path), "--runs", tmp_path, "--name", "hard", *FAST_RUN_ARGS)
+    assert r.exit_code == 0, r.stderr[-2000:]
+    rep = report(tmp_path / "hard")
+    g = rep["quantize"]["guard"]
+    assert [c["order"] for c in g["candidates"]] == ["plain"] and not g["within_bound"]
+    assert g["stopped_early"]["below_speedup"] == 100 and g["stopped_early"]["candidates_left"] > 0
+    assert "not tried" in g["stopped_early"]["why"] and not g["shippable"]
+    assert rep["recommendation"]["model"] == "fp32"
+    r = invoke("quantize", tmp_path / "hard", "--tuner", "builtin", "--qat", "auto", "--calibration-samples", "16")
+    assert r.exit_code == 0, r.stderr[-2000:]
+    q = report(tmp_path / "hard")["quantize"]["guard"]["qat"]
+    assert not q["tried"] and "QAT cannot make an INT8 file worth shipping" in q["reason"], q
+    assert q["plain_int8_speedup"] < 100
