@@ -75,7 +75,12 @@ def guard_verdict(g: dict) -> tuple[bool, str]:
     bound = g.get("max_accuracy_drop")
     if not g.get("within_bound"):
         return False, f"the accuracy guard found no INT8 candidate within the {bound} bound ({guard_evidence(g)})"
-    if g.get("proven") is False:  # within the bound on the measured rate, not with the stated 95% confidence
+    if g.get("proven") is False:  # not with the stated 95% confidence
+        d = g.get("disagreement") or {}
+        if isinstance(bound, (int, float)) and isinstance(d.get("rate"), (int, float)) and d["rate"] > bound + 1e-9:
+            # the search's candidate met the bound on the images it chose on; the certificate reads over it
+            return False, (f"INT8, unproven: the candidate met the {bound} bound on the images the search chose it on, "
+                           f"but on the images held out to certify it, it {guard_evidence(g)}: over the bound")
         return False, (f"INT8, unproven: within the {bound} bound on the measured rate but not with 95% confidence "
                        f"({guard_evidence(g)}); more unseen images (--guard-data DIR) can prove it")
     return True, f"the accuracy guard passed it within the {bound} bound ({guard_evidence(g)})"

@@ -335,3 +335,18 @@ def test_a_proven_int8_file_that_ties_fp32_is_recommended_for_its_size():
     rep["models"]["int8"]["p50_by_round_ms"] = [4.1] * 10
     r = recommend(rep, 0.01)
     assert r["model"] == "fp32" and "slower here" in r["why"]
+
+
+def test_the_verdict_never_says_within_the_bound_beside_a_certified_rate_over_it():
+    """The search's candidate met the bound on the images it chose on; the certify half read 1.8%: the verdict says
+    both, in that order, and never 'within the bound on the measured rate' beside a rate over it."""
+    from edgexfer.runtime.bundle import guard_verdict
+
+    g = _guard(rate=0.018, images=75)
+    g["proven"], g["within_bound"] = False, True
+    ok, why = guard_verdict(g)
+    assert not ok and "within the 0.01 bound on the measured rate" not in why
+    assert "images held out to certify it" in why and "1.8%" in why and "over the bound" in why
+    g = _guard(rate=0.004, images=150)
+    g["proven"] = False
+    assert "within the 0.01 bound on the measured rate" in guard_verdict(g)[1]
