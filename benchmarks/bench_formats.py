@@ -47,6 +47,9 @@ def measure(iters: int) -> dict:
     from edgexfer.runfolder import RunFolder, Workspace
     from edgexfer.runtime import EdgeModel
 
+    import os
+
+    load_start = os.getloadavg()[0]
     t0 = time.perf_counter()
     edgexfer("run", "--data", str(DATA), "--name", RUN.name, "--runs", str(RUN.parent), "--format", FORMATS)
     run_seconds = time.perf_counter() - t0
@@ -81,6 +84,8 @@ def measure(iters: int) -> dict:
 
     return {"command": "python benchmarks/bench_formats.py", **provenance(), "machine": b.get("machine"),
             "data": "flowers-dev", "formats": FORMATS, "test_images": int(len(y)), "run_seconds": round(run_seconds, 1),
+            "run_stage_seconds": {k: v.get("seconds") for k, v in json.loads((RUN / "report.json").read_text())["stages"].items()},
+            "load_average": {"start": load_start, "end": os.getloadavg()[0]},
             "bench": {k: b["config"][k] for k in ("threads", "iters", "warmup") if k in b.get("config", {})},
             "rows": rows, "recommended": best["file"] if best else None,
             "recommendation": rec and {"why": rec["why"], "tied_with": [Path(t).name for t in rec["tied_with"]]},

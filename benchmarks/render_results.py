@@ -745,9 +745,14 @@ def section_formats() -> str:
         f"the whole run), then `edgexfer bench RUN --formats all`: every file in its own runtime, interleaved "
         f"({f['bench'].get('iters')} batch-1 rounds each, {f['bench'].get('threads')} threads). Agreement and accuracy "
         f"are on the run's {f['test_images']} test photos; shippable is the run's own word (the guard for "
-        "model.int8.onnx, report.json `formats` for the converted files), the recommended row the fastest shippable "
-        "one on this host. Timed on a host loaded by other benchmarks: the ratios between rows hold better than "
-        "the milliseconds.", "", bench_formats.markdown(f)])
+        "model.int8.onnx, report.json `formats` for the converted files), "
+        + ("the recommended row `edgexfer bench`'s own recommendation: the fastest shippable file beyond the noise of "
+           "the interleaved rounds (a sign test; ties go to the smallest file, then to ONNX Runtime)." if "recommendation"
+           in f else "the recommended row the fastest shippable one on this host.")
+        + (f" Load average {f['load_average']['start']:.1f} at the start, {f['load_average']['end']:.1f} at the end "
+           f"({f['machine'].get('cores', '?')} cores)." if f.get("load_average") else
+           " Timed on a host loaded by other benchmarks: the ratios between rows hold better than the milliseconds."),
+        "", bench_formats.markdown(f)])
 
 
 def section_hostile() -> str:
