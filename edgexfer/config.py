@@ -124,7 +124,7 @@ class QuantizeConfig:
     qat_views: int = 256            # augmented views (unlabelled) QAT distils on
     qat_max_images: int = 1024      # labelled images QAT trains on (a seeded sample beyond)
     qat_force: bool = False         # try QAT whatever the post-training choice (tests, benchmarks)
-    # INT8 worth shipping is at least this many times FP32's batch-1 speed, where this host measures the target:
+    # INT8 worth shipping is at least this many times FP32's batch-1 speed, where this host is the target:
     # the guard's search leaves out candidates estimated slower, QAT is tried when the PTQ choice is slower and
     # sits out when plain INT8 is (0: try everything; benchmarks/bench_early_stop.py measures the estimate)
     min_speedup: float = 1.2

@@ -596,8 +596,8 @@ def guarded_quantize(fp32_path: str | Path, out_path: str | Path, calib: np.ndar
 
     `stop_below` (a speed-up, e.g. QAT's MIN_SPEEDUP): the ranked candidates estimated slower than that many
     times FP32 are not tried. They come last (cheapest first), so the search stops there: an INT8 file that keeps
-    so many layers in FP32 is not worth shipping, and QAT, which keeps none, competes instead. For a host that
-    measures the target's INT8 (`benchmarks/bench_early_stop.py` measures how the estimate holds). The record
+    so many layers in FP32 is not worth shipping, and QAT, which keeps none, competes instead. For a host that is
+    the target: the estimate is this host's speed (`benchmarks/bench_early_stop.py` measures how it holds). The record
     says how many were left and why (`stopped_early`).
 
     The first candidate within the bound is written to `out_path`; if none is, the most accurate one,

@@ -357,9 +357,9 @@ def training_images(cfg, ws, adapted: bool = False) -> tuple[np.ndarray, np.ndar
 
 def plain_speedup(guard: dict) -> float | None:
     """FP32's batch-1 latency over plain INT8's, as the guard's latency model measured them on this host, where
-    this host measures the target's INT8 (`guard["host_measures_faithfully"]`); None otherwise or unmeasured."""
+    this host is the target (`guard["host_is_target"]`: its speed is the target's); None otherwise or unmeasured."""
     lat = (guard.get("sensitivity") or {}).get("latency_ms") or {}
-    if not guard.get("host_measures_faithfully") or not lat.get("int8_plain") or not lat.get("fp32"):
+    if not guard.get("host_is_target") or not lat.get("int8_plain") or not lat.get("fp32"):
         return None
     return lat["fp32"] / lat["int8_plain"]
 
@@ -368,7 +368,7 @@ def compete(run, cfg, ws, fp32: Path, recipe, calib: np.ndarray, guard: dict, ju
             ) -> tuple[dict, dict | None]:
     """Try QAT when the post-training choice (the run's model.int8.onnx, described by `guard`) misses the bound
     or keeps less than `QuantizeConfig.min_speedup` of FP32's batch-1 speed, unless plain INT8 itself (the graph
-    a QAT file has) is under it on a host that measures the target (`plain_speedup`); judge its file as the post-training candidates are
+    a QAT file has) is under it where this host is the target (`plain_speedup`); judge its file as the post-training candidates are
     (`judge`, an `edgexfer.guard.Judge`: `judge(path)` is the candidate's row) and ship it (replace
     model.int8.onnx) when it is within the bound and either no PTQ candidate is or it is faster than the PTQ
     choice by MIN_GAIN. Returns guard.qat and, when it shipped, the new quantize record.

@@ -93,15 +93,16 @@ def quantize(st: Stage) -> dict:
                if qc.tuner != "builtin" and at_least is None else None)
         if rec is None or not rec["guard"]["within_bound"]:
             inc = rec["guard"].get("inc") if rec else None
-            # on a host that measures the target's INT8, candidates too slow to be worth shipping are not tried
+            # where this host is the target (its speed is the target's), candidates too slow to be worth shipping
+            # are not tried
             rec = guarded_quantize(fp32, run.file(FILES["int8"]), calib, recipe, judge, rank_images=qc.rank_images,
-                                   stop_below=qc.min_speedup if target["host_measures_faithfully"] and qc.min_speedup > 0
+                                   stop_below=qc.min_speedup if target["target"] == target["host"] and qc.min_speedup > 0
                                    else None)
             rec["guard"]["tuner"] = "built-in: the layers INT8 hurts most kept in FP32"
             if inc:
                 rec["guard"]["inc"] = inc
         g = rec["guard"]
-        g["host_measures_faithfully"] = target["host_measures_faithfully"]  # QAT reads it: may this host's speed decide?
+        g["host_is_target"] = target["target"] == target["host"]  # QAT reads it: may this host's speed decide?
         # QAT trains on the train split: it is judged (and certified) on the images it did not train on
         trained = np.arange(len(ws.tensors("train")[0])) if not adapted else np.zeros(0, np.int64)
         qat_agreement = agreement.without(fp32, trained) if agreement.out_of_fold else agreement
