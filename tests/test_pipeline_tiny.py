@@ -198,3 +198,19 @@ def test_the_search_stops_where_no_candidate_can_be_worth_shipping(tmp_path, mon
     q = report(tmp_path / "hard")["quantize"]["guard"]["qat"]
     assert not q["tried"] and "QAT cannot make an INT8 file worth shipping" in q["reason"], q
     assert q["plain_int8_speedup"] < 100
+
+
+def test_the_early_stop_speaks_only_where_this_host_is_the_target(tmp_path, monkeypatch):
+    """This host's speed is not an arm64 board's: with --target arm64 the search tries the ranked candidates that a
+    bound no file can reach would stop it before, on the data where plain INT8 misses the bound."""
+    from edgexfer.exporters.quantize import recipe_for
+
+    if not recipe_for("arm64")[1]["host_measures_faithfully"]:
+        pytest.skip("this host would take the emulated arm64 guard (no VNNI): a slow path, tested in test_arm64.py")
+    monkeypatch.setenv("EDGEXFER_MIN_SPEEDUP", "100")
+    r = invoke("run", "--data", _hard_data(tmp_path), "--runs", tmp_path, "--name", "hard", *FAST_RUN_ARGS,
+               "--target", "arm64")
+    assert r.exit_code == 0, r.stderr[-2000:]
+    g = report(tmp_path / "hard")["quantize"]["guard"]
+    assert g["host_is_target"] is False and "stopped_early" not in g
+    assert not g["candidates"][0]["within_bound"] and len(g["candidates"]) > 1  # the ranked ones were tried
