@@ -117,7 +117,7 @@ def recommend(rep: dict, max_drop: float) -> Recommendation | None:
     if "latency_ms" in q:
         speedup = fp["latency_ms"]["p50"] / q["latency_ms"]["p50"]
         out["int8_speedup"] = speedup
-        if speedup <= 1.0:
+        if speedup <= 1.0 and best != "int8":  # INT8 chosen anyway only on a tie, which its why says
             out["note"] = (f"INT8 is not faster than FP32 on this CPU ({fmt.ratio(speedup)}x at batch 1): ship FP32 here, "
                            "or benchmark INT8 on the target device (VNNI and ARM dot-product cores gain more)")
     if q and not int8_ok:

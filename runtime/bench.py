@@ -107,6 +107,7 @@ def faster(a: Sequence[float], b: Sequence[float], alpha: float = 0.05) -> bool:
 
 
 FORMAT_ORDER = ("onnx", "openvino", "executorch", "litert")  # ties of about equal size go to the first
+MIN_ROUNDS = 6  # fewer paired rounds, and even all of them won is no evidence at 5%: p50 decides
 
 
 def recommend(models: dict[str, dict], rounds: dict[str, list[float]] | None = None) -> dict | None:
@@ -121,7 +122,14 @@ def recommend(models: dict[str, dict], rounds: dict[str, list[float]] | None = N
         return None
     rounds = rounds or {n: r.get("p50_by_round_ms") or [] for n, r in ok.items()}
     best = min(ok, key=lambda n: ok[n]["latency_ms"]["p50"])
-    tied = [n for n in ok if n == best or not faster(rounds.get(best, []), rounds.get(n, []))]
+    few = min(len(rounds.get(n) or []) for n in ok) < MIN_ROUNDS  # too few rounds to test: p50 alone decides
+
+    def ties(n: str) -> bool:
+        if few:
+            return round(ok[n]["latency_ms"]["p50"], 2) == round(ok[best]["latency_ms"]["p50"], 2)
+        return not faster(rounds[best], rounds[n])
+
+    tied = [n for n in ok if n == best or ties(n)]
     smallest = min(ok[n].get("size_bytes") or 0 for n in tied)
     near = [n for n in tied if (ok[n].get("size_bytes") or 0) <= 1.05 * smallest]
 
@@ -135,10 +143,13 @@ def recommend(models: dict[str, dict], rounds: dict[str, list[float]] | None = N
     if not others:
         runner = sorted((r["latency_ms"]["p50"], n) for n, r in ok.items() if n != pick)
         why = "the fastest shippable file at batch 1 here" + (
-            f", faster than {runner[0][1]} ({runner[0][0]:.2f} ms) in the paired rounds" if runner else "")
+            "" if not runner else f", ahead of {runner[0][1]} ({runner[0][0]:.2f} ms) by p50 alone (too few interleaved "
+            f"rounds to test the difference)" if few else f", faster than {runner[0][1]} ({runner[0][0]:.2f} ms) in the "
+            "paired rounds")
     else:
         tie = ", ".join(f"{n} {ok[n]['latency_ms']['p50']:.2f} ms" for n in others)
-        why = (f"tied at batch 1 with {tie} (no file faster than the others beyond the noise of the interleaved rounds); "
+        why = (f"tied at batch 1 with {tie} (the fastest, {best}, is not faster than "
+               + ("these" if len(others) > 1 else "it") + " beyond the noise of the interleaved rounds); "
                + ("the smallest" if len(near) == 1 else "of about the smallest size, and its runtime listed first"))
     return {"model": pick, "file": ok[pick].get("file"), "p50_ms": p50, "size_bytes": ok[pick].get("size_bytes"),
             "why": why, "tied_with": others}

@@ -95,19 +95,31 @@ def compare(paths: Sequence[str | os.PathLike]) -> dict:
             "recommended": _recommended(results, rows)}
 
 
+def int8_kernels(m: dict) -> str:
+    """Which family of INT8 kernels a machine runs (its machine info's arch and ISA flags): arm64, x86 with VNNI,
+    AVX-512 without it, or AVX2. Without VNNI, U8S8 without reduce_range can saturate on x86, so the same INT8
+    file can answer differently on machines of one architecture (`exporters.quantize.recipe_for`)."""
+    flags = set(m.get("flags") or [])
+    if str(m.get("arch") or "").lower() in ("aarch64", "arm64"):
+        return "arm64"
+    if flags & {"avx512_vnni", "avx_vnni", "amx_int8"}:
+        return "x86 with VNNI"
+    return "x86 AVX-512" if "avx512f" in flags else "x86 AVX2"
+
+
 def _share_verdicts(rows: list[dict], machines: dict) -> None:
     """A board's bench of bundled files has no run folder, so no verdict: give its rows the verdict another
     machine's result holds for the same file (`identity`). A file's FP32 answers do not depend on the machine;
     an INT8 file's can (other integer kernels), so an INT8 verdict is shared only between machines of the
-    same architecture. Shared verdicts name their machine (`verdict_from`)."""
+    same INT8 kernel family (`int8_kernels`). Shared verdicts name their machine (`verdict_from`)."""
     for r in rows:
         if "shippable" in r:
             continue
-        arch = machines[r["machine"]].get("arch")
+        kernels = int8_kernels(machines[r["machine"]])
         for o in rows:
             if o is r or o["identity"] != r["identity"] or "shippable" not in o or "verdict_from" in o:
                 continue
-            if (o["quantized"] or r["quantized"]) and machines[o["machine"]].get("arch") != arch:
+            if (o["quantized"] or r["quantized"]) and int8_kernels(machines[o["machine"]]) != kernels:
                 continue
             r.update(shippable=o["shippable"], verdict=o.get("verdict"), verdict_from=o["machine"])
             break
@@ -163,7 +175,7 @@ def to_markdown(doc: dict) -> str:
     if judged:
         lines.append("shippable: the run folder's verdict on the file (report.json, as `edgexfer bench RUN` read it); "
                      "from another machine's result where this one benchmarked the file without its run folder (an "
-                     "INT8 file's only from a machine of the same architecture).")
+                     "INT8 file's only from a machine of the same INT8 kernel family: arm64, x86 with VNNI, AVX-512, AVX2).")
         for m in doc["machines"]:
             r = rec.get(m)
             lines.append(f"Recommended on {m}: " + (f"{r['model']} ({r['p50_ms']:.2f} ms p50): {r['why']}." if r else

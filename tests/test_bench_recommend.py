@@ -132,3 +132,36 @@ def test_bench_of_a_run_folder_shows_verdicts_and_a_recommendation(fast_run):
     rep = json.loads((fast_run / "report.json").read_text())
     assert int8["shippable"] == rep["quantize"]["guard"]["shippable"]
     assert res["recommended"]["model"] in models and res["recommended"]["why"]
+
+
+def test_too_few_rounds_to_test_means_p50_decides_not_size():
+    """With 5 rounds even 5 wins is no evidence at 5% (p = 0.0625): the rule must not let every file tie and the
+    smallest win, so p50 alone decides, and the why says so."""
+    fast = {"file": "r/model.onnx", "latency_ms": {"p50": 10.0}, "size_bytes": 4_600_000, "shippable": True,
+            "p50_by_round_ms": [10.0] * 5}
+    slow = {"file": "r/model.int8.onnx", "latency_ms": {"p50": 20.0}, "size_bytes": 1_200_000, "shippable": True,
+            "p50_by_round_ms": [20.0] * 5}
+    rec = recommend({"model.onnx": fast, "model.int8.onnx": slow})
+    assert rec["model"] == "model.onnx" and "by p50 alone" in rec["why"]
+    old = {k: {x: y for x, y in v.items() if x != "p50_by_round_ms"} for k, v in (("a", fast), ("b", slow))}
+    assert recommend(old)["model"] == "a"  # results of an older bench, without rounds
+
+
+def test_report_note_never_contradicts_a_tied_int8_recommendation():
+    from edgexfer.report import recommend as run_recommend
+    from tests.test_guard_unseen import _guard, _report
+
+    rep = _report(_guard(rate=0.002, images=2000), p50=(10.0, 10.3))
+    rep["models"]["fp32"]["p50_by_round_ms"] = [10.0, 10.6] * 5
+    rep["models"]["int8"]["p50_by_round_ms"] = [10.6, 10.0] * 5
+    r = run_recommend(rep, 0.01)
+    assert r["model"] == "int8" and "note" not in r
+
+
+def test_compare_shares_an_int8_verdict_only_within_a_kernel_family():
+    from edgexfer.runtime.compare import int8_kernels
+
+    vnni = {"arch": "x86_64", "flags": ["avx2", "avx512f", "avx512_vnni"]}
+    assert int8_kernels(vnni) == "x86 with VNNI" and int8_kernels({"arch": "x86_64", "flags": ["avx2"]}) == "x86 AVX2"
+    assert int8_kernels({"arch": "aarch64", "flags": ["asimddp"]}) == "arm64"
+    assert int8_kernels({"arch": "x86_64", "flags": ["avx512f"]}) != int8_kernels(vnni)
