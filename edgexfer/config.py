@@ -126,7 +126,8 @@ class QuantizeConfig:
     qat_force: bool = False         # try QAT whatever the post-training choice (tests, benchmarks)
     # INT8 worth shipping is at least this many times FP32's batch-1 speed, where this host is the target:
     # the guard's search leaves out candidates estimated slower, QAT is tried when the PTQ choice is slower and
-    # sits out when plain INT8 is (0: try everything; benchmarks/bench_early_stop.py measures the estimate)
+    # sits out when plain INT8 is (0: the search tries every candidate, and QAT competes only where no PTQ
+    # candidate is within the bound; benchmarks/bench_early_stop.py measures the estimate)
     min_speedup: float = 1.2
 
     def __post_init__(self):

@@ -630,9 +630,13 @@ def guarded_quantize(fp32_path: str | Path, out_path: str | Path, calib: np.ndar
                 if stop_below is not None:
                     left = [c for c in ranked if c["est_speedup"] < stop_below]
                     ranked = [c for c in ranked if c["est_speedup"] >= stop_below]
-                    stopped = {"below_speedup": stop_below, "candidates_left": len(left),
-                               "why": f"{len(left)} more candidates keep so many layers in FP32 that their estimated "
-                                      f"speed-up is under {stop_below:g}x FP32's: not tried"} if left else None
+                    plain = sens["latency"]["fp32"] / max(sens["latency"]["int8"], 1e-9)
+                    why = (f"plain INT8 itself measured {plain:.2f}x FP32's batch-1 speed here, under {stop_below:g}x: "
+                           f"none of the {len(left)} candidates that keep layers in FP32 can reach it, so none was tried"
+                           if not ranked else
+                           f"{len(left)} more candidates keep so many layers in FP32 that their estimated speed-up is "
+                           f"under {stop_below:g}x FP32's: not tried")
+                    stopped = {"below_speedup": stop_below, "candidates_left": len(left), "why": why} if left else None
                 queue += ranked
             if i == len(queue):
                 break

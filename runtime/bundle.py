@@ -74,7 +74,9 @@ def guard_verdict(g: dict) -> tuple[bool, str]:
     `int8_verdict` reads that, and derives it here only for records made before."""
     bound = g.get("max_accuracy_drop")
     if not g.get("within_bound"):
-        return False, f"the accuracy guard found no INT8 candidate within the {bound} bound ({guard_evidence(g)})"
+        stop = (g.get("stopped_early") or {}).get("why")
+        return False, (f"the accuracy guard found no INT8 candidate within the {bound} bound ({guard_evidence(g)})"
+                       + (f"; {stop}" if stop else ""))
     if g.get("proven") is False:  # not with the stated 95% confidence
         d = g.get("disagreement") or {}
         if isinstance(bound, (int, float)) and isinstance(d.get("rate"), (int, float)) and d["rate"] > bound + 1e-9:
@@ -272,11 +274,14 @@ def bundle(source: str | os.PathLike, out: str | os.PathLike, *, force: bool = F
     source, out = Path(source), Path(out)
     if runtime is not None and runtime not in RUNTIME_FILES:
         raise RuntimeInputError(f"unknown --runtime {runtime!r}; choose {', '.join(RUNTIME_FILES)}")
-    if arch == "arm64" and wheels and runtime == "executorch":  # the board's wheels: cp311 aarch64, as emulated
-        from edgexfer.runtime.emulate import NOT_ON_BOARD
+    def refuse_executorch_wheels(runtime: str | None) -> None:  # the board's wheels: cp311 aarch64, as emulated
+        if arch == "arm64" and wheels and runtime == "executorch":
+            from edgexfer.runtime.emulate import NOT_ON_BOARD
 
-        raise RuntimeInputError(f"--runtime executorch --arch arm64 cannot carry its runtime's wheels: "
-                                f"{NOT_ON_BOARD['executorch']} (--no-wheels bundles the file alone)")
+            raise RuntimeInputError(f"--runtime executorch --arch arm64 cannot carry its runtime's wheels: "
+                                    f"{NOT_ON_BOARD['executorch']} (--no-wheels bundles the file alone)")
+
+    refuse_executorch_wheels(runtime)  # before anything is read
     warning = None
     if source.is_dir():
         model, why, warning = (choose_converted(source, runtime) if runtime not in (None, "onnxruntime")
@@ -290,6 +295,7 @@ def bundle(source: str | os.PathLike, out: str | os.PathLike, *, force: bool = F
     fmt = backends.format_of(model)
     if runtime is None:
         runtime = fmt or "onnxruntime"
+        refuse_executorch_wheels(runtime)  # a .pte file named: its runtime is ExecuTorch
     elif (fmt or "onnxruntime") != runtime:
         raise RuntimeInputError(f"{model.name} is not a file for --runtime {runtime}; --runtime {fmt or 'onnxruntime'} bundles it")
     from edgexfer.runtime.model import EdgeModel
