@@ -273,42 +273,56 @@ def resolve_wheels(dest: Path, reqs: Sequence[str], pins: Sequence[str] = (), py
         from pip._vendor.packaging.requirements import Requirement
 
     fixed = {canonical(Requirement(p).name): p for p in pins}
-    dest.mkdir(parents=True, exist_ok=True)
-    seen: set[str] = set()
+    if dest.exists():  # a fresh set: wheels of an earlier resolution would be read as this one's
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    seen: dict[str, set] = {}   # package -> the extras walked for it
+    asked: dict[str, set] = {}  # package -> extras its requirers asked for (what its METADATA is read with)
     level = list(reqs)
     while level:
         want = {}
         for r in level:
             req = Requirement(r)
             name = canonical(req.name)
-            if name in seen or (req.marker is not None and not req.marker.evaluate(TARGET_MARKERS)):
+            extras = set(req.extras)
+            if name in seen and extras <= seen[name]:
                 continue
-            seen.add(name)
+            if req.marker is not None and not any(req.marker.evaluate({**TARGET_MARKERS, "extra": e})
+                                                  for e in sorted(asked.get(name, set())) or [""]):
+                continue
+            seen.setdefault(name, set()).update(extras)
+            asked.setdefault(name, set()).update(extras)
             if name in fixed:
                 want[name] = fixed[name]
-            elif req.specifier and "==" in str(req.specifier):
-                want[name] = f"{req.name}{req.specifier}"
+                continue
+            try:
+                mine = metadata.version(req.name)
+            except metadata.PackageNotFoundError:
+                mine = None
+            if mine and "+" not in mine and req.specifier.contains(mine, prereleases=True):
+                want[name] = f"{req.name}=={mine}"  # this host's version, where the requirement allows it
             else:
-                try:
-                    want[name] = f"{req.name}=={metadata.version(req.name)}"
-                except metadata.PackageNotFoundError:
-                    want[name] = f"{req.name}{req.specifier}"
+                want[name] = f"{req.name}{req.specifier}"
         if not want:
             break
-        before = set(dest.glob("*.whl"))
         plats = [a for p in WHEEL_PLATFORMS for a in ("--platform", p)]
         _run([python, "-m", "pip", "download", "-q", "--disable-pip-version-check", "--only-binary=:all:", "--no-deps",
               *plats, "--python-version", PYTHON_VERSION, "--implementation", "cp", "-d", str(dest),
               *want.values()], f"pip download of the aarch64 wheels ({', '.join(want.values())})")
         level = []
         for whl in sorted(dest.glob("*.whl")):
-            if whl in before and canonical(whl.name.split("-")[0]) not in want:
-                continue
-            if canonical(whl.name.split("-")[0]) not in want:
+            name = canonical(whl.name.split("-")[0])
+            if name not in want:
                 continue
             with zipfile.ZipFile(whl) as z:
                 meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
-                level += email.parser.Parser().parsestr(z.read(meta).decode()).get_all("Requires-Dist") or []
+                for r in email.parser.Parser().parsestr(z.read(meta).decode()).get_all("Requires-Dist") or []:
+                    req = Requirement(r)
+                    # a dependency that only an extra of this package brings: kept when a requirer asked for it
+                    if req.marker is not None and not any(
+                            req.marker.evaluate({**TARGET_MARKERS, "extra": e}) for e in sorted(asked[name]) or [""]):
+                        continue
+                    level.append(str(Requirement(r)).split(";")[0].strip())
     return sorted(dest.glob("*.whl"))
 
 

@@ -27,14 +27,19 @@ INDEX = {  # what the fake index holds: name -> (version, Requires-Dist)
                             "winonly; sys_platform == 'win32'", "armhelper; platform_machine == 'aarch64'",
                             "docs-extra; extra == 'docs'"]),
     "numpy": ("2.4.6", []),
-    "flatbuffers": ("25.1", ["tinydep"]),
-    "armhelper": ("0.3", []),
+    "flatbuffers": ("25.1", ["tinydep<2", "armhelper[fast]"]),
+    "armhelper": ("0.3", ["speedup; extra == 'fast'", "slowdown; extra == 'slow'"]),
     "tinydep": ("1.1", []),
+    "speedup": ("2.0", []),
 }
 
 
 def test_resolve_wheels_follows_the_board_s_markers_and_the_runtime_s_pins(tmp_path, monkeypatch):
+    from importlib import metadata
+
     asked: list[list[str]] = []
+    real_version = metadata.version
+    monkeypatch.setattr(metadata, "version", lambda n: "9.9" if n == "tinydep" else real_version(n))
 
     def fake_run(cmd, what, **kw):
         dest = Path(cmd[cmd.index("-d") + 1])
@@ -42,18 +47,22 @@ def test_resolve_wheels_follows_the_board_s_markers_and_the_runtime_s_pins(tmp_p
         asked.append(reqs)
         assert "--no-deps" in cmd and "manylinux_2_35_aarch64" in cmd  # one level at a time, every bookworm tag
         for r in reqs:
-            name = r.split("==")[0].split(">")[0]
+            name = r.split("==")[0].split(">")[0].split("<")[0].split("[")[0]
             version, requires = INDEX[name]
             _wheel(dest, name, version, requires)
 
     monkeypatch.setattr(emulate, "_run", fake_run)
     got = emulate.resolve_wheels(tmp_path, ["runtime-pkg==1.0"], pins=["numpy==2.4.6"])
     names = sorted(p.name.split("-")[0] for p in got)
-    assert names == ["armhelper", "flatbuffers", "numpy", "runtime_pkg", "tinydep"]
+    assert names == ["armhelper", "flatbuffers", "numpy", "runtime_pkg", "speedup", "tinydep"]
     flat = [r for level in asked for r in level]
     assert "numpy==2.4.6" in flat  # the runtime's own pin, not the newest
-    assert not any(r.startswith(("cuda-libs", "winonly", "docs-extra")) for r in flat)  # x86, Windows, an extra
-    assert asked[0] == ["runtime-pkg==1.0"] and len(asked) == 3  # three levels, each one pip call
+    assert "tinydep<2" in flat  # this host's 9.9 is outside the requirement: the index picks
+    assert not any(r.startswith(("cuda-libs", "winonly", "docs-extra", "slowdown")) for r in flat)  # x86, Windows, extras
+    assert asked[0] == ["runtime-pkg==1.0"]
+    (tmp_path / "stale-1.0-py3-none-any.whl").write_bytes(b"not a zip")  # an earlier resolution's leftovers
+    emulate.resolve_wheels(tmp_path, ["runtime-pkg==1.0"], pins=["numpy==2.4.6"])
+    assert not (tmp_path / "stale-1.0-py3-none-any.whl").exists()
 
 
 def test_a_runtime_that_cannot_run_on_the_board_is_one_line():
@@ -116,3 +125,13 @@ def test_an_arm64_bundle_of_executorch_says_why_before_anything_is_written(fast_
     r = invoke("bundle", str(fast_run), str(tmp_path / "out"), "--runtime", "executorch", "--arch", "arm64")
     assert r.exit_code == 1 and "cannot carry its runtime's wheels" in r.stderr and "CUDA build" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_an_arm64_bundle_of_a_named_pte_file_says_why_too(fast_run, tmp_path):
+    """The runtime inferred from a .pte file named directly is ExecuTorch: the same one line, not a pip failure."""
+    from tests.conftest import invoke
+
+    pte = tmp_path / "model.pte"
+    pte.write_bytes(b"not opened before the refusal")
+    r = invoke("bundle", str(pte), str(tmp_path / "out"), "--arch", "arm64")
+    assert r.exit_code == 1 and "cannot carry its runtime's wheels" in r.stderr and "Traceback" not in r.stderr
