@@ -98,20 +98,21 @@ def _z(a: dict, b: dict) -> float:
 
 
 def dispersion(res: dict) -> tuple[float, int, float]:
-    """Whether each run's certify half scatters about its own fresh images' rate as a binomial sample would:
-    Pearson's chi-square of the certify counts against 'images x the fresh rate' (the variance of both samples),
-    its degrees of freedom (one per run) and p-value. Large: the per-run figures vary more than the guard's interval, which assumes independent
+    """Whether each run's certify half scatters about the run's rate as a binomial sample would:
+    Pearson's chi-square of the certify counts against 'images x the run's pooled rate' (certify and fresh
+    together, the variance of a count given the pooled total), its degrees of freedom (one per run with a
+    nonzero rate) and p-value. Large: the per-run figures vary more than the guard's interval, which assumes independent
     images, allows for."""
     from scipy import stats
 
-    chi2 = 0.0
+    chi2, k = 0.0, 0
     for c in res["cases"]:
         n, m = c["certify"]["images"], c["fresh"]["images"]
-        rate = c["fresh"]["disagree"] / m
-        e = n * rate
-        if e > 0:  # the fresh rate is itself a sample of m images: its noise adds n/m to the variance
-            chi2 += (c["certify"]["disagree"] - e) ** 2 / (e * (1 - rate) * (1 + n / m))
-    k = len(res["cases"])
+        o = c["certify"]["disagree"]
+        rate = (o + c["fresh"]["disagree"]) / (n + m)  # both samples pooled: the run's rate under "no difference"
+        if 0 < rate < 1:  # the certify count's variance about n x pooled rate, given the pooled total
+            chi2 += (o - n * rate) ** 2 / (n * rate * (1 - rate) * m / (n + m))
+            k += 1
     return chi2, k, float(stats.chi2.sf(chi2, k))
 
 
@@ -131,7 +132,8 @@ def markdown(res: dict) -> str:
         f"half {rate['certify']:.2f}% against {rate['fresh']:.2f}% on fresh unseen images (z = "
         f"{_z(t['certify'], t['fresh']):.1f}), and the fresh images {rate['fresh']:.2f}% against the test split's "
         f"{rate['test']:.2f}% (z = {_z(t['fresh'], t['test']):.1f}). Run by run, the certify half's count scatters about "
-        f"its own fresh rate with chi-square {chi2:.1f} on {k} degrees of freedom (p = {p_disp:.3f}; a binomial scatter, "
+        f"that run's pooled rate (certify and fresh images together) with chi-square {chi2:.1f} on {k} degrees of "
+        f"freedom (p = {p_disp:.3f}; a binomial scatter, "
         f"as the guard's interval assumes, gives about {k})."])
 
 
