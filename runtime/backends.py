@@ -43,15 +43,22 @@ def no_metadata(path) -> str:
             f"`edgexfer export RUN --format {format_of(path)}`")
 
 
+PACKAGES = {"openvino": "openvino", "executorch": "executorch", "litert": "ai-edge-litert"}  # format -> distribution
+
+
+def package_version(fmt: str) -> str | None:
+    """The installed version of the package that runs `fmt`'s files, None when it is not installed."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(PACKAGES[fmt])
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def runtime_version(path) -> str:
     fmt = format_of(path)
-    if fmt == "openvino":
-        from edgexfer.runtime.openvino_backend import version
-    elif fmt == "litert":
-        from edgexfer.runtime.litert_backend import version
-    else:
-        from edgexfer.runtime.executorch_backend import version
-    return f"{fmt} {version()}"
+    return f"{fmt} {package_version(fmt) or '?'}"
 
 
 class Session:

@@ -168,10 +168,10 @@ def disagreement_on_test(rep: dict) -> str | None:
             "the test split only reports, it never picks what ships")
 
 
-# --runtime: the run folder's files of each runtime (FP32, INT8) and the package that runs them
+# --runtime: the run folder's files of each runtime (FP32, INT8); backends.PACKAGES names the package that runs them
 RUNTIME_FILES = {"onnxruntime": ("model.onnx", "model.int8.onnx"), "openvino": ("model.xml", "model.int8.xml"),
                  "executorch": ("model.pte", "model.int8.pte"), "litert": ("model.tflite", "model.int8.tflite")}
-RUNTIME_PACKAGE = {"onnxruntime": None, "openvino": "openvino", "executorch": "executorch", "litert": "ai-edge-litert"}
+
 
 
 def choose_converted(run_dir: Path, runtime: str) -> tuple[Path, str, str | None]:
@@ -224,8 +224,10 @@ def choose_model(run_dir: Path) -> tuple[Path, str, str | None]:
 
 
 def pinned_requirements(runtime: str = "onnxruntime") -> list[str]:
+    from edgexfer.runtime.backends import PACKAGES
+
     out = []
-    extra = RUNTIME_PACKAGE[runtime]
+    extra = PACKAGES.get(runtime)  # None: ONNX Runtime, already in the base runtime
     for name in (*RUNTIME_REQUIREMENTS, *((extra,) if extra else ())):
         try:
             out.append(f"{name}=={metadata.version(name)}")

@@ -233,7 +233,6 @@ def setup(log: Callable[[str], None] = lambda s: None) -> Path:
 
 # -- the other runtimes: installed into the emulated venv when a file of theirs is verified --------------------
 
-EXTRA_PACKAGES = {"litert": "ai-edge-litert", "executorch": "executorch", "openvino": "openvino"}
 # why a runtime's Python package cannot run on the emulated board (measured: `resolve_wheels` for executorch 1.5.1;
 # `edgexfer verify --formats openvino` with openvino 2026.4.1)
 NOT_ON_BOARD = {"executorch": (
@@ -329,16 +328,14 @@ def resolve_wheels(dest: Path, reqs: Sequence[str], pins: Sequence[str] = (), py
 def extra_pins(fmts: Sequence[str]) -> dict[str, str]:
     """Each runtime's package pinned to the version installed here ("ai-edge-litert==2.3.0"): the board runs
     what this host checks against. A runtime not installed here cannot be compared: one line says how."""
-    from importlib import metadata
+    from edgexfer.runtime.backends import PACKAGES, package_version
 
     out = {}
     for fmt in fmts:
-        pkg = EXTRA_PACKAGES[fmt]
-        try:
-            out[fmt] = f"{pkg}=={metadata.version(pkg)}"
-        except metadata.PackageNotFoundError:
-            raise EmulationUnavailable(f"verifying a {fmt} file compares it with this host, which lacks {pkg}: "
-                                       f'pip install "edgexfer[{fmt}]" here first') from None
+        if package_version(fmt) is None:
+            raise EmulationUnavailable(f"verifying a {fmt} file compares it with this host, which lacks "
+                                       f'{PACKAGES[fmt]}: pip install "edgexfer[{fmt}]" here first')
+        out[fmt] = f"{PACKAGES[fmt]}=={package_version(fmt)}"
     return out
 
 

@@ -21,14 +21,6 @@ META_METHOD = "edgexfer_meta"
 MISSING = 'opening an ExecuTorch .pte file needs the executorch package (pip install "edgexfer[executorch]")'
 
 
-def version() -> str:
-    import importlib.metadata
-
-    try:
-        return importlib.metadata.version("executorch")
-    except importlib.metadata.PackageNotFoundError:
-        return "?"
-
 
 class ExecuTorchSession(Session):
     """A `.pte` program loaded with ExecuTorch's runtime (XNNPACK delegate), with `get_inputs`, `get_outputs`,

@@ -21,14 +21,6 @@ META_FILE = "edgexfer_meta.json"
 MISSING = 'opening a LiteRT .tflite file needs the ai-edge-litert package (pip install "edgexfer[litert]")'
 
 
-def version() -> str:
-    import importlib.metadata
-
-    try:
-        return importlib.metadata.version("ai-edge-litert")
-    except importlib.metadata.PackageNotFoundError:
-        return "?"
-
 
 def read_meta_props(path: Path) -> dict[str, str]:
     """The edgexfer metadata of a .tflite file ({"edgexfer.meta": JSON}), or {} when it carries none."""

@@ -33,10 +33,6 @@ def openvino():
     return ov
 
 
-def version() -> str:
-    return openvino().__version__.split("-")[0]
-
-
 def config(threads: int | None, precision: str = "f32") -> dict:
     """The CPU plugin's settings: the thread count, latency first, and the precision (f32: as ONNX Runtime)."""
     c = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision}
