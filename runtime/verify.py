@@ -77,10 +77,10 @@ def verify_inputs(target: Path, images: Path | None, held_out: Callable | None =
 
     if target.is_dir():
         wanted = list(FORMAT_SUFFIXES) if "all" in formats else list(dict.fromkeys(["onnx", *formats]))
-        found_files = [p for p in model_files([target], wanted)[0] if p.name.startswith("model")] \
-            if any(target.glob("model*")) else []
-        models = sorted(found_files, key=lambda p: (  # ONNX first, then each format; FP32 first within each
-            wanted.index(next(f for f in wanted if FORMAT_SUFFIXES[f] == p.suffix)), p.name != "model" + p.suffix, p.name))
+        try:  # in `wanted`'s order, FP32 first within each format
+            models = [p for p in model_files([target], wanted)[0] if p.name.startswith("model")]
+        except FileNotFoundError:
+            models = []
         if not any(p.suffix == ".onnx" for p in models):
             raise FileNotFoundError(f"no model*.onnx in {target}")
         missing = [f for f in formats if f not in ("onnx", "all") and not any(p.suffix == FORMAT_SUFFIXES[f] for p in models)]
