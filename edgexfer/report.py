@@ -91,18 +91,17 @@ def recommend(rep: dict, max_drop: float) -> Recommendation | None:
     int8_ok, int8_why = int8_verdict(rep, on_this_host=True) if q else (False, "")
     if int8_ok and "latency_ms" in q:
         ok["int8"] = q
-    tie = None
-    if all(m.get("p50_by_round_ms") for m in ok.values()):  # the bench's rule: faster beyond the noise, ties to the smaller
-        from edgexfer.runtime.bench import recommend as fastest
+    # the bench's rule: faster beyond the noise of the interleaved rounds, ties to the smaller (records without the
+    # rounds: p50 decides, ties only at an equal p50)
+    from edgexfer.runtime.bench import recommend as fastest
 
-        pick = fastest({k: {**m, "shippable": True} for k, m in ok.items()})
-        best, tie = pick["model"], pick["tied_with"]
-    else:  # a record made before the bench kept its rounds
-        best = min(ok, key=lambda k: (round(ok[k]["latency_ms"]["p50"], 2), ok[k]["size_bytes"]))
+    pick = fastest({k: {**m, "shippable": True} for k, m in ok.items()})
+    best, tie = pick["model"], pick["tied_with"]
     m = ok[best]
     if best == "int8" and tie:
-        why = (f"as fast at batch 1 on this host as FP32 (no faster beyond the noise of the interleaved rounds) and "
-               f"smaller, and {int8_why}")
+        how = ("no faster beyond the noise of the interleaved rounds" if pick["decided_by"].startswith("sign")
+               else "the same p50")
+        why = f"as fast at batch 1 on this host as FP32 ({how}) and smaller, and {int8_why}"
     elif best == "int8":
         why = f"fastest at batch 1 on this host, and {int8_why}"
     elif "int8" in ok:

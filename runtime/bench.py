@@ -148,11 +148,12 @@ def recommend(models: dict[str, dict], rounds: dict[str, list[float]] | None = N
             "paired rounds")
     else:
         tie = ", ".join(f"{n} {ok[n]['latency_ms']['p50']:.2f} ms" for n in others)
-        why = (f"tied at batch 1 with {tie} (the fastest, {best}, is not faster than "
-               + ("these" if len(others) > 1 else "it") + " beyond the noise of the interleaved rounds); "
+        why = (f"tied at batch 1 with {tie} (" + ("the same p50, too few interleaved rounds to test" if few else
+               f"the fastest, {best}, is not faster than " + ("these" if len(others) > 1 else "it")
+               + " beyond the noise of the interleaved rounds") + "); "
                + ("the smallest" if len(near) == 1 else "of about the smallest size, and its runtime listed first"))
     return {"model": pick, "file": ok[pick].get("file"), "p50_ms": p50, "size_bytes": ok[pick].get("size_bytes"),
-            "why": why, "tied_with": others}
+            "why": why, "tied_with": others, "decided_by": "p50 (too few rounds)" if few else "sign test over the rounds"}
 
 
 # -- candidates ------------------------------------------------------------------------------------
