@@ -38,6 +38,7 @@ from edgexfer.runtime.progress import bars_off
 
 if TYPE_CHECKING:
     from edgexfer.data import Dataset
+    from edgexfer.features import OnnxFeatures
     from edgexfer.config import TrainConfig
     from edgexfer.model import EdgeNet
     from edgexfer.runtime.metadata import Preprocessing
@@ -68,11 +69,29 @@ def small_validation(y_va: torch.Tensor, n_classes: int) -> bool:
 
 
 @torch.no_grad()
-def extract_features(model: EdgeNet, x: torch.Tensor, batch_size: int = 128, desc: str = "features") -> torch.Tensor:
-    """The backbone's pooled features of `x` (N, C, H, W), in eval mode."""
+def extract_features(model: EdgeNet, x: torch.Tensor, batch_size: int = 128, desc: str = "features",
+                     ext: OnnxFeatures | None = None) -> torch.Tensor:
+    """The backbone's pooled features of `x` (N, C, H, W), in eval mode; by `ext` (`features_engine(model)`: ONNX
+    Runtime, exported once) where given."""
     model.eval()
+    if ext is not None:
+        return ext(x, progress=lambda r: tqdm(r, desc=desc, leave=False, disable=bars_off()))[0]
     chunks = range(0, len(x), batch_size)
     return torch.cat([model.features(x[i:i + batch_size]) for i in tqdm(chunks, desc=desc, leave=False, disable=bars_off())])
+
+
+def features_engine(model: EdgeNet, image_size: int, channels: int, blocks: bool) -> OnnxFeatures:
+    """The frozen `model`'s features through ONNX Runtime (`edgexfer.features`): every block's pooled output
+    (`blocks`, for the multi-layer candidates) or the head's input. Built once per fit, used for every split and
+    augmented view; valid while the backbone's weights stay as they are."""
+    from edgexfer.features import BlockPools, Features, OnnxFeatures
+
+    model.eval()
+    ext = OnnxFeatures(BlockPools(model.backbone) if blocks else Features(model), image_size, channels,
+                       what="linear probe: features")
+    log.info("linear probe: features computed by %s", "ONNX Runtime" if ext.engine == "onnxruntime" else
+             f"PyTorch ({ext.why})")
+    return ext
 
 
 def linear_probe(model: EdgeNet, f_tr: torch.Tensor, y_tr: torch.Tensor, f_va: torch.Tensor, y_va: torch.Tensor,
@@ -217,12 +236,15 @@ def out_of_fold_logits(f: np.ndarray, y: np.ndarray, C: float, balanced: bool, f
 
 @torch.no_grad()
 def extract_block_features(model: EdgeNet, x: torch.Tensor, batch_size: int = 128,
-                           desc: str = "features") -> list[torch.Tensor]:
+                           desc: str = "features", ext: OnnxFeatures | None = None) -> list[torch.Tensor]:
     """The global-average-pooled output of every block of the backbone on `x`, in eval mode, from one forward
-    pass: a list over `backbone.blocks` of (N, C_block)."""
+    pass: a list over `backbone.blocks` of (N, C_block); by `ext` (`features_engine(model, ..., blocks=True)`)
+    where given."""
     from edgexfer.backbones import block_outputs, pool
 
     model.eval()
+    if ext is not None:
+        return ext(x, progress=lambda r: tqdm(r, desc=desc, leave=False, disable=bars_off()))
     chunks = [[pool(o) for o in block_outputs(model.backbone, x[i:i + batch_size])]
               for i in tqdm(range(0, len(x), batch_size), desc=desc, leave=False, disable=bars_off())]
     return [torch.cat([c[j] for c in chunks]) for j in range(len(chunks[0]))]
@@ -474,13 +496,16 @@ def fit_probe(model: EdgeNet, data: Dataset, pp: Preprocessing, x_tr: torch.Tens
         log.info("linear probe: the last layer only (--adapt-bn re-estimates the statistics intermediate features "
                  "depend on after training)")
     b_fit = None
+    # the cross-validated probe computes the frozen backbone's features of every image and view: through ONNX
+    # Runtime, exported once (edgexfer.features); the stepwise probe (LP-FT's start) keeps PyTorch's
+    ext = features_engine(model, pp.crop, x_tr.shape[1], blocks=len(candidates) > 1) if cross_validate else None
     if len(candidates) > 1:
-        b_tr = extract_block_features(model, x_tr, desc="features train")
-        b_va = extract_block_features(model, x_va, desc="features val") if len(x_va) else [b[:0] for b in b_tr]
+        b_tr = extract_block_features(model, x_tr, desc="features train", ext=ext)
+        b_va = extract_block_features(model, x_va, desc="features val", ext=ext) if len(x_va) else [b[:0] for b in b_tr]
         f_tr, f_va, b_fit = b_tr[-1], b_va[-1], [torch.cat([a, b]) for a, b in zip(b_tr, b_va)]
     else:
-        f_tr = extract_features(model, x_tr, desc="features train")
-        f_va = extract_features(model, x_va, desc="features val") if len(x_va) else f_tr[:0]
+        f_tr = extract_features(model, x_tr, desc="features train", ext=ext)
+        f_va = extract_features(model, x_va, desc="features val", ext=ext) if len(x_va) else f_tr[:0]
     selection = oof = folds = None
     if cross_validate:
         # too few validation images to decide on: cross-validate the probe's strength, then refit on
@@ -498,8 +523,8 @@ def fit_probe(model: EdgeNet, data: Dataset, pp: Preprocessing, x_tr: torch.Tens
             for v in range(cfg.probe_views):
                 log.info("linear probe: augmented view %d of %d images", v + 1, len(both))
                 x_v = probe_view(both.images, pp, v, cfg.seed)
-                views.append(extract_features(model, x_v, desc=f"features view {v + 1}") if b_fit is None else
-                             extract_block_features(model, x_v, desc=f"features view {v + 1}"))
+                views.append(extract_features(model, x_v, desc=f"features view {v + 1}", ext=ext) if b_fit is None
+                             else extract_block_features(model, x_v, desc=f"features view {v + 1}", ext=ext))
             if b_fit is not None:  # per block (V, N, C)
                 v_fit = [torch.stack([vb[j] for vb in views]) for j in range(len(b_fit))]
                 views = v_fit[-1]
@@ -515,7 +540,8 @@ def fit_probe(model: EdgeNet, data: Dataset, pp: Preprocessing, x_tr: torch.Tens
         else:
             selection = cv_probe(model.heads[next(iter(model.heads))], f_fit, y_fit, balanced, cfg.seed, views)
         if selection:
-            selection.update(refit_on="train + val",
+            selection.update(features_by=ext.engine if ext.engine == "onnxruntime" else f"pytorch ({ext.why})",
+                             refit_on="train + val",
                              reason="no validation split" if not len(x_va) else
                                     f"{len(x_va)} validation images (< {SMALL_VAL_IMAGES}, or < "
                                     f"{SMALL_VAL_PER_CLASS} in some class): one image moves them by "

@@ -188,6 +188,7 @@ def select_backbone(data, candidates: list[str], image_sizes: dict[str, int], *,
     import torch
 
     from edgexfer.backbones import build_backbone, preprocessing_for
+    from edgexfer.features import OnnxFeatures
     from edgexfer.runtime.preprocess import preprocess
 
     t_all = time.perf_counter()
@@ -203,8 +204,9 @@ def select_backbone(data, candidates: list[str], image_sizes: dict[str, int], *,
         net = build_backbone(name, weights=weights, image_size=size).eval()
         pp = preprocessing_for(name, size)
         x = torch.from_numpy(np.stack([preprocess(im, pp) for im, k in zip(images, keep) if k]))
-        with torch.inference_mode():
-            feats = torch.cat([net(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]).numpy()
+        # the frozen features through ONNX Runtime, exported once (edgexfer.features: PyTorch where that fails)
+        feats = OnnxFeatures(net, size, x.shape[1], threads=threads, what=f"backbone auto: {name} features")(
+            x, batch_size)[0].numpy()
         del x
         cv = probe_cv(feats, labels[keep], seed=seed)
         row = {"backbone": name, "weights": weights, "image_size": size, "logme": logme(feats, labels[keep]),

@@ -77,6 +77,7 @@ def test_small_validation_cross_validates_the_probe(tmp_path):
     assert sel["C_range"][0] <= sel["C"] <= sel["C_range"][1] and sel["folds"] == 5 and sel["cv_stderr"] >= 0
     assert sel["cv_accuracy"] >= 0.8  # the shapes are easy for ImageNet features
     assert res.val_accuracy == sel["cv_accuracy"] and "validation images" in sel["reason"]
+    assert sel["features_by"] == "onnxruntime"  # the frozen backbone's features, every view's: edgexfer.features
 
 
 def test_cv_probe_two_classes_matches_scikit_learn():
