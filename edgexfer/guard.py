@@ -373,6 +373,24 @@ def images_needed(rate: float, max_drop: float, have: int, limit: int = 100_000)
     return lo
 
 
+def unprovable(images: int, max_drop: float, fitted: bool = False) -> dict | None:
+    """Why no INT8 file can be proven within `max_drop` on a certificate of `images` unseen images (None: one can):
+    the images were fitted, or even a file that never disagrees with FP32 there would have a 95% upper bound over
+    the bound (0 of 105 images: 3.5%, against 1%). With `images_needed`: how many certify images a file with no
+    disagreement needs (the search holds out CERTIFY_SHARE of the unseen images to certify)."""
+    if fitted:
+        return {"images": int(images), "why": "the guard's images are ones the model was fitted on"}
+    floor = wilson_upper(0.0, images)
+    if within(floor, max_drop):
+        return None
+    need = images_needed(0.0, max_drop, images)
+    return {"images": int(images), "upper95_at_zero": floor, "images_needed": need,
+            "why": f"on {images} unseen images even a file that never disagrees with FP32 has a 95% upper bound of "
+                   f"{floor:.1%}, over the {max_drop:.1%} bound"
+                   + (f": about {int(np.ceil(need / CERTIFY_SHARE))} unseen images in all (--guard-data DIR: "
+                      f"unlabelled photos of the domain) would let one be proven" if need else "")}
+
+
 def shipped_row(g: dict) -> dict:
     """The guard record's row of the file it shipped: the QAT row when QAT won, else the candidate it chose
     (by index: the ranked and the prefix fallback can each try a candidate keeping as many layers in FP32),

@@ -364,14 +364,16 @@ def plain_speedup(guard: dict) -> float | None:
     return lat["fp32"] / lat["int8_plain"]
 
 
-def compete(run, cfg, ws, fp32: Path, recipe, calib: np.ndarray, guard: dict, judge, adapted: bool = False
-            ) -> tuple[dict, dict | None]:
+def compete(run, cfg, ws, fp32: Path, recipe, calib: np.ndarray, guard: dict, judge, adapted: bool = False,
+            no_proof: dict | None = None) -> tuple[dict, dict | None]:
     """Try QAT when the post-training choice (the run's model.int8.onnx, described by `guard`) misses the bound
     or keeps less than `QuantizeConfig.min_speedup` of FP32's batch-1 speed, unless plain INT8 itself (the graph
     a QAT file has) is under it where this host is the target (`plain_speedup`); judge its file as the post-training candidates are
     (`judge`, an `edgexfer.guard.Judge`: `judge(path)` is the candidate's row) and ship it (replace
     model.int8.onnx) when it is within the bound and either no PTQ candidate is or it is faster than the PTQ
     choice by MIN_GAIN. Returns guard.qat and, when it shipped, the new quantize record.
+    Nor is it tried where no file could be proven on the images that would certify it (`no_proof`,
+    `guard.unprovable`: even a QAT file that never disagreed with FP32 there would be over the bound at 95%).
     `cfg.quantize.qat_force` (EDGEXFER_QAT_FORCE=1) tries it whatever the PTQ choice (tests, benchmarks)."""
     from edgexfer.exporters.metadata_io import read_meta
     from edgexfer.runfolder import FILES
@@ -405,6 +407,10 @@ def compete(run, cfg, ws, fp32: Path, recipe, calib: np.ndarray, guard: dict, ju
         if within and entry["ptq_speedup"] >= min_speedup:
             return {**entry, "reason": f"the PTQ choice ({kept} layers in FP32) keeps {entry['ptq_speedup']:.2f}x of "
                                        f"FP32's batch-1 speed, at least {min_speedup:g}x"}, None
+        if no_proof:
+            return {**entry, "unprovable": no_proof,
+                    "reason": f"no INT8 file can be proven within the bound here ({no_proof['why']}), so "
+                              "quantization-aware fine-tuning could not make one worth shipping"}, None
         entry["reason"] = ("no post-training candidate within the bound" if not within else
                            f"the PTQ choice ({kept} layers in FP32) keeps only {entry['ptq_speedup']:.2f}x of FP32's "
                            f"batch-1 speed, under {min_speedup:g}x")

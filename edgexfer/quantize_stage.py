@@ -12,7 +12,8 @@ import numpy as np
 from edgexfer.bounds import within
 from edgexfer.config import RunConfig
 from edgexfer.errors import RunFolderError
-from edgexfer.guard import Judge, Scorer, agreement_judge, guard_decision, guarded_quantize, shipped_row, verdict
+from edgexfer.guard import (Judge, Scorer, agreement_judge, guard_decision, guarded_quantize, shipped_row, unprovable,
+                            verdict)
 from edgexfer.runfolder import FILES, RunFolder, Stage, Workspace, stage
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,13 @@ def quantize(st: Stage) -> dict:
         # QAT trains on the train split: it is judged (and certified) on the images it did not train on
         trained = np.arange(len(ws.tensors("train")[0])) if not adapted else np.zeros(0, np.int64)
         qat_agreement = agreement.without(fp32, trained) if agreement.out_of_fold else agreement
-        rec, shipped_qat = _qat(run, cfg, ws, fp32, recipe, calib, rec, qat_agreement, at_least, adapted)
+        # a QAT file is certified on the certify images it did not train on: where even one that never disagrees
+        # with FP32 could not be proven there, QAT (minutes of training) cannot make an INT8 file worth shipping
+        qat_cert = (len(np.unique(certify.rows[~np.isin(certify.rows, trained)])) if certify.out_of_fold
+                    else certify.images) or (qat_agreement.images if qat_agreement is not None else 0)
+        no_proof = unprovable(qat_cert, cfg.max_accuracy_drop, fitted=bool(info.get("fitted")))
+        rec, shipped_qat = _qat(run, cfg, ws, fp32, recipe, calib, rec, qat_agreement, at_least, adapted,
+                                no_proof=no_proof)
         if shipped_qat and certify.out_of_fold:
             judge = certify.without(fp32, trained)
             certify = judge if judge is not None else qat_agreement
@@ -149,11 +156,13 @@ def quantize(st: Stage) -> dict:
     return rec
 
 
-def _qat(run, cfg, ws, fp32, recipe, calib, rec, agreement, at_least, adapted: bool = False) -> tuple[dict, bool]:
+def _qat(run, cfg, ws, fp32, recipe, calib, rec, agreement, at_least, adapted: bool = False,
+         no_proof: dict | None = None) -> tuple[dict, bool]:
     """Quantization-aware fine-tuning as one more candidate (edgexfer/qat.py: when it runs and when it ships),
     judged like the post-training ones (`guard.agreement_judge`) on `agreement` (a `guard.Agreement` over images
     QAT does not train on, or None when there is none); records guard.qat and returns the quantize record of what
-    ships, and whether QAT shipped."""
+    ships, and whether QAT shipped. `no_proof`: `guard.unprovable` of the images a QAT file would be certified on
+    (`qat.compete`'s last reason not to train)."""
     from edgexfer.qat import compete
 
     g = rec["guard"]
@@ -164,7 +173,7 @@ def _qat(run, cfg, ws, fp32, recipe, calib, rec, agreement, at_least, adapted: b
         return rec, False
     evidence = agreement.evidence if agreement.labelled().any() else None
     judge = agreement_judge(agreement, cfg.max_accuracy_drop, evidence=evidence, target=at_least)
-    g["qat"], shipped = compete(run, cfg, ws, fp32, recipe, calib, g, judge, adapted=adapted)
+    g["qat"], shipped = compete(run, cfg, ws, fp32, recipe, calib, g, judge, adapted=adapted, no_proof=no_proof)
     if shipped is None:
         return rec, False
     row = g["qat"]["row"]

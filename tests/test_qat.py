@@ -92,5 +92,61 @@ def test_qat_off_is_never_tried_and_plain_int8_skips_it(tiny_run, tmp_path):
     g = json.loads((run / "report.json").read_text())["quantize"]["guard"]
     if g["within_bound"] and g["chosen_fp32_layers"] == 0:
         assert not g["qat"]["tried"] and "plain INT8" in g["qat"]["reason"]
-    else:
-        assert g["qat"]["tried"] or "at least" in g["qat"]["reason"]
+    else:  # tried, or the PTQ choice is fast enough, or no file could be proven on the tiny run's few images
+        assert g["qat"]["tried"] or "at least" in g["qat"]["reason"] or g["qat"].get("unprovable")
+
+
+def test_unprovable_says_when_no_file_could_be_proven():
+    from edgexfer.guard import CERTIFY_SHARE, unprovable, wilson_upper
+
+    assert unprovable(1000, 0.01) is None  # 0 of 1000: the 95% upper bound is 0.38%
+    u = unprovable(105, 0.01)  # aerial-dev's certify half: 0 of 105 is at most 3.5%
+    assert u["upper95_at_zero"] == pytest.approx(wilson_upper(0.0, 105)) and u["upper95_at_zero"] > 0.03
+    need = u["images_needed"]
+    assert wilson_upper(0.0, need) <= 0.01 < wilson_upper(0.0, need - 1)
+    assert "3.5%" in u["why"] and f"about {int(np.ceil(need / CERTIFY_SHARE))} unseen images in all" in u["why"]
+    assert unprovable(5000, 0.01, fitted=True)["why"].startswith("the guard's images are ones the model was fitted")
+
+
+class _Run:
+    def __init__(self, path):
+        self.path = path
+
+    def file(self, name):
+        return self.path / name
+
+
+class _Ws:
+    def tensors(self, split):
+        return np.zeros((4, 3, 8, 8), np.float32), np.zeros(4, np.int64)
+
+
+@pytest.mark.parametrize("within", [True, False])
+def test_qat_is_not_trained_where_no_file_could_be_proven(tmp_path, monkeypatch, within):
+    """QAT trains for minutes; where the images that would certify its file cannot prove any file (even one that
+    never disagreed with FP32 there would be over the bound at 95%), it sits out and says why, after the speed
+    rules; EDGEXFER_QAT_FORCE=1 still forces it."""
+    import dataclasses
+
+    import edgexfer.qat as qat
+    from edgexfer.config import RunConfig
+    from edgexfer.guard import unprovable
+
+    (tmp_path / "checkpoint.pt").write_bytes(b"")
+    monkeypatch.setattr(qat, "_latency", lambda paths, threads: {"fp32": 1.0, "ptq": 1.0})  # the PTQ choice: 1.0x
+    trained = []
+    monkeypatch.setattr(qat, "training_images", lambda *a: trained.append(1) or (_ for _ in ()).throw(RuntimeError("trains")))
+    cfg = RunConfig()
+    guard = {"within_bound": within, "chosen_fp32_layers": 6}
+    no = unprovable(21, cfg.max_accuracy_drop)
+    entry, shipped = qat.compete(_Run(tmp_path), cfg, _Ws(), tmp_path / "model.onnx", None, None, guard, None,
+                                 no_proof=no)
+    assert shipped is None and not entry["tried"] and entry["unprovable"] == no and entry["ptq_speedup"] == 1.0
+    assert entry["reason"].startswith("no INT8 file can be proven within the bound here (on 21 unseen images even")
+    assert not trained
+    with pytest.raises(RuntimeError, match="trains"):  # without it, or forced, it goes on to train
+        qat.compete(_Run(tmp_path), cfg, _Ws(), tmp_path / "model.onnx", None, None, guard, None)
+    forced = dataclasses.replace(cfg, quantize=dataclasses.replace(cfg.quantize, qat_force=True))
+    with pytest.raises(RuntimeError, match="trains"):
+        qat.compete(_Run(tmp_path), forced, _Ws(), tmp_path / "model.onnx", None, None, guard, None, no_proof=no)
+    assert len(trained) == 2
