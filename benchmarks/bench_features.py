@@ -3,7 +3,7 @@ selection compute them; `edgexfer.features`).
 
 For each EfficientNet-Lite backbone at its default size, on the labelled images of a photo set (train + val, centre
 crops, as the probe sees them): every block's pooled output computed by PyTorch eager (the probe's former path) and
-by `edgexfer.features.OnnxFeatures` (export included), in alternation, with the largest difference between the
+by `edgexfer.features.OnnxFeatures` (export and its check included), one after the other, with the largest difference between the
 two relative to the features' scale, and whether a leave-one-out ridge probe on the last layer (`--backbone
 auto`'s) gives every image the same answer from both.
 

@@ -7,8 +7,9 @@ Where the backbone is frozen (the linear probe, its augmented views, the multi-l
 selection), its features are a pure function of the image, and ONNX Runtime computes them several times faster
 than PyTorch eager on a CPU (depthwise convolutions, fused BatchNorm): `benchmarks/bench_features.py` measures
 both on the same images, with the largest difference between them. One export per network and call site, reused
-for every batch and every augmented view. A module the exporter cannot trace (a custom operator, a hook-based
-backbone that does not run every block in forward) falls back to PyTorch, and the log says so once.
+for every batch and every augmented view, and checked against PyTorch on a batch of another size first (a traced
+graph can freeze a shape or a branch at the example's values). A module the exporter cannot trace, or whose graph
+disagrees, falls back to PyTorch, as does a batch ONNX Runtime fails on; the log says so.
 """
 from __future__ import annotations
 
@@ -50,9 +51,33 @@ class OnnxFeatures:
                                   dynamic_axes={"input": {0: "batch"}, **{f"out{i}": {0: "batch"} for i in range(n_out)}})
             self.session = ort.InferenceSession(buf.getvalue(), sess_options=session_options(threads),
                                                 providers=["CPUExecutionProvider"])
+            # a traced graph can be silently wrong (a shape or a branch frozen at the example's values): both
+            # engines on a batch of another size must agree before ONNX Runtime is trusted
+            probe = torch.from_numpy(np.random.default_rng(0).standard_normal((3, channels, image_size, image_size))
+                                     .astype(np.float32))
+            with torch.no_grad(), evaluating(module):
+                want = [o.numpy() for o in _as_tuple(module(probe))]
+            got = self.session.run(None, {"input": probe.numpy()})
+            for w, g in zip(want, got):
+                if w.shape != g.shape or not np.allclose(g, w, rtol=1e-3, atol=1e-3 * max(1.0, float(np.abs(w).max()))):
+                    raise ValueError(f"the exported graph disagrees with PyTorch on a batch of 3 (shape {g.shape} "
+                                     f"vs {w.shape})")
         except Exception as e:  # noqa: BLE001 - any exporter or runtime failure: PyTorch computes the same features
-            self.why = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-            log.info("%s: PyTorch computes them (the ONNX export failed: %s)", what, self.why)
+            self.session, self.why = None, _why(e)
+            log.info("%s: PyTorch computes them (the ONNX export failed or disagreed: %s)", what, self.why)
+
+    def _onnxruntime(self, xb: torch.Tensor) -> list[torch.Tensor] | None:
+        """ONNX Runtime's outputs on one batch, or None (and PyTorch from then on) where it fails or gives a
+        number of rows other than the batch's."""
+        try:
+            outs = self.session.run(None, {"input": np.ascontiguousarray(xb.numpy(), np.float32)})
+            if any(len(o) != len(xb) for o in outs):
+                raise ValueError(f"{len(xb)} images gave outputs of {[len(o) for o in outs]} rows")
+        except Exception as e:  # noqa: BLE001 - PyTorch computes this batch and the rest
+            self.session, self.why = None, _why(e)
+            log.info("features: PyTorch computes the rest (ONNX Runtime failed: %s)", self.why)
+            return None
+        return [torch.from_numpy(o) for o in outs]
 
     @property
     def engine(self) -> str:
@@ -64,12 +89,11 @@ class OnnxFeatures:
         starts = range(0, len(x), batch_size)
         for i in (progress(starts) if progress else starts):
             xb = x[i:i + batch_size]
-            if self.session is not None:
-                outs = self.session.run(None, {"input": np.ascontiguousarray(xb.numpy(), np.float32)})
-                chunks.append([torch.from_numpy(o) for o in outs])
-            else:
+            outs = self._onnxruntime(xb) if self.session is not None else None
+            if outs is None:
                 with torch.no_grad(), evaluating(self.module):
-                    chunks.append([o.detach().clone() for o in _as_tuple(self.module(xb))])
+                    outs = [o.detach().clone() for o in _as_tuple(self.module(xb))]
+            chunks.append(outs)
         if not chunks:
             with torch.no_grad(), evaluating(self.module):
                 return [o[:0].clone() for o in _as_tuple(self.module(torch.zeros(1, *x.shape[1:])))]
@@ -87,6 +111,10 @@ def evaluating(module: torch.nn.Module):
     finally:
         for m, training in modes:
             m.train(training)
+
+
+def _why(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:200]}" if str(e) else type(e).__name__
 
 
 def _as_tuple(out) -> tuple:

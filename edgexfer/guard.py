@@ -374,10 +374,10 @@ def images_needed(rate: float, max_drop: float, have: int, limit: int = 100_000)
 
 
 def unprovable(images: int, max_drop: float, fitted: bool = False) -> dict | None:
-    """Why no INT8 file can be proven within `max_drop` on a certificate of `images` unseen images (None: one can):
-    the images were fitted, or even a file that never disagrees with FP32 there would have a 95% upper bound over
-    the bound (0 of 105 images: 3.5%, against 1%). With `images_needed`: how many certify images a file with no
-    disagreement needs (the search holds out CERTIFY_SHARE of the unseen images to certify)."""
+    """Why no INT8 file could be proven within `max_drop` on a certificate of `images` unseen images (None: one
+    could): the images were fitted, or even a file that never disagrees with FP32 there would have a 95% upper
+    bound over the bound (0 of 105 images: at most 3.5%, against 1%). `images_needed`: the smallest certificate on
+    which a file with no disagreement is proven."""
     if fitted:
         return {"images": int(images), "why": "the guard's images are ones the model was fitted on"}
     floor = wilson_upper(0.0, images)
@@ -385,10 +385,9 @@ def unprovable(images: int, max_drop: float, fitted: bool = False) -> dict | Non
         return None
     need = images_needed(0.0, max_drop, images)
     return {"images": int(images), "upper95_at_zero": floor, "images_needed": need,
-            "why": f"on {images} unseen images even a file that never disagrees with FP32 has a 95% upper bound of "
-                   f"{floor:.1%}, over the {max_drop:.1%} bound"
-                   + (f": about {int(np.ceil(need / CERTIFY_SHARE))} unseen images in all (--guard-data DIR: "
-                      f"unlabelled photos of the domain) would let one be proven" if need else "")}
+            "why": f"even a file that never disagreed with FP32 on those {images} images would have a 95% upper "
+                   f"bound of {floor:.1%}, over the {max_drop:.1%} bound"
+                   + (f" (a certificate needs at least {need} images)" if need else "")}
 
 
 def shipped_row(g: dict) -> dict:

@@ -75,7 +75,7 @@ def extract_features(model: EdgeNet, x: torch.Tensor, batch_size: int = 128, des
     Runtime, exported once) where given."""
     model.eval()
     if ext is not None:
-        return ext(x, progress=lambda r: tqdm(r, desc=desc, leave=False, disable=bars_off()))[0]
+        return ext(x, batch_size, progress=lambda r: tqdm(r, desc=desc, leave=False, disable=bars_off()))[0]
     chunks = range(0, len(x), batch_size)
     return torch.cat([model.features(x[i:i + batch_size]) for i in tqdm(chunks, desc=desc, leave=False, disable=bars_off())])
 
@@ -244,7 +244,7 @@ def extract_block_features(model: EdgeNet, x: torch.Tensor, batch_size: int = 12
 
     model.eval()
     if ext is not None:
-        return ext(x, progress=lambda r: tqdm(r, desc=desc, leave=False, disable=bars_off()))
+        return ext(x, batch_size, progress=lambda r: tqdm(r, desc=desc, leave=False, disable=bars_off()))
     chunks = [[pool(o) for o in block_outputs(model.backbone, x[i:i + batch_size])]
               for i in tqdm(range(0, len(x), batch_size), desc=desc, leave=False, disable=bars_off())]
     return [torch.cat([c[j] for c in chunks]) for j in range(len(chunks[0]))]
@@ -530,6 +530,8 @@ def fit_probe(model: EdgeNet, data: Dataset, pp: Preprocessing, x_tr: torch.Tens
                 views = v_fit[-1]
             else:
                 views = torch.stack(views)
+        features_by = ext.engine if ext.engine == "onnxruntime" else f"pytorch ({ext.why})"
+        ext = None  # every feature is computed: the session and its memory go before the cross-validation
         balanced = class_weights[0] is not None
         f_chosen = f_fit.numpy()
         if b_fit is not None:
@@ -540,8 +542,7 @@ def fit_probe(model: EdgeNet, data: Dataset, pp: Preprocessing, x_tr: torch.Tens
         else:
             selection = cv_probe(model.heads[next(iter(model.heads))], f_fit, y_fit, balanced, cfg.seed, views)
         if selection:
-            selection.update(features_by=ext.engine if ext.engine == "onnxruntime" else f"pytorch ({ext.why})",
-                             refit_on="train + val",
+            selection.update(features_by=features_by, refit_on="train + val",
                              reason="no validation split" if not len(x_va) else
                                     f"{len(x_va)} validation images (< {SMALL_VAL_IMAGES}, or < "
                                     f"{SMALL_VAL_PER_CLASS} in some class): one image moves them by "

@@ -409,8 +409,8 @@ def compete(run, cfg, ws, fp32: Path, recipe, calib: np.ndarray, guard: dict, ju
                                        f"FP32's batch-1 speed, at least {min_speedup:g}x"}, None
         if no_proof:
             return {**entry, "unprovable": no_proof,
-                    "reason": f"no INT8 file can be proven within the bound here ({no_proof['why']}), so "
-                              "quantization-aware fine-tuning could not make one worth shipping"}, None
+                    "reason": f"no QAT file could be proven within the bound on the {no_proof['images']} images "
+                              f"that would certify it: {no_proof['why']}"}, None
         entry["reason"] = ("no post-training candidate within the bound" if not within else
                            f"the PTQ choice ({kept} layers in FP32) keeps only {entry['ptq_speedup']:.2f}x of FP32's "
                            f"batch-1 speed, under {min_speedup:g}x")

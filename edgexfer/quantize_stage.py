@@ -109,9 +109,8 @@ def quantize(st: Stage) -> dict:
         qat_agreement = agreement.without(fp32, trained) if agreement.out_of_fold else agreement
         # a QAT file is certified on the certify images it did not train on: where even one that never disagrees
         # with FP32 could not be proven there, QAT (minutes of training) cannot make an INT8 file worth shipping
-        qat_cert = (len(np.unique(certify.rows[~np.isin(certify.rows, trained)])) if certify.out_of_fold
-                    else certify.images) or (qat_agreement.images if qat_agreement is not None else 0)
-        no_proof = unprovable(qat_cert, cfg.max_accuracy_drop, fitted=bool(info.get("fitted")))
+        no_proof = unprovable(qat_certificate_images(certify, trained, qat_agreement), cfg.max_accuracy_drop,
+                              fitted=bool(info.get("fitted")))
         rec, shipped_qat = _qat(run, cfg, ws, fp32, recipe, calib, rec, qat_agreement, at_least, adapted,
                                 no_proof=no_proof)
         if shipped_qat and certify.out_of_fold:
@@ -154,6 +153,15 @@ def quantize(st: Stage) -> dict:
         out["quantize_dynamic"] = quantize_dynamic_int8(fp32, run.file(FILES["int8_dynamic"]))
     st.report(**out)
     return rec
+
+
+def qat_certificate_images(certify, trained: np.ndarray, fallback) -> int:
+    """How many images would certify a QAT file (as the stage certifies one that ships): after a cross-validated
+    probe (`certify.out_of_fold`), the certify set's images outside `trained` (QAT trains on the train split; an
+    image's augmented views are one image), else every image of the certify set; where none is left, those of
+    `fallback` (the search set's images QAT did not train on; None: none)."""
+    n = len(np.unique(certify.rows[~np.isin(certify.rows, trained)])) if certify.out_of_fold else certify.images
+    return int(n or (fallback.images if fallback is not None else 0))
 
 
 def _qat(run, cfg, ws, fp32, recipe, calib, rec, agreement, at_least, adapted: bool = False,

@@ -205,8 +205,7 @@ def select_backbone(data, candidates: list[str], image_sizes: dict[str, int], *,
         pp = preprocessing_for(name, size)
         x = torch.from_numpy(np.stack([preprocess(im, pp) for im, k in zip(images, keep) if k]))
         # the frozen features through ONNX Runtime, exported once (edgexfer.features: PyTorch where that fails)
-        feats = OnnxFeatures(net, size, x.shape[1], threads=threads, what=f"backbone auto: {name} features")(
-            x, batch_size)[0].numpy()
+        feats = OnnxFeatures(net, size, x.shape[1], what=f"backbone auto: {name} features")(x, batch_size)[0].numpy()
         del x
         cv = probe_cv(feats, labels[keep], seed=seed)
         row = {"backbone": name, "weights": weights, "image_size": size, "logme": logme(feats, labels[keep]),

@@ -88,7 +88,8 @@ def test_a_module_that_does_not_export_falls_back_to_pytorch(caplog):
 
 @pytest.mark.parametrize("taps", [True, False])
 def test_the_cross_validated_probe_reads_onnx_runtime_features(taps, monkeypatch, caplog):
-    """fit_probe's cross-validated path builds one extractor for the training, validation and view features."""
+    """The engine fit_probe's cross-validated path builds once for the training, validation and view features (that
+    fit_probe uses it: test_small_splits, probe_selection.features_by) gives what PyTorch gives."""
     from edgexfer import features, probe
 
     made = []
@@ -115,3 +116,45 @@ def test_the_cross_validated_probe_reads_onnx_runtime_features(taps, monkeypatch
     else:
         np.testing.assert_allclose(probe.extract_features(model, x, ext=ext).numpy(),
                                    probe.extract_features(model, x).numpy(), rtol=1e-4, atol=1e-5)
+
+
+class _TracedOtherwise(torch.nn.Module):
+    """Traces without an error into a graph that computes something else (a branch taken at trace time)."""
+
+    def forward(self, x):
+        return x.mean((2, 3)) * (2 if torch.jit.is_tracing() else 1)
+
+
+class _FrozenShape(torch.nn.Module):
+    """Freezes the example's batch size into a reshape: the graph fails on any other batch."""
+
+    def forward(self, x):
+        return x.mean((2, 3)).reshape(2, -1) if torch.jit.is_tracing() else x.mean((2, 3))
+
+
+@pytest.mark.parametrize("module, why", [(_TracedOtherwise, "disagrees with PyTorch"), (_FrozenShape, "Reshape")])
+def test_a_graph_that_disagrees_with_pytorch_is_not_trusted(module, why):
+    from edgexfer.features import OnnxFeatures
+
+    ext = OnnxFeatures(module(), 8)
+    assert ext.engine == "pytorch" and why in ext.why, ext.why
+    x = torch.randn(5, 3, 8, 8)
+    np.testing.assert_allclose(ext(x)[0].numpy(), x.mean((2, 3)).numpy(), rtol=1e-6)
+
+
+def test_a_batch_onnx_runtime_fails_on_is_computed_by_pytorch():
+    from edgexfer.features import BlockPools, OnnxFeatures
+
+    bb = _tiny().eval()
+    ext = OnnxFeatures(BlockPools(bb), 32)
+
+    class Failing:
+        def run(self, *a):
+            raise RuntimeError("out of memory")
+
+    ext.session = Failing()
+    x = torch.randn(3, 3, 32, 32)
+    got = ext(x)
+    assert ext.engine == "pytorch" and "out of memory" in ext.why
+    for g, w in zip(got, _reference(bb, x)):
+        np.testing.assert_allclose(g.numpy(), w.numpy(), rtol=1e-5, atol=1e-6)

@@ -97,14 +97,15 @@ def test_qat_off_is_never_tried_and_plain_int8_skips_it(tiny_run, tmp_path):
 
 
 def test_unprovable_says_when_no_file_could_be_proven():
-    from edgexfer.guard import CERTIFY_SHARE, unprovable, wilson_upper
+    from edgexfer.guard import unprovable, wilson_upper
 
     assert unprovable(1000, 0.01) is None  # 0 of 1000: the 95% upper bound is 0.38%
     u = unprovable(105, 0.01)  # aerial-dev's certify half: 0 of 105 is at most 3.5%
     assert u["upper95_at_zero"] == pytest.approx(wilson_upper(0.0, 105)) and u["upper95_at_zero"] > 0.03
     need = u["images_needed"]
     assert wilson_upper(0.0, need) <= 0.01 < wilson_upper(0.0, need - 1)
-    assert "3.5%" in u["why"] and f"about {int(np.ceil(need / CERTIFY_SHARE))} unseen images in all" in u["why"]
+    assert u["why"] == (f"even a file that never disagreed with FP32 on those 105 images would have a 95% upper bound "
+                        f"of 3.5%, over the 1.0% bound (a certificate needs at least {need} images)")
     assert unprovable(5000, 0.01, fitted=True)["why"].startswith("the guard's images are ones the model was fitted")
 
 
@@ -142,7 +143,8 @@ def test_qat_is_not_trained_where_no_file_could_be_proven(tmp_path, monkeypatch,
     entry, shipped = qat.compete(_Run(tmp_path), cfg, _Ws(), tmp_path / "model.onnx", None, None, guard, None,
                                  no_proof=no)
     assert shipped is None and not entry["tried"] and entry["unprovable"] == no and entry["ptq_speedup"] == 1.0
-    assert entry["reason"].startswith("no INT8 file can be proven within the bound here (on 21 unseen images even")
+    assert entry["reason"].startswith("no QAT file could be proven within the bound on the 21 images that would "
+                                      "certify it: even a file that never disagreed with FP32 on those 21 images")
     assert not trained
     with pytest.raises(RuntimeError, match="trains"):  # without it, or forced, it goes on to train
         qat.compete(_Run(tmp_path), cfg, _Ws(), tmp_path / "model.onnx", None, None, guard, None)
@@ -150,3 +152,19 @@ def test_qat_is_not_trained_where_no_file_could_be_proven(tmp_path, monkeypatch,
     with pytest.raises(RuntimeError, match="trains"):
         qat.compete(_Run(tmp_path), forced, _Ws(), tmp_path / "model.onnx", None, None, guard, None, no_proof=no)
     assert len(trained) == 2
+
+
+def test_the_images_that_would_certify_a_qat_file():
+    """As the stage certifies a QAT file that ships: the certify set's images outside the train split (views of
+    one image count once), every certify image without out-of-fold answers, the fallback's where none is left."""
+    from types import SimpleNamespace as NS
+
+    from edgexfer.quantize_stage import qat_certificate_images
+
+    rows = np.array([0, 1, 5, 5, 5, 7, 9, 9, 12])  # images 5 and 9 with views; 0 and 1 trained on
+    trained = np.arange(4)
+    assert qat_certificate_images(NS(rows=rows, out_of_fold=True, images=6), trained, None) == 4  # 5, 7, 9, 12
+    assert qat_certificate_images(NS(rows=rows, out_of_fold=False, images=6), trained, None) == 6
+    only_trained = NS(rows=np.array([0, 1, 1]), out_of_fold=True, images=2)
+    assert qat_certificate_images(only_trained, trained, NS(images=11)) == 11
+    assert qat_certificate_images(only_trained, trained, None) == 0
