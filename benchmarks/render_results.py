@@ -731,6 +731,38 @@ def section_early_stop() -> str:
         "spinning, blocks of 20 calls).", "", bench_early_stop.markdown(d)])
 
 
+def section_features() -> str:
+    if not (RESULTS / "features.json").is_file():
+        return ""
+    import bench_features
+
+    d = load("features.json")
+    return "\n".join([
+        "## The frozen backbone's features: PyTorch eager against ONNX Runtime (issue 28; `python "
+        "benchmarks/bench_features.py` → results/features.json)", "", prov("features.json", d), "",
+        "The cross-validated probe computes every block's pooled output for each labelled image and each of its "
+        "augmented views, and `--backbone auto` the last layer's for every candidate backbone; both now take them "
+        "from ONNX Runtime (`edgexfer.features`), exported once. Here both engines compute them for the same "
+        "images, and a leave-one-out ridge probe (`--backbone auto`'s) is fitted on each engine's last layer.",
+        "", bench_features.markdown(d).split("\n\n", 1)[1]])
+
+
+def section_partial_ft() -> str:
+    if not (RESULTS / "partial_ft.json").is_file():
+        return ""
+    import bench_partial_ft
+
+    d = load("partial_ft.json")
+    return "\n".join([
+        "## Partial fine-tuning on cached activations against the probe (issue 28; `python "
+        "benchmarks/bench_partial_ft.py` → results/partial_ft.json)", "", prov("partial_ft.json", d), "",
+        "Issue 28's cheaper fine-tuning candidates: the last blocks and the head trained on cached activations of "
+        "the frozen part, for each labelled image and its views, scored by the same stratified folds as the probe "
+        "(the probe's strength chosen on those folds, which flatters it slightly). A candidate would have to lead "
+        "the probe by more than its paired standard error to be worth its cost in the default's cross-validation.",
+        "", bench_partial_ft.markdown(d)])
+
+
 def section_formats() -> str:
     if not (RESULTS / "formats.json").is_file():
         return ""
@@ -798,7 +830,8 @@ def section_hostile() -> str:
         f"{met(s['bound_all_200_within_1s_met'])}."])
 
 
-SECTIONS = [section_header, section_demo, section_photos, section_guard, section_early_stop, section_quantize,
+SECTIONS = [section_header, section_demo, section_photos, section_features, section_partial_ft, section_guard,
+            section_early_stop, section_quantize,
             section_quantize_ranked,
             section_runtime, section_transfer,
             section_adabn_int8, section_serve, section_serve_grpc, section_hostile, section_e2e, section_arm64,
