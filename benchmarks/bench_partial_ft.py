@@ -122,6 +122,7 @@ def one_set(data: Path, seed: int = 0) -> dict:
         x = torch.cat([v[j] for v in views])[tr_rows]
         t = torch.as_tensor(y_all[tr_rows])
         mods = suffix(k)
+        torch.manual_seed(seed)  # dropout's masks: the same run gives the same figures
         fc = torch.nn.Linear(w0.shape[1], k_cls)
         with torch.no_grad():
             fc.weight.copy_(torch.as_tensor(w0, dtype=torch.float32))
