@@ -156,9 +156,9 @@ def markdown(res: dict) -> str:
                   f"fitted on (before issue 23), the disagreement would have covered it in {s['fitted_covered']}. "
                   + (f"If the guard's figure were unbiased, about {s['expected_misses_if_unbiased']:.1f} of these cases "
                      f"would miss (each case's test and guard images drawn at their pooled rate; the bound is the "
-                     f"upper end of a two-sided 95% interval, and the test split's own noise counts against it); "
-                     f"{s['cases'] - s['covered']} or more would happen with probability "
-                     f"{s['p_at_least_observed_misses_if_unbiased']:.3f}. "
+                     f"upper end of a two-sided 95% interval, and the test split's own noise counts against it)"
+                     + (f"; {s['cases'] - s['covered']} or more would happen with probability "
+                        f"{s['p_at_least_observed_misses_if_unbiased']:.3f}. " if s["cases"] > s["covered"] else ". ")
                      if "expected_misses_if_unbiased" in s else "")
                   + "Bounds: " + "; ".join(f"{k}: {'met' if v else '**not met**'}" for k, v in s["bounds"].items()) + "."]
     return "\n".join(lines)

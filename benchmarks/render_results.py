@@ -707,10 +707,12 @@ def _guard_pool() -> list[str]:
     import bench_guard_pool
 
     g = load("guard_pool.json")
-    return ["", "### The Fashion-MNIST misses: the guard's pool against images it never saw "
+    return ["", "### Where Fashion-MNIST misses came from: the guard's pool against images it never saw "
             "(`python benchmarks/bench_guard_pool.py RUN...` → results/guard_pool.json)", "", prov("guard_pool.json", g),
-            "", "Run folders of bench_guard.py's Fashion-MNIST cases (and one more 30-shot run, fm30-s4, made the same "
-            "way); each part scored with the shipped INT8 file's own head against the FP32 file's.", "",
+            "", "Run folders of bench_guard.py's Fashion-MNIST cases as they were made at the commits this line and "
+            "each case name (and one more 30-shot run, fm30-s4, made the same way), when some of those seeds missed "
+            "their bound; the cases above may have been measured again since, at the commits the table's JSON records. "
+            "Each part scored with the shipped INT8 file's own head against the FP32 file's.", "",
             bench_guard_pool.markdown(g)]
 
 
