@@ -34,7 +34,7 @@ class OnnxFeatures:
 
     def __init__(self, module: torch.nn.Module, image_size: int, channels: int = 3, *, threads: int | None = None,
                  what: str = "features"):
-        self.module, self.session, self.why = module, None, None
+        self.module, self.session, self.why, self.exported = module, None, None, False
         threads = threads or torch.get_num_threads()
         try:
             import onnxruntime as ort
@@ -51,6 +51,7 @@ class OnnxFeatures:
                                   dynamic_axes={"input": {0: "batch"}, **{f"out{i}": {0: "batch"} for i in range(n_out)}})
             self.session = ort.InferenceSession(buf.getvalue(), sess_options=session_options(threads),
                                                 providers=["CPUExecutionProvider"])
+            self.exported = True
             # a traced graph can be silently wrong (a shape or a branch frozen at the example's values): both
             # engines on a batch of another size must agree before ONNX Runtime is trusted
             probe = torch.from_numpy(np.random.default_rng(0).standard_normal((3, channels, image_size, image_size))
@@ -63,7 +64,7 @@ class OnnxFeatures:
                     raise ValueError(f"the exported graph disagrees with PyTorch on a batch of 3 (shape {g.shape} "
                                      f"vs {w.shape})")
         except Exception as e:  # noqa: BLE001 - any exporter or runtime failure: PyTorch computes the same features
-            self.session, self.why = None, _why(e)
+            self.session, self.why, self.exported = None, _why(e), False
             log.info("%s: PyTorch computes them (the ONNX export failed or disagreed: %s)", what, self.why)
 
     def _onnxruntime(self, xb: torch.Tensor) -> list[torch.Tensor] | None:
@@ -82,6 +83,14 @@ class OnnxFeatures:
     @property
     def engine(self) -> str:
         return "onnxruntime" if self.session is not None else "pytorch"
+
+    @property
+    def described(self) -> str:
+        """Which engine computed the features so far, for a record: "onnxruntime", "pytorch (why)", or
+        "onnxruntime, then pytorch (why)" where ONNX Runtime failed on a batch after the check passed."""
+        if self.session is not None:
+            return "onnxruntime"
+        return f"{'onnxruntime, then ' if self.exported else ''}pytorch ({self.why})"
 
     def __call__(self, x: torch.Tensor, batch_size: int = 64, progress: Callable | None = None) -> list[torch.Tensor]:
         """The outputs on `x` (N, C, H, W), batch by batch: one (N, ...) float32 tensor per output."""

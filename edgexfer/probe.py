@@ -89,8 +89,7 @@ def features_engine(model: EdgeNet, image_size: int, channels: int, blocks: bool
     model.eval()
     ext = OnnxFeatures(BlockPools(model.backbone) if blocks else Features(model), image_size, channels,
                        what="linear probe: features")
-    log.info("linear probe: features computed by %s", "ONNX Runtime" if ext.engine == "onnxruntime" else
-             f"PyTorch ({ext.why})")
+    log.info("linear probe: features computed by %s", ext.described)
     return ext
 
 
@@ -530,8 +529,8 @@ def fit_probe(model: EdgeNet, data: Dataset, pp: Preprocessing, x_tr: torch.Tens
                 views = v_fit[-1]
             else:
                 views = torch.stack(views)
-        features_by = ext.engine if ext.engine == "onnxruntime" else f"pytorch ({ext.why})"
-        ext = None  # every feature is computed: the session and its memory go before the cross-validation
+        # every feature is computed: the session and its memory go before the cross-validation
+        features_by, ext = ext.described, None
         balanced = class_weights[0] is not None
         f_chosen = f_fit.numpy()
         if b_fit is not None:
