@@ -210,9 +210,10 @@ def fast_run_copy(fast_run, tmp_path) -> Path:
 
 SYSTEM_FIXTURES = {"tiny_run", "run_copy"}  # the real-weights run (pretrained EfficientNet-Lite0, a subprocess)
 # in a test's source, its helpers' or its fixtures': a subprocess (edgexfer, Python, a tool), a browser, a real
-# backbone built with its ImageNet weights in this process (seconds each: the fast tier uses `tiny_test`)
+# backbone built with its ImageNet weights in this process (seconds each: the fast tier uses `tiny_test`, whose
+# "imagenet" weights are a fixed random init of three small convolutions)
 SYSTEM_SOURCE = re.compile(r'run_cli\(|subprocess\.|Popen\(|sys\.executable|sync_playwright'
-                           r'|(build_backbone|model_config)\([^)]*weights="imagenet"|imagenet_classifier\(')
+                           r'|(build_backbone|model_config)\((?!"tiny_test")[^)]*weights="imagenet"|imagenet_classifier\(')
 SYSTEM_MODULES: set[str] = set()  # whole files (none today: what each test uses decides)
 SYSTEM_TESTS = {  # single tests the rule above misses
     "test_backbone_auto.py::test_select_backbone_ranks_and_honours_the_latency_limit",  # Lite0 and Lite1, ImageNet
