@@ -99,6 +99,7 @@ QUANTIZE_ENVIRONMENT = {
     "qat_views": ("EDGEXFER_QAT_VIEWS", int),
     "qat_max_images": ("EDGEXFER_QAT_MAX_IMAGES", int),
     "qat_force": ("EDGEXFER_QAT_FORCE", lambda v: v == "1"),
+    "search_unprovable": ("EDGEXFER_SEARCH_UNPROVABLE", lambda v: v == "1"),
     "min_speedup": ("EDGEXFER_MIN_SPEEDUP", float),
 }
 
@@ -124,6 +125,9 @@ class QuantizeConfig:
     qat_views: int = 256            # augmented views (unlabelled) QAT distils on
     qat_max_images: int = 1024      # labelled images QAT trains on (a seeded sample beyond)
     qat_force: bool = False         # try QAT whatever the post-training choice (tests, benchmarks)
+    # search for an INT8 file within the bound even where the images that would certify it cannot prove any
+    # (guard.unprovable): by default plain INT8 is written and measured instead, unproven (quantize_stage)
+    search_unprovable: bool = False
     # INT8 worth shipping is at least this many times FP32's batch-1 speed, where this host is the target:
     # the guard's search leaves out candidates estimated slower, QAT is tried when the PTQ choice is slower and
     # sits out when plain INT8 is (0: the search tries every candidate, and QAT competes only where no PTQ

@@ -193,10 +193,10 @@ class Agreement:
 
     def __init__(self, fp32: Path, x: np.ndarray, rows: np.ndarray, *, folds: dict | None = None,
                  head: tuple[np.ndarray, np.ndarray] | None = None, labels: np.ndarray | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, _cached: dict | None = None):
         self.x, self.rows, self.folds, self.head, self.threads = x, np.asarray(rows), folds, head, threads
         self.labels = labels  # (labelled images,) or (labelled images, tasks), train then validation order
-        self._cache: dict = {}
+        self._cache: dict = dict(_cached or {})  # a subset's FP32 outputs, sliced from its parent's (`_subset`)
         _, self.cluster = np.unique(self.rows, return_inverse=True)
         self.images = int(self.cluster.max()) + 1 if len(self.cluster) else 0
         self.top1 = [lg.argmax(1) for lg in self._outputs(fp32)[0]]  # INC's labels: FP32's answers, as the file gives them
@@ -209,28 +209,34 @@ class Agreement:
 
     def only(self, fp32: Path, images: np.ndarray) -> "Agreement | None":
         """The same measure on the rows of `images` (image ids, as in `rows`) alone; None when no row is left."""
-        keep = np.isin(self.rows, images)
-        if not keep.any():
-            return None
-        return Agreement(fp32, self.x[keep], self.rows[keep], folds=self.folds, head=self.head, labels=self.labels,
-                         threads=self.threads)
+        return self._subset(fp32, np.isin(self.rows, images))
 
     def without(self, fp32: Path, images: np.ndarray) -> "Agreement | None":
         """The same measure on the rows that show none of `images` (labelled image indices): for a candidate
         that was itself trained on them (QAT trains on the train split). None when no row is left."""
-        keep = ~np.isin(self.rows, images)
+        return self._subset(fp32, ~np.isin(self.rows, images))
+
+    def _subset(self, fp32: Path, keep: np.ndarray) -> "Agreement | None":
         if not keep.any():
             return None
+        key, mine = self._key(fp32), None
+        if key in self._cache:  # FP32's outputs on those rows are this set's: not run again
+            outs, f = self._cache[key]
+            mine = {key: ([o[keep] for o in outs], None if f is None else f[keep])}
         return Agreement(fp32, self.x[keep], self.rows[keep], folds=self.folds, head=self.head, labels=self.labels,
-                         threads=self.threads)
+                         threads=self.threads, _cached=mine)
+
+    @staticmethod
+    def _key(path) -> tuple:
+        st = Path(path).stat()
+        return str(path), st.st_size, st.st_mtime_ns, st.st_ino
 
     def _outputs(self, path) -> tuple[list[np.ndarray], np.ndarray | None]:
         import onnxruntime as ort
 
         from edgexfer.runtime.model import session_options
 
-        st = Path(path).stat()
-        key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+        key = self._key(path)
         if key not in self._cache:
             if len(self._cache) > 2:
                 self._cache.clear()
@@ -304,22 +310,24 @@ class Agreement:
 HALF_LEVEL = 0.5  # pixel levels: the rounding by which two decoders or resizers differ
 
 
-def top1_stability(logits: Callable[[np.ndarray], list], x: np.ndarray, pp, seed: int = 0) -> dict:
+def top1_stability(logits: Callable[[np.ndarray], list], x: np.ndarray, pp, seed: int = 0,
+                   ref: list[np.ndarray] | None = None) -> dict:
     """How often a model (`logits`: (N, C, H, W) float32 -> a list of (N, K) logits, one per task) gives its own
     top-1 again when every pixel of `x` (preprocessed by `pp`) moves by a uniform amount within +-HALF_LEVEL of
     a level (the same amount on every channel of a grey image, whose channels a decoder makes equal): how much
-    of its answer survives a perturbation that any deployment already makes."""
+    of its answer survives a perturbation that any deployment already makes. `ref`: its top-1 on `x` per task,
+    where already known (else one more pass computes it)."""
     std = np.asarray(pp.std, np.float32).reshape(1, -1, 1, 1)
     level = np.float32(pp.scale) / std  # one pixel level, in the model's input units, per channel
     rng = np.random.default_rng(seed)
-    ref = [np.asarray(lg).argmax(1) for lg in logits(x)]
+    ref = [np.asarray(lg).argmax(1) for lg in logits(x)] if ref is None else [np.asarray(r) for r in ref]
     pixels = x * std + np.asarray(pp.mean, np.float32).reshape(1, -1, 1, 1)  # pixel * scale
     grey = (np.abs(pixels - pixels[:, :1]).max(axis=(1, 2, 3)) < 1e-4) if x.shape[1] > 1 \
         else np.ones(len(x), bool)
     got = []
     for i in range(0, len(x), 64):
         xb = x[i:i + 64]
-        noise = rng.uniform(-HALF_LEVEL, HALF_LEVEL, xb.shape).astype(np.float32)
+        noise = (rng.random(xb.shape, dtype=np.float32) - np.float32(0.5)) * np.float32(2 * HALF_LEVEL)
         g = grey[i:i + 64]
         noise[g] = noise[g][:, :1]  # broadcast the first channel's noise to every channel of a grey image
         got.append([np.asarray(lg).argmax(1) for lg in logits(xb + noise * level)])
@@ -329,12 +337,13 @@ def top1_stability(logits: Callable[[np.ndarray], list], x: np.ndarray, pp, seed
                      f"of a grey image), seed {seed}"}
 
 
-def fp32_stability(fp32: Path, x: np.ndarray, pp, threads: int | None = None, seed: int = 0) -> dict:
+def fp32_stability(fp32: Path, x: np.ndarray, pp, threads: int | None = None, seed: int = 0,
+                   ref: list[np.ndarray] | None = None) -> dict:
     """`top1_stability` of the ONNX file `fp32`: the agreement that asking more of INT8 asks it to reproduce
     differences smaller than a decoder's rounding."""
     from edgexfer.evaluate import onnx_logits
 
-    return top1_stability(lambda xb: onnx_logits(fp32, xb, threads=threads), x, pp, seed)
+    return top1_stability(lambda xb: onnx_logits(fp32, xb, threads=threads), x, pp, seed, ref)
 
 
 def describe(info: dict) -> str:
@@ -425,7 +434,8 @@ def summarize(g: dict, info: dict, detail: dict, labelled: int, fp32_accuracy: f
     g["proven"] = bool(g.get("within_bound") and within(upper, md) and not fitted)
     extra = detail.get("rows", n) - n  # the augmented views among the rows scored
     views = f", with {extra} augmented views of them" if extra > 0 else ""
-    held = ", held out of the search that chose the file" if info.get("certified") else ""
+    held = ("" if not info.get("certified") else ", held out of the search that chose the file"
+            if not g.get("search_skipped") else ", the half held out to certify it (no search ran)")
     where = ("training images, which the model was fitted on (no validation split, no fold heads, no --guard-data)"
              if fitted else f"images the model was not fitted on{held}{views}")
     s = (f"INT8 gives FP32's top-1 on {1 - rate:.1%} of {n} {where}, so it loses at most {rate:.1%} of accuracy on "
@@ -609,7 +619,9 @@ def guarded_quantize(fp32_path: str | Path, out_path: str | Path, calib: np.ndar
       ranking per millisecond and of graph order, k in `steps`, tried cheapest first: the first within the
       bound keeps the most (estimated) speed;
     - `fallback` "prefix": the first k weighted layers in graph order, k in `steps` (early layers see raw
-      pixels and are, in CNNs, often the most sensitive).
+      pixels and are, in CNNs, often the most sensitive);
+    - `fallback` "none": no search, plain INT8 is written and judged (where no file could be proven, the
+      quantize stage does not search: `unprovable`).
 
     `stop_below` (a speed-up, e.g. QAT's MIN_SPEEDUP): the ranked candidates estimated slower than that many
     times FP32 are not tried. They come last (cheapest first), so the search stops there: an INT8 file that keeps
@@ -624,15 +636,17 @@ def guarded_quantize(fp32_path: str | Path, out_path: str | Path, calib: np.ndar
 
     main = judge.main
     out_path = Path(out_path)
-    if fallback not in ("ranked", "prefix"):
-        raise ValueError(f"unknown fallback {fallback!r}; choose ranked or prefix")
+    if fallback not in ("ranked", "prefix", "none"):
+        raise ValueError(f"unknown fallback {fallback!r}; choose ranked, prefix or none")
+    if fallback == "none":
+        steps = (0,)
     tried, best, stopped = [], None, None
     with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".guard-") as td:
         cal = qz.calibrate(fp32_path, calib, recipe, td)
         nodes = cal.nodes
         sens = None
         queue = [{"fp32_layers": 0, "nodes": (), "order": "plain"}] if 0 in steps else []
-        if fallback == "prefix" or not len(nodes):
+        if fallback == "prefix" or (fallback == "ranked" and not len(nodes)):
             queue += [{"fp32_layers": k, "nodes": tuple(nodes[:k]), "order": "graph prefix"}
                       for k in sorted({min(s, len(nodes)) for s in steps} - {0})]
         i = 0
@@ -685,7 +699,8 @@ def guarded_quantize(fp32_path: str | Path, out_path: str | Path, calib: np.ndar
                          "seconds": cal.seconds, "reused_by_candidates": cal.ranges is not None,
                          "images": int(min(len(calib), recipe.calibration_samples))},
          **({"at_least": bounds} if bounds else {})}
-    g["fallback"] = ("sensitivity-ranked" if fallback == "ranked" else "graph prefix (first k weighted layers)")
+    g["fallback"] = {"ranked": "sensitivity-ranked", "prefix": "graph prefix (first k weighted layers)",
+                     "none": "none: plain INT8 only, not searched"}[fallback]
     if stopped and not row["within_bound"]:
         g["stopped_early"] = stopped
     if sens is not None:

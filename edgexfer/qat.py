@@ -373,7 +373,8 @@ def compete(run, cfg, ws, fp32: Path, recipe, calib: np.ndarray, guard: dict, ju
     model.int8.onnx) when it is within the bound and either no PTQ candidate is or it is faster than the PTQ
     choice by MIN_GAIN. Returns guard.qat and, when it shipped, the new quantize record.
     Nor is it tried where no file could be proven on the images that would certify it (`no_proof`,
-    `guard.unprovable`: even a QAT file that never disagreed with FP32 there would be over the bound at 95%).
+    `guard.unprovable`: even a QAT file that never disagreed with FP32 there would be over the bound at 95%): asked
+    first where the post-training search was not run for that reason (`guard["search_skipped"]`), else last.
     `cfg.quantize.qat_force` (EDGEXFER_QAT_FORCE=1) tries it whatever the PTQ choice (tests, benchmarks)."""
     from edgexfer.exporters.metadata_io import read_meta
     from edgexfer.runfolder import FILES
@@ -393,6 +394,10 @@ def compete(run, cfg, ws, fp32: Path, recipe, calib: np.ndarray, guard: dict, ju
         entry["ptq_estimated_speedup"] = guard["estimated_speedup"]
     if cfg.quantize.qat_force:
         entry["reason"] = "forced (EDGEXFER_QAT_FORCE=1)"
+    elif no_proof and guard.get("search_skipped"):  # the post-training search sat out for the same reason
+        return {**entry, "unprovable": no_proof,
+                "reason": f"no QAT file could be proven within the bound on the {no_proof['images']} images that "
+                          f"would certify it (nor was the post-training search run): {no_proof['why']}"}, None
     elif within and kept == 0:
         return {**entry, "reason": "plain INT8 (every weighted layer) met the bound: a QAT file has the same INT8 "
                                    "graph, so it cannot be faster"}, None

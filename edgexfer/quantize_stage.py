@@ -69,17 +69,23 @@ def quantize(st: Stage) -> dict:
                                            min_images=qc.guard_images, max_bytes=qc.guard_max_bytes)
             info["unlabelled_from"] = sources
         labels = np.concatenate([ws.tensors("train")[1], yv])
-        stability = fp32_stability(fp32, xg, ws.preprocessing, cfg.bench.threads, seed=cfg.data.seed)
         # the search chooses on some images, the chosen file is certified on the others (guard.search_and_certify)
         split = search_and_certify(rows, len(labels) if not adapted else 0, seed=cfg.data.seed)
         def scorer(m):  # FP32 scores 1.0 against its own top-1
             return Agreement(fp32, xg if m is None else xg[m], rows if m is None else rows[m], labels=labels,
                              threads=cfg.bench.threads, **(folds or {}))
 
-        if split:
-            agreement, certify = (scorer(np.isin(rows, ids)) for ids in split)
+        if split:  # the two halves cover every row: FP32's own top-1 on the set is theirs
+            halves = [np.isin(rows, ids) for ids in split]
+            agreement, certify = (scorer(m) for m in halves)
+            ref = [np.empty(len(rows), np.int64) for _ in agreement.top1]
+            for part, m in zip((agreement, certify), halves):
+                for t, top1 in enumerate(part.top1):
+                    ref[t][m] = top1
         else:
             agreement = certify = scorer(None)
+            ref = agreement.top1
+        stability = fp32_stability(fp32, xg, ws.preprocessing, cfg.bench.threads, seed=cfg.data.seed, ref=ref)
         info["certified"] = bool(split)
         info["certified_on"] = (f"{certify.images} of the {len(np.unique(rows))} images, held out of the search "
                                 f"that chose among the candidates on the other {agreement.images}" if split else
@@ -90,9 +96,16 @@ def quantize(st: Stage) -> dict:
         # INC tunes one accuracy only, so with a second bound it sits this out
         at_least = ("target_agreement", agree, qc.min_target_agreement) if agree else None
         judge = agreement_judge(agreement, cfg.max_accuracy_drop, evidence=evidence, target=at_least)
+        # the search chooses among files one of which should ship: where even a file that never disagrees with
+        # FP32 could not be proven on the certify images, none can, so plain INT8 is written and measured instead
+        skip = None if qc.search_unprovable else search_skipped(certify.images, cfg, info, bool(split))
         rec = (_inc_quantize(run, cfg, fp32, recipe, calib, agreement.x, judge)
-               if qc.tuner != "builtin" and at_least is None else None)
-        if rec is None or not rec["guard"]["within_bound"]:
+               if qc.tuner != "builtin" and at_least is None and not skip else None)
+        if skip:
+            log.warning("accuracy guard: %s", skip["why"])
+            rec = guarded_quantize(fp32, run.file(FILES["int8"]), calib, recipe, judge, fallback="none")
+            rec["guard"].update(tuner="none: plain INT8, not searched", search_skipped=skip)
+        elif rec is None or not rec["guard"]["within_bound"]:
             inc = rec["guard"].get("inc") if rec else None
             # where this host is the target (its speed is the target's), candidates too slow to be worth shipping
             # are not tried
@@ -153,6 +166,30 @@ def quantize(st: Stage) -> dict:
         out["quantize_dynamic"] = quantize_dynamic_int8(fp32, run.file(FILES["int8_dynamic"]))
     st.report(**out)
     return rec
+
+
+def search_skipped(images: int, cfg: RunConfig, info: dict, split: bool) -> dict | None:
+    """Why the guard's search for an INT8 file within the bound is not run (None: it is): `guard.unprovable` of
+    the `images` that certify the chosen file, with how many more unseen images would let it prove one (`info`:
+    the agreement set's, `guard.agreement_set`; `split`: whether a share of the unseen images is held out to
+    certify, `guard.search_and_certify`). EDGEXFER_SEARCH_UNPROVABLE=1
+    (`QuantizeConfig.search_unprovable`) runs the search anyway."""
+    from edgexfer.guard import CERTIFY_SHARE
+
+    no = unprovable(images, cfg.max_accuracy_drop, fitted=bool(info.get("fitted")))
+    if not no:
+        return None
+    need = no.get("images_needed")
+    unseen = int(info.get("unseen") or 0)
+    more = (max(0, int(np.ceil(need / (CERTIFY_SHARE if split else 1))) - unseen) if need else None)
+    how = (f"--guard-data DIR with about {more} unlabelled photos of the domain would let it prove one"
+           if more else "unlabelled photos of the domain (--guard-data DIR) would let it prove one")
+    return {**no, "unseen": unseen, "more_images_needed": more,
+            "short": f"not searched: no INT8 file can be proven on the {images} images that certify it; {how}",
+            "why": f"no INT8 file can be proven within the {cfg.max_accuracy_drop:.1%} bound on the {images} images "
+                   f"that would certify it ({no['why']}), so the search among INT8 candidates was not run: plain "
+                   f"INT8 was written and measured, unproven, and is not recommended; {how} "
+                   f"(EDGEXFER_SEARCH_UNPROVABLE=1 searches anyway)"}
 
 
 def qat_certificate_images(certify, trained: np.ndarray, fallback) -> int:

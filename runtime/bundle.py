@@ -73,8 +73,9 @@ def guard_verdict(g: dict) -> tuple[bool, str]:
     (`proven`). The guard writes this into its record once (edgexfer.guard.verdict: `shippable`, `verdict`);
     `int8_verdict` reads that, and derives it here only for records made before."""
     bound = g.get("max_accuracy_drop")
+    skipped = (g.get("search_skipped") or {}).get("short")  # plain INT8 only: no file could have been proven
     if not g.get("within_bound"):
-        stop = (g.get("stopped_early") or {}).get("why")
+        stop = skipped or (g.get("stopped_early") or {}).get("why")
         return False, (f"the accuracy guard found no INT8 candidate within the {bound} bound ({guard_evidence(g)})"
                        + (f"; {stop}" if stop else ""))
     if g.get("proven") is False:  # not with the stated 95% confidence
@@ -82,9 +83,10 @@ def guard_verdict(g: dict) -> tuple[bool, str]:
         if isinstance(bound, (int, float)) and isinstance(d.get("rate"), (int, float)) and d["rate"] > bound + 1e-9:
             # the search's candidate met the bound on the images it chose on; the certificate reads over it
             return False, (f"INT8, unproven: the candidate met the {bound} bound on the images the search chose it on, "
-                           f"but on the images held out to certify it, it {guard_evidence(g)}: over the bound")
+                           f"but on the images held out to certify it, it {guard_evidence(g)}: over the bound"
+                           + (f"; {skipped}" if skipped else ""))
         return False, (f"INT8, unproven: within the {bound} bound on the measured rate but not with 95% confidence "
-                       f"({guard_evidence(g)}); more unseen images (--guard-data DIR) can prove it")
+                       f"({guard_evidence(g)}); " + (skipped or "more unseen images (--guard-data DIR) can prove it"))
     return True, f"the accuracy guard passed it within the {bound} bound ({guard_evidence(g)})"
 
 

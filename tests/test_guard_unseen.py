@@ -245,6 +245,30 @@ def test_without_drops_the_rows_of_given_images(tmp_path):
     assert ag.without(tmp_path / "fp32.onnx", np.array([0, 1, 2, 7])) is None
 
 
+def test_a_subset_reuses_fp32s_outputs_and_stability_its_answers(tmp_path, monkeypatch):
+    """`only`/`without` slice FP32's outputs from the set they come from instead of running FP32 again, and FP32's
+    stability given its known top-1 is the figure it computes itself."""
+    import onnxruntime as ort
+
+    from edgexfer.guard import Agreement, fp32_stability
+    from edgexfer.runtime.preprocess import Preprocessing
+
+    rng = np.random.default_rng(3)
+    w, b = rng.standard_normal((3, 3)), rng.standard_normal(3)
+    fp32 = tmp_path / "fp32.onnx"
+    _head_model(fp32, w, b)
+    x = _images(rng.standard_normal((6, 3)).astype(np.float32))
+    ag = Agreement(fp32, x, np.array([0, 1, 2, 3, 4, 5]), labels=np.arange(6) % 3)
+    sessions = []
+    real = ort.InferenceSession
+    monkeypatch.setattr(ort, "InferenceSession", lambda *a, **k: sessions.append(1) or real(*a, **k))
+    sub = ag.only(fp32, np.array([1, 4]))
+    assert not sessions and [t.tolist() for t in sub.top1] == [ag.top1[0][[1, 4]].tolist()]
+    assert sub.rows.tolist() == [1, 4] and sub(fp32) == 1.0 and not sessions
+    pp = Preprocessing(resize=4, crop=4)
+    assert fp32_stability(fp32, x, pp, ref=ag.top1) == fp32_stability(fp32, x, pp)
+
+
 @pytest.fixture(scope="module")
 def probe_run(tmp_path_factory, image_folder):
     """A cross-validated linear probe (refitted on every labelled image) on the tiny images, exported and

@@ -202,6 +202,34 @@ def test_the_search_stops_where_no_candidate_can_be_worth_shipping(tmp_path, mon
     assert q["plain_int8_speedup"] < 100
 
 
+def test_no_search_where_no_file_could_be_proven(fast_run_copy, monkeypatch):
+    """The tiny run has tens of unseen images: no INT8 file could be proven within 1% on its certify half (0 of them
+    is over 1% at 95%), so by default neither INC nor the built-in search runs: plain INT8 is written, measured and
+    certified as usual, not recommended, and the record and the verdict say why and how many more unlabelled
+    photos would prove one. EDGEXFER_SEARCH_UNPROVABLE=1 (the other tests' setting) searches anyway."""
+    from edgexfer.guard import wilson_upper
+
+    monkeypatch.delenv("EDGEXFER_SEARCH_UNPROVABLE")
+    r = invoke("quantize", fast_run_copy, "--tuner", "auto", "--qat", "auto", "--calibration-samples", "16")
+    assert r.exit_code == 0, r.stderr[-2000:]
+    rep = report(fast_run_copy)
+    g = rep["quantize"]["guard"]
+    s = g["search_skipped"]
+    assert g["tuner"] == "none: plain INT8, not searched" and "inc" not in g
+    assert [c["order"] for c in g["candidates"]] == ["plain"] and g["chosen_fp32_layers"] == 0
+    assert g["fallback"].startswith("none") and "sensitivity" not in g
+    assert s["images"] == g["disagreement"]["images"]
+    assert s["upper95_at_zero"] == pytest.approx(wilson_upper(0.0, s["images"])) and s["upper95_at_zero"] > 0.01
+    assert s["more_images_needed"] > 0 and not g["proven"] and not g["shippable"] and s["short"] in g["verdict"]
+    assert not g["qat"]["tried"] and "nor was the post-training search run" in g["qat"]["reason"]
+    assert not meta_of(fast_run_copy / "model.int8.onnx")["quantization"].get("nodes_to_exclude")
+    monkeypatch.setenv("EDGEXFER_SEARCH_UNPROVABLE", "1")
+    r = invoke("quantize", fast_run_copy, "--tuner", "builtin", "--qat", "off", "--calibration-samples", "16")
+    assert r.exit_code == 0, r.stderr[-2000:]
+    g = report(fast_run_copy)["quantize"]["guard"]
+    assert "search_skipped" not in g and g["tuner"].startswith("built-in")
+
+
 def test_the_early_stop_speaks_only_where_this_host_is_the_target(tmp_path, monkeypatch):
     """This host's speed is not an arm64 board's: with --target arm64 the search tries the ranked candidates that a
     bound no file can reach would stop it before, on the data where plain INT8 misses the bound."""

@@ -168,3 +168,26 @@ def test_the_images_that_would_certify_a_qat_file():
     only_trained = NS(rows=np.array([0, 1, 1]), out_of_fold=True, images=2)
     assert qat_certificate_images(only_trained, trained, NS(images=11)) == 11
     assert qat_certificate_images(only_trained, trained, None) == 0
+
+
+def test_the_search_is_skipped_where_no_file_could_be_proven():
+    """The post-training search's reason not to run: `unprovable` on the certify images, with about how many more
+    unseen images (--guard-data) would let a file be proven: the certificate needs `images_needed` images, and it
+    gets CERTIFY_SHARE of the unseen ones where some are held out to certify."""
+    import math
+
+    from edgexfer.config import RunConfig
+    from edgexfer.guard import CERTIFY_SHARE, unprovable
+    from edgexfer.quantize_stage import search_skipped
+
+    cfg = RunConfig()
+    assert search_skipped(1000, cfg, {"unseen": 2000}, True) is None
+    s = search_skipped(105, cfg, {"unseen": 210}, True)
+    need = unprovable(105, cfg.max_accuracy_drop)["images_needed"]
+    assert s["images_needed"] == need and s["unseen"] == 210
+    assert s["more_images_needed"] == math.ceil(need / CERTIFY_SHARE) - 210 > 0
+    assert f"about {s['more_images_needed']} unlabelled photos" in s["why"] and "EDGEXFER_SEARCH_UNPROVABLE=1" in s["why"]
+    assert s["short"].startswith("not searched: no INT8 file can be proven on the 105 images that certify it")
+    assert search_skipped(30, cfg, {"unseen": 30}, False)["more_images_needed"] == unprovable(30, 0.01)["images_needed"] - 30
+    fitted = search_skipped(5000, cfg, {"unseen": 0, "fitted": True}, False)
+    assert fitted["more_images_needed"] is None and "(--guard-data DIR) would let it prove one" in fitted["why"]

@@ -15,7 +15,7 @@ from edgexfer.config import QUANTIZE_ENVIRONMENT, QuantizeConfig, RunConfig
 CHANGED = {"recipe": lambda r: dataclasses.replace(r, calibration_method="entropy"), "target": "arm64",
            "tuner": "builtin", "extra_formats": ("fp16",), "calibration": "train", "min_target_agreement": 0.5,
            "qat": "off", "guard_data": "/photos", "guard_images": 200, "guard_max_mb": 64.0, "rank_images": 16,
-           "arm64_guard_samples": 8, "qat_epochs": 1, "qat_views": 16, "qat_max_images": 10, "qat_force": True,
+           "arm64_guard_samples": 8, "qat_epochs": 1, "qat_views": 16, "qat_max_images": 10, "qat_force": True, "search_unprovable": True,
            "min_speedup": 0.0}
 
 
@@ -55,18 +55,20 @@ def test_the_environment_applies_only_where_the_cli_builds_the_config(monkeypatc
 
     env = {"EDGEXFER_GUARD_IMAGES": "120", "EDGEXFER_GUARD_MAX_MB": "64", "EDGEXFER_RANK_IMAGES": "16",
            "EDGEXFER_ARM64_GUARD_SAMPLES": "8", "EDGEXFER_QAT_EPOCHS": "1", "EDGEXFER_QAT_VIEWS": "16",
-           "EDGEXFER_QAT_MAX_IMAGES": "10", "EDGEXFER_QAT_FORCE": "1", "EDGEXFER_MIN_SPEEDUP": "0"}
+           "EDGEXFER_QAT_MAX_IMAGES": "10", "EDGEXFER_QAT_FORCE": "1", "EDGEXFER_MIN_SPEEDUP": "0",
+           "EDGEXFER_SEARCH_UNPROVABLE": "1"}
     assert set(env) == {var for var, _ in QUANTIZE_ENVIRONMENT.values()}
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     assert QuantizeConfig() == QuantizeConfig(recipe=QuantizeConfig().recipe)  # the dataclass never reads it
     assert QuantizeConfig().guard_images == 1000 and not QuantizeConfig().qat_force
+    assert not QuantizeConfig().search_unprovable
     cfg = apply_quant_options(RunConfig(), target="host", calibration_method="minmax", calibration_samples=200,
                               max_accuracy_drop=0.01, tuner="auto", fp16=False, dynamic=False)
     q = cfg.quantize
     assert (q.guard_images, q.guard_max_mb, q.rank_images, q.arm64_guard_samples) == (120, 64.0, 16, 8)
     assert (q.qat_epochs, q.qat_views, q.qat_max_images, q.qat_force, q.min_speedup) == (1, 16, 10, True, 0.0)
-    assert q.guard_max_bytes == 64 * 2**20
+    assert q.search_unprovable and q.guard_max_bytes == 64 * 2**20
     assert q.with_environment({}) == q  # an empty environment keeps the values
 
 
