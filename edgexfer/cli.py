@@ -549,7 +549,7 @@ def quantize(run_dir, **kw):
     cfg = apply_quant_options(run.config(), **kw)
     with explain_interrupt(run_dir), run.lock("quantize"):
         with Progress("quantize").ticking() as progress:
-            progress.log("calibrating and searching for an INT8 file within the accuracy guard")
+            progress.log("calibrating INT8 and measuring it against FP32 under the accuracy guard")
             rec = pipeline.quantize(run_dir, cfg)
         run.write_config(cfg)
         finalize(run, cfg)  # report.md and the model card describe the new file (evaluate and bench: not yet run)

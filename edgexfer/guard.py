@@ -199,6 +199,7 @@ class Agreement:
         self._cache: dict = dict(_cached or {})  # a subset's FP32 outputs, sliced from its parent's (`_subset`)
         _, self.cluster = np.unique(self.rows, return_inverse=True)
         self.images = int(self.cluster.max()) + 1 if len(self.cluster) else 0
+        self._fp32 = self._key(fp32)  # kept when the cache is cleared: `_subset` slices it
         self.top1 = [lg.argmax(1) for lg in self._outputs(fp32)[0]]  # INC's labels: FP32's answers, as the file gives them
         self.ref_logits = self._logits(fp32)
         self.ref = [lg.argmax(1) for lg in self.ref_logits]
@@ -239,7 +240,7 @@ class Agreement:
         key = self._key(path)
         if key not in self._cache:
             if len(self._cache) > 2:
-                self._cache.clear()
+                self._cache = {k: v for k, v in self._cache.items() if k == self._fp32}
             src = with_head_inputs(Path(path)) if self.folds is not None else str(path)
             sess = ort.InferenceSession(src, sess_options=session_options(self.threads),
                                         providers=["CPUExecutionProvider"])
@@ -434,8 +435,7 @@ def summarize(g: dict, info: dict, detail: dict, labelled: int, fp32_accuracy: f
     g["proven"] = bool(g.get("within_bound") and within(upper, md) and not fitted)
     extra = detail.get("rows", n) - n  # the augmented views among the rows scored
     views = f", with {extra} augmented views of them" if extra > 0 else ""
-    held = ("" if not info.get("certified") else ", held out of the search that chose the file"
-            if not g.get("search_skipped") else ", the half held out to certify it (no search ran)")
+    held = ", held out of the search that chose the file" if info.get("certified") else ""
     where = ("training images, which the model was fitted on (no validation split, no fold heads, no --guard-data)"
              if fitted else f"images the model was not fitted on{held}{views}")
     s = (f"INT8 gives FP32's top-1 on {1 - rate:.1%} of {n} {where}, so it loses at most {rate:.1%} of accuracy on "

@@ -75,30 +75,32 @@ def quantize(st: Stage) -> dict:
             return Agreement(fp32, xg if m is None else xg[m], rows if m is None else rows[m], labels=labels,
                              threads=cfg.bench.threads, **(folds or {}))
 
-        if split:  # the two halves cover every row: FP32's own top-1 on the set is theirs
-            halves = [np.isin(rows, ids) for ids in split]
-            agreement, certify = (scorer(m) for m in halves)
-            ref = [np.empty(len(rows), np.int64) for _ in agreement.top1]
-            for part, m in zip((agreement, certify), halves):
-                for t, top1 in enumerate(part.top1):
-                    ref[t][m] = top1
+        full = scorer(None)
+        # the search chooses among files one of which should ship: where even a file that never disagrees with
+        # FP32 could not be proven on the images that would certify its choice, none can, so there is no search;
+        # plain INT8 alone is written, and with no choice to bias it, every unseen image measures and certifies it
+        skip = None if qc.search_unprovable else search_skipped(len(split[1]) if split else full.images, full.images,
+                                                                cfg, info, adapted)
+        if split and not skip:  # FP32's outputs on each half are sliced from the whole set's, not run again
+            agreement, certify = (full.only(fp32, ids) for ids in split)
         else:
-            agreement = certify = scorer(None)
-            ref = agreement.top1
-        stability = fp32_stability(fp32, xg, ws.preprocessing, cfg.bench.threads, seed=cfg.data.seed, ref=ref)
-        info["certified"] = bool(split)
-        info["certified_on"] = (f"{certify.images} of the {len(np.unique(rows))} images, held out of the search "
-                                f"that chose among the candidates on the other {agreement.images}" if split else
+            agreement = certify = full
+        stability = fp32_stability(fp32, xg, ws.preprocessing, cfg.bench.threads, seed=cfg.data.seed, ref=full.top1)
+        info["certified"] = bool(split) and not skip
+        info["certified_on"] = (f"{certify.images} of the {full.images} images, held out of the search that chose "
+                                f"among the candidates on the other {agreement.images}" if info["certified"] else
+                                f"all {full.images} images: no search chose among files (none could be proven), "
+                                f"so none is held out" if skip else
                                 "the images the search chose on (too few to hold some out): biased low")
+        if skip:
+            info["search_skipped"] = True
+        del full
         del xg
         held_out = info["labelled"] if info["labelled_from"] in ("out-of-fold", "validation") else 0
         evidence = agreement.evidence if held_out and agreement.labelled().any() else None
         # INC tunes one accuracy only, so with a second bound it sits this out
         at_least = ("target_agreement", agree, qc.min_target_agreement) if agree else None
         judge = agreement_judge(agreement, cfg.max_accuracy_drop, evidence=evidence, target=at_least)
-        # the search chooses among files one of which should ship: where even a file that never disagrees with
-        # FP32 could not be proven on the certify images, none can, so plain INT8 is written and measured instead
-        skip = None if qc.search_unprovable else search_skipped(certify.images, cfg, info, bool(split))
         rec = (_inc_quantize(run, cfg, fp32, recipe, calib, agreement.x, judge)
                if qc.tuner != "builtin" and at_least is None and not skip else None)
         if skip:
@@ -168,28 +170,34 @@ def quantize(st: Stage) -> dict:
     return rec
 
 
-def search_skipped(images: int, cfg: RunConfig, info: dict, split: bool) -> dict | None:
+def search_skipped(certify: int, unseen: int, cfg: RunConfig, info: dict, adapted: bool = False) -> dict | None:
     """Why the guard's search for an INT8 file within the bound is not run (None: it is): `guard.unprovable` of
-    the `images` that certify the chosen file, with how many more unseen images would let it prove one (`info`:
-    the agreement set's, `guard.agreement_set`; `split`: whether a share of the unseen images is held out to
-    certify, `guard.search_and_certify`). EDGEXFER_SEARCH_UNPROVABLE=1
-    (`QuantizeConfig.search_unprovable`) runs the search anyway."""
-    from edgexfer.guard import CERTIFY_SHARE
-
-    no = unprovable(images, cfg.max_accuracy_drop, fitted=bool(info.get("fitted")))
+    the `certify` images that would certify the file it chose (half the `unseen` ones, `guard.search_and_certify`,
+    or all of them where too few to split). Without a search plain INT8 is certified on all `unseen` images, so
+    the record says how many more would let it be proven (if it disagrees with FP32 on none), and whether the
+    guard's limits hold that many (`info`: the agreement set's, `guard.agreement_set`/`target_set`).
+    EDGEXFER_SEARCH_UNPROVABLE=1 (`QuantizeConfig.search_unprovable`) runs the search anyway."""
+    no = unprovable(certify, cfg.max_accuracy_drop, fitted=bool(info.get("fitted")))
     if not no:
         return None
     need = no.get("images_needed")
-    unseen = int(info.get("unseen") or 0)
-    more = (max(0, int(np.ceil(need / (CERTIFY_SHARE if split else 1))) - unseen) if need else None)
-    how = (f"--guard-data DIR with about {more} unlabelled photos of the domain would let it prove one"
-           if more else "unlabelled photos of the domain (--guard-data DIR) would let it prove one")
-    return {**no, "unseen": unseen, "more_images_needed": more,
-            "short": f"not searched: no INT8 file can be proven on the {images} images that certify it; {how}",
-            "why": f"no INT8 file can be proven within the {cfg.max_accuracy_drop:.1%} bound on the {images} images "
-                   f"that would certify it ({no['why']}), so the search among INT8 candidates was not run: plain "
-                   f"INT8 was written and measured, unproven, and is not recommended; {how} "
-                   f"(EDGEXFER_SEARCH_UNPROVABLE=1 searches anyway)"}
+    more = max(0, need - unseen) if need and not info.get("fitted") else None
+    where = "in the --adapt-bn folder" if adapted else "of the domain (--guard-data DIR)"
+    how = (f"about {more} more unlabelled photos {where} would let plain INT8 be proven, if it disagrees with FP32 "
+           f"on none of them" if more else f"unlabelled photos {where} would let a file be proven")
+    per_image = info.get("bytes", 0) / max(info.get("images", 0), 1)
+    room = min(int(info.get("labelled") or 0) + cfg.quantize.guard_images,
+               int(info["max_bytes"] // per_image) if per_image and info.get("max_bytes") else 10**9)
+    if more and need > room:
+        how += (f" (the guard holds at most {room} unseen images at these settings: EDGEXFER_GUARD_IMAGES and "
+                f"EDGEXFER_GUARD_MAX_MB raise that)")
+    return {**no, "unseen": int(unseen), "more_images_needed": more,
+            "short": f"not searched: no INT8 file can be proven on the {certify} images that would certify a search's "
+                     f"choice; {how}",
+            "why": f"no INT8 file can be proven within the {cfg.max_accuracy_drop:.1%} bound on the {certify} images "
+                   f"that would certify a search's choice ({no['why']}), so the search among INT8 candidates was not "
+                   f"run: plain INT8 was written and measured on all {unseen} unseen images, unproven unless they "
+                   f"prove it; {how} (EDGEXFER_SEARCH_UNPROVABLE=1 searches anyway)"}
 
 
 def qat_certificate_images(certify, trained: np.ndarray, fallback) -> int:

@@ -394,10 +394,13 @@ def target_agreement_lines(rep: dict) -> list[str]:
     ag = (rep.get("quantize") or {}).get("target_agreement")
     if not ag:
         return []
+    searched = not ((rep.get("quantize") or {}).get("guard") or {}).get("search_skipped")
     return [("**Warning:** " if ag["top1_agreement"] < ag["warn_below"] else "")
             + f"INT8 gives FP32's top-1 on {fmt.pct(ag['top1_agreement'])} of {ag['images']} unlabelled "
-            "target-domain images (no labels needed; the accuracy guard kept early layers in FP32 "
-            f"until it reached {fmt.pct(ag['warn_below'])}, or the best it could).", ""]
+            + ("target-domain images (no labels needed; the accuracy guard kept early layers in FP32 "
+               f"until it reached {fmt.pct(ag['warn_below'])}, or the best it could)." if searched else
+               f"target-domain images (no labels needed; plain INT8, not searched: no file could be proven, "
+               f"so nothing kept layers in FP32 to reach {fmt.pct(ag['warn_below'])})."), ""]
 
 
 def calibration_lines(rep: dict) -> list[str]:

@@ -26,7 +26,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 # The test runs have tens of unseen images, on which no INT8 file can be proven within a 1% bound, so by default
 # the quantize stage would not search (quantize_stage.search_skipped); the tests of the search need it to run.
-# Tests of the default delete the variable (test_guard_unseen.py).
+# Tests of the default delete the variable (test_pipeline_tiny.py::test_no_search_where_no_file_could_be_proven).
 os.environ["EDGEXFER_SEARCH_UNPROVABLE"] = "1"
 CLASSES = ("red_disc", "green_bar", "blue_ring")
 

@@ -203,10 +203,11 @@ def test_the_search_stops_where_no_candidate_can_be_worth_shipping(tmp_path, mon
 
 
 def test_no_search_where_no_file_could_be_proven(fast_run_copy, monkeypatch):
-    """The tiny run has tens of unseen images: no INT8 file could be proven within 1% on its certify half (0 of them
-    is over 1% at 95%), so by default neither INC nor the built-in search runs: plain INT8 is written, measured and
-    certified as usual, not recommended, and the record and the verdict say why and how many more unlabelled
-    photos would prove one. EDGEXFER_SEARCH_UNPROVABLE=1 (the other tests' setting) searches anyway."""
+    """The tiny run has tens of unseen images: no INT8 file could be proven within 1% on the half that would certify
+    a search's choice (0 of them is over 1% at 95%), so by default neither INC nor the built-in search runs: plain
+    INT8 is written, measured and certified on every unseen image (no choice to bias it), not recommended, and the
+    record and the verdict say why and how many more unlabelled photos would prove it.
+    EDGEXFER_SEARCH_UNPROVABLE=1 (the other tests' setting) searches anyway."""
     from edgexfer.guard import wilson_upper
 
     monkeypatch.delenv("EDGEXFER_SEARCH_UNPROVABLE")
@@ -218,7 +219,9 @@ def test_no_search_where_no_file_could_be_proven(fast_run_copy, monkeypatch):
     assert g["tuner"] == "none: plain INT8, not searched" and "inc" not in g
     assert [c["order"] for c in g["candidates"]] == ["plain"] and g["chosen_fp32_layers"] == 0
     assert g["fallback"].startswith("none") and "sensitivity" not in g
-    assert s["images"] == g["disagreement"]["images"]
+    assert s["unseen"] == g["disagreement"]["images"] == g["agreement_set"]["unseen"] > s["images"]
+    assert g["agreement_set"]["certified_on"].startswith(f"all {s['unseen']} images: no search chose among files")
+    assert s["more_images_needed"] == s["images_needed"] - s["unseen"]
     assert s["upper95_at_zero"] == pytest.approx(wilson_upper(0.0, s["images"])) and s["upper95_at_zero"] > 0.01
     assert s["more_images_needed"] > 0 and not g["proven"] and not g["shippable"] and s["short"] in g["verdict"]
     assert not g["qat"]["tried"] and "nor was the post-training search run" in g["qat"]["reason"]

@@ -171,23 +171,26 @@ def test_the_images_that_would_certify_a_qat_file():
 
 
 def test_the_search_is_skipped_where_no_file_could_be_proven():
-    """The post-training search's reason not to run: `unprovable` on the certify images, with about how many more
-    unseen images (--guard-data) would let a file be proven: the certificate needs `images_needed` images, and it
-    gets CERTIFY_SHARE of the unseen ones where some are held out to certify."""
-    import math
-
+    """The post-training search's reason not to run: `unprovable` on the images that would certify its choice
+    (half the unseen ones), with about how many more unseen images (--guard-data) would let plain INT8, certified
+    on all of them where there is no search, be proven; and whether the guard's limits hold that many."""
     from edgexfer.config import RunConfig
-    from edgexfer.guard import CERTIFY_SHARE, unprovable
+    from edgexfer.guard import unprovable, wilson_upper
     from edgexfer.quantize_stage import search_skipped
 
     cfg = RunConfig()
-    assert search_skipped(1000, cfg, {"unseen": 2000}, True) is None
-    s = search_skipped(105, cfg, {"unseen": 210}, True)
+    info = {"labelled": 210, "images": 1000, "bytes": 1000 * 4 * 3 * 224 * 224, "max_bytes": 768 * 2**20}
+    assert search_skipped(500, 1000, cfg, info) is None
+    s = search_skipped(105, 210, cfg, info)
     need = unprovable(105, cfg.max_accuracy_drop)["images_needed"]
-    assert s["images_needed"] == need and s["unseen"] == 210
-    assert s["more_images_needed"] == math.ceil(need / CERTIFY_SHARE) - 210 > 0
-    assert f"about {s['more_images_needed']} unlabelled photos" in s["why"] and "EDGEXFER_SEARCH_UNPROVABLE=1" in s["why"]
-    assert s["short"].startswith("not searched: no INT8 file can be proven on the 105 images that certify it")
-    assert search_skipped(30, cfg, {"unseen": 30}, False)["more_images_needed"] == unprovable(30, 0.01)["images_needed"] - 30
-    fitted = search_skipped(5000, cfg, {"unseen": 0, "fitted": True}, False)
-    assert fitted["more_images_needed"] is None and "(--guard-data DIR) would let it prove one" in fitted["why"]
+    assert s["images"] == 105 and s["images_needed"] == need and s["unseen"] == 210
+    assert s["more_images_needed"] == need - 210 and wilson_upper(0.0, 210 + s["more_images_needed"]) <= 0.01
+    assert f"about {s['more_images_needed']} more unlabelled photos of the domain (--guard-data DIR)" in s["why"]
+    assert "EDGEXFER_SEARCH_UNPROVABLE=1" in s["why"] and "guard holds at most" not in s["why"]
+    assert s["short"].startswith("not searched: no INT8 file can be proven on the 105 images that would certify")
+    assert "in the --adapt-bn folder" in search_skipped(105, 210, cfg, info, adapted=True)["why"]
+    # a stricter bound needs more images than the guard holds at its default limits: it says so
+    strict = __import__("dataclasses").replace(cfg, max_accuracy_drop=0.002)
+    assert "the guard holds at most 1210 unseen images" in search_skipped(105, 210, strict, info)["why"]
+    fitted = search_skipped(5000, 5000, cfg, {**info, "fitted": True})
+    assert fitted["more_images_needed"] is None and "(--guard-data DIR) would let a file be proven" in fitted["why"]
