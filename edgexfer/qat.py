@@ -30,6 +30,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -329,11 +330,14 @@ def _latency(paths: dict, threads: int) -> dict[str, float]:
     return {k: v["p50"] for k, v in lat.items()}
 
 
-def training_images(cfg, ws, adapted: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def training_images(cfg, ws, adapted: bool = False, distil_on: np.ndarray | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """What QAT trains on: the labelled training images (a seeded sample beyond `cfg.quantize.qat_max_images`)
     and `qat_views` augmented views of them for distillation (unlabelled). `adapted` (--adapt-bn kept: the model
     is for the target domain, and the source's labels no longer describe what it should do there): no labelled
-    images, distillation only, on the target images and `qat_views` augmented views of them."""
+    images, distillation only, on the target images and `qat_views` augmented views of them; `distil_on`: only
+    on these of them (indices into the folder's image files: the guard's search half, so that the other half,
+    which judges and certifies the QAT file, is images it never saw)."""
     from edgexfer.augment import crop_flip_views
 
     most, n_views = cfg.quantize.qat_max_images, cfg.quantize.qat_views
@@ -342,8 +346,13 @@ def training_images(cfg, ws, adapted: bool = False) -> tuple[np.ndarray, np.ndar
         from edgexfer.data import list_images
         from edgexfer.quantize_stage import target_images
 
+        from edgexfer.quantize_stage import target_order
+
         x = target_images(cfg, ws, most)
         files = list_images(cfg.train.adapt_bn, follow_symlinks=cfg.data.follow_symlinks)
+        if distil_on is not None:  # row i of x is file target_order[i]
+            x = x[np.isin(target_order(cfg, len(files))[:len(x)], distil_on)]
+            files = [files[i] for i in np.sort(np.asarray(distil_on, np.int64))]
         views = list(crop_flip_views(files, ws.preprocessing, n_views, cfg.data.seed + 1))
         y0 = ws.tensors("train")[1][:0]
         return x[:0], y0, np.concatenate([x, np.stack(views)]) if views else x
@@ -365,7 +374,8 @@ def plain_speedup(guard: dict) -> float | None:
 
 
 def compete(run, cfg, ws, fp32: Path, recipe, calib: np.ndarray, guard: dict, judge, adapted: bool = False,
-            no_proof: dict | None = None) -> tuple[dict, dict | None]:
+            no_proof: dict | None = None, proves: Callable[[Path], bool] | None = None,
+            distil_on: np.ndarray | None = None) -> tuple[dict, dict | None]:
     """Try QAT when the post-training choice (the run's model.int8.onnx, described by `guard`) misses the bound
     or keeps less than `QuantizeConfig.min_speedup` of FP32's batch-1 speed, unless plain INT8 itself (the graph
     a QAT file has) is under it where this host is the target (`plain_speedup`); judge its file as the post-training candidates are
@@ -375,7 +385,10 @@ def compete(run, cfg, ws, fp32: Path, recipe, calib: np.ndarray, guard: dict, ju
     Nor is it tried where no file could be proven on the images that would certify it (`no_proof`,
     `guard.unprovable`: even a QAT file that never disagreed with FP32 there would be over the bound at 95%): asked
     first where the post-training search was not run for that reason (`guard["search_skipped"]`), else last.
-    `cfg.quantize.qat_force` (EDGEXFER_QAT_FORCE=1) tries it whatever the PTQ choice (tests, benchmarks)."""
+    `cfg.quantize.qat_force` (EDGEXFER_QAT_FORCE=1) tries it whatever the PTQ choice (tests, benchmarks).
+    `proves` (given where the PTQ choice is proven: `guard.proven`'s test on the images that would certify a QAT
+    file): a QAT file it does not prove never replaces that proven file, however fast. `distil_on`: after a kept
+    --adapt-bn, the target images it may distil on (`training_images`)."""
     from edgexfer.exporters.metadata_io import read_meta
     from edgexfer.runfolder import FILES
 
@@ -419,11 +432,8 @@ def compete(run, cfg, ws, fp32: Path, recipe, calib: np.ndarray, guard: dict, ju
         entry["reason"] = ("no post-training candidate within the bound" if not within else
                            f"the PTQ choice ({kept} layers in FP32) keeps only {entry['ptq_speedup']:.2f}x of FP32's "
                            f"batch-1 speed, under {min_speedup:g}x")
-    xt, yt, x_unlab = training_images(cfg, ws, adapted)
-    if cfg.train.adapt_bn and not adapted:  # the target domain's unlabelled images: distillation only
-        from edgexfer.quantize_stage import target_images
-
-        x_unlab = np.concatenate([x_unlab, target_images(cfg, ws)])
+    # not on the --adapt-bn images where the adaptation was not kept: the guard measures and certifies on them
+    xt, yt, x_unlab = training_images(cfg, ws, adapted, distil_on=distil_on)
     log.info("QAT: %s; fine-tuning with fake quantization on %d labelled images and %d unlabelled views",
              entry["reason"], len(xt), len(x_unlab))
     entry["tried"] = True
@@ -445,6 +455,10 @@ def compete(run, cfg, ws, fp32: Path, recipe, calib: np.ndarray, guard: dict, ju
             entry.update(chosen=False, why=f"misses the bound: {row.get('decision') or 'agreement %.2f%%' % (100 * row['guard_accuracy'])}")
         elif not within:
             entry.update(chosen=True, why="within the bound, where no post-training candidate was")
+        elif lat["qat"] < lat["ptq"] * (1 - MIN_GAIN) and proves is not None and not proves(q):
+            entry.update(chosen=False, why=f"within the bound and {lat['ptq'] / lat['qat']:.2f}x faster than the PTQ "
+                                            "choice, but its certificate does not prove it where the PTQ choice's "
+                                            "proves that one: a proven file is not replaced by an unproven one")
         elif lat["qat"] < lat["ptq"] * (1 - MIN_GAIN):
             entry.update(chosen=True, why=f"within the bound and {lat['ptq'] / lat['qat']:.2f}x faster than the PTQ choice")
         else:

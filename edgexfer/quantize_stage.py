@@ -12,8 +12,8 @@ import numpy as np
 from edgexfer.bounds import within
 from edgexfer.config import RunConfig
 from edgexfer.errors import RunFolderError
-from edgexfer.guard import (Judge, Scorer, agreement_judge, guard_decision, guarded_quantize, shipped_row, unprovable,
-                            verdict)
+from edgexfer.guard import (Judge, Scorer, agreement_judge, guard_decision, guarded_quantize, images_needed,
+                            shipped_row, unprovable, verdict)
 from edgexfer.runfolder import FILES, RunFolder, Stage, Workspace, stage
 
 log = logging.getLogger(__name__)
@@ -104,8 +104,11 @@ def quantize(st: Stage) -> dict:
         rec = (_inc_quantize(run, cfg, fp32, recipe, calib, agreement.x, judge)
                if qc.tuner != "builtin" and at_least is None and not skip else None)
         if skip:
-            log.warning("accuracy guard: %s", skip["why"])
             rec = guarded_quantize(fp32, run.file(FILES["int8"]), calib, recipe, judge, fallback="none")
+            # the advice, now that plain INT8's rate on these images is known
+            skip = search_skipped(skip["images"], certify.images, cfg, info, adapted,
+                                  rate=certify.detail(run.file(FILES["int8"]))["rate"])
+            log.warning("accuracy guard: %s", skip["why"])
             rec["guard"].update(tuner="none: plain INT8, not searched", search_skipped=skip)
         elif rec is None or not rec["guard"]["within_bound"]:
             inc = rec["guard"].get("inc") if rec else None
@@ -119,18 +122,36 @@ def quantize(st: Stage) -> dict:
                 rec["guard"]["inc"] = inc
         g = rec["guard"]
         g["host_is_target"] = target["target"] == target["host"]  # QAT reads it: may this host's speed decide?
-        # QAT trains on the train split: it is judged (and certified) on the images it did not train on
-        trained = np.arange(len(ws.tensors("train")[0])) if not adapted else np.zeros(0, np.int64)
-        qat_agreement = agreement.without(fp32, trained) if agreement.out_of_fold else agreement
-        # a QAT file is certified on the certify images it did not train on: where even one that never disagrees
-        # with FP32 could not be proven there, QAT (minutes of training) cannot make an INT8 file worth shipping
-        no_proof = unprovable(qat_certificate_images(certify, trained, qat_agreement), cfg.max_accuracy_drop,
-                              fitted=bool(info.get("fitted")))
+        # QAT trains on the train split: it is judged (and certified) on the images it did not train on. After a
+        # kept --adapt-bn it distils on the search half's target images only, and the certify half judges it
+        distil_on = None
+        if not adapted:
+            trained = np.arange(len(ws.tensors("train")[0]))
+            qat_agreement = agreement.without(fp32, trained) if agreement.out_of_fold else agreement
+            qat_certify = certify
+            if certify.out_of_fold:  # a QAT file is certified on the certify images it did not train on
+                qat_certify = certify.without(fp32, trained)
+                qat_certify = qat_certify if qat_certify is not None else qat_agreement
+            qat_images = qat_certificate_images(certify, trained, qat_agreement)
+        elif split:
+            distil_on = split[0]
+            qat_agreement = qat_certify = certify if not skip else certify.only(fp32, split[1])
+            qat_images = qat_certify.images
+        else:  # every target image would be one it distilled on: none is left to judge it
+            qat_agreement = qat_certify = None
+            qat_images = 0
+        # where even a QAT file that never disagrees with FP32 could not be proven on the images that would
+        # certify it, QAT (minutes of training) cannot make an INT8 file worth shipping
+        no_proof = unprovable(qat_images, cfg.max_accuracy_drop, fitted=bool(info.get("fitted")))
+        # a proven post-training file is replaced only by a QAT file that its own certificate proves too
+        ptq_proven = (bool(g["within_bound"]) and not info.get("fitted")
+                      and within(certify.detail(run.file(FILES["int8"]))["upper95"], cfg.max_accuracy_drop))
+        proves = ((lambda path: qat_certify is not None
+                   and within(qat_certify.detail(path)["upper95"], cfg.max_accuracy_drop)) if ptq_proven else None)
         rec, shipped_qat = _qat(run, cfg, ws, fp32, recipe, calib, rec, qat_agreement, at_least, adapted,
-                                no_proof=no_proof)
-        if shipped_qat and certify.out_of_fold:
-            judge = certify.without(fp32, trained)
-            certify = judge if judge is not None else qat_agreement
+                                no_proof=no_proof, proves=proves, distil_on=distil_on)
+        if shipped_qat and (certify.out_of_fold or adapted):
+            certify = qat_certify
             info = {**info, "qat_judged_on": f"{certify.images} images QAT did not train on"}
         held = int(certify.labelled().sum()) if held_out else 0
         fp32_val = certify.fp32_accuracy() if held else None
@@ -170,34 +191,48 @@ def quantize(st: Stage) -> dict:
     return rec
 
 
-def search_skipped(certify: int, unseen: int, cfg: RunConfig, info: dict, adapted: bool = False) -> dict | None:
+def search_skipped(certify: int, unseen: int, cfg: RunConfig, info: dict, adapted: bool = False,
+                   rate: float | None = None) -> dict | None:
     """Why the guard's search for an INT8 file within the bound is not run (None: it is): `guard.unprovable` of
     the `certify` images that would certify the file it chose (half the `unseen` ones, `guard.search_and_certify`,
-    or all of them where too few to split). Without a search plain INT8 is certified on all `unseen` images, so
-    the record says how many more would let it be proven (if it disagrees with FP32 on none), and whether the
-    guard's limits hold that many (`info`: the agreement set's, `guard.agreement_set`/`target_set`).
-    EDGEXFER_SEARCH_UNPROVABLE=1 (`QuantizeConfig.search_unprovable`) runs the search anyway."""
-    no = unprovable(certify, cfg.max_accuracy_drop, fitted=bool(info.get("fitted")))
+    or all of them where too few to split). Without a search plain INT8 is certified on all `unseen` images.
+    The record says about how many more unseen images would let a file be proven, from plain INT8's measured
+    disagreement `rate` over them once known (None: before, as if it disagreed on none): within the bound, the
+    certificate that rate needs (`guard.images_needed`); over it, the images a search needs for its choice to be
+    provable on the half that certifies it (about twice as many); and whether the guard's limits hold that many
+    (`info`: the agreement set's, `guard.agreement_set`/`target_set`). EDGEXFER_SEARCH_UNPROVABLE=1
+    (`QuantizeConfig.search_unprovable`) runs the search anyway."""
+    from edgexfer.guard import CERTIFY_SHARE
+
+    bound = cfg.max_accuracy_drop
+    no = unprovable(certify, bound, fitted=bool(info.get("fitted")))
     if not no:
         return None
-    need = no.get("images_needed")
-    more = max(0, need - unseen) if need and not info.get("fitted") else None
     where = "in the --adapt-bn folder" if adapted else "of the domain (--guard-data DIR)"
-    how = (f"about {more} more unlabelled photos {where} would let plain INT8 be proven, if it disagrees with FP32 "
-           f"on none of them" if more else f"unlabelled photos {where} would let a file be proven")
+    need, what = no.get("images_needed"), "plain INT8 be proven, if it disagrees with FP32 on none of them"
+    if rate is not None and rate > 0 and need:
+        if within(rate, bound):
+            need, what = images_needed(rate, bound, unseen), f"plain INT8 be proven at the rate it measured ({rate:.1%})"
+        else:  # a search must keep layers in FP32, and half the images certify its choice (each half rounds)
+            need = int(np.ceil(need / CERTIFY_SHARE)) + 2
+            what = (f"the search run (plain INT8 disagrees with FP32 on {rate:.1%} of them, over the bound) and its "
+                    f"choice be proven, if that disagrees on none of the half that certifies it")
+    more = max(0, need - unseen) if need and not info.get("fitted") else None
+    how = (f"about {more} more unlabelled photos {where} would let {what}" if more else
+           "they prove plain INT8" if more == 0 else f"unlabelled photos {where} would let a file be proven")
     per_image = info.get("bytes", 0) / max(info.get("images", 0), 1)
     room = min(int(info.get("labelled") or 0) + cfg.quantize.guard_images,
                int(info["max_bytes"] // per_image) if per_image and info.get("max_bytes") else 10**9)
     if more and need > room:
         how += (f" (the guard holds at most {room} unseen images at these settings: EDGEXFER_GUARD_IMAGES and "
                 f"EDGEXFER_GUARD_MAX_MB raise that)")
-    return {**no, "unseen": int(unseen), "more_images_needed": more,
+    return {**no, "unseen": int(unseen), "more_images_needed": more, "plain_int8_rate": rate,
             "short": f"not searched: no INT8 file can be proven on the {certify} images that would certify a search's "
                      f"choice; {how}",
-            "why": f"no INT8 file can be proven within the {cfg.max_accuracy_drop:.1%} bound on the {certify} images "
-                   f"that would certify a search's choice ({no['why']}), so the search among INT8 candidates was not "
-                   f"run: plain INT8 was written and measured on all {unseen} unseen images, unproven unless they "
-                   f"prove it; {how} (EDGEXFER_SEARCH_UNPROVABLE=1 searches anyway)"}
+            "why": f"no INT8 file can be proven within the {bound:.1%} bound on the {certify} images that would "
+                   f"certify a search's choice ({no['why']}), so the search among INT8 candidates was not run: plain "
+                   f"INT8 was written and measured on all {unseen} unseen images, unproven unless they prove it; "
+                   f"{how} (EDGEXFER_SEARCH_UNPROVABLE=1 searches anyway)"}
 
 
 def qat_certificate_images(certify, trained: np.ndarray, fallback) -> int:
@@ -210,23 +245,29 @@ def qat_certificate_images(certify, trained: np.ndarray, fallback) -> int:
 
 
 def _qat(run, cfg, ws, fp32, recipe, calib, rec, agreement, at_least, adapted: bool = False,
-         no_proof: dict | None = None) -> tuple[dict, bool]:
+         no_proof: dict | None = None, proves: Callable[[Path], bool] | None = None,
+         distil_on: np.ndarray | None = None) -> tuple[dict, bool]:
     """Quantization-aware fine-tuning as one more candidate (edgexfer/qat.py: when it runs and when it ships),
     judged like the post-training ones (`guard.agreement_judge`) on `agreement` (a `guard.Agreement` over images
     QAT does not train on, or None when there is none); records guard.qat and returns the quantize record of what
     ships, and whether QAT shipped. `no_proof`: `guard.unprovable` of the images a QAT file would be certified on
-    (`qat.compete`'s last reason not to train)."""
+    (`qat.compete`'s last reason not to train); `proves`: where the post-training file is proven, whether a QAT
+    file's own certificate proves it (one that does not, does not replace it)."""
     from edgexfer.qat import compete
 
     g = rec["guard"]
     if agreement is None:
-        g["qat"] = {"tried": False, "reason": "every image the guard measures on is one QAT would train on (the "
+        g["qat"] = {"tried": False, "reason": "every target image the guard measures on would be one QAT distils on "
+                                              "(too few to hold some out): none left to judge it on; more images in "
+                                              "the --adapt-bn folder give some" if adapted else
+                                              "every image the guard measures on is one QAT would train on (the "
                                               "out-of-fold training images): none left to judge it on; --guard-data "
                                               "DIR gives some"}
         return rec, False
     evidence = agreement.evidence if agreement.labelled().any() else None
     judge = agreement_judge(agreement, cfg.max_accuracy_drop, evidence=evidence, target=at_least)
-    g["qat"], shipped = compete(run, cfg, ws, fp32, recipe, calib, g, judge, adapted=adapted, no_proof=no_proof)
+    g["qat"], shipped = compete(run, cfg, ws, fp32, recipe, calib, g, judge, adapted=adapted, no_proof=no_proof,
+                                proves=proves, distil_on=distil_on)
     if shipped is None:
         return rec, False
     row = g["qat"]["row"]

@@ -190,7 +190,8 @@ def test_harmful_adaptation_is_reverted_loudly_and_force_keeps_it(image_folder, 
 def test_benign_adaptation_is_kept_and_int8_judged_on_the_target(image_folder, tmp_path, monkeypatch):
     """A benign shift keeps AdaBN; then the quantize stage's agreement set is the target folder's images and
     views of them (not the source's labelled images, which the adapted model is no longer for), the source
-    validation split does not vote, QAT distils on the target only, and FP32's own stability under
+    validation split does not vote, QAT distils on the target only (the search half's images: the certify half
+    judges it), and FP32's own stability under
     half-a-level pixel noise is recorded beside the agreement."""
     target = _target_folder(tmp_path / "target", lambda a, g: a * 1.05 + 2)  # slightly brighter
     p = run_cli("finetune", "--data", image_folder, "--out", tmp_path / "r", *ARGS, "--adapt-bn", target, check=True)
@@ -227,7 +228,9 @@ def test_benign_adaptation_is_kept_and_int8_judged_on_the_target(image_folder, t
     st = g["fp32_stability"]
     assert st["images"] == 90 and 0 <= st["agreement"] <= 1 and "0.5 of a pixel level" in st["noise"]
     q = g["qat"]
-    assert q["tried"] and q["images"] == {"labelled": 0, "unlabelled_views": 68}
+    # QAT distils on the search half's 30 target images and 8 views of them; the other 30 judge and certify it
+    assert q["tried"] and q["images"] == {"labelled": 0, "unlabelled_views": 38}
+    assert q["row"]["guard_accuracy"] is not None and g["disagreement"]["images"] == 30
 
 
 def test_force_without_adapt_bn_is_a_user_error(image_folder, tmp_path):

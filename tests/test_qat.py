@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -136,7 +137,7 @@ def test_qat_is_not_trained_where_no_file_could_be_proven(tmp_path, monkeypatch,
     (tmp_path / "checkpoint.pt").write_bytes(b"")
     monkeypatch.setattr(qat, "_latency", lambda paths, threads: {"fp32": 1.0, "ptq": 1.0})  # the PTQ choice: 1.0x
     trained = []
-    monkeypatch.setattr(qat, "training_images", lambda *a: trained.append(1) or (_ for _ in ()).throw(RuntimeError("trains")))
+    monkeypatch.setattr(qat, "training_images", lambda *a, **k: trained.append(1) or (_ for _ in ()).throw(RuntimeError("trains")))
     cfg = RunConfig()
     guard = {"within_bound": within, "chosen_fp32_layers": 6}
     no = unprovable(21, cfg.max_accuracy_drop)
@@ -192,5 +193,41 @@ def test_the_search_is_skipped_where_no_file_could_be_proven():
     # a stricter bound needs more images than the guard holds at its default limits: it says so
     strict = __import__("dataclasses").replace(cfg, max_accuracy_drop=0.002)
     assert "the guard holds at most 1210 unseen images" in search_skipped(105, 210, strict, info)["why"]
+    # once plain INT8's rate on them is known: within the bound, the certificate that rate needs; over it, about
+    # twice the certificate a file with no disagreement needs, since a search's choice is certified on half
+    from edgexfer.guard import CERTIFY_SHARE, images_needed
+
+    at = search_skipped(105, 210, cfg, info, rate=0.005)
+    assert at["more_images_needed"] == images_needed(0.005, 0.01, 210) - 210 and "at the rate it measured (0.5%)" in at["why"]
+    over = search_skipped(105, 210, cfg, info, rate=0.025)
+    assert over["more_images_needed"] == int(np.ceil(need / CERTIFY_SHARE)) + 2 - 210
+    assert "plain INT8 disagrees with FP32 on 2.5% of them, over the bound" in over["why"]
+    assert search_skipped(105, 800, cfg, info, rate=0.0)["short"].endswith("they prove plain INT8")
     fitted = search_skipped(5000, 5000, cfg, {**info, "fitted": True})
     assert fitted["more_images_needed"] is None and "(--guard-data DIR) would let a file be proven" in fitted["why"]
+
+
+@pytest.mark.parametrize("proven", [False, True])
+def test_a_proven_ptq_file_is_not_replaced_by_an_unproven_qat_file(tmp_path, monkeypatch, proven):
+    """QAT that is within the bound and faster replaces the PTQ choice, unless the PTQ choice is proven and the QAT
+    file's own certificate does not prove it (`proves`): a user who had a proven file keeps one."""
+    import edgexfer.exporters.metadata_io as mio
+    import edgexfer.qat as qat
+    from edgexfer.config import RunConfig
+
+    (tmp_path / "checkpoint.pt").write_bytes(b"")
+    (tmp_path / "model.int8.onnx").write_bytes(b"ptq")
+    monkeypatch.setattr(qat, "_latency", lambda paths, threads: {"fp32": 1.0, "ptq": 1.0, "qat": 0.5})
+    monkeypatch.setattr(qat, "training_images", lambda *a, **k: (np.zeros((4, 3, 8, 8), np.float32), np.zeros(4, np.int64),
+                                                            np.zeros((0, 3, 8, 8), np.float32)))
+    monkeypatch.setattr(qat, "make_qat_int8", lambda ckpt, fp32, q, *a, **k: Path(q).write_bytes(b"qat") and {})
+    monkeypatch.setattr(mio, "read_meta", lambda p: type("M", (), {"quantization": {"method": "qat"}})())
+    asked = []
+    judge = lambda q: {"guard_accuracy": 1.0, "within_bound": True}  # noqa: E731
+    guard = {"within_bound": True, "chosen_fp32_layers": 6}
+    entry, shipped = qat.compete(_Run(tmp_path), RunConfig(), _Ws(), tmp_path / "model.onnx", None, None, guard,
+                                 judge, proves=lambda q: asked.append(q) or proven)
+    assert entry["tried"] and len(asked) == 1 and entry["chosen"] is proven
+    assert (tmp_path / "model.int8.onnx").read_bytes() == (b"qat" if proven else b"ptq")
+    if not proven:
+        assert shipped is None and "a proven file is not replaced by an unproven one" in entry["why"]
