@@ -344,9 +344,7 @@ def training_images(cfg, ws, adapted: bool = False, distil_on: np.ndarray | None
 
     if adapted:
         from edgexfer.data import list_images
-        from edgexfer.quantize_stage import target_images
-
-        from edgexfer.quantize_stage import target_order
+        from edgexfer.quantize_stage import target_images, target_order
 
         x = target_images(cfg, ws, most)
         files = list_images(cfg.train.adapt_bn, follow_symlinks=cfg.data.follow_symlinks)

@@ -92,8 +92,6 @@ def quantize(st: Stage) -> dict:
                                 f"all {full.images} images: no search chose among files (none could be proven), "
                                 f"so none is held out" if skip else
                                 "the images the search chose on (too few to hold some out): biased low")
-        if skip:
-            info["search_skipped"] = True
         del full
         del xg
         held_out = info["labelled"] if info["labelled_from"] in ("out-of-fold", "validation") else 0
@@ -129,20 +127,18 @@ def quantize(st: Stage) -> dict:
             trained = np.arange(len(ws.tensors("train")[0]))
             qat_agreement = agreement.without(fp32, trained) if agreement.out_of_fold else agreement
             qat_certify = certify
-            if certify.out_of_fold:  # a QAT file is certified on the certify images it did not train on
-                qat_certify = certify.without(fp32, trained)
+            if certify.out_of_fold:  # a QAT file is certified on the certify images it did not train on (those
+                qat_certify = certify.without(fp32, trained)  # of the search set where none is left)
                 qat_certify = qat_certify if qat_certify is not None else qat_agreement
-            qat_images = qat_certificate_images(certify, trained, qat_agreement)
         elif split:
             distil_on = split[0]
             qat_agreement = qat_certify = certify if not skip else certify.only(fp32, split[1])
-            qat_images = qat_certify.images
         else:  # every target image would be one it distilled on: none is left to judge it
             qat_agreement = qat_certify = None
-            qat_images = 0
         # where even a QAT file that never disagrees with FP32 could not be proven on the images that would
         # certify it, QAT (minutes of training) cannot make an INT8 file worth shipping
-        no_proof = unprovable(qat_images, cfg.max_accuracy_drop, fitted=bool(info.get("fitted")))
+        no_proof = unprovable(qat_certify.images if qat_certify is not None else 0, cfg.max_accuracy_drop,
+                              fitted=bool(info.get("fitted")))
         # a proven post-training file is replaced only by a QAT file that its own certificate proves too
         ptq_proven = (bool(g["within_bound"]) and not info.get("fitted")
                       and within(certify.detail(run.file(FILES["int8"]))["upper95"], cfg.max_accuracy_drop))
@@ -233,15 +229,6 @@ def search_skipped(certify: int, unseen: int, cfg: RunConfig, info: dict, adapte
                    f"certify a search's choice ({no['why']}), so the search among INT8 candidates was not run: plain "
                    f"INT8 was written and measured on all {unseen} unseen images, unproven unless they prove it; "
                    f"{how} (EDGEXFER_SEARCH_UNPROVABLE=1 searches anyway)"}
-
-
-def qat_certificate_images(certify, trained: np.ndarray, fallback) -> int:
-    """How many images would certify a QAT file (as the stage certifies one that ships): after a cross-validated
-    probe (`certify.out_of_fold`), the certify set's images outside `trained` (QAT trains on the train split; an
-    image's augmented views are one image), else every image of the certify set; where none is left, those of
-    `fallback` (the search set's images QAT did not train on; None: none)."""
-    n = len(np.unique(certify.rows[~np.isin(certify.rows, trained)])) if certify.out_of_fold else certify.images
-    return int(n or (fallback.images if fallback is not None else 0))
 
 
 def _qat(run, cfg, ws, fp32, recipe, calib, rec, agreement, at_least, adapted: bool = False,

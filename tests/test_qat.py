@@ -155,22 +155,6 @@ def test_qat_is_not_trained_where_no_file_could_be_proven(tmp_path, monkeypatch,
     assert len(trained) == 2
 
 
-def test_the_images_that_would_certify_a_qat_file():
-    """As the stage certifies a QAT file that ships: the certify set's images outside the train split (views of
-    one image count once), every certify image without out-of-fold answers, the fallback's where none is left."""
-    from types import SimpleNamespace as NS
-
-    from edgexfer.quantize_stage import qat_certificate_images
-
-    rows = np.array([0, 1, 5, 5, 5, 7, 9, 9, 12])  # images 5 and 9 with views; 0 and 1 trained on
-    trained = np.arange(4)
-    assert qat_certificate_images(NS(rows=rows, out_of_fold=True, images=6), trained, None) == 4  # 5, 7, 9, 12
-    assert qat_certificate_images(NS(rows=rows, out_of_fold=False, images=6), trained, None) == 6
-    only_trained = NS(rows=np.array([0, 1, 1]), out_of_fold=True, images=2)
-    assert qat_certificate_images(only_trained, trained, NS(images=11)) == 11
-    assert qat_certificate_images(only_trained, trained, None) == 0
-
-
 def test_the_search_is_skipped_where_no_file_could_be_proven():
     """The post-training search's reason not to run: `unprovable` on the images that would certify its choice
     (half the unseen ones), with about how many more unseen images (--guard-data) would let plain INT8, certified
