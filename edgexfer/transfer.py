@@ -171,11 +171,13 @@ def _latencies_ms(nets: dict[str, tuple], threads: int, iters: int = 40) -> dict
     return {n: round(r["p50"], 3) for n, r in res.items()}
 
 
-def select_backbone(data, candidates: list[str], image_sizes: dict[str, int], *, threads: int = 2,
+def select_backbone(data, candidates: list[str], image_sizes: dict[str, int | list[int]], *, threads: int = 2,
                     max_latency_ms: float | None = None, seed: int = 0, batch_size: int = 32) -> dict:
-    """`--backbone auto`: the backbone whose frozen features a linear probe classifies best, held out, on the
-    run's labelled images (train + validation; never the test split), among the candidates within
-    `max_latency_ms` at batch 1 on this host.
+    """`--backbone auto`: the backbone, and its input size, whose frozen features a linear probe classifies
+    best, held out, on the run's labelled images (train + validation; never the test split), among the
+    candidates within `max_latency_ms` at batch 1 on this host. `image_sizes` gives each backbone's size, or
+    sizes: each (backbone, size) pair is a candidate (`data.auto_image_sizes`: photos also at 1.15x the
+    pretraining size).
 
     Why held-out accuracy decides, not LogME: with fewer labelled images than feature dimensions (150
     photos vs 1,280 features on a 30-per-class set) LogME's evidence has no finite maximum and its ranking
@@ -195,10 +197,19 @@ def select_backbone(data, candidates: list[str], image_sizes: dict[str, int], *,
     images = list(data.train.images) + list(data.val.images)
     labels = np.concatenate([data.train.labels, data.val.labels])  # the first task's (-1: unlabelled)
     keep = labels >= 0
+    def sizes(spec: str) -> list[int]:
+        s = image_sizes[parse_candidate(spec)[0]]
+        return [int(s)] if isinstance(s, (int, np.integer)) else [int(v) for v in s]
+
+    pairs = [(spec, size) for spec in candidates for size in sizes(spec)]
+    named = len({parse_candidate(spec)[0] for spec, _ in pairs}) == len(pairs)  # one size each: rows go by name
+
+    def label(row: dict) -> str:
+        return row["backbone"] if named else f"{row['backbone']} at {row['image_size']} px"
+
     rows, nets = [], {}
-    for spec in candidates:
+    for spec, size in pairs:
         name, weights = parse_candidate(spec)
-        size = image_sizes[name]
         t0 = time.perf_counter()
         torch.manual_seed(seed)
         net = build_backbone(name, weights=weights, image_size=size).eval()
@@ -213,25 +224,25 @@ def select_backbone(data, candidates: list[str], image_sizes: dict[str, int], *,
         if cv is not None:
             row.update({k: v for k, v in cv.items() if k != "correct"}, _correct=cv["correct"])
         rows.append(row)
-        nets[name] = (net, size)
+        nets[label(row)] = (net, size)
         log.info("backbone auto: %-22s %3d px  probe leave-one-out accuracy %s  LogME %.4f  (%.1f s)", name, size,
                  f"{row['cv_accuracy']:.4f} ± {row['cv_stderr']:.4f}" if cv else "n/a", row["logme"], row["seconds"])
     lat = _latencies_ms(nets, threads)
     for r in rows:
-        r["latency_p50_ms"] = lat[r["backbone"]]
+        r["latency_p50_ms"] = lat[label(r)]
         r["within_latency"] = max_latency_ms is None or r["latency_p50_ms"] <= max_latency_ms
     ok = [r for r in rows if r["within_latency"]]
     if not ok:
         fastest = min(rows, key=lambda r: r["latency_p50_ms"])
         raise EdgexferError(f"--max-latency-ms {max_latency_ms:g}: no backbone runs that fast here (fastest: "
-                            f"{fastest['backbone']} at {fastest['latency_p50_ms']:.2f} ms, batch 1)")
+                            f"{label(fastest)}, {fastest['latency_p50_ms']:.2f} ms at batch 1)")
     by = "cv_accuracy" if all("cv_accuracy" in r for r in ok) else "logme"
     ok.sort(key=lambda r: (-r[by], r["latency_p50_ms"]))
     chosen = ok[0]
     lead = None
     if by == "cv_accuracy" and len(ok) > 1:
         d = chosen["_correct"] - ok[1]["_correct"]
-        lead = {"over": ok[1]["backbone"], "points": round(100 * (chosen[by] - ok[1][by]), 2),
+        lead = {"over": label(ok[1]), "points": round(100 * (chosen[by] - ok[1][by]), 2),
                 "paired_stderr_points": round(100 * float(d.std(ddof=1) / np.sqrt(len(d))), 2)}
     for r in rows:
         r.pop("_correct", None)

@@ -44,6 +44,10 @@ def test_select_backbone_ranks_and_honours_the_latency_limit(tmp_path):
     assert sel["images"] == len(ds.train) + len(ds.val)  # train + validation, never the test split
     with pytest.raises(EdgexferError, match="no backbone runs that fast"):
         select_backbone(ds, names, {n: 32 for n in names}, max_latency_ms=1e-6)
+    # several sizes of one backbone: each (backbone, size) is a candidate, named with its size
+    two = select_backbone(ds, names[:1], {names[0]: [32, 40]})
+    assert sorted(r["image_size"] for r in two["candidates"]) == [32, 40] and two["image_size"] in (32, 40)
+    assert two["lead"]["over"] in (f"{names[0]} at 32 px", f"{names[0]} at 40 px") and " px" in two["reason"]
 
 
 def test_run_backbone_auto_records_and_resumes(tmp_path):

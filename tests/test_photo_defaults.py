@@ -7,7 +7,7 @@ from PIL import Image
 
 from edgexfer.cli import default_run_name
 from edgexfer.config import build_config
-from edgexfer.data import auto_image_size
+from edgexfer.data import auto_image_size, auto_image_sizes, fixres_size
 from tests.conftest import make_image_folder, run_cli
 
 BASE = dict(test_size=2000, seed=0, strict=False, backbone="efficientnet_lite0", weights="imagenet",
@@ -27,6 +27,19 @@ def test_auto_size_photos_get_the_pretraining_resolution(tmp_path):
     size, why = auto_image_size(str(_photos(tmp_path / "p")), 224)
     assert size == 224 and "160 px" in why and "pretraining resolution" in why
     assert auto_image_size(str(_photos(tmp_path / "q")), 260)[0] == 260  # Lite2's own resolution
+
+
+def test_backbone_auto_also_tries_photos_at_fixres_size(tmp_path):
+    """Under --backbone auto photos are compared at the pretraining size and at 1.15x it (FixRes); small
+    images and Fashion-MNIST at their one size (upsampling them further adds time, not detail)."""
+    assert [fixres_size(s) for s in (224, 240, 260)] == [256, 276, 300]
+    photos = auto_image_sizes(str(_photos(tmp_path / "p")), 240)
+    assert [s for s, _ in photos] == [240, 276]
+    assert "pretraining resolution, 240 px" in photos[0][1] and "276 px, 1.15x" in photos[1][1] and "160 px" in photos[1][1]
+    assert [s for s, _ in auto_image_sizes(str(make_image_folder(tmp_path / "s", per_class=3)), 224)] == [96]
+    assert [s for s, _ in auto_image_sizes(None, 224)] == [96]
+    (tmp_path / "empty" / "a").mkdir(parents=True)  # nothing to measure: the pretraining size alone
+    assert [s for s, _ in auto_image_sizes(str(tmp_path / "empty"), 224)] == [224]
 
 
 def test_auto_size_small_images_and_fashion_mnist(tmp_path):
