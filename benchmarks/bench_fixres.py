@@ -33,11 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "fixres.json"
 SETS = ("flowers-dev", "aerial-dev")
 BACKBONES = (("efficientnet_lite0", 224), ("efficientnet_lite1", 240), ("efficientnet_lite2", 260))
-FACTOR = 1.15
-
-
-def larger(size: int) -> int:
-    return int(round(size * FACTOR / 4) * 4)
+sys.path.insert(0, str(ROOT))
+from edgexfer.data import FIXRES_FACTOR as FACTOR  # noqa: E402 - the factor `--backbone auto` now uses
+from edgexfer.data import fixres_size as larger  # noqa: E402
 
 
 def split(root: Path, part: str, classes: list[str]) -> tuple[list[Path], np.ndarray]:

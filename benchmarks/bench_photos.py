@@ -149,8 +149,9 @@ def _section(name: str, r: dict) -> list[str]:
     sel = d.get("backbone_selection")
     if sel:
         lines += ["`--backbone auto` on the labelled images: " + ", ".join(
-            f"{c['backbone']} {c['cv_accuracy']:.3f} ± {c['cv_stderr']:.3f} (p50 {c['latency_p50_ms']:.1f} ms)"
-            for c in sel["candidates"] if "cv_accuracy" in c) + f" -> {sel['chosen']}.", ""]
+            f"{c['backbone']} at {c['image_size']} px {c['cv_accuracy']:.3f} ± {c['cv_stderr']:.3f} "
+            f"(p50 {c['latency_p50_ms']:.1f} ms)" for c in sel["candidates"] if "cv_accuracy" in c)
+            + f" -> {sel['chosen']} at {sel['image_size']} px.", ""]
     return lines
 
 

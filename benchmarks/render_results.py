@@ -149,8 +149,8 @@ def section_photos() -> str:
     out = ["## Real photos (issue 12; `python benchmarks/bench_photos.py` → results/photos.json)", "",
            prov("photos.json", d, machine_of={**d["machine"], "cores": d.get("cores")}) + ". " + d.get("note", ""), "",
            bench_photos.markdown(d).split("\n\n", 1)[1].rstrip(), "",
-           "What decides here, on the labelled images only: `--backbone auto` ranks the offline backbones by a "
-           "linear probe's leave-one-out accuracy (the figures above, ± binomial standard error); `--strategy auto` "
+           "What decides here, on the labelled images only: `--backbone auto` ranks the offline backbones, each at "
+           "its pretraining size and at 1.15x it (FixRes), by a linear probe's leave-one-out accuracy (the figures above, ± binomial standard error); `--strategy auto` "
            "takes the cross-validated probe when validation is small (as on both development sets) and LP-FT otherwise; "
            "that probe's cross-validation also chooses which blocks' pooled outputs its head reads (issue 28: the last "
            "layer, the last resolution's stage ends or every stage end, ties within one paired s.e. to fewer features); the "
@@ -760,14 +760,16 @@ def section_fixres() -> str:
 
     d = load("fixres.json")
     return "\n".join([
-        "## A larger input for the frozen backbone (FixRes), measured before it joins `--backbone auto` (issue 28; "
+        "## A larger input for the frozen backbone (FixRes), measured before it joined `--backbone auto` (issue 28; "
         "`python benchmarks/bench_fixres.py` → results/fixres.json)", "", prov("fixres.json", d) + f" (load average "
         f"{d['load_average_start']:.2f} at the start; latencies are interleaved, so their ratios hold where the "
         "host is shared)", "",
         "EfficientNet-Lite was pretrained on random-resized crops, which show objects larger than a centre crop at the "
-        "same size; testing at a larger size compensates (Touvron et al., NeurIPS 2019). `--backbone auto` compares "
-        "each backbone at its pretraining size only; this measures what the larger size would choose, buy and cost. "
-        "Not in the product.", "", bench_fixres.markdown(d)])
+        "same size; testing at a larger size compensates (Touvron et al., NeurIPS 2019). When this was measured "
+        "`--backbone auto` compared each backbone at its pretraining size only; this measured what the larger size "
+        "would choose, buy and cost. Since then `--backbone auto` compares photos at both sizes (`data.auto_image_sizes`), "
+        "the leave-one-out column choosing; \"Real photos\" above is the default run with it.", "",
+        bench_fixres.markdown(d)])
 
 
 def section_partial_ft() -> str:
