@@ -56,6 +56,11 @@ def _labelled(data: Path | None):
 def twenty_line_probe(data: Path | None) -> dict:
     """What a user writes in twenty lines: frozen Lite0 features at 224 px (shorter side 224, centre crop) +
     scikit-learn's LogisticRegressionCV on every labelled image."""
+    return twenty_line_predictions(data)[0]
+
+
+def twenty_line_predictions(data: Path | None) -> tuple[dict, np.ndarray]:
+    """twenty_line_probe's result, and its prediction for each test image (for paired comparisons)."""
     import torch
     from PIL import Image
     from sklearn.linear_model import LogisticRegressionCV
@@ -78,9 +83,10 @@ def twenty_line_probe(data: Path | None) -> dict:
         return torch.cat(out).numpy()
 
     clf = LogisticRegressionCV(max_iter=5000).fit(features(xtr), ytr)
-    acc = float((clf.predict(features(xte)) == yte).mean())
-    return {"test_accuracy": acc, "stderr": math.sqrt(acc * (1 - acc) / len(yte)), "test_images": len(yte),
-            "train_images": len(ytr), "C": float(clf.C_[0]), "seconds": round(time.perf_counter() - t0, 1)}
+    pred = clf.predict(features(xte))
+    acc = float((pred == yte).mean())
+    return ({"test_accuracy": acc, "stderr": math.sqrt(acc * (1 - acc) / len(yte)), "test_images": len(yte),
+             "train_images": len(ytr), "C": float(clf.C_[0]), "seconds": round(time.perf_counter() - t0, 1)}, pred)
 
 
 def edgexfer_run(data: Path | None, name: str, *extra: str) -> dict:
