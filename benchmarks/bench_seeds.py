@@ -46,8 +46,19 @@ SETS = ("flowers-dev", "aerial-dev")
 SEEDS = (0, 1, 2, 3, 4)
 
 
-def _edgexfer(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "edgexfer", *args, "--quiet"], cwd=ROOT, check=True)
+def _finetune_and_export(run: Path, data: Path, seed: int, repeats: int | None, **model) -> None:
+    """What `edgexfer finetune --data DATA --seed SEED [--backbone B --image-size N]` then `edgexfer export RUN` do
+    (the same pipeline stages, in this process), with TrainConfig.probe_cv_repeats set where `repeats` is given."""
+    from edgexfer import pipeline
+    from edgexfer.config import build_config
+
+    cfg = build_config(data=str(data), seed=seed, **model)
+    if repeats is not None:
+        cfg.train.probe_cv_repeats = repeats
+    if cfg.model.backbone == "auto":
+        pipeline.select(run, cfg)
+    pipeline.finetune(run, cfg)
+    pipeline.export(run)
 
 
 def _predict(onnx: Path, images: list[Path], classes: list[str]) -> np.ndarray:
@@ -77,7 +88,7 @@ def _lead(pred: np.ndarray, base: np.ndarray, y: np.ndarray) -> dict:
     return {"points": round(100 * float(d.mean()), 2), "paired_stderr_points": round(100 * float(d.std(ddof=1) / math.sqrt(len(d))), 2)}
 
 
-def case(data: Path, seed: int, probe_pred: np.ndarray) -> dict:
+def case(data: Path, seed: int, probe_pred: np.ndarray, repeats: int | None, before: bool = True) -> dict:
     from bench_photos import _labelled
 
     _, _, xte, yte, classes = _labelled(data)
@@ -85,24 +96,24 @@ def case(data: Path, seed: int, probe_pred: np.ndarray) -> dict:
     try:
         t0 = time.perf_counter()
         run = work / "default"
-        _edgexfer("finetune", "--data", str(data), "--seed", str(seed), "--out", str(run))
-        _edgexfer("export", str(run))
+        _finetune_and_export(run, data, seed, repeats)
         sel = json.loads((run / "backbone_selection.json").read_text())
         pred = _predict(run / "model.onnx", xte, classes)
+        probe = json.loads((run / "report.json").read_text())["training"].get("probe_selection") or {}
         res = {"seed": seed, "chosen": sel["chosen"], "image_size": sel["image_size"],
                "selection_lead": sel.get("lead"),
+               "probe": {"features": (probe.get("features") or {}).get("name"), "C": probe.get("C"),
+                         "cv_accuracy": probe.get("cv_accuracy"), "repeats": probe.get("repeats")},
                "default": {"test_accuracy": round(float((pred == yte).mean()), 4), "over_probe": _lead(pred, probe_pred, yte)}}
         old = _native_choice(sel)
-        res["before_fixres"] = {"backbone": old["backbone"], "image_size": old["image_size"]}
-        if (old["backbone"], old["image_size"]) == (sel["chosen"], sel["image_size"]):
+        res["before_fixres"] = {"backbone": old["backbone"], "image_size": old["image_size"]} if before else None
+        if before and (old["backbone"], old["image_size"]) == (sel["chosen"], sel["image_size"]):
             res["before_fixres"]["same_run"] = True
             res["before_fixres"].update(res["default"])
             res["default_minus_before_fixres"] = {"points": 0.0, "paired_stderr_points": 0.0}
-        else:
+        elif before:
             run0 = work / "before-fixres"
-            _edgexfer("finetune", "--data", str(data), "--seed", str(seed), "--out", str(run0),
-                      "--backbone", old["backbone"], "--image-size", str(old["image_size"]))
-            _edgexfer("export", str(run0))
+            _finetune_and_export(run0, data, seed, repeats, backbone=old["backbone"], image_size=old["image_size"])
             pred0 = _predict(run0 / "model.onnx", xte, classes)
             res["before_fixres"].update({"same_run": False, "test_accuracy": round(float((pred0 == yte).mean()), 4),
                                          "over_probe": _lead(pred0, probe_pred, yte)})
@@ -129,18 +140,22 @@ def markdown(res: dict) -> str:
                   "| seed | `--backbone auto` chose | FP32 test | lead over the probe | before FixRes | its lead | "
                   "default minus before |", "|---|---|---|---|---|---|---|"]
         cases = sorted(s["cases"].values(), key=lambda c: c["seed"])
+        lead = lambda x: f"{x['points']:+.1f} ± {x['paired_stderr_points']:.1f}"  # noqa: E731
         for c in cases:
-            d, b, g = c["default"], c["before_fixres"], c["default_minus_before_fixres"]
-            lead = lambda x: f"{x['points']:+.1f} ± {x['paired_stderr_points']:.1f}"  # noqa: E731
+            d, b = c["default"], c["before_fixres"]
             lines.append(f"| {c['seed']} | {c['chosen']} at {c['image_size']} px | {d['test_accuracy']:.3f} | "
-                         f"{lead(d['over_probe'])} | {b['backbone']} at {b['image_size']} px"
-                         f"{' (same run)' if b.get('same_run') else ''} | {lead(b['over_probe'])} | {lead(g)} |")
+                         f"{lead(d['over_probe'])} | "
+                         + (f"{b['backbone']} at {b['image_size']} px{' (same run)' if b.get('same_run') else ''} | "
+                            f"{lead(b['over_probe'])} | {lead(c['default_minus_before_fixres'])} |" if b else
+                            "not run | – | – |"))
         if len(cases) > 1:
             m, se = _mean([c["default"]["over_probe"]["points"] for c in cases])
-            m0, se0 = _mean([c["before_fixres"]["over_probe"]["points"] for c in cases])
             met = sum(c["default"]["over_probe"]["points"] >= 3 for c in cases)
             lines += ["", f"Mean lead over {len(cases)} seeds: {m:+.2f} ± {se:.2f} points (standard error over seeds; "
-                      f"the +3-point bound met by {met} of {len(cases)}); before FixRes {m0:+.2f} ± {se0:.2f}."]
+                      f"the +3-point bound met by {met} of {len(cases)})"
+                      + (f"; before FixRes {_mean([c['before_fixres']['over_probe']['points'] for c in cases])[0]:+.2f} ± "
+                         f"{_mean([c['before_fixres']['over_probe']['points'] for c in cases])[1]:.2f}"
+                         if all(c["before_fixres"] for c in cases) else "") + "."]
         lines.append("")
     return "\n".join(lines)
 
@@ -150,6 +165,10 @@ def main() -> int:
     ap.add_argument("--sets", default=",".join(SETS), help="development sets in ../shared/data, comma-separated")
     ap.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="seeds, comma-separated")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--no-before-fixres", action="store_true",
+                    help="skip the run with the choice made before FixRes sizes joined --backbone auto")
+    ap.add_argument("--probe-cv-repeats", type=int, default=None,
+                    help="set TrainConfig.probe_cv_repeats (default: its default) for a variant's measurement")
     ap.add_argument("--markdown", action="store_true", help="print the RESULTS.md paragraph from the results JSON")
     args = ap.parse_args()
     if args.markdown:
@@ -167,8 +186,12 @@ def main() -> int:
         print(f"bench_seeds: {args.out} was measured at {res['commit']}, HEAD is {commit}: move it aside to start "
               "again", file=sys.stderr)
         return 2
-    res.update({"command": "python benchmarks/bench_seeds.py", "commit": commit, "machine": cpu_info(),
-                "cores": os.cpu_count()})
+    if res.get("probe_cv_repeats", args.probe_cv_repeats) != args.probe_cv_repeats:
+        print(f"bench_seeds: {args.out} was measured with --probe-cv-repeats {res['probe_cv_repeats']}", file=sys.stderr)
+        return 2
+    res.update({"command": "python benchmarks/bench_seeds.py" + "".join(f" {a}" for a in sys.argv[1:]),
+                "commit": commit, "machine": cpu_info(), "cores": os.cpu_count(),
+                "probe_cv_repeats": args.probe_cv_repeats})
     (ROOT / "runs").mkdir(exist_ok=True)
     for name in args.sets.split(","):
         data = ROOT.parent / "shared" / "data" / name
@@ -181,7 +204,7 @@ def main() -> int:
         for seed in map(int, args.seeds.split(",")):
             if str(seed) in s["cases"]:
                 continue
-            s["cases"][str(seed)] = case(data, seed, probe_pred)
+            s["cases"][str(seed)] = case(data, seed, probe_pred, args.probe_cv_repeats, not args.no_before_fixres)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(res, indent=1) + "\n")  # each case as it finishes
             print(json.dumps(s["cases"][str(seed)]), flush=True)

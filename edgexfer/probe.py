@@ -132,12 +132,13 @@ def view_folds(t: np.ndarray, k: int, seed: int, views: int) -> list[tuple[np.nd
 
 
 def cv_probe(head: torch.nn.Linear, f: torch.Tensor, y: torch.Tensor, balanced: bool, seed: int,
-             views: torch.Tensor | None = None) -> dict | None:
+             views: torch.Tensor | None = None, repeats: int = 1) -> dict | None:
     """Fit `head` as multinomial logistic regression on features `f` (N, D) and labels `y` (N,), its L2
     strength chosen by stratified k-fold cross-validation (scikit-learn's LogisticRegressionCV, k = min(5,
     the smallest class)); None when some class has fewer than 2 images (nothing to cross-validate).
     `views` (V, N, D): features of V augmented views of the same images, fitted beside them (view_folds
-    keeps every view of a held-out image out of its fold)."""
+    keeps every view of a held-out image out of its fold). `repeats` > 1: the k folds are drawn that many times
+    (seed, seed + 1, ...) and the strength's score averages over all of them (as `cv_candidate`)."""
     import warnings
 
     from sklearn.linear_model import LogisticRegressionCV
@@ -148,7 +149,8 @@ def cv_probe(head: torch.nn.Linear, f: torch.Tensor, y: torch.Tensor, balanced: 
         return None
     k = int(min(5, counts.min()))
     v = 0 if views is None else len(views)
-    folds = view_folds(t, k, seed, v)
+    repeats = max(1, repeats)
+    folds = [fold for r in range(repeats) for fold in view_folds(t, k, seed + r, v)]
     if v:
         x = np.concatenate([x, views.reshape(-1, x.shape[1]).numpy().astype(np.float64)])
         t = np.tile(t, v + 1)
@@ -172,10 +174,12 @@ def cv_probe(head: torch.nn.Linear, f: torch.Tensor, y: torch.Tensor, balanced: 
     with torch.no_grad():
         head.weight.copy_(torch.as_tensor(w, dtype=head.weight.dtype))
         head.bias.copy_(torch.as_tensor(b, dtype=head.bias.dtype))
-    return {"method": f"LogisticRegressionCV, stratified {k}-fold cross-validation over {len(clf.Cs_)} strengths "
-                      f"({PROBE_CS[0]:g} to {PROBE_CS[-1]:g}, log-spaced)"
+    return {"method": f"LogisticRegressionCV, stratified {k}-fold cross-validation"
+                      + (f" repeated over {repeats} partitions" if repeats > 1 else "")
+                      + f" over {len(clf.Cs_)} strengths ({PROBE_CS[0]:g} to {PROBE_CS[-1]:g}, log-spaced)"
                       + (f", fitted on each image and {v} augmented views of it" if v else ""),
-            "images": len(f), "views": v, "folds": k, "C": float(clf.C_[0]), "cv_accuracy": float(fold.mean()),
+            "images": len(f), "views": v, "folds": k, "repeats": repeats, "C": float(clf.C_[0]),
+            "cv_accuracy": float(fold.mean()),
             "cv_stderr": float(fold.std(ddof=1) / np.sqrt(k)), "C_range": [float(PROBE_CS[0]), float(PROBE_CS[-1])],
             "C_at_edge": edge}
 
@@ -327,12 +331,15 @@ def _fit_path(x: np.ndarray, y: np.ndarray, cs: np.ndarray, balanced: bool, x_ou
 
 
 def cv_candidate(blocks: list[np.ndarray], taps: list[int], y: np.ndarray, balanced: bool, k: int, seed: int,
-                 views: list[np.ndarray] | None = None, standardise: bool = True) -> dict:
+                 views: list[np.ndarray] | None = None, standardise: bool = True, repeats: int = 1) -> dict:
     """One candidate's cross-validation: the taps' pooled features (`blocks`: per block (N, C), `views`: per block
     (V, N, C)) concatenated, standardised per tap on each training fold only (`tap_standardiser`; not the last
     layer alone, fitted raw as the plain probe is), multinomial logistic regression at every strength of PROBE_CS
-    on `view_folds`' stratified k folds. Keeps, at the strength with the best mean fold accuracy: each image's
-    held-out correctness (for paired comparisons) and the fold heads, folded into the raw features' space."""
+    on `view_folds`' stratified k folds, `repeats` times over (repeat r draws its folds with seed + r: the
+    strength's and the candidate's scores average over partitions, so which images share a fold decides less).
+    Keeps, at the strength with the best mean fold accuracy: each image's held-out correctness (the share of
+    repeats it was right in, for paired comparisons) and the first repeat's fold heads (seed's folds, as
+    `fold_heads` draws them), folded into the raw features' space."""
     import warnings
 
     n = len(y)
@@ -342,28 +349,35 @@ def cv_candidate(blocks: list[np.ndarray], taps: list[int], y: np.ndarray, balan
     xs = f if not v else np.concatenate([f, np.concatenate([np.asarray(views[t], np.float64) for t in taps], 2)
                                          .reshape(-1, f.shape[1])])
     ys = np.tile(y, v + 1)
-    folds = view_folds(y, k, seed, v)
-    correct = np.zeros((len(PROBE_CS), n), bool)
-    heads = [[None] * len(folds) for _ in PROBE_CS]
+    splits = [view_folds(y, k, seed + r, v) for r in range(max(1, repeats))]
+    correct = np.zeros((len(splits), len(PROBE_CS), n), bool)
+    heads = [[None] * k for _ in PROBE_CS]
     fold_of = np.zeros(n, np.int64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # convergence chatter at the weakest regularisation
-        for j, (tr, te) in enumerate(folds):
-            fold_of[te] = j
-            # raw features are only centred: with the intercept unpenalised that is the same model, better conditioned
-            mu, sd = tap_standardiser(xs[tr], dims) if standardise else (xs[tr].mean(0), np.ones(f.shape[1]))
-            for i, (_, w, b, pred) in enumerate(_fit_path((xs[tr] - mu) / sd, ys[tr], PROBE_CS, balanced,
-                                                          (f[te] - mu) / sd)):
-                correct[i, te] = pred == y[te]
-                heads[i][j] = fold_standardiser(w, b, mu, sd)
-    per_fold = np.array([[correct[i, te].mean() for _, te in folds] for i in range(len(PROBE_CS))])  # (Cs, k)
+        for r, folds in enumerate(splits):
+            for j, (tr, te) in enumerate(folds):
+                # raw features are only centred: with the intercept unpenalised that is the same model, better
+                # conditioned
+                mu, sd = tap_standardiser(xs[tr], dims) if standardise else (xs[tr].mean(0), np.ones(f.shape[1]))
+                for i, (_, w, b, pred) in enumerate(_fit_path((xs[tr] - mu) / sd, ys[tr], PROBE_CS, balanced,
+                                                              (f[te] - mu) / sd)):
+                    correct[r, i, te] = pred == y[te]
+                    if r == 0:
+                        heads[i][j] = fold_standardiser(w, b, mu, sd)
+                if r == 0:
+                    fold_of[te] = j
+    # (Cs, repeats x k): each fold's held-out accuracy at each strength
+    per_fold = np.array([[correct[r, i, te].mean() for r, folds in enumerate(splits) for _, te in folds]
+                         for i in range(len(PROBE_CS))])
     best = int(per_fold.mean(1).argmax())  # the first best: the strongest regularisation among equals
     fold = per_fold[best]
+    # repeats average out the partition, not the images: the standard error is that of k folds' worth of data
     return {"C_index": best, "C": float(PROBE_CS[best]), "cv_accuracy": float(fold.mean()),
-            "cv_stderr": float(fold.std(ddof=1) / np.sqrt(len(fold))), "correct": correct[best],
+            "cv_stderr": float(fold.std(ddof=1) / np.sqrt(k)), "correct": correct[:, best].mean(0),
             "folds": {"fold": fold_of, "weight": np.stack([h[0] for h in heads[best]]),
                       "bias": np.stack([h[1] for h in heads[best]])},
-            "dims": dims, "standardise": standardise}
+            "dims": dims, "standardise": standardise, "repeats": len(splits)}
 
 
 def choose_candidate(results: list[dict]) -> tuple[int, list[dict]]:
@@ -382,9 +396,10 @@ def choose_candidate(results: list[dict]) -> tuple[int, list[dict]]:
 
 
 def cv_taps(model: EdgeNet, blocks: list[torch.Tensor], y: torch.Tensor, balanced: bool, seed: int,
-            views: list[torch.Tensor] | None, candidates: list[dict]) -> tuple[dict, dict, np.ndarray] | None:
+            views: list[torch.Tensor] | None, candidates: list[dict],
+            repeats: int = 1) -> tuple[dict, dict, np.ndarray] | None:
     """Cross-validate each of `candidates` (`tap_candidates`) with its own strength (`cv_candidate`, the same
-    stratified folds for all), choose one (`choose_candidate`), refit it on every labelled image (and views),
+    stratified folds for all, `repeats` partitions), choose one (`choose_candidate`), refit it on every labelled image (and views),
     standardisation folded into the head, and set `model` to read its taps (`EdgeNet.set_taps`).
     Returns (selection, fold heads, the refitted candidate's raw features of the images) or None (a class under 2)."""
     import warnings
@@ -403,7 +418,8 @@ def cv_taps(model: EdgeNet, blocks: list[torch.Tensor], y: torch.Tensor, balance
         taps = c["taps"] or [last]
         log.info("linear probe: cross-validating candidate %s (%s: %d features, blocks %s)", c["name"], c["rule"],
                  c["features"], taps)
-        results.append(cv_candidate(b_np, taps, t, balanced, k, seed, v_np, standardise=c["taps"] is not None))
+        results.append(cv_candidate(b_np, taps, t, balanced, k, seed, v_np, standardise=c["taps"] is not None,
+                                    repeats=repeats))
     chosen, leads = choose_candidate(results)
     c, r = candidates[chosen], results[chosen]
     taps = c["taps"] or [last]
@@ -442,10 +458,11 @@ def cv_taps(model: EdgeNet, blocks: list[torch.Tensor], y: torch.Tensor, balance
     log.info("linear probe: the head reads %s (%s): %s", c["name"], c["rule"], why)
     selection = {
         "method": f"multinomial logistic regression on {len(candidates)} feature sets x {len(PROBE_CS)} strengths "
-                  f"({PROBE_CS[0]:g} to {PROBE_CS[-1]:g}, log-spaced), stratified {k}-fold cross-validation, each "
+                  f"({PROBE_CS[0]:g} to {PROBE_CS[-1]:g}, log-spaced), stratified {k}-fold cross-validation"
+                  + (f" repeated over {r['repeats']} partitions" if r["repeats"] > 1 else "") + ", each "
                   "multi-layer set standardised per tap on its training folds (folded into the head)"
                   + (f", fitted on each image and {v} augmented views of it" if v else ""),
-        "images": len(t), "views": v, "folds": k, "C": r["C"], "cv_accuracy": r["cv_accuracy"],
+        "images": len(t), "views": v, "folds": k, "repeats": r["repeats"], "C": r["C"], "cv_accuracy": r["cv_accuracy"],
         "cv_stderr": r["cv_stderr"], "C_range": [float(PROBE_CS[0]), float(PROBE_CS[-1])], "C_at_edge": edge,
         "features": {"name": c["name"], "taps": taps, "count": int(f.shape[1]), "rule": c["rule"], "reason": why},
         "candidates": table,
@@ -534,12 +551,13 @@ def fit_probe(model: EdgeNet, data: Dataset, pp: Preprocessing, x_tr: torch.Tens
         balanced = class_weights[0] is not None
         f_chosen = f_fit.numpy()
         if b_fit is not None:
-            out = cv_taps(model, b_fit, y_fit, balanced, cfg.seed, v_fit, candidates)
+            out = cv_taps(model, b_fit, y_fit, balanced, cfg.seed, v_fit, candidates, repeats=cfg.probe_cv_repeats)
             if out:
                 selection, folds, f_chosen = out
                 f_va = torch.as_tensor(f_chosen[len(f_tr):], dtype=f_tr.dtype)  # the chosen head's input
         else:
-            selection = cv_probe(model.heads[next(iter(model.heads))], f_fit, y_fit, balanced, cfg.seed, views)
+            selection = cv_probe(model.heads[next(iter(model.heads))], f_fit, y_fit, balanced, cfg.seed, views,
+                                 repeats=cfg.probe_cv_repeats)
         if selection:
             selection.update(features_by=features_by, refit_on="train + val",
                              reason="no validation split" if not len(x_va) else

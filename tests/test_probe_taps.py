@@ -220,3 +220,27 @@ def test_a_multi_layer_head_exports_and_is_guarded_out_of_fold(taps_run):
     md = (taps_run / "report.md").read_text()
     assert "The head reads 40 features" in md and "| stages (chosen) |" in md
     assert "pooled outputs of blocks 0, 1, 2" in (taps_run / "model_card.md").read_text()
+
+
+def test_repeated_folds_average_partitions_and_keep_the_first_partitions_heads(coarse_grid):
+    """probe_cv_repeats: the strength and the candidate are scored over several fold partitions (seed, seed + 1,
+    ...); each image's correctness is the share of partitions it was right in; the fold heads (the guard's and the
+    temperature's out-of-fold answers) are the first partition's, the folds `fold_heads` draws with the seed."""
+    from edgexfer.probe import cv_candidate, fold_logits, view_folds
+
+    rng = np.random.default_rng(3)
+    y = np.repeat(np.arange(3), 15)
+    blocks = _blocks(rng, y, signal_in=2, widths=(6, 8, 4))
+    blocks[2] += rng.normal(0, 1.5, blocks[2].shape)  # hard enough that partitions disagree
+    one = cv_candidate(blocks, [2], y, False, 5, 7, standardise=False)
+    three = cv_candidate(blocks, [2], y, False, 5, 7, standardise=False, repeats=3)
+    assert one["repeats"] == 1 and three["repeats"] == 3
+    assert set(np.unique(three["correct"])) <= {0.0, 1 / 3, 2 / 3, 1.0} and three["correct"].shape == (45,)
+    first = [te for _, te in view_folds(y, 5, 7, 0)]
+    assert all((three["folds"]["fold"][te] == j).all() for j, te in enumerate(first))
+    if three["C"] == one["C"]:  # the same strength: the first partition's heads are the single run's
+        assert np.allclose(three["folds"]["weight"], one["folds"]["weight"])
+    right = fold_logits(three["folds"], blocks[2]).argmax(1) == y
+    assert 0 < right.mean() <= 1
+    # equal folds (9 images each): the score over 15 folds is each image's share of right answers, averaged
+    assert three["cv_accuracy"] == pytest.approx(three["correct"].mean())
