@@ -160,6 +160,25 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
+def compare(base: dict, variant: dict, what: str) -> str:
+    """A sentence: `variant`'s lead over the probe against `base`'s, case by case (set, seed) where both have it."""
+    diffs, lines = [], []
+    for name, s in variant["sets"].items():
+        other = base["sets"].get(name, {}).get("cases", {})
+        d = [c["default"]["over_probe"]["points"] - other[k]["default"]["over_probe"]["points"]
+             for k, c in s["cases"].items() if k in other]
+        diffs += d
+        if d:
+            met = sum(c["default"]["over_probe"]["points"] >= 3 for c in s["cases"].values())
+            lines.append(f"{name}: mean lead {_mean([c['default']['over_probe']['points'] for c in s['cases'].values()])[0]:+.2f} "
+                         f"(bound met by {met} of {len(s['cases'])}), {np.mean(d):+.2f} points against the base's same seeds")
+    if not diffs:
+        return ""
+    m, se = _mean(diffs)
+    return (f"{what} against the single partition, over {len(diffs)} (set, seed) cases: {m:+.2f} ± {se:.2f} points "
+            f"of test accuracy (mean ± standard error over cases); " + "; ".join(lines) + ".")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sets", default=",".join(SETS), help="development sets in ../shared/data, comma-separated")

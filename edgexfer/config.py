@@ -73,7 +73,7 @@ class TrainConfig:
     source_bn: bool = False         # BatchNorm statistics from the training images, not the pretraining data
     calibrate: bool = True          # temperature scaling: a T per head fitted on held-out logits, folded in (temperature.py)
     probe_views: int = 4            # the cross-validated probe also fits this many augmented views of each image
-    probe_cv_repeats: int = 1       # the cross-validated probe's k folds are drawn this many times (probe.cv_candidate)
+    probe_cv_repeats: int = 3       # the cross-validated probe's k folds are drawn this many times (probe.cv_candidate)
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
