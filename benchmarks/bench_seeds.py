@@ -105,7 +105,7 @@ def case(data: Path, seed: int, probe_pred: np.ndarray, repeats: int | None, bef
                "probe": {"features": (probe.get("features") or {}).get("name"), "C": probe.get("C"),
                          "cv_accuracy": probe.get("cv_accuracy"), "repeats": probe.get("repeats")},
                "default": {"test_accuracy": round(float((pred == yte).mean()), 4), "over_probe": _lead(pred, probe_pred, yte)}}
-        old = _native_choice(sel)
+        old = _native_choice(sel) if before else None
         res["before_fixres"] = {"backbone": old["backbone"], "image_size": old["image_size"]} if before else None
         if before and (old["backbone"], old["image_size"]) == (sel["chosen"], sel["image_size"]):
             res["before_fixres"]["same_run"] = True

@@ -41,6 +41,8 @@ class BenchConfig:
     pytorch_reference: bool = True
 
 
+# TrainConfig settings added after run folders were made, and the value such a folder's run had
+TRAIN_BEFORE = {"probe_cv_repeats": 1}
 PHOTO_AUGMENTS = ("trivial", "jitter", "none")   # what colour photos get besides crop and flip (edgexfer/augment.py)
 STRATEGIES = ("auto", "linear", "partial", "finetune", "lpft")
 
@@ -86,6 +88,8 @@ class TrainConfig:
             raise ValueError(f"unknown photo_augment {self.photo_augment!r}; choose one of {PHOTO_AUGMENTS}")
         if not 0 < self.crop_scale <= 1:
             raise ValueError(f"crop_scale must be in (0, 1]; got {self.crop_scale}")
+        if not isinstance(self.probe_cv_repeats, int) or self.probe_cv_repeats < 1:
+            raise ValueError(f"probe_cv_repeats must be an integer of at least 1; got {self.probe_cv_repeats!r}")
 
 
 # The environment variables that change what the quantize stage writes, and the QuantizeConfig field each
@@ -207,7 +211,10 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
-        return cls(data=DataConfig(**d["data"]), model=ModelConfig(**d["model"]), train=TrainConfig(**d["train"]),
+        # a setting a config.json predates loads as the value its run had, not today's default, so that a run folder
+        # made before it is resumed only under the key that made it (training_key)
+        train = {**TRAIN_BEFORE, **d["train"]}
+        return cls(data=DataConfig(**d["data"]), model=ModelConfig(**d["model"]), train=TrainConfig(**train),
                    quantize=QuantizeConfig.from_dict(d), bench=BenchConfig(**d["bench"]),
                    max_accuracy_drop=d.get("max_accuracy_drop", cls.max_accuracy_drop),
                    formats=tuple(d.get("formats", ())))

@@ -527,7 +527,7 @@ def auto_image_sizes(data: str | None, pretrained_size: int, *, seed: int = 0,
     big = fixres_size(pretrained_size)
     return [(size, why), (big, f"{photos}: photos, so {big} px, {FIXRES_FACTOR:g}x the backbone's pretraining resolution "
                                f"{pretrained_size} px (objects larger, as its random-resized crops showed them in "
-                               "pretraining), which the held-out comparison preferred")]
+                               "pretraining), chosen with the backbone by `--backbone auto`'s comparison")]
 
 
 def list_images(root: str | os.PathLike, *, follow_symlinks: bool = False) -> list[str]:

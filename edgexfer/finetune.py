@@ -517,8 +517,8 @@ def fit_temperatures(model: EdgeNet, data: Dataset, val_logits: list | None, y_v
         fitted_on = {"split": f"out-of-fold logits, stratified {k}-fold cross-validation on train + val",
                      "uncertain": bool(len(y) < SMALL_VAL_IMAGES),
                      "reason": "the linear probe was refitted on train + val, so validation is not held out; the "
-                               "probe's own cross-validation folds (its chosen strength) give every image a "
-                               "held-out logit"}
+                               "probe's own cross-validation folds (its first partition, at its chosen "
+                               "strength) give every image a held-out logit"}
     elif val_logits is not None:
         y2 = label_columns(y_va)
         for t, name in enumerate(names):

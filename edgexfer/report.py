@@ -641,13 +641,15 @@ def finalize(run, cfg) -> dict:
 
 def _selection_lines(sel: dict) -> list[str]:
     """`--backbone auto`: the comparison that chose the backbone, as a table."""
-    lines = [f"Backbone chosen by `--backbone auto`: `{sel['chosen']}`, {sel['reason']}. Latency: ONNX Runtime FP32, "
+    lines = [f"Backbone chosen by `--backbone auto`: `{sel['chosen']}` at {sel['image_size']} px, {sel['reason']}. "
+             "Latency: ONNX Runtime FP32, "
              "batch 1, this host.", "",
              "| backbone | input | probe leave-one-out accuracy (± s.e.) | LogME | p50 ms | within latency limit |",
              "|---|---|---|---|---|---|"]
     for r in sel["candidates"]:
         acc = f"{fmt.accuracy(r['cv_accuracy'])} ± {fmt.accuracy(r['cv_stderr'])}" if "cv_accuracy" in r else "n/a"
-        lines.append(f"| {r['backbone']} | {r['image_size']} | {acc} | {r['logme']:.3f} | {fmt.ms(r['latency_p50_ms'])} | "
+        chosen = " (chosen)" if (r["backbone"], r["image_size"]) == (sel["chosen"], sel["image_size"]) else ""
+        lines.append(f"| {r['backbone']}{chosen} | {r['image_size']} | {acc} | {r['logme']:.3f} | {fmt.ms(r['latency_p50_ms'])} | "
                      f"{'yes' if r['within_latency'] else 'no'} |")
     lead = sel.get("lead")
     if lead and 0 < lead["points"] < 2 * lead["paired_stderr_points"]:

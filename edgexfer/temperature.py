@@ -12,8 +12,8 @@ closer to probabilities without moving any argmax. T is folded into the head's f
 gives the scaled scores with no runtime change.
 
 The held-out logits: the validation split's; or, when the linear probe was refitted on train + val
-because validation was small, the out-of-fold logits of the same stratified k-fold cross-validation
-that chose the probe's strength (`edgexfer.probe.fold_heads`). A fine-tuned model with a small validation split is fitted on that
+because validation was small, the out-of-fold logits of the first partition of the same stratified
+k-fold cross-validation that chose the probe's strength (`edgexfer.probe.fold_heads`). A fine-tuned model with a small validation split is fitted on that
 split and reported as uncertain (a bootstrap interval of T), since cross-validating it would mean
 training it k times.
 

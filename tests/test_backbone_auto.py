@@ -62,7 +62,8 @@ def test_run_backbone_auto_records_and_resumes(tmp_path):
     rep = json.loads((run / "report.json").read_text())
     assert rep["backbone"]["name"] == sel["chosen"] and rep["backbone"]["selection"]["chosen"] == sel["chosen"]
     md = (run / "report.md").read_text()
-    assert "`--backbone auto`" in md and "| efficientnet_lite0 | 32 |" in md
+    assert "`--backbone auto`" in md and ("| efficientnet_lite0 | 32 |" in md or "| efficientnet_lite0 (chosen) | 32 |" in md)
+    assert f"| {sel['chosen']} (chosen) | 32 |" in md
     # the same command again: the folder's choice stands, nothing is redone
     before = (run / "backbone_selection.json").stat().st_mtime_ns
     p = run_cli(*args, check=True)

@@ -244,3 +244,19 @@ def test_repeated_folds_average_partitions_and_keep_the_first_partitions_heads(c
     assert 0 < right.mean() <= 1
     # equal folds (9 images each): the score over 15 folds is each image's share of right answers, averaged
     assert three["cv_accuracy"] == pytest.approx(three["correct"].mean())
+
+
+def test_a_run_folder_from_before_repeated_folds_keeps_its_single_partition():
+    """config.json written before TrainConfig.probe_cv_repeats loads as 1 (what its probe used), so resuming it with
+    today's default (3) is another configuration, not a silent mix; a repeat count under 1 is refused."""
+    from edgexfer.config import RunConfig, TrainConfig, build_config
+    from edgexfer.pipeline import config_changes
+
+    new = build_config(data=None)
+    old = new.to_dict()
+    del old["train"]["probe_cv_repeats"]
+    assert new.train.probe_cv_repeats == 3 and RunConfig.from_dict(old).train.probe_cv_repeats == 1
+    assert "train.probe_cv_repeats: 1 -> 3" in config_changes(RunConfig.from_dict(old).training_key(), new.training_key())
+    for bad in (0, 2.5):
+        with pytest.raises(ValueError, match="probe_cv_repeats"):
+            TrainConfig(probe_cv_repeats=bad)
