@@ -210,6 +210,7 @@ def main() -> int:
         return 2
     res.update({"command": "python benchmarks/bench_seeds.py" + "".join(f" {a}" for a in sys.argv[1:]),
                 "commit": commit, "machine": cpu_info(), "cores": os.cpu_count(),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "probe_cv_repeats": args.probe_cv_repeats})
     (ROOT / "runs").mkdir(exist_ok=True)
     for name in args.sets.split(","):
