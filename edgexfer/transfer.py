@@ -202,10 +202,9 @@ def select_backbone(data, candidates: list[str], image_sizes: dict[str, int | li
         return [int(s)] if isinstance(s, (int, np.integer)) else [int(v) for v in s]
 
     pairs = [(spec, size) for spec in candidates for size in sizes(spec)]
-    named = len({parse_candidate(spec)[0] for spec, _ in pairs}) == len(pairs)  # one size each: rows go by name
 
-    def label(row: dict) -> str:
-        return row["backbone"] if named else f"{row['backbone']} at {row['image_size']} px"
+    def label(row: dict) -> str:  # a candidate is a backbone at a size
+        return f"{row['backbone']} at {row['image_size']} px"
 
     rows, nets = [], {}
     for spec, size in pairs:

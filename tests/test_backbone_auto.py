@@ -44,10 +44,6 @@ def test_select_backbone_ranks_and_honours_the_latency_limit(tmp_path):
     assert sel["images"] == len(ds.train) + len(ds.val)  # train + validation, never the test split
     with pytest.raises(EdgexferError, match="no backbone runs that fast"):
         select_backbone(ds, names, {n: 32 for n in names}, max_latency_ms=1e-6)
-    # several sizes of one backbone: each (backbone, size) is a candidate, named with its size
-    two = select_backbone(ds, names[:1], {names[0]: [32, 40]})
-    assert sorted(r["image_size"] for r in two["candidates"]) == [32, 40] and two["image_size"] in (32, 40)
-    assert two["lead"]["over"] in (f"{names[0]} at 32 px", f"{names[0]} at 40 px") and " px" in two["reason"]
 
 
 def test_run_backbone_auto_records_and_resumes(tmp_path):
@@ -84,3 +80,21 @@ def test_latency_limit_needs_auto_and_curve_takes_auto_as_its_default(tmp_path):
     p = run_cli("curve", "--backbone", "auto", "--data", tmp_path / "missing", "--out", tmp_path / "c")
     assert "--backbone auto: the curve compares label counts on one backbone, efficientnet_lite0" in p.stderr
     assert p.returncode == 1 and "not found" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_each_size_of_a_backbone_is_a_candidate(tmp_path):
+    """Photos are compared at several sizes of one backbone (data.auto_image_sizes): each (backbone, size) pair is
+    measured, timed and ranked on its own, and the lead names the runner-up's size (the tiny test backbone)."""
+    from edgexfer.backbones import TEST_BACKBONE
+
+    ds = load_image_folder(make_image_folder(tmp_path / "d", per_class=6), shots=None, seed=0)
+    sel = select_backbone(ds, [f"{TEST_BACKBONE}@none"], {TEST_BACKBONE: [32, 48]})
+    rows = sel["candidates"]
+    assert sorted(r["image_size"] for r in rows) == [32, 48] and {r["backbone"] for r in rows} == {TEST_BACKBONE}
+    assert all(r["latency_p50_ms"] > 0 and "cv_accuracy" in r for r in rows)
+    best = max(rows, key=lambda r: (r["cv_accuracy"], -r["latency_p50_ms"]))
+    assert (sel["chosen"], sel["image_size"]) == (best["backbone"], best["image_size"])
+    other = next(r for r in rows if r is not best)
+    assert sel["lead"]["over"] == f"{TEST_BACKBONE} at {other['image_size']} px" and sel["lead"]["over"] in sel["reason"]
+    with pytest.raises(EdgexferError, match=rf"no backbone runs that fast here \(fastest: {TEST_BACKBONE} at \d+ px"):
+        select_backbone(ds, [f"{TEST_BACKBONE}@none"], {TEST_BACKBONE: [32, 48]}, max_latency_ms=1e-6)
