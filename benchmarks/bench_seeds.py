@@ -30,7 +30,6 @@ import argparse
 import json
 import math
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -193,13 +192,11 @@ def main() -> int:
     if args.markdown:
         print(markdown(json.loads(args.out.read_text())), end="")
         return 0
-    import os
-
     from bench_photos import twenty_line_predictions
+    from render_results import provenance
 
-    from edgexfer.runtime.machine import cpu_info
-
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    prov = provenance()  # commit (-dirty for a modified tree), when, and the machine, as every benchmark records them
+    commit = prov["commit"]
     res = json.loads(args.out.read_text()) if args.out.is_file() else {"sets": {}}
     if res.get("commit") not in (None, commit):
         print(f"bench_seeds: {args.out} was measured at {res['commit']}, HEAD is {commit}: move it aside to start "
@@ -209,9 +206,7 @@ def main() -> int:
         print(f"bench_seeds: {args.out} was measured with --probe-cv-repeats {res['probe_cv_repeats']}", file=sys.stderr)
         return 2
     res.update({"command": "python benchmarks/bench_seeds.py" + "".join(f" {a}" for a in sys.argv[1:]),
-                "commit": commit, "machine": cpu_info(), "cores": os.cpu_count(),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "probe_cv_repeats": args.probe_cv_repeats})
+                **prov, "cores": prov["machine"]["cores"], "probe_cv_repeats": args.probe_cv_repeats})
     (ROOT / "runs").mkdir(exist_ok=True)
     for name in args.sets.split(","):
         data = ROOT.parent / "shared" / "data" / name
